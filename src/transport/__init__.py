@@ -1,0 +1,1 @@
+"""shardline: transport package."""

@@ -1,0 +1,39 @@
+"""Session-wide checks: GPU tests skip without CUDA; nothing of ours is leaked."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from support.leaks import live_children, our_shm_entries
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    try:
+        import torch
+
+        has_cuda = torch.cuda.is_available()
+    except Exception:  # pragma: no cover - torch missing entirely
+        has_cuda = False
+    if has_cuda:
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device; none on this machine")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_leaks_after_session():
+    """After the whole session, no shared-memory name of ours and no child process remains."""
+    before = set(our_shm_entries())
+    yield
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        leaked_shm = sorted(set(our_shm_entries()) - before)
+        children = live_children()
+        if not leaked_shm and not children:
+            return
+        time.sleep(0.2)
+    assert not leaked_shm, f"shared memory left behind: {leaked_shm}"
+    assert not children, f"child processes left running: {[(c.pid, c.cmdline()) for c in children]}"
