@@ -1,0 +1,315 @@
+"""Requests as the engine sees them: sampling parameters, scheduler-side state, outputs.
+
+`SamplingParams` is what a user passes; it validates itself on construction (no I/O) and
+raises `InvalidRequestError` naming the field. `validate_request` adds the checks that need
+the model (context length, vocabulary). `Request` is the mutable per-request state owned by
+the scheduler; `RequestOutput` is what `Engine.generate` yields.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+from engine.errors import InvalidRequestError, PromptTooLongError
+from transport.messages import SamplingOptions
+
+MAX_LOGPROBS = 20
+
+
+class FinishReason(str, Enum):
+    """Why a request stopped producing tokens (the wire/user form is the string value)."""
+
+    STOP = "stop"
+    LENGTH = "length"
+    ABORT = "abort"
+    ERROR = "error"
+
+
+def _is_int(value: Any) -> bool:
+    # bool is an int subclass; `max_tokens=True` is a bug in the caller, not the number 1.
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
+
+
+def _check_range(field: str, value: Any, low: float, high: float) -> None:
+    if not _is_number(value) or not low <= value <= high:
+        raise InvalidRequestError(field, f"must be a number in [{low}, {high}], got {value!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    """How to sample one request; validated on construction.
+
+    `top_k` -1 or 0 means off; `temperature` 0 means greedy; `logprobs` k returns the sampled
+    token's logprob plus the top k (0..20); `timeout` (seconds) bounds the whole request.
+    `stop` / `stop_token_ids` accept a list (or, for `stop`, a single string) and are stored
+    as tuples so the object stays hashable and immutable.
+    """
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_k: int = -1
+    top_p: float = 1.0
+    min_p: float = 0.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    logprobs: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    n: int = 1
+    skip_special_tokens: bool = True
+    timeout: float | None = None
+
+    def __post_init__(self) -> None:
+        # Normalize container fields first so the checks below see tuples.
+        stop: Any = self.stop
+        if isinstance(stop, str):
+            stop = (stop,)
+        if stop is None:
+            stop = ()
+        if not isinstance(stop, Sequence) or not all(isinstance(s, str) and s for s in stop):
+            raise InvalidRequestError("stop", f"must be a list of non-empty strings, got {stop!r}")
+        object.__setattr__(self, "stop", tuple(stop))
+
+        stop_ids: Any = self.stop_token_ids
+        if stop_ids is None:
+            stop_ids = ()
+        if (
+            isinstance(stop_ids, str | bytes)
+            or not isinstance(stop_ids, Sequence)
+            or not all(_is_int(t) and t >= 0 for t in stop_ids)
+        ):
+            raise InvalidRequestError(
+                "stop_token_ids", f"must be a list of non-negative token ids, got {stop_ids!r}"
+            )
+        object.__setattr__(self, "stop_token_ids", tuple(stop_ids))
+
+        if not _is_int(self.max_tokens) or self.max_tokens < 1:
+            raise InvalidRequestError(
+                "max_tokens", f"must be an integer >= 1, got {self.max_tokens!r}"
+            )
+        if not _is_number(self.temperature) or self.temperature < 0:
+            raise InvalidRequestError(
+                "temperature", f"must be a finite number >= 0, got {self.temperature!r}"
+            )
+        if not _is_int(self.top_k) or self.top_k < -1:
+            raise InvalidRequestError(
+                "top_k", f"must be -1 or 0 (off) or a positive integer, got {self.top_k!r}"
+            )
+        if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
+            raise InvalidRequestError("top_p", f"must be in (0, 1], got {self.top_p!r}")
+        _check_range("min_p", self.min_p, 0.0, 1.0)
+        if self.seed is not None and not _is_int(self.seed):
+            raise InvalidRequestError("seed", f"must be an integer or None, got {self.seed!r}")
+        if not isinstance(self.ignore_eos, bool):
+            raise InvalidRequestError("ignore_eos", f"must be a bool, got {self.ignore_eos!r}")
+        if self.logprobs is not None and (
+            not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS
+        ):
+            raise InvalidRequestError(
+                "logprobs",
+                f"must be None or an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}",
+            )
+        _check_range("presence_penalty", self.presence_penalty, -2.0, 2.0)
+        _check_range("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
+        if not _is_number(self.repetition_penalty) or self.repetition_penalty <= 0:
+            raise InvalidRequestError(
+                "repetition_penalty", f"must be a number > 0, got {self.repetition_penalty!r}"
+            )
+        if self.n != 1 or not _is_int(self.n):
+            raise InvalidRequestError(
+                "n", f"only n=1 is supported (one completion per request), got {self.n!r}"
+            )
+        if not isinstance(self.skip_special_tokens, bool):
+            raise InvalidRequestError(
+                "skip_special_tokens", f"must be a bool, got {self.skip_special_tokens!r}"
+            )
+        if self.timeout is not None and (not _is_number(self.timeout) or self.timeout <= 0):
+            raise InvalidRequestError(
+                "timeout", f"must be None or a number of seconds > 0, got {self.timeout!r}"
+            )
+
+    @property
+    def greedy(self) -> bool:
+        """True when sampling is argmax (temperature 0)."""
+        return self.temperature == 0
+
+    def to_options(self) -> SamplingOptions:
+        """The subset of these parameters the workers need to sample (INTERFACES.md section 1)."""
+        return SamplingOptions(
+            temperature=float(self.temperature),
+            top_k=self.top_k if self.top_k > 0 else -1,
+            top_p=float(self.top_p),
+            min_p=float(self.min_p),
+            seed=self.seed,
+            presence_penalty=float(self.presence_penalty),
+            frequency_penalty=float(self.frequency_penalty),
+            repetition_penalty=float(self.repetition_penalty),
+            num_logprobs=self.logprobs,
+        )
+
+
+def validate_request(
+    prompt_token_ids: Sequence[int],
+    params: SamplingParams,
+    *,
+    max_model_len: int,
+    vocab_size: int,
+) -> None:
+    """Reject a request that cannot be served by this model before anything is scheduled.
+
+    Like vLLM, the prompt plus `max_tokens` must fit in `max_model_len`, so a request never
+    runs out of context halfway.
+    """
+    num_prompt = len(prompt_token_ids)
+    if num_prompt == 0:
+        raise InvalidRequestError("prompt", "the prompt is empty (it must have at least one token)")
+    for token_id in prompt_token_ids:
+        if not _is_int(token_id) or not 0 <= token_id < vocab_size:
+            raise InvalidRequestError(
+                "prompt", f"token id {token_id!r} is outside the vocabulary [0, {vocab_size})"
+            )
+    if num_prompt >= max_model_len:
+        raise PromptTooLongError(
+            f"the prompt has {num_prompt} tokens but the model's context length "
+            f"(max_model_len) is {max_model_len}; at least one token must be left to generate"
+        )
+    if num_prompt + params.max_tokens > max_model_len:
+        raise PromptTooLongError(
+            f"the prompt ({num_prompt} tokens) plus max_tokens ({params.max_tokens}) is "
+            f"{num_prompt + params.max_tokens}, more than max_model_len {max_model_len}; "
+            f"lower max_tokens to at most {max_model_len - num_prompt}"
+        )
+    for token_id in params.stop_token_ids:
+        if not 0 <= token_id < vocab_size:
+            raise InvalidRequestError(
+                "stop_token_ids",
+                f"token id {token_id} is outside the vocabulary [0, {vocab_size})",
+            )
+
+
+class RequestStatus(Enum):
+    """Where a request is in the scheduler's life cycle."""
+
+    WAITING = "waiting"
+    RUNNING = "running"
+    PREEMPTED = "preempted"
+    FINISHED = "finished"
+
+
+class Request:
+    """Scheduler-side state of one request (mutable; owned by the scheduler).
+
+    `num_computed_tokens` counts tokens of `all_token_ids` whose K/V are in the cache or are
+    being computed by the step just scheduled (it advances at schedule time).
+    `num_tokens_sent` counts how many of `all_token_ids` the workers already know: the prompt
+    travels once, then every sampled token exactly once (INTERFACES.md section 1).
+    `block_hashes` is owned by the KV-cache manager: the hash chain of this request's full blocks.
+    """
+
+    __slots__ = (
+        "request_id",
+        "prompt_token_ids",
+        "sampling_params",
+        "eos_token_id",
+        "arrival_time",
+        "output_token_ids",
+        "num_computed_tokens",
+        "num_cached_tokens",
+        "status",
+        "finish_reason",
+        "num_preemptions",
+        "num_tokens_sent",
+        "block_hashes",
+    )
+
+    def __init__(
+        self,
+        request_id: str,
+        prompt_token_ids: Sequence[int],
+        sampling_params: SamplingParams,
+        eos_token_id: int | None,
+        arrival_time: float | None = None,
+    ) -> None:
+        self.request_id = request_id
+        self.prompt_token_ids = list(prompt_token_ids)
+        self.sampling_params = sampling_params
+        self.eos_token_id = eos_token_id
+        self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
+        self.output_token_ids: list[int] = []
+        self.num_computed_tokens = 0
+        self.num_cached_tokens = 0
+        self.status = RequestStatus.WAITING
+        self.finish_reason: FinishReason | None = None
+        self.num_preemptions = 0
+        self.num_tokens_sent = 0
+        self.block_hashes: list[bytes] = []
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        """Prompt followed by every generated token (a new list)."""
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        """Number of prompt tokens."""
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        """Number of tokens generated so far."""
+        return len(self.output_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        """Prompt plus generated tokens."""
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def is_finished(self) -> bool:
+        """True once the request stopped for any reason."""
+        return self.status is RequestStatus.FINISHED
+
+    def __repr__(self) -> str:
+        return (
+            f"Request({self.request_id!r}, status={self.status.name}, "
+            f"prompt={self.num_prompt_tokens}, output={self.num_output_tokens}, "
+            f"computed={self.num_computed_tokens}, sent={self.num_tokens_sent})"
+        )
+
+
+@dataclass
+class TokenLogprob:
+    """The logprob of a generated token and the top alternatives as (token_id, logprob)."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+@dataclass
+class RequestOutput:
+    """One streamed update of a request: the new text/tokens and the cumulative ones."""
+
+    request_id: str
+    delta: str
+    text: str
+    delta_token_ids: list[int]
+    token_ids: list[int]
+    logprobs: list[TokenLogprob] | None
+    finished: bool
+    finish_reason: str | None
+    num_prompt_tokens: int
+    num_output_tokens: int
+    error: str | None = None
