@@ -1,0 +1,205 @@
+"""Throughput and latency: shardline vs Hugging Face `generate` on the same requests, one run.
+
+Workload (the standard one): N chat prompts of varied length (SmolLM2's chat template),
+max_tokens spread evenly over [16, 128], ignore_eos so every request produces exactly what it
+asked for. Useful tokens = the sum of each request's max_tokens (padding is not useful).
+
+* shardline: every request submitted at once to one Engine (continuous batching).
+* baseline: transformers `generate`, left-padded batches of 16 in arrival order, each batch
+  generating up to its longest request (a user's straightforward batched loop).
+* latency: shardline under a steady Poisson request rate: time to first token and inter-token
+  latency percentiles.
+
+    python benchmarks/throughput.py [--num-requests 64] [--rate 1.0] [--skip-hf]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import pathlib
+import platform
+import random
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any
+
+TOPICS = [
+    "why the sky is blue", "how a bicycle stays upright", "the history of the printing press",
+    "what a hash table is", "how vaccines train the immune system", "the rules of chess",
+    "how rainbows form", "what makes bread rise", "the causes of the seasons",
+    "how a transistor works", "why cats purr", "how to brew good coffee",
+]  # fmt: skip
+STYLES = [
+    "", "Answer in one paragraph.",
+    "Explain it to a ten-year-old, with an example, and keep the tone friendly and encouraging.",
+    "Write a detailed answer with an introduction, three numbered key points, a short analogy, "
+    "a common misconception and a one-sentence summary at the end. Avoid jargon where you can.",
+]
+
+
+@dataclass
+class Workload:
+    prompts: list[list[int]]
+    max_tokens: list[int]
+
+    @property
+    def useful_tokens(self) -> int:
+        return sum(self.max_tokens)
+
+
+def make_workload(tokenizer: Any, num_requests: int, seed: int = 0) -> Workload:
+    rng = random.Random(seed)
+    prompts, max_tokens = [], []
+    for i in range(num_requests):
+        question = f"Tell me about {TOPICS[i % len(TOPICS)]}. {STYLES[rng.randrange(len(STYLES))]}".strip()
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True, tokenize=True)
+        if hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+        prompts.append([int(t) for t in ids])
+        max_tokens.append(16 + round(112 * i / max(1, num_requests - 1)))
+    order = list(range(num_requests))
+    rng.shuffle(order)
+    return Workload([prompts[i] for i in order], [max_tokens[i] for i in order])
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))]
+
+
+async def run_shardline(cfg: Any, work: Workload) -> dict[str, Any]:
+    from engine import Engine, SamplingParams
+
+    async with await Engine.start(cfg) as engine:
+        # Warm-up: one short request so start-up costs are not counted.
+        async for _ in engine.generate(work.prompts[0], SamplingParams(max_tokens=4, temperature=0.0)):
+            pass
+        produced = 0
+
+        async def one(i: int) -> None:
+            nonlocal produced
+            params = SamplingParams(max_tokens=work.max_tokens[i], temperature=0.0, ignore_eos=True)
+            async for out in engine.generate(work.prompts[i], params):
+                if out.finished:
+                    produced += out.num_output_tokens
+
+        start = time.perf_counter()
+        await asyncio.gather(*(one(i) for i in range(len(work.prompts))))
+        elapsed = time.perf_counter() - start
+        stats = engine.stats()
+    return {"seconds": elapsed, "tokens": produced, "tokens_per_s": produced / elapsed, "steps": stats.num_steps}
+
+
+async def run_latency(cfg: Any, work: Workload, rate: float, seed: int = 1) -> dict[str, Any]:
+    from engine import Engine, SamplingParams
+
+    rng = random.Random(seed)
+    ttft: list[float] = []
+    itl: list[float] = []
+    async with await Engine.start(cfg) as engine:
+        async for _ in engine.generate(work.prompts[0], SamplingParams(max_tokens=4, temperature=0.0)):
+            pass
+
+        async def one(i: int) -> None:
+            params = SamplingParams(max_tokens=work.max_tokens[i], temperature=0.0, ignore_eos=True)
+            sent = time.perf_counter()
+            last = None
+            async for out in engine.generate(work.prompts[i], params):
+                now = time.perf_counter()
+                if not out.delta_token_ids:
+                    continue
+                if last is None:
+                    ttft.append(now - sent)
+                else:
+                    itl.append((now - last) / len(out.delta_token_ids))
+                last = now
+
+        tasks = []
+        start = time.perf_counter()
+        for i in range(len(work.prompts)):
+            tasks.append(asyncio.create_task(one(i)))
+            await asyncio.sleep(rng.expovariate(rate))
+        await asyncio.gather(*tasks)
+        elapsed = time.perf_counter() - start
+    return {
+        "rate_per_s": rate,
+        "seconds": elapsed,
+        "ttft_p50_ms": pct(ttft, 50) * 1e3,
+        "ttft_p99_ms": pct(ttft, 99) * 1e3,
+        "itl_p50_ms": pct(itl, 50) * 1e3,
+        "itl_p99_ms": pct(itl, 99) * 1e3,
+    }
+
+
+def run_hf(model_dir: str, work: Workload, batch_size: int) -> dict[str, Any]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for b in range(0, len(work.prompts), batch_size):
+            batch = work.prompts[b : b + batch_size]
+            longest = max(len(p) for p in batch)
+            ids = torch.full((len(batch), longest), pad, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for row, prompt in enumerate(batch):  # left padding, as generation wants
+                ids[row, longest - len(prompt) :] = torch.tensor(prompt)
+                mask[row, longest - len(prompt) :] = 1
+            new = max(work.max_tokens[b : b + batch_size])
+            model.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=pad)
+    elapsed = time.perf_counter() - start
+    return {"seconds": elapsed, "tokens": work.useful_tokens, "tokens_per_s": work.useful_tokens / elapsed}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--num-requests", type=int, default=64)
+    parser.add_argument("--hf-batch-size", type=int, default=16)
+    parser.add_argument("--rate", type=float, default=1.0, help="requests/s for the latency run (0 = skip)")
+    parser.add_argument("--transport", default="shm")
+    parser.add_argument("--tensor-parallel-size", type=int, default=1)
+    parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument("--out", default="benchmarks/out/throughput.json")
+    args = parser.parse_args(argv)
+
+    from transformers import AutoTokenizer
+
+    from engine import EngineConfig
+    from model.fetch import resolve_model_path
+
+    model_dir = str(resolve_model_path(args.model))
+    work = make_workload(AutoTokenizer.from_pretrained(model_dir), args.num_requests)
+    cfg = EngineConfig(model=model_dir, transport=args.transport, tensor_parallel_size=args.tensor_parallel_size, max_model_len=1024)
+    print(f"workload: {len(work.prompts)} requests, prompt tokens {min(map(len, work.prompts))}..{max(map(len, work.prompts))} "
+          f"(mean {statistics.mean(map(len, work.prompts)):.0f}), useful output tokens {work.useful_tokens}")
+    result: dict[str, Any] = {"machine": platform.processor() or platform.machine(), "date": time.strftime("%Y-%m-%d"), "args": vars(args)}
+    result["shardline"] = asyncio.run(run_shardline(cfg, work))
+    print(f"shardline : {result['shardline']['tokens_per_s']:8.1f} useful tok/s  ({result['shardline']['seconds']:.1f} s)")
+    if not args.skip_hf:
+        result["hf_generate"] = run_hf(model_dir, work, args.hf_batch_size)
+        ratio = result["shardline"]["tokens_per_s"] / result["hf_generate"]["tokens_per_s"]
+        result["ratio"] = ratio
+        print(f"hf batch{args.hf_batch_size:<3}: {result['hf_generate']['tokens_per_s']:8.1f} useful tok/s  ({result['hf_generate']['seconds']:.1f} s)")
+        print(f"ratio     : {ratio:8.2f}x")
+    if args.rate > 0:
+        result["latency"] = asyncio.run(run_latency(cfg, work, args.rate))
+        lat = result["latency"]
+        print(f"latency @ {args.rate}/s: TTFT p50 {lat['ttft_p50_ms']:.0f} ms p99 {lat['ttft_p99_ms']:.0f} ms; "
+              f"ITL p50 {lat['itl_p50_ms']:.0f} ms p99 {lat['itl_p99_ms']:.0f} ms")
+    out = pathlib.Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,251 @@
+"""Engine: the public, embeddable face of shardline.
+
+    async with await Engine.start(EngineConfig(...)) as engine:
+        async for out in engine.generate("Hello", SamplingParams(max_tokens=32)):
+            print(out.delta, end="")
+
+`Engine.start` runs inside the caller's event loop: it starts one owned task (the engine's
+supervisor) that holds a task group with the executor's reader and monitor and the
+EngineCore loop. Model work happens in worker processes, so the caller's loop stays responsive.
+Cancelling the task that consumes `generate` aborts the request and frees its KV blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import anyio
+
+from engine.config import EngineConfig
+from engine.core import EngineCore, EngineStats
+from engine.detokenizer import IncrementalDetokenizer
+from engine.errors import EngineDeadError, EngineOverloadedError, InvalidRequestError
+from engine.executor import Executor
+from engine.kv_cache import KVCacheManager
+from engine.model_info import ModelInfo, load_model_info
+from engine.request import Request, RequestOutput, SamplingParams, validate_request
+from engine.scheduler import Scheduler, SchedulerConfig
+
+logger = logging.getLogger("shardline.engine")
+
+
+class Engine:
+    """An LLM inference engine living in the caller's event loop. Build with `Engine.start`."""
+
+    def __init__(self, config: EngineConfig, info: ModelInfo) -> None:
+        self.config = config
+        self._info = info
+        self._cores: list[EngineCore] = []
+        self._executors: list[Executor] = []
+        self._supervisor: asyncio.Task[None] | None = None
+        self._closed = False
+        self._death: BaseException | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+    @classmethod
+    async def start(cls, config: EngineConfig | None = None) -> Engine:
+        """Load the model into worker processes and start serving; returns when ready."""
+        config = config or EngineConfig()
+        info = await anyio.to_thread.run_sync(load_model_info, config)
+        engine = cls(config, info)
+        loop = asyncio.get_running_loop()
+        ready: asyncio.Future[None] = loop.create_future()
+        engine._supervisor = asyncio.create_task(engine._supervise(ready), name="shardline-engine")
+        try:
+            await asyncio.shield(ready)
+        except BaseException:
+            await engine.aclose()
+            raise
+        return engine
+
+    async def _supervise(self, ready: asyncio.Future[None]) -> None:
+        """Own every background task; report start-up failure through `ready`."""
+        try:
+            async with anyio.create_task_group() as tg:
+                for dp_rank in range(self.config.data_parallel_size):
+                    executor = Executor(self.config, str(self._info.path), dp_rank=dp_rank)
+                    self._executors.append(executor)
+                    await executor.start(tg)
+                for dp_rank, executor in enumerate(self._executors):
+                    core = EngineCore(self._make_scheduler(executor.num_kv_blocks), executor, name=f"core{dp_rank}")
+                    self._cores.append(core)
+                    tg.start_soon(core.run)
+                logger.info(
+                    "engine ready: model=%s tp=%d pp=%d dp=%d transport=%s kv_blocks=%s max_model_len=%d",
+                    self._info.name,
+                    self.config.tensor_parallel_size,
+                    self.config.pipeline_parallel_size,
+                    self.config.data_parallel_size,
+                    self.config.transport,
+                    [e.num_kv_blocks for e in self._executors],
+                    self._info.max_model_len,
+                )
+                ready.set_result(None)
+        except BaseException as exc:
+            self._death = exc
+            if not ready.done():
+                ready.set_exception(exc if isinstance(exc, Exception) else EngineDeadError(repr(exc)))
+            if not isinstance(exc, asyncio.CancelledError):
+                logger.error("engine died: %r", exc)
+            raise
+        finally:
+            with anyio.CancelScope(shield=True):
+                for executor in self._executors:
+                    await executor.shutdown()
+
+    def _make_scheduler(self, num_kv_blocks: int) -> Scheduler:
+        cfg = self.config
+        kv = KVCacheManager(num_kv_blocks, cfg.block_size, enable_prefix_caching=cfg.enable_prefix_caching)
+        return Scheduler(
+            SchedulerConfig(
+                max_num_seqs=cfg.max_num_seqs,
+                max_num_batched_tokens=cfg.max_num_batched_tokens,
+                max_model_len=self._info.max_model_len,
+                block_size=cfg.block_size,
+                enable_prefix_caching=cfg.enable_prefix_caching,
+            ),
+            kv,
+        )
+
+    async def aclose(self) -> None:
+        """Stop serving: live requests fail with EngineDeadError, workers exit. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        task = self._supervisor
+        if task is not None and not task.done():
+            task.cancel()
+        if task is not None:
+            # Wait for the supervisor's own clean-up (workers reaped, channels closed); its
+            # outcome (the cancellation, or the error that killed it) is not the caller's.
+            await asyncio.wait([task])
+
+    async def __aenter__(self) -> Engine:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def tokenizer(self) -> Any:
+        return self._info.tokenizer
+
+    @property
+    def model_name(self) -> str:
+        return self.config.served_model_name or self._info.name
+
+    @property
+    def max_model_len(self) -> int:
+        return self._info.max_model_len
+
+    @property
+    def is_dead(self) -> bool:
+        return self._closed or self._death is not None or any(c.dead is not None for c in self._cores)
+
+    def stats(self, *, drain_latencies: bool = False) -> EngineStats:
+        """Counters summed over every replica (latency samples drained when asked)."""
+        total = EngineStats()
+        for core in self._cores:
+            one = core.stats(drain_latencies=drain_latencies)
+            for name in (
+                "num_running", "num_waiting", "num_kv_blocks_total", "num_kv_blocks_used",
+                "num_preemptions", "prompt_tokens", "generation_tokens", "prefix_cache_hit_tokens",
+                "prompt_tokens_computed", "num_steps",
+            ):  # fmt: skip
+                setattr(total, name, getattr(total, name) + getattr(one, name))
+            for reason, count in one.requests_finished.items():
+                total.requests_finished[reason] = total.requests_finished.get(reason, 0) + count
+            total.ttft_seconds.extend(one.ttft_seconds)
+            total.itl_seconds.extend(one.itl_seconds)
+        return total
+
+    def per_core_stats(self) -> list[EngineStats]:
+        return [core.stats() for core in self._cores]
+
+    # ------------------------------------------------------------------ requests
+    async def generate(
+        self,
+        prompt: str | Sequence[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        """Stream outputs for one prompt (text or token ids); the last has `finished=True`."""
+        params = params or SamplingParams()
+        token_ids = self._tokenize(prompt)
+        async for out in self._run_request(token_ids, params, request_id):
+            yield out
+
+    async def chat(
+        self,
+        messages: list[dict[str, str]],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        """Stream the assistant's reply to `messages`, formatted with the model's chat template."""
+        params = params or SamplingParams()
+        if not isinstance(messages, list) or not messages:
+            raise InvalidRequestError("messages", "must be a non-empty list of {role, content}")
+        for message in messages:
+            if not isinstance(message, dict) or not isinstance(message.get("role"), str) or not isinstance(message.get("content"), str):
+                raise InvalidRequestError("messages", f"each message needs string 'role' and 'content', got {message!r}")
+        try:
+            token_ids = self._info.apply_chat_template(messages)
+        except Exception as exc:  # jinja errors on odd roles, etc.
+            raise InvalidRequestError("messages", f"chat template failed: {exc}") from exc
+        async for out in self._run_request(token_ids, params, request_id):
+            yield out
+
+    async def abort(self, request_id: str) -> None:
+        """Abort a request by id; its stream ends with finish_reason 'abort'."""
+        for core in self._cores:
+            core.abort(request_id)
+
+    def _tokenize(self, prompt: str | Sequence[int]) -> list[int]:
+        if isinstance(prompt, str):
+            return list(self._info.tokenizer.encode(prompt, add_special_tokens=False))
+        items: list[object] = list(prompt) if isinstance(prompt, Sequence) else [prompt]
+        token_ids = [t for t in items if isinstance(t, int) and not isinstance(t, bool)]
+        if len(token_ids) == len(items):
+            return token_ids  # an empty list is reported by validate_request
+        raise InvalidRequestError("prompt", "must be a string or a list of token ids")
+
+    async def _run_request(
+        self, token_ids: list[int], params: SamplingParams, request_id: str | None
+    ) -> AsyncIterator[RequestOutput]:
+        if self.is_dead:
+            raise EngineDeadError("engine is not running")
+        validate_request(token_ids, params, max_model_len=self._info.max_model_len, vocab_size=self._info.vocab_size)
+        core = min(self._cores, key=lambda c: c.num_unfinished)
+        if core.num_unfinished >= self.config.max_waiting_requests:
+            raise EngineOverloadedError(
+                f"{core.num_unfinished} requests already queued (max_waiting_requests={self.config.max_waiting_requests})"
+            )
+        request = Request(
+            request_id=request_id or uuid.uuid4().hex,
+            prompt_token_ids=token_ids,
+            sampling_params=params,
+            eos_token_id=self._info.eos_token_id,
+        )
+        detokenizer = IncrementalDetokenizer(
+            self._info.tokenizer, token_ids, skip_special_tokens=params.skip_special_tokens, stop=params.stop
+        )
+        stream = core.submit(request, detokenizer)
+        finished = False
+        try:
+            async with stream:
+                async for item in stream:
+                    if isinstance(item, BaseException):
+                        raise item
+                    finished = item.finished
+                    yield item
+            if not finished:
+                raise EngineDeadError("engine stopped before the request finished")
+        finally:
+            if not finished:
+                core.abort(request.request_id)
+

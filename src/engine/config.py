@@ -1,0 +1,125 @@
+"""EngineConfig: every knob of an engine, validated once, never mutated."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Literal
+
+from engine.errors import InvalidRequestError
+
+TransportKind = Literal["shm", "tcp", "inproc"]
+_TRANSPORTS = ("shm", "tcp", "inproc")
+_DEVICES = ("cpu", "cuda")
+
+
+class ConfigError(InvalidRequestError):
+    """An EngineConfig field is invalid or inconsistent with another field."""
+
+
+def _require(condition: bool, name: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(name, message)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How to run an engine: which model, how it is sharded, how big its batches and cache are.
+
+    Validation happens here, without I/O; checks that need the model (heads divisible by the
+    tensor-parallel size, layers by the pipeline size) happen in `Engine.start`.
+    """
+
+    model: str = "smollm2-135m-instruct"
+    """Name of a known model (fetched on first use) or a local Hugging Face directory."""
+    model_arch: str | None = None
+    """Architecture override; default is `architectures[0]` from the model's config.json."""
+    served_model_name: str | None = None
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    data_parallel_size: int = 1
+    transport: TransportKind = "shm"
+    device: str = "cpu"
+    dtype: str | None = None
+    """Weights and activations dtype; default float32 on CPU, bfloat16 on CUDA."""
+    block_size: int = 16
+    num_kv_blocks: int | None = None
+    """Fixed KV pool size; default: as many as `kv_cache_memory_bytes` holds."""
+    kv_cache_memory_bytes: int | None = None
+    """KV budget per worker (CPU); default 1 GiB on CPU, 90% of free memory on CUDA."""
+    max_model_len: int | None = None
+    max_num_seqs: int = 128
+    max_num_batched_tokens: int = 2048
+    enable_prefix_caching: bool = True
+    max_waiting_requests: int = 4096
+    seed: int = 0
+    plugins: tuple[str, ...] = field(default_factory=tuple)
+    """"module:function" names imported in every worker before the model loads (registrations)."""
+    worker_start_timeout: float = 300.0
+    heartbeat_interval: float = 0.5
+    worker_timeout: float = 2.0
+    """A worker that sends nothing (no heartbeat, no result) for this long is declared dead."""
+    num_threads: int | None = None
+    """torch threads per worker; default: CPU cores divided among the local workers."""
+    tcp_token: str | None = None
+    """Shared secret for the tcp transport; default: a random one per engine."""
+
+    def __post_init__(self) -> None:
+        _require(bool(self.model), "model", "must name a model or a directory")
+        for name in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size"):
+            value = getattr(self, name)
+            _require(isinstance(value, int) and value >= 1, name, f"must be an integer >= 1, got {value!r}")
+        _require(self.transport in _TRANSPORTS, "transport", f"must be one of {_TRANSPORTS}, got {self.transport!r}")
+        _require(self.device.split(":")[0] in _DEVICES, "device", f"must be 'cpu' or 'cuda', got {self.device!r}")
+        _require(
+            self.transport != "inproc" or self.world_size == 1,
+            "transport",
+            f"'inproc' runs one in-process worker; tensor_parallel_size x pipeline_parallel_size = "
+            f"{self.world_size} needs 'shm' or 'tcp'",
+        )
+        _require(self.block_size in (1, 2, 4, 8, 16, 32, 64, 128), "block_size", f"must be a power of two <= 128, got {self.block_size}")
+        _require(self.num_kv_blocks is None or self.num_kv_blocks >= 1, "num_kv_blocks", f"must be >= 1, got {self.num_kv_blocks}")
+        _require(
+            self.kv_cache_memory_bytes is None or self.kv_cache_memory_bytes > 0,
+            "kv_cache_memory_bytes",
+            f"must be > 0, got {self.kv_cache_memory_bytes}",
+        )
+        _require(self.max_model_len is None or self.max_model_len >= 2, "max_model_len", f"must be >= 2, got {self.max_model_len}")
+        _require(self.max_num_seqs >= 1, "max_num_seqs", f"must be >= 1, got {self.max_num_seqs}")
+        _require(
+            self.max_num_batched_tokens >= 1,
+            "max_num_batched_tokens",
+            f"must be >= 1, got {self.max_num_batched_tokens}",
+        )
+        _require(self.max_waiting_requests >= 1, "max_waiting_requests", f"must be >= 1, got {self.max_waiting_requests}")
+        _require(self.worker_timeout > 0, "worker_timeout", f"must be > 0, got {self.worker_timeout}")
+        _require(
+            0 < self.heartbeat_interval < self.worker_timeout,
+            "heartbeat_interval",
+            f"must be > 0 and below worker_timeout ({self.worker_timeout}), got {self.heartbeat_interval}",
+        )
+        _require(self.worker_start_timeout > 0, "worker_start_timeout", f"must be > 0, got {self.worker_start_timeout}")
+
+    @cached_property
+    def world_size(self) -> int:
+        """Ranks in one data-parallel replica's worker group."""
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+    @cached_property
+    def output_rank(self) -> int:
+        """The rank that samples: tensor-parallel rank 0 of the last pipeline stage."""
+        return (self.pipeline_parallel_size - 1) * self.tensor_parallel_size
+
+    @cached_property
+    def torch_dtype_name(self) -> str:
+        if self.dtype is not None:
+            return self.dtype
+        return "bfloat16" if self.device.startswith("cuda") else "float32"
+
+    @cached_property
+    def threads_per_worker(self) -> int:
+        if self.num_threads is not None:
+            return max(1, self.num_threads)
+        workers = self.world_size * self.data_parallel_size
+        return max(1, (os.cpu_count() or 1) // workers)

@@ -1,0 +1,331 @@
+"""EngineCore: the actor that owns all scheduling state of one replica.
+
+Its loop is short and numbered:
+
+    1) drain the inbox (new requests, aborts)    -- work and aborts share one inbox
+    2) schedule -> execute on the workers -> update from the result
+    3) detokenize, check stop strings, publish outputs to each request's stream
+
+Callers never touch the scheduler: `submit` and `abort` only put commands in the inbox, so the
+loop is the single writer of every piece of request state.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from engine.detokenizer import IncrementalDetokenizer
+from engine.errors import EngineDeadError
+from engine.executor import Executor
+from engine.request import FinishReason, Request, RequestOutput, TokenLogprob
+from engine.scheduler import Scheduler, SchedulerOutput
+from transport.messages import CachedRequest, ExecuteStep, NewRequest, SampleLogprobs
+
+logger = logging.getLogger("shardline.core")
+
+StreamItem = RequestOutput | BaseException
+
+
+@dataclass
+class _Submit:
+    request: Request
+    detokenizer: IncrementalDetokenizer
+    stream: MemoryObjectSendStream[StreamItem]
+
+
+@dataclass
+class _Abort:
+    request_id: str
+    reason: FinishReason = FinishReason.ABORT
+
+
+@dataclass
+class _Live:
+    """Output-side state of one request (the scheduler holds the rest)."""
+
+    request: Request
+    detokenizer: IncrementalDetokenizer
+    stream: MemoryObjectSendStream[StreamItem]
+    want_logprobs: bool
+    arrival: float = field(default_factory=time.monotonic)
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+
+
+@dataclass
+class EngineStats:
+    """A snapshot of one replica (or the sum over replicas)."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    num_kv_blocks_total: int = 0
+    num_kv_blocks_used: int = 0
+    num_preemptions: int = 0
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    prefix_cache_hit_tokens: int = 0
+    prompt_tokens_computed: int = 0
+    num_steps: int = 0
+    requests_finished: dict[str, int] = field(default_factory=dict)
+    ttft_seconds: list[float] = field(default_factory=list)
+    itl_seconds: list[float] = field(default_factory=list)
+
+    @property
+    def kv_cache_usage(self) -> float:
+        return self.num_kv_blocks_used / self.num_kv_blocks_total if self.num_kv_blocks_total else 0.0
+
+
+class EngineCore:
+    """One replica's actor loop: scheduler + KV manager + executor."""
+
+    def __init__(self, scheduler: Scheduler, executor: Executor, *, name: str = "core0") -> None:
+        self.scheduler = scheduler
+        self.executor = executor
+        self.name = name
+        self._inbox_send, self._inbox = anyio.create_memory_object_stream[_Submit | _Abort](math.inf)
+        self._live: dict[str, _Live] = {}
+        self._step_id = 0
+        self._finished: Counter[str] = Counter()
+        self._generation_tokens = 0
+        self._prompt_tokens = 0
+        # Latency samples for /metrics; the consumer drains them, so they stay bounded.
+        self._ttft: list[float] = []
+        self._itl: list[float] = []
+        self.dead: BaseException | None = None
+
+    # ------------------------------------------------------------ caller side
+    def submit(self, request: Request, detokenizer: IncrementalDetokenizer) -> MemoryObjectReceiveStream[StreamItem]:
+        """Queue a validated request; returns the stream its outputs arrive on."""
+        if self.dead is not None:
+            raise EngineDeadError(f"engine is dead: {self.dead}")
+        send, receive = anyio.create_memory_object_stream[StreamItem](math.inf)
+        self._inbox_send.send_nowait(_Submit(request, detokenizer, send))
+        return receive
+
+    def abort(self, request_id: str) -> None:
+        """Ask the loop to abort a request (no-op if it already finished)."""
+        if self.dead is None:
+            self._inbox_send.send_nowait(_Abort(request_id))
+
+    @property
+    def num_unfinished(self) -> int:
+        """Requests submitted and not yet finished (routing load for data parallelism)."""
+        return len(self._live) + self._inbox.statistics().current_buffer_used
+
+    def stats(self, *, drain_latencies: bool = False) -> EngineStats:
+        sched = self.scheduler
+        kv = sched.kv_cache
+        stats = EngineStats(
+            num_running=sched.num_running,
+            num_waiting=sched.num_waiting,
+            num_kv_blocks_total=kv.num_blocks,
+            num_kv_blocks_used=kv.num_used_blocks,
+            num_preemptions=sched.stats.num_preemptions,
+            prompt_tokens=self._prompt_tokens,
+            generation_tokens=self._generation_tokens,
+            prefix_cache_hit_tokens=sched.stats.prefix_cache_hit_tokens,
+            prompt_tokens_computed=sched.stats.prompt_tokens_computed,
+            num_steps=self._step_id,
+            requests_finished=dict(self._finished),
+            ttft_seconds=list(self._ttft),
+            itl_seconds=list(self._itl),
+        )
+        if drain_latencies:
+            self._ttft.clear()
+            self._itl.clear()
+        return stats
+
+    # ------------------------------------------------------------ the loop
+    async def run(self) -> None:
+        """Serve until cancelled or a worker fails; on failure every live request gets the error."""
+        try:
+            while True:
+                # 1) drain inputs; sleep on the inbox only when there is nothing to run.
+                if not self.scheduler.has_unfinished_requests():
+                    self._handle(await self._inbox.receive())
+                self._drain_inbox()
+                # 2) one step.
+                output = self.scheduler.schedule()
+                if output.total_num_scheduled_tokens == 0:
+                    # Nothing fits right now (e.g. every block pinned); wait for an abort or arrival.
+                    with anyio.move_on_after(0.05):
+                        self._handle(await self._inbox.receive())
+                    continue
+                result = await self.executor.execute(self._to_message(output))
+                logprobs = None
+                if result.logprobs is not None:
+                    logprobs = dict(zip(result.req_ids, result.logprobs, strict=True))
+                updates = self.scheduler.update_from_output(
+                    output, dict(zip(result.req_ids, result.sampled_token_ids, strict=True)), logprobs
+                )
+                # 3) publish.
+                for update in updates:
+                    self._publish(update.request, update.new_token_ids, update.new_logprobs, update.finish_reason)
+        except BaseException as exc:
+            self.dead = exc
+            self._fail_all(exc)
+            raise
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                command = self._inbox.receive_nowait()
+            except anyio.WouldBlock:
+                return
+            self._handle(command)
+
+    def _handle(self, command: _Submit | _Abort) -> None:
+        if isinstance(command, _Submit):
+            request = command.request
+            self._live[request.request_id] = _Live(
+                request, command.detokenizer, command.stream, request.sampling_params.logprobs is not None
+            )
+            self._prompt_tokens += request.num_prompt_tokens
+            self.scheduler.add_request(request)
+            return
+        live = self._live.get(command.request_id)
+        if live is None:
+            return
+        self.scheduler.finish_requests([command.request_id], command.reason)
+        self._finish(live, command.reason.value, delta="", new_token_ids=[], logprobs=None)
+
+    def _to_message(self, output: SchedulerOutput) -> ExecuteStep:
+        self._step_id += 1
+        return ExecuteStep(
+            step_id=output.step_id,
+            new_requests=[
+                NewRequest(
+                    req_id=r.req_id,
+                    prompt_token_ids=list(r.prompt_token_ids),
+                    sampling=r.sampling_params.to_options(),
+                    block_ids=list(r.block_ids),
+                    num_computed_tokens=r.num_computed_tokens,
+                    num_scheduled_tokens=r.num_scheduled_tokens,
+                )
+                for r in output.scheduled_new
+            ],
+            cached_requests=[
+                CachedRequest(
+                    req_id=r.req_id,
+                    new_token_ids=list(r.new_token_ids),
+                    new_block_ids=list(r.new_block_ids),
+                    num_computed_tokens=r.num_computed_tokens,
+                    num_scheduled_tokens=r.num_scheduled_tokens,
+                    resumed=r.resumed,
+                )
+                for r in output.scheduled_cached
+            ],
+            finished_ids=list(output.finished_ids),
+        )
+
+    def _publish(
+        self,
+        request: Request,
+        new_token_ids: list[int],
+        new_logprobs: list[Any] | None,
+        finish_reason: FinishReason | None,
+    ) -> None:
+        live = self._live.get(request.request_id)
+        if live is None:
+            return
+        now = time.monotonic()
+        if new_token_ids:
+            self._generation_tokens += len(new_token_ids)
+            if live.first_token_at is None:
+                live.first_token_at = now
+                self._ttft.append(now - live.arrival)
+            elif live.last_token_at is not None:
+                self._itl.append(now - live.last_token_at)
+            live.last_token_at = now
+        delta, stop_hit = live.detokenizer.update(new_token_ids)
+        logprobs = _convert_logprobs(new_token_ids, new_logprobs) if live.want_logprobs else None
+        if stop_hit and finish_reason is None:
+            self.scheduler.finish_requests([request.request_id], FinishReason.STOP)
+            finish_reason = FinishReason.STOP
+        if finish_reason is not None:
+            if not stop_hit:
+                delta += live.detokenizer.flush()
+            self._finish(live, finish_reason.value, delta, new_token_ids, logprobs)
+            return
+        if delta or new_token_ids:
+            self._send(live, delta, new_token_ids, logprobs, finished=False, reason=None)
+
+    def _finish(
+        self,
+        live: _Live,
+        reason: str,
+        delta: str,
+        new_token_ids: list[int],
+        logprobs: list[TokenLogprob] | None,
+    ) -> None:
+        self._finished[reason] += 1
+        self._send(live, delta, new_token_ids, logprobs, finished=True, reason=reason)
+        live.stream.close()
+        del self._live[live.request.request_id]
+
+    def _send(
+        self,
+        live: _Live,
+        delta: str,
+        new_token_ids: list[int],
+        logprobs: list[TokenLogprob] | None,
+        *,
+        finished: bool,
+        reason: str | None,
+    ) -> None:
+        request = live.request
+        out = RequestOutput(
+            request_id=request.request_id,
+            delta=delta,
+            text=live.detokenizer.text,
+            delta_token_ids=list(new_token_ids),
+            token_ids=list(request.output_token_ids),
+            logprobs=logprobs,
+            finished=finished,
+            finish_reason=reason,
+            num_prompt_tokens=request.num_prompt_tokens,
+            num_output_tokens=request.num_output_tokens,
+        )
+        try:
+            live.stream.send_nowait(out)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+            # The caller went away without aborting (e.g. its generator was collected).
+            if not finished:
+                self.abort(request.request_id)
+
+    def _fail_all(self, exc: BaseException) -> None:
+        error = exc if isinstance(exc, EngineDeadError) else EngineDeadError(f"engine stopped: {exc!r}")
+        for live in list(self._live.values()):
+            try:
+                live.stream.send_nowait(error)
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                pass
+            live.stream.close()
+        self._live.clear()
+        while True:
+            try:
+                command = self._inbox.receive_nowait()
+            except (anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
+                break
+            if isinstance(command, _Submit):
+                command.stream.send_nowait(error)
+                command.stream.close()
+        self._inbox_send.close()
+
+
+def _convert_logprobs(token_ids: list[int], entries: list[Any] | None) -> list[TokenLogprob] | None:
+    if entries is None:
+        return None
+    out = []
+    for token_id, entry in zip(token_ids, entries, strict=False):
+        if isinstance(entry, SampleLogprobs):
+            out.append(TokenLogprob(token_id, entry.logprob, list(zip(entry.top_token_ids, entry.top_logprobs, strict=True))))
+    return out

@@ -1,0 +1,331 @@
+"""Executor: starts one replica's worker group, drives steps through it, watches its health.
+
+The executor is the EngineCore's only view of the workers:
+
+    start(task_group)  spawn ranks (processes, or one thread for `inproc`), wait for WorkerReady
+    execute(step)      broadcast one ExecuteStep, await the output rank's StepResult
+    shutdown()         Shutdown -> wait -> terminate -> kill; idempotent
+
+Health: a worker is dead when its process (or thread) is gone, when it reports WorkerError, or
+when nothing (heartbeat or result) arrives from it for `worker_timeout` seconds. Any of these
+raises `WorkerFailure` from `execute` and from the monitor task, so a failure is noticed within
+the timeout whether or not a step is in flight.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import anyio
+import anyio.abc
+
+from engine.config import EngineConfig
+from engine.errors import EngineDeadError
+from transport import EngineChannels, open_engine_channels
+from transport.base import TransportBroken, TransportClosed
+from transport.messages import (
+    ExecuteStep,
+    Heartbeat,
+    Hello,
+    Message,
+    Shutdown,
+    StepResult,
+    WorkerError,
+    WorkerReady,
+)
+
+logger = logging.getLogger("shardline.executor")
+
+_MONITOR_PERIOD = 0.1
+
+
+class WorkerFailure(EngineDeadError):
+    """A worker died, hung, or reported an error; the replica's worker group is unusable."""
+
+    def __init__(self, rank: int | None, reason: str) -> None:
+        self.rank = rank
+        self.reason = reason
+        who = "worker group" if rank is None else f"worker rank {rank}"
+        super().__init__(f"{who} failed: {reason}")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free a moment ago (for torch.distributed's rendezvous)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+class _Handle(Protocol):
+    """A running rank: a process or a thread."""
+
+    def is_alive(self) -> bool: ...
+
+
+@dataclass
+class _ProcessHandle:
+    process: multiprocessing.process.BaseProcess
+    pid: int | None
+
+    def is_alive(self) -> bool:
+        try:
+            return self.process.is_alive()
+        except ValueError:  # closed after a reap
+            return False
+
+
+@dataclass
+class _ThreadHandle:
+    thread: threading.Thread
+
+    def is_alive(self) -> bool:
+        return self.thread.is_alive()
+
+
+class Executor:
+    """Runs one data-parallel replica: `world_size` ranks connected by one channel set."""
+
+    def __init__(self, config: EngineConfig, model_path: str, *, dp_rank: int = 0) -> None:
+        self.config = config
+        self.model_path = model_path
+        self.dp_rank = dp_rank
+        self.num_kv_blocks = 0
+        self._channels: EngineChannels | None = None
+        self._handles: dict[int, _Handle] = {}
+        self._last_seen: dict[int, float] = {}
+        self._ready: dict[int, int] = {}
+        self._all_ready = anyio.Event()
+        self._failure: WorkerFailure | None = None
+        self._failed = anyio.Event()
+        self._pending: dict[int, tuple[anyio.Event, list[StepResult]]] = {}
+        self._closed = False
+        self._shutdown_lock = anyio.Lock()
+
+    # ----------------------------------------------------------------- start-up
+    async def start(self, task_group: anyio.abc.TaskGroup) -> None:
+        """Spawn the ranks and return once every one reported WorkerReady."""
+        cfg = self.config
+        token = (cfg.tcp_token or os.urandom(16).hex()).encode()
+        self._channels = await open_engine_channels(
+            cfg.transport, cfg.world_size, token=token if cfg.transport == "tcp" else None
+        )
+        init_method = f"tcp://127.0.0.1:{free_port()}"
+        for rank in range(cfg.world_size):
+            self._handles[rank] = self._launch(rank, self._worker_config(rank, init_method))
+        task_group.start_soon(self._read_loop)
+        task_group.start_soon(self._monitor_loop)
+        with anyio.move_on_after(cfg.worker_start_timeout) as scope:
+            await self._wait_either(self._all_ready)
+        self._raise_if_failed()
+        if scope.cancelled_caught:
+            missing = sorted(set(range(cfg.world_size)) - set(self._ready))
+            raise WorkerFailure(None, f"ranks {missing} not ready after {cfg.worker_start_timeout:.0f} s")
+        self.num_kv_blocks = min(self._ready.values())
+        now = time.monotonic()
+        self._last_seen = dict.fromkeys(self._handles, now)
+
+    def _worker_config(self, rank: int, init_method: str) -> dict[str, Any]:
+        from worker.config import WorkerConfig
+
+        cfg = self.config
+        assert self._channels is not None
+        return WorkerConfig(
+            rank=rank,
+            world_size=cfg.world_size,
+            tp_size=cfg.tensor_parallel_size,
+            pp_size=cfg.pipeline_parallel_size,
+            dp_rank=self.dp_rank,
+            dp_size=cfg.data_parallel_size,
+            channels_address=self._channels.address,
+            dist_init_method=init_method,
+            dist_backend=None,
+            model_path=self.model_path,
+            model_arch=cfg.model_arch,
+            dtype=cfg.torch_dtype_name,
+            device=cfg.device,
+            block_size=cfg.block_size,
+            num_kv_blocks=cfg.num_kv_blocks,
+            kv_cache_memory_bytes=cfg.kv_cache_memory_bytes,
+            max_model_len=cfg.max_model_len,
+            max_num_batched_tokens=cfg.max_num_batched_tokens,
+            max_num_seqs=cfg.max_num_seqs,
+            seed=cfg.seed,
+            parent_pid=os.getpid(),
+            heartbeat_interval=cfg.heartbeat_interval,
+            num_threads=cfg.threads_per_worker,
+            plugins=list(cfg.plugins),
+        ).to_dict()
+
+    def _launch(self, rank: int, worker_config: dict[str, Any]) -> _Handle:
+        from worker.main import Worker, run_worker
+
+        if self.config.transport == "inproc":
+            worker = Worker(worker_config)
+            thread = threading.Thread(target=worker.run, name=f"shardline-worker-{rank}", daemon=True)
+            thread.start()
+            return _ThreadHandle(thread)
+        ctx = multiprocessing.get_context("spawn")
+        process = ctx.Process(
+            target=run_worker,
+            args=(worker_config,),
+            name=f"shardline-worker-dp{self.dp_rank}-r{rank}",
+            daemon=True,
+        )
+        process.start()
+        return _ProcessHandle(process, process.pid)
+
+    @property
+    def worker_pids(self) -> list[int]:
+        """PIDs of worker processes (empty for the in-process worker)."""
+        return [h.pid for h in self._handles.values() if isinstance(h, _ProcessHandle) and h.pid is not None]
+
+    # ----------------------------------------------------------------- steps
+    async def execute(self, step: ExecuteStep) -> StepResult:
+        """Run one step on every rank; return the output rank's result."""
+        self._raise_if_failed()
+        if self._closed or self._channels is None:
+            raise EngineDeadError("executor is shut down")
+        done = anyio.Event()
+        slot: list[StepResult] = []
+        self._pending[step.step_id] = (done, slot)
+        try:
+            try:
+                await self._channels.broadcast(step)
+            except (TransportBroken, TransportClosed) as exc:
+                self._fail(WorkerFailure(None, f"cannot send step: {exc}"))
+            await self._wait_either(done)
+            self._raise_if_failed()
+            return slot[0]
+        finally:
+            self._pending.pop(step.step_id, None)
+
+    async def _wait_either(self, event: anyio.Event) -> None:
+        """Wait for `event` or for a failure, whichever comes first."""
+        if self._failed.is_set():
+            return
+        async with anyio.create_task_group() as tg:
+
+            async def wait_and_cancel(e: anyio.Event) -> None:
+                await e.wait()
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(wait_and_cancel, event)
+            tg.start_soon(wait_and_cancel, self._failed)
+
+    # ----------------------------------------------------------------- background
+    async def _read_loop(self) -> None:
+        assert self._channels is not None
+        while True:
+            try:
+                rank, msg = await self._channels.recv()
+            except (TransportBroken, TransportClosed) as exc:
+                if self._closed:
+                    return
+                self._fail(WorkerFailure(None, f"channel broken: {exc}"))
+                return
+            self._on_message(rank, msg)
+
+    def _on_message(self, rank: int, msg: Message) -> None:
+        self._last_seen[rank] = time.monotonic()
+        if isinstance(msg, StepResult):
+            pending = self._pending.get(msg.step_id)
+            if pending is not None:
+                pending[1].append(msg)
+                pending[0].set()
+        elif isinstance(msg, Heartbeat | Hello):
+            pass
+        elif isinstance(msg, WorkerReady):
+            self._ready[msg.rank] = msg.num_kv_blocks
+            logger.info("worker rank %d ready with %d KV blocks", msg.rank, msg.num_kv_blocks)
+            if len(self._ready) == self.config.world_size:
+                self._all_ready.set()
+        elif isinstance(msg, WorkerError):
+            logger.error("worker rank %d failed (%s): %s\n%s", msg.rank, msg.kind, msg.message, msg.traceback)
+            self._fail(WorkerFailure(msg.rank, f"{msg.kind}: {msg.message}"))
+        else:
+            logger.warning("unexpected %s from rank %d", type(msg).__name__, rank)
+
+    async def _monitor_loop(self) -> None:
+        """Notice dead or silent workers even when no step is in flight."""
+        while not self._closed:
+            await anyio.sleep(_MONITOR_PERIOD)
+            if self._closed:
+                return
+            now = time.monotonic()
+            for rank, handle in self._handles.items():
+                if not handle.is_alive():
+                    self._fail(WorkerFailure(rank, "process exited"))
+                elif self._all_ready.is_set() and now - self._last_seen.get(rank, now) > self.config.worker_timeout:
+                    self._fail(WorkerFailure(rank, f"no heartbeat for {self.config.worker_timeout:.1f} s"))
+            if self._failure is not None:
+                raise self._failure
+
+    def _fail(self, failure: WorkerFailure) -> None:
+        if self._failure is None and not self._closed:
+            self._failure = failure
+            logger.error("%s", failure)
+        self._failed.set()
+
+    def _raise_if_failed(self) -> None:
+        if self._failure is not None:
+            raise self._failure
+
+    @property
+    def failure(self) -> WorkerFailure | None:
+        return self._failure
+
+    # ----------------------------------------------------------------- shutdown
+    async def shutdown(self, grace: float = 5.0) -> None:
+        """Ask every rank to stop, wait, then terminate and kill. Idempotent."""
+        async with self._shutdown_lock:
+            if self._closed:
+                return
+            self._closed = True
+            with anyio.CancelScope(shield=True):
+                if self._channels is not None and self._failure is None:
+                    with anyio.move_on_after(1.0):
+                        try:
+                            await self._channels.broadcast(Shutdown())
+                        except (TransportBroken, TransportClosed):
+                            pass
+                await anyio.to_thread.run_sync(_reap, list(self._handles.values()), grace)
+                if self._channels is not None:
+                    await self._channels.aclose()
+
+
+def _reap(handles: list[_Handle], grace: float) -> None:
+    """Join every rank within `grace` seconds, then terminate, then kill (blocking)."""
+    deadline = time.monotonic() + grace
+    for handle in handles:
+        remaining = max(0.0, deadline - time.monotonic())
+        if isinstance(handle, _ProcessHandle):
+            handle.process.join(remaining)
+        elif isinstance(handle, _ThreadHandle):
+            handle.thread.join(remaining)
+    for step in (_terminate, _kill):
+        live = [h for h in handles if isinstance(h, _ProcessHandle) and h.process.is_alive()]
+        if not live:
+            break
+        for handle in live:
+            step(handle)
+        for handle in live:
+            handle.process.join(2.0)
+    for handle in handles:
+        if isinstance(handle, _ProcessHandle) and not handle.process.is_alive():
+            handle.process.close()
+
+
+def _terminate(handle: _ProcessHandle) -> None:
+    handle.process.terminate()
+
+
+def _kill(handle: _ProcessHandle) -> None:
+    handle.process.kill()
+

