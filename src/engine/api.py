@@ -13,6 +13,7 @@ Cancelling the task that consumes `generate` aborts the request and frees its KV
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -40,7 +41,6 @@ class Engine:
         self.config = config
         self._info = info
         self._cores: list[EngineCore] = []
-        self._executors: list[Executor] = []
         self._supervisor: asyncio.Task[None] | None = None
         self._closed = False
         self._death: BaseException | None = None
@@ -67,12 +67,16 @@ class Engine:
         try:
             async with anyio.create_task_group() as tg:
                 for dp_rank in range(self.config.data_parallel_size):
-                    executor = Executor(self.config, str(self._info.path), dp_rank=dp_rank)
-                    self._executors.append(executor)
-                    await executor.start(tg)
-                for dp_rank, executor in enumerate(self._executors):
-                    core = EngineCore(self._make_scheduler(executor.num_kv_blocks), executor, name=f"core{dp_rank}")
+                    core = EngineCore(
+                        functools.partial(Executor, self.config, str(self._info.path), dp_rank=dp_rank),
+                        self._make_scheduler,
+                        name=f"core{dp_rank}",
+                        max_restarts=self.config.max_worker_restarts,
+                        restart_backoff=self.config.restart_backoff,
+                    )
                     self._cores.append(core)
+                    await core.start(tg)
+                for core in self._cores:
                     tg.start_soon(core.run)
                 logger.info(
                     "engine ready: model=%s tp=%d pp=%d dp=%d transport=%s kv_blocks=%s max_model_len=%d",
@@ -81,7 +85,7 @@ class Engine:
                     self.config.pipeline_parallel_size,
                     self.config.data_parallel_size,
                     self.config.transport,
-                    [e.num_kv_blocks for e in self._executors],
+                    [c.executor.num_kv_blocks for c in self._cores],
                     self._info.max_model_len,
                 )
                 ready.set_result(None)
@@ -94,8 +98,8 @@ class Engine:
             raise
         finally:
             with anyio.CancelScope(shield=True):
-                for executor in self._executors:
-                    await executor.shutdown()
+                for core in self._cores:
+                    await core.executor.shutdown()
 
     def _make_scheduler(self, num_kv_blocks: int) -> Scheduler:
         cfg = self.config

@@ -60,6 +60,10 @@ class EngineConfig:
     heartbeat_interval: float = 0.5
     worker_timeout: float = 2.0
     """A worker that sends nothing (no heartbeat, no result) for this long is declared dead."""
+    max_worker_restarts: int = 3
+    """Times a failed worker group is restarted (requests recompute); 0 = fail fast."""
+    restart_backoff: float = 0.5
+    """Seconds before the first restart; doubles for each further one."""
     num_threads: int | None = None
     """torch threads per worker; default: CPU cores divided among the local workers."""
     tcp_token: str | None = None
@@ -99,6 +103,8 @@ class EngineConfig:
             "heartbeat_interval",
             f"must be > 0 and below worker_timeout ({self.worker_timeout}), got {self.heartbeat_interval}",
         )
+        _require(self.max_worker_restarts >= 0, "max_worker_restarts", f"must be >= 0, got {self.max_worker_restarts}")
+        _require(self.restart_backoff >= 0, "restart_backoff", f"must be >= 0, got {self.restart_backoff}")
         _require(self.worker_start_timeout > 0, "worker_start_timeout", f"must be > 0, got {self.worker_start_timeout}")
 
     @cached_property

@@ -12,19 +12,22 @@ loop is the single writer of every piece of request state.
 
 from __future__ import annotations
 
+import heapq
 import logging
 import math
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
+import anyio.abc
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from engine.detokenizer import IncrementalDetokenizer
 from engine.errors import EngineDeadError
-from engine.executor import Executor
+from engine.executor import Executor, WorkerFailure
 from engine.request import FinishReason, Request, RequestOutput, TokenLogprob
 from engine.scheduler import Scheduler, SchedulerOutput
 from transport.messages import CachedRequest, ExecuteStep, NewRequest, SampleLogprobs
@@ -74,6 +77,7 @@ class EngineStats:
     prefix_cache_hit_tokens: int = 0
     prompt_tokens_computed: int = 0
     num_steps: int = 0
+    num_restarts: int = 0
     requests_finished: dict[str, int] = field(default_factory=dict)
     ttft_seconds: list[float] = field(default_factory=list)
     itl_seconds: list[float] = field(default_factory=list)
@@ -86,12 +90,27 @@ class EngineStats:
 class EngineCore:
     """One replica's actor loop: scheduler + KV manager + executor."""
 
-    def __init__(self, scheduler: Scheduler, executor: Executor, *, name: str = "core0") -> None:
-        self.scheduler = scheduler
-        self.executor = executor
+    def __init__(
+        self,
+        executor_factory: Callable[[], Executor],
+        scheduler_factory: Callable[[int], Scheduler],
+        *,
+        name: str = "core0",
+        max_restarts: int = 0,
+        restart_backoff: float = 0.5,
+    ) -> None:
         self.name = name
+        self._executor_factory = executor_factory
+        self._scheduler_factory = scheduler_factory
+        self.max_restarts = max_restarts
+        self.restart_backoff = restart_backoff
+        self.num_restarts = 0
+        self.executor: Executor = executor_factory()
+        self.scheduler: Scheduler = scheduler_factory(1)  # replaced in start() once blocks are known
+        self._task_group: anyio.abc.TaskGroup | None = None
         self._inbox_send, self._inbox = anyio.create_memory_object_stream[_Submit | _Abort](math.inf)
         self._live: dict[str, _Live] = {}
+        self._deadlines: list[tuple[float, str]] = []
         self._step_id = 0
         self._finished: Counter[str] = Counter()
         self._generation_tokens = 0
@@ -100,6 +119,12 @@ class EngineCore:
         self._ttft: list[float] = []
         self._itl: list[float] = []
         self.dead: BaseException | None = None
+
+    async def start(self, task_group: anyio.abc.TaskGroup) -> None:
+        """Start the worker group; the executor's background tasks live in `task_group`."""
+        self._task_group = task_group
+        await self.executor.start(task_group)
+        self.scheduler = self._scheduler_factory(self.executor.num_kv_blocks)
 
     # ------------------------------------------------------------ caller side
     def submit(self, request: Request, detokenizer: IncrementalDetokenizer) -> MemoryObjectReceiveStream[StreamItem]:
@@ -121,6 +146,7 @@ class EngineCore:
         return len(self._live) + self._inbox.statistics().current_buffer_used
 
     def stats(self, *, drain_latencies: bool = False) -> EngineStats:
+        """A snapshot of this replica's counters."""
         sched = self.scheduler
         kv = sched.kv_cache
         stats = EngineStats(
@@ -134,6 +160,7 @@ class EngineCore:
             prefix_cache_hit_tokens=sched.stats.prefix_cache_hit_tokens,
             prompt_tokens_computed=sched.stats.prompt_tokens_computed,
             num_steps=self._step_id,
+            num_restarts=self.num_restarts,
             requests_finished=dict(self._finished),
             ttft_seconds=list(self._ttft),
             itl_seconds=list(self._itl),
@@ -145,21 +172,26 @@ class EngineCore:
 
     # ------------------------------------------------------------ the loop
     async def run(self) -> None:
-        """Serve until cancelled or a worker fails; on failure every live request gets the error."""
+        """Serve until cancelled or the workers fail for good; then every live request gets the error."""
         try:
             while True:
                 # 1) drain inputs; sleep on the inbox only when there is nothing to run.
-                if not self.scheduler.has_unfinished_requests():
-                    self._handle(await self._inbox.receive())
+                await self._wait_for_work(idle=not self.scheduler.has_unfinished_requests())
                 self._drain_inbox()
+                self._expire_deadlines()
+                if not self.scheduler.has_unfinished_requests():
+                    continue
                 # 2) one step.
                 output = self.scheduler.schedule()
                 if output.total_num_scheduled_tokens == 0:
-                    # Nothing fits right now (e.g. every block pinned); wait for an abort or arrival.
-                    with anyio.move_on_after(0.05):
-                        self._handle(await self._inbox.receive())
+                    # Nothing fits right now (every block pinned): wait for an abort or an arrival.
+                    await self._wait_for_work(idle=True, at_most=0.05)
                     continue
-                result = await self.executor.execute(self._to_message(output))
+                try:
+                    result = await self.executor.execute(self._to_message(output))
+                except WorkerFailure as failure:
+                    await self._recover(failure)
+                    continue
                 logprobs = None
                 if result.logprobs is not None:
                     logprobs = dict(zip(result.req_ids, result.logprobs, strict=True))
@@ -173,6 +205,64 @@ class EngineCore:
             self.dead = exc
             self._fail_all(exc)
             raise
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.executor.shutdown()
+
+    async def _wait_for_work(self, *, idle: bool, at_most: float | None = None) -> None:
+        """When idle, sleep until a command arrives, a deadline passes or the workers fail."""
+        if self.executor.failure is not None:
+            await self._recover(self.executor.failure)
+            return
+        if not idle:
+            return
+        timeout = at_most
+        if self._deadlines:
+            until_deadline = max(0.0, self._deadlines[0][0] - time.monotonic())
+            timeout = until_deadline if timeout is None else min(timeout, until_deadline)
+        with anyio.move_on_after(timeout if timeout is not None else math.inf):
+            async with anyio.create_task_group() as tg:
+
+                async def on_command() -> None:
+                    self._handle(await self._inbox.receive())
+                    tg.cancel_scope.cancel()
+
+                async def on_failure() -> None:
+                    await self.executor.wait_failed()
+                    tg.cancel_scope.cancel()
+
+                tg.start_soon(on_command)
+                tg.start_soon(on_failure)
+        if self.executor.failure is not None:
+            await self._recover(self.executor.failure)
+
+    async def _recover(self, failure: WorkerFailure) -> None:
+        """Restart the worker group and recompute every live request, or give up."""
+        if self.num_restarts >= self.max_restarts:
+            raise failure
+        self.num_restarts += 1
+        logger.warning(
+            "%s: %s; restarting the worker group (%d of %d)", self.name, failure, self.num_restarts, self.max_restarts
+        )
+        assert self._task_group is not None
+        await self.executor.shutdown()
+        await anyio.sleep(self.restart_backoff * 2 ** (self.num_restarts - 1))
+        self.executor = self._executor_factory()
+        await self.executor.start(self._task_group)
+        # The new workers hold no KV and no request state: every live request recomputes
+        # from its prompt plus the tokens already streamed, so callers see no gap.
+        fresh = self._scheduler_factory(self.executor.num_kv_blocks)
+        self.scheduler.transfer_for_recompute(fresh)
+        self.scheduler = fresh
+
+    def _expire_deadlines(self) -> None:
+        now = time.monotonic()
+        while self._deadlines and self._deadlines[0][0] <= now:
+            _, request_id = heapq.heappop(self._deadlines)
+            live = self._live.get(request_id)
+            if live is not None:
+                self.scheduler.finish_requests([request_id], FinishReason.ABORT)
+                self._finish(live, FinishReason.ABORT.value, delta=live.detokenizer.flush(), new_token_ids=[], logprobs=None)
 
     def _drain_inbox(self) -> None:
         while True:
@@ -190,6 +280,9 @@ class EngineCore:
             )
             self._prompt_tokens += request.num_prompt_tokens
             self.scheduler.add_request(request)
+            timeout = request.sampling_params.timeout
+            if timeout is not None:
+                heapq.heappush(self._deadlines, (time.monotonic() + timeout, request.request_id))
             return
         live = self._live.get(command.request_id)
         if live is None:

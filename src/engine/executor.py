@@ -8,8 +8,10 @@ The executor is the EngineCore's only view of the workers:
 
 Health: a worker is dead when its process (or thread) is gone, when it reports WorkerError, or
 when nothing (heartbeat or result) arrives from it for `worker_timeout` seconds. Any of these
-raises `WorkerFailure` from `execute` and from the monitor task, so a failure is noticed within
-the timeout whether or not a step is in flight.
+sets `failure` and the `failed` event, and `execute` raises `WorkerFailure`, so the EngineCore
+notices within the timeout whether or not a step is in flight, and decides whether to restart.
+The executor's background tasks end by themselves once it fails or shuts down, so a new
+executor can be started in the same task group.
 """
 
 from __future__ import annotations
@@ -265,7 +267,7 @@ class Executor:
                 elif self._all_ready.is_set() and now - self._last_seen.get(rank, now) > self.config.worker_timeout:
                     self._fail(WorkerFailure(rank, f"no heartbeat for {self.config.worker_timeout:.1f} s"))
             if self._failure is not None:
-                raise self._failure
+                return
 
     def _fail(self, failure: WorkerFailure) -> None:
         if self._failure is None and not self._closed:
@@ -279,7 +281,12 @@ class Executor:
 
     @property
     def failure(self) -> WorkerFailure | None:
+        """Why the worker group failed, or None while it is healthy."""
         return self._failure
+
+    async def wait_failed(self) -> None:
+        """Return once the worker group has failed."""
+        await self._failed.wait()
 
     # ----------------------------------------------------------------- shutdown
     async def shutdown(self, grace: float = 5.0) -> None:
