@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import pathlib
 import time
+from collections.abc import Iterator
 
 import pytest
+
 from support.leaks import live_children, our_shm_entries
 
 
@@ -37,3 +40,11 @@ def _no_leaks_after_session():
         time.sleep(0.2)
     assert not leaked_shm, f"shared memory left behind: {leaked_shm}"
     assert not children, f"child processes left running: {[(c.pid, c.cmdline()) for c in children]}"
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[pathlib.Path]:
+    """A 2-layer random-weight Llama (4 heads, 2 KV heads) with a byte-level tokenizer."""
+    from support.tiny_models import make_tiny_model_dir
+
+    yield make_tiny_model_dir(tmp_path_factory.mktemp("tiny-llama"), arch="LlamaForCausalLM")

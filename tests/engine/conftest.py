@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pathlib
-from collections.abc import Iterator
 
 import pytest
 
@@ -41,11 +40,3 @@ def hf_greedy(smollm2_dir: pathlib.Path) -> dict[str, list[int]]:
             )
             out[prompt] = gen[0, ids.shape[1] :].tolist()
     return out
-
-
-@pytest.fixture(scope="session")
-def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[pathlib.Path]:
-    """A 2-layer random-weight Llama (4 heads, 2 KV heads) with a byte-level tokenizer."""
-    from support.tiny_models import make_tiny_model_dir
-
-    yield make_tiny_model_dir(tmp_path_factory.mktemp("tiny-llama"), arch="LlamaForCausalLM")
