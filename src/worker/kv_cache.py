@@ -1,0 +1,116 @@
+"""Sizing and allocating this rank's paged KV cache.
+
+Each local :class:`model.attention.Attention` layer gets one tensor
+``[num_blocks, 2, block_size, num_kv_heads, head_dim]`` (local heads after TP, local layers
+after PP). Block ids are shared by every rank, so all ranks use the minimum block count.
+"""
+
+from __future__ import annotations
+
+import math
+
+import psutil
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from model.attention import Attention
+
+# Without an explicit budget: on CPU a share of the available RAM (capped), on CUDA a share
+# of the memory still free after loading the weights (the rest is for activations/logits).
+CPU_DEFAULT_FRACTION = 0.25
+CPU_DEFAULT_CAP_BYTES = 4 << 30
+CUDA_FREE_FRACTION = 0.8
+# Never more blocks than every sequence at full length (plus slack) could ever use.
+MAX_BLOCKS_ABSOLUTE = 1 << 20
+
+
+def attention_layers(model: nn.Module) -> list[Attention]:
+    """The model's local attention layers, in module order."""
+    return [m for m in model.modules() if isinstance(m, Attention)]
+
+
+def bytes_per_block(layers: list[Attention], block_size: int, dtype: torch.dtype) -> int:
+    """KV bytes one block takes summed over the local layers."""
+    element_size = torch.empty((), dtype=dtype).element_size()
+    return sum(
+        2 * block_size * layer.num_kv_heads * layer.head_dim * element_size for layer in layers
+    )
+
+
+def memory_budget(device: torch.device, local_world_size: int, explicit: int | None) -> int:
+    """Bytes this rank may spend on its KV cache."""
+    if explicit is not None:
+        if explicit <= 0:
+            raise ValueError(f"kv_cache_memory_bytes must be positive, got {explicit}")
+        return explicit
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free * CUDA_FREE_FRACTION)
+    available = psutil.virtual_memory().available
+    return min(
+        CPU_DEFAULT_CAP_BYTES, int(available * CPU_DEFAULT_FRACTION) // max(1, local_world_size)
+    )
+
+
+def determine_num_blocks(
+    model: nn.Module,
+    *,
+    block_size: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    num_kv_blocks: int | None,
+    kv_cache_memory_bytes: int | None,
+    max_model_len: int,
+    max_num_seqs: int,
+    local_world_size: int = 1,
+) -> int:
+    """This rank's block count: the configured one, or what the budget holds (capped)."""
+    if num_kv_blocks is not None:
+        if num_kv_blocks <= 0:
+            raise ValueError(f"num_kv_blocks must be positive, got {num_kv_blocks}")
+        return num_kv_blocks
+    layers = attention_layers(model)
+    per_block = bytes_per_block(layers, block_size, dtype)
+    if per_block == 0:  # a stage without attention layers (not expected): no constraint here
+        return MAX_BLOCKS_ABSOLUTE
+    budget = memory_budget(device, local_world_size, kv_cache_memory_bytes)
+    num_blocks = budget // per_block
+    if num_blocks < 1:
+        raise ValueError(
+            f"KV cache budget of {budget} bytes holds no block of {per_block} bytes; "
+            "raise kv_cache_memory_bytes or lower block_size"
+        )
+    useful = max_num_seqs * math.ceil(max_model_len / block_size) + max_num_seqs
+    return int(min(num_blocks, useful, MAX_BLOCKS_ABSOLUTE))
+
+
+def agree_num_blocks(num_blocks: int, device: torch.device) -> int:
+    """The minimum block count over the whole torch.distributed world (identity without one)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return num_blocks
+    # NCCL only reduces CUDA tensors; gloo reduces CPU tensors.
+    tensor_device = device if dist.get_backend() == "nccl" else torch.device("cpu")
+    value = torch.tensor([num_blocks], dtype=torch.int64, device=tensor_device)
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return int(value.item())
+
+
+def allocate_kv_cache(
+    model: nn.Module, num_blocks: int, *, block_size: int, dtype: torch.dtype, device: torch.device
+) -> int:
+    """Give each local Attention layer its cache tensor; returns the bytes allocated."""
+    total = 0
+    for layer in attention_layers(model):
+        cache = torch.zeros(
+            num_blocks,
+            2,
+            block_size,
+            layer.num_kv_heads,
+            layer.head_dim,
+            dtype=dtype,
+            device=device,
+        )
+        layer.kv_cache = cache
+        total += cache.numel() * cache.element_size()
+    return total

@@ -1,0 +1,144 @@
+"""ModelRunner: keep per-request state, turn each ExecuteStep into one forward, sample.
+
+One step, as the engine sends it (docs/INTERFACES.md section 1):
+
+    1) drop ``finished_ids``
+    2) add ``new_requests``; apply ``cached_requests`` diffs (new tokens, new blocks, resumed)
+    3) flatten the scheduled chunks into tensors and run ``model.forward``
+    4) on the last pipeline stage compute logits for the requests that sample (every TP rank:
+       the vocab gather is a collective); the output rank samples and returns a StepResult
+
+Step order is ``new_requests`` then ``cached_requests``, as listed in the message; the
+StepResult lists the sampling requests in that order.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+from model.parallel_context import ParallelContext
+from transport.messages import (
+    CachedRequest,
+    ExecuteStep,
+    NewRequest,
+    SampleLogprobs,
+    StepResult,
+)
+from worker.inputs import BlockTable, RequestState, ScheduledChunk, build_step_inputs
+from worker.kv_cache import allocate_kv_cache
+from worker.sampler import RequestSamplingState, derive_seed, sample
+
+logger = logging.getLogger(__name__)
+
+
+class ModelRunner:
+    """Runs steps on one rank's model shard with its paged KV cache."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        parallel_context: ParallelContext,
+        *,
+        block_size: int,
+        dtype: torch.dtype,
+        seed: int = 0,
+    ) -> None:
+        self.model: Any = model  # duck-typed model contract (docs/INTERFACES.md section 3)
+        self.parallel_context = parallel_context
+        self.device = parallel_context.device
+        self.block_size = block_size
+        self.dtype = dtype
+        self.seed = seed
+        pc = parallel_context
+        self.is_last_stage = pc.get_pipeline_parallel_rank() == pc.get_pipeline_parallel_size() - 1
+        self.is_output_rank = self.is_last_stage and pc.get_tensor_parallel_rank() == 0
+        self.requests: dict[str, RequestState] = {}
+        self.num_kv_blocks = 0
+
+    # ----------------------------------------------------------------- set-up
+    def initialize_kv_cache(self, num_blocks: int) -> int:
+        """Allocate ``num_blocks`` blocks in every local attention layer; returns bytes."""
+        self.num_kv_blocks = num_blocks
+        return allocate_kv_cache(
+            self.model, num_blocks, block_size=self.block_size, dtype=self.dtype, device=self.device
+        )
+
+    # ----------------------------------------------------------------- steps
+    def execute(self, step: ExecuteStep) -> StepResult | None:
+        """Run one step; the output rank returns its StepResult, the other ranks None."""
+        # 1) drop finished requests
+        for req_id in step.finished_ids:
+            self.requests.pop(req_id, None)
+        # 2) apply the diffs
+        chunks = [self._add_request(new) for new in step.new_requests]
+        chunks += [self._update_request(cached) for cached in step.cached_requests]
+        if not chunks:
+            return self._result(step.step_id, [], None) if self.is_output_rank else None
+        # 3) forward
+        inputs = build_step_inputs(chunks, block_size=self.block_size, device=self.device)
+        with torch.inference_mode():
+            hidden = self.model(inputs.input_ids, inputs.positions, inputs.attn)
+            for chunk in chunks:
+                chunk.state.num_computed_tokens = chunk.num_computed + chunk.num_scheduled
+            # 4) logits and sampling
+            if not self.is_last_stage or not inputs.sample_states:
+                return self._result(step.step_id, [], None) if self.is_output_rank else None
+            logits = self.model.compute_logits(hidden[inputs.sample_indices])
+            if not self.is_output_rank:
+                return None
+            states = inputs.sample_states
+            sampling = [s.sampling for s in states]
+            if any(s is None for s in sampling):  # impossible on the output rank; fail loudly
+                raise RuntimeError("a sampling request has no sampler state on the output rank")
+            out = sample(logits, [s for s in sampling if s is not None])
+        return self._result(step.step_id, [s.req_id for s in states], out.token_ids, out.logprobs)
+
+    def _result(
+        self,
+        step_id: int,
+        req_ids: list[str],
+        token_ids: list[int] | None,
+        logprobs: list[SampleLogprobs | None] | None = None,
+    ) -> StepResult:
+        return StepResult(
+            step_id=step_id, req_ids=req_ids, sampled_token_ids=token_ids or [], logprobs=logprobs
+        )
+
+    def _add_request(self, new: NewRequest) -> ScheduledChunk:
+        if new.req_id in self.requests:
+            logger.warning("request %r sent again as new; replacing its state", new.req_id)
+        sampling = None
+        if self.is_output_rank:
+            seed = new.sampling.seed
+            sampling = RequestSamplingState(
+                new.sampling,
+                new.prompt_token_ids,
+                seed=derive_seed(self.seed, new.req_id) if seed is None else seed,
+                device=self.device,
+            )
+        state = RequestState(
+            req_id=new.req_id,
+            token_ids=list(new.prompt_token_ids),
+            num_prompt_tokens=len(new.prompt_token_ids),
+            block_table=BlockTable(new.block_ids),
+            num_computed_tokens=new.num_computed_tokens,
+            sampling=sampling,
+        )
+        self.requests[new.req_id] = state
+        return ScheduledChunk(state, new.num_computed_tokens, new.num_scheduled_tokens)
+
+    def _update_request(self, cached: CachedRequest) -> ScheduledChunk:
+        state = self.requests.get(cached.req_id)
+        if state is None:
+            raise KeyError(f"step schedules unknown request {cached.req_id!r}")
+        state.append_tokens(cached.new_token_ids)
+        if cached.resumed:
+            state.block_table.replace(cached.new_block_ids)
+        else:
+            state.block_table.append(cached.new_block_ids)
+        state.num_computed_tokens = cached.num_computed_tokens
+        return ScheduledChunk(state, cached.num_computed_tokens, cached.num_scheduled_tokens)
