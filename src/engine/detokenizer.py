@@ -1,0 +1,124 @@
+"""Incremental detokenization with stop strings.
+
+Decoding token by token is wrong for byte-level BPE and SentencePiece: one character can span
+several tokens, and a token's text can depend on its left neighbour (leading spaces). So, as in
+vLLM, we decode a short window of tokens twice -- `[prefix_offset, read_offset)` (already
+emitted) and `[prefix_offset, end)` -- and emit the difference, but only once the decoded
+tail no longer ends in U+FFFD (an incomplete UTF-8 sequence).
+
+Stop strings: the decoded text is scanned for each stop string; text that could still be the
+beginning of one is held back, so what is emitted never contains (part of) a stop string.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+# How many prompt tokens seed the window, so the first output token decodes in context.
+_PROMPT_CONTEXT_TOKENS = 5
+_REPLACEMENT_CHAR = "\ufffd"
+
+
+class _Decoder(Protocol):
+    def decode(self, ids: Any, skip_special_tokens: bool = ...) -> str: ...
+
+
+class IncrementalDetokenizer:
+    """Turns a stream of token ids into text deltas, honouring stop strings.
+
+    Works with a `tokenizers.Tokenizer` or a transformers tokenizer (both have
+    `decode(ids, skip_special_tokens=...)`).
+    """
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        prompt_token_ids: Sequence[int],
+        *,
+        skip_special_tokens: bool = True,
+        stop: Sequence[str] = (),
+    ) -> None:
+        self._tokenizer: _Decoder = tokenizer
+        self._skip_special_tokens = skip_special_tokens
+        self._stop = tuple(s for s in stop if s)
+        context = list(prompt_token_ids[-_PROMPT_CONTEXT_TOKENS:])
+        self._tokens: list[int] = context
+        self._prefix_offset = 0
+        self._read_offset = len(context)
+        self._decoded = ""  # every character decoded so far (emitted or held back)
+        self.text = ""  # what has been emitted: a prefix of _decoded without stop strings
+        self.stopped = False
+        self.stop_string: str | None = None
+
+    def _decode(self, ids: list[int]) -> str:
+        if not ids:
+            return ""
+        return self._tokenizer.decode(ids, skip_special_tokens=self._skip_special_tokens)
+
+    def _decode_new_tokens(self) -> str:
+        """Text added by the tokens after read_offset; empty while it ends mid-character."""
+        prefix_text = self._decode(self._tokens[self._prefix_offset : self._read_offset])
+        full_text = self._decode(self._tokens[self._prefix_offset :])
+        if len(full_text) <= len(prefix_text) or full_text.endswith(_REPLACEMENT_CHAR):
+            return ""
+        self._prefix_offset = self._read_offset
+        self._read_offset = len(self._tokens)
+        return full_text[len(prefix_text) :]
+
+    def update(self, new_token_ids: list[int]) -> tuple[str, bool]:
+        """Add generated tokens; return (text to emit now, whether a stop string was hit).
+
+        After a stop string is hit, the request is over: later calls return ("", True).
+        """
+        if self.stopped:
+            return "", True
+        self._tokens.extend(new_token_ids)
+        self._decoded += self._decode_new_tokens()
+        return self._emit()
+
+    def _emit(self) -> tuple[str, bool]:
+        emitted = len(self.text)
+        if self._stop:
+            # A stop string cannot start inside the emitted text (that part was never a
+            # possible stop prefix), so searching from `emitted` finds the earliest one.
+            hits = [(self._decoded.find(s, emitted), s) for s in self._stop]
+            found = [(pos, s) for pos, s in hits if pos >= 0]
+            if found:
+                pos, stop = min(found)
+                delta = self._decoded[emitted:pos]
+                self.text += delta
+                self.stopped = True
+                self.stop_string = stop
+                return delta, True
+            end = len(self._decoded) - self._held_back_length(emitted)
+        else:
+            end = len(self._decoded)
+        delta = self._decoded[emitted:end]
+        self.text += delta
+        return delta, False
+
+    def _held_back_length(self, emitted: int) -> int:
+        """Length of the longest tail of the unemitted text that begins some stop string."""
+        pending = self._decoded[emitted:]
+        longest = 0
+        for stop in self._stop:
+            for length in range(min(len(stop) - 1, len(pending)), longest, -1):
+                if pending.endswith(stop[:length]):
+                    longest = length
+                    break
+        return longest
+
+    def flush(self) -> str:
+        """Emit whatever is held back (the request finished for a reason other than a stop
+        string): an incomplete character and a would-be stop prefix."""
+        if self.stopped:
+            return ""
+        prefix_text = self._decode(self._tokens[self._prefix_offset : self._read_offset])
+        full_text = self._decode(self._tokens[self._prefix_offset :])
+        if len(full_text) > len(prefix_text):
+            self._decoded += full_text[len(prefix_text) :]
+        self._prefix_offset = self._read_offset = len(self._tokens)
+        delta = self._decoded[len(self.text) :]
+        self.text += delta
+        return delta

@@ -1,0 +1,280 @@
+"""The paged KV-cache block pool: per-request block tables, prefix caching, LRU eviction.
+
+The manager only does bookkeeping (block ids); workers hold the tensors. It never makes
+policy: `allocate_slots` returns None when the pool is short and the scheduler decides whom to
+preempt.
+
+Block life cycle::
+
+    state          ref_cnt  in free list  block_hash          how it gets there
+    -------------  -------  ------------  ------------------  ----------------------------------
+    free, empty    0        yes           None                start; evicted; freed un-cached
+    free, cached   0        yes           set (in cache map)  freed after its K/V were cached
+    in use         >= 1     no            None or set         allocate_slots / prefix-cache hit
+
+The free list is ordered for LRU: allocation pops from the front (evicting the block's hash if
+it had one); `free` appends a request's blocks tail-first, so the end of a prefix (the part
+least likely to be shared) is evicted before its beginning. A prefix-cache hit on a free cached
+block takes it out of the free list.
+
+A full block's hash is `H(parent_hash, token_ids, extra)` (blake2b over a fixed encoding), so
+equal hashes mean equal whole prefixes. Hashes are registered only for blocks whose tokens the
+workers have computed (`cache_full_blocks`, called by the scheduler after a step finished), so
+a hit never points at K/V that are not written yet.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from collections import OrderedDict
+from collections.abc import Iterable
+
+from engine.request import Request
+
+
+def hash_block(parent_hash: bytes | None, token_ids: list[int], extra: bytes = b"") -> bytes:
+    """The stable hash of one full block given the hash of the block before it."""
+    hasher = hashlib.blake2b(digest_size=16)
+    hasher.update(parent_hash or b"\x00" * 16)
+    hasher.update(struct.pack(f"<I{len(token_ids)}q", len(token_ids), *token_ids))
+    hasher.update(extra)
+    return hasher.digest()
+
+
+class KVCacheManager:
+    """Block pool with reference counts and a hash -> block map for prefix caching."""
+
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+        if num_blocks < 1:
+            raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
+        if block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {block_size}")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self._ref_cnt = [0] * num_blocks
+        self._block_hash: list[bytes | None] = [None] * num_blocks
+        # OrderedDict as an O(1)-removable LRU queue of free block ids (values unused).
+        self._free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))
+        self._cached: dict[bytes, int] = {}
+        self._tables: dict[str, list[int]] = {}
+
+    # -- sizes ---------------------------------------------------------------------------------
+
+    @property
+    def num_free_blocks(self) -> int:
+        """Blocks not held by any request (cached free blocks included: they are evictable)."""
+        return len(self._free)
+
+    @property
+    def num_used_blocks(self) -> int:
+        """Blocks held by at least one request."""
+        return self.num_blocks - len(self._free)
+
+    @property
+    def usage(self) -> float:
+        """Fraction of the pool held by requests, in [0, 1]."""
+        return self.num_used_blocks / self.num_blocks
+
+    @property
+    def num_cached_blocks(self) -> int:
+        """Blocks currently registered in the prefix-cache map (in use or free)."""
+        return len(self._cached)
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        """Number of blocks that hold `num_tokens` tokens."""
+        return -(-num_tokens // self.block_size)
+
+    # -- protocol ------------------------------------------------------------------------------
+
+    def get_block_ids(self, request_id: str) -> list[int]:
+        """A copy of the request's block table (empty if it holds none)."""
+        return list(self._tables.get(request_id, ()))
+
+    def _update_hashes(self, request: Request, num_tokens: int) -> None:
+        """Extend `request.block_hashes` to cover the full blocks among its first num_tokens."""
+        token_ids = request.all_token_ids
+        hashes = request.block_hashes
+        bs = self.block_size
+        for index in range(len(hashes), num_tokens // bs):
+            parent = hashes[-1] if hashes else None
+            hashes.append(hash_block(parent, token_ids[index * bs : (index + 1) * bs]))
+
+    def get_computed_blocks(self, request: Request) -> tuple[list[int], int]:
+        """The longest cached full-block prefix of the request and how many tokens it covers.
+
+        Never the whole token list: the last token must be computed to get logits.
+        """
+        if not self.enable_prefix_caching:
+            return [], 0
+        usable_tokens = request.num_tokens - 1
+        self._update_hashes(request, usable_tokens)
+        blocks: list[int] = []
+        for block_hash in request.block_hashes[: usable_tokens // self.block_size]:
+            block_id = self._cached.get(block_hash)
+            if block_id is None:
+                break
+            blocks.append(block_id)
+        return blocks, len(blocks) * self.block_size
+
+    def allocate_slots(
+        self, request: Request, num_new_tokens: int, new_computed_blocks: list[int] | None = None
+    ) -> list[int] | None:
+        """Grow the request's table to hold its computed tokens, the prefix hit and new tokens.
+
+        The table must end up covering `request.num_computed_tokens + len(new_computed_blocks)
+        * block_size + num_new_tokens` tokens. Returns the block ids appended to the table
+        (prefix-hit blocks first), or None, with no side effects, when the pool is short.
+        """
+        computed = new_computed_blocks or []
+        table = self._tables.get(request.request_id, [])
+        if computed and table:
+            raise ValueError("new_computed_blocks is only valid for a request holding no blocks")
+        total_tokens = (
+            request.num_computed_tokens + len(computed) * self.block_size + num_new_tokens
+        )
+        num_fresh = self.blocks_needed(total_tokens) - len(table) - len(computed)
+        # Touching a free cached block removes it from the free list too.
+        num_revived = sum(1 for b in computed if self._ref_cnt[b] == 0)
+        if num_fresh > len(self._free) - num_revived:
+            return None
+
+        for block_id in computed:
+            if self._ref_cnt[block_id] == 0:
+                del self._free[block_id]
+            self._ref_cnt[block_id] += 1
+        fresh = [self._pop_free_block() for _ in range(max(num_fresh, 0))]
+        new_blocks = computed + fresh
+        self._tables.setdefault(request.request_id, []).extend(new_blocks)
+        return new_blocks
+
+    def _pop_free_block(self) -> int:
+        block_id, _ = self._free.popitem(last=False)
+        old_hash = self._block_hash[block_id]
+        if old_hash is not None:
+            # Evicted: the cached content is about to be overwritten.
+            del self._cached[old_hash]
+            self._block_hash[block_id] = None
+        self._ref_cnt[block_id] = 1
+        return block_id
+
+    def cache_full_blocks(self, request: Request, num_computed_tokens: int | None = None) -> None:
+        """Register the hashes of the request's full blocks whose K/V are computed.
+
+        Call after the step that computed them finished; `num_computed_tokens` (default
+        `request.num_computed_tokens`) is how many tokens that step left with K/V, so a caller
+        with a later step already scheduled can pass the finished step's count. A block whose
+        content is already cached under another block id stays un-hashed (one block per hash).
+        """
+        if not self.enable_prefix_caching:
+            return
+        table = self._tables.get(request.request_id)
+        if not table:
+            return
+        if num_computed_tokens is None:
+            num_computed_tokens = request.num_computed_tokens
+        num_computed_tokens = min(num_computed_tokens, request.num_tokens)
+        num_full = min(num_computed_tokens // self.block_size, len(table))
+        self._update_hashes(request, num_full * self.block_size)
+        for index in range(num_full):
+            block_id = table[index]
+            if self._block_hash[block_id] is not None:
+                continue
+            block_hash = request.block_hashes[index]
+            if block_hash in self._cached:
+                continue
+            self._block_hash[block_id] = block_hash
+            self._cached[block_hash] = block_id
+
+    def free(self, request_id: str) -> None:
+        """Release the request's blocks; cached ones keep their hash until evicted."""
+        table = self._tables.pop(request_id, None)
+        if not table:
+            return
+        for block_id in reversed(table):
+            self._ref_cnt[block_id] -= 1
+            if self._ref_cnt[block_id] == 0:
+                self._free[block_id] = None
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached hash (e.g. after the workers lost their K/V)."""
+        for block_id in self._cached.values():
+            self._block_hash[block_id] = None
+        self._cached.clear()
+
+    # -- checking ------------------------------------------------------------------------------
+
+    def check_invariants(self, live_requests: Iterable[Request]) -> None:
+        """Raise AssertionError naming the first violated invariant (DESIGN.md section 5).
+
+        `live_requests` are the requests that should hold blocks right now (running ones);
+        a table held by any other request id counts as a leak.
+        """
+        live = {r.request_id: r for r in live_requests}
+        bs = self.block_size
+        free_ids = list(self._free)
+        free_set = set(free_ids)
+        holders: dict[int, list[tuple[str, int]]] = {}
+        for req_id, table in self._tables.items():
+            if len(set(table)) != len(table):
+                raise AssertionError(f"request {req_id} holds a block twice: {table}")
+            for position, block_id in enumerate(table):
+                holders.setdefault(block_id, []).append((req_id, position))
+
+        # 1. free + in use = total; no duplicate in the free list.
+        if len(free_set) != len(free_ids):
+            raise AssertionError("inv1: a block id appears twice in the free list")
+        if len(free_set) + len(holders) != self.num_blocks:
+            raise AssertionError(
+                f"inv1: free {len(free_set)} + in use {len(holders)} != total {self.num_blocks}"
+            )
+        for block_id in range(self.num_blocks):
+            refs = len(holders.get(block_id, ()))
+            # 2. ref count = number of live tables holding the block.
+            if self._ref_cnt[block_id] != refs:
+                raise AssertionError(
+                    f"inv2: block {block_id} has ref_cnt {self._ref_cnt[block_id]} "
+                    f"but {refs} tables hold it"
+                )
+            # 3. free list <=> ref count 0.
+            if (block_id in free_set) != (refs == 0):
+                raise AssertionError(
+                    f"inv3: block {block_id} ref_cnt {refs}, in free list: {block_id in free_set}"
+                )
+        # 4. cache map and block hashes agree both ways.
+        for block_hash, block_id in self._cached.items():
+            if self._block_hash[block_id] != block_hash:
+                raise AssertionError(f"inv4: cache map entry for block {block_id} is stale")
+        for block_id, held_hash in enumerate(self._block_hash):
+            if held_hash is not None and self._cached.get(held_hash) != block_id:
+                raise AssertionError(f"inv4: block {block_id} holds a hash not in the cache map")
+        # 5. table length = ceil(tokens with KV / block size); 6. nothing else holds blocks.
+        for req_id, table in self._tables.items():
+            request = live.get(req_id)
+            if request is None:
+                raise AssertionError(f"inv6: request {req_id} is not live but holds {table}")
+            expected = self.blocks_needed(request.num_computed_tokens)
+            if len(table) != expected:
+                raise AssertionError(
+                    f"inv5: request {req_id} has {request.num_computed_tokens} tokens with KV "
+                    f"but {len(table)} blocks (expected {expected})"
+                )
+        # 7. shared blocks sit at the same position behind equal token prefixes.
+        for block_id, owners in holders.items():
+            first_id, first_pos = owners[0]
+            first_tokens = live[first_id].all_token_ids[: (first_pos + 1) * bs]
+            for req_id, position in owners[1:]:
+                tokens = live[req_id].all_token_ids[: (position + 1) * bs]
+                if position != first_pos or tokens != first_tokens:
+                    raise AssertionError(
+                        f"inv7: block {block_id} shared by {first_id} and {req_id} "
+                        "whose prefixes up to it differ"
+                    )
+            # A cached block's content must be what its hash says (guards a stale hash).
+            held = self._block_hash[block_id]
+            if held is not None:
+                owner = live[first_id]
+                self._update_hashes(owner, (first_pos + 1) * bs)
+                if owner.block_hashes[first_pos] != held:
+                    raise AssertionError(f"inv7: block {block_id} hash does not match its tokens")

@@ -1,0 +1,395 @@
+"""Continuous batching: which requests run in the next step, and with how many tokens.
+
+Each step is a map {request_id: num_tokens}: running requests first (one decode token, or the
+next chunk of a long prefill), then waiting requests in arrival order, within
+`max_num_batched_tokens` and `max_num_seqs`. When a running request's next block cannot be
+allocated, the most recently started running request is preempted (recompute: its blocks are
+freed and it goes back to the front of the waiting queue). `num_computed_tokens` advances when
+a step is scheduled, so a step's tokens are `[num_computed_tokens, +num_scheduled_tokens)`.
+
+What goes to the workers follows docs/INTERFACES.md section 1: a request's prompt, sampling
+options and block table once (`NewRequestData`), then diffs (`CachedRequestData`) carrying the
+tokens appended since the workers last saw it; after a preemption, `resumed=True` and
+`new_block_ids` is the whole new table.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from engine.errors import PromptTooLongError
+from engine.kv_cache import KVCacheManager
+from engine.request import FinishReason, Request, RequestStatus, SamplingParams
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Limits of one step and of the context."""
+
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    max_model_len: int
+    block_size: int = 16
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "block_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"SchedulerConfig.{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass
+class NewRequestData:
+    """A request the workers see for the first time."""
+
+    req_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+    block_ids: list[int]
+    num_computed_tokens: int
+    num_scheduled_tokens: int
+
+
+@dataclass
+class CachedRequestData:
+    """The diff for a request the workers already know."""
+
+    req_id: str
+    new_token_ids: list[int]
+    new_block_ids: list[int]
+    num_computed_tokens: int
+    num_scheduled_tokens: int
+    resumed: bool
+
+
+@dataclass
+class SchedulerOutput:
+    """One step: who runs with how many tokens, plus ids the workers must drop."""
+
+    step_id: int
+    scheduled_new: list[NewRequestData]
+    scheduled_cached: list[CachedRequestData]
+    num_scheduled_tokens: dict[str, int]
+    total_num_scheduled_tokens: int
+    finished_ids: list[str]
+    preempted_ids: list[str]
+    # num_computed_tokens of each scheduled request once this step has run (internal use:
+    # what update_from_output may register in the prefix cache).
+    computed_after: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def is_empty(self) -> bool:
+        """True when no request has tokens to compute in this step."""
+        return self.total_num_scheduled_tokens == 0
+
+
+@dataclass
+class RequestUpdate:
+    """What one step did to one request: the tokens it appended and whether it finished."""
+
+    request: Request
+    new_token_ids: list[int]
+    new_logprobs: list[Any] | None
+    finish_reason: FinishReason | None
+
+
+@dataclass
+class SchedulerStats:
+    """Cumulative counters (read by engine stats and by tests)."""
+
+    num_preemptions: int = 0
+    prefix_cache_hit_tokens: int = 0
+    prompt_tokens_computed: int = 0
+    tokens_computed: int = 0
+
+
+class Scheduler:
+    """Continuous-batching scheduler over a `KVCacheManager` (DESIGN.md section 6)."""
+
+    def __init__(self, config: SchedulerConfig, kv_cache: KVCacheManager) -> None:
+        if kv_cache.block_size != config.block_size:
+            raise ValueError(
+                f"block sizes differ: scheduler {config.block_size}, kv cache {kv_cache.block_size}"
+            )
+        self.config = config
+        self.kv_cache = kv_cache
+        self.stats = SchedulerStats()
+        self._requests: dict[str, Request] = {}
+        self._waiting: deque[Request] = deque()
+        # Ordered by (re)start time: the last one is the first to be preempted.
+        self._running: list[Request] = []
+        self._finished_to_report: list[str] = []
+        self._next_step_id = 0
+
+    # -- queries -------------------------------------------------------------------------------
+
+    def get_request(self, request_id: str) -> Request | None:
+        """The live (unfinished) request with this id, if any."""
+        return self._requests.get(request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        """True while any request waits or runs."""
+        return bool(self._requests)
+
+    @property
+    def num_running(self) -> int:
+        """Requests holding KV blocks (scheduled at least once since their last preemption)."""
+        return len(self._running)
+
+    @property
+    def num_waiting(self) -> int:
+        """Requests queued for admission (new or preempted)."""
+        return len(self._waiting)
+
+    @property
+    def running(self) -> list[Request]:
+        """The running requests, oldest start first (a copy)."""
+        return list(self._running)
+
+    @property
+    def waiting(self) -> list[Request]:
+        """The waiting requests in admission order (a copy)."""
+        return list(self._waiting)
+
+    # -- protocol ------------------------------------------------------------------------------
+
+    def add_request(self, request: Request) -> None:
+        """Queue a request (already validated with `validate_request`).
+
+        Raises PromptTooLongError when the request could not fit in the whole KV pool even
+        alone: it would otherwise wait (or preempt itself) forever.
+        """
+        if request.request_id in self._requests:
+            raise ValueError(f"request id {request.request_id!r} is already in use")
+        max_tokens = min(
+            request.num_prompt_tokens + request.sampling_params.max_tokens,
+            self.config.max_model_len,
+        )
+        needed = self.kv_cache.blocks_needed(max_tokens)
+        if needed > self.kv_cache.num_blocks:
+            raise PromptTooLongError(
+                f"the prompt plus max_tokens ({max_tokens} tokens) needs {needed} KV blocks but "
+                f"the cache has only {self.kv_cache.num_blocks} blocks of "
+                f"{self.kv_cache.block_size} tokens"
+            )
+        request.status = RequestStatus.WAITING
+        self._requests[request.request_id] = request
+        self._waiting.append(request)
+
+    def schedule(self) -> SchedulerOutput:
+        """Choose the next step's requests and token counts and reserve their KV slots."""
+        budget = self.config.max_num_batched_tokens
+        out = SchedulerOutput(
+            step_id=self._next_step_id,
+            scheduled_new=[],
+            scheduled_cached=[],
+            num_scheduled_tokens={},
+            total_num_scheduled_tokens=0,
+            finished_ids=self._finished_to_report,
+            preempted_ids=[],
+        )
+        self._next_step_id += 1
+        self._finished_to_report = []
+
+        # 1) Running requests: a decode token or the next prefill chunk each.
+        index = 0
+        while index < len(self._running) and budget > 0:
+            request = self._running[index]
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            if num_new <= 0:
+                # Its sampled token has not come back yet (a step still in flight).
+                index += 1
+                continue
+            new_blocks = self._allocate_or_preempt(request, num_new, out)
+            if new_blocks is None:
+                break  # the request preempted itself; everything after it is gone too
+            self._record_cached(request, num_new, new_blocks, out, resumed=False)
+            budget -= num_new
+            index += 1
+
+        # 2) Waiting requests in arrival order. Not after a preemption: admitting new work
+        # would just preempt it again next step.
+        while (
+            self._waiting
+            and budget > 0
+            and not out.preempted_ids
+            and len(self._running) < self.config.max_num_seqs
+        ):
+            request = self._waiting[0]
+            computed_blocks, num_cached = self.kv_cache.get_computed_blocks(request)
+            num_new = min(request.num_tokens - num_cached, budget)
+            new_blocks = self.kv_cache.allocate_slots(request, num_new, computed_blocks)
+            if new_blocks is None:
+                break  # first come, first served: nobody overtakes the head of the queue
+            self._waiting.popleft()
+            self._running.append(request)
+            self.stats.prefix_cache_hit_tokens += num_cached
+            request.num_computed_tokens = num_cached
+            if request.num_tokens_sent == 0:
+                request.num_cached_tokens = num_cached
+                self._record_new(request, num_new, new_blocks, out)
+            else:
+                self._record_cached(request, num_new, new_blocks, out, resumed=True)
+            request.status = RequestStatus.RUNNING
+            budget -= num_new
+
+        out.total_num_scheduled_tokens = sum(out.num_scheduled_tokens.values())
+        return out
+
+    def _allocate_or_preempt(
+        self, request: Request, num_new: int, out: SchedulerOutput
+    ) -> list[int] | None:
+        """Allocate slots, preempting from the back of the running list until it fits.
+
+        Returns None when `request` itself had to be preempted.
+        """
+        while True:
+            new_blocks = self.kv_cache.allocate_slots(request, num_new)
+            if new_blocks is not None:
+                return new_blocks
+            victim = self._running.pop()
+            self._preempt(victim)
+            out.preempted_ids.append(victim.request_id)
+            if victim is request:
+                return None
+
+    def _preempt(self, request: Request) -> None:
+        self.kv_cache.free(request.request_id)
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self.stats.num_preemptions += 1
+        self._waiting.appendleft(request)
+
+    def _count_computed(self, request: Request, start: int, num_new: int) -> None:
+        self.stats.tokens_computed += num_new
+        prompt_end = request.num_prompt_tokens
+        self.stats.prompt_tokens_computed += max(0, min(start + num_new, prompt_end) - start)
+
+    def _record_new(
+        self, request: Request, num_new: int, block_ids: list[int], out: SchedulerOutput
+    ) -> None:
+        start = request.num_computed_tokens
+        out.scheduled_new.append(
+            NewRequestData(
+                req_id=request.request_id,
+                prompt_token_ids=list(request.prompt_token_ids),
+                sampling_params=request.sampling_params,
+                block_ids=list(block_ids),
+                num_computed_tokens=start,
+                num_scheduled_tokens=num_new,
+            )
+        )
+        # The prompt travels now; any output tokens (none for a new request) follow as diffs.
+        request.num_tokens_sent = request.num_prompt_tokens
+        self._commit(request, start, num_new, out)
+
+    def _record_cached(
+        self,
+        request: Request,
+        num_new: int,
+        new_blocks: list[int],
+        out: SchedulerOutput,
+        *,
+        resumed: bool,
+    ) -> None:
+        start = request.num_computed_tokens
+        all_tokens = request.all_token_ids
+        block_ids = self.kv_cache.get_block_ids(request.request_id) if resumed else new_blocks
+        out.scheduled_cached.append(
+            CachedRequestData(
+                req_id=request.request_id,
+                new_token_ids=all_tokens[request.num_tokens_sent :],
+                new_block_ids=list(block_ids),
+                num_computed_tokens=start,
+                num_scheduled_tokens=num_new,
+                resumed=resumed,
+            )
+        )
+        request.num_tokens_sent = len(all_tokens)
+        self._commit(request, start, num_new, out)
+
+    def _commit(self, request: Request, start: int, num_new: int, out: SchedulerOutput) -> None:
+        request.num_computed_tokens = start + num_new
+        out.num_scheduled_tokens[request.request_id] = num_new
+        out.computed_after[request.request_id] = start + num_new
+        self._count_computed(request, start, num_new)
+
+    def update_from_output(
+        self,
+        out: SchedulerOutput,
+        sampled: dict[str, int],
+        logprobs: dict[str, Any] | None = None,
+    ) -> list[RequestUpdate]:
+        """Apply a finished step: cache its full blocks, append sampled tokens, finish requests.
+
+        Requests finished or preempted since `out` was scheduled are ignored, and so is a
+        token for a request that should not have sampled (a partial prefill chunk).
+        """
+        updates: list[RequestUpdate] = []
+        for req_id in out.num_scheduled_tokens:
+            request = self._requests.get(req_id)
+            if request is None or request.status is not RequestStatus.RUNNING:
+                continue
+            computed_after = out.computed_after.get(req_id, request.num_computed_tokens)
+            self.kv_cache.cache_full_blocks(request, computed_after)
+            token_id = sampled.get(req_id)
+            if token_id is None or computed_after != request.num_tokens:
+                continue
+            request.output_token_ids.append(token_id)
+            reason = self._stop_reason(request, token_id)
+            token_logprobs = None if logprobs is None else logprobs.get(req_id)
+            updates.append(
+                RequestUpdate(
+                    request=request,
+                    new_token_ids=[token_id],
+                    new_logprobs=None if token_logprobs is None else [token_logprobs],
+                    finish_reason=reason,
+                )
+            )
+            if reason is not None:
+                self._finish(request, reason)
+        return updates
+
+    def _stop_reason(self, request: Request, token_id: int) -> FinishReason | None:
+        params = request.sampling_params
+        if not params.ignore_eos and token_id == request.eos_token_id:
+            return FinishReason.STOP
+        if token_id in params.stop_token_ids:
+            return FinishReason.STOP
+        if request.num_output_tokens >= params.max_tokens:
+            return FinishReason.LENGTH
+        if request.num_tokens >= self.config.max_model_len:
+            return FinishReason.LENGTH
+        return None
+
+    def finish_requests(self, request_ids: Iterable[str], reason: FinishReason) -> list[Request]:
+        """Finish live requests (abort, stop string, error); unknown or finished ids are ignored.
+
+        Their blocks are freed now; the workers hear about them in the next step's
+        `finished_ids`.
+        """
+        finished: list[Request] = []
+        for req_id in request_ids:
+            request = self._requests.get(req_id)
+            if request is None:
+                continue
+            self._finish(request, reason)
+            finished.append(request)
+        return finished
+
+    def _finish(self, request: Request, reason: FinishReason) -> None:
+        if request.status is RequestStatus.RUNNING:
+            self._running.remove(request)
+        else:
+            self._waiting.remove(request)
+        self.kv_cache.free(request.request_id)
+        request.status = RequestStatus.FINISHED
+        request.finish_reason = reason
+        del self._requests[request.request_id]
+        if request.num_tokens_sent > 0:
+            # Only the workers that know a request need to drop it.
+            self._finished_to_report.append(request.request_id)
