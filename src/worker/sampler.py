@@ -7,7 +7,10 @@ renormalised distribution) and min-p masks; then one draw per row.
 A row is sampled with the *exponential race*: ``argmax(probs / q)`` with ``q ~ Exp(1)`` drawn
 from that request's own ``torch.Generator``. This is an exact sample from ``probs`` and the
 noise of a row depends only on its generator, so a seeded request produces the same tokens
-whatever else is in the batch. Everything but the noise draw is vectorised over the batch.
+whatever else is in the batch. The generator is re-seeded from ``(seed, position of the token
+being sampled)`` before each draw, so the tokens also stay the same when a request's state is
+rebuilt (a worker restart, a request re-sent in full). Everything but the noise draw is
+vectorised over the batch.
 """
 
 from __future__ import annotations
@@ -21,6 +24,15 @@ import torch
 from transport.messages import SampleLogprobs, SamplingOptions
 
 _SEED_MASK = (1 << 63) - 1
+_U64 = (1 << 64) - 1
+
+
+def _mix(seed: int, position: int) -> int:
+    """splitmix64 of (seed, position): a well-spread 63-bit seed for one draw."""
+    z = (seed * 0x9E3779B97F4A7C15 + position + 1) & _U64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _U64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _U64
+    return (z ^ (z >> 31)) & _SEED_MASK
 
 
 def derive_seed(worker_seed: int, req_id: str) -> int:
@@ -61,10 +73,11 @@ class RequestSamplingState:
     ) -> None:
         self.options = options
         self.device = device
+        self.seed = seed
+        self.num_tokens = len(prompt_token_ids)  # position of the next token to sample
         self.generator: torch.Generator | None = None
         if not is_greedy(options):
             self.generator = torch.Generator(device=device)
-            self.generator.manual_seed(seed)
         self.needs_penalties = has_penalties(options)
         # Tokens not yet folded into the tensors (the vocab size is only known at sampling).
         self._pending_prompt: list[int] = list(prompt_token_ids) if self.needs_penalties else []
@@ -73,9 +86,17 @@ class RequestSamplingState:
         self._output_counts: torch.Tensor | None = None
 
     def append_output(self, token_ids: Sequence[int]) -> None:
-        """Record generated tokens (in order) for the penalties."""
+        """Record generated tokens (in order): they move the position and feed the penalties."""
+        self.num_tokens += len(token_ids)
         if self.needs_penalties:
             self._pending_output.extend(token_ids)
+
+    def next_generator(self) -> torch.Generator:
+        """The generator seeded for the token at the current position (random rows only)."""
+        if self.generator is None:
+            raise RuntimeError("a greedy request draws no random numbers")
+        self.generator.manual_seed(_mix(self.seed, self.num_tokens))
+        return self.generator
 
     def penalty_tensors(self, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(seen [V] bool over prompt+output, output_counts [V] float32)``, brought up to date."""
@@ -177,7 +198,7 @@ def _draw(logits: torch.Tensor, states: Sequence[RequestSamplingState]) -> torch
     probs = torch.softmax(sub, dim=-1)
     noise = torch.empty_like(probs)
     for row, index in enumerate(random_rows):
-        noise[row].exponential_(generator=states[index].generator)
+        noise[row].exponential_(generator=states[index].next_generator())
     noise.clamp_(min=1e-20)  # an exact 0 draw would divide 0 by 0 for a masked token
     tokens = greedy_tokens.clone()
     tokens[random_rows] = (probs / noise).argmax(dim=-1)

@@ -39,10 +39,15 @@ def state(
 def draw_many(
     logits_row: list[float], opts: SamplingOptions, n: int, seed: int = 1
 ) -> Counter[int]:
-    """n draws for one request (its generator advances every draw)."""
+    """n tokens of one request, each fed back as the runner does (the position advances)."""
     st = state(opts, seed=seed)
     logits = torch.tensor([logits_row])
-    return Counter(sample(logits, [st]).token_ids[0] for _ in range(n))
+    counts: Counter[int] = Counter()
+    for _ in range(n):
+        token = sample(logits, [st]).token_ids[0]
+        st.append_output([token])
+        counts[token] += 1
+    return counts
 
 
 PROBS = [0.5, 0.3, 0.15, 0.05]
@@ -86,6 +91,8 @@ def test_seeded_tokens_do_not_depend_on_batch_composition() -> None:
             batch_states = others[:position] + [target] + others[position:] + [greedy]
             batch_rows = rows[:position] + [step_logits] + rows[position:]
             out = sample(torch.stack(batch_rows), batch_states)
+            for st, token in zip(batch_states, out.token_ids, strict=True):
+                st.append_output([token])
             tokens.append(out.token_ids[position])
         return tokens
 
@@ -94,6 +101,25 @@ def test_seeded_tokens_do_not_depend_on_batch_composition() -> None:
     assert run(8, seed=7) == alone
     # A different seed must be able to change the tokens, or the test above proves nothing.
     assert any(run(0, seed=s) != alone for s in (8, 9, 10))
+
+
+def test_seeded_tokens_survive_a_state_rebuild() -> None:
+    """A request re-sent with prompt + outputs (e.g. after a worker restart) continues the
+    same seeded sequence: each draw depends on (seed, position), not on the draws before."""
+    logits = torch.randn(1, 40, generator=torch.Generator().manual_seed(6))
+    opts = options(temperature=1.2)
+    prompt = [1, 2, 3]
+    running = state(opts, seed=11, prompt=prompt)
+    tokens = []
+    for _ in range(8):
+        tokens.append(sample(logits, [running]).token_ids[0])
+        running.append_output(tokens[-1:])
+    rebuilt = state(opts, seed=11, prompt=prompt + tokens[:5])
+    assert [sample(logits, [rebuilt]).token_ids[0]] == tokens[5:6]
+    resumed = state(opts, seed=11, prompt=prompt)
+    resumed.append_output(tokens[:5])
+    assert sample(logits, [resumed]).token_ids == tokens[5:6]
+    assert len(set(tokens)) > 1  # the draws do move with the position
 
 
 def test_derived_seed_is_stable_and_request_specific() -> None:
