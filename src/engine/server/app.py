@@ -1,0 +1,148 @@
+"""`build_app`: the OpenAI-compatible FastAPI application around a running engine.
+
+    app = build_app(engine, served_model_name="smollm2-135m-instruct", api_key=None)
+
+The app does not own the engine: whoever built it starts and closes it (the `serve`
+command does so in the app's lifespan, see `engine.server.launch`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from engine.server.engine_protocol import EngineLike
+from engine.server.errors import APIError, install_error_handlers
+from engine.server.metrics import CONTENT_TYPE, ServerMetrics
+from engine.server.middleware import DEFAULT_MAX_BODY_BYTES, GatekeeperMiddleware
+from engine.server.protocol import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+)
+from engine.server.serving import OpenAIServing
+from engine.server.streaming import ClientGone
+
+PUBLIC_PATHS = ("/health", "/metrics", "/docs", "/openapi.json", "/docs/oauth2-redirect", "/redoc")
+
+_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse, "description": text}
+    for code, text in (
+        (400, "Invalid parameters, malformed body, or a prompt over the context length"),
+        (401, "Missing or wrong API key"),
+        (404, "Unknown model"),
+        (413, "Request body too large"),
+        (429, "Engine overloaded; retry later"),
+        (503, "Engine not running"),
+    )
+}
+
+
+class _CountResponses:
+    """ASGI wrapper counting API responses by path and status (401/413 included)."""
+
+    def __init__(self, app: ASGIApp, metrics: ServerMetrics, paths: frozenset[str]) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.paths = paths
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] not in self.paths:
+            await self.app(scope, receive, send)
+            return
+        path = scope["path"]
+
+        async def counting_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                self.metrics.count_response(path, int(message["status"]))
+            await send(message)
+
+        await self.app(scope, receive, counting_send)
+
+
+def build_app(
+    engine: EngineLike | None,
+    *,
+    served_model_name: str,
+    api_key: str | None,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    lifespan: Callable[[FastAPI], AbstractAsyncContextManager[None]] | None = None,
+    engine_getter: Callable[[], EngineLike] | None = None,
+) -> FastAPI:
+    """The HTTP app serving `engine` under the name `served_model_name`.
+
+    `api_key` (if set) is required as `Authorization: Bearer <key>` on every `/v1` route.
+    `engine_getter`, when given, is asked for the engine on each request instead (the serve
+    command starts the engine inside the app's `lifespan`, after the app exists); `engine` is
+    then ignored and may be None.
+    """
+    if engine is None and engine_getter is None:
+        raise ValueError("build_app needs an engine or an engine_getter")
+    metrics = ServerMetrics()
+    app = FastAPI(
+        title="shardline",
+        summary="OpenAI-compatible API of a shardline engine",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.metrics = metrics
+    install_error_handlers(app)
+
+    def current_engine() -> EngineLike:
+        if engine_getter is not None:
+            return engine_getter()
+        assert engine is not None  # checked above
+        return engine
+
+    def serving() -> OpenAIServing:
+        return OpenAIServing(current_engine(), served_model_name=served_model_name, metrics=metrics)
+
+    async def on_client_gone(request: Request, exc: Exception) -> Response:
+        # Nobody is listening; 499 (nginx's "client closed request") shows up in the metrics.
+        return Response(status_code=499)
+
+    app.add_exception_handler(ClientGone, on_client_gone)
+
+    @app.get("/health", responses={503: _ERROR_RESPONSES[503]})
+    async def health() -> Response:
+        """200 while the engine runs, 503 once it is dead."""
+        if current_engine().is_dead:
+            return APIError(503, "engine is not running", code="engine_dead").response()
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE: {}}}})
+    async def metrics_endpoint() -> Response:
+        """Prometheus text format: engine counters and gauges, server latency histograms."""
+        text = metrics.render(current_engine().stats(), model_name=served_model_name)
+        return Response(text, media_type=CONTENT_TYPE)
+
+    @app.get("/v1/models", response_model=ModelList, responses={401: _ERROR_RESPONSES[401]})
+    async def list_models() -> ModelList:
+        """The one model this server serves."""
+        return ModelList(data=[ModelCard(id=served_model_name, max_model_len=current_engine().max_model_len)])
+
+    @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=_ERROR_RESPONSES)
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        """Chat completion; `stream: true` answers with server-sent events."""
+        return await serving().chat(body, request)
+
+    @app.post("/v1/completions", response_model=CompletionResponse, responses=_ERROR_RESPONSES)
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        """Text completion; `stream: true` answers with server-sent events."""
+        return await serving().completion(body, request)
+
+    api_paths = frozenset({"/v1/models", "/v1/chat/completions", "/v1/completions"})
+    app.add_middleware(GatekeeperMiddleware, api_key=api_key, max_body_bytes=max_body_bytes,
+                       public_paths=PUBLIC_PATHS)
+    app.add_middleware(_CountResponses, metrics=metrics, paths=api_paths)
+    return app
+

@@ -1,0 +1,40 @@
+"""What the HTTP layer needs from an engine: the part of `engine.Engine` it calls.
+
+Typing the server against this protocol (rather than `Engine`) keeps it honest about its
+dependencies and lets tests drive it with an in-process double.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from typing import Any, Protocol
+
+from engine.request import RequestOutput, SamplingParams
+
+
+class EngineLike(Protocol):
+    """The `Engine` API surface used by `engine.server` (docs/INTERFACES.md section 4)."""
+
+    @property
+    def tokenizer(self) -> Any: ...
+
+    @property
+    def model_name(self) -> str: ...
+
+    @property
+    def max_model_len(self) -> int: ...
+
+    @property
+    def is_dead(self) -> bool: ...
+
+    def generate(
+        self, prompt: str | Sequence[int], params: SamplingParams | None = None, request_id: str | None = None
+    ) -> AsyncIterator[RequestOutput]: ...
+
+    def chat(
+        self, messages: list[dict[str, str]], params: SamplingParams | None = None, request_id: str | None = None
+    ) -> AsyncIterator[RequestOutput]: ...
+
+    async def abort(self, request_id: str) -> None: ...
+
+    def stats(self) -> Any: ...

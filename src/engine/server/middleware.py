@@ -1,0 +1,122 @@
+"""Gatekeeping before any handler runs: the API key, then the body size.
+
+A pure ASGI middleware (not `BaseHTTPMiddleware`) so streaming responses and client
+disconnects pass through untouched.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Iterable
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from engine.server.errors import APIError
+
+DEFAULT_MAX_BODY_BYTES = 4 << 20
+"""4 MiB: far more than any prompt the context length admits, far less than memory."""
+
+
+class GatekeeperMiddleware:
+    """Refuse requests without the API key (401) or with a body over `max_body_bytes` (413).
+
+    Paths in `public_paths` (health checks, metrics scrapes) need no key. The body is read
+    here, up to the limit, and replayed to the app; after it, `receive` is the server's own,
+    so the app still sees `http.disconnect` when the client goes away.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        api_key: str | None,
+        max_body_bytes: int,
+        public_paths: Iterable[str] = (),
+    ) -> None:
+        if max_body_bytes < 1:
+            raise ValueError(f"max_body_bytes must be >= 1, got {max_body_bytes}")
+        self.app = app
+        self.api_key = api_key
+        self.max_body_bytes = max_body_bytes
+        self.public_paths = frozenset(public_paths)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if self.api_key is not None and scope["path"] not in self.public_paths:
+            if not self._authorized(scope):
+                error = APIError(
+                    401,
+                    "missing or incorrect API key: send 'Authorization: Bearer <key>'",
+                    code="invalid_api_key",
+                )
+                await error.response(headers={"WWW-Authenticate": "Bearer"})(scope, receive, send)
+                return
+        declared = _content_length(scope)
+        if declared is not None and declared > self.max_body_bytes:
+            await self._too_large(scope, receive, send)
+            return
+        body, more_messages = await self._read_body(receive)
+        if body is None:
+            await self._too_large(scope, receive, send)
+            return
+        await self.app(scope, _replay(body, more_messages, receive), send)
+
+    def _authorized(self, scope: Scope) -> bool:
+        assert self.api_key is not None
+        for name, value in scope.get("headers", ()):
+            if name == b"authorization":
+                scheme, _, token = value.decode("latin-1").partition(" ")
+                if scheme.lower() != "bearer":
+                    return False
+                return hmac.compare_digest(token.strip().encode(), self.api_key.encode())
+        return False
+
+    async def _read_body(self, receive: Receive) -> tuple[bytes | None, list[Message]]:
+        """The whole body, or None once it passes the limit; plus any non-body message seen."""
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                # A disconnect before the body ended: let the app see it.
+                return b"".join(chunks), [message]
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                return None, []
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks), []
+
+    async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
+        error = APIError(
+            413,
+            f"request body is larger than the server's limit of {self.max_body_bytes} bytes",
+            code="request_too_large",
+        )
+        # Close the connection: the rest of the body is not worth reading.
+        await error.response(headers={"Connection": "close"})(scope, receive, send)
+
+
+def _content_length(scope: Scope) -> int | None:
+    for name, value in scope.get("headers", ()):
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
+
+
+def _replay(body: bytes, pending: list[Message], receive: Receive) -> Receive:
+    """A `receive` that hands out the buffered body once, then defers to the server's."""
+    queue: list[Message] = [{"type": "http.request", "body": body, "more_body": False}, *pending]
+
+    async def replay_receive() -> Message:
+        if queue:
+            return queue.pop(0)
+        return await receive()
+
+    return replay_receive

@@ -1,0 +1,152 @@
+"""From an OpenAI request body to the engine's `SamplingParams`, and logprobs back to JSON.
+
+Value checks stay in `SamplingParams` (one source of truth); this module only renames fields,
+fills the defaults an OpenAI client expects, and refuses what shardline does not implement.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from engine.errors import InvalidRequestError
+from engine.request import SamplingParams, TokenLogprob
+from engine.server.errors import APIError
+from engine.server.protocol import (
+    ChatCompletionRequest,
+    ChatLogprobs,
+    ChatTokenLogprob,
+    CompletionLogprobs,
+    CompletionRequest,
+    TopLogprob,
+)
+
+_PASSTHROUGH = (
+    "temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty",
+    "frequency_penalty", "repetition_penalty",
+)  # fmt: skip
+
+
+def completion_prompt(req: CompletionRequest) -> str | list[int]:
+    """The one prompt of a completion request (a string or token ids)."""
+    prompt: Any = req.prompt
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], str | list):
+        if len(prompt) != 1:
+            raise APIError(
+                400,
+                f"batched prompts are not supported (got {len(prompt)}); send one request per prompt",
+                param="prompt",
+                code="unsupported_value",
+            )
+        prompt = prompt[0]
+    return prompt  # type: ignore[no-any-return]
+
+
+def check_completion_request(req: CompletionRequest) -> None:
+    """Refuse the completion options shardline does not implement (400, naming the field)."""
+    if req.echo:
+        raise APIError(400, "echo=true is not supported", param="echo", code="unsupported_value")
+    if req.suffix:
+        raise APIError(400, "suffix is not supported", param="suffix", code="unsupported_value")
+    if req.best_of not in (None, 1):
+        raise APIError(400, f"only best_of=1 is supported, got {req.best_of}", param="best_of", code="unsupported_value")
+
+
+def build_sampling_params(
+    req: ChatCompletionRequest | CompletionRequest, *, num_prompt_tokens: int | None, max_model_len: int
+) -> SamplingParams:
+    """The engine's parameters for `req`; InvalidRequestError names the HTTP field at fault.
+
+    Without `max_tokens` the request may run to the end of the context (as OpenAI and vLLM
+    do), so the prompt's length, when known, sets the default.
+    """
+    if req.n != 1:
+        raise APIError(400, f"only n=1 is supported (one choice per request), got n={req.n}", param="n", code="unsupported_value")
+    kwargs: dict[str, Any] = {name: getattr(req, name) for name in _PASSTHROUGH if getattr(req, name) is not None}
+    if req.stop is not None:
+        kwargs["stop"] = [req.stop] if isinstance(req.stop, str) else req.stop
+    max_tokens_field = "max_tokens"
+    max_tokens = req.max_tokens
+    logprobs_field = "logprobs"
+    if isinstance(req, ChatCompletionRequest):
+        if req.max_completion_tokens is not None:
+            max_tokens, max_tokens_field = req.max_completion_tokens, "max_completion_tokens"
+        if req.logprobs:
+            kwargs["logprobs"] = req.top_logprobs or 0
+            logprobs_field = "top_logprobs"
+        elif req.top_logprobs:
+            raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs", code="invalid_value")
+    elif req.logprobs is not None:
+        kwargs["logprobs"] = req.logprobs
+    if max_tokens is None:
+        max_tokens = max(1, max_model_len - (num_prompt_tokens or 0))
+    kwargs["max_tokens"] = max_tokens
+    try:
+        return SamplingParams(**kwargs)
+    except InvalidRequestError as exc:
+        renamed = {"max_tokens": max_tokens_field, "logprobs": logprobs_field}
+        raise APIError(400, str(exc), param=renamed.get(exc.field, exc.field), code="invalid_value") from exc
+
+
+def count_prompt_tokens(tokenizer: Any, prompt: str | Sequence[int] | list[dict[str, str]], *, chat: bool) -> int | None:
+    """Prompt length as the engine will see it, or None when it cannot be told here.
+
+    Only used for the default `max_tokens`; a prompt that fails here fails again, with the
+    engine's own error, when it is submitted.
+    """
+    try:
+        if chat:
+            ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
+            if hasattr(ids, "keys"):  # BatchEncoding in newer transformers
+                ids = ids["input_ids"]
+            return len(ids)
+        if isinstance(prompt, str):
+            return len(tokenizer.encode(prompt, add_special_tokens=False))
+        return len(prompt)
+    except Exception:
+        return None
+
+
+def _token_text(tokenizer: Any, token_id: int) -> str:
+    try:
+        return str(tokenizer.decode([token_id]))
+    except Exception:
+        return f"<token {token_id}>"
+
+
+def _utf8(text: str) -> list[int]:
+    return list(text.encode("utf-8", errors="replace"))
+
+
+def delta_logprobs(logprobs: list[TokenLogprob] | None, num_delta_tokens: int) -> list[TokenLogprob]:
+    """The entries of an output's logprobs that belong to its new tokens."""
+    if not logprobs or num_delta_tokens <= 0:
+        return []
+    return logprobs[-num_delta_tokens:]
+
+
+def chat_logprobs(tokenizer: Any, entries: list[TokenLogprob]) -> ChatLogprobs:
+    """Logprobs in the chat format: one object per token with its top alternatives."""
+    content = []
+    for entry in entries:
+        text = _token_text(tokenizer, entry.token_id)
+        top = [
+            TopLogprob(token=(alt := _token_text(tokenizer, tid)), logprob=lp, bytes=_utf8(alt))
+            for tid, lp in entry.top
+        ]
+        content.append(ChatTokenLogprob(token=text, logprob=entry.logprob, bytes=_utf8(text), top_logprobs=top))
+    return ChatLogprobs(content=content)
+
+
+def completion_logprobs(tokenizer: Any, entries: list[TokenLogprob], *, text_offset: int) -> CompletionLogprobs:
+    """Logprobs in the legacy completions format (parallel lists); offsets start at `text_offset`."""
+    result = CompletionLogprobs()
+    offset = text_offset
+    for entry in entries:
+        text = _token_text(tokenizer, entry.token_id)
+        result.tokens.append(text)
+        result.token_logprobs.append(entry.logprob)
+        result.top_logprobs.append({_token_text(tokenizer, tid): lp for tid, lp in entry.top})
+        result.text_offset.append(offset)
+        offset += len(text)
+    return result

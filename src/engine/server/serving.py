@@ -1,0 +1,291 @@
+"""The two generation endpoints: run a request on the engine, answer whole or as events.
+
+Errors the engine raises before the first output (bad parameters, an over-long prompt, a
+full queue, a dead engine) reach the client as HTTP errors even when streaming, because
+the first output is awaited before the event stream starts. Errors after that arrive as a
+final `data: {"error": ...}` event.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from typing import Any
+
+import anyio
+from starlette.requests import Request
+from starlette.responses import Response
+
+from engine.request import RequestOutput
+from engine.server.engine_protocol import EngineLike
+from engine.server.errors import APIError, api_error_from
+from engine.server.metrics import ServerMetrics
+from engine.server.protocol import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatDelta,
+    ChatLogprobs,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    UsageInfo,
+)
+from engine.server.sampling import (
+    build_sampling_params,
+    chat_logprobs,
+    check_completion_request,
+    completion_logprobs,
+    completion_prompt,
+    count_prompt_tokens,
+    delta_logprobs,
+)
+from engine.server.streaming import EventStreamResponse, sse, unless_disconnected
+
+log = logging.getLogger("shardline.server")
+
+# Turns one engine output into the JSON of one streamed chunk (or None: nothing to send).
+ChunkBuilder = Callable[[RequestOutput], str | None]
+
+
+class LatencyTracker:
+    """Feeds one request's time to first token and inter-token gaps into the histograms."""
+
+    def __init__(self, metrics: ServerMetrics) -> None:
+        self.metrics = metrics
+        self.arrival = time.monotonic()
+        self.last_token_at: float | None = None
+
+    def on_output(self, out: RequestOutput) -> None:
+        now = time.monotonic()
+        num_new = len(out.delta_token_ids)
+        if num_new:
+            if self.last_token_at is None:
+                self.metrics.time_to_first_token.observe(now - self.arrival)
+                num_new -= 1  # tokens after the first in this output count as gaps
+            else:
+                self.metrics.inter_token_latency.observe((now - self.last_token_at) / num_new, num_new)
+            self.last_token_at = now
+        if out.finished:
+            self.metrics.e2e_latency.observe(now - self.arrival)
+
+
+def usage_of(out: RequestOutput) -> UsageInfo:
+    """Token counts of a request from its latest output."""
+    return UsageInfo(
+        prompt_tokens=out.num_prompt_tokens,
+        completion_tokens=out.num_output_tokens,
+        total_tokens=out.num_prompt_tokens + out.num_output_tokens,
+    )
+
+
+def _json_response(body: Any) -> Response:
+    # pydantic writes non-finite floats (a -inf logprob) as null; json.dumps would fail.
+    return Response(body.model_dump_json(), media_type="application/json")
+
+
+class OpenAIServing:
+    """Runs chat and completion requests on an engine for the HTTP routes."""
+
+    def __init__(self, engine: EngineLike, *, served_model_name: str, metrics: ServerMetrics) -> None:
+        self.engine = engine
+        self.served_model_name = served_model_name
+        self.metrics = metrics
+
+    def check_model(self, model: str | None) -> None:
+        """404 unless `model` is absent or names the served model."""
+        if model is not None and model != self.served_model_name:
+            raise APIError(
+                404,
+                f"model {model!r} does not exist; this server serves {self.served_model_name!r}",
+                param="model",
+                code="model_not_found",
+            )
+
+    # ------------------------------------------------------------------ chat
+    async def chat(self, req: ChatCompletionRequest, request: Request) -> Response:
+        """`POST /v1/chat/completions`."""
+        self.check_model(req.model)
+        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        num_prompt = count_prompt_tokens(self.engine.tokenizer, messages, chat=True)
+        params = build_sampling_params(req, num_prompt_tokens=num_prompt, max_model_len=self.engine.max_model_len)
+        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        created = int(time.time())
+        want_logprobs = req.logprobs
+        tokenizer = self.engine.tokenizer
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        outputs = self.engine.chat(messages, params, request_id)
+
+        def chunk(choice: ChatChunkChoice | None, usage: UsageInfo | None = None) -> str:
+            return ChatCompletionChunk(
+                id=request_id, created=created, model=self.served_model_name,
+                choices=[choice] if choice is not None else [], usage=usage,
+            ).model_dump_json()
+
+        def content_chunk(out: RequestOutput) -> str | None:
+            logprobs = None
+            if want_logprobs:
+                logprobs = chat_logprobs(tokenizer, delta_logprobs(out.logprobs, len(out.delta_token_ids)))
+            if not out.delta and not out.finished and not (logprobs and logprobs.content):
+                return None
+            return chunk(ChatChunkChoice(delta=ChatDelta(content=out.delta), logprobs=logprobs,
+                                         finish_reason=out.finish_reason if out.finished else None))
+
+        first_events = [chunk(ChatChunkChoice(delta=ChatDelta(role="assistant", content="")))]
+        if not req.stream:
+            final, entries = await self._collect(outputs, request_id, request)
+            logprobs = ChatLogprobs(content=chat_logprobs(tokenizer, entries).content) if want_logprobs else None
+            return _json_response(ChatCompletionResponse(
+                id=request_id, created=created, model=self.served_model_name,
+                choices=[ChatChoice(message=AssistantMessage(content=final.text), logprobs=logprobs,
+                                    finish_reason=final.finish_reason)],
+                usage=usage_of(final),
+            ))
+        return await self._stream(
+            outputs, request_id, request, first_events, content_chunk,
+            usage_chunk=(lambda out: chunk(None, usage_of(out))) if include_usage else None,
+        )
+
+    # ------------------------------------------------------------------ completions
+    async def completion(self, req: CompletionRequest, request: Request) -> Response:
+        """`POST /v1/completions`."""
+        self.check_model(req.model)
+        check_completion_request(req)
+        prompt = completion_prompt(req)
+        num_prompt = count_prompt_tokens(self.engine.tokenizer, prompt, chat=False)
+        params = build_sampling_params(req, num_prompt_tokens=num_prompt, max_model_len=self.engine.max_model_len)
+        request_id = f"cmpl-{uuid.uuid4().hex}"
+        created = int(time.time())
+        want_logprobs = req.logprobs is not None
+        tokenizer = self.engine.tokenizer
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        outputs = self.engine.generate(prompt, params, request_id)
+
+        def chunk(choices: list[CompletionChoice], usage: UsageInfo | None = None) -> str:
+            return CompletionResponse(
+                id=request_id, created=created, model=self.served_model_name, choices=choices, usage=usage,
+            ).model_dump_json()
+
+        def text_chunk(out: RequestOutput) -> str | None:
+            logprobs = None
+            if want_logprobs:
+                offset = len(out.text) - len(out.delta)
+                logprobs = completion_logprobs(
+                    tokenizer, delta_logprobs(out.logprobs, len(out.delta_token_ids)), text_offset=offset
+                )
+            if not out.delta and not out.finished and not (logprobs and logprobs.tokens):
+                return None
+            return chunk([CompletionChoice(text=out.delta, logprobs=logprobs,
+                                           finish_reason=out.finish_reason if out.finished else None)])
+
+        if not req.stream:
+            final, entries = await self._collect(outputs, request_id, request)
+            logprobs: CompletionLogprobs | None = None
+            if want_logprobs:
+                logprobs = completion_logprobs(tokenizer, entries, text_offset=0)
+            return _json_response(CompletionResponse(
+                id=request_id, created=created, model=self.served_model_name,
+                choices=[CompletionChoice(text=final.text, logprobs=logprobs, finish_reason=final.finish_reason)],
+                usage=usage_of(final),
+            ))
+        return await self._stream(
+            outputs, request_id, request, [], text_chunk,
+            usage_chunk=(lambda out: chunk([], usage_of(out))) if include_usage else None,
+        )
+
+    # ------------------------------------------------------------------ shared
+    async def _abort(self, request_id: str, outputs: AsyncIterator[RequestOutput]) -> None:
+        """Abort the engine request and close its stream; safe inside a cancelled scope."""
+        with anyio.CancelScope(shield=True):
+            try:
+                await self.engine.abort(request_id)
+            finally:
+                aclose = getattr(outputs, "aclose", None)
+                if aclose is not None:
+                    await aclose()
+
+    async def _collect(
+        self, outputs: AsyncIterator[RequestOutput], request_id: str, request: Request
+    ) -> tuple[RequestOutput, list[Any]]:
+        """Run a request to the end; returns its last output and every logprob entry."""
+        tracker = LatencyTracker(self.metrics)
+        entries: list[Any] = []
+
+        async def run() -> RequestOutput:
+            last: RequestOutput | None = None
+            async for out in outputs:
+                tracker.on_output(out)
+                entries.extend(delta_logprobs(out.logprobs, len(out.delta_token_ids)))
+                last = out
+                if out.finished:
+                    break
+            if last is None or not last.finished:
+                raise APIError(500, "the engine ended the request without a final output", type="server_error")
+            return last
+
+        finished = False
+        try:
+            final = await unless_disconnected(request, run)
+            finished = True
+        finally:
+            if not finished:
+                await self._abort(request_id, outputs)
+        if final.finish_reason == "error":
+            raise APIError(500, f"generation failed: {final.error or 'unknown error'}", type="server_error",
+                           code="generation_error")
+        return final, entries
+
+    async def _stream(
+        self,
+        outputs: AsyncIterator[RequestOutput],
+        request_id: str,
+        request: Request,
+        first_events: list[str],
+        build: ChunkBuilder,
+        *,
+        usage_chunk: ChunkBuilder | None,
+    ) -> Response:
+        tracker = LatencyTracker(self.metrics)
+        try:
+            first = await unless_disconnected(request, outputs.__anext__)
+        except StopAsyncIteration:
+            raise APIError(500, "the engine ended the request without output", type="server_error") from None
+        except BaseException:
+            await self._abort(request_id, outputs)
+            raise
+
+        async def events() -> AsyncGenerator[str, Any]:
+            done = False
+            try:
+                for event in first_events:
+                    yield sse(event)
+                out = first
+                while True:
+                    tracker.on_output(out)
+                    chunk_json = build(out)
+                    if chunk_json is not None:
+                        yield sse(chunk_json)
+                    if out.finished:
+                        done = True
+                        break
+                    out = await outputs.__anext__()
+                if usage_chunk is not None and (usage_json := usage_chunk(out)) is not None:
+                    yield sse(usage_json)
+            except StopAsyncIteration:
+                yield sse(json.dumps(APIError(500, "the engine ended the request early", type="server_error").body()))
+            except Exception as exc:  # the engine died mid-stream: tell the client in-band
+                log.warning("stream %s failed: %r", request_id, exc)
+                yield sse(json.dumps(api_error_from(exc).body()))
+            finally:
+                if not done:
+                    await self._abort(request_id, outputs)
+            yield sse("[DONE]")
+
+        return EventStreamResponse(events(), headers={"Cache-Control": "no-cache"})
