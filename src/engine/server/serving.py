@@ -201,11 +201,16 @@ class OpenAIServing:
         )
 
     # ------------------------------------------------------------------ shared
-    async def _abort(self, request_id: str, outputs: AsyncIterator[RequestOutput]) -> None:
-        """Abort the engine request and close its stream; safe inside a cancelled scope."""
+    async def _release(self, request_id: str, outputs: AsyncIterator[RequestOutput], *, abort: bool) -> None:
+        """Close the request's output stream (aborting it first if unfinished).
+
+        Shielded: this runs when the client's task is being cancelled, and the abort is what
+        frees the request's KV blocks.
+        """
         with anyio.CancelScope(shield=True):
             try:
-                await self.engine.abort(request_id)
+                if abort:
+                    await self.engine.abort(request_id)
             finally:
                 aclose = getattr(outputs, "aclose", None)
                 if aclose is not None:
@@ -235,8 +240,7 @@ class OpenAIServing:
             final = await unless_disconnected(request, run)
             finished = True
         finally:
-            if not finished:
-                await self._abort(request_id, outputs)
+            await self._release(request_id, outputs, abort=not finished)
         if final.finish_reason == "error":
             raise APIError(500, f"generation failed: {final.error or 'unknown error'}", type="server_error",
                            code="generation_error")
@@ -258,7 +262,7 @@ class OpenAIServing:
         except StopAsyncIteration:
             raise APIError(500, "the engine ended the request without output", type="server_error") from None
         except BaseException:
-            await self._abort(request_id, outputs)
+            await self._release(request_id, outputs, abort=True)
             raise
 
         async def events() -> AsyncGenerator[str, Any]:
@@ -284,8 +288,7 @@ class OpenAIServing:
                 log.warning("stream %s failed: %r", request_id, exc)
                 yield sse(json.dumps(api_error_from(exc).body()))
             finally:
-                if not done:
-                    await self._abort(request_id, outputs)
+                await self._release(request_id, outputs, abort=not done)
             yield sse("[DONE]")
 
         return EventStreamResponse(events(), headers={"Cache-Control": "no-cache"})

@@ -1,0 +1,212 @@
+"""Every error the server answers: status code and OpenAI error JSON, then a good request."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+from fastapi import FastAPI
+
+from engine.server import build_app
+from server.conftest import MODEL
+from server.fake_engine import FakeEngine, expected_text
+from server.helpers import asgi_client, assert_openai_error, parse_sse, uvicorn_server
+
+CHAT = "/v1/chat/completions"
+COMPLETIONS = "/v1/completions"
+GOOD_CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
+GOOD_COMPLETION = {"model": MODEL, "prompt": "Hi", "max_tokens": 4}
+
+
+async def assert_still_serves(client: httpx.AsyncClient) -> None:
+    """A good chat request after an error succeeds on the same app."""
+    response = await client.post(CHAT, json=GOOD_CHAT)
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["message"]["content"] == expected_text(4)
+
+
+@pytest.mark.parametrize(
+    ("path", "overrides", "param"),
+    [
+        (CHAT, {"temperature": -1}, "temperature"),
+        (CHAT, {"top_p": 0}, "top_p"),
+        (CHAT, {"top_k": -5}, "top_k"),
+        (CHAT, {"min_p": 1.5}, "min_p"),
+        (CHAT, {"presence_penalty": 3}, "presence_penalty"),
+        (CHAT, {"frequency_penalty": -9}, "frequency_penalty"),
+        (CHAT, {"max_tokens": 0}, "max_tokens"),
+        (CHAT, {"max_completion_tokens": -1}, "max_completion_tokens"),
+        (CHAT, {"stop": [""]}, "stop"),
+        (CHAT, {"n": 2}, "n"),
+        (CHAT, {"logprobs": True, "top_logprobs": 50}, "top_logprobs"),
+        (CHAT, {"top_logprobs": 2}, "top_logprobs"),
+        (COMPLETIONS, {"logprobs": 21}, "logprobs"),
+        (COMPLETIONS, {"n": 3}, "n"),
+        (COMPLETIONS, {"echo": True}, "echo"),
+        (COMPLETIONS, {"best_of": 2}, "best_of"),
+        (COMPLETIONS, {"prompt": ["a", "b"]}, "prompt"),
+        (COMPLETIONS, {"prompt": ""}, "prompt"),
+        (COMPLETIONS, {"prompt": [7, 300]}, "prompt"),
+    ],
+)
+async def test_invalid_parameter_is_400_naming_the_field(
+    client: httpx.AsyncClient, path: str, overrides: dict[str, object], param: str
+) -> None:
+    body = {**(GOOD_CHAT if path == CHAT else GOOD_COMPLETION), **overrides}
+    response = await client.post(path, json=body)
+    assert_openai_error(response, 400, type="invalid_request_error", param=param)
+    await assert_still_serves(client)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_invalid_parameter_is_400_even_when_streaming(client: httpx.AsyncClient, stream: bool) -> None:
+    response = await client.post(CHAT, json={**GOOD_CHAT, "temperature": -0.5, "stream": stream})
+    assert_openai_error(response, 400, param="temperature", code="invalid_value")
+    await assert_still_serves(client)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_over_long_prompt_is_400_context_length_exceeded(
+    client: httpx.AsyncClient, fake_engine: FakeEngine, stream: bool
+) -> None:
+    prompt = "x" * (fake_engine.max_model_len + 10)
+    response = await client.post(COMPLETIONS, json={"prompt": prompt, "max_tokens": 4, "stream": stream})
+    assert_openai_error(response, 400, param="prompt", code="context_length_exceeded")
+    # Prompt fits but prompt + max_tokens does not.
+    response = await client.post(COMPLETIONS, json={"prompt": "x" * 200, "max_tokens": 100})
+    error = assert_openai_error(response, 400, param="prompt", code="context_length_exceeded")
+    assert "max_tokens" in error["message"]
+    await assert_still_serves(client)
+
+
+@pytest.mark.parametrize(
+    ("content", "headers", "param"),
+    [
+        (b"{not json", {"content-type": "application/json"}, None),
+        (b'{"messages": [{"role": "user", "content": "\xff\xfe"}]}', {"content-type": "application/json"}, None),
+        (b"\xff\xfe\x00garbage", {"content-type": "application/json"}, None),
+        (b"", {"content-type": "application/json"}, None),
+        (b"[1, 2, 3]", {"content-type": "application/json"}, None),
+        (b'"just a string"', {"content-type": "application/json"}, None),
+        (b'{"messages": "hello"}', {"content-type": "application/json"}, "messages"),
+        (b'{"messages": []}', {"content-type": "application/json"}, "messages"),
+        (b'{"messages": [{"role": "wizard", "content": "x"}]}', {"content-type": "application/json"}, "messages.0.role"),
+        (b'{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}',
+         {"content-type": "application/json"}, None),
+        (b'{"messages": [{"role": "user", "content": "x"}], "max_tokens": "many"}',
+         {"content-type": "application/json"}, "max_tokens"),
+        (b'{"messages": [{"role": "user", "content": "x"}], "temperature": NaN}',
+         {"content-type": "application/json"}, "temperature"),
+        (b'{"messages": [{"role": "user", "content": "x"}], "stream": {"a": 1}}',
+         {"content-type": "application/json"}, "stream"),
+        (b"messages=hello", {"content-type": "application/x-www-form-urlencoded"}, None),
+        (b'{"messages": [{"role": "user", "content": "x"}], "seed": 1e400}',
+         {"content-type": "application/json"}, "seed"),
+    ],
+)
+async def test_malformed_body_is_400_never_500(
+    client: httpx.AsyncClient, content: bytes, headers: dict[str, str], param: str | None
+) -> None:
+    response = await client.post(CHAT, content=content, headers=headers)
+    error = assert_openai_error(response, 400, type="invalid_request_error")
+    if param is not None:
+        assert error["param"] == param, error
+    await assert_still_serves(client)
+
+
+async def test_unknown_model_is_404(client: httpx.AsyncClient) -> None:
+    response = await client.post(CHAT, json={**GOOD_CHAT, "model": "gpt-17"})
+    error = assert_openai_error(response, 404, param="model", code="model_not_found")
+    assert "gpt-17" in error["message"]
+    response = await client.post(COMPLETIONS, json={**GOOD_COMPLETION, "model": "nope", "stream": True})
+    assert_openai_error(response, 404, param="model", code="model_not_found")
+    await assert_still_serves(client)
+
+
+async def test_unknown_route_and_method_are_openai_shaped(client: httpx.AsyncClient) -> None:
+    assert_openai_error(await client.get("/v1/engines"), 404)
+    assert_openai_error(await client.get(CHAT), 405)
+    await assert_still_serves(client)
+
+
+async def test_oversized_body_is_413(client: httpx.AsyncClient) -> None:
+    huge = {**GOOD_CHAT, "messages": [{"role": "user", "content": "x" * (128 * 1024)}]}
+    response = await client.post(CHAT, json=huge)
+    assert_openai_error(response, 413, code="request_too_large")
+    await assert_still_serves(client)
+
+
+async def test_oversized_chunked_body_without_length_is_413(client: httpx.AsyncClient) -> None:
+    async def chunks() -> AsyncIterator[bytes]:
+        yield b'{"messages": [{"role": "user", "content": "'
+        for _ in range(100):
+            yield b"y" * 1024
+        yield b'"}]}'
+
+    response = await client.post(CHAT, content=chunks(), headers={"content-type": "application/json"})
+    assert "content-length" not in response.request.headers
+    assert_openai_error(response, 413, code="request_too_large")
+    await assert_still_serves(client)
+
+
+async def test_overloaded_engine_is_429(client: httpx.AsyncClient, fake_engine: FakeEngine) -> None:
+    fake_engine.max_running = 0
+    for stream in (False, True):
+        response = await client.post(CHAT, json={**GOOD_CHAT, "stream": stream})
+        assert_openai_error(response, 429, code="engine_overloaded")
+    fake_engine.max_running = 10
+    await assert_still_serves(client)
+
+
+async def test_dead_engine_is_503_and_health_says_so(client: httpx.AsyncClient, fake_engine: FakeEngine) -> None:
+    fake_engine.kill()
+    assert_openai_error(await client.post(CHAT, json=GOOD_CHAT), 503, code="engine_dead")
+    assert_openai_error(await client.post(COMPLETIONS, json={**GOOD_COMPLETION, "stream": True}), 503)
+    assert_openai_error(await client.get("/health"), 503)
+    fake_engine.revive()
+    assert (await client.get("/health")).status_code == 200
+    await assert_still_serves(client)
+
+
+async def test_engine_death_mid_stream_ends_with_an_error_event(fake_engine: FakeEngine, app: FastAPI) -> None:
+    fake_engine.token_delay = 0.01
+    async with uvicorn_server(app) as base_url, httpx.AsyncClient(base_url=base_url) as client:
+        async with client.stream("POST", CHAT, json={**GOOD_CHAT, "max_tokens": 200, "stream": True}) as response:
+            assert response.status_code == 200
+            text = ""
+            async for piece in response.aiter_text():
+                text += piece
+                if text.count("data: ") >= 4 and not fake_engine.is_dead:
+                    fake_engine.kill()
+        events = parse_sse(text)
+        assert events[-1] == "[DONE]"
+        assert events[-2]["error"]["code"] == "engine_dead"
+        fake_engine.revive()
+        fake_engine.token_delay = 0.0
+        await assert_still_serves(client)
+
+
+@pytest.fixture
+def keyed_app(fake_engine: FakeEngine) -> FastAPI:
+    return build_app(fake_engine, served_model_name=MODEL, api_key="sk-secret")
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [{}, {"Authorization": "Bearer wrong"}, {"Authorization": "sk-secret"}, {"Authorization": "Basic sk-secret"},
+     {"Authorization": "Bearer "}],
+)
+async def test_missing_or_wrong_api_key_is_401(keyed_app: FastAPI, headers: dict[str, str]) -> None:
+    async with asgi_client(keyed_app) as client:
+        for path, body in ((CHAT, GOOD_CHAT), (COMPLETIONS, GOOD_COMPLETION)):
+            response = await client.post(path, json=body, headers=headers)
+            assert_openai_error(response, 401, code="invalid_api_key")
+            assert response.headers["www-authenticate"] == "Bearer"
+        assert_openai_error(await client.get("/v1/models", headers=headers), 401)
+        # Health and metrics stay open for probes and scrapers.
+        assert (await client.get("/health")).status_code == 200
+        assert (await client.get("/metrics")).status_code == 200
+        response = await client.post(CHAT, json=GOOD_CHAT, headers={"Authorization": "Bearer sk-secret"})
+        assert response.status_code == 200, response.text
+        assert response.json()["choices"][0]["message"]["content"] == expected_text(4)

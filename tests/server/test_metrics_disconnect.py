@@ -1,0 +1,132 @@
+"""`/metrics` parses as Prometheus text and moves; a client that hangs up aborts its request."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import anyio
+import httpx
+import pytest
+from fastapi import FastAPI
+from prometheus_client.parser import text_string_to_metric_families
+
+from server.conftest import MODEL
+from server.fake_engine import FakeEngine, fake_stats_fields
+from server.helpers import asgi_client, uvicorn_server
+from support.waiting import wait_until
+
+CHAT = "/v1/chat/completions"
+GOOD_CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 6}
+
+
+def scrape(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of a Prometheus exposition, keyed by (name, sorted labels)."""
+    samples: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def value(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str) -> float:
+    key = (name, tuple(sorted(labels.items())))
+    return samples.get(key, 0.0)
+
+
+def test_fake_stats_has_the_real_engine_stats_fields() -> None:
+    """The metrics read EngineStats fields; the double must not drift from the real thing."""
+    from engine import EngineStats
+
+    real = {f.name for f in dataclasses.fields(EngineStats)}
+    assert fake_stats_fields() <= real
+
+
+async def test_metrics_parse_and_move_with_traffic(client: httpx.AsyncClient) -> None:
+    response = await client.get("/metrics")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
+    before = scrape(response.text)
+    model = {"model_name": MODEL}
+    for name in ("shardline_num_requests_running", "shardline_num_requests_waiting",
+                 "shardline_kv_cache_blocks_total", "shardline_kv_cache_blocks_used",
+                 "shardline_kv_cache_usage_ratio", "shardline_num_preemptions_total",
+                 "shardline_prompt_tokens_total", "shardline_generation_tokens_total"):
+        assert (name, tuple(model.items())) in before, name
+    assert value(before, "shardline_kv_cache_blocks_total", **model) == 64
+    assert value(before, "shardline_time_to_first_token_seconds_count") == 0
+
+    assert (await client.post(CHAT, json=GOOD_CHAT)).status_code == 200
+    assert (await client.post(CHAT, json={**GOOD_CHAT, "stream": True})).status_code == 200
+    assert (await client.post(CHAT, json={**GOOD_CHAT, "model": "other"})).status_code == 404
+
+    after = scrape((await client.get("/metrics")).text)
+    assert value(after, "shardline_generation_tokens_total", **model) == 12
+    assert value(after, "shardline_requests_total", finish_reason="length", **model) == 2
+    assert value(after, "shardline_prompt_tokens_total", **model) > 0
+    assert value(after, "shardline_time_to_first_token_seconds_count") == 2
+    assert value(after, "shardline_time_to_first_token_seconds_bucket", le="+Inf") == 2
+    assert value(after, "shardline_inter_token_latency_seconds_count") == 10
+    assert value(after, "shardline_e2e_request_latency_seconds_count") == 2
+    assert value(after, "shardline_http_responses_total", path=CHAT, status="200") == 2
+    assert value(after, "shardline_http_responses_total", path=CHAT, status="404") == 1
+
+
+@pytest.fixture
+def slow_engine() -> FakeEngine:
+    return FakeEngine(max_model_len=4096, token_delay=0.02)
+
+
+@pytest.fixture
+def slow_app(slow_engine: FakeEngine) -> FastAPI:
+    from engine.server import build_app
+
+    return build_app(slow_engine, served_model_name=MODEL, api_key=None)
+
+
+def _kv_used(text: str) -> float:
+    return value(scrape(text), "shardline_kv_cache_blocks_used", model_name=MODEL)
+
+
+@pytest.mark.parametrize("path", [CHAT, "/v1/completions"])
+async def test_disconnect_mid_stream_aborts_and_frees_blocks(slow_engine: FakeEngine, slow_app: FastAPI, path: str) -> None:
+    body = {"prompt": "Hello"} if path != CHAT else {"messages": GOOD_CHAT["messages"]}
+    async with uvicorn_server(slow_app) as base_url, httpx.AsyncClient(base_url=base_url) as client:
+        async with client.stream("POST", path, json={**body, "max_tokens": 2000, "stream": True}) as response:
+            assert response.status_code == 200
+            received = ""
+            async for piece in response.aiter_text():
+                received += piece
+                if received.count("data: ") >= 5:
+                    break
+            # The request is live and holds KV blocks while we read.
+            assert _kv_used((await client.get("/metrics")).text) > 0
+        # Leaving the block closed the connection mid-stream.
+        # 2000 tokens at 20 ms each would take 40 s: only an abort ends it this soon.
+        await wait_until(lambda: slow_engine.stats().requests_finished.get("abort") == 1)
+        assert slow_engine.stats().num_running == 0
+        assert _kv_used((await client.get("/metrics")).text) == 0
+        after = scrape((await client.get("/metrics")).text)
+        assert value(after, "shardline_requests_total", finish_reason="abort", model_name=MODEL) == 1
+        # The server keeps serving.
+        response = await client.post(path, json={**body, "max_tokens": 3})
+        assert response.status_code == 200
+
+
+async def test_disconnect_while_waiting_for_whole_answer_aborts(slow_engine: FakeEngine, slow_app: FastAPI) -> None:
+    async with uvicorn_server(slow_app) as base_url:
+        async with httpx.AsyncClient(base_url=base_url) as client, anyio.create_task_group() as tg:
+            tg.start_soon(functools.partial(client.post, CHAT, json={**GOOD_CHAT, "max_tokens": 2000}))
+            await wait_until(lambda: slow_engine.stats().num_running == 1)
+            tg.cancel_scope.cancel()  # the client gives up: its connection closes
+        await wait_until(lambda: slow_engine.stats().requests_finished.get("abort") == 1)
+        assert slow_engine.stats().num_running == 0
+        async with httpx.AsyncClient(base_url=base_url) as client:
+            response = await client.post(CHAT, json=GOOD_CHAT)
+            assert response.status_code == 200
+
+
+async def test_metrics_route_answers_for_the_asgi_client(app: FastAPI) -> None:
+    async with asgi_client(app) as client:
+        families = {f.name for f in text_string_to_metric_families((await client.get("/metrics")).text)}
+    assert {"shardline_time_to_first_token_seconds", "shardline_inter_token_latency_seconds"} <= families
