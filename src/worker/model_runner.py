@@ -54,8 +54,8 @@ class ModelRunner:
         self.dtype = dtype
         self.seed = seed
         pc = parallel_context
-        self.is_last_stage = pc.get_pipeline_parallel_rank() == pc.get_pipeline_parallel_size() - 1
-        self.is_output_rank = self.is_last_stage and pc.get_tensor_parallel_rank() == 0
+        self.is_last_stage = pc.pp_rank == pc.pp_size - 1
+        self.is_output_rank = self.is_last_stage and pc.tp_rank == 0
         self.requests: dict[str, RequestState] = {}
         self.num_kv_blocks = 0
 
