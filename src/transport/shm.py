@@ -1,0 +1,397 @@
+"""Shared-memory transport: ring endpoints (see `transport.shm_ring` for the layout) and links.
+
+* :class:`RingWriter` / :class:`RingReader`: the two ends of one ring (blocking API).
+* :class:`ShmTransport`: a `Transport` made of an outgoing and/or an incoming ring end, with
+  the async API layered on the blocking one without blocking the event loop: when nothing is
+  readable a helper thread waits on the semaphore and only *peeks* (takes the unit and puts it
+  back), so cancelling a pending `recv` loses nothing; the loop then reads the slot itself.
+  Frames that are not yet fully published, or larger than `INLINE_LIMIT`, are copied in a
+  shielded thread so a half-read message can never be abandoned.
+* :func:`create_link` / :func:`connect`: a point-to-point duplex link (two rings, 1 reader each).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+import anyio.to_thread
+import posix_ipc
+
+from transport.base import DEFAULT_MAX_MESSAGE_SIZE, Frame, Transport
+from transport.errors import TransportBroken, TransportClosed
+from transport.shm_ring import (
+    ATTACHED,
+    CLOSED,
+    SLOT_HEADER,
+    WRITE_SEQ,
+    WRITER_PID,
+    WRITER_STATE,
+    Ring,
+    peer_check,
+    reader_words,
+)
+
+INLINE_LIMIT = 1 << 20
+DEFAULT_SLOT_SIZE = 256 << 10
+DEFAULT_NSLOTS = 32
+
+
+class _Abandoned(Exception):
+    """Raised inside a helper thread whose awaiting task was cancelled."""
+
+
+class _Waiter:
+    """Hand-off between a cancelled task and its helper thread blocked on a semaphore.
+
+    On cancellation the task posts one extra unit so the thread wakes at once; the thread then
+    swallows one unit instead of putting it back, so the count is exactly as before. The lock
+    makes "thread finished" and "task cancelled" mutually exclusive.
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.abandoned = False
+        self.finished = False
+
+    def abandon(self, sem: posix_ipc.Semaphore) -> None:
+        with self.lock:
+            if self.finished:
+                return
+            self.abandoned = True
+            try:
+                sem.release()
+            except posix_ipc.Error:
+                pass
+
+
+class RingWriter:
+    """The single writer of a ring; frames of any size (split across slots)."""
+
+    def __init__(self, ring: Ring) -> None:
+        self.ring = ring
+        header = ring.header
+        header[WRITER_PID] = os.getpid()
+        header[WRITER_STATE] = ATTACHED
+        self._seq = header[WRITE_SEQ]
+        self._words = [reader_words(i) for i in range(ring.nreaders)]
+        self._has_space = [self._space_probe(seq) for seq, _, _ in self._words]
+        self._checks = [
+            peer_check(ring, pid, state, f"reader {i}")
+            for i, (_, pid, state) in enumerate(self._words)
+        ]
+        self._closed = False
+
+    def _space_probe(self, seq_word: int) -> Callable[[], bool]:
+        return lambda: self._seq - self.ring.header[seq_word] < self.ring.nslots
+
+    def _chunks(self, size: int) -> int:
+        return max(1, -(-size // self.ring.slot_size))
+
+    def has_room(self, size: int) -> bool:
+        """Whether a frame of `size` bytes fits now without waiting for any reader."""
+        header, nslots, need = self.ring.header, self.ring.nslots, self._chunks(size)
+        return all(self._seq - header[seq] + need <= nslots for seq, _, _ in self._words)
+
+    def _check_readers_open(self, header: memoryview) -> None:
+        for i, (_, pid, state) in enumerate(self._words):
+            if header[state] == CLOSED:
+                raise TransportClosed(f"reader {i} (pid {header[pid]}) closed its end")
+
+    def write(self, frame: Frame) -> None:
+        """Publish one frame to every reader, waiting for free slots as needed."""
+        ring = self.ring
+        with ring.using() as handles:
+            header, view = handles.header, handles.view
+            self._check_readers_open(header)
+            data = memoryview(frame).cast("B")
+            total, slot_size, pos = len(data), ring.slot_size, 0
+            for chunk in range(self._chunks(total)):
+                for i in range(ring.nreaders):
+                    ring.wait(handles.space_sems[i], self._has_space[i], self._checks[i])
+                if chunk == 0:
+                    self._check_readers_open(header)
+                offset = ring.header_size + (self._seq % ring.nslots) * ring.stride
+                if chunk == 0:
+                    view[offset : offset + SLOT_HEADER] = total.to_bytes(SLOT_HEADER, "little")
+                size = min(slot_size, total - pos)
+                start = offset + SLOT_HEADER
+                view[start : start + size] = data[pos : pos + size]
+                pos += size
+                self._seq += 1
+                header[WRITE_SEQ] = self._seq
+                for sem in handles.data_sems:
+                    sem.release()
+
+    def close(self) -> None:
+        """Mark the writer closed, wake every reader, release (and, as creator, unlink)."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            with self.ring.using() as handles:
+                handles.header[WRITER_STATE] = CLOSED
+                for sem in handles.data_sems:
+                    sem.release()
+        except (TransportClosed, posix_ipc.Error):
+            pass
+        self.ring.close()
+
+
+class RingReader:
+    """Reader `index` of a ring; every frame the writer publishes, in order, exactly once."""
+
+    def __init__(
+        self, ring: Ring, index: int, *, max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
+    ) -> None:
+        if not 0 <= index < ring.nreaders:
+            raise ValueError(f"reader index {index} out of range for {ring.nreaders} readers")
+        self.ring, self.index, self.max_message_size = ring, index, max_message_size
+        self._seq_word, pid_word, state_word = reader_words(index)
+        header = ring.header
+        header[pid_word] = os.getpid()
+        header[state_word] = ATTACHED
+        self._state_word = state_word
+        self._seq = header[self._seq_word]
+        self._check_writer = peer_check(ring, WRITER_PID, WRITER_STATE, "writer")
+        self._closed = False
+
+    def available(self) -> int:
+        """Slots published but not read yet."""
+        return int(self.ring.header[WRITE_SEQ] - self._seq)
+
+    def wait_readable(self, waiter: _Waiter) -> None:
+        """Block until a slot (or a close) is signalled, leaving the semaphore unit in place."""
+
+        def check() -> None:
+            if waiter.abandoned:
+                raise _Abandoned
+            self._check_writer()
+
+        with self.ring.using() as handles:
+            sem = handles.data_sems[self.index]
+            took_unit = False
+            try:
+                self.ring.wait(sem, lambda: self.available() > 0, check)
+                took_unit = True
+            except _Abandoned:
+                pass
+            finally:
+                with waiter.lock:
+                    waiter.finished = True
+                if waiter.abandoned and not took_unit:
+                    with contextlib.suppress(posix_ipc.BusyError):
+                        sem.acquire(0)  # swallow the canceller's wake-up post
+            if not waiter.abandoned:
+                sem.release()  # peek only: the event loop takes the unit itself
+            # abandoned with a unit in hand: it balances the canceller's post; keep it
+
+    def data_sem(self) -> posix_ipc.Semaphore:
+        """The semaphore counting this reader's unread slots."""
+        with self.ring.using() as handles:
+            return handles.data_sems[self.index]
+
+    def _take(self, handles: Any, deadline: float | None) -> None:
+        sem = handles.data_sems[self.index]
+        self.ring.wait(sem, lambda: self.available() > 0, self._check_writer, deadline)
+        if self.available() > 0:
+            return
+        sem.release()  # a wake-up without data: keep it for whoever asks next
+        if handles.header[WRITER_STATE] == CLOSED:
+            raise TransportClosed(f"the writer closed shm ring {self.ring.base}")
+        raise TransportClosed(f"this end of shm ring {self.ring.base} is closed")
+
+    def _slot(self) -> int:
+        return self.ring.header_size + (self._seq % self.ring.nslots) * self.ring.stride
+
+    def _free(self, handles: Any) -> None:
+        self._seq += 1
+        handles.header[self._seq_word] = self._seq
+        handles.space_sems[self.index].release()
+
+    def begin(self, deadline: float | None = None) -> int:
+        """Take the first slot of the next frame; returns the frame's total size."""
+        with self.ring.using() as handles:
+            self._take(handles, deadline)
+            offset = self._slot()
+            total = int.from_bytes(handles.view[offset : offset + SLOT_HEADER], "little")
+        if total > self.max_message_size:
+            raise TransportBroken(
+                f"shm frame of {total} bytes exceeds the maximum of {self.max_message_size}"
+            )
+        return total
+
+    def finish(self, total: int) -> Frame:
+        """Copy out the frame whose first slot `begin` took, waiting for the rest if needed."""
+        ring = self.ring
+        with ring.using() as handles:
+            view, slot_size = handles.view, ring.slot_size
+            start = self._slot() + SLOT_HEADER
+            if total <= slot_size:
+                out: Frame = bytes(view[start : start + total])
+                self._free(handles)
+                return out
+            buffer = bytearray(total)
+            buffer[:slot_size] = view[start : start + slot_size]
+            self._free(handles)
+            pos = slot_size
+            while pos < total:
+                self._take(handles, None)
+                start, size = self._slot() + SLOT_HEADER, min(slot_size, total - pos)
+                buffer[pos : pos + size] = view[start : start + size]
+                self._free(handles)
+                pos += size
+            return buffer
+
+    def read(self, timeout: float | None = None) -> Frame:
+        """The next frame, blocking; TimeoutError if none starts within `timeout` seconds."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        return self.finish(self.begin(deadline))
+
+    def close(self) -> None:
+        """Mark this reader closed, wake the writer, release (and, as creator, unlink)."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            with self.ring.using() as handles:
+                handles.header[self._state_word] = CLOSED
+                handles.space_sems[self.index].release()
+                handles.data_sems[self.index].release()  # wakes a thread of ours blocked in read
+        except (TransportClosed, posix_ipc.Error):
+            pass
+        self.ring.close()
+
+
+async def _in_thread(func: Callable[[], Any]) -> Any:
+    """Run a blocking ring operation that must not be abandoned half-way."""
+    with anyio.CancelScope(shield=True):
+        return await anyio.to_thread.run_sync(func)
+
+
+async def read_async(reader: RingReader) -> Frame:
+    """`reader.read()` without blocking the event loop; cancel-safe."""
+    if reader.available() == 0:
+        waiter = _Waiter()
+        sem = reader.data_sem()
+        try:
+            await anyio.to_thread.run_sync(reader.wait_readable, waiter, abandon_on_cancel=True)
+        except BaseException:
+            waiter.abandon(sem)
+            raise
+    total = reader.begin()
+    ring = reader.ring
+    if total <= INLINE_LIMIT and reader.available() * ring.slot_size >= total:
+        return reader.finish(total)
+    result: Frame = await _in_thread(lambda: reader.finish(total))
+    return result
+
+
+async def write_async(writer: RingWriter, frame: Frame) -> None:
+    """`writer.write()` without blocking the event loop (never abandoned half-way)."""
+    if len(frame) <= INLINE_LIMIT and writer.has_room(len(frame)):
+        writer.write(frame)
+    else:
+        await _in_thread(lambda: writer.write(frame))
+
+
+class ShmTransport(Transport):
+    """A link over shm rings: frames go out through `writer` and come in through `reader`."""
+
+    def __init__(
+        self,
+        writer: RingWriter | None,
+        reader: RingReader | None,
+        *,
+        max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+    ) -> None:
+        self.writer, self.reader = writer, reader
+        self.max_message_size = max_message_size
+        if reader is not None:
+            reader.max_message_size = max_message_size
+        self._closed = False
+
+    def _out(self) -> RingWriter:
+        if self._closed:
+            raise TransportClosed("this end is closed")
+        if self.writer is None:
+            raise TransportClosed("this end of the shm link is receive-only")
+        return self.writer
+
+    def _in(self) -> RingReader:
+        if self._closed:
+            raise TransportClosed("this end is closed")
+        if self.reader is None:
+            raise TransportClosed("this end of the shm link is send-only")
+        return self.reader
+
+    async def send_frame(self, frame: Frame) -> None:
+        """Send one frame (see the module docstring for when a thread is used)."""
+        await write_async(self._out(), self._check_size(frame))
+
+    async def recv_frame(self) -> Frame:
+        """Receive one frame without blocking the loop; cancel-safe."""
+        return await read_async(self._in())
+
+    def send_frame_blocking(self, frame: Frame) -> None:
+        """Send one frame, blocking this thread."""
+        self._out().write(self._check_size(frame))
+
+    def recv_frame_blocking(self, timeout: float | None = None) -> Frame:
+        """Receive one frame, blocking this thread; TimeoutError after `timeout` seconds."""
+        return self._in().read(timeout)
+
+    def close(self) -> None:
+        """Close both ring ends (the peer is woken; names are unlinked by their creator)."""
+        if self._closed:
+            return
+        self._closed = True
+        for end in (self.writer, self.reader):
+            if end is not None:
+                end.close()
+
+
+def create_link(
+    *,
+    nslots: int = DEFAULT_NSLOTS,
+    slot_size: int = DEFAULT_SLOT_SIZE,
+    max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+) -> tuple[ShmTransport, dict[str, Any]]:
+    """Create a duplex link; returns this end and the address the peer passes to `connect`."""
+    outgoing = Ring.create(nslots, slot_size, 1)
+    try:
+        incoming = Ring.create(nslots, slot_size, 1)
+    except BaseException:
+        outgoing.close()
+        raise
+    ours = ShmTransport(
+        RingWriter(outgoing), RingReader(incoming, 0), max_message_size=max_message_size
+    )
+    address = {
+        "kind": "shm",
+        "recv": outgoing.address,
+        "send": incoming.address,
+        "max_message_size": max_message_size,
+    }
+    return ours, address
+
+
+def connect(address: dict[str, Any]) -> ShmTransport:
+    """Attach to the link `create_link` made (from any process)."""
+    recv_ring = Ring.attach(address["recv"])
+    try:
+        send_ring = Ring.attach(address["send"])
+    except BaseException:
+        recv_ring.close()
+        raise
+    max_size = int(address.get("max_message_size", DEFAULT_MAX_MESSAGE_SIZE))
+    return ShmTransport(
+        RingWriter(send_ring),
+        RingReader(recv_ring, 0, max_message_size=max_size),
+        max_message_size=max_size,
+    )
