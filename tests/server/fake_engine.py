@@ -86,6 +86,7 @@ class FakeEngine:
         self.aborted_ids: list[str] = []
         self.stats_data = FakeStats(num_kv_blocks_total=num_kv_blocks)
         self.last_params: SamplingParams | None = None
+        self.closed = False
 
     @property
     def is_dead(self) -> bool:
@@ -97,6 +98,11 @@ class FakeEngine:
 
     def revive(self) -> None:
         self._dead = False
+
+    async def aclose(self) -> None:
+        """Like Engine.aclose: idempotent; the engine is dead afterwards."""
+        self._dead = True
+        self.closed = True
 
     def stats(self) -> FakeStats:
         s = self.stats_data

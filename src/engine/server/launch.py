@@ -1,0 +1,173 @@
+"""`shardline serve`: uvicorn with the engine started in the app's lifespan.
+
+The engine runs inside uvicorn's own event loop (`await Engine.start(...)` in the lifespan),
+so requests and the engine share one loop and no thread hop. SIGINT/SIGTERM shut down
+gracefully (open streams get a few seconds, then the engine closes its workers) and the
+process exits 0; an engine that dies for good makes the process exit 1, so a supervisor
+restarts it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+from collections.abc import AsyncIterator, Generator
+from dataclasses import dataclass
+
+import anyio
+import uvicorn
+from fastapi import FastAPI
+
+from engine.config import EngineConfig
+from engine.server.app import build_app
+from engine.server.engine_protocol import EngineLike
+from engine.server.middleware import DEFAULT_MAX_BODY_BYTES
+
+log = logging.getLogger("shardline.serve")
+
+EXIT_OK = 0
+EXIT_ENGINE_FAILED = 1
+ENGINE_WATCH_PERIOD_S = 0.5
+GRACEFUL_SHUTDOWN_S = 5
+
+
+@dataclass
+class ServeOptions:
+    """Where and how to listen (the engine's own knobs are in EngineConfig)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    served_model_name: str | None = None
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    access_log: bool = False
+    log_level: str = "info"
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, minus re-raising the caught signal after shutdown.
+
+    uvicorn re-delivers SIGTERM to itself once it has shut down, so the process dies of the
+    signal (exit 143); a clean, requested shutdown should exit 0.
+    """
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        try:
+            originals = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+        except ValueError:  # not the main thread: signals are the embedding program's business
+            yield
+            return
+        try:
+            yield
+        finally:
+            for sig, handler in originals.items():
+                signal.signal(sig, handler)
+
+
+class _Holder:
+    """The engine and the outcome, shared between the lifespan, the routes and `serve`."""
+
+    def __init__(self) -> None:
+        self.engine: EngineLike | None = None
+        self.start_failed = False
+        self.engine_died = False
+        self.server: uvicorn.Server | None = None
+
+    def get(self) -> EngineLike:
+        if self.engine is None:  # routes run only after the lifespan started the engine
+            raise RuntimeError("engine not started")
+        return self.engine
+
+
+def served_name_for(config: EngineConfig) -> str:
+    """The name clients use: --served-model-name, else the model's name or directory name."""
+    import pathlib
+
+    if config.served_model_name:
+        return config.served_model_name
+    path = pathlib.Path(config.model)
+    return path.resolve().name if path.exists() else config.model
+
+
+def build_server_app(config: EngineConfig, options: ServeOptions, holder: _Holder) -> FastAPI:
+    """The app whose lifespan starts `config`'s engine and closes it on shutdown."""
+    from engine.api import Engine
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        try:
+            engine = await Engine.start(config)
+        except BaseException:
+            holder.start_failed = True
+            log.exception("engine failed to start")
+            raise
+        holder.engine = engine
+        stats = engine.stats()
+        log.info(
+            "model %s (max_model_len %d) | tensor-parallel %d, pipeline-parallel %d, data-parallel %d, "
+            "transport %s, device %s | KV cache %d blocks x %d tokens",
+            engine.model_name, engine.max_model_len, config.tensor_parallel_size,
+            config.pipeline_parallel_size, config.data_parallel_size, config.transport, config.device,
+            stats.num_kv_blocks_total, config.block_size,
+        )
+        log.info("serving %r on http://%s:%d (OpenAI API under /v1)%s", served_name_for(config),
+                 options.host, options.port, "; API key required" if options.api_key else "")
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(_watch_engine, engine, holder)
+                try:
+                    yield
+                finally:
+                    tg.cancel_scope.cancel()
+        finally:
+            log.info("shutting down the engine")
+            await engine.aclose()
+
+    return build_app(
+        None,
+        served_model_name=served_name_for(config),
+        api_key=options.api_key,
+        max_body_bytes=options.max_body_bytes,
+        lifespan=lifespan,
+        engine_getter=holder.get,
+    )
+
+
+async def _watch_engine(engine: EngineLike, holder: _Holder) -> None:
+    """Stop the server once the engine is dead for good (it restarts failed workers itself)."""
+    while not engine.is_dead:  # noqa: ASYNC110 - Engine exposes a flag; 0.5 s is plenty
+        await anyio.sleep(ENGINE_WATCH_PERIOD_S)
+    log.critical("the engine died; stopping the server so a supervisor can restart it")
+    holder.engine_died = True
+    if holder.server is not None:
+        holder.server.should_exit = True
+
+
+def serve(config: EngineConfig, options: ServeOptions) -> int:
+    """Run the server until SIGINT/SIGTERM (returns 0) or a fatal engine error (returns 1)."""
+    holder = _Holder()
+    app = build_server_app(config, options, holder)
+    uv_config = uvicorn.Config(
+        app,
+        host=options.host,
+        port=options.port,
+        log_level=options.log_level,
+        access_log=options.access_log,
+        lifespan="on",
+        ws="none",
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+    )
+    server = _Server(uv_config)
+    holder.server = server
+    try:
+        server.run()
+    except SystemExit:  # uvicorn's way of saying the lifespan (engine start) failed
+        return EXIT_ENGINE_FAILED
+    if holder.start_failed or not server.started:
+        return EXIT_ENGINE_FAILED
+    if holder.engine_died:
+        return EXIT_ENGINE_FAILED
+    log.info("stopped cleanly")
+    return EXIT_OK
