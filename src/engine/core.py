@@ -26,7 +26,7 @@ import anyio.abc
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from engine.detokenizer import IncrementalDetokenizer
-from engine.errors import EngineDeadError
+from engine.errors import EngineDeadError, InvalidRequestError
 from engine.executor import Executor, WorkerFailure
 from engine.request import FinishReason, Request, RequestOutput, TokenLogprob
 from engine.scheduler import Scheduler, SchedulerOutput
@@ -275,11 +275,17 @@ class EngineCore:
     def _handle(self, command: _Submit | _Abort) -> None:
         if isinstance(command, _Submit):
             request = command.request
+            try:
+                # Refuses (among others) a request the whole KV pool could not hold.
+                self.scheduler.add_request(request)
+            except (InvalidRequestError, ValueError) as exc:
+                command.stream.send_nowait(exc)
+                command.stream.close()
+                return
             self._live[request.request_id] = _Live(
                 request, command.detokenizer, command.stream, request.sampling_params.logprobs is not None
             )
             self._prompt_tokens += request.num_prompt_tokens
-            self.scheduler.add_request(request)
             timeout = request.sampling_params.timeout
             if timeout is not None:
                 heapq.heappush(self._deadlines, (time.monotonic() + timeout, request.request_id))
