@@ -1,0 +1,343 @@
+"""Engine <-> worker channels: what the executor uses (docs/INTERFACES.md section 2).
+
+Per kind:
+
+* ``inproc``: one in-process link per rank; workers are threads of the engine's process.
+* ``shm``: one broadcast ring (engine -> all ranks) and one ring per rank (rank -> engine).
+  `send_to(rank)` travels on the broadcast ring too, tagged with its target, so a worker sees
+  broadcasts and its own messages in exactly the order the engine sent them; other ranks skip it.
+* ``tcp``: one authenticated connection per rank; a broadcast is N sends.
+
+Every worker's first frame is ``Hello(rank, world_size, pid)``; the channel layer consumes it
+(it never reaches `EngineChannels.recv`) and `wait_connected` waits for all of them.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import threading
+import time
+from collections import deque
+from types import TracebackType
+from typing import Any, Literal
+
+import anyio
+
+from transport import inproc, shm, tcp
+from transport.base import Frame, Transport
+from transport.errors import TransportBroken, TransportClosed, TransportError
+from transport.messages import Hello, Message, decode, encode
+from transport.shm_ring import Ring
+
+Kind = Literal["inproc", "shm", "tcp"]
+_TO_ALL = 0xFFFFFFFF
+_TARGET = 4  # bytes of the shm broadcast-ring target prefix
+_inproc_registry: dict[str, dict[int, inproc.InprocTransport]] = {}
+
+
+def _target_prefix(rank: int) -> bytes:
+    return rank.to_bytes(_TARGET, "little")
+
+
+class EngineChannels:
+    """The engine's end: broadcast / send_to workers, receive from any of them."""
+
+    def __init__(self, kind: Kind, num_workers: int, address: dict[str, Any]) -> None:
+        self.kind, self.num_workers, self.address = kind, num_workers, address
+        self._incoming: dict[int, Transport] = {}  # rank -> link the worker sends on
+        self._outgoing: dict[int, Transport] = {}  # rank -> link to the worker (inproc/tcp)
+        self._broadcast: shm.RingWriter | None = None
+        self._greeted: set[int] = set()
+        self._ready: deque[tuple[int, Frame]] = deque()
+        self._error: TransportError | None = None
+        self._listener: tcp.TcpListener | None = None
+        self._closed = False
+
+    # -- connection ----------------------------------------------------------------------
+
+    def _greet(self, rank: int, frame: Frame) -> None:
+        msg = decode(frame)
+        if not isinstance(msg, Hello) or msg.rank != rank:
+            raise TransportBroken(f"rank {rank} must first send Hello(rank={rank}), got {msg!r}")
+        self._greeted.add(rank)
+
+    async def wait_connected(self, timeout: float) -> None:  # noqa: ASYNC109 - the contract
+        """Return once every rank has attached; TimeoutError naming the missing ranks."""
+        with anyio.move_on_after(timeout):
+            if self.kind == "tcp":
+                await self._accept_tcp()
+            else:
+                async with anyio.create_task_group() as tg:
+                    for rank in set(range(self.num_workers)) - self._greeted:
+                        tg.start_soon(self._await_hello, rank)
+        missing = sorted(set(range(self.num_workers)) - self._greeted)
+        if missing:
+            raise TimeoutError(f"workers {missing} did not connect within {timeout} s")
+
+    async def _await_hello(self, rank: int) -> None:
+        self._greet(rank, await self._incoming[rank].recv_frame())
+
+    async def _accept_tcp(self) -> None:
+        listener = self._listener
+        if listener is None or len(self._greeted) == self.num_workers:
+            return
+
+        async def on_peer(link: tcp.TcpTransport) -> bool:
+            try:
+                with anyio.fail_after(tcp.HANDSHAKE_TIMEOUT):
+                    hello = decode(await link.recv_frame())
+                if not isinstance(hello, Hello) or not 0 <= hello.rank < self.num_workers:
+                    raise TransportBroken(f"expected Hello with a rank < {self.num_workers}")
+                if hello.rank in self._greeted:
+                    raise TransportBroken(f"rank {hello.rank} connected twice")
+            except (TransportError, TimeoutError) as exc:
+                tcp.log.warning("tcp: dropped an authenticated peer: %s", exc)
+                await link.aclose()
+                return False
+            self._incoming[hello.rank] = self._outgoing[hello.rank] = link
+            self._greeted.add(hello.rank)
+            return len(self._greeted) == self.num_workers
+
+        await listener.accept_until(on_peer)
+        await listener.aclose()
+
+    # -- sending -------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise TransportClosed("engine channels are closed")
+
+    async def broadcast(self, msg: Message) -> None:
+        """Send `msg` to every worker (shm: one ring write; tcp/inproc: one send per rank)."""
+        self._check_open()
+        frame = encode(msg)
+        if self._broadcast is not None:
+            await shm.write_async(self._broadcast, _target_prefix(_TO_ALL) + frame)
+            return
+        for rank in range(self.num_workers):
+            await self._link_to(rank).send_frame(frame)
+
+    async def send_to(self, rank: int, msg: Message) -> None:
+        """Send `msg` to one worker, ordered with respect to broadcasts."""
+        self._check_open()
+        if not 0 <= rank < self.num_workers:
+            raise ValueError(f"rank {rank} out of range for {self.num_workers} workers")
+        frame = encode(msg)
+        if self._broadcast is not None:
+            await shm.write_async(self._broadcast, _target_prefix(rank) + frame)
+        else:
+            await self._link_to(rank).send_frame(frame)
+
+    def _link_to(self, rank: int) -> Transport:
+        link = self._outgoing.get(rank)
+        if link is None:
+            raise TransportClosed(f"worker rank {rank} is not connected")
+        return link
+
+    # -- receiving -----------------------------------------------------------------------
+
+    async def _pull(self, rank: int, link: Transport, scope: anyio.CancelScope | None) -> None:
+        try:
+            while True:
+                frame = await link.recv_frame()
+                if rank in self._greeted:
+                    break
+                self._greet(rank, frame)
+        except TransportError as exc:
+            self._error = self._error or exc
+            if isinstance(exc, TransportClosed):
+                self._error = TransportBroken(f"worker rank {rank} closed its channel: {exc}")
+        else:
+            self._ready.append((rank, frame))
+        if scope is not None:
+            scope.cancel()
+
+    async def recv(self) -> tuple[int, Message]:
+        """The next message from any worker, as (rank, message)."""
+        self._check_open()
+        if not self._ready and self._error is None:
+            links = sorted(self._incoming.items())
+            if not links:
+                raise TransportClosed("no worker is connected")
+            if len(links) == 1:
+                await self._pull(*links[0], None)
+            else:
+                async with anyio.create_task_group() as tg:
+                    for rank, link in links:
+                        tg.start_soon(self._pull, rank, link, tg.cancel_scope)
+        if self._ready:
+            rank, frame = self._ready.popleft()
+            return rank, decode(frame)
+        assert self._error is not None
+        raise self._error
+
+    # -- closing -------------------------------------------------------------------------
+
+    async def aclose(self) -> None:
+        """Close everything (idempotent): workers are woken, shm names unlinked."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._listener is not None:
+            await self._listener.aclose()
+        if self._broadcast is not None:
+            self._broadcast.close()
+        for link in {
+            id(t): t for t in [*self._incoming.values(), *self._outgoing.values()]
+        }.values():
+            await link.aclose()
+        _inproc_registry.pop(str(self.address.get("name")), None)
+
+    async def __aenter__(self) -> EngineChannels:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+
+async def open_engine_channels(
+    kind: Kind,
+    num_workers: int,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    token: bytes | None = None,
+    max_message_size: int = 256 << 20,
+) -> EngineChannels:
+    """Create the engine's end of the channels; pass `.address` to every worker."""
+    if num_workers < 1:
+        raise ValueError(f"num_workers must be >= 1, got {num_workers}")
+    common: dict[str, Any] = {
+        "kind": kind,
+        "num_workers": num_workers,
+        "max_message_size": max_message_size,
+    }
+    if kind == "inproc":
+        name = f"channels-{secrets.token_hex(8)}"
+        channels = EngineChannels(kind, num_workers, {**common, "name": name})
+        ends: dict[int, inproc.InprocTransport] = {}
+        for rank in range(num_workers):
+            ours, theirs = inproc.pipe(max_message_size=max_message_size)
+            channels._incoming[rank] = channels._outgoing[rank] = ours
+            ends[rank] = theirs
+        _inproc_registry[name] = ends
+        return channels
+    if kind == "shm":
+        rings: list[Ring] = []
+        try:
+            rings.append(Ring.create(shm.DEFAULT_NSLOTS, shm.DEFAULT_SLOT_SIZE, num_workers))
+            for _ in range(num_workers):
+                rings.append(Ring.create(16, 64 << 10, 1))
+        except BaseException:
+            for ring in rings:
+                ring.close()
+            raise
+        address = {
+            **common,
+            "broadcast": rings[0].address,
+            "results": [ring.address for ring in rings[1:]],
+        }
+        channels = EngineChannels(kind, num_workers, address)
+        channels._broadcast = shm.RingWriter(rings[0])
+        for rank, ring in enumerate(rings[1:]):
+            reader = shm.RingReader(ring, 0, max_message_size=max_message_size)
+            channels._incoming[rank] = shm.ShmTransport(
+                None, reader, max_message_size=max_message_size
+            )
+        return channels
+    if kind == "tcp":
+        token = token or secrets.token_bytes(32)
+        listener = tcp.TcpListener(token, host=host, port=port, max_message_size=max_message_size)
+        channels = EngineChannels(kind, num_workers, {**common, **listener.address, "token": token})
+        channels._listener = listener
+        return channels
+    raise ValueError(f"unknown transport kind {kind!r}; expected inproc, shm or tcp")
+
+
+class WorkerChannels:
+    """A worker's end, for a plain (non-async) loop or thread."""
+
+    def __init__(self, rank: int, link: Transport, broadcast: shm.RingReader | None) -> None:
+        self.rank = rank
+        self._link = link  # sends to the engine (and, for inproc/tcp, receives too)
+        self._broadcast = broadcast
+        self._send_lock = threading.Lock()
+
+    def recv(self, timeout: float | None = None) -> Message:
+        """The next broadcast or send_to(rank) message; TimeoutError after `timeout` s."""
+        if self._broadcast is None:
+            return decode(self._link.recv_frame_blocking(timeout))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            remaining = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+            frame = memoryview(self._broadcast.read(remaining))
+            target = int.from_bytes(frame[:_TARGET], "little")
+            if target in (_TO_ALL, self.rank):
+                return decode(frame[_TARGET:])
+
+    def send(self, msg: Message) -> None:
+        """Send `msg` to the engine (thread-safe)."""
+        with self._send_lock:
+            self._link.send_blocking(msg)
+
+    def close(self) -> None:
+        """Close this worker's end (idempotent); the engine's recv then fails."""
+        with self._send_lock:
+            self._link.close()
+            if self._broadcast is not None:
+                self._broadcast.close()
+
+
+def connect_worker_channels(
+    address: dict[str, Any], rank: int, timeout: float = 30.0
+) -> WorkerChannels:
+    """Attach rank `rank` to the engine's channels (blocking); sends Hello first."""
+    kind, num_workers = address.get("kind"), int(address.get("num_workers", 0))
+    if not 0 <= rank < num_workers:
+        raise ValueError(f"rank {rank} out of range for {num_workers} workers")
+    broadcast: shm.RingReader | None = None
+    link: Transport
+    if kind == "inproc":
+        ends = _inproc_registry.get(str(address.get("name")), {})
+        if rank not in ends:
+            raise TransportBroken(f"no inproc channel for rank {rank} (closed or taken)")
+        link = ends.pop(rank)
+    elif kind == "shm":
+        max_size = int(address["max_message_size"])
+        broadcast = shm.RingReader(
+            Ring.attach(address["broadcast"]), rank, max_message_size=max_size
+        )
+        try:
+            link = shm.ShmTransport(
+                shm.RingWriter(Ring.attach(address["results"][rank])),
+                None,
+                max_message_size=max_size,
+            )
+        except BaseException:
+            broadcast.close()
+            raise
+    elif kind == "tcp":
+        link = tcp.connect_blocking(address, address.get("token"), timeout)
+    else:
+        raise ValueError(f"unknown transport kind {kind!r} in channel address")
+    channels = WorkerChannels(rank, link, broadcast)
+    try:
+        channels.send(Hello(rank=rank, world_size=num_workers, pid=os.getpid()))
+    except BaseException:
+        channels.close()
+        raise
+    return channels
+
+
+__all__ = [
+    "EngineChannels",
+    "WorkerChannels",
+    "connect_worker_channels",
+    "open_engine_channels",
+]
