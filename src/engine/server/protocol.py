@@ -1,9 +1,9 @@
 """OpenAI wire format: the request bodies the server accepts and the bodies it answers with.
 
 Only the fields shardline acts on are declared; unknown fields are ignored (as OpenAI's own
-server does for fields a model does not use). Types are checked here; value ranges that the
-engine owns (temperature >= 0, top_p in (0, 1], ...) are checked once, by `SamplingParams`,
-so the HTTP layer and the Python API can never disagree about what is valid.
+server does for fields a model does not use). The ranges below mirror `SamplingParams`'s own
+checks so the OpenAPI schema documents them (and a schema-driven client or fuzzer produces
+valid requests); `SamplingParams` stays the authority and checks them again.
 """
 
 from __future__ import annotations
@@ -31,17 +31,17 @@ class _SamplingFields(_Body):
     """The sampling fields shared by both endpoints (vLLM's extras included)."""
 
     model: str | None = Field(default=None, description="Served model name; default: the only one.")
-    max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    min_p: float | None = None
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    top_k: int | None = Field(default=None, ge=-1, description="-1 or 0: off")
+    min_p: float | None = Field(default=None, ge=0, le=1)
     seed: int | None = None
     stop: str | list[str] | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    repetition_penalty: float | None = None
-    n: int = 1
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    repetition_penalty: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    n: int = Field(default=1, description="only 1 is supported")
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -73,16 +73,16 @@ class ChatCompletionRequest(_SamplingFields):
     """Body of `POST /v1/chat/completions`."""
 
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = None
+    max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
 
 
 class CompletionRequest(_SamplingFields):
     """Body of `POST /v1/completions`."""
 
     prompt: str | list[int] | list[str] | list[list[int]]
-    logprobs: int | None = None
+    logprobs: int | None = Field(default=None, ge=0, le=20)
     echo: bool = False
     best_of: int | None = None
     suffix: str | None = None
