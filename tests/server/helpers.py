@@ -66,3 +66,12 @@ async def uvicorn_server(app: FastAPI) -> AsyncIterator[str]:
             yield f"http://127.0.0.1:{port}"
         finally:
             server.should_exit = True
+
+
+def check_response(response: Any) -> None:
+    """A fuzzed request's answer: no 5xx, and every error in OpenAI's shape."""
+    assert response.status_code < 500, (response.status_code, response.text[:500])
+    if response.status_code >= 400:
+        body = response.json()
+        assert set(body) == {"error"}, body
+        assert set(body["error"]) == {"message", "type", "param", "code"}, body

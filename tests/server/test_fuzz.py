@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, settings
 from engine.server import build_app
 from server.conftest import MODEL
 from server.fake_engine import FakeEngine
+from server.helpers import check_response
 
 APP = build_app(FakeEngine(max_model_len=256), served_model_name=MODEL, api_key=None, max_body_bytes=64 * 1024)
 schema = schemathesis.openapi.from_asgi("/openapi.json", APP)
@@ -21,15 +22,6 @@ schema.config.generation.update(
     deterministic=True,
     database="none",
 )
-
-
-def check_response(response: schemathesis.Response) -> None:
-    """No 5xx; every error is in OpenAI's shape."""
-    assert response.status_code < 500, (response.status_code, response.text[:500])
-    if response.status_code >= 400:
-        body = response.json()
-        assert set(body) == {"error"}, body
-        assert {"message", "type", "param", "code"} == set(body["error"]), body
 
 
 @schema.parametrize()
