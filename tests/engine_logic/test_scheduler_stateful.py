@@ -1,0 +1,278 @@
+"""Hypothesis stateful tests: every KV-cache invariant (DESIGN.md section 5, 1-7) and every
+scheduler invariant (section 6) under random arrivals, lengths, aborts and pool sizes.
+
+The machine drives Scheduler.schedule -> FakeWorker.execute -> Scheduler.update_from_output,
+with aborts at any moment (including between schedule and update), and checks after each
+rule: the block pool invariants, the step budget and sequence cap, bounded progress of
+running requests, that aborted requests free their blocks and never appear again, and that
+every finished request's tokens equal the fake model's reference (so preemption, chunked
+prefill and prefix caching never change what is generated).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from engine_logic.fake_model import FakeWorker, reference_generate
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+)
+
+from engine.kv_cache import KVCacheManager
+from engine.request import FinishReason, Request, RequestStatus, SamplingParams
+from engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+
+VOCAB = 61
+EOS = 7
+# A few shared "system prompts" so prompts share prefixes and hit the prefix cache.
+SHARED_PREFIXES = [[], [1, 2, 3, 4, 5, 6, 8, 9], [1, 2, 3, 4, 5, 6, 8, 9, 10, 11, 12, 13, 14]]
+
+
+class SchedulerMachine(RuleBasedStateMachine):
+    """Random traffic through a scheduler + KV cache + simulated worker."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.step_count = 0
+        self.next_id = 0
+        self.aborted: set[str] = set()
+        self.finished: dict[str, Request] = {}
+        self.outputs: dict[str, list[int]] = {}
+        self.requests: dict[str, Request] = {}
+        self.steps_without_progress: dict[str, int] = {}
+
+    @initialize(
+        block_size=st.sampled_from([1, 2, 4, 16]),
+        max_model_len=st.integers(8, 64),
+        extra_blocks=st.sampled_from([0, 0, 1, 3, 10, 1000]),
+        max_num_seqs=st.integers(1, 8),
+        budget_extra=st.integers(0, 64),
+        prefix_caching=st.booleans(),
+    )
+    def setup(
+        self,
+        block_size: int,
+        max_model_len: int,
+        extra_blocks: int,
+        max_num_seqs: int,
+        budget_extra: int,
+        prefix_caching: bool,
+    ) -> None:
+        # The smallest pool that still holds one maximal request ("tiny") up to a large one.
+        num_blocks = math.ceil(max_model_len / block_size) + extra_blocks
+        self.config = SchedulerConfig(
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_seqs + budget_extra,
+            max_model_len=max_model_len,
+            block_size=block_size,
+            enable_prefix_caching=prefix_caching,
+        )
+        self.kv = KVCacheManager(num_blocks, block_size, prefix_caching)
+        self.scheduler = Scheduler(self.config, self.kv)
+        self.worker = FakeWorker(num_blocks, block_size, VOCAB)
+        # Upper bound on steps a running request can wait: everything ahead of it in the
+        # running list needs at most max_model_len tokens each.
+        self.progress_bound = (
+            math.ceil(max_num_seqs * max_model_len / self.config.max_num_batched_tokens) + 1
+        )
+
+    # -- rules ---------------------------------------------------------------------------------
+
+    @rule(
+        prefix=st.sampled_from(SHARED_PREFIXES),
+        tail=st.lists(st.integers(0, VOCAB - 1), min_size=0, max_size=40),
+        max_tokens=st.integers(1, 40),
+        ignore_eos=st.booleans(),
+        stop_token=st.none() | st.integers(0, VOCAB - 1),
+    )
+    def add_request(
+        self,
+        prefix: list[int],
+        tail: list[int],
+        max_tokens: int,
+        ignore_eos: bool,
+        stop_token: int | None,
+    ) -> None:
+        prompt = (prefix + tail)[: self.config.max_model_len - 1] or [0]
+        max_tokens = min(max_tokens, self.config.max_model_len - len(prompt))
+        params = SamplingParams(
+            max_tokens=max_tokens,
+            temperature=0.0,
+            ignore_eos=ignore_eos,
+            stop_token_ids=() if stop_token is None else (stop_token,),
+        )
+        req_id = f"req-{self.next_id}"
+        self.next_id += 1
+        request = Request(req_id, prompt, params, eos_token_id=EOS, arrival_time=self.next_id)
+        self.scheduler.add_request(request)
+        self.requests[req_id] = request
+
+    @rule()
+    def step(self) -> None:
+        self._step(abort_midway=None)
+
+    @precondition(lambda self: self.scheduler.num_running > 0)
+    @rule(data=st.data())
+    def step_with_abort_midway(self, data: st.DataObject) -> None:
+        """Abort a scheduled request after schedule() and before its result comes back."""
+        self._step(abort_midway=data)
+
+    @precondition(lambda self: self.scheduler.has_unfinished_requests())
+    @rule(data=st.data())
+    def abort(self, data: st.DataObject) -> None:
+        live = sorted(r.request_id for r in self.requests.values() if not r.is_finished)
+        req_id = data.draw(st.sampled_from(live))
+        self._abort([req_id])
+
+    @rule()
+    def abort_unknown_is_ignored(self) -> None:
+        assert self.scheduler.finish_requests(["no-such-request"], FinishReason.ABORT) == []
+
+    # -- driving -------------------------------------------------------------------------------
+
+    def _abort(self, req_ids: list[str]) -> None:
+        for request in self.scheduler.finish_requests(req_ids, FinishReason.ABORT):
+            self.aborted.add(request.request_id)
+            assert request.status is RequestStatus.FINISHED
+            assert self.kv.get_block_ids(request.request_id) == []
+
+    def _step(self, abort_midway: st.DataObject | None) -> None:
+        running_before = {r.request_id for r in self.scheduler.running}
+        out = self.scheduler.schedule()
+        self.step_count += 1
+        self._check_step(out, running_before)
+        sampled = self.worker.execute(out)
+        # The workers know exactly the live requests they were sent (finished ones dropped).
+        sent = {r.request_id for r in self.requests.values() if r.num_tokens_sent > 0}
+        live_sent = {i for i in sent if self.scheduler.get_request(i) is not None}
+        assert set(self.worker.requests) == live_sent, "worker state leaked or missing"
+        if abort_midway is not None and out.num_scheduled_tokens:
+            victim = abort_midway.draw(st.sampled_from(sorted(out.num_scheduled_tokens)))
+            self._abort([victim])
+        updates = self.scheduler.update_from_output(out, sampled)
+        for update in updates:
+            req_id = update.request.request_id
+            assert req_id not in self.aborted, "an aborted request received a token"
+            self.outputs.setdefault(req_id, []).extend(update.new_token_ids)
+            assert self.outputs[req_id] == update.request.output_token_ids
+            if update.finish_reason is not None:
+                assert self.kv.get_block_ids(req_id) == [], "finished request still holds blocks"
+                self.finished[req_id] = update.request
+                self._check_reference(update.request, complete=True)
+
+    def _check_step(self, out: SchedulerOutput, running_before: set[str]) -> None:
+        scheduled = out.num_scheduled_tokens
+        # Budget and sequence cap.
+        assert out.total_num_scheduled_tokens == sum(scheduled.values())
+        assert out.total_num_scheduled_tokens <= self.config.max_num_batched_tokens
+        assert len(scheduled) <= self.config.max_num_seqs
+        assert self.scheduler.num_running <= self.config.max_num_seqs
+        assert all(n > 0 for n in scheduled.values())
+        ids = [d.req_id for d in out.scheduled_new] + [d.req_id for d in out.scheduled_cached]
+        assert sorted(ids) == sorted(scheduled), "step records disagree with the token map"
+        # Aborted/finished requests never appear in a later step.
+        for req_id in scheduled:
+            assert req_id not in self.aborted and req_id not in self.finished
+        # Preempted requests are not scheduled in the same step (their blocks are gone).
+        assert not set(out.preempted_ids) & set(scheduled)
+        # Progress: a running request that was not preempted is scheduled within the bound.
+        running_now = {r.request_id for r in self.scheduler.running}
+        for req_id in running_before:
+            if req_id in out.preempted_ids or req_id not in running_now:
+                self.steps_without_progress.pop(req_id, None)
+                continue
+            if req_id in scheduled:
+                self.steps_without_progress[req_id] = 0
+            else:
+                waited = self.steps_without_progress.get(req_id, 0) + 1
+                self.steps_without_progress[req_id] = waited
+                assert waited <= self.progress_bound, f"{req_id} starved for {waited} steps"
+
+    def _check_reference(self, request: Request, *, complete: bool) -> None:
+        params = request.sampling_params
+        expected = reference_generate(
+            request.prompt_token_ids,
+            params.max_tokens,
+            VOCAB,
+            request.eos_token_id,
+            params.ignore_eos,
+            params.stop_token_ids,
+        )
+        if complete:
+            assert request.output_token_ids == expected, (
+                f"{request.request_id} (preempted {request.num_preemptions}x) generated "
+                f"{request.output_token_ids}, reference {expected}"
+            )
+        else:
+            assert request.output_token_ids == expected[: request.num_output_tokens]
+
+    # -- invariants ----------------------------------------------------------------------------
+
+    @invariant()
+    def kv_cache_invariants(self) -> None:
+        if not hasattr(self, "kv"):
+            return
+        self.kv.check_invariants(self.scheduler.running)
+        for request in self.scheduler.waiting:
+            assert self.kv.get_block_ids(request.request_id) == []
+            assert request.num_computed_tokens == 0
+
+    @invariant()
+    def partial_outputs_match_reference(self) -> None:
+        for request in self.requests.values():
+            self._check_reference(request, complete=False)
+
+    def teardown(self) -> None:
+        if not hasattr(self, "kv"):
+            return
+        # Run everything to completion: it must finish, match the reference, and leak nothing.
+        live_ids = {r.request_id for r in self.requests.values() if not r.is_finished}
+        max_steps = 4 * (len(live_ids) + 1) * self.config.max_model_len + 10
+        for _ in range(max_steps):
+            if not self.scheduler.has_unfinished_requests():
+                break
+            self._step(abort_midway=None)
+        assert not self.scheduler.has_unfinished_requests(), "requests did not finish"
+        for req_id in live_ids:
+            assert req_id in self.finished
+        # One more step tells the workers about the last finished requests.
+        out = self.scheduler.schedule()
+        assert out.is_empty and not out.scheduled_new and not out.scheduled_cached
+        self.worker.execute(out)
+        assert self.worker.requests == {}
+        # Invariant 6: everything finished or aborted -> every block free.
+        self.kv.check_invariants([])
+        assert self.kv.num_free_blocks == self.kv.num_blocks
+        assert self.kv.num_used_blocks == 0 and self.kv.usage == 0.0
+
+
+SchedulerMachine.TestCase.settings = settings(
+    max_examples=120,
+    stateful_step_count=50,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+TestSchedulerMachine = SchedulerMachine.TestCase
+
+
+@pytest.mark.slow
+def test_scheduler_machine_heavy() -> None:
+    """The same machine with many more and longer runs."""
+    from hypothesis.stateful import run_state_machine_as_test
+
+    run_state_machine_as_test(
+        SchedulerMachine,
+        settings=settings(
+            max_examples=400,
+            stateful_step_count=120,
+            deadline=None,
+            suppress_health_check=[HealthCheck.too_slow],
+        ),
+    )
