@@ -14,7 +14,6 @@ from __future__ import annotations
 import math
 
 import pytest
-from engine_logic.fake_model import FakeWorker, reference_generate
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -28,6 +27,7 @@ from hypothesis.stateful import (
 from engine.kv_cache import KVCacheManager
 from engine.request import FinishReason, Request, RequestStatus, SamplingParams
 from engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from engine_logic.fake_model import FakeWorker, reference_generate
 
 VOCAB = 61
 EOS = 7
