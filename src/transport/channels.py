@@ -95,6 +95,9 @@ class EngineChannels:
                 tcp.log.warning("tcp: dropped an authenticated peer: %s", exc)
                 await link.aclose()
                 return False
+            except BaseException:  # cancelled (wait_connected timed out): do not leak it
+                await link.aclose()
+                raise
             self._incoming[hello.rank] = self._outgoing[hello.rank] = link
             self._greeted.add(hello.rank)
             return len(self._greeted) == self.num_workers
@@ -187,7 +190,8 @@ class EngineChannels:
             id(t): t for t in [*self._incoming.values(), *self._outgoing.values()]
         }.values():
             await link.aclose()
-        _inproc_registry.pop(str(self.address.get("name")), None)
+        for unclaimed in _inproc_registry.pop(str(self.address.get("name")), {}).values():
+            await unclaimed.aclose()
 
     async def __aenter__(self) -> EngineChannels:
         return self

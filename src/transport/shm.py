@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import threading
 import time
@@ -44,30 +43,6 @@ DEFAULT_NSLOTS = 32
 
 class _Abandoned(Exception):
     """Raised inside a helper thread whose awaiting task was cancelled."""
-
-
-class _Waiter:
-    """Hand-off between a cancelled task and its helper thread blocked on a semaphore.
-
-    On cancellation the task posts one extra unit so the thread wakes at once; the thread then
-    swallows one unit instead of putting it back, so the count is exactly as before. The lock
-    makes "thread finished" and "task cancelled" mutually exclusive.
-    """
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.abandoned = False
-        self.finished = False
-
-    def abandon(self, sem: posix_ipc.Semaphore) -> None:
-        with self.lock:
-            if self.finished:
-                return
-            self.abandoned = True
-            try:
-                sem.release()
-            except posix_ipc.Error:
-                pass
 
 
 class RingWriter:
@@ -160,51 +135,64 @@ class RingReader:
         self._seq = header[self._seq_word]
         self._check_writer = peer_check(ring, WRITER_PID, WRITER_STATE, "writer")
         self._closed = False
+        self._lock = threading.Lock()
+        self._spurious = 0
 
     def available(self) -> int:
         """Slots published but not read yet."""
         return int(self.ring.header[WRITE_SEQ] - self._seq)
 
-    def wait_readable(self, waiter: _Waiter) -> None:
-        """Block until a slot (or a close) is signalled, leaving the semaphore unit in place."""
+    def wait_readable(self, abandoned: threading.Event) -> None:
+        """Block until a slot (or a close) is signalled, leaving the semaphore unit in place.
+
+        Runs in a helper thread for an async reader. It only peeks (takes the unit and puts it
+        back), so a task cancelled meanwhile loses nothing; see :meth:`abandon_wait`.
+        """
 
         def check() -> None:
-            if waiter.abandoned:
+            if abandoned.is_set():
                 raise _Abandoned
             self._check_writer()
 
         with self.ring.using() as handles:
             sem = handles.data_sems[self.index]
-            took_unit = False
             try:
                 self.ring.wait(sem, lambda: self.available() > 0, check)
-                took_unit = True
             except _Abandoned:
-                pass
-            finally:
-                with waiter.lock:
-                    waiter.finished = True
-                if waiter.abandoned and not took_unit:
-                    with contextlib.suppress(posix_ipc.BusyError):
-                        sem.acquire(0)  # swallow the canceller's wake-up post
-            if not waiter.abandoned:
-                sem.release()  # peek only: the event loop takes the unit itself
-            # abandoned with a unit in hand: it balances the canceller's post; keep it
+                return
+            sem.release()
 
-    def data_sem(self) -> posix_ipc.Semaphore:
-        """The semaphore counting this reader's unread slots."""
-        with self.ring.using() as handles:
-            return handles.data_sems[self.index]
+    def abandon_wait(self, abandoned: threading.Event) -> None:
+        """Called when the task awaiting `wait_readable` is cancelled: wake its thread now.
 
-    def _take(self, handles: Any, deadline: float | None) -> None:
+        The extra unit posted here is counted in `_spurious` and dropped by the next `_take`
+        that finds it without data, so the semaphore count stays exact.
+        """
+        abandoned.set()
+        with self._lock:
+            self._spurious += 1
+        try:
+            with self.ring.using() as handles:
+                handles.data_sems[self.index].release()
+        except (TransportClosed, posix_ipc.Error):
+            pass
+
+    def _take(self, handles: Any, deadline: float | None, *, once: bool = False) -> bool:
+        """Take the unit of the next unread slot; False if `once` and only a stale unit came."""
         sem = handles.data_sems[self.index]
-        self.ring.wait(sem, lambda: self.available() > 0, self._check_writer, deadline)
-        if self.available() > 0:
-            return
-        sem.release()  # a wake-up without data: keep it for whoever asks next
-        if handles.header[WRITER_STATE] == CLOSED:
-            raise TransportClosed(f"the writer closed shm ring {self.ring.base}")
-        raise TransportClosed(f"this end of shm ring {self.ring.base} is closed")
+        while True:
+            self.ring.wait(sem, lambda: self.available() > 0, self._check_writer, deadline)
+            if self.available() > 0:
+                return True
+            if handles.header[WRITER_STATE] == CLOSED or self._closed:
+                sem.release()  # a close wake-up: keep it for whoever asks next
+                if self._closed:
+                    raise TransportClosed(f"this end of shm ring {self.ring.base} is closed")
+                raise TransportClosed(f"the writer closed shm ring {self.ring.base}")
+            with self._lock:  # a cancelled async wait's wake-up post: drop it
+                self._spurious = max(self._spurious - 1, 0)
+            if once:
+                return False
 
     def _slot(self) -> int:
         return self.ring.header_size + (self._seq % self.ring.nslots) * self.ring.stride
@@ -214,10 +202,15 @@ class RingReader:
         handles.header[self._seq_word] = self._seq
         handles.space_sems[self.index].release()
 
-    def begin(self, deadline: float | None = None) -> int:
-        """Take the first slot of the next frame; returns the frame's total size."""
+    def begin(self, deadline: float | None = None, *, once: bool = False) -> int | None:
+        """Take the first slot of the next frame; returns the frame's total size.
+
+        With `once`, None if the only unit available was a stale wake-up (async readers then
+        wait again instead of blocking the event loop).
+        """
         with self.ring.using() as handles:
-            self._take(handles, deadline)
+            if not self._take(handles, deadline, once=once):
+                return None
             offset = self._slot()
             total = int.from_bytes(handles.view[offset : offset + SLOT_HEADER], "little")
         if total > self.max_message_size:
@@ -251,7 +244,9 @@ class RingReader:
     def read(self, timeout: float | None = None) -> Frame:
         """The next frame, blocking; TimeoutError if none starts within `timeout` seconds."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        return self.finish(self.begin(deadline))
+        total = self.begin(deadline)
+        assert total is not None  # begin() without `once` always takes a frame
+        return self.finish(total)
 
     def close(self) -> None:
         """Mark this reader closed, wake the writer, release (and, as creator, unlink)."""
@@ -276,15 +271,19 @@ async def _in_thread(func: Callable[[], Any]) -> Any:
 
 async def read_async(reader: RingReader) -> Frame:
     """`reader.read()` without blocking the event loop; cancel-safe."""
-    if reader.available() == 0:
-        waiter = _Waiter()
-        sem = reader.data_sem()
-        try:
-            await anyio.to_thread.run_sync(reader.wait_readable, waiter, abandon_on_cancel=True)
-        except BaseException:
-            waiter.abandon(sem)
-            raise
-    total = reader.begin()
+    while True:
+        if reader.available() == 0:
+            abandoned = threading.Event()
+            try:
+                await anyio.to_thread.run_sync(
+                    reader.wait_readable, abandoned, abandon_on_cancel=True
+                )
+            except BaseException:
+                reader.abandon_wait(abandoned)
+                raise
+        total = reader.begin(once=True)
+        if total is not None:
+            break
     ring = reader.ring
     if total <= INLINE_LIMIT and reader.available() * ring.slot_size >= total:
         return reader.finish(total)

@@ -43,6 +43,9 @@ from transport.errors import (
 log = logging.getLogger(__name__)
 
 MAGIC = b"SHRDLNT1"
+# A frame header with this length is not a frame but an orderly goodbye: EOF after it is a
+# close (TransportClosed); EOF without it means the peer vanished (TransportBroken).
+GOODBYE = 0xFFFFFFFF
 NONCE_SIZE = MAC_SIZE = 32
 HANDSHAKE_TIMEOUT = 5.0
 
@@ -65,6 +68,7 @@ class TcpTransport(Transport):
         self._payload: bytearray | None = None
         self._payload_got = 0
         self._send_lock = threading.Lock()
+        self._mid_frame = False  # an async send is suspended half-way through a frame
         self._closed = False
         self._broken: TransportError | None = None
 
@@ -85,6 +89,9 @@ class TcpTransport(Transport):
                     if self._header_got < 4:
                         continue
                     size = int.from_bytes(self._header, "big")
+                    if size == GOODBYE:
+                        self._broken = TransportClosed("the peer closed the connection")
+                        raise self._broken
                     if size > self.max_message_size:
                         self._broken = MessageTooLarge(
                             f"peer sent a {size}-byte frame; maximum is {self.max_message_size}"
@@ -107,10 +114,9 @@ class TcpTransport(Transport):
 
     def _eof_check(self, got: int, *, partial: bool) -> None:
         if got == 0:
-            if partial:
-                self._broken = TransportBroken("the peer closed the connection mid-frame")
-                raise self._broken
-            raise TransportClosed("the peer closed the connection")
+            where = "mid-frame" if partial else "without saying goodbye (process died?)"
+            self._broken = TransportBroken(f"the peer's connection ended {where}")
+            raise self._broken
 
     async def recv_frame(self) -> Frame:
         """The next frame, waiting without blocking the loop; cancel-safe."""
@@ -177,16 +183,22 @@ class TcpTransport(Transport):
         views = self._frame_views(frame)
         with anyio.CancelScope(shield=True):
             while views := self._send_some(views):
+                self._mid_frame = True
                 try:
                     await anyio.wait_writable(self._sock)
                 except (OSError, anyio.ClosedResourceError) as exc:
                     raise TransportClosed(f"tcp socket closed: {exc}") from exc
+            self._mid_frame = False
 
     def close(self) -> None:
         """Close the socket (idempotent); the peer sees `TransportClosed`."""
         if self._closed:
             return
         self._closed = True
+        if not self._mid_frame and self._send_lock.acquire(timeout=1.0):  # never cut a frame
+            with contextlib.suppress(OSError):
+                self._sock.send(GOODBYE.to_bytes(4, "big"))
+            self._send_lock.release()
         with contextlib.suppress(OSError):
             self._sock.shutdown(socket.SHUT_RDWR)
         with contextlib.suppress(OSError):
@@ -303,8 +315,13 @@ class TcpListener(Listener):
         call returns True. Handshakes run concurrently; failed ones are logged and dropped."""
 
         async def authenticate(sock: socket.socket) -> None:
-            sock.setblocking(False)
-            if not await server_handshake(sock, self.token):
+            try:
+                sock.setblocking(False)
+                authenticated = await server_handshake(sock, self.token)
+            except BaseException:  # cancelled mid-handshake: the socket is ours to close
+                sock.close()
+                raise
+            if not authenticated:
                 sock.close()
                 return
             if await on_peer(TcpTransport(sock, max_message_size=self.max_message_size)):

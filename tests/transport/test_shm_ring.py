@@ -1,0 +1,149 @@
+"""The shm ring under random interleavings, and what it leaves behind (nothing)."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import stat
+import threading
+
+import pytest
+import transport_peers
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from support.leaks import our_shm_entries
+from transport import shm
+from transport.errors import TransportClosed
+from transport.shm_ring import Ring, sweep_stale
+
+SPAWN = multiprocessing.get_context("spawn")
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    nslots=st.integers(1, 4),
+    slot_size=st.integers(1, 16),
+    nreaders=st.integers(1, 3),
+    ops=st.lists(
+        st.tuples(st.sampled_from(["write", "read"]), st.integers(0, 60), st.integers(0, 2)),
+        max_size=60,
+    ),
+)
+def test_random_interleavings_deliver_everything_once_in_order(
+    nslots: int, slot_size: int, nreaders: int, ops: list[tuple[str, int, int]]
+) -> None:
+    ring = Ring.create(nslots, slot_size, nreaders)
+    writer = shm.RingWriter(ring)
+    reader_rings = [Ring.attach(ring.address) for _ in range(nreaders)]
+    readers = [shm.RingReader(r, i) for i, r in enumerate(reader_rings)]
+    sent: list[bytes] = []
+    received: list[list[bytes]] = [[] for _ in range(nreaders)]
+    try:
+        for op, size, who in ops:
+            if op == "write":
+                payload = os.urandom(min(size, nslots * slot_size))  # fits without a reader
+                if writer.has_room(len(payload)):
+                    writer.write(payload)
+                    sent.append(payload)
+            else:
+                reader = readers[who % nreaders]
+                if reader.available():
+                    received[who % nreaders].append(bytes(reader.read(timeout=1)))
+        for index, reader in enumerate(readers):  # drain
+            while reader.available():
+                received[index].append(bytes(reader.read(timeout=1)))
+        assert all(got == sent for got in received)
+    finally:
+        writer.close()
+        for reader in readers:
+            reader.close()
+    assert not [n for n in our_shm_entries() if ring.base.strip("/") in n]
+
+
+@settings(max_examples=10, deadline=None)
+@given(sizes=st.lists(st.integers(0, 5000), min_size=1, max_size=40), nreaders=st.integers(1, 3))
+def test_concurrent_writer_and_readers_deliver_in_order(sizes: list[int], nreaders: int) -> None:
+    ring = Ring.create(3, 512, nreaders)
+    writer = shm.RingWriter(ring)
+    readers = [shm.RingReader(Ring.attach(ring.address), i) for i in range(nreaders)]
+    payloads = [os.urandom(size) for size in sizes]
+    received: list[list[bytes]] = [[] for _ in range(nreaders)]
+
+    def consume(index: int) -> None:
+        for _ in payloads:
+            received[index].append(bytes(readers[index].read(timeout=10)))
+
+    threads = [threading.Thread(target=consume, args=(i,)) for i in range(nreaders)]
+    for thread in threads:
+        thread.start()
+    for payload in payloads:
+        writer.write(payload)
+    for thread in threads:
+        thread.join(30)
+    writer.close()
+    for reader in readers:
+        reader.close()
+    assert received == [payloads] * nreaders
+
+
+def test_names_are_private_random_and_carry_the_creator_pid() -> None:
+    first, second = Ring.create(2, 64, 2), Ring.create(2, 64, 2)
+    try:
+        assert first.base != second.base
+        assert first.base.startswith(f"/shardline_{os.getpid()}_")
+        mine = [n for n in our_shm_entries() if first.base.strip("/") in n]
+        assert len(mine) == 1 + 2 * 2  # the segment and two semaphores per reader
+        for name in mine:
+            assert stat.S_IMODE(os.stat(f"/dev/shm/{name}").st_mode) == 0o600
+    finally:
+        first.close()
+        second.close()
+    assert not [n for n in our_shm_entries() if first.base.strip("/") in n]
+
+
+def test_closing_unlinks_and_a_finalizer_covers_forgotten_rings() -> None:
+    link, address = shm.create_link(nslots=2, slot_size=64)
+    peer = shm.connect(address)
+    names = [address["recv"]["name"].strip("/"), address["send"]["name"].strip("/")]
+    peer.close()
+    link.close()
+    assert not [n for n in our_shm_entries() if any(b in n for b in names)]
+    forgotten = Ring.create(2, 64, 1)
+    name = forgotten.base.strip("/")
+    del forgotten
+    assert not [n for n in our_shm_entries() if name in n]
+
+
+def test_a_closed_reader_end_refuses_further_use() -> None:
+    link, address = shm.create_link(nslots=2, slot_size=64)
+    peer = shm.connect(address)
+    peer.close()
+    with pytest.raises(TransportClosed):
+        peer.recv_frame_blocking(0.1)
+    with pytest.raises(TransportClosed):
+        link.send_frame_blocking(b"to a closed peer")
+    link.close()
+
+
+def test_sweep_removes_names_left_by_a_killed_creator() -> None:
+    queue = SPAWN.Queue()
+    process = SPAWN.Process(target=transport_peers.create_ring_and_sleep, args=(queue,))
+    process.start()
+    try:
+        base = queue.get(timeout=60).strip("/")
+        assert [n for n in our_shm_entries() if base in n]
+        os.kill(process.pid, signal.SIGKILL)
+        process.join(10)
+        removed = sweep_stale()
+        assert sorted(n for n in removed if base in n) == sorted(
+            n for n in removed if base in n
+        ) and any(base in n for n in removed)
+        assert not [n for n in our_shm_entries() if base in n]
+    finally:
+        if process.is_alive():
+            process.kill()
+        process.join(10)
+        queue.close()
+        queue.join_thread()
