@@ -155,6 +155,7 @@ class Worker:
             block_size=cfg.block_size,
             dtype=model_config.dtype,
             seed=cfg.seed,
+            hidden_size=getattr(model_config.hf_config, "hidden_size", None),
         )
         allocated = runner.initialize_kv_cache(num_blocks)
         self.log.info(

@@ -28,8 +28,9 @@ from transport.messages import (
     SampleLogprobs,
     StepResult,
 )
-from worker.inputs import BlockTable, RequestState, ScheduledChunk, build_step_inputs
+from worker.inputs import BlockTable, RequestState, ScheduledChunk, StepInputs, build_step_inputs
 from worker.kv_cache import allocate_kv_cache
+from worker.pipeline import PipelineLink
 from worker.sampler import RequestSamplingState, derive_seed, sample
 
 logger = logging.getLogger(__name__)
@@ -46,6 +47,7 @@ class ModelRunner:
         block_size: int,
         dtype: torch.dtype,
         seed: int = 0,
+        hidden_size: int | None = None,
     ) -> None:
         self.model: Any = model  # duck-typed model contract (docs/INTERFACES.md section 3)
         self.parallel_context = parallel_context
@@ -58,6 +60,11 @@ class ModelRunner:
         self.is_output_rank = self.is_last_stage and pc.tp_rank == 0
         self.requests: dict[str, RequestState] = {}
         self.num_kv_blocks = 0
+        self.pipeline: PipelineLink | None = None
+        if pc.pp_size > 1:
+            if hidden_size is None:
+                raise ValueError("pipeline parallelism needs the model's hidden_size")
+            self.pipeline = PipelineLink(pc, hidden_size=hidden_size, dtype=dtype)
 
     # ----------------------------------------------------------------- set-up
     def initialize_kv_cache(self, num_blocks: int) -> int:
@@ -81,7 +88,7 @@ class ModelRunner:
         # 3) forward
         inputs = build_step_inputs(chunks, block_size=self.block_size, device=self.device)
         with torch.inference_mode():
-            hidden = self.model(inputs.input_ids, inputs.positions, inputs.attn)
+            hidden = self._forward(inputs)
             for chunk in chunks:
                 chunk.state.num_computed_tokens = chunk.num_computed + chunk.num_scheduled
             # 4) logits and sampling
@@ -96,6 +103,17 @@ class ModelRunner:
                 raise RuntimeError("a sampling request has no sampler state on the output rank")
             out = sample(logits, [s for s in sampling if s is not None])
         return self._result(step.step_id, [s.req_id for s in states], out.token_ids, out.logprobs)
+
+    def _forward(self, inputs: StepInputs) -> Any:
+        if self.pipeline is None:
+            return self.model(inputs.input_ids, inputs.positions, inputs.attn)
+        intermediate = None
+        if self.parallel_context.pp_rank > 0:
+            intermediate = self.pipeline.recv(inputs.input_ids.shape[0])
+        out = self.model(inputs.input_ids, inputs.positions, inputs.attn, intermediate)
+        if not self.is_last_stage:
+            self.pipeline.send(out)
+        return out
 
     def _result(
         self,
