@@ -276,15 +276,18 @@ class Scheduler:
         out.scheduled_new.append(
             NewRequestData(
                 req_id=request.request_id,
-                prompt_token_ids=list(request.prompt_token_ids),
+                # Normally just the prompt; after a worker-group restart (see
+                # `transfer_for_recompute`) also the tokens already generated, since the new
+                # workers know nothing of the request.
+                prompt_token_ids=request.all_token_ids,
                 sampling_params=request.sampling_params,
                 block_ids=list(block_ids),
                 num_computed_tokens=start,
                 num_scheduled_tokens=num_new,
             )
         )
-        # The prompt travels now; any output tokens (none for a new request) follow as diffs.
-        request.num_tokens_sent = request.num_prompt_tokens
+        # Every token so far travels now; later output tokens follow as diffs.
+        request.num_tokens_sent = request.num_tokens
         self._commit(request, start, num_new, out)
 
     def _record_cached(
@@ -365,6 +368,27 @@ class Scheduler:
         if request.num_tokens >= self.config.max_model_len:
             return FinishReason.LENGTH
         return None
+
+    def transfer_for_recompute(self, fresh: Scheduler) -> None:
+        """Hand every live request to `fresh` (a scheduler over a new worker group's KV pool).
+
+        The new workers hold no K/V and no request state, so each request starts over as new
+        to them: it recomputes its prompt plus the tokens it already generated (recompute
+        preemption, at group scale) and keeps its place in line: running requests first, in
+        the order they started, then the waiting queue. Counters carry over.
+        """
+        for request in [*self._running, *self._waiting]:
+            request.status = RequestStatus.WAITING
+            request.num_computed_tokens = 0
+            request.num_tokens_sent = 0
+            fresh._requests[request.request_id] = request
+            fresh._waiting.append(request)
+        fresh.stats = self.stats
+        fresh._next_step_id = self._next_step_id
+        self._requests.clear()
+        self._running.clear()
+        self._waiting.clear()
+        self._finished_to_report.clear()
 
     def finish_requests(self, request_ids: Iterable[str], reason: FinishReason) -> list[Request]:
         """Finish live requests (abort, stop string, error); unknown or finished ids are ignored.
