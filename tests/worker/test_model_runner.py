@@ -263,3 +263,21 @@ def test_kv_cache_shapes_and_sizing(loaded) -> None:  # type: ignore[no-untyped-
             layer.num_kv_heads,
             layer.head_dim,
         )
+
+
+@pytest.mark.gpu
+def test_paged_decode_on_cuda_matches_hf(tiny_llama_dir: pathlib.Path, hf_reference) -> None:  # type: ignore[no-untyped-def]
+    from model.config import ModelConfig
+    from model.loader import load_model
+    from model.parallel_context import ParallelContext
+    from worker.model_runner import ModelRunner
+
+    context = ParallelContext.single("cuda")
+    config = ModelConfig.from_path(str(tiny_llama_dir), dtype=torch.float32)
+    model = load_model(config, context)
+    runner = ModelRunner(model, context, block_size=BLOCK_SIZE, dtype=torch.float32)
+    runner.initialize_kv_cache(NUM_BLOCKS)
+    engine = MiniEngine(runner, chunk=5)
+    for req_id, prompt in PROMPTS.items():
+        engine.add(req_id, prompt)
+    assert engine.run_until(NEW_TOKENS) == hf_reference
