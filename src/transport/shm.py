@@ -83,7 +83,6 @@ class RingWriter:
         ring = self.ring
         with ring.using() as handles:
             header, view = handles.header, handles.view
-            self._check_readers_open(header)
             data = memoryview(frame).cast("B")
             total, slot_size, pos = len(data), ring.slot_size, 0
             for chunk in range(self._chunks(total)):
@@ -202,6 +201,36 @@ class RingReader:
         handles.header[self._seq_word] = self._seq
         handles.space_sems[self.index].release()
 
+    def _begin(self, handles: Any, deadline: float | None, once: bool) -> int | None:
+        if not self._take(handles, deadline, once=once):
+            return None
+        offset = self._slot()
+        total = int.from_bytes(handles.view[offset : offset + SLOT_HEADER], "little")
+        if total > self.max_message_size:
+            raise TransportBroken(
+                f"shm frame of {total} bytes exceeds the maximum of {self.max_message_size}"
+            )
+        return total
+
+    def _finish(self, handles: Any, total: int) -> Frame:
+        view, slot_size = handles.view, self.ring.slot_size
+        start = self._slot() + SLOT_HEADER
+        if total <= slot_size:
+            out: Frame = bytes(view[start : start + total])
+            self._free(handles)
+            return out
+        buffer = bytearray(total)
+        buffer[:slot_size] = view[start : start + slot_size]
+        self._free(handles)
+        pos = slot_size
+        while pos < total:
+            self._take(handles, None)
+            start, size = self._slot() + SLOT_HEADER, min(slot_size, total - pos)
+            buffer[pos : pos + size] = view[start : start + size]
+            self._free(handles)
+            pos += size
+        return buffer
+
     def begin(self, deadline: float | None = None, *, once: bool = False) -> int | None:
         """Take the first slot of the next frame; returns the frame's total size.
 
@@ -209,44 +238,20 @@ class RingReader:
         wait again instead of blocking the event loop).
         """
         with self.ring.using() as handles:
-            if not self._take(handles, deadline, once=once):
-                return None
-            offset = self._slot()
-            total = int.from_bytes(handles.view[offset : offset + SLOT_HEADER], "little")
-        if total > self.max_message_size:
-            raise TransportBroken(
-                f"shm frame of {total} bytes exceeds the maximum of {self.max_message_size}"
-            )
-        return total
+            return self._begin(handles, deadline, once)
 
     def finish(self, total: int) -> Frame:
         """Copy out the frame whose first slot `begin` took, waiting for the rest if needed."""
-        ring = self.ring
-        with ring.using() as handles:
-            view, slot_size = handles.view, ring.slot_size
-            start = self._slot() + SLOT_HEADER
-            if total <= slot_size:
-                out: Frame = bytes(view[start : start + total])
-                self._free(handles)
-                return out
-            buffer = bytearray(total)
-            buffer[:slot_size] = view[start : start + slot_size]
-            self._free(handles)
-            pos = slot_size
-            while pos < total:
-                self._take(handles, None)
-                start, size = self._slot() + SLOT_HEADER, min(slot_size, total - pos)
-                buffer[pos : pos + size] = view[start : start + size]
-                self._free(handles)
-                pos += size
-            return buffer
+        with self.ring.using() as handles:
+            return self._finish(handles, total)
 
     def read(self, timeout: float | None = None) -> Frame:
         """The next frame, blocking; TimeoutError if none starts within `timeout` seconds."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        total = self.begin(deadline)
-        assert total is not None  # begin() without `once` always takes a frame
-        return self.finish(total)
+        with self.ring.using() as handles:
+            total = self._begin(handles, deadline, False)
+            assert total is not None  # without `once`, _begin always takes a frame
+            return self._finish(handles, total)
 
     def close(self) -> None:
         """Mark this reader closed, wake the writer, release (and, as creator, unlink)."""
