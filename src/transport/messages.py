@@ -242,9 +242,6 @@ def _record_to_list(obj: Any) -> list[Any]:
     return [getattr(obj, name) for name in names]
 
 
-_packer_default = _record_to_list
-
-
 def encode(msg: Message) -> bytes:
     """The msgpack bytes of a top-level message. Raises ValueError for an unencodable value."""
     cls = type(msg)
@@ -252,7 +249,7 @@ def encode(msg: Message) -> bytes:
         raise ValueError(f"encode() takes a top-level message, not {cls.__name__}")
     fields = [getattr(msg, name) for name in _FIELD_NAMES[cls]]
     try:
-        return msgpack.packb([cls.TAG, *fields], default=_packer_default, use_bin_type=True)  # type: ignore[attr-defined]
+        return msgpack.packb([cls.TAG, *fields], default=_record_to_list, use_bin_type=True)  # type: ignore[attr-defined]
     except (TypeError, ValueError, OverflowError) as exc:
         raise ValueError(f"cannot encode {cls.__name__}: {exc}") from exc
 
