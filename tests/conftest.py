@@ -31,6 +31,11 @@ def _no_leaks_after_session():
     """After the whole session, no shared-memory name of ours and no child process remains."""
     before = set(our_shm_entries())
     yield
+    # Spawning workers starts multiprocessing's resource-tracker helper; it is the standard
+    # library's, not ours, and lives until asked to stop.
+    from multiprocessing import resource_tracker
+
+    resource_tracker._resource_tracker._stop()  # type: ignore[attr-defined]
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         leaked_shm = sorted(set(our_shm_entries()) - before)

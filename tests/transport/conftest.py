@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import anyio
@@ -53,12 +53,3 @@ async def pair(request: pytest.FixtureRequest) -> AsyncIterator[tuple[Transport,
     finally:
         await a.aclose()
         await b.aclose()
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _stop_resource_tracker() -> Iterator[None]:
-    """Spawning starts multiprocessing's resource-tracker process; stop it when we are done."""
-    yield
-    from multiprocessing import resource_tracker
-
-    resource_tracker._resource_tracker._stop()  # type: ignore[attr-defined]
