@@ -99,7 +99,7 @@ class Engine:
         finally:
             with anyio.CancelScope(shield=True):
                 for core in self._cores:
-                    await core.executor.shutdown()
+                    await core.aclose()
 
     def _make_scheduler(self, num_kv_blocks: int) -> Scheduler:
         cfg = self.config

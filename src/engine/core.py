@@ -206,8 +206,14 @@ class EngineCore:
             self._fail_all(exc)
             raise
         finally:
-            with anyio.CancelScope(shield=True):
-                await self.executor.shutdown()
+            await self.aclose()
+
+    async def aclose(self) -> None:
+        """Shut the worker group down and close the inbox. Idempotent."""
+        with anyio.CancelScope(shield=True):
+            await self.executor.shutdown()
+        self._inbox_send.close()
+        self._inbox.close()
 
     async def _wait_for_work(self, *, idle: bool, at_most: float | None = None) -> None:
         """When idle, sleep until a command arrives, a deadline passes or the workers fail."""
