@@ -55,6 +55,9 @@ class Engine:
         loop = asyncio.get_running_loop()
         ready: asyncio.Future[None] = loop.create_future()
         engine._supervisor = asyncio.create_task(engine._supervise(ready), name="shardline-engine")
+        # Its error is logged and handed to every caller; retrieving it here keeps asyncio from
+        # also reporting it as "never retrieved" when nobody awaits the engine's death.
+        engine._supervisor.add_done_callback(lambda t: t.cancelled() or t.exception())
         try:
             await asyncio.shield(ready)
         except BaseException:
@@ -159,7 +162,7 @@ class Engine:
             for name in (
                 "num_running", "num_waiting", "num_kv_blocks_total", "num_kv_blocks_used",
                 "num_preemptions", "prompt_tokens", "generation_tokens", "prefix_cache_hit_tokens",
-                "prompt_tokens_computed", "num_steps",
+                "prompt_tokens_computed", "num_steps", "num_restarts",
             ):  # fmt: skip
                 setattr(total, name, getattr(total, name) + getattr(one, name))
             for reason, count in one.requests_finished.items():

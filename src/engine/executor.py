@@ -250,7 +250,13 @@ class Executor:
                 self._all_ready.set()
         elif isinstance(msg, WorkerError):
             logger.error("worker rank %d failed (%s): %s\n%s", msg.rank, msg.kind, msg.message, msg.traceback)
-            self._fail(WorkerFailure(msg.rank, f"{msg.kind}: {msg.message}"))
+            dead = [r for r, h in self._handles.items() if not h.is_alive()]
+            if dead:
+                # A peer's death surfaces first as a collective error on the survivors:
+                # name the rank that actually died.
+                self._fail(WorkerFailure(dead[0], "process exited"))
+            else:
+                self._fail(WorkerFailure(msg.rank, f"{msg.kind}: {msg.message}"))
         else:
             logger.warning("unexpected %s from rank %d", type(msg).__name__, rank)
 
