@@ -1,16 +1,14 @@
 """Turn logits into tokens: penalties, temperature, top-k / top-p / min-p, seeds, logprobs.
 
-Order of operations (as vLLM): logprobs are taken from the raw logits; then repetition,
-frequency and presence penalties; then temperature; then top-k, top-p (on the top-k
-renormalised distribution) and min-p masks; then one draw per row.
+Order of operations (as vLLM V1): logprobs are taken from the raw logits; then repetition,
+frequency and presence penalties; then temperature; then min-p, top-k and top-p (over the
+top-k renormalised distribution); then one draw per row.
 
-A row is sampled with the *exponential race*: ``argmax(probs / q)`` with ``q ~ Exp(1)`` drawn
-from that request's own ``torch.Generator``. This is an exact sample from ``probs`` and the
-noise of a row depends only on its generator, so a seeded request produces the same tokens
-whatever else is in the batch. The generator is re-seeded from ``(seed, position of the token
-being sampled)`` before each draw, so the tokens also stay the same when a request's state is
-rebuilt (a worker restart, a request re-sent in full). Everything but the noise draw is
-vectorised over the batch.
+Randomness is counter-based: the token at position ``n`` of a request is drawn with the uniform
+number ``splitmix64(seed, n)``, inverted through that row's own CDF (``worker/draw.py``). A
+seeded request therefore produces the same tokens whatever else is in the batch, on any device,
+and also when its state is rebuilt (a worker restart, a request re-sent in full): nothing
+depends on how many draws came before. Everything else is vectorised over the batch.
 """
 
 from __future__ import annotations
@@ -22,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from transport.messages import SampleLogprobs, SamplingOptions
+from worker.draw import draw_tokens
 
 _SEED_MASK = (1 << 63) - 1
 _U64 = (1 << 64) - 1
@@ -56,7 +55,7 @@ def has_penalties(options: SamplingOptions) -> bool:
 
 
 class RequestSamplingState:
-    """What the sampler keeps per request: options, generator and penalty bookkeeping.
+    """What the sampler keeps per request: options, seed, position and penalty bookkeeping.
 
     Penalty tensors (a ``seen`` mask over prompt + output for the repetition penalty and
     output-token counts for presence/frequency) are updated incrementally as tokens arrive,
@@ -75,9 +74,7 @@ class RequestSamplingState:
         self.device = device
         self.seed = seed
         self.num_tokens = len(prompt_token_ids)  # position of the next token to sample
-        self.generator: torch.Generator | None = None
-        if not is_greedy(options):
-            self.generator = torch.Generator(device=device)
+        self.is_random = not is_greedy(options)
         self.needs_penalties = has_penalties(options)
         # Tokens not yet folded into the tensors (the vocab size is only known at sampling).
         self._pending_prompt: list[int] = list(prompt_token_ids) if self.needs_penalties else []
@@ -91,12 +88,9 @@ class RequestSamplingState:
         if self.needs_penalties:
             self._pending_output.extend(token_ids)
 
-    def next_generator(self) -> torch.Generator:
-        """The generator seeded for the token at the current position (random rows only)."""
-        if self.generator is None:
-            raise RuntimeError("a greedy request draws no random numbers")
-        self.generator.manual_seed(_mix(self.seed, self.num_tokens))
-        return self.generator
+    def next_uniform(self) -> float:
+        """The uniform number in [0, 1) for the token at the current position."""
+        return (_mix(self.seed, self.num_tokens) >> 10) / float(1 << 53)
 
     def penalty_tensors(self, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(seen [V] bool over prompt+output, output_counts [V] float32)``, brought up to date."""
@@ -180,53 +174,22 @@ def apply_penalties(logits: torch.Tensor, states: Sequence[RequestSamplingState]
 
 
 def _draw(logits: torch.Tensor, states: Sequence[RequestSamplingState]) -> torch.Tensor:
-    greedy_tokens = logits.argmax(dim=-1)
-    random_rows = [i for i, s in enumerate(states) if s.generator is not None]
+    tokens = logits.argmax(dim=-1)
+    random_rows = [i for i, s in enumerate(states) if s.is_random]
     if not random_rows:
-        return greedy_tokens
-    device = logits.device
+        return tokens
     opts = [states[i].options for i in random_rows]
-    sub = logits[random_rows] / torch.tensor(
-        [o.temperature for o in opts], dtype=torch.float32, device=device
-    ).unsqueeze(1)
-    sub = _mask_top_k_top_p(sub, [o.top_k for o in opts], [o.top_p for o in opts])
-    if any(o.min_p > 0.0 for o in opts):
-        min_p = torch.tensor([o.min_p for o in opts], dtype=torch.float32, device=device)
-        probs = torch.softmax(sub, dim=-1)
-        threshold = min_p.unsqueeze(1) * probs.max(dim=-1, keepdim=True).values
-        sub = sub.masked_fill(probs < threshold, float("-inf"))
-    probs = torch.softmax(sub, dim=-1)
-    noise = torch.empty_like(probs)
-    for row, index in enumerate(random_rows):
-        noise[row].exponential_(generator=states[index].next_generator())
-    noise.clamp_(min=1e-20)  # an exact 0 draw would divide 0 by 0 for a masked token
-    tokens = greedy_tokens.clone()
-    tokens[random_rows] = (probs / noise).argmax(dim=-1)
+    temperature = torch.tensor(
+        [o.temperature for o in opts], dtype=logits.dtype, device=logits.device
+    )
+    tokens[random_rows] = draw_tokens(
+        logits[random_rows] / temperature.unsqueeze(1),
+        top_k=[o.top_k for o in opts],
+        top_p=[o.top_p for o in opts],
+        min_p=[o.min_p for o in opts],
+        uniforms=[states[i].next_uniform() for i in random_rows],
+    )
     return tokens
-
-
-def _mask_top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
-    vocab_size = logits.shape[1]
-    use_k = any(0 < k < vocab_size for k in top_k)
-    use_p = any(p < 1.0 for p in top_p)
-    if not use_k and not use_p:
-        return logits
-    device = logits.device
-    sorted_logits, sorted_index = logits.sort(dim=-1, descending=True)
-    if use_k:
-        k = torch.tensor([k if 0 < k < vocab_size else vocab_size for k in top_k], device=device)
-        ranks = torch.arange(vocab_size, device=device).unsqueeze(0)
-        sorted_logits = sorted_logits.masked_fill(ranks >= k.unsqueeze(1), float("-inf"))
-    if use_p:
-        # p = 1 means off: +inf keeps every token, so a row never depends on its batch mates.
-        p = torch.tensor(
-            [p if p < 1.0 else float("inf") for p in top_p], dtype=torch.float32, device=device
-        ).unsqueeze(1)
-        sorted_probs = torch.softmax(sorted_logits, dim=-1)
-        # Drop a token when the tokens ranked above it already reach top_p (the first stays).
-        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
-        sorted_logits = sorted_logits.masked_fill(mass_before >= p, float("-inf"))
-    return torch.empty_like(logits).scatter_(1, sorted_index, sorted_logits)
 
 
 def _gather_logprobs(

@@ -1,0 +1,117 @@
+"""One draw per row from temperature-scaled logits, with min-p, top-k and top-p truncation.
+
+Each row is sampled by inverting its CDF at the row's own uniform number ``u``: the token is the
+first whose cumulative weight exceeds ``u * total``. Weights are ``exp(logit - row_max)`` in
+float64 and cumulated sequentially, so a row's result depends only on its own logits and
+``u``, never on which other rows share the batch.
+
+Truncation order (as vLLM V1): min-p (a ratio to the top probability), then top-k, then top-p
+over the top-k renormalised distribution. Top-k/top-p need tokens in probability order; rather
+than sorting the whole vocabulary per row, the rows are cut to their top ``C`` candidates with
+``topk`` (``C`` = the largest k, or ``CANDIDATES`` for rows with only top-p), falling back to a
+full sort only when the candidates do not cover a row's top-p mass. Masked candidates get
+weight 0, so ``C`` never changes a row's token.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+CANDIDATES = 1024  # top-p-only rows: look at this many tokens before sorting the vocabulary
+
+
+def draw_tokens(
+    logits: torch.Tensor,
+    *,
+    top_k: list[int],
+    top_p: list[float],
+    min_p: list[float],
+    uniforms: list[float],
+) -> torch.Tensor:
+    """Token ids (int64 [R]) for rows of temperature-scaled ``logits`` [R, V]."""
+    num_rows, vocab_size = logits.shape
+    device = logits.device
+    logits = _apply_min_p(logits, min_p)
+    u = torch.tensor(uniforms, dtype=torch.float64, device=device)
+    tokens = torch.empty(num_rows, dtype=torch.int64, device=device)
+    truncated = [0 < k < vocab_size or p < 1.0 for k, p in zip(top_k, top_p, strict=True)]
+    plain = [row for row, cut in enumerate(truncated) if not cut]
+    if plain:
+        tokens[plain] = _inverse_cdf(_weights(logits[plain]), u[plain])
+    cut_rows = [row for row, cut in enumerate(truncated) if cut]
+    if cut_rows:
+        tokens[cut_rows] = _draw_truncated(
+            logits[cut_rows],
+            [top_k[r] for r in cut_rows],
+            [top_p[r] for r in cut_rows],
+            u[cut_rows],
+        )
+    return tokens
+
+
+def _apply_min_p(logits: torch.Tensor, min_p: list[float]) -> torch.Tensor:
+    if not any(p > 0.0 for p in min_p):
+        return logits
+    # p_i < min_p * p_max  <=>  logit_i < logit_max + log(min_p); log(0) = -inf masks nothing.
+    offset = torch.tensor(
+        [math.log(p) if p > 0.0 else -math.inf for p in min_p],
+        dtype=logits.dtype,
+        device=logits.device,
+    )
+    threshold = logits.max(dim=-1, keepdim=True).values + offset.unsqueeze(1)
+    return logits.masked_fill(logits < threshold, -math.inf)
+
+
+def _weights(logits: torch.Tensor, row_max: torch.Tensor | None = None) -> torch.Tensor:
+    if row_max is None:
+        row_max = logits.max(dim=-1, keepdim=True).values
+    return torch.exp((logits - row_max).double())
+
+
+def _inverse_cdf(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    cdf = weights.cumsum(dim=-1)
+    target = (u * cdf[:, -1]).unsqueeze(1)
+    index = torch.searchsorted(cdf, target, right=True).squeeze(1)
+    return index.clamp_(max=weights.shape[1] - 1)
+
+
+def _draw_truncated(
+    logits: torch.Tensor, top_k: list[int], top_p: list[float], u: torch.Tensor
+) -> torch.Tensor:
+    vocab_size = logits.shape[1]
+    device = logits.device
+    k = [kk if 0 < kk < vocab_size else vocab_size for kk in top_k]
+    row_max = logits.max(dim=-1, keepdim=True).values
+    # A row without top-k takes top-p of the whole distribution: it needs the full mass.
+    no_k = [row for row, kk in enumerate(k) if kk == vocab_size]
+    full_mass = _weights(logits[no_k], row_max[no_k]).sum(dim=-1) if no_k else None
+    top_p_t = torch.tensor(
+        [p if p < 1.0 else math.inf for p in top_p], dtype=torch.float64, device=device
+    )
+
+    active_k = [kk for kk in k if kk < vocab_size]
+    num_candidates = max(k) if not no_k else min(vocab_size, max([CANDIDATES, *active_k]))
+    values, index = logits.topk(num_candidates, dim=-1)
+    weights = _weights(values, row_max)
+    if no_k and num_candidates < vocab_size and full_mass is not None:
+        covered = weights[no_k].sum(dim=-1) >= top_p_t[no_k] * full_mass
+        if not bool(covered.all()):
+            values, index = logits.sort(dim=-1, descending=True)
+            weights = _weights(values, row_max)
+            num_candidates = vocab_size
+
+    ranks = torch.arange(num_candidates, device=device).unsqueeze(0)
+    k_t = torch.tensor(k, device=device).unsqueeze(1)
+    weights = weights.masked_fill(ranks >= k_t, 0.0)
+    if any(p < 1.0 for p in top_p):
+        cdf = weights.cumsum(dim=-1)
+        total = cdf[:, -1].clone()  # the top-k mass (top-p renormalises over it) ...
+        if no_k and full_mass is not None:
+            total[no_k] = full_mass  # ... or the whole distribution's
+        mass_before = torch.cat([torch.zeros_like(cdf[:, :1]), cdf[:, :-1]], dim=-1)
+        # Keep a token while the tokens ranked above it hold less than top_p (the first stays).
+        weights = weights.masked_fill(mass_before >= (top_p_t * total).unsqueeze(1), 0.0)
+    positions = _inverse_cdf(weights, u)
+    return index.gather(1, positions.unsqueeze(1)).squeeze(1)
