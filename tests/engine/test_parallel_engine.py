@@ -1,0 +1,67 @@
+"""Pipeline and data parallelism through the engine: same greedy tokens as one process."""
+
+from __future__ import annotations
+
+import pathlib
+
+import anyio
+import pytest
+
+from engine import ConfigError, Engine, EngineConfig, EngineStats, SamplingParams
+
+GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+
+
+def _prompts(n: int) -> list[str]:
+    return [f"prompt {i}: " + "xy" * (i % 9) for i in range(n)]
+
+
+async def _run(cfg: EngineConfig, prompts: list[str]) -> tuple[list[list[int]], list[EngineStats]]:
+    results: list[list[int]] = [[] for _ in prompts]
+    async with await Engine.start(cfg) as engine:
+
+        async def one(i: int) -> None:
+            async for out in engine.generate(prompts[i], GREEDY):
+                results[i] = out.token_ids
+
+        async with anyio.create_task_group() as tg:
+            for i in range(len(prompts)):
+                tg.start_soon(one, i)
+        per_core = engine.per_core_stats()
+    return results, per_core
+
+
+def _cfg(path: pathlib.Path, **kw: object) -> EngineConfig:
+    base: dict[str, object] = dict(model=str(path), max_model_len=128, num_kv_blocks=128, block_size=4)
+    base.update(kw)
+    return EngineConfig(**base)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("tp", "pp"), [(1, 2), (2, 2)], ids=["pp2", "tp2xpp2"])
+async def test_pipeline_parallel_matches_single_process(tiny_llama_dir: pathlib.Path, tp: int, pp: int) -> None:
+    prompts = _prompts(6)
+    single, _ = await _run(_cfg(tiny_llama_dir, transport="inproc"), prompts)
+    split, _ = await _run(_cfg(tiny_llama_dir, tensor_parallel_size=tp, pipeline_parallel_size=pp), prompts)
+    assert split == single
+    assert all(len(t) == GREEDY.max_tokens for t in single)
+
+
+async def test_data_parallel_serves_100_requests_on_both_cores(tiny_llama_dir: pathlib.Path) -> None:
+    prompts = _prompts(100)
+    single, _ = await _run(_cfg(tiny_llama_dir, num_kv_blocks=512), prompts)
+    both, per_core = await _run(_cfg(tiny_llama_dir, num_kv_blocks=512, data_parallel_size=2), prompts)
+    assert both == single
+    assert len(per_core) == 2
+    served = [sum(s.requests_finished.values()) for s in per_core]
+    assert sum(served) == 100
+    assert min(served) > 0, f"one core took no requests: {served}"
+
+
+async def test_inconsistent_parallel_config_is_refused(tiny_llama_dir: pathlib.Path) -> None:
+    # The tiny model has 4 heads, 2 KV heads and 2 layers.
+    with pytest.raises(ConfigError, match="does not divide the model's 4 attention heads"):
+        await Engine.start(_cfg(tiny_llama_dir, tensor_parallel_size=3))
+    with pytest.raises(ConfigError, match="3 stages for a model of 2 layers"):
+        await Engine.start(_cfg(tiny_llama_dir, pipeline_parallel_size=3))
+    with pytest.raises(ConfigError, match="inproc"):
+        EngineConfig(model=str(tiny_llama_dir), transport="inproc", tensor_parallel_size=2)
