@@ -21,8 +21,10 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import signal
 import sys
 import threading
+import time
 import traceback
 from collections.abc import MutableMapping
 from typing import Any
@@ -46,6 +48,7 @@ from worker.config import WorkerConfig
 logger = logging.getLogger("worker")
 
 RECV_POLL_SECONDS = 1.0  # how often an idle worker checks that its parent is alive
+ORPHAN_GRACE_SECONDS = 2 * RECV_POLL_SECONDS  # then the heartbeat thread forces the exit
 
 
 class _RankAdapter(logging.LoggerAdapter):  # type: ignore[type-arg]
@@ -235,11 +238,16 @@ class Worker:
 
     def _heartbeat_loop(self) -> None:
         seq = 0
+        orphaned_since: float | None = None
         while not self._stop.wait(self.config.heartbeat_interval):
             if self.own_process and self._parent_gone():
-                # The main thread may be stuck in a collective with a dead peer: leave now.
-                self.log.error("parent process gone while busy; exiting")
-                os._exit(1)
+                # An idle main thread notices within RECV_POLL_SECONDS and exits cleanly; one
+                # stuck in a forward or a collective with a dead peer never will: leave for it.
+                now = time.monotonic()
+                orphaned_since = orphaned_since or now
+                if now - orphaned_since > ORPHAN_GRACE_SECONDS:
+                    self.log.error("parent process gone while busy; exiting")
+                    os._exit(1)
             seq += 1
             try:
                 self._channels.send(Heartbeat(rank=self.config.rank, seq=seq))
@@ -315,6 +323,9 @@ def _report_bad_config(config: Any, rank: int, exc: Exception) -> None:
 def run_worker(config: dict[str, Any]) -> None:
     """Spawned-process target: run one rank and exit with its status (0 = clean Shutdown)."""
     rank = config.get("rank", -1) if isinstance(config, dict) else -1
+    # Ctrl-C reaches the whole foreground process group; the engine decides when workers stop
+    # (Shutdown, or its death noticed through the parent check), so a worker ignores SIGINT.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _configure_process_logging(rank)
     try:
         worker = Worker(config, own_process=True)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import multiprocessing
 import os
 import pathlib
+import signal
+import sys
 import threading
 
 import anyio
@@ -76,6 +78,7 @@ async def test_spawned_worker_serves_a_step_and_exits_cleanly(tiny_llama_dir: pa
                 assert await recv_skipping_heartbeats(channels) == WorkerReady(
                     rank=0, num_kv_blocks=16
                 )
+                os.kill(process.pid, signal.SIGINT)  # Ctrl-C is the engine's business, not ours
                 await channels.broadcast(STEP)
                 result = await recv_skipping_heartbeats(channels)
                 assert result == StepResult(0, ["r0"], [expected], None)
@@ -89,6 +92,33 @@ async def test_spawned_worker_serves_a_step_and_exits_cleanly(tiny_llama_dir: pa
                 process.kill()
                 process.join()
     assert set(our_shm_entries()) - shm_before == set()
+
+
+async def test_spawned_worker_exits_when_its_parent_dies(tiny_llama_dir: pathlib.Path) -> None:
+    parent = await anyio.open_process([sys.executable, "-c", "import time; time.sleep(300)"])
+    process = None
+    try:
+        async with await open_engine_channels("shm", 1) as channels:
+            config = worker_config(channels.address, str(tiny_llama_dir), parent_pid=parent.pid)
+            process = multiprocessing.get_context("spawn").Process(
+                target=run_worker, args=(config,)
+            )
+            process.start()
+            with anyio.fail_after(120):
+                assert isinstance(await recv_skipping_heartbeats(channels), Hello)
+                assert isinstance(await recv_skipping_heartbeats(channels), WorkerReady)
+            parent.kill()
+            await parent.wait()
+            # Generous bound: the worker checks its parent every RECV_POLL_SECONDS when idle.
+            await anyio.to_thread.run_sync(process.join, 30)
+            assert process.exitcode == 0
+    finally:
+        if parent.returncode is None:
+            parent.kill()
+        await parent.aclose()
+        if process is not None and process.is_alive():
+            process.kill()
+            process.join()
 
 
 def run_in_thread(config: dict[str, object]) -> tuple[threading.Thread, list[int]]:
