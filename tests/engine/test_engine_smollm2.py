@@ -46,7 +46,7 @@ async def test_preemption_chunked_prefill_keep_tokens(
     """A KV pool too small for all requests at once forces preemption; a 16-token budget
     forces chunked prefill. Neither changes a greedy token."""
     cfg = EngineConfig(
-        model=str(smollm2_dir), max_model_len=128, num_kv_blocks=8, block_size=4,
+        model=str(smollm2_dir), max_model_len=128, num_kv_blocks=20, block_size=4,
         max_num_batched_tokens=16, enable_prefix_caching=False,
     )  # fmt: skip
     async with await Engine.start(cfg) as engine:
