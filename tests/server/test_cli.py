@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import pathlib
 import signal
+import subprocess
 
 import httpx
 import pytest
 
 from engine import cli
+from server.e2e_support import MAX_MODEL_LEN, MAX_TOKENS, PROMPTS, References, shardline_executable
 from server.helpers import assert_openai_error
 from server.process import fake_serve_command, server_process
 
@@ -107,3 +109,23 @@ def test_serve_exits_nonzero_when_the_engine_cannot_start(tmp_path: pathlib.Path
     with server_process(fake_serve_command(), tmp_path, env={"FAKE_START_FAIL": "1"}) as server:
         assert server.proc.wait(timeout=60) == 1
         assert "engine failed to start" in server.log()
+
+
+@pytest.mark.slow
+def test_generate_streams_the_engine_answer(references: References) -> None:
+    prompt = PROMPTS[0]
+    result = subprocess.run(
+        [shardline_executable(), "generate", prompt, "--no-chat", "--max-tokens", str(MAX_TOKENS),
+         "--max-model-len", str(MAX_MODEL_LEN), "--max-num-seqs", "8"],
+        capture_output=True, text=True, timeout=900,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == references.completions[prompt][0] + "\n"
+
+
+@pytest.mark.slow
+def test_fetch_prints_the_cached_model_directory() -> None:
+    result = subprocess.run([shardline_executable(), "fetch"], capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr
+    path = pathlib.Path(result.stdout.strip().splitlines()[-1])
+    assert (path / "config.json").is_file()

@@ -77,9 +77,26 @@ def real_schema(real_server: ServerProcess) -> schemathesis.schemas.BaseSchema:
 fuzz_schema = schemathesis.pytest.from_fixture("real_schema")
 
 
+FUZZ_MAX_TOKENS = 4
+
+
+def _bound_generation(body: object) -> None:
+    """Cap generation length (CPU decoding is slow); every other field stays as generated."""
+    if not isinstance(body, dict):
+        return
+    for field in ("max_tokens", "max_completion_tokens"):
+        value = body.get(field)
+        if isinstance(value, int) and not isinstance(value, bool) and value > FUZZ_MAX_TOKENS:
+            body[field] = FUZZ_MAX_TOKENS
+    if body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
+        body["max_tokens"] = FUZZ_MAX_TOKENS
+
+
 @fuzz_schema.parametrize()
 @settings(deadline=None, suppress_health_check=list(HealthCheck))
 def test_fuzz_real_server(case: schemathesis.Case) -> None:
+    if case.method == "POST":
+        _bound_generation(case.body)
     # A hang fails as a timeout: no request may take longer than this.
     response = case.call(timeout=120)
     check_response(response)
