@@ -82,9 +82,20 @@ def api_error_from(exc: BaseException) -> APIError:
     return APIError(500, f"internal error: {type(exc).__name__}", type="server_error", code="internal_error")
 
 
+_TYPE_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "none"})
+
+
 def _loc_to_param(loc: Sequence[Any]) -> str | None:
-    # FastAPI prefixes body fields with "body"; a bare ("body",) means the whole body.
-    parts = [str(p) for p in loc if p != "body"]
+    """`messages.0.role` from pydantic's location, minus FastAPI's "body" prefix and the
+    union-member tags pydantic inserts (`str`, `list[int]`, `constrained-str`, ...)."""
+    parts: list[str] = []
+    for part in loc:
+        if part == "body" and not parts:
+            continue
+        if isinstance(part, int) or (
+            isinstance(part, str) and part.isidentifier() and part.lower() not in _TYPE_TAGS
+        ):
+            parts.append(str(part))
     return ".".join(parts) or None
 
 

@@ -9,12 +9,16 @@ valid requests); `SamplingParams` stays the authority and checks them again.
 from __future__ import annotations
 
 import time
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 FinishReason = str
 """The engine's finish reason: "stop", "length", "abort" or "error"."""
+
+
+NonEmptyStr = Annotated[str, Field(min_length=1)]
+TokenId = Annotated[int, Field(ge=0)]
 
 
 class _Body(BaseModel):
@@ -37,11 +41,11 @@ class _SamplingFields(_Body):
     top_k: int | None = Field(default=None, ge=-1, description="-1 or 0: off")
     min_p: float | None = Field(default=None, ge=0, le=1)
     seed: int | None = None
-    stop: str | list[str] | None = None
+    stop: NonEmptyStr | list[NonEmptyStr] | None = None
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     repetition_penalty: float | None = Field(default=None, gt=0, allow_inf_nan=False)
-    n: int = Field(default=1, description="only 1 is supported")
+    n: Literal[1] = Field(default=1, description="only 1 is supported")
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -81,11 +85,13 @@ class ChatCompletionRequest(_SamplingFields):
 class CompletionRequest(_SamplingFields):
     """Body of `POST /v1/completions`."""
 
-    prompt: str | list[int] | list[str] | list[list[int]]
+    prompt: NonEmptyStr | list[TokenId] | list[str] | list[list[TokenId]] = Field(
+        description="one prompt: text or token ids (a one-element list is accepted too)"
+    )
     logprobs: int | None = Field(default=None, ge=0, le=20)
-    echo: bool = False
-    best_of: int | None = None
-    suffix: str | None = None
+    echo: Literal[False] = Field(default=False, description="not supported")
+    best_of: Literal[1] | None = Field(default=None, description="only 1 is supported")
+    suffix: Literal[""] | None = Field(default=None, description="not supported")
 
 
 # --- responses -------------------------------------------------------------------------
