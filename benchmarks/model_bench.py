@@ -1,0 +1,242 @@
+"""Forward time per step of the model layer vs transformers vs the machine's GEMM floor.
+
+Shapes (SmolLM2-135M-Instruct, float32, one process):
+* decode steps of 1, 8, 32 and 64 sequences, one new token each, every sequence with a
+  `--context` token history in the paged KV cache (transformers: a DynamicCache of the same
+  length, cropped back after each step so every timed step has the same shape);
+* a 512-token prefill of one sequence (logits for the last token only, on both sides).
+
+The floor is the step's FLOPs (2 x multiply-adds of every linear layer and the attention
+score/value products, plus the LM head for the tokens that need logits) divided by the
+float32 matmul rate measured on this machine with a large square GEMM.
+
+    python benchmarks/model_bench.py [--context 128] [--iters 10] [--threads 1] [--markdown PATH]
+
+Prints a table and writes JSON to benchmarks/out/model_bench.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from model.attention import Attention, AttentionMetadata
+from model.config import ModelConfig
+from model.fetch import fetch_default_model
+from model.loader import load_model
+from model.parallel_context import ParallelContext
+
+BLOCK_SIZE = 16
+DECODE_BATCHES = (1, 8, 32, 64)
+PREFILL_TOKENS = 512
+
+
+def timed_pair(first: Callable[[], Any], second: Callable[[], Any], iters: int,
+               warmup: int = 2) -> tuple[float, float]:
+    """Median seconds of each, run alternately so background load hits both alike."""
+    for _ in range(warmup):
+        first()
+        second()
+    a, b = [], []
+    for _ in range(iters):
+        a.append(_once(first))
+        b.append(_once(second))
+    return statistics.median(a), statistics.median(b)
+
+
+def memory_bandwidth(megabytes: int = 256, iters: int = 5) -> float:
+    """Measured bytes/s moved by a large tensor copy (read + write counted)."""
+    src = torch.randn(megabytes << 18)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    best = min(_once(lambda: dst.copy_(src)) for _ in range(iters))
+    return 2 * src.numel() * src.element_size() / best
+
+
+def gemm_rate(size: int = 2048, iters: int = 5) -> float:
+    """Measured float32 matmul FLOP/s (best of `iters` square GEMMs)."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    torch.mm(a, b)
+    best = min(_once(lambda: torch.mm(a, b)) for _ in range(iters))
+    return 2 * size**3 / best
+
+
+def _once(fn: Callable[[], Any]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def step_flops(cfg: Any, num_tokens: int, context: int, num_logits: int, causal_prefill: bool) -> float:
+    """FLOPs of one forward step (linear layers, attention products, LM head)."""
+    hidden, inter, layers = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
+    heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+    head_dim = getattr(cfg, "head_dim", None) or hidden // heads
+    per_token_linear = hidden * (heads + 2 * kv_heads) * head_dim + heads * head_dim * hidden
+    per_token_linear += 3 * hidden * inter
+    linear = 2 * per_token_linear * num_tokens * layers
+    # q.k and p.v: 2 products x 2 flops x heads x head_dim per attended key
+    if causal_prefill:
+        attended = num_tokens * (num_tokens + 1) / 2
+    else:
+        attended = num_tokens * (context + 1)
+    attention = 4 * heads * head_dim * attended * layers
+    return linear + attention + 2 * hidden * cfg.vocab_size * num_logits
+
+
+class Ours:
+    def __init__(self, path: pathlib.Path, max_tokens: int) -> None:
+        self.config = ModelConfig.from_path(path)
+        self.model = load_model(self.config, ParallelContext.single())
+        self.num_blocks = max_tokens // BLOCK_SIZE + 8
+        for module in self.model.modules():
+            if isinstance(module, Attention):
+                module.kv_cache = torch.zeros(self.num_blocks, 2, BLOCK_SIZE, module.num_kv_heads,
+                                              module.head_dim)
+
+    def prepare_decode(self, batch: int, context: int) -> Callable[[], Any]:
+        blocks_each = -(-(context + 1) // BLOCK_SIZE)
+        tables = [[1 + i * blocks_each + j for j in range(blocks_each)] for i in range(batch)]
+        gen = torch.Generator().manual_seed(0)
+        prompt = torch.randint(0, self.config.hf_config.vocab_size, (batch, context), generator=gen)
+        with torch.inference_mode():
+            for i in range(batch):  # fill the cache
+                attn = AttentionMetadata.build(query_lens=[context], context_lens=[0],
+                                               block_tables=[tables[i]], block_size=BLOCK_SIZE)
+                self.model(prompt[i], torch.arange(context), attn)
+        attn = AttentionMetadata.build(query_lens=[1] * batch, context_lens=[context] * batch,
+                                       block_tables=tables, block_size=BLOCK_SIZE)
+        ids = prompt[:, -1].clone()
+        positions = torch.full((batch,), context)
+
+        def step() -> torch.Tensor:
+            with torch.inference_mode():
+                return self.model.compute_logits(self.model(ids, positions, attn))
+
+        return step
+
+    def prepare_prefill(self, tokens: int) -> Callable[[], Any]:
+        table = list(range(1, -(-tokens // BLOCK_SIZE) + 1))
+        attn = AttentionMetadata.build(query_lens=[tokens], context_lens=[0], block_tables=[table],
+                                       block_size=BLOCK_SIZE)
+        ids = torch.randint(0, self.config.hf_config.vocab_size, (tokens,),
+                            generator=torch.Generator().manual_seed(1))
+
+        def step() -> torch.Tensor:
+            with torch.inference_mode():
+                hidden = self.model(ids, torch.arange(tokens), attn)
+                return self.model.compute_logits(hidden[-1:])
+
+        return step
+
+
+class Transformers:
+    def __init__(self, path: pathlib.Path) -> None:
+        from transformers import AutoModelForCausalLM
+
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        self.vocab = self.model.config.vocab_size
+
+    def prepare_decode(self, batch: int, context: int) -> Callable[[], Any]:
+        from transformers import DynamicCache
+
+        gen = torch.Generator().manual_seed(0)
+        prompt = torch.randint(0, self.vocab, (batch, context), generator=gen)
+        cache = DynamicCache(config=self.model.config)
+        with torch.inference_mode():
+            self.model(prompt, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        ids = prompt[:, -1:].clone()
+        positions = torch.full((batch, 1), context)
+
+        def step() -> torch.Tensor:
+            with torch.inference_mode():
+                out = self.model(ids, position_ids=positions, past_key_values=cache, use_cache=True)
+                cache.crop(-1)  # drop the appended token: every step has the same shape
+                return out.logits
+
+        return step
+
+    def prepare_prefill(self, tokens: int) -> Callable[[], Any]:
+        ids = torch.randint(0, self.vocab, (1, tokens), generator=torch.Generator().manual_seed(1))
+
+        def step() -> torch.Tensor:
+            with torch.inference_mode():
+                return self.model(ids, use_cache=False, logits_to_keep=1).logits
+
+        return step
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--context", type=int, default=128, help="cached tokens per decode sequence")
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--markdown", type=pathlib.Path, help="also write the table here")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads for both sides (default 1: on a shared 2-core box, "
+                             "multi-threaded GEMMs stall on busy cores)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    path = fetch_default_model()
+    rate = gemm_rate()
+    bandwidth = memory_bandwidth()
+    max_tokens = max(max(DECODE_BATCHES) * (args.context + BLOCK_SIZE), PREFILL_TOKENS + BLOCK_SIZE)
+    ours, theirs = Ours(path, max_tokens), Transformers(path)
+    cfg = ours.config.hf_config
+    weight_bytes = sum(p.numel() * p.element_size() for p in ours.model.parameters())
+    memory_floor_s = weight_bytes / bandwidth  # every step streams every weight once
+    shapes: list[tuple[str, Callable[[Any], Callable[[], Any]], float]] = []
+    for batch in DECODE_BATCHES:
+        shapes.append((f"decode x{batch} (ctx {args.context})",
+                       lambda m, b=batch: m.prepare_decode(b, args.context),
+                       step_flops(cfg, batch, args.context, batch, causal_prefill=False)))
+    shapes.append((f"prefill {PREFILL_TOKENS}", lambda m: m.prepare_prefill(PREFILL_TOKENS),
+                   step_flops(cfg, PREFILL_TOKENS, 0, 1, causal_prefill=True)))
+
+    rows = []
+    for name, prepare, flops in shapes:
+        ours_s, theirs_s = timed_pair(prepare(ours), prepare(theirs), args.iters)
+        floor_s = flops / rate
+        rows.append({"shape": name, "shardline_ms": ours_s * 1e3, "transformers_ms": theirs_s * 1e3,
+                     "speedup_vs_transformers": theirs_s / ours_s, "gemm_floor_ms": floor_s * 1e3,
+                     "shardline_over_gemm_floor": ours_s / floor_s,
+                     "memory_floor_ms": memory_floor_s * 1e3,
+                     "shardline_over_roofline": ours_s / max(floor_s, memory_floor_s),
+                     "gflop": flops / 1e9})
+
+    header = ("| shape | shardline ms | transformers ms | speed-up | GEMM floor ms | x GEMM floor "
+              "| weight-read floor ms | x max(floors) |\n|---|---:|---:|---:|---:|---:|---:|---:|")
+    lines = [header] + [
+        f"| {r['shape']} | {r['shardline_ms']:.1f} | {r['transformers_ms']:.1f} | "
+        f"{r['speedup_vs_transformers']:.2f}x | {r['gemm_floor_ms']:.2f} | "
+        f"{r['shardline_over_gemm_floor']:.1f} | {r['memory_floor_ms']:.1f} | "
+        f"{r['shardline_over_roofline']:.1f} |"
+        for r in rows
+    ]
+    machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+               f"torch {torch.__version__} ({torch.get_num_threads()} threads), "
+               f"measured float32 GEMM rate {rate / 1e9:.1f} GFLOP/s, copy bandwidth "
+               f"{bandwidth / 1e9:.1f} GB/s, weights {weight_bytes / 1e6:.0f} MB")
+    table = "\n".join(lines)
+    print(machine)
+    print(table)
+    out_dir = pathlib.Path(__file__).resolve().parent / "out"
+    out_dir.mkdir(exist_ok=True)
+    (out_dir / "model_bench.json").write_text(json.dumps(
+        {"machine": machine, "gemm_flops_per_s": rate, "copy_bytes_per_s": bandwidth,
+         "context": args.context, "rows": rows}, indent=2))
+    if args.markdown:
+        args.markdown.write_text(f"{machine}\n\n{table}\n")
+
+
+if __name__ == "__main__":
+    main()

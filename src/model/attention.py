@@ -1,0 +1,209 @@
+"""Paged attention over a flattened batch, in plain torch (SDPA and gathers), CPU and CUDA.
+
+The batch is every scheduled token of every request, concatenated: request i owns query rows
+`query_start_loc[i]:query_start_loc[i + 1]`. Before attending, the new K/V rows are written into
+this layer's block tensor at `slot_mapping` (`block_id * block_size + offset`). Then:
+
+* a request with no cached prefix (a fresh prefill) attends causally over its own new K/V;
+* a request with a cached prefix (prefix-cache hit, later prefill chunk) gathers its blocks and
+  attends with the causal mask shifted by its context length;
+* one-token requests (decode) are batched: one gather of all their blocks, one masked SDPA.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class AttentionMetadata:
+    """Where each request's queries sit in the flat batch and where its K/V live in the cache."""
+
+    slot_mapping: torch.Tensor  # int64 [num_tokens]
+    query_start_loc: torch.Tensor  # int32 [num_seqs + 1]
+    seq_lens: torch.Tensor  # int32 [num_seqs], context length after this step
+    context_lens: torch.Tensor  # int32 [num_seqs], tokens cached before this step
+    block_tables: torch.Tensor  # int32 [num_seqs, max_blocks], padding = 0
+    max_query_len: int
+    max_seq_len: int
+    query_start_loc_cpu: list[int]
+    seq_lens_cpu: list[int]
+    block_size: int
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seq_lens_cpu)
+
+    @classmethod
+    def build(
+        cls,
+        *,
+        query_lens: list[int],
+        context_lens: list[int],
+        block_tables: list[list[int]],
+        block_size: int,
+        device: torch.device | str = "cpu",
+    ) -> AttentionMetadata:
+        """Metadata for requests computing `query_lens[i]` tokens after `context_lens[i]`."""
+        if not len(query_lens) == len(context_lens) == len(block_tables):
+            raise ValueError("query_lens, context_lens and block_tables must have one entry per request")
+        seq_lens = [c + q for c, q in zip(context_lens, query_lens, strict=True)]
+        slots: list[int] = []
+        for table, ctx_len, seq_len in zip(block_tables, context_lens, seq_lens, strict=True):
+            if len(table) * block_size < seq_len:
+                raise ValueError(
+                    f"a block table of {len(table)} blocks of {block_size} cannot hold {seq_len} tokens"
+                )
+            slots.extend(table[p // block_size] * block_size + p % block_size
+                         for p in range(ctx_len, seq_len))
+        starts = [0]
+        for q in query_lens:
+            starts.append(starts[-1] + q)
+        width = max((len(t) for t in block_tables), default=0)
+        padded = [list(t) + [0] * (width - len(t)) for t in block_tables]
+        return cls(
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
+            query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
+            context_lens=torch.tensor(context_lens, dtype=torch.int32, device=device),
+            block_tables=torch.tensor(padded, dtype=torch.int32, device=device).view(len(padded), width),
+            max_query_len=max(query_lens, default=0),
+            max_seq_len=max(seq_lens, default=0),
+            query_start_loc_cpu=starts,
+            seq_lens_cpu=seq_lens,
+            block_size=block_size,
+        )
+
+
+class Attention(nn.Module):
+    """Attention for one decoder layer over its slice of the paged KV cache.
+
+    `num_heads` / `num_kv_heads` are this rank's (after TP sharding or KV replication). The
+    worker's runner assigns `kv_cache` (`[num_blocks, 2, block_size, num_kv_heads, head_dim]`);
+    until then only fresh prefills (no cached context) can run, which is what profiling and
+    one-shot scoring need.
+    """
+
+    def __init__(self, num_heads: int, head_dim: int, scale: float, num_kv_heads: int) -> None:
+        super().__init__()
+        if num_heads % num_kv_heads != 0:
+            raise ValueError(f"num_heads={num_heads} is not a multiple of num_kv_heads={num_kv_heads}")
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.scale = scale
+        self.num_kv_heads = num_kv_heads
+        self.kv_cache = torch.empty(0)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                attn: AttentionMetadata) -> torch.Tensor:
+        """q `[T, heads * head_dim]`, k/v `[T, kv_heads * head_dim]` -> `[T, heads * head_dim]`."""
+        num_tokens = q.shape[0]
+        q = q.view(num_tokens, self.num_heads, self.head_dim)
+        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        has_cache = self.kv_cache.numel() > 0
+        if has_cache:
+            self._store_kv(k, v, attn)
+        out = torch.empty_like(q)
+        if has_cache and attn.max_query_len == 1 and num_tokens == attn.num_seqs:
+            # Decode-only batch: no per-request Python work at all.
+            self._attend_decode(q, out, attn, None)
+            return out.view(num_tokens, self.num_heads * self.head_dim)
+        starts, seq_lens = attn.query_start_loc_cpu, attn.seq_lens_cpu
+        decode_seqs: list[int] = []
+        for i, seq_len in enumerate(seq_lens):
+            start, end = starts[i], starts[i + 1]
+            query_len = end - start
+            context_len = seq_len - query_len
+            if query_len == 0:
+                continue
+            if context_len == 0:
+                out[start:end] = self._attend_fresh(q[start:end], k[start:end], v[start:end])
+            elif not has_cache:
+                raise RuntimeError(
+                    "a request with cached context needs a KV cache, but this layer's kv_cache is unset"
+                )
+            elif query_len == 1:
+                decode_seqs.append(i)
+            else:
+                out[start:end] = self._attend_with_prefix(q[start:end], attn, i, context_len)
+        if decode_seqs:
+            self._attend_decode(q, out, attn, decode_seqs)
+        return out.view(num_tokens, self.num_heads * self.head_dim)
+
+    def _store_kv(self, k: torch.Tensor, v: torch.Tensor, attn: AttentionMetadata) -> None:
+        block_size = self.kv_cache.shape[2]
+        blocks = torch.div(attn.slot_mapping, block_size, rounding_mode="floor")
+        offsets = attn.slot_mapping % block_size
+        self.kv_cache[blocks, 0, offsets] = k
+        self.kv_cache[blocks, 1, offsets] = v
+
+    def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
+        # q [..., heads, Lq, D], k/v [..., kv_heads, Lk, D]
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal, scale=self.scale,
+            enable_gqa=self.num_heads != self.num_kv_heads,
+        )
+
+    def _attend_fresh(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        out = self._sdpa(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), None, True)
+        return out.transpose(0, 1)
+
+    def _gather(self, block_ids: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V `[..., kv_heads, length, D]` of the blocks `block_ids` (`[..., num_blocks]`).
+
+        The cache viewed as rows `[num_blocks * 2, block_size * kv_heads * D]` holds block b's
+        K at row 2b and V at row 2b + 1, so each is one contiguous row gather (a memcpy per
+        block); what follows is views only.
+        """
+        num_blocks, _, block_size = self.kv_cache.shape[:3]
+        rows = self.kv_cache.view(num_blocks * 2, -1)
+        lead = block_ids.shape[:-1]
+        flat_ids = block_ids.reshape(-1) * 2
+        out = []
+        for which in (0, 1):
+            part = rows.index_select(0, flat_ids + which)
+            part = part.view(*lead, block_ids.shape[-1] * block_size, self.num_kv_heads, self.head_dim)
+            out.append(part[..., :length, :, :].transpose(-3, -2))
+        return out[0], out[1]
+
+    def _attend_with_prefix(self, q: torch.Tensor, attn: AttentionMetadata, seq: int,
+                            context_len: int) -> torch.Tensor:
+        seq_len = attn.seq_lens_cpu[seq]
+        block_size = self.kv_cache.shape[2]
+        num_blocks = -(-seq_len // block_size)
+        key, value = self._gather(attn.block_tables[seq, :num_blocks].long(), seq_len)
+        query_pos = torch.arange(context_len, seq_len, device=q.device)
+        key_pos = torch.arange(seq_len, device=q.device)
+        mask = key_pos[None, :] <= query_pos[:, None]  # [Lq, Lk], True = may attend
+        return self._sdpa(q.transpose(0, 1), key, value, mask, False).transpose(0, 1)
+
+    def _attend_decode(self, q: torch.Tensor, out: torch.Tensor, attn: AttentionMetadata,
+                       seqs: list[int] | None) -> None:
+        """One-token queries of `seqs` (None: every request, one token each) in one SDPA."""
+        block_size = self.kv_cache.shape[2]
+        if seqs is None:
+            seq_lens = attn.seq_lens
+            max_len = attn.max_seq_len
+            tables = attn.block_tables
+        else:
+            rows = torch.tensor([attn.query_start_loc_cpu[i] for i in seqs], device=q.device)
+            index = torch.tensor(seqs, device=q.device)
+            seq_lens = attn.seq_lens[index]
+            max_len = max(attn.seq_lens_cpu[i] for i in seqs)
+            tables = attn.block_tables[index]
+        num_blocks = -(-max_len // block_size)
+        key, value = self._gather(tables[:, :num_blocks].long(), max_len)  # [S, kvh, L, D]
+        key_pos = torch.arange(max_len, device=q.device)
+        mask = (key_pos[None, :] < seq_lens[:, None].long())[:, None, None, :]  # [S, 1, 1, L]
+        query = (q if seqs is None else q[rows]).unsqueeze(2)  # [S, heads, 1, D]
+        result = self._sdpa(query, key, value, mask, False).squeeze(2)
+        if seqs is None:
+            out.copy_(result)
+        else:
+            out[rows] = result

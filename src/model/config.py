@@ -1,0 +1,213 @@
+"""What a worker needs to know about a checkpoint before building the model."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any, ClassVar
+
+import torch
+
+# GGUF files name a model family, not a transformers class.
+GGUF_ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+}
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+
+
+def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
+    """torch dtype from a dtype or its name; None means float32 (the CPU default)."""
+    if dtype is None or dtype == "auto":
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return _DTYPES[dtype.lower().removeprefix("torch.")]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}; known: {', '.join(sorted(_DTYPES))}") from None
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A local checkpoint (Hugging Face directory or GGUF file) and how to run it."""
+
+    path: str
+    hf_config: Any
+    architecture: str
+    dtype: torch.dtype
+    max_model_len: int
+    gguf_file: str | None = None  # set when the weights come from a GGUF file
+
+    @classmethod
+    def from_path(
+        cls,
+        path: str | pathlib.Path,
+        *,
+        dtype: torch.dtype | str | None = None,
+        architecture: str | None = None,
+        max_model_len: int | None = None,
+    ) -> ModelConfig:
+        """Read `config.json` (or a GGUF file's metadata) at `path`."""
+        root = pathlib.Path(path).expanduser()
+        if not root.exists():
+            raise FileNotFoundError(f"model path {str(root)!r} does not exist")
+        gguf_file: pathlib.Path | None = None
+        if root.is_file():
+            if root.suffix != ".gguf":
+                raise ValueError(f"{str(root)!r} is a file but not a .gguf; pass a model directory")
+            gguf_file = root
+        elif not (root / "config.json").is_file():
+            ggufs = sorted(root.glob("*.gguf"))
+            if len(ggufs) != 1:
+                raise FileNotFoundError(
+                    f"{str(root)!r} has no config.json"
+                    + (f" and {len(ggufs)} .gguf files (expected one)" if ggufs else " and no .gguf file")
+                )
+            gguf_file = ggufs[0]
+        hf_config = _read_gguf_config(gguf_file) if gguf_file else _read_hf_config(root)
+        arch = architecture or _architecture_of(hf_config)
+        limit = getattr(hf_config, "max_position_embeddings", None) or 2048
+        window = getattr(hf_config, "sliding_window", None)
+        if window and getattr(hf_config, "use_sliding_window", True):
+            # Attention here is full; beyond the window it would differ from the model's.
+            limit = min(limit, int(window))
+        if max_model_len is None:
+            max_model_len = int(limit)
+        elif max_model_len < 1 or max_model_len > limit:
+            raise ValueError(
+                f"max_model_len={max_model_len} must be between 1 and the model's limit {limit}"
+            )
+        return cls(
+            path=str(root),
+            hf_config=hf_config,
+            architecture=arch,
+            dtype=parse_dtype(dtype),
+            max_model_len=max_model_len,
+            gguf_file=str(gguf_file) if gguf_file else None,
+        )
+
+
+class HFConfig(SimpleNamespace):
+    """`config.json` as attributes, with the Llama-family defaults transformers would fill in.
+
+    Read without importing transformers (whose config classes cost seconds of import time in
+    every worker process); `to_dict()` and `get()` cover what callers use of PretrainedConfig.
+    """
+
+    DEFAULTS: ClassVar[dict[str, Any]] = {
+        "architectures": None,
+        "hidden_act": "silu",
+        "rms_norm_eps": 1e-6,
+        "max_position_embeddings": 2048,
+        "tie_word_embeddings": False,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "rope_theta": 10000.0,
+        "rope_scaling": None,
+        "head_dim": None,
+        "sliding_window": None,
+        "bos_token_id": None,
+        "eos_token_id": None,
+        "pad_token_id": None,
+    }
+
+    def __init__(self, **values: Any) -> None:
+        merged = dict(self.DEFAULTS)
+        merged.update(values)
+        if merged.get("num_key_value_heads") is None and "num_attention_heads" in merged:
+            merged["num_key_value_heads"] = merged["num_attention_heads"]
+        super().__init__(**merged)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(vars(self))
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return getattr(self, key, default)
+
+
+def _read_hf_config(root: pathlib.Path) -> HFConfig:
+    try:
+        values = json.loads((root / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cannot read {str(root / 'config.json')!r}: {exc}") from exc
+    if not isinstance(values, dict):
+        raise ValueError(f"{str(root / 'config.json')!r} is not a JSON object")
+    return HFConfig(**values)
+
+
+# GGUF metadata key (after the "<arch>." prefix) -> config attribute
+_GGUF_KEYS = {
+    "block_count": "num_hidden_layers",
+    "context_length": "max_position_embeddings",
+    "embedding_length": "hidden_size",
+    "feed_forward_length": "intermediate_size",
+    "attention.head_count": "num_attention_heads",
+    "attention.head_count_kv": "num_key_value_heads",
+    "rope.freq_base": "rope_theta",
+    "attention.layer_norm_rms_epsilon": "rms_norm_eps",
+    "vocab_size": "vocab_size",
+    "attention.key_length": "head_dim",
+}
+
+
+def _read_gguf_config(gguf_file: pathlib.Path) -> HFConfig:
+    """A config from a GGUF file's metadata (llama.cpp key names)."""
+    import gguf
+
+    from model.errors import CheckpointError
+
+    try:
+        reader = gguf.GGUFReader(str(gguf_file))
+        fields = {name: field.contents() for name, field in reader.fields.items()
+                  if not name.startswith("tokenizer.ggml.")}
+        tensor_names = {t.name for t in reader.tensors}
+        vocab = reader.fields.get("tokenizer.ggml.tokens")
+        vocab_size = len(vocab.data) if vocab is not None else None
+    except Exception as exc:  # the reader raises assorted types on bad bytes
+        raise CheckpointError(f"corrupt GGUF file {str(gguf_file)!r}: {exc}") from exc
+    arch = fields.get("general.architecture")
+    if arch not in GGUF_ARCHITECTURES:
+        raise CheckpointError(
+            f"GGUF file {str(gguf_file)!r} holds a {arch!r} model; supported: "
+            f"{', '.join(sorted(GGUF_ARCHITECTURES))}"
+        )
+    values: dict[str, Any] = {"model_type": arch, "architectures": [GGUF_ARCHITECTURES[arch]]}
+    for key, attr in _GGUF_KEYS.items():
+        if f"{arch}.{key}" in fields:
+            values[attr] = fields[f"{arch}.{key}"]
+    values.setdefault("vocab_size", vocab_size)
+    values["tie_word_embeddings"] = "output.weight" not in tensor_names
+    values["attention_bias"] = False
+    for key, attr in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
+                      ("padding_token_id", "pad_token_id")):
+        if f"tokenizer.ggml.{key}" in reader.fields:
+            values[attr] = reader.fields[f"tokenizer.ggml.{key}"].contents()
+    missing = [a for a in ("num_hidden_layers", "hidden_size", "intermediate_size",
+                           "num_attention_heads", "vocab_size") if values.get(a) is None]
+    if missing:
+        raise CheckpointError(f"GGUF file {str(gguf_file)!r} lacks metadata for {missing}")
+    return HFConfig(**values)
+
+
+def _architecture_of(hf_config: Any) -> str:
+    archs = getattr(hf_config, "architectures", None) or []
+    if archs:
+        return str(archs[0])
+    model_type = getattr(hf_config, "model_type", None)
+    if model_type in GGUF_ARCHITECTURES:
+        return GGUF_ARCHITECTURES[model_type]
+    raise ValueError(
+        f"config has no 'architectures' entry (model_type={model_type!r}); pass architecture="
+    )

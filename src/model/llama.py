@@ -1,0 +1,273 @@
+"""Llama-family decoders (Llama, Mistral, Qwen2, SmolLM2) built from the parallel layers.
+
+One class covers the family; the differences are config values (rope settings, head_dim,
+tied embeddings) and, for Qwen2, biases on the q/k/v projections. Under pipeline parallelism a
+stage builds only its layer range (the others are empty placeholders so checkpoint names keep
+their indices); a non-last stage returns `(hidden, residual)` for the next stage.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from model.attention import Attention, AttentionMetadata
+from model.config import ModelConfig
+from model.errors import CheckpointError
+from model.layers import RMSNorm, RotaryEmbedding, SiluAndMul, rope_parameters
+from model.parallel import (
+    MergedColumnParallelLinear,
+    ParallelLMHead,
+    QKVParallelLinear,
+    RowParallelLinear,
+    ShardShapeError,
+    VocabParallelEmbedding,
+)
+from model.parallel.utils import copy_checked, read
+from model.parallel_context import ParallelContext
+
+# (fused parameter, checkpoint name part, shard id)
+STACKED_PARAMS = (
+    ("qkv_proj", "q_proj", "q"),
+    ("qkv_proj", "k_proj", "k"),
+    ("qkv_proj", "v_proj", "v"),
+    ("gate_up_proj", "gate_proj", 0),
+    ("gate_up_proj", "up_proj", 1),
+)
+_LAYER_INDEX = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+def pp_layer_range(num_layers: int, pp_rank: int, pp_size: int) -> tuple[int, int]:
+    """`[start, end)` of the decoder layers on pipeline stage `pp_rank` (even split; the
+    first `num_layers % pp_size` stages take one extra layer)."""
+    if pp_size > num_layers:
+        raise ValueError(f"pipeline_parallel_size={pp_size} exceeds the {num_layers} layers")
+    base, extra = divmod(num_layers, pp_size)
+    start = pp_rank * base + min(pp_rank, extra)
+    return start, start + base + (1 if pp_rank < extra else 0)
+
+
+def default_weight_loader(param: nn.Parameter, loaded: Any, shard_id: Any = None) -> None:
+    """Replicated parameters (norms): the whole tensor, shape-checked."""
+    copy_checked(param.data, read(loaded))
+
+
+class MissingLayer(nn.Module):
+    """Placeholder for a decoder layer that lives on another pipeline stage."""
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, config: Any, ctx: ParallelContext, qkv_bias: bool, o_bias: bool,
+                 dtype: torch.dtype) -> None:
+        super().__init__()
+        hidden_size = config.hidden_size
+        num_heads = config.num_attention_heads
+        num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
+        head_dim = getattr(config, "head_dim", None) or hidden_size // num_heads
+        self.qkv_proj = QKVParallelLinear(hidden_size, head_dim, num_heads, num_kv_heads,
+                                          qkv_bias, ctx, dtype=dtype)
+        self.o_proj = RowParallelLinear(num_heads * head_dim, hidden_size, o_bias, ctx, dtype=dtype)
+        self.q_size = self.qkv_proj.q_size
+        self.kv_size = self.qkv_proj.kv_size
+        self.attn = Attention(self.qkv_proj.num_heads, head_dim, head_dim**-0.5,
+                              self.qkv_proj.num_kv_heads)
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, attn: AttentionMetadata,
+                rotary: RotaryEmbedding) -> torch.Tensor:
+        qkv = self.qkv_proj(hidden)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q, k = rotary(positions, q, k)
+        return self.o_proj(self.attn(q, k, v, attn))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, config: Any, ctx: ParallelContext, dtype: torch.dtype) -> None:
+        super().__init__()
+        act = getattr(config, "hidden_act", "silu")
+        if act != "silu":
+            raise ValueError(f"hidden_act={act!r} is not supported; only 'silu' (SwiGLU) is")
+        bias = bool(getattr(config, "mlp_bias", False))
+        size = config.intermediate_size
+        self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [size, size], bias, ctx,
+                                                       dtype=dtype)
+        self.down_proj = RowParallelLinear(size, config.hidden_size, bias, ctx, dtype=dtype)
+        self.act_fn = SiluAndMul()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, config: Any, ctx: ParallelContext, qkv_bias: bool, o_bias: bool,
+                 dtype: torch.dtype) -> None:
+        super().__init__()
+        eps = config.rms_norm_eps
+        self.input_layernorm = RMSNorm(config.hidden_size, eps, dtype)
+        self.self_attn = LlamaAttention(config, ctx, qkv_bias, o_bias, dtype)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps, dtype)
+        self.mlp = LlamaMLP(config, ctx, dtype)
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor,
+                residual: torch.Tensor | None, attn: AttentionMetadata,
+                rotary: RotaryEmbedding) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            residual = hidden
+            hidden = self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(positions, hidden, attn, rotary)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config: Any, ctx: ParallelContext, max_model_len: int, qkv_bias: bool,
+                 o_bias: bool, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.ctx = ctx
+        self.start_layer, self.end_layer = pp_layer_range(config.num_hidden_layers, ctx.pp_rank,
+                                                          ctx.pp_size)
+        if ctx.is_first_pp_rank:
+            self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, ctx,
+                                                       dtype=dtype)
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(config, ctx, qkv_bias, o_bias, dtype)
+            if self.start_layer <= i < self.end_layer else MissingLayer()
+            for i in range(config.num_hidden_layers)
+        )
+        if ctx.is_last_pp_rank:
+            self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        head_dim = (getattr(config, "head_dim", None)
+                    or config.hidden_size // config.num_attention_heads)
+        self.rotary_emb = RotaryEmbedding(head_dim, max_model_len, rope_parameters(config), dtype)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionMetadata,
+                intermediate_tensors: tuple[torch.Tensor, torch.Tensor] | None = None) -> Any:
+        residual: torch.Tensor | None
+        if self.ctx.is_first_pp_rank:
+            hidden, residual = self.embed_tokens(input_ids), None
+        else:
+            if intermediate_tensors is None:
+                raise ValueError("a non-first pipeline stage needs intermediate_tensors")
+            hidden, residual = intermediate_tensors
+        for i in range(self.start_layer, self.end_layer):
+            hidden, residual = self.layers[i](positions, hidden, residual, attn, self.rotary_emb)
+        if not self.ctx.is_last_pp_rank:
+            return hidden, residual
+        hidden, _ = self.norm(hidden, residual)
+        return hidden
+
+
+class LlamaForCausalLM(nn.Module):
+    """Llama / SmolLM2 (and, via subclasses, Mistral and Qwen2) causal LM, TP/PP aware."""
+
+    supports_lazy_weights = True  # load_weights accepts lazy checkpoint slices
+    qkv_bias_default = False
+
+    def __init__(self, model_config: ModelConfig, parallel_context: ParallelContext) -> None:
+        super().__init__()
+        config = model_config.hf_config
+        self.config = config
+        self.ctx = parallel_context
+        attention_bias = bool(getattr(config, "attention_bias", False))
+        qkv_bias = self.qkv_bias_default or attention_bias
+        self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
+        dtype = model_config.dtype
+        self.model = LlamaModel(config, parallel_context, model_config.max_model_len, qkv_bias,
+                                attention_bias, dtype)
+        if parallel_context.is_last_pp_rank:
+            self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, parallel_context,
+                                          dtype=dtype)
+            if self.tie_word_embeddings and parallel_context.is_first_pp_rank:
+                self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionMetadata,
+                intermediate_tensors: tuple[torch.Tensor, torch.Tensor] | None = None) -> Any:
+        """Hidden states `[T, H]` (last stage) or `(hidden, residual)` (other stages)."""
+        return self.model(input_ids, positions, attn, intermediate_tensors)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Full-vocabulary logits `[N, vocab]`, the same on every TP rank."""
+        if not self.ctx.is_last_pp_rank:
+            raise RuntimeError("compute_logits runs on the last pipeline stage only")
+        return self.lm_head(hidden)
+
+    def load_weights(self, weights: Iterable[tuple[str, Any]]) -> None:
+        """Load Hugging Face-named tensors; each parameter takes this rank's shard.
+
+        Raises CheckpointError naming the tensor when one has the wrong shape, is not expected,
+        or (at the end) when a tensor this rank needs never came.
+        """
+        params = dict(self.named_parameters())
+        needed = self._needed_tensors(params)
+        for name, tensor in weights:
+            if "rotary_emb." in name:
+                continue
+            if name == "model.embed_tokens.weight" and "lm_head.weight" in params \
+                    and self.tie_word_embeddings and "model.embed_tokens.weight" not in params:
+                name = "lm_head.weight"  # tied head on a last stage without the embedding
+            elif name == "lm_head.weight" and self.tie_word_embeddings:
+                continue
+            match = _LAYER_INDEX.match(name)
+            if match and not self.model.start_layer <= int(match.group(1)) < self.model.end_layer:
+                continue  # another pipeline stage's layer
+            if name.startswith(("model.embed_tokens.", "model.norm.", "lm_head.")) \
+                    and not self._stage_has(name):
+                continue
+            param_name, shard_id = self._param_for(name)
+            param = params.get(param_name)
+            if param is None:
+                raise CheckpointError(f"unexpected tensor {name!r} in checkpoint "
+                                      f"(no parameter {param_name!r} in {type(self).__name__})")
+            try:
+                loader = getattr(param, "weight_loader", default_weight_loader)
+                loader(param, tensor, shard_id)
+            except ShardShapeError as exc:
+                raise CheckpointError(f"tensor {name!r} has the wrong shape: {exc}") from exc
+            needed.pop((param_name, shard_id), None)
+        if needed:
+            missing = sorted(needed.values())
+            more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+            raise CheckpointError(
+                f"checkpoint is missing tensor(s): {', '.join(repr(m) for m in missing[:5])}{more}"
+            )
+
+    def _stage_has(self, name: str) -> bool:
+        if name.startswith("model.embed_tokens."):
+            return self.ctx.is_first_pp_rank
+        return self.ctx.is_last_pp_rank
+
+    @staticmethod
+    def _param_for(name: str) -> tuple[str, Any]:
+        for param_part, ckpt_part, shard_id in STACKED_PARAMS:
+            if f".{ckpt_part}." in name:
+                return name.replace(ckpt_part, param_part), shard_id
+        return name, None
+
+    def _needed_tensors(self, params: dict[str, nn.Parameter]) -> dict[tuple[str, Any], str]:
+        """{(parameter, shard id): checkpoint tensor name} for every tensor this rank must load."""
+        needed: dict[tuple[str, Any], str] = {}
+        for param_name in params:
+            fused = [s for s in STACKED_PARAMS if f".{s[0]}." in param_name]
+            if fused:
+                for param_part, ckpt_part, shard_id in fused:
+                    needed[(param_name, shard_id)] = param_name.replace(param_part, ckpt_part)
+            elif param_name == "lm_head.weight" and self.tie_word_embeddings:
+                needed[(param_name, None)] = "model.embed_tokens.weight"
+            else:
+                needed[(param_name, None)] = param_name
+        return needed
+
+
+class MistralForCausalLM(LlamaForCausalLM):
+    """Mistral: the Llama layout (its sliding window is handled by capping max_model_len)."""
+
+
+class Qwen2ForCausalLM(LlamaForCausalLM):
+    """Qwen2: the Llama layout with biases on the q, k and v projections."""
+
+    qkv_bias_default = True

@@ -1,0 +1,288 @@
+"""Build a model through the registry and fill it from a checkpoint.
+
+Hugging Face safetensors (one file, or shards with `model.safetensors.index.json`) are read
+lazily: each tensor is handed to the model as a `LazySlice`, and a parameter's weight loader
+reads only the rows/columns of its own shard from disk, so a TP rank never materializes the
+full tensors. GGUF files are dequantized tensor by tensor with the `gguf` package.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import re
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, BinaryIO
+
+import numpy as np
+import torch
+from torch import nn
+
+from model.config import ModelConfig
+from model.errors import CheckpointError
+from model.parallel_context import ParallelContext
+from model.registry import ModelRegistry, check_model_interface
+
+
+@dataclass
+class LoadStats:
+    """What a load read: tensors seen and bytes actually materialized from the checkpoint."""
+
+    num_tensors: int = 0
+    bytes_read: int = 0
+
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}
+_MAX_HEADER = 100 << 20
+
+
+class LazySlice:
+    """One safetensors tensor, read from disk with plain positioned reads only as far as
+    `narrow` / `materialize` ask (no mmap: page-faulting a mapping is several times slower
+    than reading, and a rank must not hold more than its shard)."""
+
+    def __init__(self, handle: BinaryIO, name: str, file: str, dtype: torch.dtype,
+                 shape: tuple[int, ...], offset: int, stats: LoadStats) -> None:
+        self._handle = handle
+        self.name = name
+        self.file = file
+        self.dtype = dtype
+        self.shape = shape
+        self._offset = offset
+        self._stats = stats
+
+    def _read_rows(self, out: torch.Tensor, first_row: int) -> None:
+        """Fill the contiguous `out` with rows starting at `first_row` (rows along dim 0)."""
+        row_bytes = out[0].numel() * out.element_size() if out.dim() else out.element_size()
+        view = memoryview(out.view(torch.uint8).numpy()).cast("B") if out.numel() else None  # type: ignore[arg-type]
+        if view is None:
+            return
+        if self._handle.closed:
+            raise CheckpointError(
+                f"tensor {self.name!r} was read after its file {self.file!r} was closed; read a "
+                "LazySlice while iterating, or iterate with lazy=False"
+            )
+        self._handle.seek(self._offset + first_row * row_bytes)
+        got = self._handle.readinto(view)  # type: ignore[attr-defined]
+        if got != len(view):
+            raise CheckpointError(
+                f"tensor {self.name!r} in {self.file!r} is truncated (read {got} of {len(view)} bytes)"
+            )
+
+    def narrow(self, dim: int, start: int, length: int) -> torch.Tensor:
+        if not self.shape or not 0 <= start <= start + length <= self.shape[dim]:
+            raise CheckpointError(
+                f"cannot take [{start}:{start + length}] along dim {dim} of tensor {self.name!r} "
+                f"of shape {list(self.shape)}"
+            )
+        shape = list(self.shape)
+        shape[dim] = length
+        out = torch.empty(shape, dtype=self.dtype)
+        if dim == 0:
+            self._read_rows(out, start)
+        else:  # a column shard: read bounded blocks of whole rows and keep our columns
+            rows_per_block = max(1, (8 << 20) // max(1, self._row_nbytes()))
+            for first in range(0, self.shape[0], rows_per_block):
+                count = min(rows_per_block, self.shape[0] - first)
+                block = torch.empty([count, *self.shape[1:]], dtype=self.dtype)
+                self._read_rows(block, first)
+                out[first:first + count] = block.narrow(dim, start, length)
+        self._stats.bytes_read += out.numel() * out.element_size()
+        return out
+
+    def _row_nbytes(self) -> int:
+        count = 1
+        for size in self.shape[1:]:
+            count *= size
+        return count * torch.empty(0, dtype=self.dtype).element_size()
+
+    def materialize(self) -> torch.Tensor:
+        if not self.shape:
+            out = torch.empty([1], dtype=self.dtype)
+            self._read_rows(out, 0)
+            self._stats.bytes_read += out.element_size()
+            return out.reshape(())
+        return self.narrow(0, 0, self.shape[0])
+
+    def __repr__(self) -> str:
+        return f"LazySlice({self.name!r}, shape={list(self.shape)})"
+
+
+def read_safetensors_header(handle: BinaryIO, file: str) -> dict[str, tuple[torch.dtype, tuple[int, ...], int]]:
+    """{name: (dtype, shape, absolute data offset)}, validated against the file's size."""
+    def corrupt(why: str) -> CheckpointError:
+        return CheckpointError(f"corrupt safetensors file {file!r}: {why}")
+
+    size = os.fstat(handle.fileno()).st_size
+    prefix = handle.read(8)
+    if len(prefix) != 8:
+        raise corrupt("shorter than its 8-byte header length")
+    header_len = struct.unpack("<Q", prefix)[0]
+    if header_len > min(size - 8, _MAX_HEADER):
+        raise corrupt(f"header length {header_len} exceeds the file")
+    try:
+        header = json.loads(handle.read(header_len))
+    except ValueError as exc:
+        raise corrupt(f"header is not JSON ({exc})") from exc
+    if not isinstance(header, dict):
+        raise corrupt("header is not a JSON object")
+    data_start = 8 + header_len
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = _SAFETENSORS_DTYPES[info["dtype"]]
+            shape = tuple(int(s) for s in info["shape"])
+            begin, end = (int(x) for x in info["data_offsets"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise corrupt(f"bad header entry for {name!r}: {info!r}") from exc
+        numel = 1
+        for s in shape:
+            numel *= s
+        nbytes = numel * torch.empty(0, dtype=dtype).element_size()
+        if end - begin != nbytes or data_start + end > size:
+            raise corrupt(
+                f"tensor {name!r} ({info['dtype']} {list(shape)}) has data offsets {[begin, end]} "
+                f"that do not fit its shape or the file ({size} bytes)"
+            )
+        out[name] = (dtype, shape, data_start + begin)
+    return out
+
+
+def load_model(model_config: ModelConfig, parallel_context: ParallelContext,
+               stats: LoadStats | None = None) -> nn.Module:
+    """Build `model_config.architecture` for this rank, load its shards, move to device, eval."""
+    stats = stats if stats is not None else LoadStats()
+    builder = ModelRegistry.resolve(model_config.architecture)
+    with parallel_context.device:
+        model = builder(model_config, parallel_context)
+    check_model_interface(model, model_config.architecture)
+    lazy_ok = bool(getattr(model, "supports_lazy_weights", False))
+    with torch.no_grad():
+        model.load_weights(iter_weights(model_config, stats, lazy=lazy_ok))
+    if isinstance(model, nn.Module):
+        model.to(parallel_context.device).eval()
+    return model
+
+
+def iter_weights(model_config: ModelConfig, stats: LoadStats | None = None,
+                 lazy: bool = True) -> Iterator[tuple[str, Any]]:
+    """(Hugging Face name, tensor) for every tensor of the checkpoint, in file order."""
+    stats = stats if stats is not None else LoadStats()
+    if model_config.gguf_file:
+        yield from iter_gguf(model_config.gguf_file, model_config.hf_config, stats)
+        return
+    for name, tensor in iter_safetensors(pathlib.Path(model_config.path), stats):
+        yield name, (tensor if lazy else tensor.materialize())
+
+
+def safetensors_files(root: pathlib.Path) -> list[pathlib.Path]:
+    """The checkpoint's shard files, via the index when there is one."""
+    index = root / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (ValueError, KeyError) as exc:
+            raise CheckpointError(f"corrupt safetensors index {str(index)!r}: {exc}") from exc
+        files = [root / f for f in sorted(set(weight_map.values()))]
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise CheckpointError(f"safetensors index names missing shard file(s): {missing}")
+        return files
+    files = sorted(root.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"no .safetensors files in {str(root)!r}")
+    return files
+
+
+def iter_safetensors(root: pathlib.Path, stats: LoadStats) -> Iterator[tuple[str, LazySlice]]:
+    for file in safetensors_files(root):
+        with open(file, "rb", buffering=0) as handle:
+            entries = read_safetensors_header(handle, str(file))
+            for name, (dtype, shape, offset) in sorted(entries.items(), key=lambda e: e[1][2]):
+                stats.num_tensors += 1
+                yield name, LazySlice(handle, name, str(file), dtype, shape, offset, stats)
+
+
+# GGUF tensor names (llama.cpp) -> Hugging Face names.
+_GGUF_GLOBAL = {
+    "token_embd": "model.embed_tokens",
+    "output_norm": "model.norm",
+    "output": "lm_head",
+}
+_GGUF_LAYER = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_GGUF_SKIP = {"rope_freqs.weight"}  # rope settings come from the config
+_GGUF_BLOCK = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
+
+
+def gguf_to_hf_name(name: str) -> str | None:
+    """The Hugging Face name of GGUF tensor `name`; None for tensors we do not load."""
+    if name in _GGUF_SKIP:
+        return None
+    match = _GGUF_BLOCK.match(name)
+    if match:
+        layer, part, kind = match.groups()
+        if part in _GGUF_LAYER:
+            return f"model.layers.{layer}.{_GGUF_LAYER[part]}.{kind}"
+    else:
+        base, _, kind = name.rpartition(".")
+        if base in _GGUF_GLOBAL and kind in ("weight", "bias"):
+            return f"{_GGUF_GLOBAL[base]}.{kind}"
+    raise CheckpointError(f"GGUF tensor {name!r} has no counterpart in a Llama-family model")
+
+
+def _unpermute_rope_rows(weights: np.ndarray, num_heads: int) -> np.ndarray:
+    """Undo llama.cpp's q/k row permutation (interleaved -> half-split rotary layout)."""
+    half = weights.shape[0] // num_heads // 2
+    shaped = weights.reshape(num_heads, half, 2, *weights.shape[1:])
+    return shaped.swapaxes(2, 1).reshape(weights.shape)
+
+
+def iter_gguf(path: str, hf_config: Any, stats: LoadStats) -> Iterator[tuple[str, torch.Tensor]]:
+    """Dequantized float32 tensors of a GGUF file under Hugging Face names."""
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(path)
+        arch_field = reader.fields.get("general.architecture")
+        arch = arch_field.contents() if arch_field is not None else "llama"
+    except Exception as exc:  # the reader raises ValueError/struct/numpy errors on bad bytes
+        raise CheckpointError(f"corrupt GGUF file {path!r}: {exc}") from exc
+    num_heads = hf_config.num_attention_heads
+    num_kv_heads = getattr(hf_config, "num_key_value_heads", None) or num_heads
+    for tensor in reader.tensors:
+        hf_name = gguf_to_hf_name(tensor.name)
+        if hf_name is None:
+            continue
+        try:
+            data = gguf.dequantize(tensor.data, tensor.tensor_type)
+            data = np.asarray(data, dtype=np.float32).reshape(
+                [int(d) for d in reversed(tensor.shape.tolist())]
+            )
+        except Exception as exc:
+            raise CheckpointError(f"corrupt GGUF tensor {tensor.name!r} in {path!r}: {exc}") from exc
+        if arch == "llama" and hf_name.endswith(("q_proj.weight", "k_proj.weight")):
+            data = _unpermute_rope_rows(data, num_heads if "q_proj" in hf_name else num_kv_heads)
+        stats.num_tensors += 1
+        stats.bytes_read += data.nbytes
+        if not data.flags.writeable or not data.flags.c_contiguous:
+            data = np.array(data, copy=True, order="C")  # F32 tensors are views of the mapping
+        yield hf_name, torch.from_numpy(data)

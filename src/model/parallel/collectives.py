@@ -1,0 +1,26 @@
+"""Collectives over the tensor-parallel group; each is a no-op when the group has one rank."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from model.parallel_context import ParallelContext
+
+
+def all_reduce(tensor: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
+    """Sum `tensor` over the TP group, in place; returns it."""
+    if ctx.tp_size == 1:
+        return tensor
+    dist.all_reduce(tensor, group=ctx.tp_group)
+    return tensor
+
+
+def all_gather(tensor: torch.Tensor, ctx: ParallelContext, dim: int = -1) -> torch.Tensor:
+    """Concatenate every TP rank's `tensor` along `dim`, in rank order."""
+    if ctx.tp_size == 1:
+        return tensor
+    tensor = tensor.contiguous()
+    parts = [torch.empty_like(tensor) for _ in range(ctx.tp_size)]
+    dist.all_gather(parts, tensor, group=ctx.tp_group)
+    return torch.cat(parts, dim=dim)

@@ -1,0 +1,147 @@
+"""Where this process sits in the tensor/pipeline/data-parallel layout, and its process groups.
+
+A worker calls `init_distributed(...)` once, after which every parallel layer takes what it
+needs (rank, size, group, device) from the `ParallelContext` it is handed. Outside a worker
+(tests, one process) `ParallelContext.single()` is rank 0 of size 1 and no collective runs.
+
+Within one data-parallel replica the workers form one torch.distributed world of
+`tp_size * pp_size` ranks, laid out as ``rank = pp_rank * tp_size + tp_rank``: the ranks of one
+pipeline stage form a TP group, the ranks holding the same TP shard form a PP group.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+ProcessGroup = Any  # torch.distributed.ProcessGroup; kept loose so the class is importable anywhere
+
+
+@dataclass(frozen=True)
+class ParallelContext:
+    """This rank's coordinates and the groups its collectives run over (frozen)."""
+
+    tp_rank: int = 0
+    tp_size: int = 1
+    pp_rank: int = 0
+    pp_size: int = 1
+    dp_rank: int = 0
+    dp_size: int = 1
+    tp_group: ProcessGroup | None = None
+    pp_group: ProcessGroup | None = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    def __post_init__(self) -> None:
+        for name, rank, size in (
+            ("tp", self.tp_rank, self.tp_size),
+            ("pp", self.pp_rank, self.pp_size),
+            ("dp", self.dp_rank, self.dp_size),
+        ):
+            if size < 1 or not 0 <= rank < size:
+                raise ValueError(f"{name}_rank={rank} is not a rank of {name}_size={size}")
+
+    @classmethod
+    def single(cls, device: torch.device | str | None = None) -> ParallelContext:
+        """Rank 0 of size 1 in every dimension: one process holding the whole model."""
+        return cls(device=torch.device(device) if device is not None else torch.device("cpu"))
+
+    # The seed-style getters, for users' own Megatron-style layers.
+    def get_tensor_parallel_rank(self) -> int:
+        return self.tp_rank
+
+    def get_tensor_parallel_world_size(self) -> int:
+        return self.tp_size
+
+    def get_pipeline_parallel_rank(self) -> int:
+        return self.pp_rank
+
+    def get_pipeline_parallel_world_size(self) -> int:
+        return self.pp_size
+
+    def get_data_parallel_rank(self) -> int:
+        return self.dp_rank
+
+    def get_data_parallel_size(self) -> int:
+        return self.dp_size
+
+    @property
+    def is_first_pp_rank(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_pp_rank(self) -> bool:
+        return self.pp_rank == self.pp_size - 1
+
+
+def init_distributed(
+    *,
+    rank: int,
+    world_size: int,
+    tp_size: int,
+    pp_size: int,
+    dp_rank: int = 0,
+    dp_size: int = 1,
+    init_method: str,
+    backend: str | None = None,
+    device: torch.device | str = "cpu",
+    timeout_s: float = 120.0,
+) -> ParallelContext:
+    """Join this replica's torch.distributed world and build the TP and PP groups.
+
+    `backend=None` picks NCCL for a CUDA device and gloo otherwise. Every rank of the world must
+    call this with the same sizes; group creation is collective.
+    """
+    if tp_size < 1 or pp_size < 1:
+        raise ValueError(f"tp_size={tp_size} and pp_size={pp_size} must both be >= 1")
+    if world_size != tp_size * pp_size:
+        raise ValueError(
+            f"world_size={world_size} must equal tp_size * pp_size = {tp_size} * {pp_size}"
+        )
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank={rank} is not a rank of world_size={world_size}")
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if backend is None:
+        backend = "nccl" if device.type == "cuda" else "gloo"
+    if dist.is_initialized():
+        raise RuntimeError("torch.distributed is already initialized in this process")
+    dist.init_process_group(
+        backend=backend,
+        init_method=init_method,
+        rank=rank,
+        world_size=world_size,
+        timeout=timedelta(seconds=timeout_s),
+    )
+    tp_rank, pp_rank = rank % tp_size, rank // tp_size
+    tp_group = pp_group = None
+    # Every rank creates every group, in the same order, as new_group requires.
+    for stage in range(pp_size):
+        group = dist.new_group([stage * tp_size + t for t in range(tp_size)])
+        if stage == pp_rank:
+            tp_group = group
+    for shard in range(tp_size):
+        group = dist.new_group([p * tp_size + shard for p in range(pp_size)])
+        if shard == tp_rank:
+            pp_group = group
+    return ParallelContext(
+        tp_rank=tp_rank,
+        tp_size=tp_size,
+        pp_rank=pp_rank,
+        pp_size=pp_size,
+        dp_rank=dp_rank,
+        dp_size=dp_size,
+        tp_group=tp_group,
+        pp_group=pp_group,
+        device=device,
+    )
+
+
+def destroy_distributed() -> None:
+    """Tear down every process group of this process (idempotent)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
