@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import httpx
 import pytest
@@ -30,13 +30,3 @@ def app(fake_engine: FakeEngine) -> FastAPI:
 async def client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
     async with asgi_client(app) as c:
         yield c
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _stop_resource_tracker() -> Iterator[None]:
-    """An in-process Engine (the slow tests' references) spawns multiprocessing's resource
-    tracker; stop it at the end so the session's leak check sees no child left."""
-    yield
-    from multiprocessing import resource_tracker
-
-    resource_tracker._resource_tracker._stop()  # type: ignore[attr-defined]
