@@ -67,7 +67,19 @@ class EngineConfig:
     num_threads: int | None = None
     """torch threads per worker; default: CPU cores divided among the local workers."""
     tcp_token: str | None = None
-    """Shared secret for the tcp transport; default: a random one per engine."""
+    """Shared secret for the tcp transport and node agents; default: a random one per engine."""
+    nodes: int = 1
+    """Machines one replica's ranks span. Node 0 is the head (this process); every other node K
+    runs `shardline worker --head HEAD_HOST:HEAD_PORT --token TCP_TOKEN --node-rank K`."""
+    ranks_per_node: tuple[int, ...] | None = None
+    """Ranks on each node, node 0 first (consecutive ranks, node 0 the lowest); default: an
+    even split of world_size."""
+    head_host: str = "127.0.0.1"
+    """The head's address as the other nodes reach it (agents, remote ranks, rendezvous)."""
+    head_port: int = 0
+    """Port node agents connect to; required (1-65535) when nodes > 1."""
+    dist_master_addr: str | None = None
+    """torch.distributed rendezvous host; default head_host when nodes > 1, else 127.0.0.1."""
 
     def __post_init__(self) -> None:
         _require(bool(self.model), "model", "must name a model or a directory")
@@ -106,6 +118,60 @@ class EngineConfig:
         _require(self.max_worker_restarts >= 0, "max_worker_restarts", f"must be >= 0, got {self.max_worker_restarts}")
         _require(self.restart_backoff >= 0, "restart_backoff", f"must be >= 0, got {self.restart_backoff}")
         _require(self.worker_start_timeout > 0, "worker_start_timeout", f"must be > 0, got {self.worker_start_timeout}")
+        self._validate_nodes()
+
+    def _validate_nodes(self) -> None:
+        """Multi-node fields: the node split must add up to TP x PP, and agents need a way in."""
+        _require(isinstance(self.nodes, int) and self.nodes >= 1, "nodes", f"must be an integer >= 1, got {self.nodes!r}")
+        _require(0 <= self.head_port <= 65535, "head_port", f"must be a TCP port (0-65535), got {self.head_port}")
+        _require(bool(self.head_host), "head_host", "must be an address the other nodes can reach")
+        shape = (
+            f"world size {self.world_size} = tensor_parallel_size {self.tensor_parallel_size} x "
+            f"pipeline_parallel_size {self.pipeline_parallel_size}"
+        )
+        if self.ranks_per_node is not None:
+            ranks = tuple(self.ranks_per_node)
+            _require(
+                len(ranks) == self.nodes,
+                "ranks_per_node",
+                f"lists {len(ranks)} nodes but nodes = {self.nodes}",
+            )
+            _require(all(isinstance(r, int) and r >= 1 for r in ranks), "ranks_per_node", f"every node needs >= 1 rank, got {ranks}")
+            _require(
+                sum(ranks) == self.world_size,
+                "ranks_per_node",
+                f"{shape}, but ranks_per_node {ranks} sums to {sum(ranks)}",
+            )
+        else:
+            _require(
+                self.world_size % self.nodes == 0,
+                "nodes",
+                f"{shape} does not split evenly over {self.nodes} nodes; set ranks_per_node",
+            )
+        if self.nodes == 1:
+            return
+        _require(
+            self.transport in ("shm", "tcp"),
+            "transport",
+            f"nodes = {self.nodes} needs 'shm' (shared memory on the head, tcp to other nodes) or 'tcp', got {self.transport!r}",
+        )
+        _require(self.data_parallel_size == 1, "data_parallel_size", f"multi-node runs support one replica, got {self.data_parallel_size}")
+        _require(1 <= self.head_port <= 65535, "head_port", f"nodes = {self.nodes} needs the port the agents connect to, got {self.head_port}")
+        _require(bool(self.tcp_token), "tcp_token", f"nodes = {self.nodes} needs the shared token the agents were given")
+
+    @cached_property
+    def node_ranks(self) -> tuple[int, ...]:
+        """How many ranks each node runs, node 0 (the head) first."""
+        if self.ranks_per_node is not None:
+            return tuple(self.ranks_per_node)
+        return (self.world_size // self.nodes,) * self.nodes
+
+    @cached_property
+    def rendezvous_host(self) -> str:
+        """Where torch.distributed's store listens: reachable from every node."""
+        if self.dist_master_addr:
+            return self.dist_master_addr
+        return self.head_host if self.nodes > 1 else "127.0.0.1"
 
     @cached_property
     def world_size(self) -> int:
@@ -127,5 +193,5 @@ class EngineConfig:
     def threads_per_worker(self) -> int:
         if self.num_threads is not None:
             return max(1, self.num_threads)
-        workers = self.world_size * self.data_parallel_size
+        workers = self.node_ranks[0] * self.data_parallel_size  # the ranks on this machine
         return max(1, (os.cpu_count() or 1) // workers)

@@ -12,6 +12,11 @@ sets `failure` and the `failed` event, and `execute` raises `WorkerFailure`, so 
 notices within the timeout whether or not a step is in flight, and decides whether to restart.
 The executor's background tasks end by themselves once it fails or shuts down, so a new
 executor can be started in the same task group.
+
+Multi-node (`nodes > 1`): this process is node 0; node K's ranks are started by its agent
+(`engine.remote`), which connects to `head_host:head_port` and gets their WorkerConfigs as
+InitWorker messages. Ranks on this node keep shared memory, the others attach over
+authenticated TCP (`mixed` channels); torch.distributed meets at `rendezvous_host`.
 """
 
 from __future__ import annotations
@@ -30,8 +35,10 @@ import anyio.abc
 
 from engine.config import EngineConfig
 from engine.errors import EngineDeadError
+from engine.remote import NodeServer
 from transport import EngineChannels, open_engine_channels
 from transport.base import TransportBroken, TransportClosed
+from transport.errors import TransportError
 from transport.messages import (
     ExecuteStep,
     Heartbeat,
@@ -84,6 +91,17 @@ class _ProcessHandle:
 
 
 @dataclass
+class _RemoteHandle:
+    """A rank on another node: alive until its agent reports it dead or goes away."""
+
+    nodes: NodeServer
+    rank: int
+
+    def is_alive(self) -> bool:
+        return self.nodes.rank_alive(self.rank)
+
+
+@dataclass
 class _ThreadHandle:
     thread: threading.Thread
 
@@ -109,29 +127,110 @@ class Executor:
         self._pending: dict[int, tuple[anyio.Event, list[StepResult]]] = {}
         self._closed = False
         self._shutdown_lock = anyio.Lock()
+        self._nodes: NodeServer | None = None
 
     # ----------------------------------------------------------------- start-up
     async def start(self, task_group: anyio.abc.TaskGroup) -> None:
-        """Spawn the ranks and return once every one reported WorkerReady."""
+        """Spawn the ranks and return once every one reported WorkerReady.
+
+        A start that fails reaps what it started before raising (no rank, shm name or socket
+        outlives it, whoever the caller is)."""
+        try:
+            await self._start(task_group)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await self.shutdown(grace=1.0)
+            raise
+
+    async def _start(self, task_group: anyio.abc.TaskGroup) -> None:
         cfg = self.config
         token = (cfg.tcp_token or os.urandom(16).hex()).encode()
+        first_remote = cfg.node_ranks[0]
+        remote = list(range(first_remote, cfg.world_size))
+        channel_host = cfg.head_host if remote else "127.0.0.1"
         self._channels = await open_engine_channels(
-            cfg.transport, cfg.world_size, token=token if cfg.transport == "tcp" else None
+            cfg.transport,
+            cfg.world_size,
+            host=channel_host,
+            token=token if cfg.transport == "tcp" or remote else None,
+            tcp_ranks=remote if cfg.transport == "shm" else (),
         )
-        init_method = f"tcp://127.0.0.1:{free_port()}"
-        for rank in range(cfg.world_size):
-            self._handles[rank] = self._launch(rank, self._worker_config(rank, init_method))
-        task_group.start_soon(self._read_loop)
+        rendezvous = cfg.rendezvous_host
+        init_method = f"tcp://{rendezvous}:{free_port(rendezvous)}"
+        configs = {rank: self._worker_config(rank, init_method) for rank in range(cfg.world_size)}
+        for rank in range(first_remote):
+            self._handles[rank] = self._launch(rank, configs[rank])
+        if remote:
+            self._start_nodes(task_group, token, configs)
         task_group.start_soon(self._monitor_loop)
         with anyio.move_on_after(cfg.worker_start_timeout) as scope:
+            await self._until_failed(self._channels.wait_connected(float("inf")))
+            task_group.start_soon(self._read_loop)
             await self._wait_either(self._all_ready)
         self._raise_if_failed()
         if scope.cancelled_caught:
-            missing = sorted(set(range(cfg.world_size)) - set(self._ready))
-            raise WorkerFailure(None, f"ranks {missing} not ready after {cfg.worker_start_timeout:.0f} s")
+            raise self._start_timeout()
         self.num_kv_blocks = min(self._ready.values())
         now = time.monotonic()
         self._last_seen = dict.fromkeys(self._handles, now)
+
+    def _start_nodes(
+        self, task_group: anyio.abc.TaskGroup, token: bytes, configs: dict[int, dict[str, Any]]
+    ) -> None:
+        """Listen for the other nodes' agents; they get their ranks' configs when they call."""
+        cfg = self.config
+        node_ranks: dict[int, list[int]] = {}
+        first = cfg.node_ranks[0]
+        for node, count in enumerate(cfg.node_ranks[1:], start=1):
+            node_ranks[node] = list(range(first, first + count))
+            first += count
+
+        def fail(rank: int | None, reason: str) -> None:
+            self._fail(WorkerFailure(rank, reason))
+
+        self._nodes = NodeServer(node_ranks, token, fail)
+        try:
+            self._nodes.listen(cfg.head_host, cfg.head_port)
+        except OSError as exc:
+            raise WorkerFailure(None, str(exc)) from exc
+        for ranks in node_ranks.values():
+            for rank in ranks:
+                self._handles[rank] = _RemoteHandle(self._nodes, rank)
+        by_node = {node: [configs[r] for r in ranks] for node, ranks in node_ranks.items()}
+        task_group.start_soon(self._nodes.serve, by_node)
+
+    def _start_timeout(self) -> WorkerFailure:
+        """The start-up error: which nodes never called in, else which ranks are not ready."""
+        timeout = self.config.worker_start_timeout
+        missing_nodes = self._nodes.missing() if self._nodes is not None else []
+        if missing_nodes:
+            assert self._nodes is not None
+            ranks = [r for n in missing_nodes for r in self._nodes.node_ranks[n]]
+            return WorkerFailure(
+                None,
+                f"node(s) {missing_nodes} (ranks {ranks}) did not connect to {self._nodes.address} "
+                f"within {timeout:.0f} s; run `shardline worker --head {self._nodes.address} "
+                f"--token ... --node-rank K` on each",
+            )
+        missing = sorted(set(range(self.config.world_size)) - set(self._ready))
+        return WorkerFailure(None, f"ranks {missing} not ready after {timeout:.0f} s")
+
+    async def _until_failed(self, connect: Any) -> None:
+        """Await `connect` (the channels' wait_connected) unless the group fails first."""
+        done = anyio.Event()
+
+        async def run() -> None:
+            try:
+                await connect
+            except TransportError as exc:
+                self._fail(WorkerFailure(None, f"a worker could not attach: {exc}"))
+            done.set()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(run)
+            await self._wait_either(done)
+            tg.cancel_scope.cancel()
+        self._raise_if_failed()
 
     def _worker_config(self, rank: int, init_method: str) -> dict[str, Any]:
         from worker.config import WorkerConfig
@@ -308,6 +407,8 @@ class Executor:
                             await self._channels.broadcast(Shutdown())
                         except (TransportBroken, TransportClosed):
                             pass
+                if self._nodes is not None:
+                    await self._nodes.aclose(stop_agents=self._failure is None, grace=grace)
                 await anyio.to_thread.run_sync(_reap, list(self._handles.values()), grace)
                 if self._channels is not None:
                     await self._channels.aclose()

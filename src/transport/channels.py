@@ -7,6 +7,10 @@ Per kind:
   `send_to(rank)` travels on the broadcast ring too, tagged with its target, so a worker sees
   broadcasts and its own messages in exactly the order the engine sent them; other ranks skip it.
 * ``tcp``: one authenticated connection per rank; a broadcast is N sends.
+* ``mixed`` (``shm`` with ``tcp_ranks``, for runs across nodes): ranks on the engine's node use
+  the shm rings (reader index = position in ``shm_ranks``), the others (``tcp_ranks``, on other
+  machines) one authenticated TCP connection each. A broadcast is one ring write plus one send
+  per TCP rank; `recv` merges both. Order per rank is preserved, which is all a worker sees.
 
 Every worker's first frame is ``Hello(rank, world_size, pid)``; the channel layer consumes it
 (it never reaches `EngineChannels.recv`) and `wait_connected` waits for all of them.
@@ -19,6 +23,7 @@ import secrets
 import threading
 import time
 from collections import deque
+from collections.abc import Collection
 from types import TracebackType
 from typing import Any, Literal
 
@@ -30,7 +35,7 @@ from transport.errors import TransportBroken, TransportClosed, TransportError
 from transport.messages import Hello, Message, decode, encode
 from transport.shm_ring import Ring
 
-Kind = Literal["inproc", "shm", "tcp"]
+Kind = Literal["inproc", "shm", "tcp", "mixed"]
 _TO_ALL = 0xFFFFFFFF
 _TARGET = 4  # bytes of the shm broadcast-ring target prefix
 _inproc_registry: dict[str, dict[int, inproc.InprocTransport]] = {}
@@ -52,6 +57,8 @@ class EngineChannels:
         self._ready: deque[tuple[int, Frame]] = deque()
         self._error: TransportError | None = None
         self._listener: tcp.TcpListener | None = None
+        self._shm_ranks: dict[int, int] = {}  # rank -> its reader index on the broadcast ring
+        self._tcp_ranks: set[int] = set()  # ranks that attach through the listener
         self._closed = False
 
     # -- connection ----------------------------------------------------------------------
@@ -65,12 +72,11 @@ class EngineChannels:
     async def wait_connected(self, timeout: float) -> None:  # noqa: ASYNC109 - the contract
         """Return once every rank has attached; TimeoutError naming the missing ranks."""
         with anyio.move_on_after(timeout):
-            if self.kind == "tcp":
-                await self._accept_tcp()
-            else:
-                async with anyio.create_task_group() as tg:
-                    for rank in set(range(self.num_workers)) - self._greeted:
-                        tg.start_soon(self._await_hello, rank)
+            async with anyio.create_task_group() as tg:
+                if self._tcp_ranks - self._greeted:
+                    tg.start_soon(self._accept_tcp)
+                for rank in set(self._incoming) - self._tcp_ranks - self._greeted:
+                    tg.start_soon(self._await_hello, rank)
         missing = sorted(set(range(self.num_workers)) - self._greeted)
         if missing:
             raise TimeoutError(f"workers {missing} did not connect within {timeout} s")
@@ -80,15 +86,17 @@ class EngineChannels:
 
     async def _accept_tcp(self) -> None:
         listener = self._listener
-        if listener is None or len(self._greeted) == self.num_workers:
+        if listener is None or self._tcp_ranks <= self._greeted:
             return
 
         async def on_peer(link: tcp.TcpTransport) -> bool:
             try:
                 with anyio.fail_after(tcp.HANDSHAKE_TIMEOUT):
                     hello = decode(await link.recv_frame())
-                if not isinstance(hello, Hello) or not 0 <= hello.rank < self.num_workers:
-                    raise TransportBroken(f"expected Hello with a rank < {self.num_workers}")
+                if not isinstance(hello, Hello) or hello.rank not in self._tcp_ranks:
+                    raise TransportBroken(
+                        f"expected Hello from one of ranks {sorted(self._tcp_ranks)}"
+                    )
                 if hello.rank in self._greeted:
                     raise TransportBroken(f"rank {hello.rank} connected twice")
             except (TransportError, TimeoutError) as exc:
@@ -100,7 +108,7 @@ class EngineChannels:
                 raise
             self._incoming[hello.rank] = self._outgoing[hello.rank] = link
             self._greeted.add(hello.rank)
-            return len(self._greeted) == self.num_workers
+            return self._tcp_ranks <= self._greeted
 
         await listener.accept_until(on_peer)
         await listener.aclose()
@@ -112,14 +120,14 @@ class EngineChannels:
             raise TransportClosed("engine channels are closed")
 
     async def broadcast(self, msg: Message) -> None:
-        """Send `msg` to every worker (shm: one ring write; tcp/inproc: one send per rank)."""
+        """Send `msg` to every worker (one ring write for the shm ranks, one send per link)."""
         self._check_open()
         frame = encode(msg)
         if self._broadcast is not None:
             await shm.write_async(self._broadcast, _target_prefix(_TO_ALL) + frame)
-            return
         for rank in range(self.num_workers):
-            await self._link_to(rank).send_frame(frame)
+            if rank not in self._shm_ranks:
+                await self._link_to(rank).send_frame(frame)
 
     async def send_to(self, rank: int, msg: Message) -> None:
         """Send `msg` to one worker, ordered with respect to broadcasts."""
@@ -127,7 +135,7 @@ class EngineChannels:
         if not 0 <= rank < self.num_workers:
             raise ValueError(f"rank {rank} out of range for {self.num_workers} workers")
         frame = encode(msg)
-        if self._broadcast is not None:
+        if self._broadcast is not None and rank in self._shm_ranks:
             await shm.write_async(self._broadcast, _target_prefix(rank) + frame)
         else:
             await self._link_to(rank).send_frame(frame)
@@ -213,10 +221,26 @@ async def open_engine_channels(
     port: int = 0,
     token: bytes | None = None,
     max_message_size: int = 256 << 20,
+    tcp_ranks: Collection[int] = (),
 ) -> EngineChannels:
-    """Create the engine's end of the channels; pass `.address` to every worker."""
+    """Create the engine's end of the channels; pass `.address` to every worker.
+
+    With kind ``shm``, `tcp_ranks` (ranks on other machines) attach over authenticated TCP on
+    `host`:`port` instead, the rest over shared memory: the ``mixed`` kind.
+    """
     if num_workers < 1:
         raise ValueError(f"num_workers must be >= 1, got {num_workers}")
+    remote = sorted(set(tcp_ranks))
+    if remote and (remote[0] < 0 or remote[-1] >= num_workers):
+        raise ValueError(f"tcp_ranks {remote} out of range for {num_workers} workers")
+    if remote and kind != "shm" and (kind != "tcp" or len(remote) != num_workers):
+        raise ValueError(f"tcp_ranks only combine with kind 'shm', not {kind!r}")
+    if kind == "shm" and len(remote) == num_workers:
+        kind = "tcp"  # nobody left on shared memory
+    if kind == "shm" and remote:
+        return _open_mixed(
+            num_workers, remote, common_max=max_message_size, host=host, port=port, token=token
+        )
     common: dict[str, Any] = {
         "kind": kind,
         "num_workers": num_workers,
@@ -233,35 +257,81 @@ async def open_engine_channels(
         _inproc_registry[name] = ends
         return channels
     if kind == "shm":
-        rings: list[Ring] = []
-        try:
-            rings.append(Ring.create(shm.DEFAULT_NSLOTS, shm.DEFAULT_SLOT_SIZE, num_workers))
-            for _ in range(num_workers):
-                rings.append(Ring.create(16, 64 << 10, 1))
-        except BaseException:
-            for ring in rings:
-                ring.close()
-            raise
-        address = {
-            **common,
-            "broadcast": rings[0].address,
-            "results": [ring.address for ring in rings[1:]],
-        }
-        channels = EngineChannels(kind, num_workers, address)
-        channels._broadcast = shm.RingWriter(rings[0])
-        for rank, ring in enumerate(rings[1:]):
-            reader = shm.RingReader(ring, 0, max_message_size=max_message_size)
-            channels._incoming[rank] = shm.ShmTransport(
-                None, reader, max_message_size=max_message_size
-            )
+        channels = EngineChannels(kind, num_workers, dict(common))
+        _add_shm(channels, list(range(num_workers)), max_message_size)
         return channels
     if kind == "tcp":
-        token = token or secrets.token_bytes(32)
-        listener = tcp.TcpListener(token, host=host, port=port, max_message_size=max_message_size)
-        channels = EngineChannels(kind, num_workers, {**common, **listener.address, "token": token})
-        channels._listener = listener
+        channels = EngineChannels(kind, num_workers, dict(common))
+        channels.address.update(
+            _add_tcp(channels, range(num_workers), host, port, token, max_message_size)
+        )
         return channels
     raise ValueError(f"unknown transport kind {kind!r}; expected inproc, shm or tcp")
+
+
+def _add_shm(channels: EngineChannels, ranks: list[int], max_message_size: int) -> None:
+    """Give `ranks` (reader i = ranks[i]) a broadcast ring and one result ring each."""
+    rings: list[Ring] = []
+    try:
+        rings.append(Ring.create(shm.DEFAULT_NSLOTS, shm.DEFAULT_SLOT_SIZE, len(ranks)))
+        for _ in ranks:
+            rings.append(Ring.create(16, 64 << 10, 1))
+    except BaseException:
+        for ring in rings:
+            ring.close()
+        raise
+    channels.address["broadcast"] = rings[0].address
+    channels.address["results"] = [ring.address for ring in rings[1:]]
+    channels._broadcast = shm.RingWriter(rings[0])
+    for index, (rank, ring) in enumerate(zip(ranks, rings[1:], strict=True)):
+        channels._shm_ranks[rank] = index
+        reader = shm.RingReader(ring, 0, max_message_size=max_message_size)
+        channels._incoming[rank] = shm.ShmTransport(None, reader, max_message_size=max_message_size)
+
+
+def _add_tcp(
+    channels: EngineChannels,
+    ranks: Collection[int],
+    host: str,
+    port: int,
+    token: bytes | None,
+    max_message_size: int,
+) -> dict[str, Any]:
+    """Listen for `ranks` on host:port; returns the address part they connect with."""
+    token = token or secrets.token_bytes(32)
+    listener = tcp.TcpListener(token, host=host, port=port, max_message_size=max_message_size)
+    channels._listener = listener
+    channels._tcp_ranks = set(ranks)
+    return {**listener.address, "token": token}
+
+
+def _open_mixed(
+    num_workers: int,
+    remote: list[int],
+    *,
+    common_max: int,
+    host: str,
+    port: int,
+    token: bytes | None,
+) -> EngineChannels:
+    local = [rank for rank in range(num_workers) if rank not in set(remote)]
+    address: dict[str, Any] = {
+        "kind": "mixed",
+        "num_workers": num_workers,
+        "max_message_size": common_max,
+        "shm_ranks": local,
+    }
+    channels = EngineChannels("mixed", num_workers, address)
+    try:
+        _add_shm(channels, local, common_max)
+        address["tcp"] = _add_tcp(channels, remote, host, port, token, common_max)
+    except BaseException:
+        if channels._broadcast is not None:
+            channels._broadcast.close()
+        for link in channels._incoming.values():
+            link.close()
+        raise
+    return channels
 
 
 class WorkerChannels:
@@ -312,20 +382,23 @@ def connect_worker_channels(
         if rank not in ends:
             raise TransportBroken(f"no inproc channel for rank {rank} (closed or taken)")
         link = ends.pop(rank)
-    elif kind == "shm":
+    elif kind == "shm" or (kind == "mixed" and rank in address["shm_ranks"]):
         max_size = int(address["max_message_size"])
+        index = address["shm_ranks"].index(rank) if kind == "mixed" else rank
         broadcast = shm.RingReader(
-            Ring.attach(address["broadcast"]), rank, max_message_size=max_size
+            Ring.attach(address["broadcast"]), index, max_message_size=max_size
         )
         try:
             link = shm.ShmTransport(
-                shm.RingWriter(Ring.attach(address["results"][rank])),
+                shm.RingWriter(Ring.attach(address["results"][index])),
                 None,
                 max_message_size=max_size,
             )
         except BaseException:
             broadcast.close()
             raise
+    elif kind == "mixed":
+        link = tcp.connect_blocking(address["tcp"], address["tcp"].get("token"), timeout)
     elif kind == "tcp":
         link = tcp.connect_blocking(address, address.get("token"), timeout)
     else:

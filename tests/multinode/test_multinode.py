@@ -1,0 +1,144 @@
+"""Two-node runs on one machine: node 1's rank is started by a `shardline worker` agent in
+its own network namespace (or on loopback), the head's rank stays on shared memory."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import secrets
+import subprocess
+
+import anyio
+import pytest
+
+from engine import Engine, EngineConfig, SamplingParams
+from engine.config import ConfigError
+from engine.executor import WorkerFailure
+from multinode.nodes import Agents, Topology
+from support.leaks import our_shm_entries
+
+PROMPTS = ["hello world", "the quick brown fox", "abc", "a longer prompt that spans a few blocks"]
+PARAMS = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+
+
+def _cfg(path: pathlib.Path, **kw: object) -> EngineConfig:
+    base: dict[str, object] = dict(
+        model=str(path), max_model_len=256, num_kv_blocks=64, block_size=4
+    )
+    base.update(kw)
+    return EngineConfig(**base)  # type: ignore[arg-type]
+
+
+def _two_nodes(path: pathlib.Path, topology: Topology, token: str, **kw: object) -> EngineConfig:
+    return _cfg(
+        path,
+        tensor_parallel_size=2,
+        nodes=2,
+        head_host=topology.head_host,
+        head_port=topology.free_port(),
+        tcp_token=token,
+        **kw,
+    )
+
+
+async def _generate(engine: Engine) -> list[list[int]]:
+    results: list[list[int]] = [[] for _ in PROMPTS]
+
+    async def one(i: int) -> None:
+        async for out in engine.generate(PROMPTS[i], PARAMS):
+            results[i] = out.token_ids
+
+    async with anyio.create_task_group() as tg:
+        for i in range(len(PROMPTS)):
+            tg.start_soon(one, i)
+    return results
+
+
+async def _start_error(config: EngineConfig) -> str:
+    """Engine.start must fail with our WorkerFailure (possibly inside an ExceptionGroup)."""
+    try:
+        engine = await Engine.start(config)
+    except BaseException as exc:  # noqa: BLE001 - unwrapped below, re-raised if foreign
+        leaves: list[BaseException] = [exc]
+        while any(hasattr(e, "exceptions") for e in leaves):  # (Base)ExceptionGroup, 3.10-safe
+            leaves = [x for e in leaves for x in getattr(e, "exceptions", [e])]
+        failures = [e for e in leaves if isinstance(e, WorkerFailure)]
+        if not failures:
+            raise
+        return str(failures[0])
+    await engine.aclose()
+    raise AssertionError("the engine started although it should not have")
+
+
+def _our_shm() -> list[str]:
+    """Shared-memory names this process created (other test sessions may share /dev/shm)."""
+    return [n for n in our_shm_entries() if f"shardline_{os.getpid()}_" in n]
+
+
+def _output(proc: subprocess.Popen[str], timeout: float = 30.0) -> str:
+    out, _ = proc.communicate(timeout=timeout)
+    return out
+
+
+async def test_two_nodes_same_tokens_as_one(
+    tiny_llama_dir: pathlib.Path, topology: Topology, agents: Agents
+) -> None:
+    """TP=2 with one rank per node gives single-node greedy tokens; the agent exits on Shutdown."""
+    async with await Engine.start(_cfg(tiny_llama_dir, transport="inproc")) as engine:
+        reference = await _generate(engine)
+    token = secrets.token_hex(16)
+    config = _two_nodes(tiny_llama_dir, topology, token, worker_start_timeout=120.0)
+    agent = agents.start(f"{topology.head_host}:{config.head_port}", token, 1)
+    async with await Engine.start(config) as engine:
+        assert engine._cores[0].executor.worker_pids  # rank 0 runs here, on shared memory
+        assert await _generate(engine) == reference
+    log = await anyio.to_thread.run_sync(_output, agent)
+    assert agent.returncode == 0, log
+    assert "started rank 1" in log and "shutdown requested" in log, log
+    assert all(len(t) == PARAMS.max_tokens for t in reference)
+    assert not _our_shm()
+
+
+async def test_wrong_token_is_refused_and_named(
+    tiny_llama_dir: pathlib.Path, topology: Topology, agents: Agents
+) -> None:
+    config = _two_nodes(tiny_llama_dir, topology, secrets.token_hex(16), worker_start_timeout=60.0)
+    agent = agents.start(f"{topology.head_host}:{config.head_port}", "not-the-token", 1)
+    message = await _start_error(config)
+    assert "node 1 " in message and "failed authentication" in message, message
+    log = await anyio.to_thread.run_sync(_output, agent)
+    assert agent.returncode == 3, log  # the agent gives up: a token does not fix itself
+    assert "refused" in log, log
+    assert not _our_shm()
+
+
+async def test_missing_node_times_out_naming_it(
+    tiny_llama_dir: pathlib.Path, topology: Topology
+) -> None:
+    config = _two_nodes(tiny_llama_dir, topology, secrets.token_hex(16), worker_start_timeout=4.0)
+    message = await _start_error(config)
+    assert "node(s) [1]" in message and "ranks [1]" in message and "did not connect" in message, (
+        message
+    )
+    assert not _our_shm()
+
+
+def test_inconsistent_node_split_is_refused_naming_numbers(tiny_llama_dir: pathlib.Path) -> None:
+    with pytest.raises(
+        ConfigError,
+        match=r"world size 2 = tensor_parallel_size 2 x pipeline_parallel_size 1, but ranks_per_node \(1, 2\) sums to 3",
+    ):
+        _cfg(
+            tiny_llama_dir,
+            tensor_parallel_size=2,
+            nodes=2,
+            ranks_per_node=(1, 2),
+            head_port=1,
+            tcp_token="t",
+        )
+    with pytest.raises(ConfigError, match="world size 3 .* does not split evenly over 2 nodes"):
+        _cfg(tiny_llama_dir, tensor_parallel_size=3, nodes=2, head_port=1, tcp_token="t")
+    with pytest.raises(ConfigError, match="head_port"):
+        _cfg(tiny_llama_dir, tensor_parallel_size=2, nodes=2, tcp_token="t")
+    with pytest.raises(ConfigError, match="tcp_token"):
+        _cfg(tiny_llama_dir, tensor_parallel_size=2, nodes=2, head_port=1)
