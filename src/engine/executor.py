@@ -36,6 +36,7 @@ import anyio.abc
 from engine.config import EngineConfig
 from engine.errors import EngineDeadError
 from engine.remote import NodeServer
+from model.registry import ModelRegistry
 from transport import EngineChannels, open_engine_channels
 from transport.base import TransportBroken, TransportClosed
 from transport.errors import TransportError
@@ -262,6 +263,7 @@ class Executor:
             heartbeat_interval=cfg.heartbeat_interval,
             num_threads=cfg.threads_per_worker,
             plugins=list(cfg.plugins),
+            model_specs=ModelRegistry.specs(),
         ).to_dict()
 
     def _launch(self, rank: int, worker_config: dict[str, Any]) -> _Handle:

@@ -45,6 +45,8 @@ class WorkerConfig:
     heartbeat_interval: float = 1.0
     num_threads: int | None = None
     plugins: list[str] = field(default_factory=list)
+    model_specs: dict[str, str] = field(default_factory=dict)
+    """The engine process's `ModelRegistry.specs()`: user registrations, replayed here."""
 
     def __post_init__(self) -> None:
         if self.world_size != self.tp_size * self.pp_size:
@@ -88,6 +90,7 @@ class WorkerConfig:
         """The config as msgpack-native values (dicts, lists, str, int, float, None)."""
         out = dataclasses.asdict(self)
         out["plugins"] = list(self.plugins)
+        out["model_specs"] = dict(self.model_specs)
         return out
 
     @classmethod

@@ -32,6 +32,7 @@ from typing import Any
 import psutil
 import torch
 
+from model.registry import ModelRegistry
 from transport import connect_worker_channels
 from transport.errors import TransportClosed
 from transport.messages import (
@@ -104,6 +105,7 @@ class Worker:
             if self.own_process or cfg.num_threads is not None:
                 torch.set_num_threads(cfg.torch_threads)
             import_plugins(cfg.plugins)
+            ModelRegistry.register_specs(cfg.model_specs)
             self._channels = connect_worker_channels(cfg.channels_address, cfg.rank)
             self._channels.send(Hello(rank=cfg.rank, world_size=cfg.world_size, pid=os.getpid()))
             self._start_heartbeat()
