@@ -156,9 +156,11 @@ class EngineChannels:
                     break
                 self._greet(rank, frame)
         except TransportError as exc:
-            self._error = self._error or exc
-            if isinstance(exc, TransportClosed):
-                self._error = TransportBroken(f"worker rank {rank} closed its channel: {exc}")
+            if self._error is None:  # name the rank: the engine reports which worker failed
+                if isinstance(exc, TransportClosed):
+                    self._error = TransportBroken(f"worker rank {rank} closed its channel: {exc}")
+                else:
+                    self._error = type(exc)(f"worker rank {rank}'s channel failed: {exc}")
         else:
             self._ready.append((rank, frame))
         if scope is not None:

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import pathlib
+import secrets
 import shutil
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 
 
 @dataclasses.dataclass
@@ -31,6 +35,15 @@ def ip(*args: str) -> None:
     subprocess.run(["ip", *args], check=True, capture_output=True, text=True, timeout=30)
 
 
+def _unused_subnet() -> int:
+    """N such that no interface here has an address in 10.213.N.0/24."""
+    taken = subprocess.run(
+        ["ip", "-4", "-o", "addr"], capture_output=True, text=True, timeout=30
+    ).stdout
+    free = [n for n in range(1, 255) if f"10.213.{n}." not in taken]
+    return secrets.choice(free)
+
+
 def netns_unavailable() -> str:
     if shutil.which("ip") is None:
         return "the `ip` command is not installed"
@@ -39,37 +52,78 @@ def netns_unavailable() -> str:
     return ""
 
 
+@contextlib.contextmanager
+def two_nodes(mode: str) -> Iterator[Topology]:
+    """Node 1 in its own namespace (10.213.N.2; the head is 10.213.N.1 on a veth pair) for
+    mode "netns" where we may create one, else (or for mode "loopback") on loopback."""
+    reason = netns_unavailable() if mode == "netns" else "loopback requested"
+    tag = secrets.token_hex(3)
+    ns, host_if, node_if = f"shardline_{tag}", f"shlh{tag}", f"shln{tag}"
+    subnet = _unused_subnet() if not reason else 0
+    created = False
+    if not reason:
+        try:
+            ip("netns", "add", ns)
+            created = True
+            ip("link", "add", host_if, "type", "veth", "peer", "name", node_if)
+            ip("link", "set", node_if, "netns", ns)
+            ip("addr", "add", f"10.213.{subnet}.1/24", "dev", host_if)
+            ip("link", "set", host_if, "up")
+            ip("-n", ns, "addr", "add", f"10.213.{subnet}.2/24", "dev", node_if)
+            ip("-n", ns, "link", "set", node_if, "up")
+            ip("-n", ns, "link", "set", "lo", "up")
+        except (subprocess.CalledProcessError, OSError) as exc:
+            reason = f"cannot set up a namespace: {getattr(exc, 'stderr', '') or exc}"
+    try:
+        if reason:
+            # Stated, not silent: two process groups on loopback instead.
+            print(f"multinode: node 1 on loopback ({reason})", file=sys.stderr)
+            yield Topology("loopback", "127.0.0.1", [], why_not_netns=reason)
+        else:
+            yield Topology(
+                "netns",
+                f"10.213.{subnet}.1",
+                ["ip", "netns", "exec", ns],
+                head_ifname=host_if,
+                node_ifname=node_if,
+            )
+    finally:
+        if created:
+            subprocess.run(["ip", "link", "del", host_if], capture_output=True, timeout=30)
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
+
+
 class Agents:
-    """Node agents started as subprocesses; every one is stopped at the end of the test."""
+    """Node agents started as subprocesses (output to a file, so a full pipe never blocks
+    one); every one is stopped at the end of the test."""
 
-    def __init__(self, topology: Topology) -> None:
+    def __init__(self, topology: Topology, log_dir: pathlib.Path) -> None:
         self.topology = topology
-        self.procs: list[subprocess.Popen[str]] = []
+        self.log_dir = log_dir
+        self.procs: dict[subprocess.Popen[bytes], pathlib.Path] = {}
 
-    def start(self, head: str, token: str, node_rank: int, *extra: str) -> subprocess.Popen[str]:
+    def start(self, head: str, token: str, node_rank: int) -> subprocess.Popen[bytes]:
+        """`agent_main` (what `shardline worker` runs) on node 1."""
         env = dict(os.environ, SHARDLINE_LOG_LEVEL="INFO")
         if self.topology.node_ifname:
             env["GLOO_SOCKET_IFNAME"] = self.topology.node_ifname
-        cmd = [
-            *self.topology.prefix,
-            sys.executable,
-            "-m",
-            "engine.remote",
-            "--head",
-            head,
-            "--token",
-            token,
-            "--node-rank",
-            str(node_rank),
-            "--nproc",
-            "1",
-            *extra,
-        ]
-        proc = subprocess.Popen(
-            cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-        )
-        self.procs.append(proc)
+        main = "import sys; from engine.remote import agent_main; sys.exit(agent_main())"
+        cmd = [*self.topology.prefix, sys.executable, "-c", main, "--head", head]
+        cmd += ["--token", token, "--node-rank", str(node_rank), "--nproc", "1"]
+        log = self.log_dir / f"agent-{len(self.procs)}.log"
+        with log.open("wb") as out:
+            proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
+        self.procs[proc] = log
         return proc
+
+    def log(self, proc: subprocess.Popen[bytes]) -> str:
+        """What the agent (and its ranks) printed so far."""
+        return self.procs[proc].read_text(errors="replace")
+
+    def wait(self, proc: subprocess.Popen[bytes], timeout: float = 30.0) -> str:
+        """Wait for the agent to exit by itself; its output."""
+        proc.wait(timeout)
+        return self.log(proc)
 
     def stop(self) -> None:
         for proc in self.procs:
@@ -77,7 +131,7 @@ class Agents:
                 proc.terminate()  # the agent kills its ranks on SIGTERM
         for proc in self.procs:
             try:
-                proc.communicate(timeout=15)
+                proc.wait(15)
             except subprocess.TimeoutExpired:
                 proc.kill()
-                proc.communicate(timeout=15)
+                proc.wait(15)

@@ -6,9 +6,10 @@ from __future__ import annotations
 import os
 import pathlib
 import secrets
-import subprocess
+import signal
 
 import anyio
+import psutil
 import pytest
 
 from engine import Engine, EngineConfig, SamplingParams
@@ -16,6 +17,7 @@ from engine.config import ConfigError
 from engine.executor import WorkerFailure
 from multinode.nodes import Agents, Topology
 from support.leaks import our_shm_entries
+from support.waiting import wait_until
 
 PROMPTS = ["hello world", "the quick brown fox", "abc", "a longer prompt that spans a few blocks"]
 PARAMS = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
@@ -75,11 +77,6 @@ def _our_shm() -> list[str]:
     return [n for n in our_shm_entries() if f"shardline_{os.getpid()}_" in n]
 
 
-def _output(proc: subprocess.Popen[str], timeout: float = 30.0) -> str:
-    out, _ = proc.communicate(timeout=timeout)
-    return out
-
-
 async def test_two_nodes_same_tokens_as_one(
     tiny_llama_dir: pathlib.Path, topology: Topology, agents: Agents
 ) -> None:
@@ -92,7 +89,7 @@ async def test_two_nodes_same_tokens_as_one(
     async with await Engine.start(config) as engine:
         assert engine._cores[0].executor.worker_pids  # rank 0 runs here, on shared memory
         assert await _generate(engine) == reference
-    log = await anyio.to_thread.run_sync(_output, agent)
+    log = await anyio.to_thread.run_sync(agents.wait, agent)
     assert agent.returncode == 0, log
     assert "started rank 1" in log and "shutdown requested" in log, log
     assert all(len(t) == PARAMS.max_tokens for t in reference)
@@ -106,7 +103,7 @@ async def test_wrong_token_is_refused_and_named(
     agent = agents.start(f"{topology.head_host}:{config.head_port}", "not-the-token", 1)
     message = await _start_error(config)
     assert "node 1 " in message and "failed authentication" in message, message
-    log = await anyio.to_thread.run_sync(_output, agent)
+    log = await anyio.to_thread.run_sync(agents.wait, agent)
     assert agent.returncode == 3, log  # the agent gives up: a token does not fix itself
     assert "refused" in log, log
     assert not _our_shm()
@@ -142,3 +139,54 @@ def test_inconsistent_node_split_is_refused_naming_numbers(tiny_llama_dir: pathl
         _cfg(tiny_llama_dir, tensor_parallel_size=2, nodes=2, tcp_token="t")
     with pytest.raises(ConfigError, match="tcp_token"):
         _cfg(tiny_llama_dir, tensor_parallel_size=2, nodes=2, head_port=1)
+
+
+def _rank_pids(agent_pid: int) -> list[int]:
+    """The worker ranks an agent spawned (multiprocessing children, not its resource tracker)."""
+    return [
+        child.pid
+        for child in psutil.Process(agent_pid).children(recursive=True)
+        if "--multiprocessing-fork" in " ".join(child.cmdline())
+    ]
+
+
+async def test_dead_remote_rank_is_reported_and_the_group_restarts(
+    tiny_llama_dir: pathlib.Path,
+    preferred_topology: Topology,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: pathlib.Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """SIGKILL node 1's rank: its agent reports it, the head restarts the group (the agent hangs
+    up its dead generation and reconnects for the next), and the tokens stay the same."""
+    topology = preferred_topology
+    if topology.head_ifname:
+        monkeypatch.setenv("GLOO_SOCKET_IFNAME", topology.head_ifname)
+    agents = Agents(topology, tmp_path)
+    token = secrets.token_hex(16)
+    config = _two_nodes(
+        tiny_llama_dir,
+        topology,
+        token,
+        worker_start_timeout=120.0,
+        max_worker_restarts=1,
+        restart_backoff=0.1,
+    )
+    try:
+        agent = agents.start(f"{topology.head_host}:{config.head_port}", token, 1)
+        async with await Engine.start(config) as engine:
+            before = await _generate(engine)
+            (victim,) = _rank_pids(agent.pid)
+            os.kill(victim, signal.SIGKILL)
+            await wait_until(lambda: engine.stats().num_restarts >= 1, deadline_s=120)
+            assert await _generate(engine) == before
+            assert engine.stats().num_restarts == 1
+        log = await anyio.to_thread.run_sync(agents.wait, agent)
+    finally:
+        agents.stop()
+    assert agent.returncode == 0, log
+    assert log.count("started rank 1") == 2, log
+    # Whoever notices first names rank 1: its TCP channel at the head, or its agent.
+    failures = [r.getMessage() for r in caplog.records if "worker group failed" in r.getMessage()]
+    assert failures and "rank 1" in failures[0], failures
+    assert not _our_shm()
