@@ -45,6 +45,12 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--block-size", type=int, default=16, metavar="N")
     g.add_argument("--no-prefix-caching", action="store_true", help="disable prefix caching")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--max-waiting-requests", type=int, default=4096, metavar="N",
+                   help="unfinished requests the engine holds; beyond it new ones are refused "
+                        "(HTTP 429) instead of queueing without bound (default: 4096)")
+    g.add_argument("--max-worker-restarts", type=int, default=3, metavar="N",
+                   help="times a failed worker group is restarted before the engine gives up "
+                        "(0 = fail fast; default: 3)")
 
 
 def _engine_config(args: argparse.Namespace, **extra: Any) -> EngineConfig:
@@ -63,6 +69,8 @@ def _engine_config(args: argparse.Namespace, **extra: Any) -> EngineConfig:
         block_size=args.block_size,
         enable_prefix_caching=not args.no_prefix_caching,
         seed=args.seed,
+        max_waiting_requests=args.max_waiting_requests,
+        max_worker_restarts=args.max_worker_restarts,
         **extra,
     )
 
