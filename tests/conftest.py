@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from support.leaks import live_children, our_shm_entries
+from support.leaks import leaked_shm_entries, live_children, our_shm_entries
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -38,7 +38,7 @@ def _no_leaks_after_session():
     resource_tracker._resource_tracker._stop()  # type: ignore[attr-defined]
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        leaked_shm = sorted(set(our_shm_entries()) - before)
+        leaked_shm = leaked_shm_entries(before)
         children = live_children()
         if not leaked_shm and not children:
             return
