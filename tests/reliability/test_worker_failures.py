@@ -175,12 +175,14 @@ def test_parent_sigkill_leaves_no_workers_and_next_start_cleans_shm(tiny_llama_d
 
 
 async def test_request_deadline_aborts_and_frees_blocks(tiny_llama_dir: pathlib.Path) -> None:
-    async with await Engine.start(_cfg(tiny_llama_dir, tensor_parallel_size=1, transport="inproc")) as engine:
+    # 2,000 tokens take seconds even for the tiny model, so the 0.3 s deadline always fires first.
+    cfg = _cfg(tiny_llama_dir, tensor_parallel_size=1, transport="inproc", max_model_len=2048, num_kv_blocks=600)
+    async with await Engine.start(cfg) as engine:
         last = None
-        async for out in engine.generate("slow", SamplingParams(max_tokens=200, ignore_eos=True, timeout=0.3)):
+        async for out in engine.generate("slow", SamplingParams(max_tokens=2000, ignore_eos=True, timeout=0.3)):
             last = out
         assert last is not None and last.finish_reason == "abort"
-        assert last.num_output_tokens < 200
+        assert last.num_output_tokens < 2000
         await wait_until(lambda: engine.stats().num_kv_blocks_used == 0)
         async for out in engine.generate("next", PARAMS):
             last = out
