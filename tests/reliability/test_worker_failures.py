@@ -164,6 +164,8 @@ def test_parent_sigkill_leaves_no_workers_and_next_start_cleans_shm(tiny_llama_d
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+        if proc.stdout is not None:
+            proc.stdout.close()
 
     async def next_start() -> None:
         async with await Engine.start(EngineConfig(model=str(tiny_llama_dir), max_model_len=64, num_kv_blocks=16)) as engine:
