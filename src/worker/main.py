@@ -32,6 +32,7 @@ from typing import Any
 import psutil
 import torch
 
+from model import profiling
 from model.registry import ModelRegistry
 from transport import connect_worker_channels
 from transport.errors import TransportClosed
@@ -212,11 +213,13 @@ class Worker:
                     return
                 continue
             if isinstance(msg, ExecuteStep):
-                result = runner.execute(msg)
+                with profiling.timed("step"):
+                    result = runner.execute(msg)
                 if result is not None:
                     self._channels.send(result)
             elif isinstance(msg, Shutdown):
                 self.log.info("shutdown requested")
+                profiling.dump(self.config.rank)
                 return
             elif isinstance(msg, InitWorker):
                 self.log.debug("ignoring InitWorker: the config came with the spawn")

@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 from model.parallel_context import ParallelContext
+from model.profiling import timed
 
 NUM_INTERMEDIATE_TENSORS = 2
 
@@ -36,8 +37,9 @@ class PipelineLink:
             torch.empty(num_tokens, self.hidden_size, dtype=self.dtype, device=self.ctx.device)
             for _ in range(NUM_INTERMEDIATE_TENSORS)
         )
-        for tensor in tensors:
-            dist.recv(tensor, src=self.prev_rank, group=self.ctx.pp_group)
+        with timed("pp_p2p"):
+            for tensor in tensors:
+                dist.recv(tensor, src=self.prev_rank, group=self.ctx.pp_group)
         return tensors
 
     def send(self, tensors: object) -> None:
@@ -47,7 +49,8 @@ class PipelineLink:
                 f"a non-last pipeline stage must return {NUM_INTERMEDIATE_TENSORS} tensors, "
                 f"got {type(tensors).__name__}"
             )
-        for tensor in tensors:
-            dist.send(
-                tensor.to(self.dtype).contiguous(), dst=self.next_rank, group=self.ctx.pp_group
-            )
+        with timed("pp_p2p"):
+            for tensor in tensors:
+                dist.send(
+                    tensor.to(self.dtype).contiguous(), dst=self.next_rank, group=self.ctx.pp_group
+                )

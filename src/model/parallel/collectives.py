@@ -6,13 +6,15 @@ import torch
 import torch.distributed as dist
 
 from model.parallel_context import ParallelContext
+from model.profiling import timed
 
 
 def all_reduce(tensor: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
     """Sum `tensor` over the TP group, in place; returns it."""
     if ctx.tp_size == 1:
         return tensor
-    dist.all_reduce(tensor, group=ctx.tp_group)
+    with timed("tp_collectives"):
+        dist.all_reduce(tensor, group=ctx.tp_group)
     return tensor
 
 
@@ -22,5 +24,6 @@ def all_gather(tensor: torch.Tensor, ctx: ParallelContext, dim: int = -1) -> tor
         return tensor
     tensor = tensor.contiguous()
     parts = [torch.empty_like(tensor) for _ in range(ctx.tp_size)]
-    dist.all_gather(parts, tensor, group=ctx.tp_group)
+    with timed("tp_collectives"):
+        dist.all_gather(parts, tensor, group=ctx.tp_group)
     return torch.cat(parts, dim=dim)
