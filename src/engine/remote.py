@@ -108,6 +108,30 @@ class NodeServer:
     async def _admit(
         self, sock: socket.socket, peer: str, configs: dict[int, list[dict[str, Any]]]
     ) -> None:
+        try:
+            admitted = await self._authenticate(sock, peer)
+        except BaseException:  # cancelled mid-handshake (the head is going away): no fd leak
+            sock.close()
+            raise
+        if admitted is None:
+            return
+        node, link = admitted
+        log.info(
+            "node %d agent connected from %s; sending ranks %s", node, peer, self.node_ranks[node]
+        )
+        try:
+            for config in configs[node]:
+                await link.send_frame(encode(InitWorker(config=config)))
+        except TransportError as exc:
+            self._lost(node, f"node {node}'s agent went away: {exc}")
+            return
+        await self._watch(node, link)
+
+    async def _authenticate(
+        self, sock: socket.socket, peer: str
+    ) -> tuple[int, tcp.TcpTransport] | None:
+        """Node announcement, HMAC handshake, Hello: the node and its link, or None (refused,
+        logged; a wrong token or a node that does not fit fails the start, naming it)."""
         sock.setblocking(False)
         try:
             with anyio.fail_after(tcp.HANDSHAKE_TIMEOUT):
@@ -115,16 +139,16 @@ class NodeServer:
         except (OSError, TimeoutError, ConnectionError) as exc:
             log.warning("node agent from %s: no node announcement (%s); dropped", peer, exc)
             sock.close()
-            return
+            return None
         if not prefix.startswith(NODE_MAGIC):
             log.warning("a client from %s is not a shardline node agent; dropped", peer)
             sock.close()
-            return
+            return None
         node = int.from_bytes(prefix[len(NODE_MAGIC) :], "big")
         if not await tcp.server_handshake(sock, self.token):
             sock.close()
             self._fail(None, f"node {node} (agent at {peer}) failed authentication: wrong --token?")
-            return
+            return None
         link = tcp.TcpTransport(sock, max_message_size=tcp.DEFAULT_MAX_MESSAGE_SIZE)
         try:
             with anyio.fail_after(tcp.HANDSHAKE_TIMEOUT):
@@ -134,18 +158,18 @@ class NodeServer:
         except (TransportError, TimeoutError) as exc:
             log.warning("node %d agent at %s: bad greeting (%s); dropped", node, peer, exc)
             await link.aclose()
-            return
+            return None
         if node not in self.node_ranks:
             await link.aclose()
             self._fail(
                 None,
                 f"node {node} (agent at {peer}) is not part of this run: nodes are {sorted({0, *self.node_ranks})}",
             )
-            return
+            return None
         if node in self._links:
             log.warning("node %d connected twice (again from %s); refused the second", node, peer)
             await link.aclose()
-            return
+            return None
         needed = len(self.node_ranks[node])
         if hello.world_size < needed:
             await link.aclose()
@@ -153,22 +177,9 @@ class NodeServer:
                 None,
                 f"node {node} offers {hello.world_size} local ranks (--nproc) but the config puts {needed} there",
             )
-            return
+            return None
         self._links[node] = link
-        log.info(
-            "node %d agent connected from %s (pid %d); sending ranks %s",
-            node,
-            peer,
-            hello.pid,
-            self.node_ranks[node],
-        )
-        try:
-            for config in configs[node]:
-                await link.send_frame(encode(InitWorker(config=config)))
-        except TransportError as exc:
-            self._lost(node, f"node {node}'s agent went away: {exc}")
-            return
-        await self._watch(node, link)
+        return node, link
 
     async def _watch(self, node: int, link: tcp.TcpTransport) -> None:
         while True:
