@@ -12,24 +12,25 @@ loop is the single writer of every piece of request state.
 
 from __future__ import annotations
 
+import asyncio
 import heapq
 import logging
 import math
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
 import anyio.abc
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from engine.detokenizer import IncrementalDetokenizer
 from engine.errors import EngineDeadError, InvalidRequestError
 from engine.executor import Executor, WorkerFailure
 from engine.request import FinishReason, Request, RequestOutput, TokenLogprob
 from engine.scheduler import Scheduler, SchedulerOutput
+from engine.step_timer import StepTimer
 from transport.messages import CachedRequest, ExecuteStep, NewRequest, SampleLogprobs
 
 logger = logging.getLogger("shardline.core")
@@ -37,11 +38,95 @@ logger = logging.getLogger("shardline.core")
 StreamItem = RequestOutput | BaseException
 
 
+class OutputStream:
+    """One request's outputs, loop -> caller: an unbounded queue with at most one waiter.
+
+    It replaces an anyio memory stream pair on the hot path: with hundreds of streaming
+    requests, every step publishes one item to each, and anyio's stream costs a checkpoint
+    (an extra event-loop pass) per receive plus backend look-ups per call. Here a send is a
+    deque append and at most one future wake-up; a caller that fell behind drains everything
+    queued without yielding. Same contract as the anyio pair it replaces: `send_nowait`
+    raises BrokenResourceError once the caller closed its end and ClosedResourceError after
+    `close`; iteration ends after `close` once the queue is drained. Single event loop only
+    (the EngineCore and its callers share one).
+    """
+
+    __slots__ = ("_items", "_waiter", "_closed", "_receiver_closed")
+
+    def __init__(self) -> None:
+        self._items: deque[StreamItem] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._closed = False
+        self._receiver_closed = False
+
+    # -- the loop's end
+    def send_nowait(self, item: StreamItem) -> None:
+        """Queue `item` and wake the caller if it waits."""
+        if self._receiver_closed:
+            raise anyio.BrokenResourceError
+        if self._closed:
+            raise anyio.ClosedResourceError
+        self._items.append(item)
+        self._wake()
+
+    def close(self) -> None:
+        """No more items: the caller's iteration ends once it drained the queue."""
+        self._closed = True
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    # -- the caller's end
+    async def receive(self) -> StreamItem:
+        """The next item; EndOfStream after `close` and an empty queue."""
+        while not self._items:
+            if self._receiver_closed:
+                raise anyio.ClosedResourceError
+            if self._closed:
+                raise anyio.EndOfStream
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiter = waiter
+            try:
+                await waiter
+            finally:
+                if self._waiter is waiter:
+                    self._waiter = None
+        return self._items.popleft()
+
+    def close_receiver(self) -> None:
+        """The caller is gone: later sends raise BrokenResourceError."""
+        self._receiver_closed = True
+        self._items.clear()
+
+    async def aclose(self) -> None:
+        self.close_receiver()
+
+    def __aiter__(self) -> OutputStream:
+        return self
+
+    async def __anext__(self) -> StreamItem:
+        try:
+            return await self.receive()
+        except anyio.EndOfStream:
+            raise StopAsyncIteration from None
+
+    async def __aenter__(self) -> OutputStream:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.close_receiver()
+
+
 @dataclass
 class _Submit:
     request: Request
     detokenizer: IncrementalDetokenizer
-    stream: MemoryObjectSendStream[StreamItem]
+    stream: OutputStream
 
 
 @dataclass
@@ -56,7 +141,7 @@ class _Live:
 
     request: Request
     detokenizer: IncrementalDetokenizer
-    stream: MemoryObjectSendStream[StreamItem]
+    stream: OutputStream
     want_logprobs: bool
     arrival: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
@@ -119,6 +204,7 @@ class EngineCore:
         self._ttft: list[float] = []
         self._itl: list[float] = []
         self.dead: BaseException | None = None
+        self._timer = StepTimer.from_env(name)
 
     async def start(self, task_group: anyio.abc.TaskGroup) -> None:
         """Start the worker group; the executor's background tasks live in `task_group`."""
@@ -127,13 +213,13 @@ class EngineCore:
         self.scheduler = self._scheduler_factory(self.executor.num_kv_blocks)
 
     # ------------------------------------------------------------ caller side
-    def submit(self, request: Request, detokenizer: IncrementalDetokenizer) -> MemoryObjectReceiveStream[StreamItem]:
+    def submit(self, request: Request, detokenizer: IncrementalDetokenizer) -> OutputStream:
         """Queue a validated request; returns the stream its outputs arrive on."""
         if self.dead is not None:
             raise EngineDeadError(f"engine is dead: {self.dead}")
-        send, receive = anyio.create_memory_object_stream[StreamItem](math.inf)
-        self._inbox_send.send_nowait(_Submit(request, detokenizer, send))
-        return receive
+        stream = OutputStream()
+        self._inbox_send.send_nowait(_Submit(request, detokenizer, stream))
+        return stream
 
     def abort(self, request_id: str) -> None:
         """Ask the loop to abort a request (no-op if it already finished)."""
@@ -173,39 +259,53 @@ class EngineCore:
     # ------------------------------------------------------------ the loop
     async def run(self) -> None:
         """Serve until cancelled or the workers fail for good; then every live request gets the error."""
+        timer = self._timer
         try:
             while True:
                 # 1) drain inputs; sleep on the inbox only when there is nothing to run.
-                await self._wait_for_work(idle=not self.scheduler.has_unfinished_requests())
+                idle = not self.scheduler.has_unfinished_requests()
+                await self._wait_for_work(idle=idle)
+                timer.lap("idle (no requests)" if idle else "wait for work")
                 self._drain_inbox()
                 self._expire_deadlines()
                 if not self.scheduler.has_unfinished_requests():
                     continue
                 # 2) one step.
+                timer.lap("inbox, deadlines")
                 output = self.scheduler.schedule()
+                timer.lap("schedule")
                 if output.total_num_scheduled_tokens == 0:
                     # Nothing fits right now (every block pinned): wait for an abort or an arrival.
                     await self._wait_for_work(idle=True, at_most=0.05)
                     continue
+                message = self._to_message(output)
+                timer.lap("build ExecuteStep")
+                if timer.enabled:
+                    timer.measure_encode(message)
                 try:
-                    result = await self.executor.execute(self._to_message(output))
+                    result = await self.executor.execute(message)
                 except WorkerFailure as failure:
                     await self._recover(failure)
                     continue
+                timer.lap_execute()
                 logprobs = None
                 if result.logprobs is not None:
                     logprobs = dict(zip(result.req_ids, result.logprobs, strict=True))
                 updates = self.scheduler.update_from_output(
                     output, dict(zip(result.req_ids, result.sampled_token_ids, strict=True)), logprobs
                 )
+                timer.lap("update_from_output")
                 # 3) publish.
                 for update in updates:
                     self._publish(update.request, update.new_token_ids, update.new_logprobs, update.finish_reason)
+                timer.lap("detokenize + publish")
+                timer.step_done()
         except BaseException as exc:
             self.dead = exc
             self._fail_all(exc)
             raise
         finally:
+            timer.dump()
             await self.aclose()
 
     async def aclose(self) -> None:
@@ -306,29 +406,32 @@ class EngineCore:
         self._step_id += 1
         return ExecuteStep(
             step_id=output.step_id,
+            # The scheduler's lists are fresh per step and encoded before the next one, so
+            # they travel as they are (no copies); positional arguments, in field order, for
+            # a step that carries hundreds of requests.
             new_requests=[
                 NewRequest(
-                    req_id=r.req_id,
-                    prompt_token_ids=list(r.prompt_token_ids),
-                    sampling=r.sampling_params.to_options(),
-                    block_ids=list(r.block_ids),
-                    num_computed_tokens=r.num_computed_tokens,
-                    num_scheduled_tokens=r.num_scheduled_tokens,
+                    r.req_id,
+                    r.prompt_token_ids,
+                    r.sampling_params.to_options(),
+                    r.block_ids,
+                    r.num_computed_tokens,
+                    r.num_scheduled_tokens,
                 )
                 for r in output.scheduled_new
             ],
             cached_requests=[
                 CachedRequest(
-                    req_id=r.req_id,
-                    new_token_ids=list(r.new_token_ids),
-                    new_block_ids=list(r.new_block_ids),
-                    num_computed_tokens=r.num_computed_tokens,
-                    num_scheduled_tokens=r.num_scheduled_tokens,
-                    resumed=r.resumed,
+                    r.req_id,
+                    r.new_token_ids,
+                    r.new_block_ids,
+                    r.num_computed_tokens,
+                    r.num_scheduled_tokens,
+                    r.resumed,
                 )
                 for r in output.scheduled_cached
             ],
-            finished_ids=list(output.finished_ids),
+            finished_ids=output.finished_ids,
         )
 
     def _publish(

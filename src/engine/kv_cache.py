@@ -59,6 +59,8 @@ class KVCacheManager:
         self._free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))
         self._cached: dict[bytes, int] = {}
         self._tables: dict[str, list[int]] = {}
+        # Per request: how many leading blocks of its table are known to hold a hash.
+        self._hashed_prefix: dict[str, int] = {}
 
     # -- sizes ---------------------------------------------------------------------------------
 
@@ -94,10 +96,14 @@ class KVCacheManager:
 
     def _update_hashes(self, request: Request, num_tokens: int) -> None:
         """Extend `request.block_hashes` to cover the full blocks among its first num_tokens."""
-        token_ids = request.all_token_ids
         hashes = request.block_hashes
         bs = self.block_size
-        for index in range(len(hashes), num_tokens // bs):
+        first, last = len(hashes), num_tokens // bs
+        if first >= last:
+            return  # the common case on a decode step: nothing new to hash
+        # Only the tokens of the blocks still to hash, never the whole context.
+        token_ids = request.token_ids_between(first * bs, last * bs)
+        for index in range(last - first):
             parent = hashes[-1] if hashes else None
             hashes.append(hash_block(parent, token_ids[index * bs : (index + 1) * bs]))
 
@@ -127,8 +133,13 @@ class KVCacheManager:
         * block_size + num_new_tokens` tokens. Returns the block ids appended to the table
         (prefix-hit blocks first), or None, with no side effects, when the pool is short.
         """
-        computed = new_computed_blocks or []
         table = self._tables.get(request.request_id, [])
+        if not new_computed_blocks and table:
+            # Decode fast path: most steps fit in the blocks the request already holds.
+            needed = -(-(request.num_computed_tokens + num_new_tokens) // self.block_size)
+            if needed <= len(table):
+                return []
+        computed = new_computed_blocks or []
         if computed and table:
             raise ValueError("new_computed_blocks is only valid for a request holding no blocks")
         total_tokens = (
@@ -176,20 +187,31 @@ class KVCacheManager:
             num_computed_tokens = request.num_computed_tokens
         num_computed_tokens = min(num_computed_tokens, request.num_tokens)
         num_full = min(num_computed_tokens // self.block_size, len(table))
+        # Blocks before `hashed` are known to hold a hash (a held block keeps it until
+        # reset_prefix_cache), so each step only looks at blocks that became full since.
+        hashed = self._hashed_prefix.get(request.request_id, 0)
+        if hashed >= num_full:
+            return
         self._update_hashes(request, num_full * self.block_size)
-        for index in range(num_full):
+        contiguous = True
+        for index in range(hashed, num_full):
             block_id = table[index]
-            if self._block_hash[block_id] is not None:
-                continue
-            block_hash = request.block_hashes[index]
-            if block_hash in self._cached:
-                continue
-            self._block_hash[block_id] = block_hash
-            self._cached[block_hash] = block_id
+            if self._block_hash[block_id] is None:
+                block_hash = request.block_hashes[index]
+                if block_hash in self._cached:
+                    # Content cached under another block id: stays un-hashed, looked at again.
+                    contiguous = False
+                    continue
+                self._block_hash[block_id] = block_hash
+                self._cached[block_hash] = block_id
+            if contiguous:
+                hashed = index + 1
+        self._hashed_prefix[request.request_id] = hashed
 
     def free(self, request_id: str) -> None:
         """Release the request's blocks; cached ones keep their hash until evicted."""
         table = self._tables.pop(request_id, None)
+        self._hashed_prefix.pop(request_id, None)
         if not table:
             return
         for block_id in reversed(table):
@@ -202,6 +224,7 @@ class KVCacheManager:
         for block_id in self._cached.values():
             self._block_hash[block_id] = None
         self._cached.clear()
+        self._hashed_prefix.clear()
 
     # -- checking ------------------------------------------------------------------------------
 

@@ -261,6 +261,18 @@ class Request:
         """Prompt followed by every generated token (a new list)."""
         return self.prompt_token_ids + self.output_token_ids
 
+    def token_ids_between(self, start: int, end: int | None = None) -> list[int]:
+        """`all_token_ids[start:end]` without building the whole list (hot paths: O(end - start))."""
+        prompt = self.prompt_token_ids
+        num_prompt = len(prompt)
+        if end is None:
+            end = num_prompt + len(self.output_token_ids)
+        if start >= num_prompt:
+            return self.output_token_ids[start - num_prompt : end - num_prompt]
+        if end <= num_prompt:
+            return prompt[start:end]
+        return prompt[start:] + self.output_token_ids[: end - num_prompt]
+
     @property
     def num_prompt_tokens(self) -> int:
         """Number of prompt tokens."""

@@ -300,19 +300,19 @@ class Scheduler:
         resumed: bool,
     ) -> None:
         start = request.num_computed_tokens
-        all_tokens = request.all_token_ids
         block_ids = self.kv_cache.get_block_ids(request.request_id) if resumed else new_blocks
+        # Only the tokens the workers have not seen: O(new tokens), never the whole context.
         out.scheduled_cached.append(
             CachedRequestData(
                 req_id=request.request_id,
-                new_token_ids=all_tokens[request.num_tokens_sent :],
+                new_token_ids=request.token_ids_between(request.num_tokens_sent),
                 new_block_ids=list(block_ids),
                 num_computed_tokens=start,
                 num_scheduled_tokens=num_new,
                 resumed=resumed,
             )
         )
-        request.num_tokens_sent = len(all_tokens)
+        request.num_tokens_sent = request.num_tokens
         self._commit(request, start, num_new, out)
 
     def _commit(self, request: Request, start: int, num_new: int, out: SchedulerOutput) -> None:

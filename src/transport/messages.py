@@ -284,11 +284,12 @@ def _float(value: Any, where: str) -> Any:
 def _list_of(item_type: Any) -> Validator:
     if item_type in (int, str, bool, bytes):  # fast path: a scan, no per-item call or copy
         item_check = _exact(item_type)
+        only = frozenset((item_type,))
 
         def check_plain(value: Any, where: str) -> Any:
             if type(value) is not list:
                 raise TransportBroken(f"{where}: expected list, got {_type_name(value)}")
-            if all(type(item) is item_type for item in value):
+            if only.issuperset(map(type, value)):  # the scan runs in C
                 return value
             for index, item in enumerate(value):
                 item_check(item, f"{where}[{index}]")
@@ -300,7 +301,12 @@ def _list_of(item_type: Any) -> Validator:
     def check(value: Any, where: str) -> Any:
         if type(value) is not list:
             raise TransportBroken(f"{where}: expected list, got {_type_name(value)}")
-        return [item_validator(item, f"{where}[{index}]") for index, item in enumerate(value)]
+        try:
+            # Fast path: no per-item label (a step carries hundreds of records).
+            return [item_validator(item, where) for item in value]
+        except TransportBroken:
+            # Validation is pure: run again with precise labels for the error message.
+            return [item_validator(item, f"{where}[{index}]") for index, item in enumerate(value)]
 
     return check
 
@@ -323,11 +329,58 @@ def _str_keyed_dict(value: Any, where: str) -> Any:
     return value
 
 
+_PLAIN = {int: "int", str: "str", bool: "bool", bytes: "bytes"}
+
+
+def _fast_test(tp: Any, var: str) -> str | None:
+    """A Python expression that is True when `var` is valid as `tp` and needs no conversion,
+    for the plain field types; None for the others (they go through their validator)."""
+    if tp in _PLAIN:
+        return f"type({var}) is {_PLAIN[tp]}"
+    if tp is float:
+        return f"type({var}) is float"
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is list and args[0] in _PLAIN:
+        return f"(type({var}) is list and _ONLY_{_PLAIN[args[0]]}.issuperset(map(type, {var})))"
+    if origin in (Union, types.UnionType) and len(args) == 2 and type(None) in args:
+        inner = _fast_test(next(a for a in args if a is not type(None)), var)
+        return None if inner is None else f"({var} is None or {inner})"
+    return None
+
+
+def _fast_record(cls: type, hints: dict[str, Any], validators: list[Validator]) -> Callable[[list[Any], str], Any]:
+    """A generated checker for one record: inline type tests for plain fields, the compiled
+    validator for the others; it returns None when a plain test fails (the caller then runs
+    the general path, which names the problem)."""
+    names = _FIELD_NAMES[cls]
+    args, tests = [], []
+    for index, name in enumerate(names):
+        var = f"f{index}"
+        test = _fast_test(hints[name], var)
+        if test is None:
+            args.append(f"_v{index}({var}, where)")
+        else:
+            args.append(var)
+            tests.append(test)
+    unpack = ", ".join(f"f{i}" for i in range(len(names))) + ("," if len(names) == 1 else "")
+    body = ["def fast(value, where):", f"    {unpack} = value"] if names else ["def fast(value, where):"]
+    if tests:
+        body.append(f"    if not ({' and '.join(tests)}):")
+        body.append("        return None")
+    body.append(f"    return _cls({', '.join(args)})")
+    namespace: dict[str, Any] = {"_cls": cls}
+    namespace.update({f"_v{i}": v for i, v in enumerate(validators)})
+    namespace.update({f"_ONLY_{n}": frozenset((t,)) for t, n in _PLAIN.items()})
+    exec("\n".join(body), namespace)  # noqa: S102 - generated from our own annotations only
+    return namespace["fast"]  # type: ignore[no-any-return]
+
+
 def _record(cls: type) -> Validator:
     hints = typing.get_type_hints(cls)
     names = _FIELD_NAMES[cls]
     validators = [_compile(hints[name]) for name in names]
     labels = [f".{name}" for name in names]
+    fast = _fast_record(cls, hints, validators)
 
     def check(value: Any, where: str) -> Any:
         if type(value) is not list:
@@ -338,6 +391,13 @@ def _record(cls: type) -> Validator:
             raise TransportBroken(
                 f"{where}: expected {len(validators)} fields of {cls.__name__}, got {len(value)}"
             )
+        try:
+            # Fast path: labels are only built for an error message.
+            record = fast(value, where)
+            if record is not None:
+                return record
+        except TransportBroken:
+            pass
         return cls(
             *[
                 v(item, where + label)

@@ -9,10 +9,10 @@ growing tensors so nothing walks a request's whole context.
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from model.attention import AttentionMetadata
@@ -20,10 +20,14 @@ from worker.sampler import RequestSamplingState
 
 
 class BlockTable:
-    """A request's KV block ids in a growing int32 tensor (amortised O(1) appends)."""
+    """A request's KV block ids in a growing int32 numpy buffer (amortised O(1) appends).
+
+    numpy rather than torch: a step copies every scheduled request's table into one matrix,
+    and a numpy slice assignment costs a fraction of a torch one at these sizes.
+    """
 
     def __init__(self, block_ids: Sequence[int] = ()) -> None:
-        self._buffer = torch.zeros(max(16, len(block_ids)), dtype=torch.int32)
+        self._buffer = np.zeros(max(16, len(block_ids)), dtype=np.int32)
         self.num_blocks = 0
         self.append(block_ids)
 
@@ -32,11 +36,11 @@ class BlockTable:
         if not block_ids:
             return
         needed = self.num_blocks + len(block_ids)
-        if needed > self._buffer.numel():
-            grown = torch.zeros(max(needed, 2 * self._buffer.numel()), dtype=torch.int32)
+        if needed > self._buffer.size:
+            grown = np.zeros(max(needed, 2 * self._buffer.size), dtype=np.int32)
             grown[: self.num_blocks] = self._buffer[: self.num_blocks]
             self._buffer = grown
-        self._buffer[self.num_blocks : needed] = torch.tensor(block_ids, dtype=torch.int32)
+        self._buffer[self.num_blocks : needed] = block_ids
         self.num_blocks = needed
 
     def replace(self, block_ids: Sequence[int]) -> None:
@@ -44,13 +48,17 @@ class BlockTable:
         self.num_blocks = 0
         self.append(block_ids)
 
+    def array(self) -> np.ndarray:
+        """A view of the current ids (int32 numpy)."""
+        return self._buffer[: self.num_blocks]
+
     def tensor(self) -> torch.Tensor:
         """A view of the current ids (int32, CPU)."""
-        return self._buffer[: self.num_blocks]
+        return torch.from_numpy(self.array())
 
     def tolist(self) -> list[int]:
         """The ids as a list (for tests and logs)."""
-        return [int(b) for b in self.tensor().tolist()]
+        return [int(b) for b in self.array().tolist()]
 
 
 @dataclass
@@ -96,78 +104,90 @@ class StepInputs:
 def build_step_inputs(
     chunks: Sequence[ScheduledChunk], *, block_size: int, device: torch.device
 ) -> StepInputs:
-    """Flatten scheduled chunks into input ids, positions and attention metadata."""
+    """Flatten scheduled chunks into input ids, positions and attention metadata.
+
+    The index arithmetic runs in numpy (one small array op costs far less than a torch op
+    on CPU); the results become torch tensors without copies before moving to `device`.
+    """
     if not chunks:
         raise ValueError("a step needs at least one scheduled request")
+    num_seqs = len(chunks)
     query_lens: list[int] = []
     context_lens: list[int] = []
-    token_slices: list[list[int]] = []
+    input_list: list[int] = []
+    sample_rows: list[int] = []
+    tables: list[np.ndarray] = []
     max_blocks = 0
-    for chunk in chunks:
+    for row, chunk in enumerate(chunks):
         state = chunk.state
-        end = chunk.num_computed + chunk.num_scheduled
-        if chunk.num_scheduled <= 0 or chunk.num_computed < 0 or end > len(state.token_ids):
+        start, count = chunk.num_computed, chunk.num_scheduled
+        end = start + count
+        num_known = len(state.token_ids)
+        if count <= 0 or start < 0 or end > num_known:
             raise ValueError(
-                f"request {state.req_id!r}: cannot compute tokens [{chunk.num_computed}, {end}) "
-                f"of {len(state.token_ids)}"
+                f"request {state.req_id!r}: cannot compute tokens [{start}, {end}) "
+                f"of {num_known}"
             )
-        capacity = state.block_table.num_blocks * block_size
-        if end > capacity:
+        table = state.block_table
+        if end > table.num_blocks * block_size:
             raise ValueError(
                 f"request {state.req_id!r}: {end} tokens need more than its "
-                f"{state.block_table.num_blocks} blocks of {block_size}"
+                f"{table.num_blocks} blocks of {block_size}"
             )
-        query_lens.append(chunk.num_scheduled)
-        context_lens.append(chunk.num_computed)
-        token_slices.append(state.token_ids[chunk.num_computed : end])
-        max_blocks = max(max_blocks, state.block_table.num_blocks)
+        query_lens.append(count)
+        context_lens.append(start)
+        if count == 1:
+            input_list.append(state.token_ids[start])
+        else:
+            input_list.extend(state.token_ids[start:end])
+        if end == num_known:
+            sample_rows.append(row)
+        tables.append(table.array())
+        if table.num_blocks > max_blocks:
+            max_blocks = table.num_blocks
 
-    num_seqs = len(chunks)
-    num_tokens = sum(query_lens)
-    query_lens_t = torch.tensor(query_lens, dtype=torch.int64)
-    context_lens_t = torch.tensor(context_lens, dtype=torch.int64)
-    query_start_loc = torch.zeros(num_seqs + 1, dtype=torch.int64)
-    torch.cumsum(query_lens_t, dim=0, out=query_start_loc[1:])
-    seq_lens_t = context_lens_t + query_lens_t
+    query_lens_np = np.array(query_lens, dtype=np.int64)
+    context_lens_np = np.array(context_lens, dtype=np.int64)
+    query_start_loc = np.zeros(num_seqs + 1, dtype=np.int64)
+    np.cumsum(query_lens_np, out=query_start_loc[1:])
+    seq_lens_np = context_lens_np + query_lens_np
+    num_tokens = int(query_start_loc[-1])
 
-    # Position of each token = its index minus its request's start plus the cached context.
-    offsets = torch.repeat_interleave(context_lens_t - query_start_loc[:-1], query_lens_t)
-    positions = torch.arange(num_tokens, dtype=torch.int64) + offsets
-    seq_index = torch.repeat_interleave(torch.arange(num_seqs), query_lens_t)
+    if num_tokens == num_seqs:  # a pure decode step: one token per request
+        positions = context_lens_np
+        seq_index = np.arange(num_seqs)
+    else:
+        # Position of each token = its index minus its request's start plus the cached context.
+        offsets = np.repeat(context_lens_np - query_start_loc[:-1], query_lens_np)
+        positions = np.arange(num_tokens, dtype=np.int64) + offsets
+        seq_index = np.repeat(np.arange(num_seqs), query_lens_np)
 
-    block_tables = torch.zeros(num_seqs, max_blocks, dtype=torch.int32)
-    for row, chunk in enumerate(chunks):
-        table = chunk.state.block_table
-        block_tables[row, : table.num_blocks] = table.tensor()
-    block_ids = block_tables[seq_index, positions // block_size].to(torch.int64)
+    block_tables = np.zeros((num_seqs, max_blocks), dtype=np.int32)
+    for row, table_ids in enumerate(tables):
+        block_tables[row, : table_ids.size] = table_ids
+    block_ids = block_tables[seq_index, positions // block_size].astype(np.int64)
     slot_mapping = block_ids * block_size + positions % block_size
-
-    input_ids = torch.tensor(list(itertools.chain.from_iterable(token_slices)), dtype=torch.int64)
-    sample_rows = [
-        row
-        for row, chunk in enumerate(chunks)
-        if chunk.num_computed + chunk.num_scheduled == len(chunk.state.token_ids)
-    ]
     sample_indices = query_start_loc[1:][sample_rows] - 1
 
-    query_start_loc_cpu = query_start_loc.tolist()
-    seq_lens_cpu = seq_lens_t.tolist()
+    def to_device(array: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(array)).to(device, non_blocking=True)
+
     attn = AttentionMetadata(
-        slot_mapping=slot_mapping.to(device, non_blocking=True),
-        query_start_loc=query_start_loc.to(torch.int32).to(device, non_blocking=True),
-        seq_lens=seq_lens_t.to(torch.int32).to(device, non_blocking=True),
-        context_lens=context_lens_t.to(torch.int32).to(device, non_blocking=True),
-        block_tables=block_tables.to(device, non_blocking=True),
+        slot_mapping=to_device(slot_mapping),
+        query_start_loc=to_device(query_start_loc.astype(np.int32)),
+        seq_lens=to_device(seq_lens_np.astype(np.int32)),
+        context_lens=to_device(context_lens_np.astype(np.int32)),
+        block_tables=to_device(block_tables),
         max_query_len=max(query_lens),
-        max_seq_len=max(seq_lens_cpu),
-        query_start_loc_cpu=query_start_loc_cpu,
-        seq_lens_cpu=seq_lens_cpu,
+        max_seq_len=int(seq_lens_np.max()),
+        query_start_loc_cpu=query_start_loc.tolist(),
+        seq_lens_cpu=seq_lens_np.tolist(),
         block_size=block_size,
     )
     return StepInputs(
-        input_ids=input_ids.to(device, non_blocking=True),
-        positions=positions.to(device, non_blocking=True),
+        input_ids=torch.tensor(input_list, dtype=torch.int64).to(device, non_blocking=True),
+        positions=to_device(positions),
         attn=attn,
-        sample_indices=sample_indices.to(device, non_blocking=True),
+        sample_indices=to_device(sample_indices),
         sample_states=[chunks[row].state for row in sample_rows],
     )

@@ -14,7 +14,10 @@ StepResult lists the sampling requests in that order.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import time
 from typing import Any
 
 import torch
@@ -27,6 +30,8 @@ from transport.messages import (
     NewRequest,
     SampleLogprobs,
     StepResult,
+    decode,
+    encode,
 )
 from worker.inputs import BlockTable, RequestState, ScheduledChunk, StepInputs, build_step_inputs
 from worker.kv_cache import allocate_kv_cache
@@ -34,6 +39,52 @@ from worker.pipeline import PipelineLink
 from worker.sampler import RequestSamplingState, derive_seed, sample
 
 logger = logging.getLogger(__name__)
+
+
+class _RunnerTimer:
+    """Per-phase step timers in thread CPU time, on with SHARDLINE_STEP_TIMING_FILE (see
+    engine.step_timer).
+
+    Message decode/encode happen in the worker's channels, outside the runner; they are timed
+    here on the side by decoding the step's bytes and encoding the result once more.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.totals: dict[str, float] = {}
+        self.steps = 0
+        self._last = time.thread_time()
+
+    @classmethod
+    def from_env(cls, name: str) -> _RunnerTimer | None:
+        prefix = os.environ.get("SHARDLINE_STEP_TIMING_FILE")
+        return cls(f"{prefix}.{name}") if prefix else None
+
+    def lap(self, name: str) -> None:
+        now = time.thread_time()
+        self._add(name, now - self._last)
+        self._last = now
+
+    def _add(self, name: str, seconds: float) -> None:
+        self.totals[name] = self.totals.get(name, 0.0) + seconds
+
+    def measure_wire(self, step: ExecuteStep) -> None:
+        data = encode(step)
+        start = time.thread_time()
+        decode(data)
+        self._add("(side) decode ExecuteStep", time.thread_time() - start)
+        self._last = time.thread_time()
+
+    def step_done(self, result: StepResult | None) -> None:
+        if result is not None:
+            start = time.thread_time()
+            encode(result)
+            self._add("(side) encode StepResult", time.thread_time() - start)
+        self.steps += 1
+        if self.steps % 32 == 0:
+            with open(self.path, "w", encoding="utf-8") as handle:
+                json.dump({**self.totals, "_steps": self.steps}, handle)
+        self._last = time.thread_time()
 
 
 class ModelRunner:
@@ -59,6 +110,7 @@ class ModelRunner:
         self.is_last_stage = pc.pp_rank == pc.pp_size - 1
         self.is_output_rank = self.is_last_stage and pc.tp_rank == 0
         self.requests: dict[str, RequestState] = {}
+        self._timer = _RunnerTimer.from_env(f"worker-pp{pc.pp_rank}-tp{pc.tp_rank}")
         self.num_kv_blocks = 0
         self.pipeline: PipelineLink | None = None
         if pc.pp_size > 1:
@@ -77,6 +129,14 @@ class ModelRunner:
     # ----------------------------------------------------------------- steps
     def execute(self, step: ExecuteStep) -> StepResult | None:
         """Run one step; the output rank returns its StepResult, the other ranks None."""
+        if self._timer is None:
+            return self._execute(step, None)
+        self._timer.measure_wire(step)
+        result = self._execute(step, self._timer)
+        self._timer.step_done(result)
+        return result
+
+    def _execute(self, step: ExecuteStep, timer: _RunnerTimer | None) -> StepResult | None:
         # 1) drop finished requests
         for req_id in step.finished_ids:
             self.requests.pop(req_id, None)
@@ -85,8 +145,12 @@ class ModelRunner:
         chunks += [self._update_request(cached) for cached in step.cached_requests]
         if not chunks:
             return self._result(step.step_id, [], None) if self.is_output_rank else None
+        if timer:
+            timer.lap("apply step diffs")
         # 3) forward
         inputs = build_step_inputs(chunks, block_size=self.block_size, device=self.device)
+        if timer:
+            timer.lap("prepare inputs")
         with torch.inference_mode():
             hidden = self._forward(inputs)
             for chunk in chunks:
@@ -95,6 +159,8 @@ class ModelRunner:
             if not self.is_last_stage or not inputs.sample_states:
                 return self._result(step.step_id, [], None) if self.is_output_rank else None
             logits = self.model.compute_logits(hidden[inputs.sample_indices])
+            if timer:
+                timer.lap("forward + logits")
             if not self.is_output_rank:
                 return None
             states = inputs.sample_states
@@ -102,6 +168,8 @@ class ModelRunner:
             if any(s is None for s in sampling):  # impossible on the output rank; fail loudly
                 raise RuntimeError("a sampling request has no sampler state on the output rank")
             out = sample(logits, [s for s in sampling if s is not None])
+        if timer:
+            timer.lap("sample")
         return self._result(step.step_id, [s.req_id for s in states], out.token_ids, out.logprobs)
 
     def _forward(self, inputs: StepInputs) -> Any:
