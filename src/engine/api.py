@@ -227,6 +227,7 @@ class Engine:
         if self.is_dead:
             raise EngineDeadError("engine is not running")
         validate_request(token_ids, params, max_model_len=self._info.max_model_len, vocab_size=self._info.vocab_size)
+        _check_wire_ints(params)
         core = min(self._cores, key=lambda c: c.num_unfinished)
         if core.num_unfinished >= self.config.max_waiting_requests:
             raise EngineOverloadedError(
@@ -256,3 +257,17 @@ class Engine:
             if not finished:
                 core.abort(request.request_id)
 
+
+_INT64 = range(-(2**63), 2**63)
+
+
+def _check_wire_ints(params: SamplingParams) -> None:
+    """Integers that travel to the workers must fit msgpack's 64 bits.
+
+    A larger `seed` or `top_k` would make the whole step unencodable, and that stops the
+    engine for everyone; refusing the one request is the specific error it deserves.
+    """
+    for name in ("seed", "top_k", "logprobs"):
+        value = getattr(params, name, None)
+        if isinstance(value, int) and value not in _INT64:
+            raise InvalidRequestError(name, f"must fit in a signed 64-bit integer, got {value}")

@@ -170,3 +170,22 @@ async def test_dead_engine_answers_503_and_serve_exits(tiny_llama_dir: pathlib.P
         for worker in workers:
             assert not worker.is_running() or worker.status() == psutil.STATUS_ZOMBIE
         assert not set(our_shm_entries()) - shm_before
+
+
+async def test_engine_refuses_integers_beyond_64_bits(tiny_llama_dir: pathlib.Path) -> None:
+    """A seed or top_k msgpack cannot carry is the caller's error, not the engine's death.
+
+    (Before the check, `seed=2**64` made the step unencodable and stopped the engine for
+    every caller; the HTTP schema now refuses it too, so this goes through the Python API.)
+    """
+    from engine import Engine, EngineConfig, InvalidRequestError, SamplingParams
+
+    config = EngineConfig(model=str(tiny_llama_dir), transport="inproc", max_model_len=64)
+    async with await Engine.start(config) as engine:
+        for params in (SamplingParams(max_tokens=2, seed=2**64), SamplingParams(max_tokens=2, top_k=2**70)):
+            with pytest.raises(InvalidRequestError):
+                async for _ in engine.generate("hello", params):
+                    pass
+        outputs = [out async for out in engine.generate("hello", SamplingParams(max_tokens=2, seed=2**63 - 1))]
+        assert outputs[-1].finished and outputs[-1].finish_reason == "length"
+        assert not engine.is_dead

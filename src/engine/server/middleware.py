@@ -15,6 +15,9 @@ from engine.server.errors import APIError
 
 DEFAULT_MAX_BODY_BYTES = 4 << 20
 """4 MiB: far more than any prompt the context length admits, far less than memory."""
+DRAIN_LIMIT_BYTES = 64 << 20
+"""A refused body up to this size is read (and dropped) so the client gets its 413; a larger
+one is answered at once and the connection closed."""
 
 
 class GatekeeperMiddleware:
@@ -55,6 +58,8 @@ class GatekeeperMiddleware:
                 return
         declared = _content_length(scope)
         if declared is not None and declared > self.max_body_bytes:
+            if declared <= DRAIN_LIMIT_BYTES:
+                await _drain(receive)
             await self._too_large(scope, receive, send)
             return
         body, more_messages = await self._read_body(receive)
@@ -85,6 +90,8 @@ class GatekeeperMiddleware:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_body_bytes:
+                if message.get("more_body", False):
+                    await _drain(receive, already=size)
                 return None, []
             chunks.append(chunk)
             if not message.get("more_body", False):
@@ -98,6 +105,23 @@ class GatekeeperMiddleware:
         )
         # Close the connection: the rest of the body is not worth reading.
         await error.response(headers={"Connection": "close"})(scope, receive, send)
+
+
+async def _drain(receive: Receive, already: int = 0) -> None:
+    """Read and discard the rest of a refused body (up to DRAIN_LIMIT_BYTES in all).
+
+    Answering while the client is still sending makes the server close a socket with unread
+    data, which resets the connection: the client then sees a broken connection (and the
+    OpenAI client retries it) instead of the 413. Discarding costs no memory.
+    """
+    size = already
+    while size <= DRAIN_LIMIT_BYTES:
+        message = await receive()
+        if message["type"] != "http.request":
+            return
+        size += len(message.get("body", b""))
+        if not message.get("more_body", False):
+            return
 
 
 def _content_length(scope: Scope) -> int | None:

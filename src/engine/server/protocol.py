@@ -38,9 +38,9 @@ class _SamplingFields(_Body):
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0, allow_inf_nan=False)
     top_p: float | None = Field(default=None, gt=0, le=1)
-    top_k: int | None = Field(default=None, ge=-1, description="-1 or 0: off")
+    top_k: int | None = Field(default=None, ge=-1, le=2**63 - 1, description="-1 or 0: off")
     min_p: float | None = Field(default=None, ge=0, le=1)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1, description="a signed 64-bit integer")
     stop: NonEmptyStr | list[NonEmptyStr] | None = None
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
