@@ -336,6 +336,9 @@ def run_node_agent(
         raise ValueError(f"node rank {node_rank}: node 0 is the head; agents run nodes 1, 2, ...")
     key = token.encode() if isinstance(token, str) else token
     nproc = nproc or os.cpu_count() or 1
+    # Like the head's executor: sleeping OpenMP waiters, so ranks do not spin on shared cores
+    # (the agent itself runs no torch work; a value the user set wins).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     while True:
         deadline = time.monotonic() + connect_timeout
         while True:
