@@ -1,5 +1,9 @@
 """Scale-out: the same workload at TP=1, TP=2, PP=2 and DP=2, and where each step's time goes.
 
+The model is SmolLM2-shaped (30 layers, hidden 576, MLP 1536, vocab 49152, SmolLM2's own
+tokenizer) with random weights and 8 heads / 4 KV heads, since SmolLM2's 9 heads cannot be
+split over TP=2; its step costs the same FLOPs as SmolLM2's.
+
 For every layout the engine runs with `SHARDLINE_PROFILE_DIR` set, so each worker records the
 seconds it spends in whole steps, in tensor-parallel collectives (gloo/NCCL all-reduce and
 all-gather, including waiting for the slower peer) and in pipeline sends/receives. The engine
@@ -61,6 +65,42 @@ async def run_layout(model_dir: str, layout: dict[str, int], prompts: list[list[
             "replicas": layout.get("data_parallel_size", 1)}
 
 
+def smollm2_shaped_model(directory: pathlib.Path, smollm2_dir: pathlib.Path) -> pathlib.Path:
+    """Write a random-weight Llama of SmolLM2's size whose heads divide by 2 (cached)."""
+    import shutil
+
+    import torch
+    from safetensors.torch import save_file
+
+    if (directory / "model.safetensors").exists():
+        return directory
+    directory.mkdir(parents=True, exist_ok=True)
+    config = json.loads((smollm2_dir / "config.json").read_text())
+    config.update(num_attention_heads=8, num_key_value_heads=4, head_dim=72)
+    hidden, inter, vocab, layers = config["hidden_size"], config["intermediate_size"], config["vocab_size"], config["num_hidden_layers"]
+    gen = torch.Generator().manual_seed(0)
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen) * 0.02
+
+    weights = {"model.embed_tokens.weight": rand(vocab, hidden), "model.norm.weight": torch.ones(hidden)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        weights.update({
+            p + "self_attn.q_proj.weight": rand(576, hidden), p + "self_attn.k_proj.weight": rand(288, hidden),
+            p + "self_attn.v_proj.weight": rand(288, hidden), p + "self_attn.o_proj.weight": rand(hidden, 576),
+            p + "mlp.gate_proj.weight": rand(inter, hidden), p + "mlp.up_proj.weight": rand(inter, hidden),
+            p + "mlp.down_proj.weight": rand(hidden, inter),
+            p + "input_layernorm.weight": torch.ones(hidden), p + "post_attention_layernorm.weight": torch.ones(hidden),
+        })  # fmt: skip
+    save_file(weights, str(directory / "model.safetensors"))
+    (directory / "config.json").write_text(json.dumps(config, indent=2))
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
+        if (smollm2_dir / name).exists():
+            shutil.copy(smollm2_dir / name, directory / name)
+    return directory
+
+
 def read_profiles(directory: pathlib.Path) -> list[dict[str, Any]]:
     return [json.loads(p.read_text()) for p in sorted(directory.glob("rank*.json"))]
 
@@ -96,7 +136,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
 
     from model.fetch import resolve_model_path
 
-    model_dir = str(resolve_model_path(args.model))
+    smollm2 = resolve_model_path(args.model)
+    model_dir = str(smollm2_shaped_model(pathlib.Path("benchmarks/out/smollm2-shaped-8h"), smollm2))
     work = make_workload(AutoTokenizer.from_pretrained(model_dir), args.num_requests)
     rows = []
     for name in args.layouts.split(","):
@@ -108,7 +149,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                 del os.environ["SHARDLINE_PROFILE_DIR"]
             rows.append(summarize(name, run, read_profiles(pathlib.Path(tmp))))
     base = rows[0]["tokens_per_s"]
-    print(f"{args.num_requests} requests x {args.max_tokens} tokens, SmolLM2, {args.transport}, "
+    print(f"{args.num_requests} requests x {args.max_tokens} tokens, SmolLM2-shaped, {args.transport}, "
           f"{os.cpu_count()} cores ({platform.machine()})")
     print(f"{'layout':6} {'tok/s':>7} {'vs TP=1':>8} {'step ms':>8} {'worker':>7} {'collect':>8} {'pp p2p':>7} {'engine+transport':>17} {'comm share':>10}")
     for r in rows:

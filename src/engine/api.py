@@ -95,7 +95,8 @@ class Engine:
         except BaseException as exc:
             self._death = exc
             if not ready.done():
-                ready.set_exception(exc if isinstance(exc, Exception) else EngineDeadError(repr(exc)))
+                root = _root_cause(exc)
+                ready.set_exception(root if isinstance(root, Exception) else EngineDeadError(repr(root)))
             if not isinstance(exc, asyncio.CancelledError):
                 logger.error("engine died: %r", exc)
             raise
@@ -271,3 +272,13 @@ def _check_wire_ints(params: SamplingParams) -> None:
         value = getattr(params, name, None)
         if isinstance(value, int) and value not in _INT64:
             raise InvalidRequestError(name, f"must fit in a signed 64-bit integer, got {value}")
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    """The error a caller should see: the first real failure inside task-group wrappers."""
+    while isinstance(exc, BaseExceptionGroup):
+        inner = [e for e in exc.exceptions if not isinstance(e, asyncio.CancelledError)]
+        if not inner:
+            break
+        exc = inner[0]
+    return exc

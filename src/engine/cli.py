@@ -80,6 +80,8 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    sub.add_parser("worker", help="run this node's ranks for a multi-node engine (see `shardline worker --help`)",
+                   add_help=False)
     serve = sub.add_parser("serve", help="run the OpenAI-compatible HTTP server",
                            description="Serve a model with an OpenAI-compatible API (/v1/chat/completions, "
                                        "/v1/completions, /v1/models, /health, /metrics).")
@@ -194,7 +196,13 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `shardline` console script; returns the exit code."""
-    args = _build_parser().parse_args(argv)
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if arguments[:1] == ["worker"]:
+        # The node agent has its own parser (engine.remote): `shardline worker --help`.
+        from engine.remote import agent_main
+
+        return agent_main(arguments[1:])
+    args = _build_parser().parse_args(arguments)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -12,7 +12,7 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from enum import Enum
+from enum import Enum, StrEnum
 from typing import Any
 
 from engine.errors import InvalidRequestError, PromptTooLongError
@@ -21,7 +21,7 @@ from transport.messages import SamplingOptions
 MAX_LOGPROBS = 20
 
 
-class FinishReason(str, Enum):
+class FinishReason(StrEnum):
     """Why a request stopped producing tokens (the wire/user form is the string value)."""
 
     STOP = "stop"
