@@ -97,10 +97,17 @@ class IncrementalDetokenizer:
             return ""
         return self._tokenizer.decode(ids, skip_special_tokens=self._skip_special_tokens)
 
+    def _windows(self) -> tuple[list[int], list[int]]:
+        """The two token windows to decode: already emitted, and up to the newest token."""
+        return self._tokens[self._prefix_offset : self._read_offset], self._tokens[self._prefix_offset :]
+
     def _decode_new_tokens(self) -> str:
         """Text added by the tokens after read_offset; empty while it ends mid-character."""
-        prefix_text = self._decode(self._tokens[self._prefix_offset : self._read_offset])
-        full_text = self._decode(self._tokens[self._prefix_offset :])
+        prefix_ids, full_ids = self._windows()
+        return self._advance(self._decode(prefix_ids), self._decode(full_ids))
+
+    def _advance(self, prefix_text: str, full_text: str) -> str:
+        """Given the windows' texts, the new text (moving the offsets) or "" if incomplete."""
         if len(full_text) <= len(prefix_text) or full_text.endswith(_REPLACEMENT_CHAR):
             return ""
         self._prefix_offset = self._read_offset
@@ -163,3 +170,36 @@ class IncrementalDetokenizer:
         delta = self._decoded[len(self.text) :]
         self.text += delta
         return delta
+
+
+def update_batch(
+    detokenizers: Sequence[IncrementalDetokenizer], new_token_ids: Sequence[list[int]]
+) -> list[tuple[str, bool]]:
+    """`detokenizer.update(ids)` for each pair, in order, with the same results.
+
+    Detokenizers sharing a Rust tokenizer (and `skip_special_tokens`) have all their windows
+    decoded in one `decode_batch` call: one crossing into the tokenizer per step instead of
+    two per request.
+    """
+    results: list[tuple[str, bool] | None] = [None] * len(detokenizers)
+    groups: dict[tuple[int, bool], list[int]] = {}
+    for index, detok in enumerate(detokenizers):
+        if detok.stopped:
+            results[index] = ("", True)
+        elif hasattr(detok._tokenizer, "decode_batch"):
+            groups.setdefault((id(detok._tokenizer), detok._skip_special_tokens), []).append(index)
+        else:
+            results[index] = detok.update(new_token_ids[index])
+    for (_, skip), members in groups.items():
+        windows: list[list[int]] = []
+        for index in members:
+            detok = detokenizers[index]
+            detok._tokens.extend(new_token_ids[index])
+            windows.extend(detok._windows())
+        decoder: Any = detokenizers[members[0]]._tokenizer
+        texts = decoder.decode_batch(windows, skip_special_tokens=skip)
+        for slot, index in enumerate(members):
+            detok = detokenizers[index]
+            detok._decoded += detok._advance(texts[2 * slot], texts[2 * slot + 1])
+            results[index] = detok._emit()
+    return [r if r is not None else ("", True) for r in results]

@@ -185,11 +185,13 @@ class KVCacheManager:
             return
         if num_computed_tokens is None:
             num_computed_tokens = request.num_computed_tokens
-        num_computed_tokens = min(num_computed_tokens, request.num_tokens)
-        num_full = min(num_computed_tokens // self.block_size, len(table))
         # Blocks before `hashed` are known to hold a hash (a held block keeps it until
         # reset_prefix_cache), so each step only looks at blocks that became full since.
         hashed = self._hashed_prefix.get(request.request_id, 0)
+        if (hashed + 1) * self.block_size > num_computed_tokens:
+            return  # the common decode step: no block became full
+        num_computed_tokens = min(num_computed_tokens, request.num_tokens)
+        num_full = min(num_computed_tokens // self.block_size, len(table))
         if hashed >= num_full:
             return
         self._update_hashes(request, num_full * self.block_size)

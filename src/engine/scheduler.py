@@ -264,11 +264,6 @@ class Scheduler:
         self.stats.num_preemptions += 1
         self._waiting.appendleft(request)
 
-    def _count_computed(self, request: Request, start: int, num_new: int) -> None:
-        self.stats.tokens_computed += num_new
-        prompt_end = request.num_prompt_tokens
-        self.stats.prompt_tokens_computed += max(0, min(start + num_new, prompt_end) - start)
-
     def _record_new(
         self, request: Request, num_new: int, block_ids: list[int], out: SchedulerOutput
     ) -> None:
@@ -302,24 +297,30 @@ class Scheduler:
         start = request.num_computed_tokens
         block_ids = self.kv_cache.get_block_ids(request.request_id) if resumed else new_blocks
         # Only the tokens the workers have not seen: O(new tokens), never the whole context.
+        # (positional, in field order: once per running request per step)
         out.scheduled_cached.append(
             CachedRequestData(
-                req_id=request.request_id,
-                new_token_ids=request.token_ids_between(request.num_tokens_sent),
-                new_block_ids=list(block_ids),
-                num_computed_tokens=start,
-                num_scheduled_tokens=num_new,
-                resumed=resumed,
+                request.request_id,
+                request.token_ids_between(request.num_tokens_sent),
+                list(block_ids),
+                start,
+                num_new,
+                resumed,
             )
         )
         request.num_tokens_sent = request.num_tokens
         self._commit(request, start, num_new, out)
 
     def _commit(self, request: Request, start: int, num_new: int, out: SchedulerOutput) -> None:
-        request.num_computed_tokens = start + num_new
+        end = start + num_new
+        request.num_computed_tokens = end
         out.num_scheduled_tokens[request.request_id] = num_new
-        out.computed_after[request.request_id] = start + num_new
-        self._count_computed(request, start, num_new)
+        out.computed_after[request.request_id] = end
+        stats = self.stats
+        stats.tokens_computed += num_new
+        prompt_end = len(request.prompt_token_ids)
+        if start < prompt_end:  # (a decode step computes no prompt tokens)
+            stats.prompt_tokens_computed += min(end, prompt_end) - start
 
     def update_from_output(
         self,
@@ -347,10 +348,7 @@ class Scheduler:
             token_logprobs = None if logprobs is None else logprobs.get(req_id)
             updates.append(
                 RequestUpdate(
-                    request=request,
-                    new_token_ids=[token_id],
-                    new_logprobs=None if token_logprobs is None else [token_logprobs],
-                    finish_reason=reason,
+                    request, [token_id], None if token_logprobs is None else [token_logprobs], reason
                 )
             )
             if reason is not None:

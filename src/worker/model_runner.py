@@ -14,6 +14,7 @@ StepResult lists the sampling requests in that order.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -122,9 +123,13 @@ class ModelRunner:
     def initialize_kv_cache(self, num_blocks: int) -> int:
         """Allocate ``num_blocks`` blocks in every local attention layer; returns bytes."""
         self.num_kv_blocks = num_blocks
-        return allocate_kv_cache(
+        allocated = allocate_kv_cache(
             self.model, num_blocks, block_size=self.block_size, dtype=self.dtype, device=self.device
         )
+        # The last set-up step: what exists now (torch, the model) lives as long as the rank,
+        # so full collections during serving need not scan it (as in the engine's core).
+        gc.freeze()
+        return allocated
 
     # ----------------------------------------------------------------- steps
     def execute(self, step: ExecuteStep) -> StepResult | None:
