@@ -136,3 +136,17 @@ async def test_soak_short(tiny_llama_dir: pathlib.Path, tmp_path: pathlib.Path) 
 @pytest.mark.timeout(900)
 async def test_soak_minutes(tiny_llama_dir: pathlib.Path, tmp_path: pathlib.Path) -> None:
     await run_soak(tiny_llama_dir, tmp_path, duration_s=300, warmup_s=60)
+
+
+@pytest.mark.parametrize("text", ["a\x85b", "line\u2028sep", "para\u2029sep", "\x1c\x1d\x1e\x0b\x0c", "plain"])
+def test_sse_events_survive_unicode_line_splitting(text: str) -> None:
+    """Found by the soak: a random model emitted U+0085, and a client splitting the stream with
+    str.splitlines() (httpx's aiter_lines) got half an event. Each event is one line now."""
+    import json
+
+    from engine.server.streaming import sse
+
+    event = sse(json.dumps({"text": text}, ensure_ascii=False))
+    lines = event.splitlines()
+    assert lines[1:] == [""], lines
+    assert json.loads(lines[0].removeprefix("data: ")) == {"text": text}

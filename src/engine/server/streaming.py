@@ -89,6 +89,15 @@ class EventStreamResponse(StreamingResponse):
                 await self._events.aclose()
 
 
+# Line breaks to Unicode but not to JSON: a generated token can be one of these, and a client
+# that splits the stream with str.splitlines() (httpx's aiter_lines does) would cut the event.
+_UNICODE_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 def sse(payload: str) -> str:
-    """One server-sent event carrying `payload` (already JSON, or `[DONE]`)."""
-    return f"data: {payload}\n\n"
+    """One server-sent event carrying `payload` (already JSON, or `[DONE]`).
+
+    JSON escapes ASCII control characters itself; the three non-ASCII line breaks are escaped
+    here (inside JSON strings, where alone they can occur, `\\u2028` means the same thing).
+    """
+    return f"data: {payload.translate(_UNICODE_LINE_BREAKS)}\n\n"
