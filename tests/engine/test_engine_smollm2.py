@@ -100,3 +100,12 @@ async def test_chat_and_stop_strings(smollm2_dir: pathlib.Path) -> None:
         assert last.finish_reason == "stop"
         assert stop not in last.text
         assert full.startswith(last.text)
+
+
+@pytest.mark.slow
+async def test_pipeline_parallel_smollm2_matches_hf(smollm2_dir: pathlib.Path, hf_greedy: dict[str, list[int]]) -> None:
+    """SmolLM2's 30 layers split over two pipeline stages give the single-process tokens."""
+    cfg = EngineConfig(model=str(smollm2_dir), pipeline_parallel_size=2, max_model_len=256, num_kv_blocks=128)
+    async with await Engine.start(cfg) as engine:
+        got = await _generate_all(engine, PROMPTS, GREEDY)
+    assert got == hf_greedy

@@ -22,14 +22,6 @@ TESTS_DIR = HERE.parent
 
 
 @pytest.fixture(scope="session")
-def smollm2_dir() -> pathlib.Path:
-    """The default model, fetched and converted once per machine (cached in SHARDLINE_HOME)."""
-    from model.fetch import fetch_default_model
-
-    return fetch_default_model()
-
-
-@pytest.fixture(scope="session")
 def worker_module() -> ModuleType:
     """tests/model/dist_worker.py, imported by path (it is not on sys.path)."""
     spec = importlib.util.spec_from_file_location("shardline_test_dist_worker", HERE / "dist_worker.py")

@@ -91,6 +91,23 @@ async def test_worker_loss_is_recovered_without_visible_gap(tiny_llama_dir: path
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
 
 
+@pytest.mark.slow
+async def test_smollm2_worker_kill_is_recovered(smollm2_dir: pathlib.Path) -> None:
+    """The same on the real model: SmolLM2 split over two pipeline stages (its 9 heads do not
+    divide by 2), one stage SIGKILLed mid-stream, every stream equal to an undisturbed run."""
+    prompts = _prompts()
+    base = dict(model=str(smollm2_dir), max_model_len=256, num_kv_blocks=512, restart_backoff=0.1)
+    async with await Engine.start(EngineConfig(**base, transport="inproc")) as engine:  # type: ignore[arg-type]
+        expected = await _stream_all(engine, prompts)
+    async with await Engine.start(EngineConfig(**base, pipeline_parallel_size=2)) as engine:  # type: ignore[arg-type]
+        started = anyio.Event()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_disturb_midway, engine, started, signal.SIGKILL)
+            results = await _stream_all(engine, prompts, on_token=started)
+        assert results == expected
+        assert engine.stats().num_restarts == 1
+
+
 async def test_worker_death_without_restarts_fails_fast(tiny_llama_dir: pathlib.Path) -> None:
     prompts = _prompts()
     async with await Engine.start(_cfg(tiny_llama_dir, max_worker_restarts=0)) as engine:
