@@ -163,13 +163,14 @@ async def test_dead_engine_answers_503_and_serve_exits(tiny_llama_dir: pathlib.P
         for i in range(2):
             assert_openai_error(outcomes[f"whole{i}"], 503, code="engine_dead")
         print(f"serve exited {exit_s:.1f} s after the kill; /health saw {health}")
-        assert 503 in health, health
+        assert health.count(503) >= 3, health  # the server lingers a moment answering 503
         assert 200 not in health[health.index(503):], health  # never healthy again
         assert "the engine died" in server.log()
         # Nothing left: no worker process, no shared memory of ours.
         for worker in workers:
             assert not worker.is_running() or worker.status() == psutil.STATUS_ZOMBIE
-        assert not set(our_shm_entries()) - shm_before
+        ours = f"shardline_{server.proc.pid}_"  # names carry the creating pid; others' tests run too
+        assert not [n for n in set(our_shm_entries()) - shm_before if ours in n]
 
 
 async def test_engine_refuses_integers_beyond_64_bits(tiny_llama_dir: pathlib.Path) -> None:

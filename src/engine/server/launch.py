@@ -30,6 +30,7 @@ EXIT_OK = 0
 EXIT_ENGINE_FAILED = 1
 ENGINE_WATCH_PERIOD_S = 0.5
 GRACEFUL_SHUTDOWN_S = 5
+ENGINE_DEAD_LINGER_S = 1.0
 
 
 @dataclass
@@ -141,6 +142,9 @@ async def _watch_engine(engine: EngineLike, holder: _Holder) -> None:
         await anyio.sleep(ENGINE_WATCH_PERIOD_S)
     log.critical("the engine died; stopping the server so a supervisor can restart it")
     holder.engine_died = True
+    # A moment in which /health answers 503 (not a refused connection), so a load balancer's
+    # probe learns why this instance went away.
+    await anyio.sleep(ENGINE_DEAD_LINGER_S)
     if holder.server is not None:
         holder.server.should_exit = True
 
