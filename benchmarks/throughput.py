@@ -15,6 +15,12 @@ asked for. Useful tokens = the sum of each request's max_tokens (padding is not 
 
 from __future__ import annotations
 
+import os
+
+# Same OpenMP wait policy as shardline's spawned workers, set before torch loads, so the
+# transformers baseline in this process is not slowed by spinning threads on a busy machine.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import argparse
 import asyncio
 import json
