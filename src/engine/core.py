@@ -12,6 +12,7 @@ loop is the single writer of every piece of request state.
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import heapq
 import logging
@@ -32,7 +33,7 @@ from engine.output_stream import OutputStream
 from engine.request import FinishReason, Request, RequestOutput, TokenLogprob
 from engine.scheduler import RequestUpdate, Scheduler, SchedulerOutput
 from engine.step_timer import StepTimer
-from transport.messages import CachedRequest, ExecuteStep, NewRequest, SampleLogprobs
+from transport.messages import CachedRequest, ExecuteStep, NewRequest, SampleLogprobs, StepResult
 
 logger = logging.getLogger("shardline.core")
 
@@ -177,23 +178,39 @@ class EngineCore:
 
     # ------------------------------------------------------------ the loop
     async def run(self) -> None:
-        """Serve until cancelled or the workers fail for good; then every live request gets the error."""
+        """Serve until cancelled or the workers fail for good; then every live request gets the error.
+
+        A step's outputs are published either right away or, when that provably changes
+        nothing (`_can_defer_publish`), while the next step is on the workers.
+        """
         timer = self._timer
+        pending: list[RequestUpdate] | None = None  # the last step's updates, not yet published
         try:
             while True:
                 # 1) drain inputs; sleep on the inbox only when there is nothing to run.
-                idle = not self.scheduler.has_unfinished_requests()
+                if pending is not None and self.executor.failure is not None:
+                    pending = self._publish_now(pending)
+                idle = pending is None and not self.scheduler.has_unfinished_requests()
                 await self._wait_for_work(idle=idle)
                 timer.lap("idle (no requests)" if idle else "wait for work")
-                self._drain_inbox()
-                self._expire_deadlines()
+                commands = self._take_inbox()
+                now = time.monotonic()  # one clock reading for the deferral check and the deadlines
+                if pending is not None and (commands or not self._can_defer_publish(pending, now)):
+                    pending = self._publish_now(pending)  # the plain order: publish, then commands
+                for command in commands:
+                    self._handle(command)
+                self._expire_deadlines(now)
                 if not self.scheduler.has_unfinished_requests():
+                    if pending is not None:
+                        pending = self._publish_now(pending)
                     continue
                 # 2) one step.
                 timer.lap("inbox, deadlines")
                 output = self.scheduler.schedule()
                 timer.lap("schedule")
                 if output.total_num_scheduled_tokens == 0:
+                    if pending is not None:
+                        pending = self._publish_now(pending)
                     # Nothing fits right now (every block pinned): wait for an abort or an arrival.
                     await self._wait_for_work(idle=True, at_most=0.05)
                     continue
@@ -202,7 +219,11 @@ class EngineCore:
                 if timer.enabled:
                     timer.measure_encode(message)
                 try:
-                    result = await self.executor.execute(message)
+                    if pending is None:
+                        result = await self.executor.execute(message)
+                    else:
+                        to_publish, pending = pending, None
+                        result = await self._execute_publishing(message, to_publish)
                 except WorkerFailure as failure:
                     await self._recover(failure)
                     continue
@@ -210,13 +231,10 @@ class EngineCore:
                 logprobs = None
                 if result.logprobs is not None:
                     logprobs = dict(zip(result.req_ids, result.logprobs, strict=True))
-                updates = self.scheduler.update_from_output(
+                pending = self.scheduler.update_from_output(
                     output, dict(zip(result.req_ids, result.sampled_token_ids, strict=True)), logprobs
                 )
                 timer.lap("update_from_output")
-                # 3) publish.
-                self._publish_all(updates)
-                timer.lap("detokenize + publish")
                 timer.step_done()
         except BaseException as exc:
             self.dead = exc
@@ -225,6 +243,45 @@ class EngineCore:
         finally:
             timer.dump()
             await self.aclose()
+
+    def _publish_now(self, updates: list[RequestUpdate]) -> list[RequestUpdate] | None:
+        """3) publish (detokenize, stop strings, streams); returns what is left pending: none."""
+        self._publish_all(updates)
+        self._timer.lap("detokenize + publish")
+        return None
+
+    def _can_defer_publish(self, updates: list[RequestUpdate], now: float) -> bool:
+        """Whether publishing `updates` after scheduling the next step changes nothing.
+
+        Publishing touches the scheduler only through a stop string (it finishes the request)
+        and through a caller that went away (`_send` queues an abort); the inbox is empty here
+        (checked by the caller) and no deadline is due, so scheduling sees the same state
+        either way, and each stream gets the same items in the same order.
+        """
+        if self._deadlines and self._deadlines[0][0] <= now:
+            return False
+        for update in updates:
+            live = self._live.get(update.request.request_id)
+            if live is not None and (live.detokenizer.has_stop_strings or live.stream.receiver_closed):
+                return False
+        return True
+
+    async def _execute_publishing(self, message: ExecuteStep, updates: list[RequestUpdate]) -> StepResult:
+        """Send `message`, publish the previous step's `updates` while it runs, await its result."""
+        task = asyncio.ensure_future(self.executor.execute(message))
+        published = False
+        try:
+            await asyncio.sleep(0)  # the step goes out (shm writes inline) before the CPU work
+            published = True
+            self._publish_all(updates)
+        except BaseException:
+            task.cancel()
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())
+            if not published:  # cancelled while sending: the outputs still reach their streams
+                self._publish_all(updates)
+            raise
+        self._timer.lap("detokenize + publish (overlapped)")
+        return await task
 
     async def aclose(self) -> None:
         """Shut the worker group down and close the inbox. Idempotent."""
@@ -279,8 +336,7 @@ class EngineCore:
         self.scheduler.transfer_for_recompute(fresh)
         self.scheduler = fresh
 
-    def _expire_deadlines(self) -> None:
-        now = time.monotonic()
+    def _expire_deadlines(self, now: float) -> None:
         while self._deadlines and self._deadlines[0][0] <= now:
             _, request_id = heapq.heappop(self._deadlines)
             live = self._live.get(request_id)
@@ -288,13 +344,13 @@ class EngineCore:
                 self.scheduler.finish_requests([request_id], FinishReason.ABORT)
                 self._finish(live, FinishReason.ABORT.value, delta=live.detokenizer.flush(), new_token_ids=[], logprobs=None)
 
-    def _drain_inbox(self) -> None:
+    def _take_inbox(self) -> list[_Submit | _Abort]:
+        commands: list[_Submit | _Abort] = []
         while True:
             try:
-                command = self._inbox.receive_nowait()
+                commands.append(self._inbox.receive_nowait())
             except anyio.WouldBlock:
-                return
-            self._handle(command)
+                return commands
 
     def _handle(self, command: _Submit | _Abort) -> None:
         if isinstance(command, _Submit):

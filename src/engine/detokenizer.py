@@ -92,6 +92,11 @@ class IncrementalDetokenizer:
         self.stopped = False
         self.stop_string: str | None = None
 
+    @property
+    def has_stop_strings(self) -> bool:
+        """Whether `update` may report a stop string."""
+        return bool(self._stop)
+
     def _decode(self, ids: list[int]) -> str:
         if not ids:
             return ""

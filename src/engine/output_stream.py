@@ -55,6 +55,11 @@ class OutputStream:
             if not waiter.done():
                 waiter.set_result(None)
 
+    @property
+    def receiver_closed(self) -> bool:
+        """True once the caller closed its end (a send would raise BrokenResourceError)."""
+        return self._receiver_closed
+
     # -- the caller's end
     async def receive(self) -> StreamItem:
         """The next item; EndOfStream after `close` and an empty queue."""
