@@ -76,6 +76,7 @@ class Engine:
                         name=f"core{dp_rank}",
                         max_restarts=self.config.max_worker_restarts,
                         restart_backoff=self.config.restart_backoff,
+                        freeze_gc=self.config.freeze_gc,
                     )
                     self._cores.append(core)
                     await core.start(tg)

@@ -98,12 +98,14 @@ class EngineCore:
         name: str = "core0",
         max_restarts: int = 0,
         restart_backoff: float = 0.5,
+        freeze_gc: bool = True,
     ) -> None:
         self.name = name
         self._executor_factory = executor_factory
         self._scheduler_factory = scheduler_factory
         self.max_restarts = max_restarts
         self.restart_backoff = restart_backoff
+        self._freeze_gc = freeze_gc
         self.num_restarts = 0
         self.executor: Executor = executor_factory()
         self.scheduler: Scheduler = scheduler_factory(1)  # replaced in start() once blocks are known
@@ -130,7 +132,8 @@ class EngineCore:
         # process: move it out of the collector's sight, as vLLM does, so that the full
         # collections serving triggers scan what serving allocates, not ~10^5 library objects
         # (measured: ~100 ms per full collection, several per second under load).
-        gc.freeze()
+        if self._freeze_gc:
+            gc.freeze()
 
     # ------------------------------------------------------------ caller side
     def submit(self, request: Request, detokenizer: IncrementalDetokenizer) -> OutputStream:
