@@ -18,7 +18,7 @@ import abc
 from collections.abc import Iterator
 from contextlib import contextmanager
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 from transport.errors import (
     AuthenticationError,
@@ -57,7 +57,26 @@ def map_os_errors(what: str) -> Iterator[None]:
         raise TransportBroken(f"{what}: {type(exc).__name__}: {exc}") from exc
 
 
-class Transport(abc.ABC):
+class AsyncResource(abc.ABC):
+    """Something with an idempotent `aclose()`, usable as `async with`."""
+
+    @abc.abstractmethod
+    async def aclose(self) -> None:
+        """Release the resource (idempotent)."""
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+
+class Transport(AsyncResource):
     """One end of an ordered, reliable, message-oriented link (see the module docstring)."""
 
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
@@ -125,19 +144,9 @@ class Transport(abc.ABC):
         except TransportClosed:
             raise StopAsyncIteration from None
 
-    async def __aenter__(self) -> Transport:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
 
-class Listener(abc.ABC):
+class Listener(AsyncResource):
     """Accepts incoming links; `address` is what a peer passes to the matching `connect`."""
 
     address: dict[str, Any]
@@ -150,13 +159,3 @@ class Listener(abc.ABC):
     async def aclose(self) -> None:
         """Stop listening (idempotent); already accepted transports stay open."""
 
-    async def __aenter__(self) -> Listener:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()

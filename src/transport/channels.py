@@ -24,13 +24,12 @@ import threading
 import time
 from collections import deque
 from collections.abc import Collection
-from types import TracebackType
 from typing import Any, Literal
 
 import anyio
 
 from transport import inproc, shm, tcp
-from transport.base import Frame, Transport
+from transport.base import AsyncResource, Frame, Transport
 from transport.errors import TransportBroken, TransportClosed, TransportError
 from transport.messages import Hello, Message, decode, encode
 from transport.shm_ring import Ring
@@ -45,7 +44,7 @@ def _target_prefix(rank: int) -> bytes:
     return rank.to_bytes(_TARGET, "little")
 
 
-class EngineChannels:
+class EngineChannels(AsyncResource):
     """The engine's end: broadcast / send_to workers, receive from any of them."""
 
     def __init__(self, kind: Kind, num_workers: int, address: dict[str, Any]) -> None:
@@ -203,16 +202,6 @@ class EngineChannels:
         for unclaimed in _inproc_registry.pop(str(self.address.get("name")), {}).values():
             await unclaimed.aclose()
 
-    async def __aenter__(self) -> EngineChannels:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
 
 async def open_engine_channels(

@@ -12,8 +12,8 @@ import asyncio
 import math
 import uuid
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
 
+from engine.core import EngineStats
 from engine.errors import EngineDeadError, EngineOverloadedError, InvalidRequestError
 from engine.request import RequestOutput, SamplingParams, TokenLogprob, validate_request
 
@@ -50,21 +50,6 @@ def expected_text(max_tokens: int, stop: Sequence[str] = ()) -> str:
     return text
 
 
-@dataclass
-class FakeStats:
-    """Same fields as `engine.EngineStats` (the ones the server reads)."""
-
-    num_running: int = 0
-    num_waiting: int = 0
-    num_kv_blocks_total: int = 0
-    num_kv_blocks_used: int = 0
-    num_preemptions: int = 0
-    prompt_tokens: int = 0
-    generation_tokens: int = 0
-    prefix_cache_hit_tokens: int = 0
-    requests_finished: dict[str, int] = field(default_factory=dict)
-
-
 class FakeEngine:
     """Deterministic engine double: one character of CONTINUATION per token.
 
@@ -84,7 +69,7 @@ class FakeEngine:
         self._live: dict[str, int] = {}  # request id -> tokens holding KV
         self._aborted: set[str] = set()
         self.aborted_ids: list[str] = []
-        self.stats_data = FakeStats(num_kv_blocks_total=num_kv_blocks)
+        self.stats_data = EngineStats(num_kv_blocks_total=num_kv_blocks)
         self.last_params: SamplingParams | None = None
         self.closed = False
 
@@ -104,7 +89,7 @@ class FakeEngine:
         self._dead = True
         self.closed = True
 
-    def stats(self) -> FakeStats:
+    def stats(self) -> EngineStats:
         s = self.stats_data
         s.num_running = len(self._live)
         s.num_kv_blocks_used = sum(math.ceil(n / BLOCK_SIZE) for n in self._live.values())
@@ -193,8 +178,3 @@ class FakeEngine:
             token_ids=list(token_ids), logprobs=logprobs, finished=reason is not None,
             finish_reason=reason, num_prompt_tokens=len(prompt_ids), num_output_tokens=len(token_ids),
         )
-
-
-def fake_stats_fields() -> set[str]:
-    """Field names of FakeStats (checked against the real EngineStats by a test)."""
-    return set(FakeStats.__dataclass_fields__)
