@@ -135,7 +135,7 @@ class NodeServer:
         sock.setblocking(False)
         try:
             with anyio.fail_after(tcp.HANDSHAKE_TIMEOUT):
-                prefix = await _recv_exact(sock, _PREFIX)
+                prefix = await tcp.recv_exact(sock, _PREFIX, "closed before announcing its node")
         except (OSError, TimeoutError, ConnectionError) as exc:
             log.warning("node agent from %s: no node announcement (%s); dropped", peer, exc)
             sock.close()
@@ -220,20 +220,6 @@ class NodeServer:
                             await link.recv_frame()
         for link in links:
             await link.aclose()
-
-
-async def _recv_exact(sock: socket.socket, size: int) -> bytes:
-    data = b""
-    while len(data) < size:
-        try:
-            chunk = sock.recv(size - len(data))
-        except (BlockingIOError, InterruptedError):
-            await anyio.wait_readable(sock)
-            continue
-        if not chunk:
-            raise ConnectionError("closed before announcing its node")
-        data += chunk
-    return data
 
 
 # ------------------------------------------------------------------------------ agent side

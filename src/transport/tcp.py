@@ -242,7 +242,12 @@ def client_handshake(sock: socket.socket, token: bytes, timeout: float) -> None:
         raise AuthenticationError("the server could not prove it holds the token")
 
 
-async def _recv_exact(sock: socket.socket, size: int) -> bytes:
+async def recv_exact(
+    sock: socket.socket,
+    size: int,
+    closed_message: str = "the client closed the connection during authentication",
+) -> bytes:
+    """Read exactly `size` bytes from a non-blocking socket; ConnectionError on early EOF."""
     data = b""
     while len(data) < size:
         try:
@@ -251,7 +256,7 @@ async def _recv_exact(sock: socket.socket, size: int) -> bytes:
             await anyio.wait_readable(sock)
             continue
         if not chunk:
-            raise ConnectionError("the client closed the connection during authentication")
+            raise ConnectionError(closed_message)
         data += chunk
     return data
 
@@ -271,7 +276,7 @@ async def server_handshake(sock: socket.socket, token: bytes) -> bool:
     try:
         with anyio.fail_after(HANDSHAKE_TIMEOUT):
             await _send_all(sock, MAGIC + server_nonce)
-            reply = await _recv_exact(sock, MAC_SIZE + NONCE_SIZE)
+            reply = await recv_exact(sock, MAC_SIZE + NONCE_SIZE)
             if not hmac.compare_digest(reply[:MAC_SIZE], _mac(token, b"client", server_nonce)):
                 log.warning("tcp: refused a client with a wrong token or garbage bytes")
                 return False
