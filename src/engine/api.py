@@ -160,17 +160,7 @@ class Engine:
         """Counters summed over every replica (latency samples drained when asked)."""
         total = EngineStats()
         for core in self._cores:
-            one = core.stats(drain_latencies=drain_latencies)
-            for name in (
-                "num_running", "num_waiting", "num_kv_blocks_total", "num_kv_blocks_used",
-                "num_preemptions", "prompt_tokens", "generation_tokens", "prefix_cache_hit_tokens",
-                "prompt_tokens_computed", "num_steps", "num_restarts",
-            ):  # fmt: skip
-                setattr(total, name, getattr(total, name) + getattr(one, name))
-            for reason, count in one.requests_finished.items():
-                total.requests_finished[reason] = total.requests_finished.get(reason, 0) + count
-            total.ttft_seconds.extend(one.ttft_seconds)
-            total.itl_seconds.extend(one.itl_seconds)
+            total.merge(core.stats(drain_latencies=drain_latencies))
         return total
 
     def per_core_stats(self) -> list[EngineStats]:

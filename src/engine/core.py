@@ -13,6 +13,7 @@ loop is the single writer of every piece of request state.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import heapq
 import logging
@@ -81,6 +82,18 @@ class EngineStats:
     requests_finished: dict[str, int] = field(default_factory=dict)
     ttft_seconds: list[float] = field(default_factory=list)
     itl_seconds: list[float] = field(default_factory=list)
+
+    def merge(self, other: EngineStats) -> None:
+        """Add another replica's snapshot: counters sum, per-reason counts add, samples extend."""
+        for f in dataclasses.fields(self):
+            mine, theirs = getattr(self, f.name), getattr(other, f.name)
+            if isinstance(mine, dict):
+                for key, count in theirs.items():
+                    mine[key] = mine.get(key, 0) + count
+            elif isinstance(mine, list):
+                mine.extend(theirs)
+            else:
+                setattr(self, f.name, mine + theirs)
 
     @property
     def kv_cache_usage(self) -> float:
