@@ -306,8 +306,10 @@ class Executor:
                 await self._channels.broadcast(step)
             except (TransportBroken, TransportClosed) as exc:
                 self._fail(WorkerFailure(None, f"cannot send step: {exc}"))
-            await self._wait_either(done)
+            await done.wait()  # set by the reader, or by `_fail` for every pending step
             self._raise_if_failed()
+            if not slot:
+                raise EngineDeadError("executor is shut down")
             return slot[0]
         finally:
             self._pending.pop(step.step_id, None)
@@ -384,6 +386,8 @@ class Executor:
             self._failure = failure
             logger.error("%s", failure)
         self._failed.set()
+        for done, _ in self._pending.values():
+            done.set()
 
     def _raise_if_failed(self) -> None:
         if self._failure is not None:
