@@ -142,12 +142,12 @@ async def run_latency(cfg: Any, work: Workload, rate: float, seed: int = 1) -> d
     }
 
 
-def run_hf(model_dir: str, work: Workload, batch_size: int) -> dict[str, Any]:
+def run_hf(model_dir: str, work: Workload, batch_size: int, device: str = "cpu", dtype: str = "float32") -> dict[str, Any]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).to(device).eval()
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     start = time.perf_counter()
     with torch.inference_mode():
@@ -160,7 +160,9 @@ def run_hf(model_dir: str, work: Workload, batch_size: int) -> dict[str, Any]:
                 ids[row, longest - len(prompt) :] = torch.tensor(prompt)
                 mask[row, longest - len(prompt) :] = 1
             new = max(work.max_tokens[b : b + batch_size])
-            model.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=pad)
+            model.generate(ids.to(device), attention_mask=mask.to(device), max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=pad)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
     return {"seconds": elapsed, "tokens": work.useful_tokens, "tokens_per_s": work.useful_tokens / elapsed}
 
@@ -174,6 +176,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--transport", default="shm")
     parser.add_argument("--tensor-parallel-size", type=int, default=1)
     parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on CUDA (both sides)")
+    parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    parser.add_argument("--random-weights", action="store_true",
+                        help="a random-weight model of the same shape (scaleout_bench's), e.g. where only "
+                             "the model's config and tokenizer are at hand")
     parser.add_argument("--out", default="benchmarks/out/throughput.json")
     args = parser.parse_args(argv)
 
@@ -183,15 +191,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from model.fetch import resolve_model_path
 
     model_dir = str(resolve_model_path(args.model))
+    if args.random_weights:
+        from scaleout_bench import smollm2_shaped_model
+
+        model_dir = str(smollm2_shaped_model(pathlib.Path("benchmarks/out/smollm2-shaped-8h"), pathlib.Path(model_dir)))
     work = make_workload(AutoTokenizer.from_pretrained(model_dir), args.num_requests)
-    cfg = EngineConfig(model=model_dir, transport=args.transport, tensor_parallel_size=args.tensor_parallel_size, max_model_len=1024)
+    dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
+    cfg = EngineConfig(model=model_dir, transport=args.transport, tensor_parallel_size=args.tensor_parallel_size,
+                       max_model_len=1024, device=args.device, dtype=dtype, cuda_graphs=not args.enforce_eager)
     print(f"workload: {len(work.prompts)} requests, prompt tokens {min(map(len, work.prompts))}..{max(map(len, work.prompts))} "
           f"(mean {statistics.mean(map(len, work.prompts)):.0f}), useful output tokens {work.useful_tokens}")
-    result: dict[str, Any] = {"machine": platform.processor() or platform.machine(), "date": time.strftime("%Y-%m-%d"), "args": vars(args)}
+    machine = platform.processor() or platform.machine()
+    if args.device == "cuda":
+        import torch
+
+        machine = f"{torch.cuda.get_device_name()} (torch {torch.__version__})"
+    print(f"machine: {machine}; device {args.device}, dtype {dtype}, cuda graphs {args.device == 'cuda' and not args.enforce_eager}")
+    result: dict[str, Any] = {"machine": machine, "date": time.strftime("%Y-%m-%d"), "args": vars(args)}
     result["shardline"] = asyncio.run(run_shardline(cfg, work))
     print(f"shardline : {result['shardline']['tokens_per_s']:8.1f} useful tok/s  ({result['shardline']['seconds']:.1f} s)")
     if not args.skip_hf:
-        result["hf_generate"] = run_hf(model_dir, work, args.hf_batch_size)
+        result["hf_generate"] = run_hf(model_dir, work, args.hf_batch_size, args.device, dtype)
         ratio = result["shardline"]["tokens_per_s"] / result["hf_generate"]["tokens_per_s"]
         result["ratio"] = ratio
         print(f"hf batch{args.hf_batch_size:<3}: {result['hf_generate']['tokens_per_s']:8.1f} useful tok/s  ({result['hf_generate']['seconds']:.1f} s)")

@@ -44,6 +44,8 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
                    help="fixed KV-cache size in blocks (default: from the memory budget)")
     g.add_argument("--block-size", type=int, default=16, metavar="N")
     g.add_argument("--no-prefix-caching", action="store_true", help="disable prefix caching")
+    g.add_argument("--enforce-eager", action="store_true",
+                   help="on CUDA, run decode steps eagerly instead of replaying CUDA graphs")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--max-waiting-requests", type=int, default=4096, metavar="N",
                    help="unfinished requests the engine holds; beyond it new ones are refused "
@@ -68,6 +70,7 @@ def _engine_config(args: argparse.Namespace, **extra: Any) -> EngineConfig:
         num_kv_blocks=args.num_kv_blocks,
         block_size=args.block_size,
         enable_prefix_caching=not args.no_prefix_caching,
+        cuda_graphs=not args.enforce_eager,
         seed=args.seed,
         max_waiting_requests=args.max_waiting_requests,
         max_worker_restarts=args.max_worker_restarts,

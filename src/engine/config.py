@@ -71,6 +71,9 @@ class EngineConfig:
     restart_backoff: float = 0.5
     """Seconds before the first restart; doubles for each further one."""
     num_threads: int | None = None
+    cuda_graphs: bool = True
+    """On CUDA, replay captured CUDA graphs for decode batches (single-rank workers); False runs
+    every step eagerly (as vLLM's enforce_eager). No effect on CPU."""
     """torch threads per worker; default: CPU cores divided among the local workers."""
     tcp_token: str | None = None
     """Shared secret for the tcp transport and node agents; default: a random one per engine."""

@@ -264,6 +264,7 @@ class Executor:
             parent_pid=os.getpid(),
             heartbeat_interval=cfg.heartbeat_interval,
             num_threads=cfg.threads_per_worker,
+            cuda_graphs=cfg.cuda_graphs,
             plugins=list(cfg.plugins),
             model_specs=ModelRegistry.specs(),
         ).to_dict()

@@ -44,6 +44,7 @@ class WorkerConfig:
     parent_pid: int | None = None
     heartbeat_interval: float = 1.0
     num_threads: int | None = None
+    cuda_graphs: bool = True
     plugins: list[str] = field(default_factory=list)
     model_specs: dict[str, str] = field(default_factory=dict)
     """The engine process's `ModelRegistry.specs()`: user registrations, replayed here."""

@@ -163,7 +163,17 @@ class Worker:
             seed=cfg.seed,
             hidden_size=getattr(model_config.hf_config, "hidden_size", None),
         )
-        allocated = runner.initialize_kv_cache(num_blocks)
+        # CUDA graphs pad decode batches into one extra block that no request is ever given.
+        use_graphs = cfg.cuda_graphs and device.type == "cuda" and cfg.world_size == 1
+        allocated = runner.initialize_kv_cache(num_blocks + 1 if use_graphs else num_blocks)
+        if use_graphs:
+            from worker.cuda_graphs import CudaGraphDecoder
+
+            runner.num_kv_blocks = num_blocks
+            graphs = CudaGraphDecoder(model, block_size=cfg.block_size, max_model_len=model_config.max_model_len,
+                                      max_num_seqs=cfg.max_num_seqs, pad_block=num_blocks, device=device)
+            graphs.capture()
+            runner.model = graphs
         self.log.info(
             "loaded %s (%s, %s); KV cache %d blocks, %.1f MiB",
             model_config.architecture,

@@ -281,3 +281,26 @@ def test_paged_decode_on_cuda_matches_hf(tiny_llama_dir: pathlib.Path, hf_refere
     for req_id, prompt in PROMPTS.items():
         engine.add(req_id, prompt)
     assert engine.run_until(NEW_TOKENS) == hf_reference
+
+
+def test_cuda_graph_static_decode_step_matches_hf(loaded, hf_reference) -> None:  # type: ignore[no-untyped-def]
+    """The step a CUDA graph captures, run eagerly here: the decode batch of 3 is padded to the
+    captured size 4 (the pad row writes into a scratch block), attention spans max_model_len keys
+    under the length mask, and the tokens are still HF's."""
+    from worker.cuda_graphs import CudaGraphDecoder, capture_sizes
+
+    assert capture_sizes(8) == [1, 2, 4, 8] and capture_sizes(40) == [1, 2, 4, 8, 16, 32, 40]
+    config, model = loaded
+    runner = make_runner(loaded)
+    runner.initialize_kv_cache(NUM_BLOCKS + 1)  # one scratch block past the engine's ones
+    decoder = CudaGraphDecoder(model, block_size=BLOCK_SIZE, max_model_len=64, max_num_seqs=8,
+                               pad_block=NUM_BLOCKS, device=torch.device("cpu"))
+    padded: list[int] = []
+    load = decoder._load_inputs
+    decoder._load_inputs = lambda *a: padded.append(load(*a)) or padded[-1]  # type: ignore[method-assign]
+    runner.model = decoder
+    engine = MiniEngine(runner, chunk=5)
+    for req_id, prompt in PROMPTS.items():
+        engine.add(req_id, prompt)
+    assert engine.run_until(NEW_TOKENS) == hf_reference
+    assert 4 in padded  # three requests decoding together ran as the padded size-4 step

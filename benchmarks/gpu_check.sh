@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The CUDA checks, as one script for a lent GPU machine (issue 8, item 4):
+#   1) the gpu-marked tests (engine vs transformers on the GPU, CUDA graphs vs eager, paged
+#      decode on CUDA vs HF, tiny models CUDA vs CPU);
+#   2) benchmarks/throughput.py on CUDA: shardline (CUDA graphs) vs transformers generate
+#      (batch 16) in one run, then shardline with --enforce-eager.
+# Usage: benchmarks/gpu_check.sh MODEL_DIR   (a SmolLM2 directory; with only its config and
+# tokenizer, random weights of its shape are generated). Python packages missing on the
+# machine may sit as wheels in .whl/ (installed into /tmp/site). Logs go to $OUT.
+set -u
+MODEL=${1:?usage: gpu_check.sh MODEL_DIR}
+OUT=${OUT:-benchmarks/out}
+mkdir -p "$OUT"
+if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH=$PWD/src:$PWD/benchmarks:${PYTHONPATH:-} PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name())"
+date -u
+timeout 240 python3 -m pytest -m gpu -q -p no:cacheprovider -W ignore::DeprecationWarning \
+    tests/engine/test_engine_gpu.py tests/model/test_tiny_models.py tests/worker/test_model_runner.py \
+    2>&1 | tee "$OUT/gpu_tests.log" | tail -40
+timeout 200 python3 benchmarks/throughput.py --model "$MODEL" --random-weights --device cuda --rate 0 \
+    --out "$OUT/throughput_cuda.json" 2>&1 | grep -v -e "shardline-worker" -e "Loading weights" | tee "$OUT/throughput_cuda.log"
+timeout 100 python3 benchmarks/throughput.py --model "$MODEL" --random-weights --device cuda --rate 0 \
+    --enforce-eager --skip-hf --out "$OUT/throughput_cuda_eager.json" 2>&1 | grep -v -e "shardline-worker" -e "Loading weights" | tee "$OUT/throughput_cuda_eager.log"
+date -u
