@@ -13,10 +13,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
+
+if TYPE_CHECKING:
+    from model.parallel.shm_comm import ShmCommunicator
 
 ProcessGroup = Any  # torch.distributed.ProcessGroup; kept loose so the class is importable anywhere
 
@@ -34,6 +37,11 @@ class ParallelContext:
     tp_group: ProcessGroup | None = None
     pp_group: ProcessGroup | None = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    # What carries the TP collectives: "shm" (then `tp_comm` is the shared-memory
+    # communicator, see model.parallel.shm_comm), torch.distributed's backend name
+    # ("gloo", "nccl"), or "none" for a group of one.
+    tp_comm_backend: str = "none"
+    tp_comm: ShmCommunicator | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         for name, rank, size in (
@@ -93,7 +101,9 @@ def init_distributed(
     """Join this replica's torch.distributed world and build the TP and PP groups.
 
     `backend=None` picks NCCL for a CUDA device and gloo otherwise. Every rank of the world must
-    call this with the same sizes; group creation is collective.
+    call this with the same sizes; group creation is collective. On CPU, when every rank of a TP
+    group is on this host, the group's collectives may go over shared memory instead
+    (`SHARDLINE_TP_ALLREDUCE=auto|shm|gloo`, see `model.parallel.shm_comm.setup_tp_comm`).
     """
     if tp_size < 1 or pp_size < 1:
         raise ValueError(f"tp_size={tp_size} and pp_size={pp_size} must both be >= 1")
@@ -128,6 +138,10 @@ def init_distributed(
         group = dist.new_group([p * tp_size + shard for p in range(pp_size)])
         if shard == tp_rank:
             pp_group = group
+    from model.parallel.shm_comm import setup_tp_comm  # here: model.parallel imports us
+
+    # Every TP group decides together; the stages' groups are disjoint, so they run side by side.
+    tp_comm, tp_comm_backend = setup_tp_comm(tp_group, tp_rank, tp_size, device, timeout_s)
     return ParallelContext(
         tp_rank=tp_rank,
         tp_size=tp_size,
@@ -138,10 +152,15 @@ def init_distributed(
         tp_group=tp_group,
         pp_group=pp_group,
         device=device,
+        tp_comm_backend=tp_comm_backend,
+        tp_comm=tp_comm,
     )
 
 
 def destroy_distributed() -> None:
-    """Tear down every process group of this process (idempotent)."""
+    """Tear down every process group and shared-memory communicator of this process (idempotent)."""
+    from model.parallel.shm_comm import close_all
+
+    close_all()
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

@@ -72,11 +72,21 @@ _RSEQ, _RPID, _RSTATE = 0, 1, 2
 _SLOT_HEADER = 8
 
 
-def _process_alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """True while `pid` runs (a zombie counts as dead)."""
     try:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.Error:
         return False
+
+
+def new_base_name() -> str:
+    """A fresh name ``/shardline_<our pid>_<random>`` that :func:`sweep_stale` recognises.
+
+    Callers append ``_seg`` for the shared-memory segment and any other suffix for a
+    semaphore (:func:`unlink_names` tells them apart by that).
+    """
+    return f"/{NAME_PREFIX}{os.getpid()}_{secrets.token_hex(6)}"
 
 
 def sweep_stale() -> list[str]:
@@ -139,13 +149,41 @@ class _Handles:
                 sem.close()
 
 
-def _unlink_names(names: list[str]) -> None:
+def unlink_names(names: list[str]) -> None:
+    """Unlink each name (``..._seg``: a segment, else a semaphore), ignoring missing ones."""
     for name in names:
         with contextlib.suppress(posix_ipc.Error, OSError):
             if name.endswith(("_seg",)):
                 posix_ipc.unlink_shared_memory(name)
             else:
                 posix_ipc.unlink_semaphore(name)
+
+
+def map_segment(base: str, size: int, *, create: bool) -> mmap.mmap:
+    """Create (exclusively, mode 0600) or open the segment ``base + "_seg"``; map `size` bytes.
+
+    Raises TransportBroken when it cannot be opened or mapped or is smaller than `size`; a
+    segment this call created is unlinked again when mapping it fails.
+    """
+    name = base + "_seg"
+    try:
+        segment = posix_ipc.SharedMemory(
+            name, posix_ipc.O_CREX if create else 0, 0o600, size=size if create else 0
+        )
+    except posix_ipc.Error as exc:
+        raise TransportBroken(f"cannot open shm segment {base}: {exc}") from exc
+    try:
+        if segment.size < size:
+            raise TransportBroken(f"shm segment {base} is smaller than its geometry")
+        return mmap.mmap(segment.fd, size)
+    except BaseException as exc:
+        if create:
+            unlink_names([name])
+        if isinstance(exc, OSError):
+            raise TransportBroken(f"cannot map shm segment {base}: {exc}") from exc
+        raise
+    finally:
+        segment.close_fd()
 
 
 class Ring:
@@ -162,18 +200,7 @@ class Ring:
         self.stride = (_SLOT_HEADER + self.slot_size + 63) // 64 * 64
         size = self.header_size + self.nslots * self.stride
         flags = posix_ipc.O_CREX if create else 0
-        try:
-            segment = posix_ipc.SharedMemory(
-                self.base + "_seg", flags, 0o600, size=size if create else 0
-            )
-            try:
-                if segment.size < size:
-                    raise TransportBroken(f"shm segment {self.base} is smaller than its geometry")
-                memory = mmap.mmap(segment.fd, size)
-            finally:
-                segment.close_fd()
-        except posix_ipc.Error as exc:
-            raise TransportBroken(f"cannot open shm segment {self.base}: {exc}") from exc
+        memory = map_segment(self.base, size, create=create)
         self._handles = _Handles(memory, self.nreaders, self.header_size)
         self._names = [self.base + "_seg"]
         if create:  # registered before anything else can fail, so names never outlive us
@@ -217,7 +244,7 @@ class Ring:
     def create(cls, nslots: int, slot_size: int, nreaders: int) -> Ring:
         """A new ring owned by this process (sweeping stale names of dead owners first)."""
         sweep_stale()
-        name = f"/{NAME_PREFIX}{os.getpid()}_{secrets.token_hex(6)}"
+        name = new_base_name()
         return cls(
             {"name": name, "nslots": nslots, "slot_size": slot_size, "nreaders": nreaders},
             create=True,
@@ -260,42 +287,54 @@ class Ring:
         deadline: float | None = None,
         spin: float = SPIN_SECONDS,
     ) -> None:
-        """Take one unit of `sem`: spin while `ready()` is false, then block in slices.
-
-        Between slices `check()` raises if the peer is gone or this end closed; a deadline
-        that passes raises TimeoutError.
-        """
-        if ready():
-            try:  # the common case: the unit is there (sem_trywait, no syscall)
-                sem.acquire(0)
-                return
-            except posix_ipc.BusyError:
-                pass
-        else:
-            spin_until = time.perf_counter() + spin
-            while not ready() and time.perf_counter() < spin_until:
-                pass
-        while True:
-            slice_s = POLL_INTERVAL
-            if deadline is not None:
-                slice_s = min(slice_s, max(deadline - time.monotonic(), 0.0))
-            try:
-                sem.acquire(slice_s)
-                return
-            except posix_ipc.BusyError:
-                check()
-                if deadline is not None and time.monotonic() >= deadline:
-                    raise TimeoutError("nothing arrived before the timeout") from None
-            except posix_ipc.Error as exc:
-                raise TransportBroken(f"shm semaphore of {self.base} failed: {exc}") from exc
+        """Take one unit of `sem` (see :func:`wait_semaphore`)."""
+        wait_semaphore(sem, ready, check, deadline, spin, self.base)
 
     def close(self) -> None:
         """Release this process's handles; the creator also unlinks every name."""
         self._finalizer()
 
 
+def wait_semaphore(
+    sem: posix_ipc.Semaphore,
+    ready: Callable[[], bool],
+    check: Callable[[], None],
+    deadline: float | None = None,
+    spin: float = SPIN_SECONDS,
+    name: str = "",
+) -> None:
+    """Take one unit of `sem`: spin while `ready()` is false, then block in slices.
+
+    Between slices `check()` raises if the peer is gone or this end closed; a deadline that
+    passes raises TimeoutError; a failing semaphore raises TransportBroken naming `name`.
+    """
+    if ready():
+        try:  # the common case: the unit is there (sem_trywait, no syscall)
+            sem.acquire(0)
+            return
+        except posix_ipc.BusyError:
+            pass
+    else:
+        spin_until = time.perf_counter() + spin
+        while not ready() and time.perf_counter() < spin_until:
+            pass
+    while True:
+        slice_s = POLL_INTERVAL
+        if deadline is not None:
+            slice_s = min(slice_s, max(deadline - time.monotonic(), 0.0))
+        try:
+            sem.acquire(slice_s)
+            return
+        except posix_ipc.BusyError:
+            check()
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError("nothing arrived before the timeout") from None
+        except posix_ipc.Error as exc:
+            raise TransportBroken(f"shm semaphore of {name} failed: {exc}") from exc
+
+
 def _cleanup(handles: _Handles, names: list[str]) -> None:
-    _unlink_names(names)
+    unlink_names(names)
     handles.release()
 
 
@@ -307,7 +346,7 @@ def peer_check(ring: Ring, pid_word: int, state_word: int, who: str) -> Callable
             state, pid = handles.header[state_word], handles.header[pid_word]
         if state == CLOSED:
             raise TransportClosed(f"the {who} closed shm ring {ring.base}")
-        if pid and not _process_alive(pid):
+        if pid and not process_alive(pid):
             raise TransportBroken(f"the {who} (pid {pid}) of shm ring {ring.base} died")
 
     return check

@@ -1,4 +1,8 @@
-"""Collectives over the tensor-parallel group; each is a no-op when the group has one rank."""
+"""Collectives over the tensor-parallel group; each is a no-op when the group has one rank.
+
+They go over the group's shared-memory communicator when `init_distributed` chose one
+(`ctx.tp_comm`, CPU ranks on one host), else over torch.distributed.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +18,10 @@ def all_reduce(tensor: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
     if ctx.tp_size == 1:
         return tensor
     with timed("tp_collectives"):
-        dist.all_reduce(tensor, group=ctx.tp_group)
+        if ctx.tp_comm is not None:
+            ctx.tp_comm.all_reduce(tensor)
+        else:
+            dist.all_reduce(tensor, group=ctx.tp_group)
     return tensor
 
 
@@ -22,6 +29,9 @@ def all_gather(tensor: torch.Tensor, ctx: ParallelContext, dim: int = -1) -> tor
     """Concatenate every TP rank's `tensor` along `dim`, in rank order."""
     if ctx.tp_size == 1:
         return tensor
+    if ctx.tp_comm is not None:
+        with timed("tp_collectives"):
+            return ctx.tp_comm.all_gather(tensor, dim=dim)
     tensor = tensor.contiguous()
     parts = [torch.empty_like(tensor) for _ in range(ctx.tp_size)]
     with timed("tp_collectives"):

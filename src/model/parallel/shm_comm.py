@@ -1,0 +1,395 @@
+"""Shared-memory all-reduce and all-gather between the ranks of one TP group on one CPU host.
+
+Gloo on loopback costs 1-3 ms per collective at decode sizes; this costs a copy in, one
+barrier and a sum. TP rank 0 creates one POSIX shared-memory segment and one named semaphore
+per rank; the others attach by the address rank 0 broadcasts over the gloo group. Layout
+(native u64 header words, then data)::
+
+    word           field
+    0              magic "SHRDTP01"
+    1 / 2 / 3      world size / slot bytes / creator pid
+    8*(1+r) + 0    pid of rank r (0 until it attaches)
+    8*(1+r) + 1    rounds rank r has posted (monotonic; spun on briefly before blocking)
+    data           buffer b in (0, 1), slot r at header_size + (b * n + r) * slot_bytes
+
+A round is one collective, or one slot-sized chunk of a larger one. Round k uses buffer k % 2:
+rank r copies its chunk into slot r, posts every peer's semaphore, takes n-1 units of its own,
+then reads every slot (a sum over slots 0..n-1 in that order, so all ranks get the same bits).
+One barrier per round is enough:
+
+* No rank passes the barrier of round k before every rank has posted round k. The first rank
+  to pass needs (n-1)(k+1) units; a rank that has not posted round k gave it at most k, and
+  every other rank at most k+1 (a (k+2)-th post would mean it had passed round k first).
+* So a rank that writes buffer k % 2 again, in round k+2, has passed the barrier of round k+1;
+  every rank has posted round k+1, which each does only after it finished reading round k.
+
+Names are ``/shardline_<creator pid>_<random>`` + ``_seg`` / ``_r<rank>`` (mode 0600), the
+scheme :func:`transport.shm_ring.sweep_stale` recognises. Rank 0 unlinks them as soon as every
+rank has attached (open mappings and semaphores stay valid), so a SIGKILLed rank leaves
+nothing behind after set-up; a kill during set-up leaves names that the next sweep removes.
+Close (at :func:`close_all`, from ``destroy_distributed``) or the finalizer unmaps the rest.
+
+:func:`setup_tp_comm` decides per TP group whether to use this or torch.distributed:
+``SHARDLINE_TP_ALLREDUCE=auto|shm|gloo`` (default auto: time both, TP rank 0 decides).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import mmap
+import os
+import pathlib
+import socket
+import statistics
+import time
+import weakref
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import posix_ipc
+import torch
+import torch.distributed as dist
+
+from transport.errors import TransportBroken
+from transport.shm_ring import (
+    SPIN_SECONDS,
+    map_segment,
+    new_base_name,
+    process_alive,
+    sweep_stale,
+    unlink_names,
+    wait_semaphore,
+)
+
+logger = logging.getLogger("model.parallel")
+
+ENV_MODE = "SHARDLINE_TP_ALLREDUCE"
+MODES = ("auto", "shm", "gloo")
+DEFAULT_SLOT_BYTES = 2 << 20  # per rank per buffer: TP=2 maps 8 MiB
+MAGIC = int.from_bytes(b"SHRDTP01", "little")
+_WORLD, _SLOT_BYTES, _CREATOR = 1, 2, 3
+# Auto mode times both on a decode-sized activation (16 tokens x SmolLM2's hidden size).
+PROBE_SHAPE = (16, 576)
+PROBE_WARMUP, PROBE_ITERS = 3, 15
+
+_live: weakref.WeakSet[ShmCommunicator] = weakref.WeakSet()
+
+
+class _Resources:
+    """The mapping, the semaphores and the slot views; released once, by close or finalizer."""
+
+    def __init__(self, memory: mmap.mmap) -> None:
+        self.memory = memory
+        self.header = memoryview(memory).cast("Q")
+        self.sems: list[posix_ipc.Semaphore] = []
+        self.slots: list[list[torch.Tensor]] = []  # [buffer][rank] -> uint8 view
+        self.typed: dict[torch.dtype, list[list[torch.Tensor]]] = {}
+        self.names: list[str] = []  # unlinked by the creator on release
+        self.closed = False
+
+    def release(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        unlink_names(self.names)
+        self.names = []
+        # The views point into the mapping without holding it: drop them before unmapping.
+        self.slots, self.typed = [], {}
+        self.header.release()
+        self.memory.close()
+        for sem in self.sems:
+            with contextlib.suppress(posix_ipc.Error):
+                sem.close()
+
+
+class ShmCommunicator:
+    """One rank's end of a TP group's shared-memory collectives (:meth:`create` / :meth:`attach`)."""
+
+    def __init__(
+        self, address: dict[str, Any], rank: int, *, create: bool, timeout_s: float = 120.0
+    ) -> None:
+        self.base = str(address["name"])
+        self.world_size = int(address["world_size"])
+        self.slot_bytes = int(address["slot_bytes"])
+        if self.world_size < 2 or not 0 <= rank < self.world_size:
+            raise ValueError(f"rank {rank} of a shm group of {self.world_size} ranks")
+        if self.slot_bytes < 64 or self.slot_bytes % 64:
+            raise ValueError(f"slot_bytes={self.slot_bytes} must be a positive multiple of 64")
+        self.rank = rank
+        self.timeout_s = timeout_s
+        n = self.world_size
+        self.header_size = 64 * (1 + n)
+        size = self.header_size + 2 * n * self.slot_bytes
+        flags = posix_ipc.O_CREX if create else 0
+        memory = map_segment(self.base, size, create=create)
+        res = self._res = _Resources(memory)
+        if create:  # registered first, so the names never outlive a failed set-up
+            res.names = [self.base + "_seg"] + [f"{self.base}_r{r}" for r in range(n)]
+        self._finalizer = weakref.finalize(self, res.release)
+        try:
+            for r in range(n):
+                res.sems.append(posix_ipc.Semaphore(f"{self.base}_r{r}", flags, 0o600, 0))
+            header = res.header
+            geometry = (n, self.slot_bytes)
+            if create:
+                header[_WORLD], header[_SLOT_BYTES] = geometry
+                header[_CREATOR] = os.getpid()
+                header[0] = MAGIC
+            elif header[0] != MAGIC or (header[_WORLD], header[_SLOT_BYTES]) != geometry:
+                raise ValueError(f"shm segment {self.base} does not match its address")
+            header[self._pid_word(rank)] = os.getpid()
+        except BaseException:
+            self.close()
+            raise
+        for b in range(2):
+            res.slots.append([
+                torch.frombuffer(memory, dtype=torch.uint8, count=self.slot_bytes,
+                                 offset=self.header_size + (b * n + r) * self.slot_bytes)
+                for r in range(n)
+            ])  # fmt: skip
+        self._round = 0
+        self._peers = [r for r in range(n) if r != rank]
+        self._peer_round_words = [self._pid_word(r) + 1 for r in self._peers]
+        self._sem = res.sems[rank]
+        _live.add(self)
+
+    @classmethod
+    def create(
+        cls, world_size: int, slot_bytes: int = DEFAULT_SLOT_BYTES, timeout_s: float = 120.0
+    ) -> ShmCommunicator:
+        """Rank 0's end: new names owned by this process (stale names of dead owners swept first)."""
+        sweep_stale()
+        address = {"name": new_base_name(), "world_size": world_size, "slot_bytes": slot_bytes}
+        return cls(address, 0, create=True, timeout_s=timeout_s)
+
+    @classmethod
+    def attach(
+        cls, address: dict[str, Any], rank: int, timeout_s: float = 120.0
+    ) -> ShmCommunicator:
+        """Rank `rank`'s end of the group rank 0 created at `address`."""
+        return cls(address, rank, create=False, timeout_s=timeout_s)
+
+    @property
+    def address(self) -> dict[str, Any]:
+        """What the other ranks need to :meth:`attach` (pickle-able)."""
+        return {"name": self.base, "world_size": self.world_size, "slot_bytes": self.slot_bytes}
+
+    @property
+    def names(self) -> list[str]:
+        """The names this end still has to unlink (the creator's, until :meth:`unlink`)."""
+        return list(self._res.names)
+
+    @property
+    def closed(self) -> bool:
+        return self._res.closed
+
+    def unlink(self) -> None:
+        """Remove the names now that every rank has attached (the creator's call; idempotent)."""
+        unlink_names(self._res.names)
+        self._res.names = []
+
+    def close(self) -> None:
+        """Unmap and close this end (and unlink any names still ours); idempotent."""
+        _live.discard(self)
+        self._finalizer()
+
+    # ----------------------------------------------------------------- collectives
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum `tensor` over the group, in place; every rank gets the same bits. Returns it."""
+        flat = tensor.view(-1) if tensor.is_contiguous() else tensor.contiguous().view(-1)
+        for start, stop, slots in self._rounds(flat):
+            chunk = flat[start:stop]
+            m = stop - start
+            torch.add(slots[0][:m], slots[1][:m], out=chunk)
+            for slot in slots[2:]:
+                chunk.add_(slot[:m])
+        if flat.data_ptr() != tensor.data_ptr():
+            tensor.copy_(flat.view_as(tensor))
+        return tensor
+
+    def all_gather(self, tensor: torch.Tensor, dim: int = -1) -> torch.Tensor:
+        """Every rank's `tensor` concatenated along `dim`, in rank order."""
+        shape = tensor.shape
+        flat = tensor.reshape(-1)
+        numel = flat.numel()
+        if numel * flat.element_size() <= self.slot_bytes:  # one round: concatenate from the slots
+            ((_, _, slots),) = self._rounds(flat)
+            return torch.cat([slot[:numel].view(shape) for slot in slots], dim=dim)
+        gathered = flat.new_empty((self.world_size, numel))
+        for start, stop, slots in self._rounds(flat):
+            for r, slot in enumerate(slots):
+                gathered[r, start:stop].copy_(slot[: stop - start])
+        return torch.cat([row.view(shape) for row in gathered], dim=dim)
+
+    def _rounds(self, flat: torch.Tensor) -> Iterator[tuple[int, int, list[torch.Tensor]]]:
+        """Per slot-sized chunk: copy it into our slot, barrier, yield (start, stop, slots)."""
+        if self._res.closed:
+            raise RuntimeError(f"shm communicator {self.base} is closed")
+        typed = self._typed(flat.dtype)
+        per_slot = self.slot_bytes // flat.element_size()
+        numel = flat.numel()
+        for start in range(0, max(numel, 1), per_slot):
+            stop = min(start + per_slot, numel)
+            slots = typed[self._round % 2]
+            slots[self.rank][: stop - start].copy_(flat[start:stop])
+            self._barrier()
+            yield start, stop, slots
+
+    def _typed(self, dtype: torch.dtype) -> list[list[torch.Tensor]]:
+        typed = self._res.typed.get(dtype)
+        if typed is None:
+            typed = [[slot.view(dtype) for slot in buf] for buf in self._res.slots]
+            self._res.typed[dtype] = typed
+        return typed
+
+    def _barrier(self) -> None:
+        self._round += 1
+        header, sems = self._res.header, self._res.sems
+        header[self._pid_word(self.rank) + 1] = self._round
+        for peer in self._peers:
+            sems[peer].release()
+        deadline = time.monotonic() + self.timeout_s
+        for _ in self._peers:
+            wait_semaphore(self._sem, self._peers_posted, self._check_peers, deadline,
+                           SPIN_SECONDS, self.base)  # fmt: skip
+
+    def _peers_posted(self) -> bool:
+        header, want = self._res.header, self._round
+        return all(header[w] >= want for w in self._peer_round_words)
+
+    def _check_peers(self) -> None:
+        for peer in self._peers:
+            pid = self._res.header[self._pid_word(peer)]
+            if pid and not process_alive(pid):
+                raise RuntimeError(f"TP rank {peer} (pid {pid}) of shm group {self.base} died")
+
+    @staticmethod
+    def _pid_word(rank: int) -> int:
+        return 8 * (1 + rank)
+
+
+def close_all() -> None:
+    """Close every communicator of this process (``destroy_distributed`` calls this)."""
+    for comm in list(_live):
+        comm.close()
+
+
+# --------------------------------------------------------------------- choosing per TP group
+def requested_mode() -> str:
+    """`SHARDLINE_TP_ALLREDUCE` (auto, shm or gloo; default auto)."""
+    mode = os.environ.get(ENV_MODE, "auto").strip().lower() or "auto"
+    if mode not in MODES:
+        raise ValueError(f"{ENV_MODE}={mode!r}: expected one of {', '.join(MODES)}")
+    return mode
+
+
+def setup_tp_comm(
+    tp_group: Any,
+    tp_rank: int,
+    tp_size: int,
+    device: torch.device,
+    timeout_s: float = 120.0,
+    slot_bytes: int = DEFAULT_SLOT_BYTES,
+) -> tuple[ShmCommunicator | None, str]:
+    """Build this TP group's shm communicator when it should carry the collectives.
+
+    Collective over `tp_group`: every rank calls it. Returns (communicator or None, backend
+    name: "shm", or torch.distributed's backend of the group). TP rank 0's
+    `SHARDLINE_TP_ALLREDUCE` decides for the group; shm needs a CPU device and every TP rank on
+    this host. In auto mode both are timed on a decode-sized tensor and TP rank 0 picks the
+    faster; a forced ``shm`` that cannot be had raises on every rank.
+    """
+    fallback = str(dist.get_backend(tp_group))
+    if tp_size == 1 or device.type != "cpu":
+        if tp_size > 1 and requested_mode() == "shm":
+            raise RuntimeError(f"{ENV_MODE}=shm needs a CPU device (this rank has {device})")
+        return None, fallback
+    seen: list[Any] = [None] * tp_size
+    dist.all_gather_object(seen, (requested_mode(), _host_key()), group=tp_group)
+    mode = seen[0][0]
+    if any(m != mode for m, _ in seen) and tp_rank == 0:
+        logger.warning("TP ranks disagree on %s (%s); TP rank 0's %r decides",
+                       ENV_MODE, [m for m, _ in seen], mode)  # fmt: skip
+    hosts = {host for _, host in seen}
+    if mode == "shm" and len(hosts) > 1:
+        raise RuntimeError(f"{ENV_MODE}=shm needs every TP rank on one host, not {sorted(hosts)}")
+    if mode == "gloo" or len(hosts) > 1:
+        return None, fallback
+    comm = _build(tp_group, tp_rank, tp_size, timeout_s, slot_bytes, required=mode == "shm")
+    if comm is None:
+        return None, fallback
+    if mode == "shm":
+        logger.info("TP collectives over shared memory (%s=shm)", ENV_MODE)
+        return comm, "shm"
+    use_shm, timings = _probe(comm, tp_group, tp_rank)
+    logger.info("TP collectives over %s (auto: median %s %.3f ms, shm %.3f ms on %s)",
+                "shared memory" if use_shm else fallback, fallback, timings[0] * 1e3,
+                timings[1] * 1e3, list(PROBE_SHAPE))  # fmt: skip
+    if use_shm:
+        return comm, "shm"
+    comm.close()
+    return None, fallback
+
+
+def _host_key() -> str:
+    """This machine's name and boot: ranks that share both can share /dev/shm."""
+    boot = ""
+    with contextlib.suppress(OSError):
+        boot = pathlib.Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    return f"{socket.gethostname()}/{boot}"
+
+
+def _build(
+    tp_group: Any, tp_rank: int, tp_size: int, timeout_s: float, slot_bytes: int, required: bool
+) -> ShmCommunicator | None:
+    """Rank 0 creates, the others attach, rank 0 unlinks; None on every rank if any failed."""
+    comm: ShmCommunicator | None = None
+    error: str | None = None
+    address: list[Any] = [None]
+    if tp_rank == 0:
+        try:
+            comm = ShmCommunicator.create(tp_size, slot_bytes, timeout_s)
+            address[0] = comm.address
+        except (OSError, ValueError, posix_ipc.Error, TransportBroken) as exc:
+            error = f"TP rank 0 could not create the shm segment: {exc}"
+    dist.broadcast_object_list(address, group=tp_group, group_src=0)
+    if tp_rank != 0 and address[0] is not None:
+        try:
+            comm = ShmCommunicator.attach(address[0], tp_rank, timeout_s)
+        except (OSError, ValueError, posix_ipc.Error, TransportBroken) as exc:
+            error = f"TP rank {tp_rank} could not attach shm segment {address[0]['name']}: {exc}"
+    errors: list[Any] = [None] * tp_size
+    dist.all_gather_object(errors, error, group=tp_group)  # also: every rank has attached
+    if comm is not None:
+        comm.unlink()
+    failures = [e for e in errors if e]
+    if not failures:
+        return comm
+    if comm is not None:
+        comm.close()
+    if required:
+        raise RuntimeError(f"{ENV_MODE}=shm: " + "; ".join(failures))
+    logger.warning("TP collectives stay on torch.distributed: %s", "; ".join(failures))
+    return None
+
+
+def _probe(comm: ShmCommunicator, tp_group: Any, tp_rank: int) -> tuple[bool, tuple[float, float]]:
+    """Time both on PROBE_SHAPE; TP rank 0's medians decide, broadcast so all ranks agree."""
+    tensor = torch.ones(PROBE_SHAPE)
+
+    def median_s(op: Callable[[], object]) -> float:
+        samples = []
+        for i in range(PROBE_WARMUP + PROBE_ITERS):
+            start = time.perf_counter()
+            op()
+            if i >= PROBE_WARMUP:
+                samples.append(time.perf_counter() - start)
+        return statistics.median(samples)
+
+    gloo_s = median_s(lambda: dist.all_reduce(tensor, group=tp_group))
+    shm_s = median_s(lambda: comm.all_reduce(tensor))
+    decision: list[Any] = [(shm_s < gloo_s, (gloo_s, shm_s)) if tp_rank == 0 else None]
+    dist.broadcast_object_list(decision, group=tp_group, group_src=0)
+    use_shm, timings = decision[0]
+    return bool(use_shm), (float(timings[0]), float(timings[1]))
