@@ -45,6 +45,7 @@ GATHER_CASES: list[tuple[tuple[int, ...], int]] = [
     ((4, 7), 0),
     ((600, 1000), -1),
     ((3, 5, 2), 1),
+    ((0, 5), 0),
 ]
 SMALL_SLOT_BYTES = 256  # a second communicator whose slots make most cases take many rounds
 

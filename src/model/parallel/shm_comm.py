@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import mmap
 import os
 import pathlib
@@ -210,24 +211,38 @@ class ShmCommunicator:
 
     def all_gather(self, tensor: torch.Tensor, dim: int = -1) -> torch.Tensor:
         """Every rank's `tensor` concatenated along `dim`, in rank order."""
-        shape = tensor.shape
+        n, shape = self.world_size, tensor.shape
+        d = dim % tensor.dim()
+        lead, inner = math.prod(shape[:d]), math.prod(shape[d:])
+        out = tensor.new_empty((*shape[:d], n * shape[d], *shape[d + 1 :]))
+        # Rank r's block of `out` is columns [r*inner, (r+1)*inner) of it seen as [lead, n*inner].
+        blocks = out.view(lead, n, inner)
+        if out.numel() == 0:  # the same on every rank: nothing to exchange
+            return out
         flat = tensor.reshape(-1)
-        numel = flat.numel()
-        if numel * flat.element_size() <= self.slot_bytes:  # one round: concatenate from the slots
-            ((_, _, slots),) = self._rounds(flat)
-            return torch.cat([slot[:numel].view(shape) for slot in slots], dim=dim)
-        gathered = flat.new_empty((self.world_size, numel))
+        if inner * tensor.element_size() <= self.slot_bytes:  # rounds of whole leading rows
+            for start, stop, slots in self._rounds(flat, unit=inner):
+                rows = slice(start // inner, stop // inner)
+                for r, slot in enumerate(slots):
+                    blocks[rows, r].copy_(slot[: stop - start].view(-1, inner))
+            return out
+        gathered = flat.new_empty((n, flat.numel()))  # a row larger than a slot: flat chunks
         for start, stop, slots in self._rounds(flat):
             for r, slot in enumerate(slots):
                 gathered[r, start:stop].copy_(slot[: stop - start])
-        return torch.cat([row.view(shape) for row in gathered], dim=dim)
+        blocks.copy_(gathered.view(n, lead, inner).transpose(0, 1))
+        return out
 
-    def _rounds(self, flat: torch.Tensor) -> Iterator[tuple[int, int, list[torch.Tensor]]]:
-        """Per slot-sized chunk: copy it into our slot, barrier, yield (start, stop, slots)."""
+    def _rounds(
+        self, flat: torch.Tensor, unit: int = 1
+    ) -> Iterator[tuple[int, int, list[torch.Tensor]]]:
+        """Per slot-sized chunk (a multiple of `unit` elements): copy it into our slot, barrier,
+        yield (start, stop, every rank's slot). The same shapes give every rank the same rounds."""
         if self._res.closed:
             raise RuntimeError(f"shm communicator {self.base} is closed")
         typed = self._typed(flat.dtype)
         per_slot = self.slot_bytes // flat.element_size()
+        per_slot -= per_slot % max(unit, 1)
         numel = flat.numel()
         for start in range(0, max(numel, 1), per_slot):
             stop = min(start + per_slot, numel)
