@@ -11,7 +11,10 @@ side gives the wall time per step; what a step costs beyond the slowest worker's
 is the engine's share: scheduling, message encode/decode, the transport both ways and output
 processing.
 
-    python benchmarks/scaleout_bench.py [--num-requests 16] [--max-tokens 32]
+`--tp-allreduce auto|shm|gloo` sets `SHARDLINE_TP_ALLREDUCE` for the workers: what carries the
+TP collectives (shared memory between local CPU ranks, or gloo; unset, the workers' default).
+
+    python benchmarks/scaleout_bench.py [--num-requests 16] [--max-tokens 32] [--tp-allreduce shm]
 """
 
 from __future__ import annotations
@@ -130,7 +133,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--transport", default="shm")
     parser.add_argument("--layouts", default=",".join(LAYOUTS))
     parser.add_argument("--out", default="benchmarks/out/scaleout.json")
+    parser.add_argument("--tp-allreduce", choices=("auto", "shm", "gloo"), default=None,
+                        help="SHARDLINE_TP_ALLREDUCE for the workers (default: as inherited)")
     args = parser.parse_args(argv)
+    if args.tp_allreduce:
+        os.environ["SHARDLINE_TP_ALLREDUCE"] = args.tp_allreduce  # inherited by the workers
+    tp_allreduce = os.environ.get("SHARDLINE_TP_ALLREDUCE", "auto")
 
     from transformers import AutoTokenizer
 
@@ -150,7 +158,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             rows.append(summarize(name, run, read_profiles(pathlib.Path(tmp))))
     base = rows[0]["tokens_per_s"]
     print(f"{args.num_requests} requests x {args.max_tokens} tokens, SmolLM2-shaped, {args.transport}, "
-          f"{os.cpu_count()} cores ({platform.machine()})")
+          f"TP collectives {tp_allreduce}, {os.cpu_count()} cores ({platform.machine()})")
     print(f"{'layout':6} {'tok/s':>7} {'vs TP=1':>8} {'step ms':>8} {'worker':>7} {'collect':>8} {'pp p2p':>7} {'engine+transport':>17} {'comm share':>10}")
     for r in rows:
         print(f"{r['layout']:6} {r['tokens_per_s']:7.1f} {r['tokens_per_s'] / base:7.2f}x {r['step_wall_ms']:8.1f} "
@@ -158,7 +166,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
               f"{r['engine_and_transport_ms']:17.1f} {r['communication_share'] * 100:9.0f}%")
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d %H:%M"), "rows": rows}, indent=2))
+    out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d %H:%M"), "tp_allreduce": tp_allreduce,
+                               "rows": rows}, indent=2))
     return rows
 
 
