@@ -7,7 +7,10 @@ this layer's block tensor at `slot_mapping` (`block_id * block_size + offset`). 
 * a request with no cached prefix (a fresh prefill) attends causally over its own new K/V;
 * a request with a cached prefix (prefix-cache hit, later prefill chunk) gathers its blocks and
   attends with the causal mask shifted by its context length;
-* one-token requests (decode) are batched: one gather of all their blocks, one masked SDPA.
+* one-token requests (decode) are batched. With a CPU float32 cache they run the fused kernel of
+  `model.paged_decode`, which reads each sequence's K/V straight from its blocks; otherwise (and
+  with `SHARDLINE_CPU_ATTENTION=sdpa`, or where the kernel cannot be built) one gather of all
+  their blocks into a padded tensor and one masked SDPA.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from model import paged_decode
 
 
 @dataclass
@@ -185,7 +190,18 @@ class Attention(nn.Module):
 
     def _attend_decode(self, q: torch.Tensor, out: torch.Tensor, attn: AttentionMetadata,
                        seqs: list[int] | None) -> None:
-        """One-token queries of `seqs` (None: every request, one token each) in one SDPA."""
+        """One-token queries of `seqs` (None: every request, one token each) in one call."""
+        if paged_decode.kernel_enabled(self.kv_cache.device, self.kv_cache.dtype):
+            seq_ids = None if seqs is None else torch.tensor(seqs, dtype=torch.int64)
+            paged_decode.paged_decode_attention(out, q, self.kv_cache, attn.block_tables,
+                                                attn.seq_lens, attn.query_start_loc, seq_ids,
+                                                self.scale)
+        else:
+            self._attend_decode_sdpa(q, out, attn, seqs)
+
+    def _attend_decode_sdpa(self, q: torch.Tensor, out: torch.Tensor, attn: AttentionMetadata,
+                            seqs: list[int] | None) -> None:
+        """Gather every sequence's blocks into a padded `[S, kv_heads, L, D]`, one masked SDPA."""
         block_size = self.kv_cache.shape[2]
         if seqs is None:
             seq_lens = attn.seq_lens

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from model.paged_decode import kernel_enabled
 from model.parallel_context import ParallelContext
 from transport.messages import (
     CachedRequest,
@@ -100,6 +101,7 @@ class ModelRunner:
         dtype: torch.dtype,
         seed: int = 0,
         hidden_size: int | None = None,
+        keep_sampled_tokens: bool = False,
     ) -> None:
         self.model: Any = model  # duck-typed model contract (docs/INTERFACES.md section 3)
         self.parallel_context = parallel_context
@@ -110,6 +112,11 @@ class ModelRunner:
         pc = parallel_context
         self.is_last_stage = pc.pp_rank == pc.pp_size - 1
         self.is_output_rank = self.is_last_stage and pc.tp_rank == 0
+        if keep_sampled_tokens and pc.tp_size * pc.pp_size != 1:
+            raise ValueError("only a single-rank worker group can keep its sampled tokens")
+        # Append each sampled token to the request's state here, so the engine need not send it
+        # back (and can schedule the next step before it knows the token: async scheduling).
+        self.keep_sampled_tokens = keep_sampled_tokens
         self.requests: dict[str, RequestState] = {}
         self._timer = _RunnerTimer.from_env(f"worker-pp{pc.pp_rank}-tp{pc.tp_rank}")
         self.num_kv_blocks = 0
@@ -126,6 +133,8 @@ class ModelRunner:
         allocated = allocate_kv_cache(
             self.model, num_blocks, block_size=self.block_size, dtype=self.dtype, device=self.device
         )
+        # Build or load the CPU decode-attention kernel now, not in the first request's step.
+        kernel_enabled(self.device, self.dtype)
         # The last set-up step: what exists now (torch, the model) lives as long as the rank,
         # so full collections during serving need not scan it (as in the engine's core).
         gc.freeze()
@@ -173,6 +182,9 @@ class ModelRunner:
             if any(s is None for s in sampling):  # impossible on the output rank; fail loudly
                 raise RuntimeError("a sampling request has no sampler state on the output rank")
             out = sample(logits, [s for s in sampling if s is not None])
+            if self.keep_sampled_tokens:
+                for state, token_id in zip(states, out.token_ids, strict=True):
+                    state.append_tokens((token_id,))
         if timer:
             timer.lap("sample")
         return self._result(step.step_id, [s.req_id for s in states], out.token_ids, out.logprobs)

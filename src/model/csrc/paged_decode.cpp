@@ -1,0 +1,220 @@
+// Fused paged decode attention for CPU float32: one query token per sequence attends over its
+// context read straight out of the paged KV cache through its block table (no gather copy).
+//
+// kv_cache     [num_blocks, 2, block_size, num_kv_heads, head_dim]  (K at [b, 0], V at [b, 1])
+// query, out   [num_tokens, num_heads, head_dim]  (rows may be strided; head_dim contiguous)
+// block_tables [num_seqs, max_blocks] int32
+// seq_lens     [num_seqs] int32, tokens to attend (the new token included)
+// query_start_loc [num_seqs + 1] int32: sequence i's query row is query_start_loc[i]
+// seq_ids      optional int64 [n]: attend only these sequences (default: every sequence)
+//
+// Work is split over (sequence, kv head); each item walks the sequence's blocks once, computing
+// q.k for the num_heads / num_kv_heads query heads that share the kv head, with a block-wise
+// online softmax (running max and sum in float32) and a float32 V accumulator.
+//
+// The loops are written so that gcc -O3 vectorizes them without -ffast-math: dot products keep
+// kLanes independent partial sums, exp is a branch-free polynomial over a block of scores.
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <optional>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kLanes = 16;
+
+// q . k over head_dim, as kLanes independent partial sums (vectorizable without reassociation).
+inline float dot(const float* __restrict q, const float* __restrict k, int64_t dim) {
+  float partial[kLanes] = {};
+  int64_t d = 0;
+  for (; d + kLanes <= dim; d += kLanes) {
+    for (int64_t j = 0; j < kLanes; ++j) partial[j] += q[d + j] * k[d + j];
+  }
+  float sum = 0.f;
+  for (; d < dim; ++d) sum += q[d] * k[d];
+  for (int64_t j = 0; j < kLanes; ++j) sum += partial[j];
+  return sum;
+}
+
+// exp(x) for x <= 0 (scores minus their running max), element-wise over n values in place.
+// Cody-Waite range reduction x = n ln2 + r, |r| <= ln2 / 2, then a degree-7 polynomial for e^r
+// (relative error about 2e-7, below float32's resolution of the sums it feeds).
+inline void exp_inplace(float* __restrict x, int64_t n) {
+  constexpr float kLog2e = 1.44269504088896341f;
+  constexpr float kLn2Hi = 0.693359375f;
+  constexpr float kLn2Lo = -2.12194440e-4f;
+  constexpr float kRound = 12582912.f;  // 1.5 * 2^23: adding it rounds to an integer
+  constexpr float kMin = -87.f;         // e^-87 ~ 1.6e-38, the smallest normal float
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = x[i];
+    const float clamped = v < kMin ? kMin : v;
+    const float k = (clamped * kLog2e + kRound) - kRound;
+    const float r = (clamped - k * kLn2Hi) - k * kLn2Lo;
+    float p = 1.98412698e-4f;
+    p = p * r + 1.38888889e-3f;
+    p = p * r + 8.33333333e-3f;
+    p = p * r + 4.16666667e-2f;
+    p = p * r + 1.66666667e-1f;
+    p = p * r + 0.5f;
+    p = p * r + 1.f;
+    p = p * r + 1.f;
+    const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
+    float scale;
+    std::memcpy(&scale, &bits, sizeof(scale));
+    x[i] = v < kMin ? 0.f : p * scale;
+  }
+}
+
+void paged_decode_attention(const at::Tensor& out, const at::Tensor& query,
+                            const at::Tensor& kv_cache, const at::Tensor& block_tables,
+                            const at::Tensor& seq_lens, const at::Tensor& query_start_loc,
+                            const std::optional<at::Tensor>& seq_ids, double scale) {
+  TORCH_CHECK(kv_cache.device().is_cpu() && kv_cache.scalar_type() == at::kFloat,
+              "paged_decode_attention: kv_cache must be a CPU float32 tensor");
+  TORCH_CHECK(kv_cache.dim() == 5 && kv_cache.size(1) == 2 && kv_cache.is_contiguous(),
+              "paged_decode_attention: kv_cache must be contiguous "
+              "[num_blocks, 2, block_size, num_kv_heads, head_dim]");
+  const int64_t num_blocks = kv_cache.size(0);
+  const int64_t block_size = kv_cache.size(2);
+  const int64_t num_kv_heads = kv_cache.size(3);
+  const int64_t head_dim = kv_cache.size(4);
+  for (const at::Tensor* t : {&out, &query}) {
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->dim() == 3 &&
+                    t->size(2) == head_dim && t->stride(2) == 1,
+                "paged_decode_attention: query and out must be CPU float32 "
+                "[num_tokens, num_heads, head_dim] with a contiguous last dimension");
+  }
+  TORCH_CHECK(out.sizes() == query.sizes(), "paged_decode_attention: out and query differ in shape");
+  const int64_t num_heads = query.size(1);
+  TORCH_CHECK(num_heads % num_kv_heads == 0,
+              "paged_decode_attention: num_heads is not a multiple of num_kv_heads");
+  const int64_t group = num_heads / num_kv_heads;
+  for (const at::Tensor* t : {&block_tables, &seq_lens, &query_start_loc}) {
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kInt && t->is_contiguous(),
+                "paged_decode_attention: block_tables, seq_lens and query_start_loc must be "
+                "contiguous CPU int32 tensors");
+  }
+  TORCH_CHECK(block_tables.dim() == 2, "paged_decode_attention: block_tables must be 2-D");
+  const int64_t num_seqs = seq_lens.size(0);
+  TORCH_CHECK(block_tables.size(0) == num_seqs && query_start_loc.size(0) == num_seqs + 1,
+              "paged_decode_attention: block_tables, seq_lens and query_start_loc disagree on "
+              "the number of sequences");
+  const int64_t max_blocks = block_tables.size(1);
+
+  at::Tensor ids;
+  if (seq_ids.has_value()) {
+    ids = seq_ids->to(at::kLong).contiguous();
+  }
+  const int64_t n = seq_ids.has_value() ? ids.size(0) : num_seqs;
+  const int64_t* id_ptr = seq_ids.has_value() ? ids.data_ptr<int64_t>() : nullptr;
+  const int32_t* tables = block_tables.data_ptr<int32_t>();
+  const int32_t* lens = seq_lens.data_ptr<int32_t>();
+  const int32_t* starts = query_start_loc.data_ptr<int32_t>();
+  const float* cache = kv_cache.data_ptr<float>();
+  const float* q_base = query.data_ptr<float>();
+  float* out_base = out.data_ptr<float>();
+  const int64_t q_row = query.stride(0), q_head = query.stride(1);
+  const int64_t o_row = out.stride(0), o_head = out.stride(1);
+  const int64_t num_tokens = query.size(0);
+  const int64_t token_stride = num_kv_heads * head_dim;  // between tokens of one block
+  const int64_t kv_stride = block_size * token_stride;   // K half -> V half of a block
+  const float softmax_scale = static_cast<float>(scale);
+
+  int64_t longest = 1;
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t seq = id_ptr ? id_ptr[i] : i;
+    TORCH_CHECK(seq >= 0 && seq < num_seqs, "paged_decode_attention: seq_ids out of range");
+    const int64_t len = lens[seq];
+    TORCH_CHECK(len > 0 && len <= max_blocks * block_size,
+                "paged_decode_attention: seq_len ", len, " does not fit its block table");
+    TORCH_CHECK(starts[seq] >= 0 && starts[seq] < num_tokens,
+                "paged_decode_attention: query row out of range");
+    longest = std::max(longest, len);
+  }
+  // Enough (sequence, kv head) items per task that a task is worth a thread hand-off.
+  const int64_t item_work = longest * group * head_dim;
+  const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, item_work));
+
+  at::parallel_for(0, n * num_kv_heads, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(group * block_size);
+    std::vector<float> acc(group * head_dim);
+    std::vector<float> running_max(group), running_sum(group);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t seq = id_ptr ? id_ptr[item / num_kv_heads] : item / num_kv_heads;
+      const int64_t kv_head = item % num_kv_heads;
+      const int64_t len = lens[seq];
+      const int64_t row = starts[seq];
+      const float* q = q_base + row * q_row + kv_head * group * q_head;
+      const int32_t* table = tables + seq * max_blocks;
+      std::fill(acc.begin(), acc.end(), 0.f);
+      std::fill(running_max.begin(), running_max.end(), -std::numeric_limits<float>::infinity());
+      std::fill(running_sum.begin(), running_sum.end(), 0.f);
+      for (int64_t first = 0; first < len; first += block_size) {
+        const int64_t block = table[first / block_size];
+        TORCH_CHECK(block >= 0 && block < num_blocks,
+                    "paged_decode_attention: block id ", block, " out of range");
+        const int64_t count = std::min(block_size, len - first);
+        const float* keys = cache + block * 2 * kv_stride + kv_head * head_dim;
+        const float* values = keys + kv_stride;
+        for (int64_t g = 0; g < group; ++g) {
+          const float* qg = q + g * q_head;
+          float* s = scores.data() + g * block_size;
+          for (int64_t t = 0; t < count; ++t) {
+            s[t] = dot(qg, keys + t * token_stride, head_dim) * softmax_scale;
+          }
+          float block_max = s[0];
+          for (int64_t t = 1; t < count; ++t) block_max = std::max(block_max, s[t]);
+          const float new_max = std::max(running_max[g], block_max);
+          for (int64_t t = 0; t < count; ++t) s[t] -= new_max;
+          exp_inplace(s, count);
+          float block_sum = 0.f;
+          for (int64_t t = 0; t < count; ++t) block_sum += s[t];
+          if (new_max > running_max[g]) {
+            const float correction = std::exp(running_max[g] - new_max);
+            running_sum[g] *= correction;
+            float* a = acc.data() + g * head_dim;
+            for (int64_t d = 0; d < head_dim; ++d) a[d] *= correction;
+            running_max[g] = new_max;
+          }
+          running_sum[g] += block_sum;
+        }
+        for (int64_t t = 0; t < count; ++t) {
+          const float* v = values + t * token_stride;
+          for (int64_t g = 0; g < group; ++g) {
+            const float p = scores[g * block_size + t];
+            float* __restrict a = acc.data() + g * head_dim;
+            for (int64_t d = 0; d < head_dim; ++d) a[d] += p * v[d];
+          }
+        }
+      }
+      for (int64_t g = 0; g < group; ++g) {
+        float* o = out_base + row * o_row + (kv_head * group + g) * o_head;
+        const float inv = 1.f / running_sum[g];
+        const float* a = acc.data() + g * head_dim;
+        for (int64_t d = 0; d < head_dim; ++d) o[d] = a[d] * inv;
+      }
+    }
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY(shardline, m) {
+  m.def(
+      "paged_decode_attention(Tensor(a!) out, Tensor query, Tensor kv_cache, "
+      "Tensor block_tables, Tensor seq_lens, Tensor query_start_loc, Tensor? seq_ids, "
+      "float scale) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(shardline, CPU, m) {
+  m.impl("paged_decode_attention", &paged_decode_attention);
+}
