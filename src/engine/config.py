@@ -71,6 +71,10 @@ class EngineConfig:
     restart_backoff: float = 0.5
     """Seconds before the first restart; doubles for each further one."""
     num_threads: int | None = None
+    async_scheduling: bool = True
+    """Schedule step N+1 while step N runs on the workers (its sampled tokens are fed in by the
+    worker, which keeps them); the same tokens as scheduling after each step. Single-rank
+    replicas only (tensor_parallel_size = pipeline_parallel_size = 1); ignored otherwise."""
     cuda_graphs: bool = True
     """On CUDA, replay captured CUDA graphs for decode batches (single-rank workers); False runs
     every step eagerly (as vLLM's enforce_eager). No effect on CPU."""

@@ -19,7 +19,7 @@ import heapq
 import logging
 import math
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -196,17 +196,25 @@ class EngineCore:
     async def run(self) -> None:
         """Serve until cancelled or the workers fail for good; then every live request gets the error.
 
-        A step's outputs are published either right away or, when that provably changes
-        nothing (`_can_defer_publish`), while the next step is on the workers.
+        Each pass: take commands, schedule and send a step, publish the last processed step's
+        outputs while the workers run (when that provably changes nothing, `_can_defer_publish`),
+        then wait for the oldest step in flight and apply its result. With async scheduling
+        (`SchedulerConfig.async_scheduling`) up to two steps are in flight: step N+1 is scheduled
+        and sent before step N's result is applied, so the workers go from one step to the next
+        without waiting for the engine.
         """
         timer = self._timer
-        pending: list[RequestUpdate] | None = None  # the last step's updates, not yet published
+        pending: list[RequestUpdate] | None = None  # an applied step's updates, not yet published
+        in_flight: deque[tuple[SchedulerOutput, asyncio.Future[StepResult]]] = deque()
         try:
             while True:
+                max_in_flight = 2 if self.scheduler.config.async_scheduling else 1
                 # 1) drain inputs; sleep on the inbox only when there is nothing to run.
                 if pending is not None and self.executor.failure is not None:
                     pending = self._publish_now(pending)
-                idle = pending is None and not self.scheduler.has_unfinished_requests()
+                idle = pending is None and not in_flight and not self.scheduler.has_unfinished_requests()
+                if self.executor.failure is not None and in_flight:
+                    self._drop_in_flight(in_flight)
                 await self._wait_for_work(idle=idle)
                 timer.lap("idle (no requests)" if idle else "wait for work")
                 commands = self._take_inbox()
@@ -216,31 +224,39 @@ class EngineCore:
                 for command in commands:
                     self._handle(command)
                 self._expire_deadlines(now)
-                if not self.scheduler.has_unfinished_requests():
-                    if pending is not None:
-                        pending = self._publish_now(pending)
-                    continue
-                # 2) one step.
                 timer.lap("inbox, deadlines")
-                output = self.scheduler.schedule()
-                timer.lap("schedule")
-                if output.total_num_scheduled_tokens == 0:
-                    if pending is not None:
-                        pending = self._publish_now(pending)
-                    # Nothing fits right now (every block pinned): wait for an abort or an arrival.
-                    await self._wait_for_work(idle=True, at_most=0.05)
-                    continue
-                message = self._to_message(output)
-                timer.lap("build ExecuteStep")
-                if timer.enabled:
-                    timer.measure_encode(message)
-                try:
-                    if pending is None:
-                        result = await self.executor.execute(message)
+                # 2) schedule and send the next step, unless the pipeline of steps is full.
+                sent = False
+                if len(in_flight) < max_in_flight and self.scheduler.has_unfinished_requests():
+                    output = self.scheduler.schedule()
+                    timer.lap("schedule")
+                    if output.total_num_scheduled_tokens:
+                        message = self._to_message(output)
+                        timer.lap("build ExecuteStep")
+                        if timer.enabled:
+                            timer.measure_encode(message)
+                        in_flight.append((output, asyncio.ensure_future(self.executor.execute(message))))
+                        sent = True
+                # 3) publish the last step's outputs while the workers run.
+                if pending is not None:
+                    to_publish, pending = pending, None
+                    if sent:
+                        await self._publish_overlapped(to_publish)
                     else:
-                        to_publish, pending = pending, None
-                        result = await self._execute_publishing(message, to_publish)
+                        self._publish_now(to_publish)
+                if not in_flight:
+                    if self.scheduler.has_unfinished_requests():
+                        # Nothing fits right now (every block pinned): wait for an abort or an arrival.
+                        await self._wait_for_work(idle=True, at_most=0.05)
+                    continue
+                if sent and len(in_flight) < max_in_flight:
+                    continue  # schedule the next step before waiting for this one
+                # 4) wait for the oldest step in flight and apply its result.
+                output, future = in_flight.popleft()
+                try:
+                    result = await future
                 except WorkerFailure as failure:
+                    self._drop_in_flight(in_flight)
                     await self._recover(failure)
                     continue
                 timer.lap_execute()
@@ -253,12 +269,21 @@ class EngineCore:
                 timer.lap("update_from_output")
                 timer.step_done()
         except BaseException as exc:
+            self._drop_in_flight(in_flight)
             self.dead = exc
             self._fail_all(exc)
             raise
         finally:
             timer.dump()
             await self.aclose()
+
+    @staticmethod
+    def _drop_in_flight(in_flight: deque[tuple[SchedulerOutput, asyncio.Future[StepResult]]]) -> None:
+        """Forget steps whose results will not be applied (a failure, shutdown)."""
+        for _, future in in_flight:
+            future.cancel()
+            future.add_done_callback(lambda f: f.cancelled() or f.exception())
+        in_flight.clear()
 
     def _publish_now(self, updates: list[RequestUpdate]) -> list[RequestUpdate] | None:
         """3) publish (detokenize, stop strings, streams); returns what is left pending: none."""
@@ -282,22 +307,15 @@ class EngineCore:
                 return False
         return True
 
-    async def _execute_publishing(self, message: ExecuteStep, updates: list[RequestUpdate]) -> StepResult:
-        """Send `message`, publish the previous step's `updates` while it runs, await its result."""
-        task = asyncio.ensure_future(self.executor.execute(message))
-        published = False
+    async def _publish_overlapped(self, updates: list[RequestUpdate]) -> None:
+        """Publish the previous step's `updates` once the step just sent has gone out."""
         try:
             await asyncio.sleep(0)  # the step goes out (shm writes inline) before the CPU work
-            published = True
-            self._publish_all(updates)
         except BaseException:
-            task.cancel()
-            task.add_done_callback(lambda t: t.cancelled() or t.exception())
-            if not published:  # cancelled while sending: the outputs still reach their streams
-                self._publish_all(updates)
+            self._publish_all(updates)  # cancelled while sending: the outputs still reach their streams
             raise
+        self._publish_all(updates)
         self._timer.lap("detokenize + publish (overlapped)")
-        return await task
 
     async def aclose(self) -> None:
         """Shut the worker group down and close the inbox. Idempotent."""

@@ -11,6 +11,15 @@ What goes to the workers follows docs/INTERFACES.md section 1: a request's promp
 options and block table once (`NewRequestData`), then diffs (`CachedRequestData`) carrying the
 tokens appended since the workers last saw it; after a preemption, `resumed=True` and
 `new_block_ids` is the whole new table.
+
+Async scheduling (`SchedulerConfig.async_scheduling`, single-rank replicas): the next step is
+scheduled while the current one runs, before its sampled tokens are known. A request whose step
+will sample holds a *placeholder* for that token: it is scheduled again at once (one token at the
+placeholder's position), and the worker, which sampled the token itself, feeds it in. When the
+result arrives the placeholder becomes the token; the workers already have it, so it is never
+sent back to them. A request is not scheduled past its `max_tokens` or the context limit on
+placeholders; one that stops on EOS or a stop string wastes at most the one step in flight,
+whose token is then dropped.
 """
 
 from __future__ import annotations
@@ -34,11 +43,18 @@ class SchedulerConfig:
     max_model_len: int
     block_size: int = 16
     enable_prefix_caching: bool = True
+    workers_keep_sampled: bool = False
+    """The workers append the tokens they sample to their own request state (single-rank
+    replicas), so sampled tokens are never sent back to them."""
+    async_scheduling: bool = False
+    """Schedule the next step while the current one runs (needs workers_keep_sampled)."""
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "block_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"SchedulerConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.async_scheduling and not self.workers_keep_sampled:
+            raise ValueError("async_scheduling needs workers that keep their sampled tokens")
 
 
 @dataclass
@@ -123,6 +139,8 @@ class Scheduler:
         self._running: list[Request] = []
         self._finished_to_report: list[str] = []
         self._next_step_id = 0
+        # Async scheduling: request id -> sampled tokens scheduled but not yet returned.
+        self._placeholders: dict[str, int] = {}
 
     # -- queries -------------------------------------------------------------------------------
 
@@ -143,6 +161,11 @@ class Scheduler:
     def num_waiting(self) -> int:
         """Requests queued for admission (new or preempted)."""
         return len(self._waiting)
+
+    @property
+    def unreported_finished_ids(self) -> list[str]:
+        """Finished requests the workers still hold: they go out with the next step (a copy)."""
+        return list(self._finished_to_report)
 
     @property
     def running(self) -> list[Request]:
@@ -195,10 +218,16 @@ class Scheduler:
         self._finished_to_report = []
 
         # 1) Running requests: a decode token or the next prefill chunk each.
+        placeholders = self._placeholders
         index = 0
         while index < len(self._running) and budget > 0:
             request = self._running[index]
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            num_tokens = request.num_tokens
+            pending = placeholders.get(request.request_id, 0) if placeholders else 0
+            if pending and self._at_limit(request, pending):
+                index += 1  # the step in flight samples its last token
+                continue
+            num_new = min(num_tokens + pending - request.num_computed_tokens, budget)
             if num_new <= 0:
                 # Its sampled token has not come back yet (a step still in flight).
                 index += 1
@@ -237,6 +266,10 @@ class Scheduler:
             budget -= num_new
 
         out.total_num_scheduled_tokens = sum(out.num_scheduled_tokens.values())
+        if not out.total_num_scheduled_tokens and out.finished_ids:
+            # An empty step is not sent: the workers hear of these with the next one.
+            self._finished_to_report = out.finished_ids
+            out.finished_ids = []
         return out
 
     def _allocate_or_preempt(
@@ -311,9 +344,21 @@ class Scheduler:
         request.num_tokens_sent = request.num_tokens
         self._commit(request, start, num_new, out)
 
+    def _at_limit(self, request: Request, pending: int) -> bool:
+        """Whether the tokens already scheduled to be sampled reach max_tokens or the context."""
+        return (
+            request.num_output_tokens + pending >= request.sampling_params.max_tokens
+            or request.num_tokens + pending >= self.config.max_model_len
+        )
+
     def _commit(self, request: Request, start: int, num_new: int, out: SchedulerOutput) -> None:
         end = start + num_new
         request.num_computed_tokens = end
+        if self.config.async_scheduling:
+            req_id = request.request_id
+            pending = self._placeholders.get(req_id, 0)
+            if end == request.num_tokens + pending:  # this step samples: hold its token's place
+                self._placeholders[req_id] = pending + 1
         out.num_scheduled_tokens[request.request_id] = num_new
         out.computed_after[request.request_id] = end
         stats = self.stats
@@ -334,15 +379,28 @@ class Scheduler:
         token for a request that should not have sampled (a partial prefill chunk).
         """
         updates: list[RequestUpdate] = []
+        placeholders = self._placeholders
+        keep_sampled = self.config.workers_keep_sampled
         for req_id in out.num_scheduled_tokens:
             request = self._requests.get(req_id)
-            if request is None or request.status is not RequestStatus.RUNNING:
+            if request is None:
                 continue
             computed_after = out.computed_after.get(req_id, request.num_computed_tokens)
-            self.kv_cache.cache_full_blocks(request, computed_after)
+            if request.status is RequestStatus.RUNNING:
+                self.kv_cache.cache_full_blocks(request, computed_after)
+            elif not placeholders.get(req_id):
+                # Preempted since: its token is not wanted, unless this step held a
+                # placeholder for it (async scheduling), which the workers fill in.
+                continue
             token_id = sampled.get(req_id)
             if token_id is None or computed_after != request.num_tokens:
                 continue
+            if placeholders:
+                pending = placeholders.pop(req_id, 0)
+                if pending > 1:
+                    placeholders[req_id] = pending - 1
+            if keep_sampled:
+                request.num_tokens_sent += 1  # the worker appended it itself
             request.output_token_ids.append(token_id)
             reason = self._stop_reason(request, token_id)
             token_logprobs = None if logprobs is None else logprobs.get(req_id)
@@ -375,6 +433,7 @@ class Scheduler:
         preemption, at group scale) and keeps its place in line: running requests first, in
         the order they started, then the waiting queue. Counters carry over.
         """
+        self._placeholders.clear()  # the steps in flight are lost with the old workers
         for request in [*self._running, *self._waiting]:
             request.status = RequestStatus.WAITING
             request.num_computed_tokens = 0
@@ -409,6 +468,7 @@ class Scheduler:
         else:
             self._waiting.remove(request)
         self.kv_cache.free(request.request_id)
+        self._placeholders.pop(request.request_id, None)
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason
         del self._requests[request.request_id]

@@ -64,6 +64,7 @@ class FakeWorker:
     num_blocks: int
     block_size: int
     vocab_size: int
+    keep_sampled: bool = False  # append sampled tokens itself (SchedulerConfig.workers_keep_sampled)
     requests: dict[str, _WorkerRequest] = field(default_factory=dict)
     cache: dict[int, int] = field(default_factory=dict)  # slot -> fake K/V value
 
@@ -118,4 +119,6 @@ class FakeWorker:
             if end == len(state.tokens):
                 last = self.cache[self._slot(state, end - 1)]
                 sampled[req_id] = next_token(last, self.vocab_size)
+                if self.keep_sampled:
+                    state.tokens.append(sampled[req_id])
         return sampled

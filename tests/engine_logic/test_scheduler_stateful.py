@@ -7,6 +7,10 @@ rule: the block pool invariants, the step budget and sequence cap, bounded progr
 running requests, that aborted requests free their blocks and never appear again, and that
 every finished request's tokens equal the fake model's reference (so preemption, chunked
 prefill and prefix caching never change what is generated).
+
+Three modes: the engine sends sampled tokens back to the workers ("sync"); the workers keep
+their own samples ("keep"); and async scheduling ("async"), where step N+1 is scheduled and
+executed before step N's result is applied, on placeholders the worker fills in.
 """
 
 from __future__ import annotations
@@ -47,6 +51,8 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.outputs: dict[str, list[int]] = {}
         self.requests: dict[str, Request] = {}
         self.steps_without_progress: dict[str, int] = {}
+        # Async mode: steps executed by the worker whose results are not applied yet.
+        self.in_flight: list[tuple[SchedulerOutput, dict[str, int]]] = []
 
     @initialize(
         block_size=st.sampled_from([1, 2, 4, 16]),
@@ -55,6 +61,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         max_num_seqs=st.integers(1, 8),
         budget_extra=st.integers(0, 64),
         prefix_caching=st.booleans(),
+        mode=st.sampled_from(["sync", "keep", "async"]),
     )
     def setup(
         self,
@@ -64,6 +71,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         max_num_seqs: int,
         budget_extra: int,
         prefix_caching: bool,
+        mode: str,
     ) -> None:
         # The smallest pool that still holds one maximal request ("tiny") up to a large one.
         num_blocks = math.ceil(max_model_len / block_size) + extra_blocks
@@ -73,15 +81,17 @@ class SchedulerMachine(RuleBasedStateMachine):
             max_model_len=max_model_len,
             block_size=block_size,
             enable_prefix_caching=prefix_caching,
+            workers_keep_sampled=mode != "sync",
+            async_scheduling=mode == "async",
         )
         self.kv = KVCacheManager(num_blocks, block_size, prefix_caching)
         self.scheduler = Scheduler(self.config, self.kv)
-        self.worker = FakeWorker(num_blocks, block_size, VOCAB)
+        self.worker = FakeWorker(num_blocks, block_size, VOCAB, keep_sampled=mode != "sync")
         # Upper bound on steps a running request can wait: everything ahead of it in the
         # running list needs at most max_model_len tokens each.
         self.progress_bound = (
             math.ceil(max_num_seqs * max_model_len / self.config.max_num_batched_tokens) + 1
-        )
+        ) + (mode == "async")  # a request whose last token is in flight sits out one step
 
     # -- rules ---------------------------------------------------------------------------------
 
@@ -148,14 +158,27 @@ class SchedulerMachine(RuleBasedStateMachine):
         out = self.scheduler.schedule()
         self.step_count += 1
         self._check_step(out, running_before)
-        sampled = self.worker.execute(out)
-        # The workers know exactly the live requests they were sent (finished ones dropped).
+        # The engine sends only non-empty steps; the worker runs them in order.
+        sampled = self.worker.execute(out) if not out.is_empty else {}
+        # The workers know exactly the live requests they were sent, plus the finished ones
+        # they will hear of with the next step.
         sent = {r.request_id for r in self.requests.values() if r.num_tokens_sent > 0}
         live_sent = {i for i in sent if self.scheduler.get_request(i) is not None}
-        assert set(self.worker.requests) == live_sent, "worker state leaked or missing"
+        expected = live_sent | set(self.scheduler.unreported_finished_ids)
+        assert set(self.worker.requests) == expected, "worker state leaked or missing"
         if abort_midway is not None and out.num_scheduled_tokens:
             victim = abort_midway.draw(st.sampled_from(sorted(out.num_scheduled_tokens)))
             self._abort([victim])
+        if self.config.async_scheduling:
+            # Step N+1 has run; now apply step N (or this one, when nothing else is in flight).
+            if not out.is_empty:
+                self.in_flight.append((out, sampled))
+            if not self.in_flight or (len(self.in_flight) < 2 and not out.is_empty):
+                return
+            out, sampled = self.in_flight.pop(0)
+        self._apply(out, sampled)
+
+    def _apply(self, out: SchedulerOutput, sampled: dict[str, int]) -> None:
         updates = self.scheduler.update_from_output(out, sampled)
         for update in updates:
             req_id = update.request.request_id
@@ -180,6 +203,11 @@ class SchedulerMachine(RuleBasedStateMachine):
         # Aborted/finished requests never appear in a later step.
         for req_id in scheduled:
             assert req_id not in self.aborted and req_id not in self.finished
+        # Nothing is computed that only a token past max_tokens would need (async scheduling
+        # must not run ahead of a request's last token).
+        for req_id, end in out.computed_after.items():
+            request = self.requests[req_id]
+            assert end <= request.num_prompt_tokens + request.sampling_params.max_tokens - 1
         # Preempted requests are not scheduled in the same step (their blocks are gone).
         assert not set(out.preempted_ids) & set(scheduled)
         # Progress: a running request that was not preempted is scheduled within the bound.
@@ -236,17 +264,24 @@ class SchedulerMachine(RuleBasedStateMachine):
         live_ids = {r.request_id for r in self.requests.values() if not r.is_finished}
         max_steps = 4 * (len(live_ids) + 1) * self.config.max_model_len + 10
         for _ in range(max_steps):
-            if not self.scheduler.has_unfinished_requests():
+            if not self.scheduler.has_unfinished_requests() and not self.in_flight:
                 break
             self._step(abort_midway=None)
         assert not self.scheduler.has_unfinished_requests(), "requests did not finish"
+        assert not self.in_flight
         for req_id in live_ids:
             assert req_id in self.finished
-        # One more step tells the workers about the last finished requests.
+        # An empty step is not sent; the last finished requests go out with the next one.
+        unreported = self.scheduler.unreported_finished_ids
         out = self.scheduler.schedule()
         assert out.is_empty and not out.scheduled_new and not out.scheduled_cached
+        assert set(self.worker.requests) == set(unreported)
+        self.add_request([], [1], 1, True, None)
+        out = self.scheduler.schedule()
+        assert out.finished_ids == unreported
         self.worker.execute(out)
-        assert self.worker.requests == {}
+        assert set(self.worker.requests) == set(out.num_scheduled_tokens)
+        self._abort(list(out.num_scheduled_tokens))
         # Invariant 6: everything finished or aborted -> every block free.
         self.kv.check_invariants([])
         assert self.kv.num_free_blocks == self.kv.num_blocks
