@@ -2,8 +2,9 @@
 # The CUDA checks, as one script for a lent GPU machine (issue 8, item 4):
 #   1) the gpu-marked tests (engine vs transformers on the GPU, CUDA graphs vs eager, paged
 #      decode on CUDA vs HF, tiny models CUDA vs CPU);
-#   2) benchmarks/throughput.py on CUDA: shardline (CUDA graphs) vs transformers generate
-#      (batch 16) in one run, then shardline with --enforce-eager.
+#   2) benchmarks/throughput.py on CUDA: shardline (CUDA graphs, async scheduling) vs
+#      transformers generate (batch 16) in one run; then shardline without async scheduling,
+#      without CUDA graphs, with 256 requests, and once with the phase timers on.
 # Usage: benchmarks/gpu_check.sh MODEL_DIR   (a SmolLM2 directory; with only its config and
 # tokenizer, random weights of its shape are generated). Python packages missing on the
 # machine may sit as wheels in .whl/ (installed into /tmp/site). Logs go to $OUT.
@@ -22,8 +23,15 @@ date -u
 timeout 240 python3 -m pytest -m gpu -q -p no:cacheprovider -W ignore::DeprecationWarning \
     tests/engine/test_engine_gpu.py tests/model/test_tiny_models.py tests/worker/test_model_runner.py \
     2>&1 | tee "$OUT/gpu_tests.log" | tail -40
-timeout 200 python3 benchmarks/throughput.py --model "$MODEL" --random-weights --device cuda --rate 0 \
-    --out "$OUT/throughput_cuda.json" 2>&1 | grep -v -e "shardline-worker" -e "Loading weights" | tee "$OUT/throughput_cuda.log"
-timeout 100 python3 benchmarks/throughput.py --model "$MODEL" --random-weights --device cuda --rate 0 \
-    --enforce-eager --skip-hf --out "$OUT/throughput_cuda_eager.json" 2>&1 | grep -v -e "shardline-worker" -e "Loading weights" | tee "$OUT/throughput_cuda_eager.log"
+bench() {  # bench NAME ARGS...: one throughput.py run, its log and JSON under $OUT
+    local name=$1; shift
+    timeout 200 python3 benchmarks/throughput.py --model "$MODEL" --random-weights --device cuda --rate 0 \
+        --out "$OUT/$name.json" "$@" 2>&1 | grep -v -e "shardline-worker" -e "Loading weights"
+}
+bench throughput_cuda                                  # CUDA graphs + async scheduling vs HF generate
+bench throughput_cuda_sync --skip-hf --no-async-scheduling
+bench throughput_cuda_eager --skip-hf --enforce-eager
+bench throughput_cuda_256 --skip-hf --num-requests 256
+SHARDLINE_STEP_TIMING_FILE=$OUT/phases bench throughput_cuda_phases --skip-hf
+for f in "$OUT"/phases.*; do echo "== $f"; cat "$f"; echo; done
 date -u

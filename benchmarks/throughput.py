@@ -179,6 +179,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on CUDA (both sides)")
     parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    parser.add_argument("--no-async-scheduling", action="store_true",
+                        help="schedule each step after the previous one's result")
     parser.add_argument("--random-weights", action="store_true",
                         help="a random-weight model of the same shape (scaleout_bench's), e.g. where only "
                              "the model's config and tokenizer are at hand")
@@ -198,7 +200,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     work = make_workload(AutoTokenizer.from_pretrained(model_dir), args.num_requests)
     dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
     cfg = EngineConfig(model=model_dir, transport=args.transport, tensor_parallel_size=args.tensor_parallel_size,
-                       max_model_len=1024, device=args.device, dtype=dtype, cuda_graphs=not args.enforce_eager)
+                       max_model_len=1024, device=args.device, dtype=dtype, cuda_graphs=not args.enforce_eager,
+                       async_scheduling=not args.no_async_scheduling)
     print(f"workload: {len(work.prompts)} requests, prompt tokens {min(map(len, work.prompts))}..{max(map(len, work.prompts))} "
           f"(mean {statistics.mean(map(len, work.prompts)):.0f}), useful output tokens {work.useful_tokens}")
     machine = platform.processor() or platform.machine()
@@ -206,7 +209,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         import torch
 
         machine = f"{torch.cuda.get_device_name()} (torch {torch.__version__})"
-    print(f"machine: {machine}; device {args.device}, dtype {dtype}, cuda graphs {args.device == 'cuda' and not args.enforce_eager}")
+    print(f"machine: {machine}; device {args.device}, dtype {dtype}, cuda graphs "
+          f"{args.device == 'cuda' and not args.enforce_eager}, async scheduling {not args.no_async_scheduling}")
     result: dict[str, Any] = {"machine": machine, "date": time.strftime("%Y-%m-%d"), "args": vars(args)}
     result["shardline"] = asyncio.run(run_shardline(cfg, work))
     print(f"shardline : {result['shardline']['tokens_per_s']:8.1f} useful tok/s  ({result['shardline']['seconds']:.1f} s)")
