@@ -33,16 +33,32 @@ namespace {
 constexpr int64_t kLanes = 16;
 
 // q . k over head_dim, as kLanes independent partial sums (vectorizable without reassociation).
+// kDim > 0 is head_dim known at compile time (the loops unroll; 64 and 128 are instantiated).
+template <int64_t kDim>
 inline float dot(const float* __restrict q, const float* __restrict k, int64_t dim) {
+  if constexpr (kDim > 0) dim = kDim;
+  const int64_t whole = dim - dim % kLanes;
   float partial[kLanes] = {};
-  int64_t d = 0;
-  for (; d + kLanes <= dim; d += kLanes) {
+  for (int64_t d = 0; d < whole; d += kLanes) {
     for (int64_t j = 0; j < kLanes; ++j) partial[j] += q[d + j] * k[d + j];
   }
   float sum = 0.f;
-  for (; d < dim; ++d) sum += q[d] * k[d];
+  for (int64_t d = whole; d < dim; ++d) sum += q[d] * k[d];
   for (int64_t j = 0; j < kLanes; ++j) sum += partial[j];
   return sum;
+}
+
+// acc += sum over t < count of p[t] * v_t, where v_t = values + t * stride.
+template <int64_t kDim>
+inline void accumulate(float* __restrict acc, const float* __restrict p,
+                       const float* __restrict values, int64_t count, int64_t stride,
+                       int64_t dim) {
+  if constexpr (kDim > 0) dim = kDim;
+  for (int64_t t = 0; t < count; ++t) {
+    const float pt = p[t];
+    const float* __restrict v = values + t * stride;
+    for (int64_t d = 0; d < dim; ++d) acc[d] += pt * v[d];
+  }
 }
 
 // exp(x) for x <= 0 (scores minus their running max), element-wise over n values in place.
@@ -71,6 +87,81 @@ inline void exp_inplace(float* __restrict x, int64_t n) {
     float scale;
     std::memcpy(&scale, &bits, sizeof(scale));
     x[i] = v < kMin ? 0.f : p * scale;
+  }
+}
+
+// Everything an item needs, read-only and shared by the threads.
+struct Problem {
+  const float* cache;
+  const float* query;
+  float* out;
+  const int32_t* tables;
+  const int32_t* lens;
+  const int32_t* starts;
+  const int64_t* seq_ids;  // nullptr: item / num_kv_heads is the sequence
+  int64_t num_blocks, block_size, num_kv_heads, head_dim, group, max_blocks;
+  int64_t q_row, q_head, o_row, o_head;
+  float scale;
+};
+
+// Items [begin, end) of (sequence, kv head): block-wise online softmax over the sequence's
+// blocks for the `group` query heads of the kv head.
+template <int64_t kDim>
+void attend_items(const Problem& p, int64_t begin, int64_t end) {
+  const int64_t dim = kDim > 0 ? kDim : p.head_dim;
+  const int64_t group = p.group, block_size = p.block_size;
+  const int64_t token_stride = p.num_kv_heads * dim;  // between tokens of one block
+  const int64_t kv_stride = block_size * token_stride;  // K half -> V half of a block
+  std::vector<float> scores(group * block_size);
+  std::vector<float> acc(group * dim);
+  std::vector<float> running_max(group), running_sum(group);
+  for (int64_t item = begin; item < end; ++item) {
+    const int64_t seq = p.seq_ids ? p.seq_ids[item / p.num_kv_heads] : item / p.num_kv_heads;
+    const int64_t kv_head = item % p.num_kv_heads;
+    const int64_t len = p.lens[seq];
+    const int64_t row = p.starts[seq];
+    const float* q = p.query + row * p.q_row + kv_head * group * p.q_head;
+    const int32_t* table = p.tables + seq * p.max_blocks;
+    std::fill(acc.begin(), acc.end(), 0.f);
+    std::fill(running_max.begin(), running_max.end(), -std::numeric_limits<float>::infinity());
+    std::fill(running_sum.begin(), running_sum.end(), 0.f);
+    for (int64_t first = 0; first < len; first += block_size) {
+      const int64_t block = table[first / block_size];
+      TORCH_CHECK(block >= 0 && block < p.num_blocks,
+                  "paged_decode_attention: block id ", block, " out of range");
+      const int64_t count = std::min(block_size, len - first);
+      const float* keys = p.cache + block * 2 * kv_stride + kv_head * dim;
+      const float* values = keys + kv_stride;
+      for (int64_t g = 0; g < group; ++g) {
+        const float* qg = q + g * p.q_head;
+        float* s = scores.data() + g * block_size;
+        for (int64_t t = 0; t < count; ++t) {
+          s[t] = dot<kDim>(qg, keys + t * token_stride, dim) * p.scale;
+        }
+        float block_max = s[0];
+        for (int64_t t = 1; t < count; ++t) block_max = std::max(block_max, s[t]);
+        const float new_max = std::max(running_max[g], block_max);
+        for (int64_t t = 0; t < count; ++t) s[t] -= new_max;
+        exp_inplace(s, count);
+        float block_sum = 0.f;
+        for (int64_t t = 0; t < count; ++t) block_sum += s[t];
+        float* a = acc.data() + g * dim;
+        if (new_max > running_max[g]) {
+          const float correction = std::exp(running_max[g] - new_max);
+          running_sum[g] *= correction;
+          for (int64_t d = 0; d < dim; ++d) a[d] *= correction;
+          running_max[g] = new_max;
+        }
+        running_sum[g] += block_sum;
+        accumulate<kDim>(a, s, values, count, token_stride, dim);
+      }
+    }
+    for (int64_t g = 0; g < group; ++g) {
+      float* o = p.out + row * p.o_row + (kv_head * group + g) * p.o_head;
+      const float inv = 1.f / running_sum[g];
+      const float* a = acc.data() + g * dim;
+      for (int64_t d = 0; d < dim; ++d) o[d] = a[d] * inv;
+    }
   }
 }
 
@@ -116,19 +207,9 @@ void paged_decode_attention(const at::Tensor& out, const at::Tensor& query,
   }
   const int64_t n = seq_ids.has_value() ? ids.size(0) : num_seqs;
   const int64_t* id_ptr = seq_ids.has_value() ? ids.data_ptr<int64_t>() : nullptr;
-  const int32_t* tables = block_tables.data_ptr<int32_t>();
   const int32_t* lens = seq_lens.data_ptr<int32_t>();
   const int32_t* starts = query_start_loc.data_ptr<int32_t>();
-  const float* cache = kv_cache.data_ptr<float>();
-  const float* q_base = query.data_ptr<float>();
-  float* out_base = out.data_ptr<float>();
-  const int64_t q_row = query.stride(0), q_head = query.stride(1);
-  const int64_t o_row = out.stride(0), o_head = out.stride(1);
   const int64_t num_tokens = query.size(0);
-  const int64_t token_stride = num_kv_heads * head_dim;  // between tokens of one block
-  const int64_t kv_stride = block_size * token_stride;   // K half -> V half of a block
-  const float softmax_scale = static_cast<float>(scale);
-
   int64_t longest = 1;
   for (int64_t i = 0; i < n; ++i) {
     const int64_t seq = id_ptr ? id_ptr[i] : i;
@@ -144,64 +225,16 @@ void paged_decode_attention(const at::Tensor& out, const at::Tensor& query,
   const int64_t item_work = longest * group * head_dim;
   const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, item_work));
 
+  const Problem problem{kv_cache.data_ptr<float>(), query.data_ptr<float>(), out.data_ptr<float>(),
+                        block_tables.data_ptr<int32_t>(), lens, starts, id_ptr,
+                        num_blocks, block_size, num_kv_heads, head_dim, group, max_blocks,
+                        query.stride(0), query.stride(1), out.stride(0), out.stride(1),
+                        static_cast<float>(scale)};
   at::parallel_for(0, n * num_kv_heads, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores(group * block_size);
-    std::vector<float> acc(group * head_dim);
-    std::vector<float> running_max(group), running_sum(group);
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t seq = id_ptr ? id_ptr[item / num_kv_heads] : item / num_kv_heads;
-      const int64_t kv_head = item % num_kv_heads;
-      const int64_t len = lens[seq];
-      const int64_t row = starts[seq];
-      const float* q = q_base + row * q_row + kv_head * group * q_head;
-      const int32_t* table = tables + seq * max_blocks;
-      std::fill(acc.begin(), acc.end(), 0.f);
-      std::fill(running_max.begin(), running_max.end(), -std::numeric_limits<float>::infinity());
-      std::fill(running_sum.begin(), running_sum.end(), 0.f);
-      for (int64_t first = 0; first < len; first += block_size) {
-        const int64_t block = table[first / block_size];
-        TORCH_CHECK(block >= 0 && block < num_blocks,
-                    "paged_decode_attention: block id ", block, " out of range");
-        const int64_t count = std::min(block_size, len - first);
-        const float* keys = cache + block * 2 * kv_stride + kv_head * head_dim;
-        const float* values = keys + kv_stride;
-        for (int64_t g = 0; g < group; ++g) {
-          const float* qg = q + g * q_head;
-          float* s = scores.data() + g * block_size;
-          for (int64_t t = 0; t < count; ++t) {
-            s[t] = dot(qg, keys + t * token_stride, head_dim) * softmax_scale;
-          }
-          float block_max = s[0];
-          for (int64_t t = 1; t < count; ++t) block_max = std::max(block_max, s[t]);
-          const float new_max = std::max(running_max[g], block_max);
-          for (int64_t t = 0; t < count; ++t) s[t] -= new_max;
-          exp_inplace(s, count);
-          float block_sum = 0.f;
-          for (int64_t t = 0; t < count; ++t) block_sum += s[t];
-          if (new_max > running_max[g]) {
-            const float correction = std::exp(running_max[g] - new_max);
-            running_sum[g] *= correction;
-            float* a = acc.data() + g * head_dim;
-            for (int64_t d = 0; d < head_dim; ++d) a[d] *= correction;
-            running_max[g] = new_max;
-          }
-          running_sum[g] += block_sum;
-        }
-        for (int64_t t = 0; t < count; ++t) {
-          const float* v = values + t * token_stride;
-          for (int64_t g = 0; g < group; ++g) {
-            const float p = scores[g * block_size + t];
-            float* __restrict a = acc.data() + g * head_dim;
-            for (int64_t d = 0; d < head_dim; ++d) a[d] += p * v[d];
-          }
-        }
-      }
-      for (int64_t g = 0; g < group; ++g) {
-        float* o = out_base + row * o_row + (kv_head * group + g) * o_head;
-        const float inv = 1.f / running_sum[g];
-        const float* a = acc.data() + g * head_dim;
-        for (int64_t d = 0; d < head_dim; ++d) o[d] = a[d] * inv;
-      }
+    switch (head_dim) {  // the common sizes unrolled; any other at run time
+      case 64: attend_items<64>(problem, begin, end); break;
+      case 128: attend_items<128>(problem, begin, end); break;
+      default: attend_items<0>(problem, begin, end);
     }
   });
 }
