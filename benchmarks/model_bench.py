@@ -13,6 +13,12 @@ float32 matmul rate measured on this machine with a large square GEMM.
     python benchmarks/model_bench.py [--context 128] [--iters 10] [--threads 1] [--markdown PATH]
 
 Prints a table and writes JSON to benchmarks/out/model_bench.json.
+
+`--attention-kernel` times, instead, CPU decode attention both ways in one process, alternating:
+the fused paged kernel (`model.paged_decode`) against gather + SDPA, for decode x8/x32/x64 at
+contexts 128 and 512: one layer's decode attention call (K/V random, SmolLM2's 9 query / 3 KV
+heads of 64) and the whole decode step (30 layers and the logits). JSON goes to
+benchmarks/out/attention_kernel.json.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from typing import Any
 
 import torch
 
+from model import paged_decode
 from model.attention import Attention, AttentionMetadata
 from model.config import ModelConfig
 from model.fetch import fetch_default_model
@@ -103,13 +110,19 @@ class Ours:
                 module.kv_cache = torch.zeros(self.num_blocks, 2, BLOCK_SIZE, module.num_kv_heads,
                                               module.head_dim)
 
-    def prepare_decode(self, batch: int, context: int) -> Callable[[], Any]:
+    @staticmethod
+    def decode_tables(batch: int, context: int) -> list[list[int]]:
         blocks_each = -(-(context + 1) // BLOCK_SIZE)
-        tables = [[1 + i * blocks_each + j for j in range(blocks_each)] for i in range(batch)]
+        return [[1 + i * blocks_each + j for j in range(blocks_each)] for i in range(batch)]
+
+    def prepare_decode(self, batch: int, context: int, fill: bool = True) -> Callable[[], Any]:
+        """A decode step of `batch` sequences after `context` tokens; `fill=False` leaves the
+        cache as it is (the prompts' prefill is skipped: the step's time does not depend on it)."""
+        tables = self.decode_tables(batch, context)
         gen = torch.Generator().manual_seed(0)
         prompt = torch.randint(0, self.config.hf_config.vocab_size, (batch, context), generator=gen)
         with torch.inference_mode():
-            for i in range(batch):  # fill the cache
+            for i in range(batch if fill else 0):  # fill the cache
                 attn = AttentionMetadata.build(query_lens=[context], context_lens=[0],
                                                block_tables=[tables[i]], block_size=BLOCK_SIZE)
                 self.model(prompt[i], torch.arange(context), attn)
@@ -175,6 +188,72 @@ class Transformers:
         return step
 
 
+def in_mode(mode: str, fn: Callable[[], Any]) -> Callable[[], Any]:
+    """`fn` run with SHARDLINE_CPU_ATTENTION=`mode` (read by every decode attention call)."""
+    def run() -> Any:
+        os.environ[paged_decode.MODE_ENV] = mode
+        return fn()
+
+    return run
+
+
+def attention_kernel_rows(path: pathlib.Path, iters: int, contexts: tuple[int, ...] = (128, 512),
+                          batches: tuple[int, ...] = (8, 32, 64), calls: int = 10) -> list[dict]:
+    """Decode attention (one layer, `calls` calls per sample) and whole decode steps, fused
+    kernel vs gather + SDPA, alternating in this process."""
+    if not paged_decode.KERNEL.load():
+        raise SystemExit(f"the kernel could not be built: {paged_decode.KERNEL.error}")
+    ours = Ours(path, max(batches) * (max(contexts) + 2 * BLOCK_SIZE))
+    layers = [m for m in ours.model.modules() if isinstance(m, Attention)]
+    gen = torch.Generator().manual_seed(0)
+    for layer in layers:
+        layer.kv_cache.normal_(generator=gen)
+    layer = layers[0]
+    rows = []
+    for context in contexts:
+        for batch in batches:
+            attn = AttentionMetadata.build(
+                query_lens=[1] * batch, context_lens=[context] * batch,
+                block_tables=Ours.decode_tables(batch, context), block_size=BLOCK_SIZE)
+            query = torch.randn(batch, layer.num_heads, layer.head_dim, generator=gen)
+            out = torch.empty_like(query)
+
+            def attend(q: torch.Tensor = query, o: torch.Tensor = out,
+                       a: AttentionMetadata = attn) -> None:
+                for _ in range(calls):
+                    layer._attend_decode(q, o, a, None)
+
+            attn_kernel_s, attn_sdpa_s = timed_pair(in_mode("kernel", attend),
+                                                    in_mode("sdpa", attend), iters)
+            step = ours.prepare_decode(batch, context, fill=False)
+            step_kernel, step_sdpa = in_mode("kernel", step), in_mode("sdpa", step)
+            want = step_sdpa()
+            logit_diff = ((step_kernel() - want).abs().max() / want.abs().max()).item()
+            kernel_s, sdpa_s = timed_pair(step_kernel, step_sdpa, iters)
+            rows.append({"batch": batch, "context": context,
+                         "attention_kernel_us": attn_kernel_s / calls * 1e6,
+                         "attention_sdpa_us": attn_sdpa_s / calls * 1e6,
+                         "step_kernel_ms": kernel_s * 1e3, "step_sdpa_ms": sdpa_s * 1e3,
+                         "max_logit_rel_diff": logit_diff})
+            print(rows[-1], flush=True)
+    os.environ.pop(paged_decode.MODE_ENV, None)
+    return rows
+
+
+def attention_kernel_table(rows: list[dict]) -> str:
+    lines = ["| decode | context | attention µs/layer: kernel | gather+SDPA | speed-up "
+             "| step ms: kernel | gather+SDPA | speed-up | max logit diff (rel.) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines += [
+        f"| x{r['batch']} | {r['context']} | {r['attention_kernel_us']:.0f} | "
+        f"{r['attention_sdpa_us']:.0f} | {r['attention_sdpa_us'] / r['attention_kernel_us']:.2f}x | "
+        f"{r['step_kernel_ms']:.1f} | {r['step_sdpa_ms']:.1f} | "
+        f"{r['step_sdpa_ms'] / r['step_kernel_ms']:.2f}x | {r['max_logit_rel_diff']:.1e} |"
+        for r in rows
+    ]
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--context", type=int, default=128, help="cached tokens per decode sequence")
@@ -183,10 +262,24 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads for both sides (default 1: on a shared 2-core box, "
                              "multi-threaded GEMMs stall on busy cores)")
+    parser.add_argument("--attention-kernel", action="store_true",
+                        help="time CPU decode attention, fused kernel vs gather + SDPA, instead")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     path = fetch_default_model()
+    out_dir = pathlib.Path(__file__).resolve().parent / "out"
+    out_dir.mkdir(exist_ok=True)
+    if args.attention_kernel:
+        kernel_rows = attention_kernel_rows(path, args.iters)
+        kernel_table = attention_kernel_table(kernel_rows)
+        print(kernel_table)
+        (out_dir / "attention_kernel.json").write_text(json.dumps(
+            {"torch": torch.__version__, "threads": torch.get_num_threads(), "rows": kernel_rows},
+            indent=2))
+        if args.markdown:
+            args.markdown.write_text(f"{kernel_table}\n")
+        return
     rate = gemm_rate()
     bandwidth = memory_bandwidth()
     max_tokens = max(max(DECODE_BATCHES) * (args.context + BLOCK_SIZE), PREFILL_TOKENS + BLOCK_SIZE)
@@ -229,8 +322,6 @@ def main() -> None:
     table = "\n".join(lines)
     print(machine)
     print(table)
-    out_dir = pathlib.Path(__file__).resolve().parent / "out"
-    out_dir.mkdir(exist_ok=True)
     (out_dir / "model_bench.json").write_text(json.dumps(
         {"machine": machine, "gemm_flops_per_s": rate, "copy_bytes_per_s": bandwidth,
          "context": args.context, "rows": rows}, indent=2))
