@@ -16,7 +16,7 @@ import asyncio
 import functools
 import logging
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import anyio
@@ -28,6 +28,7 @@ from engine.errors import EngineDeadError, EngineOverloadedError, InvalidRequest
 from engine.executor import Executor
 from engine.kv_cache import KVCacheManager
 from engine.model_info import ModelInfo, load_model_info
+from engine.output_stream import END_OF_STREAM, OutputStream
 from engine.request import Request, RequestOutput, SamplingParams, validate_request
 from engine.scheduler import Scheduler, SchedulerConfig
 
@@ -169,37 +170,38 @@ class Engine:
         return [core.stats() for core in self._cores]
 
     # ------------------------------------------------------------------ requests
-    async def generate(
+    def generate(
         self,
         prompt: str | Sequence[int],
         params: SamplingParams | None = None,
         request_id: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
-        """Stream outputs for one prompt (text or token ids); the last has `finished=True`."""
-        params = params or SamplingParams()
-        token_ids = self._tokenize(prompt)
-        async for out in self._run_request(token_ids, params, request_id):
-            yield out
+        """Stream outputs for one prompt (text or token ids); the last has `finished=True`.
 
-    async def chat(
+        Nothing happens until the first `__anext__`: bad input raises there, as it would from
+        an async generator.
+        """
+        return RequestOutputs(self, functools.partial(self._tokenize, prompt), params, request_id)
+
+    def chat(
         self,
         messages: list[dict[str, str]],
         params: SamplingParams | None = None,
         request_id: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Stream the assistant's reply to `messages`, formatted with the model's chat template."""
-        params = params or SamplingParams()
+        return RequestOutputs(self, functools.partial(self._chat_token_ids, messages), params, request_id)
+
+    def _chat_token_ids(self, messages: list[dict[str, str]]) -> list[int]:
         if not isinstance(messages, list) or not messages:
             raise InvalidRequestError("messages", "must be a non-empty list of {role, content}")
         for message in messages:
             if not isinstance(message, dict) or not isinstance(message.get("role"), str) or not isinstance(message.get("content"), str):
                 raise InvalidRequestError("messages", f"each message needs string 'role' and 'content', got {message!r}")
         try:
-            token_ids = self._info.apply_chat_template(messages)
+            return self._info.apply_chat_template(messages)
         except Exception as exc:  # jinja errors on odd roles, etc.
             raise InvalidRequestError("messages", f"chat template failed: {exc}") from exc
-        async for out in self._run_request(token_ids, params, request_id):
-            yield out
 
     async def abort(self, request_id: str) -> None:
         """Abort a request by id; its stream ends with finish_reason 'abort'."""
@@ -215,9 +217,8 @@ class Engine:
             return token_ids  # an empty list is reported by validate_request
         raise InvalidRequestError("prompt", "must be a string or a list of token ids")
 
-    async def _run_request(
-        self, token_ids: list[int], params: SamplingParams, request_id: str | None
-    ) -> AsyncIterator[RequestOutput]:
+    def _submit(self, token_ids: list[int], params: SamplingParams, request_id: str | None) -> tuple[EngineCore, str, OutputStream]:
+        """Validate and queue one request on the least busy replica; returns where it went."""
         if self.is_dead:
             raise EngineDeadError("engine is not running")
         validate_request(token_ids, params, max_model_len=self._info.max_model_len, vocab_size=self._info.vocab_size)
@@ -236,20 +237,106 @@ class Engine:
         detokenizer = IncrementalDetokenizer(
             self._info.tokenizer, token_ids, skip_special_tokens=params.skip_special_tokens, stop=params.stop
         )
-        stream = core.submit(request, detokenizer)
-        finished = False
+        return core, request.request_id, core.submit(request, detokenizer)
+
+
+class RequestOutputs:
+    """One request's outputs, as `Engine.generate` and `Engine.chat` return them.
+
+    It behaves as the async generator it replaces (`async for item in stream: yield item`
+    inside try/finally), one object and one coroutine per output instead of two generator
+    layers, a stream coroutine and a `receive` coroutine: this runs once per token of every
+    streaming request.
+
+    * The request is validated and submitted on the first `__anext__`; bad input raises there.
+    * An error from the engine is raised to the caller; the iteration then ends.
+    * Anything raised while waiting (the caller's task cancelled) aborts the request, frees
+      its KV blocks, and ends the iteration; so do `aclose()` and dropping the iterator early.
+    * A stream that ends without a finished output raises EngineDeadError.
+    """
+
+    __slots__ = ("_engine", "_prepare", "_params", "_request_id", "_core", "_rid", "_stream", "_loop", "_finished", "_done")
+
+    def __init__(
+        self,
+        engine: Engine,
+        prepare: Callable[[], list[int]],
+        params: SamplingParams | None,
+        request_id: str | None,
+    ) -> None:
+        self._engine: Engine | None = engine
+        self._prepare: Callable[[], list[int]] | None = prepare
+        self._params = params
+        self._request_id = request_id
+        self._core: EngineCore | None = None
+        self._rid = ""
+        self._stream: OutputStream | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._finished = False
+        self._done = False
+
+    def __aiter__(self) -> RequestOutputs:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        stream = self._stream
+        if stream is None:
+            stream = self._start()
+        elif self._done:
+            raise StopAsyncIteration
         try:
-            async with stream:
-                async for item in stream:
-                    if isinstance(item, BaseException):
-                        raise item
-                    finished = item.finished
-                    yield item
-            if not finished:
+            item = await stream.next_future()
+        except BaseException:
+            self._close()  # cancelled while waiting: the request is aborted
+            raise
+        if type(item) is RequestOutput:
+            self._finished = item.finished
+            return item
+        self._close()
+        if item is END_OF_STREAM:
+            if not self._finished:
                 raise EngineDeadError("engine stopped before the request finished")
-        finally:
-            if not finished:
-                core.abort(request.request_id)
+            raise StopAsyncIteration
+        raise item
+
+    def _start(self) -> OutputStream:
+        engine, prepare = self._engine, self._prepare
+        if engine is None or prepare is None:  # started before, and that failed or was closed
+            raise StopAsyncIteration
+        self._engine = self._prepare = None  # one try, like a generator that raised
+        params = self._params or SamplingParams()
+        self._loop = asyncio.get_running_loop()
+        self._core, self._rid, self._stream = engine._submit(prepare(), params, self._request_id)
+        return self._stream
+
+    def _close(self) -> None:
+        """The generator's `finally`: close our end; abort the request unless it finished."""
+        if self._done:
+            return
+        self._done = True
+        if self._stream is not None and self._core is not None:
+            _release(self._stream, self._core, self._rid, abort=not self._finished)
+
+    async def aclose(self) -> None:
+        """Stop reading: abort the request unless it finished (idempotent)."""
+        self._engine = self._prepare = None
+        self._close()
+
+    def __del__(self) -> None:
+        # Dropped mid-stream without aclose (e.g. the caller broke out of its loop): what the
+        # event loop's async-generator finalizer did for the generator, from the loop's thread.
+        if self._done or self._stream is None or self._core is None or self._loop is None:
+            return
+        try:
+            self._loop.call_soon_threadsafe(_release, self._stream, self._core, self._rid, not self._finished)
+        except RuntimeError:  # the loop is closed: nothing left to abort
+            pass
+
+
+def _release(stream: OutputStream, core: EngineCore, request_id: str, abort: bool) -> None:
+    stream.close_receiver()
+    if abort:
+        core.abort(request_id)
 
 
 _INT64 = range(-(2**63), 2**63)
