@@ -184,8 +184,63 @@ def update_batch(
 
     Detokenizers sharing a Rust tokenizer (and `skip_special_tokens`) have all their windows
     decoded in one `decode_batch` call: one crossing into the tokenizer per step instead of
-    two per request.
+    two per request. The usual step (every request on one tokenizer, no stop strings) takes
+    a fast path with the per-request bookkeeping inlined: it runs once per token of every
+    streaming request.
     """
+    if not detokenizers:
+        return []
+    first = detokenizers[0]
+    decoder: Any = first._tokenizer
+    skip = first._skip_special_tokens
+    if hasattr(decoder, "decode_batch"):
+        windows: list[list[int]] = []
+        append = windows.append
+        for detok, ids in zip(detokenizers, new_token_ids, strict=True):
+            if detok._tokenizer is not decoder or detok._skip_special_tokens is not skip or detok._stop or detok.stopped:
+                break
+            tokens = detok._tokens
+            tokens.extend(ids)
+            start = detok._prefix_offset
+            append(tokens[start : detok._read_offset])
+            append(tokens[start:])
+        else:
+            return _finish_plain_batch(detokenizers, decoder.decode_batch(windows, skip_special_tokens=skip))
+        # Not the usual step: undo the extends done so far and take the general path.
+        for index in range(len(windows) // 2):
+            if new_token_ids[index]:
+                del detokenizers[index]._tokens[-len(new_token_ids[index]) :]
+    return _update_batch_general(detokenizers, new_token_ids)
+
+
+def _finish_plain_batch(detokenizers: Sequence[IncrementalDetokenizer], texts: list[str]) -> list[tuple[str, bool]]:
+    """`_advance` + `_emit` for detokenizers without stop strings, given their windows' texts.
+
+    Without stop strings nothing is held back, so the decoded text is the emitted text:
+    `text` and `_decoded` are one string, grown once per token.
+    """
+    results: list[tuple[str, bool]] = []
+    append = results.append
+    nothing = ("", False)
+    replacement = _REPLACEMENT_CHAR
+    for index, detok in enumerate(detokenizers):
+        prefix_len = len(texts[2 * index])
+        full_text = texts[2 * index + 1]
+        if len(full_text) <= prefix_len or full_text.endswith(replacement):
+            append(nothing)
+            continue
+        detok._prefix_offset = detok._read_offset
+        detok._read_offset = len(detok._tokens)
+        delta = full_text[prefix_len:]
+        detok.text = detok._decoded = detok.text + delta
+        append((delta, False))
+    return results
+
+
+def _update_batch_general(
+    detokenizers: Sequence[IncrementalDetokenizer], new_token_ids: Sequence[list[int]]
+) -> list[tuple[str, bool]]:
+    """`update_batch` for any mix of tokenizers, stop strings and stopped detokenizers."""
     results: list[tuple[str, bool] | None] = [None] * len(detokenizers)
     groups: dict[tuple[int, bool], list[int]] = {}
     for index, detok in enumerate(detokenizers):

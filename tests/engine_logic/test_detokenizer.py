@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from engine.detokenizer import IncrementalDetokenizer
+from engine.detokenizer import IncrementalDetokenizer, update_batch
 
 CORPUS = [
     "Hello world! The quick brown fox jumps over the lazy dog.",
@@ -135,3 +135,96 @@ def test_first_output_token_decodes_in_prompt_context(tokenizer: Tokenizer) -> N
     detok = IncrementalDetokenizer(tokenizer, prompt)
     deltas, _ = stream(detok, output)
     assert "".join(deltas) + detok.flush() == " fox jumps"
+
+
+# ---------------------------------------------------------------------------------------------
+# update_batch: the engine's per-step path must give exactly what per-request `update` gives.
+
+
+class _DecodeOnly:
+    """A tokenizer without `decode_batch` (the batch then calls `update` for it)."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self._tokenizer = tokenizer
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self._tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+
+_STOPS = [(), ("STOP",), ("界。", "never-appears"), ("o w",), ("🙂 d",)]
+_TEXTS = st.text(alphabet="ab 你好🙂éSTOP\n.ow", min_size=1, max_size=30)
+
+
+@st.composite
+def _batch_requests(draw: st.DrawFn) -> list[dict[str, object]]:
+    count = draw(st.integers(1, 6))
+    return [
+        {
+            "text": draw(_TEXTS),
+            "prompt": draw(st.sampled_from(["", "Hello", "你好"])),
+            "stop": draw(st.sampled_from(_STOPS)),
+            "skip": draw(st.booleans()),
+            "eos_at": draw(st.none() | st.integers(0, 10)),
+            "chunk": draw(st.integers(1, 3)),
+            "decode_only": draw(st.booleans()),
+        }
+        for _ in range(count)
+    ]
+
+
+def _run_batch(tokenizer: Tokenizer, requests: list[dict[str, object]], batched: bool) -> list[list[tuple[str, bool]]]:
+    eos = tokenizer.token_to_id("<eos>")
+    detoks, streams = [], []
+    for req in requests:
+        ids = tokenizer.encode(str(req["text"])).ids
+        if req["eos_at"] is not None:
+            ids.insert(min(int(req["eos_at"]), len(ids)), eos)  # type: ignore[call-overload]
+        chunk = int(req["chunk"])  # type: ignore[call-overload]
+        streams.append([ids[i : i + chunk] for i in range(0, len(ids), chunk)])
+        decoder = _DecodeOnly(tokenizer) if req["decode_only"] else tokenizer
+        prompt = tokenizer.encode(str(req["prompt"])).ids
+        detoks.append(IncrementalDetokenizer(decoder, prompt, skip_special_tokens=bool(req["skip"]), stop=req["stop"]))  # type: ignore[arg-type]
+    steps = max(len(s) for s in streams)
+    results: list[list[tuple[str, bool]]] = []
+    for step in range(steps):
+        new = [s[step] if step < len(s) else [] for s in streams]
+        if batched:
+            results.append(update_batch(detoks, new))
+        else:
+            results.append([d.update(ids) for d, ids in zip(detoks, new, strict=True)])
+    results.append([(d.flush(), d.stopped) for d in detoks])
+    results.append([(d.text, d.stop_string is not None) for d in detoks])
+    return results
+
+
+@settings(max_examples=150, deadline=None)
+@given(requests=_batch_requests())
+def test_update_batch_equals_update(tokenizer: Tokenizer, requests: list[dict[str, object]]) -> None:
+    assert _run_batch(tokenizer, requests, batched=True) == _run_batch(tokenizer, requests, batched=False)
+
+
+@settings(max_examples=60, deadline=None)
+@given(texts=st.lists(_TEXTS, min_size=1, max_size=8), skip=st.booleans())
+def test_update_batch_plain_fast_path_equals_update(tokenizer: Tokenizer, texts: list[str], skip: bool) -> None:
+    """Every request on one tokenizer, no stop strings: the step's usual fast path."""
+    requests: list[dict[str, object]] = [
+        {"text": t, "prompt": "Hello", "stop": (), "skip": skip, "eos_at": 2, "chunk": 1, "decode_only": False}
+        for t in texts
+    ]
+    assert _run_batch(tokenizer, requests, batched=True) == _run_batch(tokenizer, requests, batched=False)
+
+
+def test_update_batch_leaves_the_fast_path_cleanly(tokenizer: Tokenizer) -> None:
+    """A stop string late in the batch: the tokens the fast path already added are taken back."""
+    texts = ["Hello world", "ab 你好 🙂", "STOP here"]
+    plain = [IncrementalDetokenizer(tokenizer, []) for _ in texts]
+    mixed = [IncrementalDetokenizer(tokenizer, []) for _ in texts[:2]] + [
+        IncrementalDetokenizer(tokenizer, [], stop=["here"])
+    ]
+    ids = [tokenizer.encode(t).ids for t in texts]
+    got = update_batch(mixed, ids)
+    want = [d.update(i) for d, i in zip(plain[:2], ids[:2], strict=True)]
+    assert got[:2] == want
+    assert [d.text for d in mixed[:2]] == [d.text for d in plain[:2]]
+    assert got[2] == ("STOP ", True)
+    assert update_batch([], []) == []
