@@ -13,6 +13,7 @@ for any input. Nothing here is pickled.
 from __future__ import annotations
 
 import dataclasses
+import operator
 import types
 import typing
 from collections.abc import Callable
@@ -235,21 +236,61 @@ _FIELD_NAMES: dict[type, tuple[str, ...]] = {
 }
 
 
-def _record_to_list(obj: Any) -> list[Any]:
-    names = _FIELD_NAMES.get(type(obj))
-    if names is None or type(obj) in MESSAGES_BY_TAG.values():
+def _fields_getter(cls: type) -> Callable[[Any], tuple[Any, ...]]:
+    """A C-level `obj -> (field1, field2, ...)` for one dataclass (msgpack packs tuples as arrays)."""
+    names = _FIELD_NAMES[cls]
+    if len(names) == 1:
+        name = names[0]
+        return lambda obj: (getattr(obj, name),)
+    if not names:
+        return lambda obj: ()
+    return operator.attrgetter(*names)  # type: ignore[return-value]
+
+
+_RECORD_FIELDS: dict[type, Callable[[Any], tuple[Any, ...]]] = {cls: _fields_getter(cls) for cls in RECORD_TYPES}
+_MESSAGE_FIELDS: dict[type, Callable[[Any], tuple[Any, ...]]] = {cls: _fields_getter(cls) for cls in MESSAGE_TYPES}
+
+
+def _record_lists(cls: type) -> tuple[tuple[int, frozenset[type], Callable[[Any], tuple[Any, ...]]], ...]:
+    """(position in the wire array, {record type}, its getter) for each `list[Record]` field."""
+    hints = typing.get_type_hints(cls)
+    found = []
+    for index, name in enumerate(_FIELD_NAMES[cls]):
+        tp = hints[name]
+        if typing.get_origin(tp) is list and typing.get_args(tp)[0] in _RECORD_FIELDS:
+            record = typing.get_args(tp)[0]
+            found.append((index + 1, frozenset((record,)), _RECORD_FIELDS[record]))
+    return tuple(found)
+
+
+_RECORD_LISTS = {cls: _record_lists(cls) for cls in MESSAGE_TYPES}
+
+
+def _record_to_list(obj: Any) -> tuple[Any, ...]:
+    getter = _RECORD_FIELDS.get(type(obj))
+    if getter is None:
         raise TypeError(f"{type(obj).__name__} cannot be nested in a message")
-    return [getattr(obj, name) for name in names]
+    return getter(obj)
 
 
 def encode(msg: Message) -> bytes:
-    """The msgpack bytes of a top-level message. Raises ValueError for an unencodable value."""
+    """The msgpack bytes of a top-level message. Raises ValueError for an unencodable value.
+
+    Lists of records (an ExecuteStep's hundreds of CachedRequests) are flattened up front
+    with C-level attribute getters, after a C-level check that every item is that record;
+    anything else (nested records, odd values) goes through msgpack's `default` hook.
+    """
     cls = type(msg)
-    if cls not in MESSAGES_BY_TAG.values():
+    getter = _MESSAGE_FIELDS.get(cls)
+    if getter is None:
         raise ValueError(f"encode() takes a top-level message, not {cls.__name__}")
-    fields = [getattr(msg, name) for name in _FIELD_NAMES[cls]]
+    fields = [cls.TAG, *getter(msg)]  # type: ignore[attr-defined]
+    for index, only, record_fields in _RECORD_LISTS[cls]:
+        value = fields[index]
+        if type(value) is list and only.issuperset(map(type, value)):
+            fields[index] = list(map(record_fields, value))
     try:
-        return msgpack.packb([cls.TAG, *fields], default=_record_to_list, use_bin_type=True)  # type: ignore[attr-defined]
+        return msgpack.packb(fields, default=_record_to_list, use_bin_type=True)  # type: ignore[no-any-return]
     except (TypeError, ValueError, OverflowError) as exc:
         raise ValueError(f"cannot encode {cls.__name__}: {exc}") from exc
 
@@ -297,14 +338,18 @@ def _list_of(item_type: Any) -> Validator:
 
         return check_plain
     item_validator = _compile(item_type)
+    fast_item = _FAST_RECORDS.get(item_type)
 
     def check(value: Any, where: str) -> Any:
         if type(value) is not list:
             raise TransportBroken(f"{where}: expected list, got {_type_name(value)}")
         try:
-            # Fast path: no per-item label (a step carries hundreds of records).
+            # Fast path: no per-item label (a step carries hundreds of records); records
+            # are built by their generated builder, called straight from C.
+            if fast_item is not None:
+                return list(map(fast_item, value))
             return [item_validator(item, where) for item in value]
-        except TransportBroken:
+        except (_Slow, TransportBroken):
             # Validation is pure: run again with precise labels for the error message.
             return [item_validator(item, f"{where}[{index}]") for index, item in enumerate(value)]
 
@@ -348,29 +393,51 @@ def _fast_test(tp: Any, var: str) -> str | None:
     return None
 
 
-def _fast_record(cls: type, hints: dict[str, Any], validators: list[Validator]) -> Callable[[list[Any], str], Any]:
-    """A generated checker for one record: inline type tests for plain fields, the compiled
-    validator for the others; it returns None when a plain test fails (the caller then runs
-    the general path, which names the problem)."""
+class _Slow(Exception):
+    """A generated record builder met something it does not take; the general path decides."""
+
+
+# Builders by record type, filled in as `_record` compiles each (nested records come first).
+_FAST_RECORDS: dict[type, Callable[[Any], Any]] = {}
+
+
+def _fast_record(cls: type, hints: dict[str, Any], validators: list[Validator]) -> Callable[[Any], Any]:
+    """A generated builder for one record from its wire array: inline type tests for plain
+    fields, the compiled validator for the others. It raises _Slow (or the validator's
+    TransportBroken) when anything is off; the caller then runs the general path, which
+    names the problem. The record is built through its slots (what a frozen dataclass's
+    `__init__` does with one `object.__setattr__` per field, at half the cost)."""
     names = _FIELD_NAMES[cls]
-    args, tests = [], []
+    values, tests = [], []
     for index, name in enumerate(names):
         var = f"f{index}"
         test = _fast_test(hints[name], var)
         if test is None:
-            args.append(f"_v{index}({var}, where)")
+            values.append(f"_v{index}({var}, '')")
         else:
-            args.append(var)
+            values.append(var)
             tests.append(test)
-    unpack = ", ".join(f"f{i}" for i in range(len(names))) + ("," if len(names) == 1 else "")
-    body = ["def fast(value, where):", f"    {unpack} = value"] if names else ["def fast(value, where):"]
+    body = ["def fast(value):", f"    if type(value) is not list or len(value) != {len(names)}:", "        raise _Slow"]
+    if names:
+        body.append("    " + ", ".join(f"f{i}" for i in range(len(names))) + ", = value")
     if tests:
         body.append(f"    if not ({' and '.join(tests)}):")
-        body.append("        return None")
-    body.append(f"    return _cls({', '.join(args)})")
-    namespace: dict[str, Any] = {"_cls": cls}
+        body.append("        raise _Slow")
+    slots = [vars(cls).get(name) for name in names]
+    by_slots = getattr(cls, "__post_init__", None) is None and all(
+        type(slot) is types.MemberDescriptorType for slot in slots
+    )
+    if by_slots:
+        body.append("    record = _new(_cls)")
+        body.extend(f"    _set{i}(record, {value})" for i, value in enumerate(values))
+        body.append("    return record")
+    else:
+        body.append(f"    return _cls({', '.join(values)})")
+    namespace: dict[str, Any] = {"_cls": cls, "_new": object.__new__, "_Slow": _Slow}
     namespace.update({f"_v{i}": v for i, v in enumerate(validators)})
     namespace.update({f"_ONLY_{n}": frozenset((t,)) for t, n in _PLAIN.items()})
+    if by_slots:
+        namespace.update({f"_set{i}": slot.__set__ for i, slot in enumerate(slots)})  # type: ignore[union-attr]
     exec("\n".join(body), namespace)  # noqa: S102 - generated from our own annotations only
     return namespace["fast"]  # type: ignore[no-any-return]
 
@@ -380,9 +447,13 @@ def _record(cls: type) -> Validator:
     names = _FIELD_NAMES[cls]
     validators = [_compile(hints[name]) for name in names]
     labels = [f".{name}" for name in names]
-    fast = _fast_record(cls, hints, validators)
+    fast = _FAST_RECORDS[cls] = _fast_record(cls, hints, validators)
 
     def check(value: Any, where: str) -> Any:
+        try:
+            return fast(value)  # labels are only built for an error message, below
+        except (_Slow, TransportBroken):
+            pass
         if type(value) is not list:
             raise TransportBroken(
                 f"{where}: expected a {cls.__name__} array, got {_type_name(value)}"
@@ -391,13 +462,6 @@ def _record(cls: type) -> Validator:
             raise TransportBroken(
                 f"{where}: expected {len(validators)} fields of {cls.__name__}, got {len(value)}"
             )
-        try:
-            # Fast path: labels are only built for an error message.
-            record = fast(value, where)
-            if record is not None:
-                return record
-        except TransportBroken:
-            pass
         return cls(
             *[
                 v(item, where + label)

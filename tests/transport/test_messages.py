@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import msgpack
 import numpy as np
 import pytest
@@ -204,3 +206,40 @@ def test_tensor_payload_round_trips_numpy_and_torch() -> None:
     assert empty.to_torch().shape == (0, 4)
     with pytest.raises(ValueError, match="not a torch dtype"):
         TensorPayload("nope", [1], b"\x00").to_torch()
+
+
+def _naive_wire(value: object) -> object:
+    """The wire form spelled out: a message or record is the array of its fields in order."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        fields = [_naive_wire(getattr(value, f.name)) for f in dataclasses.fields(value)]
+        tag = getattr(type(value), "TAG", None)
+        return fields if tag is None else [tag, *fields]
+    if isinstance(value, list):
+        return [_naive_wire(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _naive_wire(item) for key, item in value.items()}
+    return value
+
+
+@given(messages)
+def test_encoding_is_the_plain_field_arrays(msg: object) -> None:
+    """The flattening shortcuts in `encode` do not change a byte on the wire."""
+    assert encode(msg) == msgpack.packb(_naive_wire(msg), use_bin_type=True)  # type: ignore[arg-type]
+
+
+def test_encode_refuses_a_message_nested_in_a_record_list() -> None:
+    step = ExecuteStep(1, [], [CachedRequest("a", [], [], 0, 1, False), Heartbeat(0, 1)], [])  # type: ignore[list-item]
+    with pytest.raises(ValueError, match="Heartbeat cannot be nested"):
+        encode(step)
+
+
+def test_decoded_records_are_real_frozen_records() -> None:
+    """Records built through their slots behave as ones built by their constructor."""
+    step = ExecuteStep(3, [], [CachedRequest("a", [1], [2], 3, 1, True)], ["z"])
+    decoded = decode(encode(step))
+    assert isinstance(decoded, ExecuteStep)
+    record = decoded.cached_requests[0]
+    assert type(record) is CachedRequest and record == step.cached_requests[0]
+    assert hash(record.req_id) == hash("a") and repr(record) == repr(step.cached_requests[0])
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        record.req_id = "b"  # type: ignore[misc]
