@@ -310,9 +310,12 @@ class TokenLogprob:
     top: list[tuple[int, float]]
 
 
-@dataclass
+@dataclass(slots=True)
 class RequestOutput:
-    """One streamed update of a request: the new text/tokens and the cumulative ones."""
+    """One streamed update of a request: the new text/tokens and the cumulative ones.
+
+    Slotted: one is built per token of every streaming request.
+    """
 
     request_id: str
     delta: str
