@@ -24,6 +24,7 @@ benchmarks/out/attention_kernel.json.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import pathlib
@@ -165,14 +166,16 @@ class Transformers:
         gen = torch.Generator().manual_seed(0)
         prompt = torch.randint(0, self.vocab, (batch, context), generator=gen)
         cache = DynamicCache(config=self.model.config)
+        # transformers renamed `past_key_values` to `cache` (the old name warns, then goes).
+        name = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
         with torch.inference_mode():
-            self.model(prompt, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            self.model(prompt, use_cache=True, logits_to_keep=1, **{name: cache})
         ids = prompt[:, -1:].clone()
         positions = torch.full((batch, 1), context)
 
         def step() -> torch.Tensor:
             with torch.inference_mode():
-                out = self.model(ids, position_ids=positions, past_key_values=cache, use_cache=True)
+                out = self.model(ids, position_ids=positions, use_cache=True, **{name: cache})
                 cache.crop(-1)  # drop the appended token: every step has the same shape
                 return out.logits
 

@@ -4,7 +4,9 @@ The batch is every scheduled token of every request, concatenated: request i own
 `query_start_loc[i]:query_start_loc[i + 1]`. Before attending, the new K/V rows are written into
 this layer's block tensor at `slot_mapping` (`block_id * block_size + offset`). Then:
 
-* a request with no cached prefix (a fresh prefill) attends causally over its own new K/V;
+* a request with no cached prefix (a fresh prefill) attends causally over its own new K/V; on
+  CUDA, neighbouring fresh prefills share one SDPA call under a block-diagonal causal mask (a
+  step of many short prompts is otherwise hundreds of tiny kernel launches per layer);
 * a request with a cached prefix (prefix-cache hit, later prefill chunk) gathers its blocks and
   attends with the causal mask shifted by its context length;
 * one-token requests (decode) are batched. With a CPU float32 cache they run the fused kernel of
@@ -15,7 +17,8 @@ this layer's block tensor at `slot_mapping` (`block_id * block_size + offset`). 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +41,8 @@ class AttentionMetadata:
     query_start_loc_cpu: list[int]
     seq_lens_cpu: list[int]
     block_size: int
+    # Per-step values the layers derive once and share (e.g. prefill masks), keyed by use.
+    derived: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def num_seqs(self) -> int:
@@ -84,6 +89,30 @@ class AttentionMetadata:
         )
 
 
+# Fresh prefills batched into one masked SDPA hold at most this many tokens per call (the
+# boolean mask is tokens^2 bytes, the scores tokens^2 * heads floats).
+FRESH_BATCH_MAX_TOKENS = 2048
+
+
+def _fresh_groups(starts: list[int], seq_lens: list[int]) -> list[list[int]]:
+    """Runs of adjacent fresh-prefill requests (no cached context), each within the cap."""
+    groups: list[list[int]] = []
+    current: list[int] = []
+    tokens = 0
+    for i, seq_len in enumerate(seq_lens):
+        query_len = starts[i + 1] - starts[i]
+        fresh = query_len > 0 and seq_len == query_len
+        if current and (not fresh or tokens + query_len > FRESH_BATCH_MAX_TOKENS):
+            groups.append(current)
+            current, tokens = [], 0
+        if fresh:
+            current.append(i)
+            tokens += query_len
+    if current:
+        groups.append(current)
+    return groups
+
+
 class Attention(nn.Module):
     """Attention for one decoder layer over its slice of the paged KV cache.
 
@@ -102,6 +131,9 @@ class Attention(nn.Module):
         self.scale = scale
         self.num_kv_heads = num_kv_heads
         self.kv_cache = torch.empty(0)
+        # None: batch fresh prefills on CUDA only (on CPU the block-diagonal mask's wasted FLOPs
+        # cost more than per-request calls); True/False forces it (tests).
+        self.batch_fresh_prefills: bool | None = None
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 attn: AttentionMetadata) -> torch.Tensor:
@@ -119,12 +151,19 @@ class Attention(nn.Module):
             self._attend_decode(q, out, attn, None)
             return out.view(num_tokens, self.num_heads * self.head_dim)
         starts, seq_lens = attn.query_start_loc_cpu, attn.seq_lens_cpu
+        batched: set[int] = set()
+        batch = self.batch_fresh_prefills
+        if batch if batch is not None else q.is_cuda:
+            for group in _fresh_groups(starts, seq_lens):
+                if len(group) > 1:
+                    self._attend_fresh_group(q, k, v, out, attn, group)
+                    batched.update(group)
         decode_seqs: list[int] = []
         for i, seq_len in enumerate(seq_lens):
             start, end = starts[i], starts[i + 1]
             query_len = end - start
             context_len = seq_len - query_len
-            if query_len == 0:
+            if query_len == 0 or i in batched:
                 continue
             if context_len == 0:
                 out[start:end] = self._attend_fresh(q[start:end], k[start:end], v[start:end])
@@ -158,6 +197,24 @@ class Attention(nn.Module):
     def _attend_fresh(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         out = self._sdpa(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), None, True)
         return out.transpose(0, 1)
+
+    def _attend_fresh_group(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                            attn: AttentionMetadata, group: list[int]) -> None:
+        """Adjacent fresh prefills `group` in one SDPA: each token sees its own request's earlier
+        tokens only (block-diagonal causal mask, built once per step and shared by the layers)."""
+        starts = attn.query_start_loc_cpu
+        first, last = starts[group[0]], starts[group[-1] + 1]
+        key = ("fresh", first, last)
+        mask = attn.derived.get(key)
+        if mask is None:
+            lengths = torch.tensor([starts[i + 1] - starts[i] for i in group], device=q.device)
+            segment = torch.repeat_interleave(torch.arange(len(group), device=q.device), lengths)
+            index = torch.arange(last - first, device=q.device)
+            mask = (segment[:, None] == segment[None, :]) & (index[None, :] <= index[:, None])
+            attn.derived[key] = mask
+        rows = slice(first, last)
+        result = self._sdpa(q[rows].transpose(0, 1), k[rows].transpose(0, 1), v[rows].transpose(0, 1), mask, False)
+        out[rows] = result.transpose(0, 1)
 
     def _gather(self, block_ids: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V `[..., kv_heads, length, D]` of the blocks `block_ids` (`[..., num_blocks]`).

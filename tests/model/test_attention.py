@@ -96,3 +96,28 @@ def test_fresh_prefill_without_cache_and_refusal_with_context(seqs):
 def test_metadata_refuses_a_table_too_small():
     with pytest.raises(ValueError, match="cannot hold 9 tokens"):
         AttentionMetadata.build(query_lens=[9], context_lens=[0], block_tables=[[1, 2]], block_size=4)
+
+
+@pytest.mark.parametrize("cap", [2048, 10])
+def test_batched_fresh_prefills_match_the_reference(seqs, monkeypatch, cap):
+    """Neighbouring fresh prefills in one block-diagonal masked SDPA (the CUDA path, forced on
+    here), next to a cached-prefix chunk and a decode; with a small cap the run of fresh
+    prefills splits into several calls."""
+    import model.attention as attention
+
+    monkeypatch.setattr(attention, "FRESH_BATCH_MAX_TOKENS", cap)
+    q, k, v, tables = seqs
+    layer = make_layer()
+    layer.batch_fresh_prefills = True
+    run_batch(layer, k, v, q, {"a": (0, 17), "b": (0, 1), "c": (0, 5)}, tables)  # fresh x3
+    run_batch(layer, k, v, q, {"c": (5, 7), "a": (17, 1), "b": (1, 8)}, tables)  # prefix, decode, chunk
+
+
+def test_fresh_groups_are_adjacent_runs_within_the_cap(monkeypatch):
+    import model.attention as attention
+
+    monkeypatch.setattr(attention, "FRESH_BATCH_MAX_TOKENS", 8)
+    # query lens 3, 4, 1(decode), 5, 4, 2 -> fresh: 0, 1 | 3 | 4, 5 (3 + 4 <= 8, 5 + 4 > 8)
+    starts = [0, 3, 7, 8, 13, 17, 19]
+    seq_lens = [3, 4, 10, 5, 4, 2]
+    assert attention._fresh_groups(starts, seq_lens) == [[0, 1], [3], [4, 5]]

@@ -9,6 +9,7 @@ from model.attention import Attention, AttentionMetadata
 from model.config import ModelConfig
 from model.loader import load_model
 from model.parallel_context import ParallelContext
+from support.hf_compat import cache_kwarg, output_cache
 
 PROMPTS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -85,13 +86,13 @@ def test_twenty_paged_decode_steps_match_transformers(ours, hf, tokenizer):
     logits = session.step(prompt)[-1]
     with torch.no_grad():
         out = hf(torch.tensor([prompt]), use_cache=True)
-        past, want = out.past_key_values, out.logits[0, -1]
+        past, want = output_cache(out), out.logits[0, -1]
         assert rel_err(logits, want) <= 1e-4
         for _ in range(20):
             token = int(want.argmax())
             logits = session.step([token])[-1]
-            out = hf(torch.tensor([[token]]), past_key_values=past, use_cache=True)
-            past, want = out.past_key_values, out.logits[0, -1]
+            out = hf(torch.tensor([[token]]), use_cache=True, **{cache_kwarg(hf): past})
+            past, want = output_cache(out), out.logits[0, -1]
             assert rel_err(logits, want) <= 1e-4
 
 

@@ -36,17 +36,21 @@ def _prompts() -> list[str]:
     return [f"stream {i}: " + "ab" * (i % 7) for i in range(NUM_REQUESTS)]
 
 
-async def _stream_all(engine: Engine, prompts: list[str], on_token: anyio.Event | None = None) -> dict[int, object]:
-    """Run every prompt; each result is its token list, or the exception it ended with."""
+async def _stream_all(engine: Engine, prompts: list[str], midway: anyio.Event | None = None) -> dict[int, object]:
+    """Run every prompt; each result is its token list, or the exception it ended with.
+    `midway` is set once a quarter of all the tokens asked for has streamed."""
     results: dict[int, object] = {}
+    streamed = 0
 
     async def one(i: int) -> None:
+        nonlocal streamed
         tokens: list[int] = []
         try:
             async for out in engine.generate(prompts[i], PARAMS):
                 tokens.extend(out.delta_token_ids)
-                if on_token is not None and len(tokens) >= 3:
-                    on_token.set()
+                streamed += len(out.delta_token_ids)
+                if midway is not None and streamed >= len(prompts) * PARAMS.max_tokens // 4:
+                    midway.set()
             results[i] = tokens
         except Exception as exc:
             results[i] = exc
@@ -66,9 +70,10 @@ def _worker_pids(engine: Engine) -> list[int]:
     return [pid for core in engine._cores for pid in core.executor.worker_pids]
 
 
-async def _disturb_midway(engine: Engine, started: anyio.Event, sig: int) -> None:
-    await started.wait()
-    await anyio.sleep(random.Random(3).uniform(0.05, 0.4))
+async def _disturb_midway(engine: Engine, midway: anyio.Event, sig: int) -> None:
+    # At a token count, not after a delay: however fast the steps, three quarters of the work
+    # is still ahead when the worker goes.
+    await midway.wait()
     os.kill(random.Random(5).choice(_worker_pids(engine)), sig)
 
 
@@ -83,7 +88,7 @@ async def test_worker_loss_is_recovered_without_visible_gap(tiny_llama_dir: path
         started = anyio.Event()
         async with anyio.create_task_group() as tg:
             tg.start_soon(_disturb_midway, engine, started, sig)
-            results = await _stream_all(engine, prompts, on_token=started)
+            results = await _stream_all(engine, prompts, midway=started)
         assert results == expected
         assert engine.stats().num_restarts == 1
         assert set(_worker_pids(engine)).isdisjoint(victims)
@@ -103,7 +108,7 @@ async def test_smollm2_worker_kill_is_recovered(smollm2_dir: pathlib.Path) -> No
         started = anyio.Event()
         async with anyio.create_task_group() as tg:
             tg.start_soon(_disturb_midway, engine, started, signal.SIGKILL)
-            results = await _stream_all(engine, prompts, on_token=started)
+            results = await _stream_all(engine, prompts, midway=started)
         assert results == expected
         assert engine.stats().num_restarts == 1
 
@@ -122,7 +127,7 @@ async def test_worker_death_without_restarts_fails_fast(tiny_llama_dir: pathlib.
         async with anyio.create_task_group() as tg:
             tg.start_soon(kill)
             with anyio.fail_after(30):
-                results = await _stream_all(engine, prompts, on_token=started)
+                results = await _stream_all(engine, prompts, midway=started)
         failed_by = time.monotonic() - killed_at[0]
         errors = [r for r in results.values() if isinstance(r, EngineDeadError)]
         finished = [r for r in results.values() if isinstance(r, list) and len(r) == PARAMS.max_tokens]
