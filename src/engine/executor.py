@@ -21,6 +21,7 @@ authenticated TCP (`mixed` channels); torch.distributed meets at `rendezvous_hos
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import multiprocessing
@@ -127,7 +128,7 @@ class Executor:
         self._all_ready = anyio.Event()
         self._failure: WorkerFailure | None = None
         self._failed = anyio.Event()
-        self._pending: dict[int, tuple[anyio.Event, list[StepResult]]] = {}
+        self._pending: dict[int, asyncio.Future[StepResult | None]] = {}
         self._closed = False
         self._shutdown_lock = anyio.Lock()
         self._nodes: NodeServer | None = None
@@ -299,19 +300,20 @@ class Executor:
         self._raise_if_failed()
         if self._closed or self._channels is None:
             raise EngineDeadError("executor is shut down")
-        done = anyio.Event()
-        slot: list[StepResult] = []
-        self._pending[step.step_id] = (done, slot)
+        # Resolved by the reader with the result, or by `_fail` with None for every pending
+        # step; awaited directly (one wake-up, no extra loop pass when it is already done).
+        reply: asyncio.Future[StepResult | None] = asyncio.get_running_loop().create_future()
+        self._pending[step.step_id] = reply
         try:
             try:
                 await self._channels.broadcast(step)
             except (TransportBroken, TransportClosed) as exc:
                 self._fail(WorkerFailure(None, f"cannot send step: {exc}"))
-            await done.wait()  # set by the reader, or by `_fail` for every pending step
+            result = await reply
             self._raise_if_failed()
-            if not slot:
+            if result is None:
                 raise EngineDeadError("executor is shut down")
-            return slot[0]
+            return result
         finally:
             self._pending.pop(step.step_id, None)
 
@@ -344,10 +346,9 @@ class Executor:
     def _on_message(self, rank: int, msg: Message) -> None:
         self._last_seen[rank] = time.monotonic()
         if isinstance(msg, StepResult):
-            pending = self._pending.get(msg.step_id)
-            if pending is not None:
-                pending[1].append(msg)
-                pending[0].set()
+            reply = self._pending.get(msg.step_id)
+            if reply is not None and not reply.done():
+                reply.set_result(msg)
         elif isinstance(msg, Heartbeat | Hello):
             pass
         elif isinstance(msg, WorkerReady):
@@ -387,8 +388,9 @@ class Executor:
             self._failure = failure
             logger.error("%s", failure)
         self._failed.set()
-        for done, _ in self._pending.values():
-            done.set()
+        for reply in self._pending.values():
+            if not reply.done():
+                reply.set_result(None)
 
     def _raise_if_failed(self) -> None:
         if self._failure is not None:
