@@ -177,6 +177,24 @@ class IncrementalDetokenizer:
         return delta
 
 
+# len(decode([token_id])) per token id, for each (decoder, skip_special_tokens) in use: the
+# "already emitted" window of a streaming request is a single token most steps, and only its
+# length matters. A pure function of the tokenizer; each entry holds its decoder, so the id
+# in its key cannot be reused while the entry exists.
+_PREFIX_LENGTHS: dict[tuple[int, bool], tuple[Any, dict[int, int]]] = {}
+_MAX_DECODERS = 8
+
+
+def _prefix_lengths(decoder: Any, skip: bool) -> dict[int, int]:
+    key = (id(decoder), skip)
+    entry = _PREFIX_LENGTHS.get(key)
+    if entry is None or entry[0] is not decoder:
+        if len(_PREFIX_LENGTHS) >= _MAX_DECODERS:
+            _PREFIX_LENGTHS.clear()
+        entry = _PREFIX_LENGTHS[key] = (decoder, {})
+    return entry[1]
+
+
 def update_batch(
     detokenizers: Sequence[IncrementalDetokenizer], new_token_ids: Sequence[list[int]]
 ) -> list[tuple[str, bool]]:
@@ -185,7 +203,8 @@ def update_batch(
     Detokenizers sharing a Rust tokenizer (and `skip_special_tokens`) have all their windows
     decoded in one `decode_batch` call: one crossing into the tokenizer per step instead of
     two per request. The usual step (every request on one tokenizer, no stop strings) takes
-    a fast path with the per-request bookkeeping inlined: it runs once per token of every
+    a fast path with the per-request bookkeeping inlined, and a single-token "emitted" window
+    whose decoded length is known is not decoded again: this runs once per token of every
     streaming request.
     """
     if not detokenizers:
@@ -194,27 +213,43 @@ def update_batch(
     decoder: Any = first._tokenizer
     skip = first._skip_special_tokens
     if hasattr(decoder, "decode_batch"):
+        known = _prefix_lengths(decoder, skip)
         windows: list[list[int]] = []
         append = windows.append
+        prefix_lengths: list[int] = []  # -1: the emitted window is decoded in this batch
+        prefix_append = prefix_lengths.append
         for detok, ids in zip(detokenizers, new_token_ids, strict=True):
             if detok._tokenizer is not decoder or detok._skip_special_tokens is not skip or detok._stop or detok.stopped:
                 break
             tokens = detok._tokens
             tokens.extend(ids)
             start = detok._prefix_offset
-            append(tokens[start : detok._read_offset])
+            read = detok._read_offset
+            length = -1
+            if read - start == 1:
+                length = known.get(tokens[start], -1)
+            elif read == start:
+                length = 0
+            prefix_append(length)
+            if length < 0:
+                append(tokens[start:read])
             append(tokens[start:])
         else:
-            return _finish_plain_batch(detokenizers, decoder.decode_batch(windows, skip_special_tokens=skip))
+            texts = decoder.decode_batch(windows, skip_special_tokens=skip)
+            return _finish_plain_batch(detokenizers, prefix_lengths, texts, known)
         # Not the usual step: undo the extends done so far and take the general path.
-        for index in range(len(windows) // 2):
+        for index in range(len(prefix_lengths)):
             if new_token_ids[index]:
                 del detokenizers[index]._tokens[-len(new_token_ids[index]) :]
     return _update_batch_general(detokenizers, new_token_ids)
 
 
-def _finish_plain_batch(detokenizers: Sequence[IncrementalDetokenizer], texts: list[str]) -> list[tuple[str, bool]]:
-    """`_advance` + `_emit` for detokenizers without stop strings, given their windows' texts.
+def _finish_plain_batch(
+    detokenizers: Sequence[IncrementalDetokenizer], prefix_lengths: list[int], texts: list[str], known: dict[int, int]
+) -> list[tuple[str, bool]]:
+    """`_advance` + `_emit` for detokenizers without stop strings, given their windows' texts
+    (in order: each one's emitted window unless its length is in `prefix_lengths`, then its
+    full window). Lengths of single-token windows decoded here are added to `known`.
 
     Without stop strings nothing is held back, so the decoded text is the emitted text:
     `text` and `_decoded` are one string, grown once per token.
@@ -223,9 +258,15 @@ def _finish_plain_batch(detokenizers: Sequence[IncrementalDetokenizer], texts: l
     append = results.append
     nothing = ("", False)
     replacement = _REPLACEMENT_CHAR
-    for index, detok in enumerate(detokenizers):
-        prefix_len = len(texts[2 * index])
-        full_text = texts[2 * index + 1]
+    cursor = 0
+    for detok, prefix_len in zip(detokenizers, prefix_lengths, strict=True):
+        if prefix_len < 0:
+            prefix_len = len(texts[cursor])
+            cursor += 1
+            if detok._read_offset - detok._prefix_offset == 1:
+                known[detok._tokens[detok._prefix_offset]] = prefix_len
+        full_text = texts[cursor]
+        cursor += 1
         if len(full_text) <= prefix_len or full_text.endswith(replacement):
             append(nothing)
             continue
