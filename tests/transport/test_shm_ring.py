@@ -147,3 +147,21 @@ def test_sweep_removes_names_left_by_a_killed_creator() -> None:
         process.join(10)
         queue.close()
         queue.join_thread()
+
+
+@pytest.mark.parametrize("kind", [bytes, bytearray, memoryview])
+def test_frames_at_the_slot_boundary_round_trip_whatever_their_type(kind: type) -> None:
+    """One-slot frames of bytes take the inline fast path, the others the general one."""
+    slot_size = 32
+    ring = Ring.create(4, slot_size, 1)
+    writer = shm.RingWriter(ring)
+    reader = shm.RingReader(Ring.attach(ring.address), 0)
+    try:
+        for size in (0, 1, slot_size - 1, slot_size, slot_size + 1, 3 * slot_size):
+            payload = os.urandom(size)
+            writer.write(kind(payload))
+            assert bytes(reader.read(timeout=1)) == payload
+        assert reader.available() == 0 and writer.has_room(4 * slot_size)
+    finally:
+        writer.close()
+        reader.close()
