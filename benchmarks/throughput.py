@@ -71,6 +71,22 @@ def make_workload(tokenizer: Any, num_requests: int, seed: int = 0) -> Workload:
     return Workload([prompts[i] for i in order], [max_tokens[i] for i in order])
 
 
+def workload_flops(model_dir: str, work: Workload) -> float:
+    """FLOPs the workload needs at the least: every prompt token and every generated token but
+    the last goes through the model once (linear layers, attention over its context), and
+    each generated token needs one LM-head row (model_bench.step_flops per forward)."""
+    from transformers import AutoConfig
+
+    from model_bench import step_flops
+
+    cfg = AutoConfig.from_pretrained(model_dir)
+    total = 0.0
+    for prompt, new in zip(work.prompts, work.max_tokens, strict=True):
+        total += step_flops(cfg, len(prompt), 0, 1, causal_prefill=True)
+        total += sum(step_flops(cfg, 1, len(prompt) + j, 1, causal_prefill=False) for j in range(new - 1))
+    return total
+
+
 def pct(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -214,6 +230,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result: dict[str, Any] = {"machine": machine, "date": time.strftime("%Y-%m-%d"), "args": vars(args)}
     result["shardline"] = asyncio.run(run_shardline(cfg, work))
     print(f"shardline : {result['shardline']['tokens_per_s']:8.1f} useful tok/s  ({result['shardline']['seconds']:.1f} s)")
+    if args.device == "cpu":
+        # The floor: the workload's FLOPs at the float32 GEMM rate measured now, with the
+        # worker's thread count, right after the run (the same machine load).
+        import torch
+
+        from model_bench import gemm_rate
+
+        torch.set_num_threads(cfg.threads_per_worker)
+        flops, rate = workload_flops(model_dir, work), gemm_rate()
+        floor = flops / rate
+        result["gemm_floor"] = {"tflop": flops / 1e12, "gflop_per_s": rate / 1e9, "floor_s": floor,
+                                "fraction_of_floor": floor / result["shardline"]["seconds"]}
+        print(f"GEMM floor: {flops / 1e12:.2f} TFLOP at {rate / 1e9:.0f} GFLOP/s ({cfg.threads_per_worker} threads) = "
+              f"{floor:.1f} s; shardline runs at {100 * floor / result['shardline']['seconds']:.0f}% of it")
     if not args.skip_hf:
         result["hf_generate"] = run_hf(model_dir, work, args.hf_batch_size, args.device, dtype)
         ratio = result["shardline"]["tokens_per_s"] / result["hf_generate"]["tokens_per_s"]
