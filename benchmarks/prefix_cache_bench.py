@@ -1,11 +1,11 @@
-"""Time to first token with prefix caching off and on, for a shared-system-prompt workload.
+"""Time to first token and inter-token latency with prefix caching off and on, for a shared-system-prompt workload.
 
 Every request is SmolLM2's chat template around one long system prompt (the same for all)
 and a short, different user question; requests arrive at a steady Poisson rate. With prefix
 caching on, the system prompt's full KV blocks are computed once and reused, so only the
 question is prefilled.
 
-    python benchmarks/prefix_cache_bench.py [--num-requests 16] [--rate 1.0]
+    python benchmarks/prefix_cache_bench.py [--num-requests 16] [--rate 1.0] [--max-tokens 32]
 """
 
 from __future__ import annotations
@@ -37,23 +37,30 @@ SYSTEM = (
 ) * 3
 
 
-async def run(model_dir: str, prompts: list[list[int]], rate: float, caching: bool) -> dict[str, Any]:
+async def run(model_dir: str, prompts: list[list[int]], rate: float, caching: bool, max_tokens: int) -> dict[str, Any]:
     from engine import Engine, EngineConfig, SamplingParams
 
     cfg = EngineConfig(model=model_dir, enable_prefix_caching=caching, max_model_len=1024)
-    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     rng = random.Random(0)
     ttft: list[float] = []
+    itl: list[float] = []  # per token after the first, between the outputs that carried them
     async with await Engine.start(cfg) as engine:
         async for _ in engine.generate([1, 2, 3], SamplingParams(max_tokens=2)):  # warm-up, no shared prefix
             pass
 
         async def one(prompt: list[int]) -> None:
             sent = time.perf_counter()
+            last = None
             async for out in engine.generate(prompt, params):
-                if out.delta_token_ids:
-                    ttft.append(time.perf_counter() - sent)
-                    break
+                if not out.delta_token_ids:
+                    continue
+                now = time.perf_counter()
+                if last is None:
+                    ttft.append(now - sent)
+                else:
+                    itl.extend([(now - last) / len(out.delta_token_ids)] * len(out.delta_token_ids))
+                last = now
 
         tasks = []
         for prompt in prompts:
@@ -62,6 +69,7 @@ async def run(model_dir: str, prompts: list[list[int]], rate: float, caching: bo
         await asyncio.gather(*tasks)
         stats = engine.stats()
     return {"caching": caching, "ttft_p50_ms": pct(ttft, 50) * 1e3, "ttft_p99_ms": pct(ttft, 99) * 1e3,
+            "itl_p50_ms": pct(itl, 50) * 1e3, "itl_p99_ms": pct(itl, 99) * 1e3,
             "prompt_tokens_computed": stats.prompt_tokens_computed, "prefix_cache_hit_tokens": stats.prefix_cache_hit_tokens}
 
 
@@ -70,6 +78,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--num-requests", type=int, default=16)
     parser.add_argument("--rate", type=float, default=1.0)
+    parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--out", default="benchmarks/out/prefix_cache.json")
     args = parser.parse_args(argv)
 
@@ -86,11 +95,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             add_generation_prompt=True, tokenize=True,
         )  # fmt: skip
         prompts.append([int(t) for t in (ids["input_ids"] if hasattr(ids, "keys") else ids)])
-    rows = [asyncio.run(run(model_dir, prompts, args.rate, caching)) for caching in (False, True)]
+    rows = [asyncio.run(run(model_dir, prompts, args.rate, caching, args.max_tokens)) for caching in (False, True)]
     off, on = rows
     print(f"{args.num_requests} requests at {args.rate}/s, prompts {min(map(len, prompts))}..{max(map(len, prompts))} tokens, shared system prompt")
     for r in rows:
         print(f"prefix caching {'on ' if r['caching'] else 'off'}: TTFT p50 {r['ttft_p50_ms']:7.0f} ms  p99 {r['ttft_p99_ms']:7.0f} ms  "
+              f"ITL p50 {r['itl_p50_ms']:5.0f} ms  p99 {r['itl_p99_ms']:5.0f} ms  "
               f"prompt tokens computed {r['prompt_tokens_computed']}  cache-hit tokens {r['prefix_cache_hit_tokens']}")
     speedup = off["ttft_p50_ms"] / on["ttft_p50_ms"]
     print(f"TTFT p50 speed-up from prefix caching: {speedup:.2f}x")
