@@ -3,7 +3,8 @@
 Two processes (the child is spawned, not forked). For 64 B, 4 KiB, 1 MiB and 16 MiB messages:
 round-trip latency (p50, p99: parent sends, child echoes) and one-way throughput (parent
 streams N messages, the child acknowledges the last). Then the CPU time an idle reader burns
-while blocked for 5 s. Prints a table with ratios against the baselines and writes JSON to
+while blocked for 5 s, and the Python cost of one shm write + read with nothing to wait for.
+Prints a table with ratios against the baselines and writes JSON to
 benchmarks/out/transport.json.
 
     .venv/bin/python benchmarks/transport_bench.py [--quick]
@@ -230,6 +231,29 @@ def human(size: int) -> str:
     )
 
 
+def shm_python_cost(iterations: int = 20_000) -> float:
+    """Microseconds of Python for one 64 B shm write plus its read, in one process.
+
+    Nothing waits (the slot is free and the frame is there), so this is the per-message
+    cost the ring code adds on top of the two semaphore wake-ups of a cross-process hop.
+    """
+    from transport.shm_ring import Ring
+
+    ring = Ring.create(16, 64 << 10, 1)
+    writer = shm.RingWriter(ring)
+    reader = shm.RingReader(Ring.attach(ring.address), 0)
+    payload = b"x" * 64
+    try:
+        started = time.perf_counter()
+        for _ in range(iterations):
+            writer.write(payload)
+            reader.read()
+        return (time.perf_counter() - started) / iterations * 1e6
+    finally:
+        reader.close()
+        writer.close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a tenth of the iterations")
@@ -262,6 +286,8 @@ def main() -> None:
                 f" {tp['GB_per_s']:>7.2f} {speed_q:>12.1f}x {speed_s:>15.2f}x"
                 f" {tput_q:>13.2f}x {tput_s:>16.2f}x"
             )
+    python_us = min(shm_python_cost() for _ in range(3))
+    print(f"\nshm write + read of 64 B in one process (the ring code's Python, no waits): {python_us:.2f} us")
     print(f"\nidle blocked reader over {IDLE_SECONDS:.0f} s (% of one core):")
     for kind in kinds:
         print(f"  {kind:<11} {results[kind]['idle_cpu_percent_of_core']:.3f}%")
@@ -274,6 +300,7 @@ def main() -> None:
                 "cpus": os.cpu_count(),
                 "quick": args.quick,
                 "results": results,
+                "shm_python_us_per_write_read": python_us,
             },
             indent=2,
         )
