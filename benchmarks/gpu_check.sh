@@ -22,7 +22,7 @@ python3 -c "import torch, transformers; print('torch', torch.__version__, 'trans
 date -u
 timeout 240 python3 -m pytest -m gpu -q -p no:cacheprovider -W ignore::DeprecationWarning \
     tests/engine/test_engine_gpu.py tests/model/test_tiny_models.py tests/worker/test_model_runner.py \
-    2>&1 | tee "$OUT/gpu_tests.log" | tail -40
+    2>&1 | tail -40
 bench() {  # bench NAME ARGS...: one throughput.py run, its log and JSON under $OUT
     local name=$1; shift
     timeout 200 python3 benchmarks/throughput.py --model "$MODEL" --random-weights --device cuda --rate 0 \
