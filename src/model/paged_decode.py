@@ -46,7 +46,7 @@ MODE_ENV = "SHARDLINE_CPU_ATTENTION"
 MODES = ("auto", "kernel", "sdpa")
 SOURCE = pathlib.Path(__file__).resolve().parent / "csrc" / "paged_decode.cpp"
 EXTENSION_NAME = "shardline_paged_decode"
-CFLAGS = ("-O3", "-march=native")
+CFLAGS = ("-O3", "-march=native", "-fopenmp")  # -fopenmp: at::parallel_for is inline; without it, one thread
 
 
 def cpu_attention_mode() -> str:
