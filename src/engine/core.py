@@ -38,6 +38,9 @@ from transport.messages import CachedRequest, ExecuteStep, NewRequest, SampleLog
 
 logger = logging.getLogger("shardline.core")
 
+LATENCY_SAMPLES = 4096
+"""Time-to-first-token and inter-token samples kept per replica (the most recent ones)."""
+
 @dataclass
 class _Submit:
     request: Request
@@ -80,6 +83,7 @@ class EngineStats:
     num_steps: int = 0
     num_restarts: int = 0
     requests_finished: dict[str, int] = field(default_factory=dict)
+    # The most recent LATENCY_SAMPLES samples per replica since the last drain.
     ttft_seconds: list[float] = field(default_factory=list)
     itl_seconds: list[float] = field(default_factory=list)
 
@@ -130,9 +134,10 @@ class EngineCore:
         self._finished: Counter[str] = Counter()
         self._generation_tokens = 0
         self._prompt_tokens = 0
-        # Latency samples for /metrics; the consumer drains them, so they stay bounded.
-        self._ttft: list[float] = []
-        self._itl: list[float] = []
+        # The most recent latency samples (`stats(drain_latencies=True)` empties them); bounded,
+        # since nothing has to drain them: one per generated token would otherwise grow forever.
+        self._ttft: deque[float] = deque(maxlen=LATENCY_SAMPLES)
+        self._itl: deque[float] = deque(maxlen=LATENCY_SAMPLES)
         self.dead: BaseException | None = None
         self._timer = StepTimer.from_env(name)
 

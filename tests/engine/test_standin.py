@@ -30,3 +30,31 @@ async def test_standin_model_loads_and_generates_its_deterministic_tokens(tmp_pa
     width = 320  # the tiny model's vocabulary is narrower than the default logits width
     expected = [token_at(len(prompt) + i, width=width) for i in range(6)]
     assert outputs[-1].finished and outputs[-1].token_ids == expected
+
+
+async def test_latency_samples_stay_bounded_when_nobody_drains_them(tmp_path: pathlib.Path) -> None:
+    """One inter-token sample per generated token: a server that never drains them (nothing
+    does by default) must not grow without bound."""
+    import anyio
+
+    from engine.core import LATENCY_SAMPLES
+
+    source = make_tiny_model_dir(tmp_path / "tiny")
+    model_dir = write_standin_model_dir(tmp_path / "standin", source)
+    config = EngineConfig(model=str(model_dir), plugins=("model.standin:register",), transport="inproc",
+                          num_kv_blocks=512, max_model_len=256, num_threads=1)
+    params = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
+    async with await Engine.start(config) as engine:
+
+        async def one(i: int) -> None:
+            async for _ in engine.generate([40 + i, 41, 42], params):
+                pass
+
+        async with anyio.create_task_group() as tg:
+            for i in range(32):  # 6,400 tokens
+                tg.start_soon(one, i)
+        stats = engine.stats()
+        assert stats.generation_tokens == 32 * 200
+        assert len(stats.itl_seconds) == LATENCY_SAMPLES and len(stats.ttft_seconds) == 32
+        assert len(engine.stats(drain_latencies=True).itl_seconds) == LATENCY_SAMPLES
+        assert engine.stats().itl_seconds == []
