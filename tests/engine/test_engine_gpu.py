@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from engine import Engine, EngineConfig, InvalidRequestError, SamplingParams
+from support.generation import generate_all
 from support.waiting import wait_until
 
 pytestmark = pytest.mark.gpu
@@ -41,16 +42,7 @@ def _hf_greedy(path: pathlib.Path, dtype: torch.dtype) -> list[list[int]]:
 
 
 async def _generate_all(engine: Engine, params: SamplingParams, prompts: list[list[int]] = PROMPTS) -> list[list[int]]:
-    results: list[list[int]] = [[] for _ in prompts]
-
-    async def one(i: int) -> None:
-        async for out in engine.generate(prompts[i], params):
-            results[i] = out.token_ids
-
-    async with anyio.create_task_group() as tg:
-        for i in range(len(prompts)):
-            tg.start_soon(one, i)
-    return results
+    return await generate_all(engine, prompts, params)
 
 
 @pytest.mark.parametrize("transport", ["inproc", "shm"])

@@ -19,6 +19,7 @@ from engine import (
     PromptTooLongError,
     SamplingParams,
 )
+from support.generation import generate_all
 from support.waiting import wait_until
 
 PROMPTS = ["hello world", "the quick brown fox", "abc", "a longer prompt that spans a few blocks of tokens"]
@@ -31,16 +32,6 @@ async def _tokens(engine: Engine, prompt: str | list[int], params: SamplingParam
     return tokens
 
 
-async def _all_tokens(engine: Engine, prompts: list[str], params: SamplingParams) -> list[list[int]]:
-    results: list[list[int]] = [[] for _ in prompts]
-
-    async def one(i: int) -> None:
-        results[i] = await _tokens(engine, prompts[i], params)
-
-    async with anyio.create_task_group() as tg:
-        for i in range(len(prompts)):
-            tg.start_soon(one, i)
-    return results
 
 
 def _idle(engine: Engine) -> bool:
@@ -57,9 +48,9 @@ def _cfg(path: pathlib.Path, **kw: object) -> EngineConfig:
 async def test_tp2_matches_tp1(tiny_llama_dir: pathlib.Path) -> None:
     params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
     async with await Engine.start(_cfg(tiny_llama_dir)) as engine:
-        tp1 = await _all_tokens(engine, PROMPTS, params)
+        tp1 = await generate_all(engine, PROMPTS, params)
     async with await Engine.start(_cfg(tiny_llama_dir, tensor_parallel_size=2)) as engine:
-        tp2 = await _all_tokens(engine, PROMPTS, params)
+        tp2 = await generate_all(engine, PROMPTS, params)
     assert tp1 == tp2
     assert all(len(t) == 12 for t in tp1)
 
@@ -165,7 +156,7 @@ async def test_event_loop_keeps_ticking_while_generating(tiny_llama_dir: pathlib
                 last = now
 
         async def work() -> None:
-            await _all_tokens(engine, PROMPTS * 8, SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True))
+            await generate_all(engine, PROMPTS * 8, SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True))
             done.set()
 
         async with anyio.create_task_group() as tg:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pathlib
 
-import anyio
 import pytest
 
 from engine import ConfigError, Engine, EngineConfig, EngineStats, SamplingParams
+from support.generation import generate_all
 
 GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
 
@@ -17,16 +17,8 @@ def _prompts(n: int) -> list[str]:
 
 
 async def _run(cfg: EngineConfig, prompts: list[str]) -> tuple[list[list[int]], list[EngineStats]]:
-    results: list[list[int]] = [[] for _ in prompts]
     async with await Engine.start(cfg) as engine:
-
-        async def one(i: int) -> None:
-            async for out in engine.generate(prompts[i], GREEDY):
-                results[i] = out.token_ids
-
-        async with anyio.create_task_group() as tg:
-            for i in range(len(prompts)):
-                tg.start_soon(one, i)
+        results = await generate_all(engine, prompts, GREEDY)
         per_core = engine.per_core_stats()
     return results, per_core
 

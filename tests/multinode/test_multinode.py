@@ -16,6 +16,7 @@ from engine import Engine, EngineConfig, SamplingParams
 from engine.config import ConfigError
 from engine.executor import WorkerFailure
 from multinode.nodes import Agents, Topology
+from support.generation import generate_all
 from support.leaks import our_shm_entries
 from support.waiting import wait_until
 
@@ -44,16 +45,7 @@ def _two_nodes(path: pathlib.Path, topology: Topology, token: str, **kw: object)
 
 
 async def _generate(engine: Engine) -> list[list[int]]:
-    results: list[list[int]] = [[] for _ in PROMPTS]
-
-    async def one(i: int) -> None:
-        async for out in engine.generate(PROMPTS[i], PARAMS):
-            results[i] = out.token_ids
-
-    async with anyio.create_task_group() as tg:
-        for i in range(len(PROMPTS)):
-            tg.start_soon(one, i)
-    return results
+    return await generate_all(engine, PROMPTS, PARAMS)
 
 
 async def _start_error(config: EngineConfig) -> str:
