@@ -180,11 +180,19 @@ class Attention(nn.Module):
         return out.view(num_tokens, self.num_heads * self.head_dim)
 
     def _store_kv(self, k: torch.Tensor, v: torch.Tensor, attn: AttentionMetadata) -> None:
+        """Write the new K/V rows at their slots: two `index_copy_`s into the cache viewed as
+        rows `[num_blocks * 2 * block_size, kv_heads * head_dim]` (block b's K at row offset
+        `2b * block_size`, its V one block later), row indices derived once per step."""
         block_size = self.kv_cache.shape[2]
-        blocks = torch.div(attn.slot_mapping, block_size, rounding_mode="floor")
-        offsets = attn.slot_mapping % block_size
-        self.kv_cache[blocks, 0, offsets] = k
-        self.kv_cache[blocks, 1, offsets] = v
+        key = ("kv_rows", block_size)
+        rows = attn.derived.get(key)
+        if rows is None:
+            slots = attn.slot_mapping
+            k_rows = torch.div(slots, block_size, rounding_mode="floor") * (2 * block_size) + slots % block_size
+            rows = attn.derived[key] = (k_rows, k_rows + block_size)
+        flat = self.kv_cache.view(-1, self.num_kv_heads * self.head_dim)
+        flat.index_copy_(0, rows[0], k.reshape(k.shape[0], -1))
+        flat.index_copy_(0, rows[1], v.reshape(v.shape[0], -1))
 
     def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
               mask: torch.Tensor | None, causal: bool) -> torch.Tensor:

@@ -89,10 +89,12 @@ class CudaGraphDecoder:
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for size in reversed(self.sizes):
-                attn = self._metadata(size)
                 for _ in range(2):  # warm-up: lazy inits and allocator state before capture
-                    self.model(self.input_ids[:size], self.positions[:size], attn)
+                    self.model(self.input_ids[:size], self.positions[:size], self._metadata(size))
                 graph = torch.cuda.CUDAGraph()
+                # Fresh metadata: what the layers derive from it per step (AttentionMetadata.
+                # derived) must be computed inside the graph, not reused from the warm-up.
+                attn = self._metadata(size)
                 with torch.cuda.graph(graph, pool=pool, stream=stream):
                     out = self.model(self.input_ids[:size], self.positions[:size], attn)
                 self.graphs[size] = (graph, out)
