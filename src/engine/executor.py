@@ -433,9 +433,11 @@ def _worker_environment() -> Iterator[None]:
     OpenMP's default spin-waiting makes torch's intra-op threads burn the cores they share
     with the engine's own process and other workers; on a busy 2-core machine a 32-row GEMM
     measured 15x slower with 2 spinning threads than with 1. PASSIVE waiters sleep instead.
-    A value the user set wins.
+    A bounded spin (e.g. `OMP_WAIT_POLICY=ACTIVE GOMP_SPINCOUNT=20000`) measured 21% faster on
+    an idle 2-core machine but 37% slower with one core busy (benchmarks/RESULTS.md section 1),
+    so it is the user's choice: a wait policy or spin count the user set wins.
     """
-    added = "OMP_WAIT_POLICY" not in os.environ
+    added = "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ
     if added:
         os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
     try:
