@@ -135,8 +135,5 @@ class CudaGraphDecoder:
             self.block_tables[num:size, 0].fill_(self.pad_block)
         return size
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.model.compute_logits(hidden)
-
-    def __getattr__(self, name: str) -> Any:  # the rest of the model contract, unchanged
+    def __getattr__(self, name: str) -> Any:  # the rest of the model contract (compute_logits, ...)
         return getattr(self.__dict__["model"], name)

@@ -166,11 +166,10 @@ class Worker:
         )
         # CUDA graphs pad decode batches into one extra block that no request is ever given.
         use_graphs = cfg.cuda_graphs and device.type == "cuda" and cfg.world_size == 1
-        allocated = runner.initialize_kv_cache(num_blocks + 1 if use_graphs else num_blocks)
+        allocated = runner.initialize_kv_cache(num_blocks, scratch_blocks=1 if use_graphs else 0)
         if use_graphs:
             from worker.cuda_graphs import CudaGraphDecoder
 
-            runner.num_kv_blocks = num_blocks
             graphs = CudaGraphDecoder(model, block_size=cfg.block_size, max_model_len=model_config.max_model_len,
                                       max_num_seqs=cfg.max_num_seqs, pad_block=num_blocks, device=device)
             graphs.capture()

@@ -127,11 +127,14 @@ class ModelRunner:
             self.pipeline = PipelineLink(pc, hidden_size=hidden_size, dtype=dtype)
 
     # ----------------------------------------------------------------- set-up
-    def initialize_kv_cache(self, num_blocks: int) -> int:
-        """Allocate ``num_blocks`` blocks in every local attention layer; returns bytes."""
+    def initialize_kv_cache(self, num_blocks: int, scratch_blocks: int = 0) -> int:
+        """Allocate ``num_blocks`` blocks in every local attention layer, plus ``scratch_blocks``
+        after them that the engine never hands out (ids ``num_blocks``...; CUDA graphs pad
+        into one); returns bytes."""
         self.num_kv_blocks = num_blocks
         allocated = allocate_kv_cache(
-            self.model, num_blocks, block_size=self.block_size, dtype=self.dtype, device=self.device
+            self.model, num_blocks + scratch_blocks, block_size=self.block_size, dtype=self.dtype,
+            device=self.device,
         )
         # Build or load the CPU decode-attention kernel now, not in the first request's step.
         kernel_enabled(self.device, self.dtype)

@@ -292,7 +292,7 @@ def test_cuda_graph_static_decode_step_matches_hf(loaded, hf_reference) -> None:
     assert capture_sizes(8) == [1, 2, 4, 8] and capture_sizes(40) == [1, 2, 4, 8, 16, 32, 40]
     config, model = loaded
     runner = make_runner(loaded)
-    runner.initialize_kv_cache(NUM_BLOCKS + 1)  # one scratch block past the engine's ones
+    runner.initialize_kv_cache(NUM_BLOCKS, scratch_blocks=1)  # block NUM_BLOCKS: the scratch
     decoder = CudaGraphDecoder(model, block_size=BLOCK_SIZE, max_model_len=64, max_num_seqs=8,
                                pad_block=NUM_BLOCKS, device=torch.device("cpu"))
     padded: list[int] = []
