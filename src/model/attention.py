@@ -196,11 +196,16 @@ class Attention(nn.Module):
 
     def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
               mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
-        # q [..., heads, Lq, D], k/v [..., kv_heads, Lk, D]
-        return F.scaled_dot_product_attention(
+        # q [..., heads, Lq, D], k/v [..., kv_heads, Lk, D]. Batched (4-D) inputs: with 3-D
+        # ones torch's CPU dispatch skips its flash kernel for the math path (3-4x slower).
+        unbatched = q.dim() == 3
+        if unbatched:
+            q, k, v = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
+        out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=causal, scale=self.scale,
             enable_gqa=self.num_heads != self.num_kv_heads,
         )
+        return out.squeeze(0) if unbatched else out
 
     def _attend_fresh(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         out = self._sdpa(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), None, True)

@@ -46,6 +46,7 @@ from transport.messages import (
     WorkerReady,
 )
 from worker.config import WorkerConfig
+from worker.heap import retain_freed_memory
 
 logger = logging.getLogger("worker")
 
@@ -342,6 +343,7 @@ def run_worker(config: dict[str, Any]) -> None:
     # (Shutdown, or its death noticed through the parent check), so a worker ignores SIGINT.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _configure_process_logging(rank)
+    retain_freed_memory()  # before the model loads: every step's activations stay mapped
     try:
         worker = Worker(config, own_process=True)
     except Exception as exc:
