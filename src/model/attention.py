@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model import paged_decode
+from model import cpu_ops, paged_decode
 
 
 @dataclass
@@ -183,6 +183,10 @@ class Attention(nn.Module):
         """Write the new K/V rows at their slots: two `index_copy_`s into the cache viewed as
         rows `[num_blocks * 2 * block_size, kv_heads * head_dim]` (block b's K at row offset
         `2b * block_size`, its V one block later), row indices derived once per step."""
+        if cpu_ops.enabled(self.kv_cache):
+            cpu_ops.store_kv(k.view(k.shape[0], -1), v.view(v.shape[0], -1), self.kv_cache,
+                             attn.slot_mapping)
+            return
         block_size = self.kv_cache.shape[2]
         key = ("kv_rows", block_size)
         rows = attn.derived.get(key)

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model import cpu_ops
+
 
 class RMSNorm(nn.Module):
     """Root-mean-square norm, optionally fused with the residual add that precedes it.
@@ -28,6 +30,12 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> Any:
+        """With a residual, `x` and `residual` may be updated in place (CPU fused op)."""
+        if x.dim() == 2 and cpu_ops.enabled(x):
+            if residual is None:
+                return cpu_ops.rms_norm(x, self.weight, self.eps)
+            cpu_ops.fused_add_rms_norm(x, residual, self.weight, self.eps)
+            return x, residual
         if residual is None:
             return self._norm(x)
         residual = x + residual
@@ -38,6 +46,8 @@ class SiluAndMul(nn.Module):
     """SwiGLU's gate: `silu(x[:, :d]) * x[:, d:]` for the merged gate/up projection."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2 and cpu_ops.enabled(x):
+            return cpu_ops.silu_and_mul(x)
         gate, up = x.chunk(2, dim=-1)
         return F.silu(gate) * up
 
@@ -104,7 +114,11 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor,
                 k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rotate q `[T, heads * D]` and k `[T, kv_heads * D]` by their token positions."""
+        """Rotate q `[T, heads * D]` and k `[T, kv_heads * D]` by their token positions
+        (in place on CPU float32, where the fused op runs)."""
+        if q.dim() == 2 and cpu_ops.enabled(q) and positions.dtype == torch.int64:
+            cpu_ops.rotary_embedding(positions, q, k, self.cos_cache, self.sin_cache)
+            return q, k
         cos = self.cos_cache[positions].unsqueeze(1)
         sin = self.sin_cache[positions].unsqueeze(1)
         return self._rotate(q, cos, sin), self._rotate(k, cos, sin)

@@ -14,7 +14,7 @@ gather + SDPA path.
 
 The build is a torch C++ extension (`torch.utils.cpp_extension.load`), compiled with
 `-O3 -march=native` into `$SHARDLINE_HOME/torch_extensions/<name>-<fingerprint>/`, where the
-fingerprint covers the source, the flags, torch, Python and the CPU, so a change of any of them
+fingerprint covers the sources, the flags, torch, Python and the CPU, so a change of any of them
 builds anew and an unchanged machine builds once. Importing this module builds nothing; the
 worker builds it when it sets up a CPU KV cache (`kernel_enabled`), other users at their first decode.
 
@@ -44,7 +44,9 @@ logger = logging.getLogger(__name__)
 
 MODE_ENV = "SHARDLINE_CPU_ATTENTION"
 MODES = ("auto", "kernel", "sdpa")
-SOURCE = pathlib.Path(__file__).resolve().parent / "csrc" / "paged_decode.cpp"
+_CSRC = pathlib.Path(__file__).resolve().parent / "csrc"
+# One extension: the decode-attention kernel and the fused element-wise ops (model.cpu_ops).
+SOURCES = (_CSRC / "paged_decode.cpp", _CSRC / "cpu_ops.cpp")
 EXTENSION_NAME = "shardline_paged_decode"
 CFLAGS = ("-O3", "-march=native", "-fopenmp")  # -fopenmp: at::parallel_for is inline; without it, one thread
 
@@ -58,11 +60,12 @@ def cpu_attention_mode() -> str:
 
 
 class KernelBuild:
-    """One kernel source: built at most once per machine, loaded at most once per process."""
+    """One extension (its C++ sources): built at most once per machine, loaded at most once per
+    process."""
 
-    def __init__(self, source: pathlib.Path = SOURCE, name: str = EXTENSION_NAME,
+    def __init__(self, sources: tuple[pathlib.Path, ...] = SOURCES, name: str = EXTENSION_NAME,
                  build_root: pathlib.Path | None = None) -> None:
-        self.source = source
+        self.sources = tuple(sources)
         self.name = name
         self.build_root = build_root
         self.error: str | None = None  # why the build or load failed
@@ -99,7 +102,9 @@ class KernelBuild:
                                f"could not be built: {self.error}")
 
     def _fingerprint(self) -> str:
-        digest = hashlib.sha256(self.source.read_bytes())
+        digest = hashlib.sha256()
+        for source in self.sources:
+            digest.update(source.read_bytes() + b"\0")
         for part in (*CFLAGS, torch.__version__, sys.version, platform.machine(), _cpu_model()):
             digest.update(b"\0" + part.encode())
         return digest.hexdigest()[:16]
@@ -120,13 +125,14 @@ class KernelBuild:
                     logger.warning("rebuilding the unloadable %s: %s", library, exc)
                     library.unlink()
             (directory / "lock").unlink(missing_ok=True)  # torch's, stale: see the module doc
-            logger.info("building the CPU paged decode-attention kernel in %s (once per machine)",
+            logger.info("building the CPU kernels (decode attention, fused ops) in %s (once per "
+                        "machine)",
                         directory)
             self.built_here = True
             with _ninja_on_path():
-                cpp_extension.load(self.name, [str(self.source)], extra_cflags=list(CFLAGS),
-                                   build_directory=str(directory), is_python_module=False,
-                                   verbose=False)
+                cpp_extension.load(self.name, [str(source) for source in self.sources],
+                                   extra_cflags=list(CFLAGS), build_directory=str(directory),
+                                   is_python_module=False, verbose=False)
 
 
 def _cpu_model() -> str:

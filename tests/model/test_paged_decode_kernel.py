@@ -215,7 +215,7 @@ def test_other_dtypes_and_devices_keep_sdpa(kernel_mode):
 def test_a_failed_build_falls_back_with_one_warning(monkeypatch, tmp_path, caplog):
     broken = tmp_path / "broken.cpp"
     broken.write_text("this is not C++\n")
-    failing = paged_decode.KernelBuild(source=broken, name="shardline_broken_kernel",
+    failing = paged_decode.KernelBuild(sources=(broken,), name="shardline_broken_kernel",
                                        build_root=tmp_path / "ext")
     monkeypatch.setattr(paged_decode, "KERNEL", failing)
     monkeypatch.setenv(paged_decode.MODE_ENV, "auto")

@@ -1,0 +1,262 @@
+// Fused element-wise ops of a Llama-family layer for CPU float32, one pass over memory each:
+//
+//   rms_norm(out, x, weight, eps)                 out = x / rms(x) * weight
+//   fused_add_rms_norm(x, residual, weight, eps)  residual += x; x = residual / rms * weight
+//   rotary_embedding(positions, q, k, cos, sin)   neox-style rotation of q and k, in place
+//   silu_and_mul(out, x)                          out = silu(x[:, :d]) * x[:, d:]
+//   store_kv(k, v, kv_cache, slot_mapping)        the new K/V rows into their cache slots
+//
+// Each replaces 3-12 torch ops (and their temporaries). Rows are split over threads only when a
+// task gets at least kMinWork elements: a decode step's 64 x 576 norm costs ~10 us on one core,
+// less than waking a sleeping OpenMP thread, and a step has ~150 such ops.
+//
+// Arithmetic follows the torch expressions they replace (model/layers.py, model/attention.py)
+// in float32: sums of squares and dot products keep kLanes partial sums, so results differ
+// from torch's by rounding only.
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+namespace {
+
+constexpr int64_t kLanes = 16;
+constexpr int64_t kMinWork = 1 << 17;  // elements per thread task
+
+int64_t row_grain(int64_t row_elems) {
+  return std::max<int64_t>(1, kMinWork / std::max<int64_t>(1, row_elems));
+}
+
+void check_rows(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.dim() == 2 &&
+                  t.stride(1) == 1,
+              op, ": ", name, " must be a CPU float32 [rows, features] tensor with contiguous rows");
+}
+
+inline float sum_of_squares(const float* __restrict x, int64_t n) {
+  const int64_t whole = n - n % kLanes;
+  float partial[kLanes] = {};
+  for (int64_t i = 0; i < whole; i += kLanes) {
+    for (int64_t j = 0; j < kLanes; ++j) partial[j] += x[i + j] * x[i + j];
+  }
+  float sum = 0.f;
+  for (int64_t i = whole; i < n; ++i) sum += x[i] * x[i];
+  for (int64_t j = 0; j < kLanes; ++j) sum += partial[j];
+  return sum;
+}
+
+inline void scale_row(float* __restrict out, const float* __restrict x,
+                      const float* __restrict weight, float inv, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) out[i] = weight[i] * (x[i] * inv);
+}
+
+void rms_norm(const at::Tensor& out, const at::Tensor& x, const at::Tensor& weight, double eps) {
+  check_rows(x, "rms_norm", "x");
+  check_rows(out, "rms_norm", "out");
+  TORCH_CHECK(out.sizes() == x.sizes(), "rms_norm: out and x differ in shape");
+  const int64_t rows = x.size(0), hidden = x.size(1);
+  TORCH_CHECK(weight.is_contiguous() && weight.scalar_type() == at::kFloat &&
+                  weight.numel() == hidden,
+              "rms_norm: weight must be a contiguous float32 [features] tensor");
+  const float* xp = x.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const float* wp = weight.data_ptr<float>();
+  const int64_t xs = x.stride(0), os = out.stride(0);
+  at::parallel_for(0, rows, row_grain(hidden), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float* row = xp + r * xs;
+      const float mean = sum_of_squares(row, hidden) / static_cast<float>(hidden);
+      scale_row(op + r * os, row, wp, 1.f / std::sqrt(mean + static_cast<float>(eps)), hidden);
+    }
+  });
+}
+
+void fused_add_rms_norm(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight,
+                        double eps) {
+  check_rows(x, "fused_add_rms_norm", "x");
+  check_rows(residual, "fused_add_rms_norm", "residual");
+  TORCH_CHECK(residual.sizes() == x.sizes(), "fused_add_rms_norm: x and residual differ in shape");
+  const int64_t rows = x.size(0), hidden = x.size(1);
+  TORCH_CHECK(weight.is_contiguous() && weight.scalar_type() == at::kFloat &&
+                  weight.numel() == hidden,
+              "fused_add_rms_norm: weight must be a contiguous float32 [features] tensor");
+  float* xp = x.data_ptr<float>();
+  float* rp = residual.data_ptr<float>();
+  const float* wp = weight.data_ptr<float>();
+  const int64_t xs = x.stride(0), rs = residual.stride(0);
+  at::parallel_for(0, rows, row_grain(hidden), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      float* __restrict xr = xp + r * xs;
+      float* __restrict rr = rp + r * rs;
+      for (int64_t i = 0; i < hidden; ++i) rr[i] = xr[i] + rr[i];
+      const float mean = sum_of_squares(rr, hidden) / static_cast<float>(hidden);
+      scale_row(xr, rr, wp, 1.f / std::sqrt(mean + static_cast<float>(eps)), hidden);
+    }
+  });
+}
+
+// x <- x * cos + rotate_half(x) * sin for every head of one token (cos and sin hold the two
+// halves' equal angles, as the torch table does).
+inline void rotate_heads(float* __restrict x, int64_t heads, int64_t dim,
+                         const float* __restrict cos, const float* __restrict sin) {
+  const int64_t half = dim / 2;
+  for (int64_t h = 0; h < heads; ++h) {
+    float* __restrict a = x + h * dim;
+    float* __restrict b = a + half;
+    for (int64_t i = 0; i < half; ++i) {
+      const float x1 = a[i], x2 = b[i];
+      a[i] = x1 * cos[i] + (-x2) * sin[i];
+      b[i] = x2 * cos[half + i] + x1 * sin[half + i];
+    }
+  }
+}
+
+void rotary_embedding(const at::Tensor& positions, const at::Tensor& q, const at::Tensor& k,
+                      const at::Tensor& cos_cache, const at::Tensor& sin_cache) {
+  check_rows(q, "rotary_embedding", "q");
+  check_rows(k, "rotary_embedding", "k");
+  TORCH_CHECK(positions.device().is_cpu() && positions.scalar_type() == at::kLong &&
+                  positions.dim() == 1 && positions.is_contiguous(),
+              "rotary_embedding: positions must be a contiguous CPU int64 vector");
+  for (const at::Tensor* t : {&cos_cache, &sin_cache}) {
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->dim() == 2 && t->is_contiguous(),
+                "rotary_embedding: cos and sin must be contiguous float32 [positions, head_dim]");
+  }
+  const int64_t tokens = positions.size(0), dim = cos_cache.size(1);
+  TORCH_CHECK(q.size(0) == tokens && k.size(0) == tokens,
+              "rotary_embedding: q, k and positions differ in tokens");
+  TORCH_CHECK(dim % 2 == 0 && q.size(1) % dim == 0 && k.size(1) % dim == 0,
+              "rotary_embedding: q and k must hold whole heads of the table's even head_dim");
+  const int64_t q_heads = q.size(1) / dim, k_heads = k.size(1) / dim;
+  const int64_t max_position = cos_cache.size(0);
+  const int64_t* pos = positions.data_ptr<int64_t>();
+  for (int64_t t = 0; t < tokens; ++t) {
+    TORCH_CHECK(pos[t] >= 0 && pos[t] < max_position, "rotary_embedding: position ", pos[t],
+                " is outside the table of ", max_position);
+  }
+  float* qp = q.data_ptr<float>();
+  float* kp = k.data_ptr<float>();
+  const float* cp = cos_cache.data_ptr<float>();
+  const float* sp = sin_cache.data_ptr<float>();
+  const int64_t qs = q.stride(0), ks = k.stride(0);
+  at::parallel_for(0, tokens, row_grain((q_heads + k_heads) * dim), [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const float* c = cp + pos[t] * dim;
+      const float* s = sp + pos[t] * dim;
+      rotate_heads(qp + t * qs, q_heads, dim, c, s);
+      rotate_heads(kp + t * ks, k_heads, dim, c, s);
+    }
+  });
+}
+
+// e^x in float32 for any x: Cody-Waite reduction x = n ln2 + r, a degree-7 polynomial for e^r
+// (relative error ~2e-7); below -87 it is 0, above 88 +inf, like expf.
+inline float exp_approx(float v) {
+  constexpr float kLog2e = 1.44269504088896341f;
+  constexpr float kLn2Hi = 0.693359375f;
+  constexpr float kLn2Lo = -2.12194440e-4f;
+  constexpr float kRound = 12582912.f;
+  const float clamped = std::min(std::max(v, -87.f), 88.f);
+  const float n = (clamped * kLog2e + kRound) - kRound;
+  const float r = (clamped - n * kLn2Hi) - n * kLn2Lo;
+  float p = 1.98412698e-4f;
+  p = p * r + 1.38888889e-3f;
+  p = p * r + 8.33333333e-3f;
+  p = p * r + 4.16666667e-2f;
+  p = p * r + 1.66666667e-1f;
+  p = p * r + 0.5f;
+  p = p * r + 1.f;
+  p = p * r + 1.f;
+  // 2^n as two factors so that n = 128 (x near 88.7) does not overflow the exponent field.
+  const int32_t half_n = static_cast<int32_t>(n) / 2;
+  const int32_t bits_a = (half_n + 127) << 23;
+  const int32_t bits_b = (static_cast<int32_t>(n) - half_n + 127) << 23;
+  float scale_a, scale_b;
+  std::memcpy(&scale_a, &bits_a, sizeof(float));
+  std::memcpy(&scale_b, &bits_b, sizeof(float));
+  const float e = p * scale_a * scale_b;
+  return v < -87.f ? 0.f : (v > 88.f ? INFINITY : e);
+}
+
+void silu_and_mul(const at::Tensor& out, const at::Tensor& x) {
+  check_rows(x, "silu_and_mul", "x");
+  check_rows(out, "silu_and_mul", "out");
+  const int64_t rows = x.size(0), d = out.size(1);
+  TORCH_CHECK(out.size(0) == rows && x.size(1) == 2 * d,
+              "silu_and_mul: x must be [rows, 2d] for out [rows, d]");
+  const float* xp = x.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t xs = x.stride(0), os = out.stride(0);
+  at::parallel_for(0, rows, row_grain(2 * d), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float* __restrict gate = xp + r * xs;
+      const float* __restrict up = gate + d;
+      float* __restrict o = op + r * os;
+      for (int64_t i = 0; i < d; ++i) {
+        const float g = gate[i];
+        o[i] = g / (1.f + exp_approx(-g)) * up[i];
+      }
+    }
+  });
+}
+
+void store_kv(const at::Tensor& k, const at::Tensor& v, const at::Tensor& kv_cache,
+              const at::Tensor& slot_mapping) {
+  check_rows(k, "store_kv", "k");
+  check_rows(v, "store_kv", "v");
+  TORCH_CHECK(kv_cache.device().is_cpu() && kv_cache.scalar_type() == at::kFloat &&
+                  kv_cache.dim() == 5 && kv_cache.size(1) == 2 && kv_cache.is_contiguous(),
+              "store_kv: kv_cache must be a contiguous CPU float32 "
+              "[num_blocks, 2, block_size, num_kv_heads, head_dim] tensor");
+  TORCH_CHECK(slot_mapping.device().is_cpu() && slot_mapping.scalar_type() == at::kLong &&
+                  slot_mapping.dim() == 1 && slot_mapping.is_contiguous(),
+              "store_kv: slot_mapping must be a contiguous CPU int64 vector");
+  const int64_t tokens = slot_mapping.size(0);
+  const int64_t block_size = kv_cache.size(2);
+  const int64_t row = kv_cache.size(3) * kv_cache.size(4);
+  TORCH_CHECK(k.size(0) == tokens && v.size(0) == tokens && k.size(1) == row && v.size(1) == row,
+              "store_kv: k and v must be [tokens, num_kv_heads * head_dim] for the slots");
+  const int64_t slots = kv_cache.size(0) * block_size;
+  const int64_t* sp = slot_mapping.data_ptr<int64_t>();
+  for (int64_t t = 0; t < tokens; ++t) {
+    TORCH_CHECK(sp[t] >= 0 && sp[t] < slots, "store_kv: slot ", sp[t], " is outside the cache's ",
+                slots);
+  }
+  float* cache = kv_cache.data_ptr<float>();
+  const float* kp = k.data_ptr<float>();
+  const float* vp = v.data_ptr<float>();
+  const int64_t ks = k.stride(0), vs = v.stride(0);
+  at::parallel_for(0, tokens, row_grain(2 * row), [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t block = sp[t] / block_size, offset = sp[t] % block_size;
+      float* key = cache + ((block * 2) * block_size + offset) * row;
+      std::memcpy(key, kp + t * ks, row * sizeof(float));
+      std::memcpy(key + block_size * row, vp + t * vs, row * sizeof(float));
+    }
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(shardline, m) {
+  m.def("rms_norm(Tensor(a!) out, Tensor x, Tensor weight, float eps) -> ()");
+  m.def("fused_add_rms_norm(Tensor(a!) x, Tensor(b!) residual, Tensor weight, float eps) -> ()");
+  m.def("rotary_embedding(Tensor positions, Tensor(a!) q, Tensor(b!) k, Tensor cos_cache, "
+        "Tensor sin_cache) -> ()");
+  m.def("silu_and_mul(Tensor(a!) out, Tensor x) -> ()");
+  m.def("store_kv(Tensor k, Tensor v, Tensor(a!) kv_cache, Tensor slot_mapping) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(shardline, CPU, m) {
+  m.impl("rms_norm", &rms_norm);
+  m.impl("fused_add_rms_norm", &fused_add_rms_norm);
+  m.impl("rotary_embedding", &rotary_embedding);
+  m.impl("silu_and_mul", &silu_and_mul);
+  m.impl("store_kv", &store_kv);
+}
