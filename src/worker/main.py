@@ -128,6 +128,7 @@ class Worker:
     def _load(self) -> Any:
         from model.config import ModelConfig
         from model.loader import load_model
+        from model.packed_linear import pack_linear_weights
         from worker.kv_cache import agree_num_blocks, determine_num_blocks
         from worker.model_runner import ModelRunner
 
@@ -144,6 +145,9 @@ class Worker:
             max_model_len=cfg.max_model_len,
         )
         model = load_model(model_config, parallel_context)
+        packed = pack_linear_weights(model)  # before the KV cache is sized: the copy counts
+        if packed:
+            self.log.info("packed %.0f MiB of linear weights for oneDNN", packed / 2**20)
         local_blocks = determine_num_blocks(
             model,
             block_size=cfg.block_size,

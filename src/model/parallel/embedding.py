@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model.packed_linear import linear
 from model.parallel.collectives import all_gather, all_reduce
 from model.parallel.utils import ShardShapeError, copy_checked, read_narrow, shape_of
 from model.parallel_context import ParallelContext
@@ -71,6 +72,8 @@ class ParallelLMHead(VocabParallelEmbedding):
             self.bias.weight_loader = self._bias_loader  # type: ignore[union-attr,attr-defined]
         else:
             self.register_parameter("bias", None)
+        # oneDNN's prepacked copy of `weight` on CPU float32 (model.packed_linear), or None.
+        self.packed_weight: torch.Tensor | None = None
 
     def _bias_loader(self, param: nn.Parameter, loaded: Any, shard_id: Any = None) -> None:
         rows = self.vocab_end - self.vocab_start
@@ -81,7 +84,7 @@ class ParallelLMHead(VocabParallelEmbedding):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """Full-vocabulary logits `[N, vocab]`, identical on every TP rank."""
-        logits = F.linear(hidden, self.weight, self.bias)
+        logits = linear(hidden, self.weight, self.bias, self.packed_weight)
         if self.ctx.tp_size > 1:
             logits = all_gather(logits, self.ctx, dim=-1)
         return logits[..., : self.num_embeddings]

@@ -10,9 +10,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from model.packed_linear import linear
 from model.parallel.collectives import all_gather, all_reduce
 from model.parallel.utils import (
     ShardShapeError,
@@ -49,6 +49,8 @@ class LinearBase(nn.Module):
             self.bias.weight_loader = self.weight_loader  # type: ignore[union-attr,attr-defined]
         else:
             self.register_parameter("bias", None)
+        # oneDNN's prepacked copy of `weight` on CPU float32 (model.packed_linear), or None.
+        self.packed_weight: torch.Tensor | None = None
 
     def weight_loader(self, param: nn.Parameter, loaded: Any, shard_id: Any = None) -> None:
         raise NotImplementedError
@@ -65,7 +67,7 @@ class ReplicatedLinear(LinearBase):
         copy_checked(param.data, read(loaded))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias, self.packed_weight)
 
 
 class ColumnParallelLinear(LinearBase):
@@ -83,7 +85,7 @@ class ColumnParallelLinear(LinearBase):
         copy_checked(param.data, read_narrow(loaded, 0, self.tp_rank * size, size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
+        y = linear(x, self.weight, self.bias, self.packed_weight)
         return all_gather(y, self.ctx) if self.gather_output else y
 
 
@@ -177,7 +179,7 @@ class RowParallelLinear(LinearBase):
         copy_checked(param.data, read_narrow(loaded, 1, self.tp_rank * size, size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight)
+        y = linear(x, self.weight, None, self.packed_weight)
         if self.tp_size > 1 and self.reduce_results:
             y = all_reduce(y, self.ctx)
         if self.bias is not None:
