@@ -40,6 +40,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     return F.linear(x, weight, bias)
 
 
+def _packable(weight: Any) -> bool:
+    return (isinstance(weight, torch.Tensor) and weight.dim() == 2 and weight.numel() > 0
+            and weight.device.type == "cpu" and weight.dtype == torch.float32)
+
+
 def pack_linear_weights(model: nn.Module) -> int:
     """Give every CPU float32 layer with a `packed_weight` slot its packed copy; returns the
     bytes added (0 when off, not CPU float32, oneDNN missing, or too large for RAM)."""
@@ -47,9 +52,7 @@ def pack_linear_weights(model: nn.Module) -> int:
     if mode not in MODES:
         raise ValueError(f"{ENV}={mode!r}: expected one of {', '.join(MODES)}")
     layers: list[Any] = [m for m in model.modules() if hasattr(m, "packed_weight")
-                         and isinstance(getattr(m, "weight", None), torch.Tensor)
-                         and m.weight.dim() == 2 and m.weight.numel() > 0
-                         and m.weight.device.type == "cpu" and m.weight.dtype == torch.float32]
+                         and _packable(getattr(m, "weight", None))]
     if mode == "off" or not layers or not torch.backends.mkldnn.is_available():
         return 0
     added = sum(m.weight.numel() * m.weight.element_size() for m in layers)
