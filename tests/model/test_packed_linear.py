@@ -20,7 +20,7 @@ pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(),
                                 reason="this torch build has no oneDNN")
 
 
-@pytest.mark.parametrize("rows", [1, 7, 64, 300])
+@pytest.mark.parametrize("rows", [1, 4, 7, 8, 33, 64, 65, 300])
 def test_packed_linear_equals_f_linear(rows):
     gen = torch.Generator().manual_seed(rows)
     weight = torch.randn(96, 40, generator=gen)
@@ -36,6 +36,26 @@ def test_packed_linear_equals_f_linear(rows):
                                rtol=1e-5, atol=1e-5)
     x64 = x.double()
     assert packed_linear.linear(x64, weight.double(), None, packed).dtype == torch.float64
+
+
+def test_only_decode_sized_inputs_take_the_packed_path(monkeypatch):
+    calls = []
+    real = torch.ops.mkldnn._linear_pointwise
+
+    def spy(x, *args):
+        calls.append(x.shape[0])
+        return real(x, *args)
+
+    weight = torch.randn(16, 8)
+    packed = torch.ops.mkldnn._reorder_linear_weight(weight, packed_linear.BATCH_HINT)
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", spy)
+    for rows in (1, 3, 4, 9, 64, 65, 2048):
+        out = packed_linear.linear(torch.randn(rows, 8), weight, None, packed)
+        assert out.shape == (rows, 16) and out.is_contiguous()
+    bucket = packed_linear.ROW_BUCKET
+    padded = [-(-rows // bucket) * bucket for rows in (4, 9, 64)]
+    assert calls == padded  # 4, 9 and 64 rows (padded to the bucket); 1, 3, 65, 2048 unpacked
+    assert padded[1] > 9  # 9 rows really were padded
 
 
 def _tiny(tmp_path: pathlib.Path, **kw) -> torch.nn.Module:

@@ -189,47 +189,34 @@ inline __m512 exp512(__m512 x) {
   return _mm512_mask_blend_ps(tiny, _mm512_scalef_ps(p, n), _mm512_setzero_ps());
 }
 
-// Prefetch K and V rows [0, count) of `block` (columns [offset, offset + dim) of each row).
-inline void prefetch_block(const Problem& p, int64_t block, int64_t offset, int64_t dim,
-                           int64_t count) {
-  if (block < 0 || block >= p.num_blocks) return;  // the block loop reports a bad id
-  const int64_t token_stride = p.num_kv_heads * p.head_dim;
-  const float* keys = p.cache + block * 2 * p.block_size * token_stride + offset;
-  const float* values = keys + p.block_size * token_stride;
-  for (int64_t t = 0; t < count; ++t) {
-    for (int64_t c = 0; c < dim; c += 16) {
-      _mm_prefetch(reinterpret_cast<const char*>(keys + t * token_stride + c), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(values + t * token_stride + c), _MM_HINT_T0);
-    }
-  }
-}
-
-// The same computation with AVX-512 for head_dim 64 and 128 (kDim / 16 vectors per row), 16
-// tokens at a time: each key row is loaded once for the group's query heads, a chunk's scores
-// sit in one vector for the online softmax (max, exp, sum without scalar loops), and V rows are
-// accumulated into vector registers. The generic loop spent most of its time in scalar
-// reductions: per token 16 dependent adds per dot product, per block the max and sum.
+// The same computation with AVX-512 for head_dim 64 and 128 (kDim / 16 vectors per row), one
+// sequence per item and 16 tokens at a time. Reading every kv head of a token together walks a
+// block's K (then V) as one contiguous run, which the hardware prefetcher streams; per (sequence,
+// kv head) items read a third of each token row, scattered. Each key vector is loaded once for
+// the query heads that share it, a dot product ends in one tree reduction, a chunk's scores sit
+// in one vector for the online softmax (max, exp and sum without scalar loops), and V rows are
+// accumulated in vector registers.
 template <int64_t kDim>
-void attend_items_avx512(const Problem& p, int64_t begin, int64_t end) {
+void attend_seqs_avx512(const Problem& p, int64_t begin, int64_t end) {
   constexpr int64_t kVecs = kDim / 16;
-  const int64_t group = p.group, block_size = p.block_size;
-  const int64_t token_stride = p.num_kv_heads * kDim;
+  const int64_t group = p.group, block_size = p.block_size, kv_heads = p.num_kv_heads;
+  const int64_t heads = kv_heads * group;
+  const int64_t token_stride = kv_heads * kDim;
   const int64_t kv_stride = block_size * token_stride;
   const __m512 scale = _mm512_set1_ps(p.scale);
   const __m512 minus_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-  std::vector<float> scores(group * 16);
-  std::vector<float> acc(group * kDim);
-  std::vector<float> running_max(group), running_sum(group);
-  std::vector<__m512> q_vecs(group * kVecs);
+  std::vector<float> scores(heads * 16);
+  std::vector<float> acc(heads * kDim);
+  std::vector<float> running_max(heads), running_sum(heads);
+  std::vector<__m512> q_vecs(heads * kVecs);
   for (int64_t item = begin; item < end; ++item) {
-    const int64_t seq = p.seq_ids ? p.seq_ids[item / p.num_kv_heads] : item / p.num_kv_heads;
-    const int64_t kv_head = item % p.num_kv_heads;
+    const int64_t seq = p.seq_ids ? p.seq_ids[item] : item;
     const int64_t len = p.lens[seq];
     const int64_t row = p.starts[seq];
-    const float* q = p.query + row * p.q_row + kv_head * group * p.q_head;
     const int32_t* table = p.tables + seq * p.max_blocks;
-    for (int64_t g = 0; g < group; ++g) {
-      for (int64_t c = 0; c < kVecs; ++c) q_vecs[g * kVecs + c] = _mm512_loadu_ps(q + g * p.q_head + 16 * c);
+    for (int64_t h = 0; h < heads; ++h) {
+      const float* q = p.query + row * p.q_row + h * p.q_head;
+      for (int64_t c = 0; c < kVecs; ++c) q_vecs[h * kVecs + c] = _mm512_loadu_ps(q + 16 * c);
     }
     std::fill(acc.begin(), acc.end(), 0.f);
     std::fill(running_max.begin(), running_max.end(), -std::numeric_limits<float>::infinity());
@@ -239,46 +226,46 @@ void attend_items_avx512(const Problem& p, int64_t begin, int64_t end) {
       TORCH_CHECK(block >= 0 && block < p.num_blocks,
                   "paged_decode_attention: block id ", block, " out of range");
       const int64_t in_block = std::min(block_size, len - first);
-      if (first + block_size < len) {  // the next block's rows, while this one computes
-        prefetch_block(p, table[first / block_size + 1], kv_head * kDim, kDim,
-                       std::min(block_size, len - first - block_size));
-      }
       for (int64_t chunk = 0; chunk < in_block; chunk += 16) {
         const int64_t count = std::min<int64_t>(16, in_block - chunk);
         const __mmask16 live = static_cast<__mmask16>((1u << count) - 1u);
-        const float* keys = p.cache + block * 2 * kv_stride + kv_head * kDim + chunk * token_stride;
+        const float* keys = p.cache + block * 2 * kv_stride + chunk * token_stride;
         const float* values = keys + kv_stride;
         for (int64_t t = 0; t < count; ++t) {
-          const float* k = keys + t * token_stride;
-          __m512 kv[kVecs];
-          for (int64_t c = 0; c < kVecs; ++c) kv[c] = _mm512_loadu_ps(k + 16 * c);
-          for (int64_t g = 0; g < group; ++g) {
-            const __m512* qg = q_vecs.data() + g * kVecs;
-            __m512 sum = _mm512_mul_ps(qg[0], kv[0]);
-            for (int64_t c = 1; c < kVecs; ++c) sum = _mm512_fmadd_ps(qg[c], kv[c], sum);
-            scores[g * 16 + t] = _mm512_reduce_add_ps(sum);
+          for (int64_t kvh = 0; kvh < kv_heads; ++kvh) {
+            const float* k = keys + t * token_stride + kvh * kDim;
+            __m512 kv[kVecs];
+            for (int64_t c = 0; c < kVecs; ++c) kv[c] = _mm512_loadu_ps(k + 16 * c);
+            for (int64_t g = 0; g < group; ++g) {
+              const int64_t h = kvh * group + g;
+              const __m512* qh = q_vecs.data() + h * kVecs;
+              __m512 sum = _mm512_mul_ps(qh[0], kv[0]);
+              for (int64_t c = 1; c < kVecs; ++c) sum = _mm512_fmadd_ps(qh[c], kv[c], sum);
+              scores[h * 16 + t] = _mm512_reduce_add_ps(sum);
+            }
           }
         }
-        for (int64_t g = 0; g < group; ++g) {
-          float* s = scores.data() + g * 16;
+        for (int64_t h = 0; h < heads; ++h) {
+          float* s = scores.data() + h * 16;
           const __m512 sv = _mm512_mask_mul_ps(minus_inf, live, _mm512_maskz_loadu_ps(live, s), scale);
-          const float new_max = std::max(running_max[g], _mm512_reduce_max_ps(sv));
+          const float new_max = std::max(running_max[h], _mm512_reduce_max_ps(sv));
           const __m512 pv = _mm512_maskz_mov_ps(live, exp512(_mm512_sub_ps(sv, _mm512_set1_ps(new_max))));
           _mm512_storeu_ps(s, pv);
-          float* a = acc.data() + g * kDim;
+          float* a = acc.data() + h * kDim;
           __m512 av[kVecs];
           for (int64_t c = 0; c < kVecs; ++c) av[c] = _mm512_loadu_ps(a + 16 * c);
-          if (new_max > running_max[g]) {
-            const float correction = std::exp(running_max[g] - new_max);
-            running_sum[g] *= correction;
+          if (new_max > running_max[h]) {
+            const float correction = std::exp(running_max[h] - new_max);
+            running_sum[h] *= correction;
             const __m512 corr = _mm512_set1_ps(correction);
             for (int64_t c = 0; c < kVecs; ++c) av[c] = _mm512_mul_ps(av[c], corr);
-            running_max[g] = new_max;
+            running_max[h] = new_max;
           }
-          running_sum[g] += _mm512_reduce_add_ps(pv);
+          running_sum[h] += _mm512_reduce_add_ps(pv);
+          const float* v_head = values + (h / group) * kDim;
           for (int64_t t = 0; t < count; ++t) {
             const __m512 pt = _mm512_set1_ps(s[t]);
-            const float* v = values + t * token_stride;
+            const float* v = v_head + t * token_stride;
             for (int64_t c = 0; c < kVecs; ++c) {
               av[c] = _mm512_fmadd_ps(pt, _mm512_loadu_ps(v + 16 * c), av[c]);
             }
@@ -287,10 +274,10 @@ void attend_items_avx512(const Problem& p, int64_t begin, int64_t end) {
         }
       }
     }
-    for (int64_t g = 0; g < group; ++g) {
-      float* o = p.out + row * p.o_row + (kv_head * group + g) * p.o_head;
-      const __m512 inv = _mm512_set1_ps(1.f / running_sum[g]);
-      const float* a = acc.data() + g * kDim;
+    for (int64_t h = 0; h < heads; ++h) {
+      float* o = p.out + row * p.o_row + h * p.o_head;
+      const __m512 inv = _mm512_set1_ps(1.f / running_sum[h]);
+      const float* a = acc.data() + h * kDim;
       for (int64_t c = 0; c < kVecs; ++c) {
         _mm512_storeu_ps(o + 16 * c, _mm512_mul_ps(_mm512_loadu_ps(a + 16 * c), inv));
       }
@@ -355,26 +342,34 @@ void paged_decode_attention(const at::Tensor& out, const at::Tensor& query,
                 "paged_decode_attention: query row out of range");
     longest = std::max(longest, len);
   }
-  // Enough (sequence, kv head) items per task that a task is worth a thread hand-off: waking a
+  // Tasks get enough work to be worth a thread hand-off: waking a
   // sleeping OpenMP thread (the PASSIVE wait policy workers use) costs ~100 us on a VM, more
   // than a decode x8 layer at context 100 takes on one core.
-  const int64_t item_work = longest * group * head_dim;
-  const int64_t grain = std::max<int64_t>(1, (1 << 19) / std::max<int64_t>(1, item_work));
-
   const Problem problem{kv_cache.data_ptr<float>(), query.data_ptr<float>(), out.data_ptr<float>(),
                         block_tables.data_ptr<int32_t>(), lens, starts, id_ptr,
                         num_blocks, block_size, num_kv_heads, head_dim, group, max_blocks,
                         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
                         static_cast<float>(scale)};
+#if defined(__AVX512F__)
+  if (head_dim == 64 || head_dim == 128) {  // one item per sequence
+    const int64_t seq_work = longest * num_heads * head_dim;
+    const int64_t grain = std::max<int64_t>(1, (1 << 19) / std::max<int64_t>(1, seq_work));
+    at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
+      if (head_dim == 64) {
+        attend_seqs_avx512<64>(problem, begin, end);
+      } else {
+        attend_seqs_avx512<128>(problem, begin, end);
+      }
+    });
+    return;
+  }
+#endif
+  const int64_t item_work = longest * group * head_dim;
+  const int64_t grain = std::max<int64_t>(1, (1 << 19) / std::max<int64_t>(1, item_work));
   at::parallel_for(0, n * num_kv_heads, grain, [&](int64_t begin, int64_t end) {
     switch (head_dim) {  // the common sizes unrolled; any other at run time
-#if defined(__AVX512F__)
-      case 64: attend_items_avx512<64>(problem, begin, end); break;
-      case 128: attend_items_avx512<128>(problem, begin, end); break;
-#else
       case 64: attend_items<64>(problem, begin, end); break;
       case 128: attend_items<128>(problem, begin, end); break;
-#endif
       default: attend_items<0>(problem, begin, end);
     }
   });
