@@ -14,6 +14,12 @@ float32 matmul rate measured on this machine with a large square GEMM.
 
 Prints a table and writes JSON to benchmarks/out/model_bench.json.
 
+`--cpu-ablation` times decode x8/x32/x64 steps and a prefill of 57 x 36-token prompts with
+the worker's CPU paths switched on one at a time (decode-attention kernel, fused element-wise
+ops, oneDNN-prepacked weights), alternating; JSON goes to benchmarks/out/cpu_ablation.json.
+Run it with the worker's thread count and wait policy, e.g.
+`OMP_WAIT_POLICY=PASSIVE python benchmarks/model_bench.py --cpu-ablation --threads 2 --context 100`.
+
 `--attention-kernel` times, instead, CPU decode attention both ways in one process, alternating:
 the fused paged kernel (`model.paged_decode`) against gather + SDPA, for decode x8/x32/x64 at
 contexts 128 and 512: one layer's decode attention call (K/V random, SmolLM2's 9 query / 3 KV
@@ -153,6 +159,25 @@ class Ours:
         return step
 
 
+    def prepare_prefills(self, num: int, tokens: int) -> Callable[[], Any]:
+        """A step of `num` fresh prompts of `tokens` tokens each (logits for each last token)."""
+        blocks_each = -(-tokens // BLOCK_SIZE)
+        tables = [[1 + i * blocks_each + j for j in range(blocks_each)] for i in range(num)]
+        attn = AttentionMetadata.build(query_lens=[tokens] * num, context_lens=[0] * num,
+                                       block_tables=tables, block_size=BLOCK_SIZE)
+        ids = torch.randint(0, self.config.hf_config.vocab_size, (num * tokens,),
+                            generator=torch.Generator().manual_seed(2))
+        positions = torch.arange(tokens).repeat(num)
+        last = torch.arange(1, num + 1) * tokens - 1
+
+        def step() -> torch.Tensor:
+            with torch.inference_mode():
+                attn.derived.clear()
+                return self.model.compute_logits(self.model(ids, positions, attn)[last])
+
+        return step
+
+
 class Transformers:
     def __init__(self, path: pathlib.Path) -> None:
         from transformers import AutoModelForCausalLM
@@ -257,6 +282,61 @@ def attention_kernel_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# Each CPU path of the worker switched on in turn (model.paged_decode, model.cpu_ops,
+# model.packed_linear), cumulatively: (label, attention mode, fused ops, packed weights).
+CPU_ABLATION = (
+    ("torch ops (SDPA attention, plain GEMMs)", "sdpa", "off", False),
+    ("+ fused decode-attention kernel", "kernel", "off", False),
+    ("+ fused element-wise ops", "kernel", "auto", False),
+    ("+ oneDNN-prepacked weights (all on)", "kernel", "auto", True),
+)
+
+
+def cpu_ablation_rows(path: pathlib.Path, iters: int, context: int) -> list[dict]:
+    """Decode x8/x32/x64 steps and the standard workload's first prefill step (57 prompts of 36
+    tokens) under each CPU_ABLATION configuration, alternating configurations every iteration
+    so machine noise hits all alike; median ms of each."""
+    from model.packed_linear import pack_linear_weights
+
+    ours = Ours(path, 64 * (context + 2 * BLOCK_SIZE) + 57 * 48)
+    pack_linear_weights(ours.model)
+    layers = [m for m in ours.model.modules() if getattr(m, "packed_weight", None) is not None]
+    packed = [m.packed_weight for m in layers]
+    steps = {f"decode x{b} (ctx {context})": ours.prepare_decode(b, context, fill=False)
+             for b in (8, 32, 64)}
+    steps["prefill 57 x 36 tokens"] = ours.prepare_prefills(57, 36)
+
+    def configure(attention: str, fused: str, use_packed: bool) -> None:
+        os.environ[paged_decode.MODE_ENV] = attention
+        os.environ["SHARDLINE_CPU_FUSED_OPS"] = fused
+        for layer, weight in zip(layers, packed, strict=True):
+            layer.packed_weight = weight if use_packed else None
+
+    times: dict[tuple[str, str], list[float]] = {}
+    for _ in range(iters + 1):  # the first round warms up
+        for label, *config in CPU_ABLATION:
+            configure(*config)
+            for name, step in steps.items():
+                times.setdefault((label, name), []).append(_once(step))
+    configure("auto", "auto", True)
+    os.environ.pop(paged_decode.MODE_ENV, None)
+    os.environ.pop("SHARDLINE_CPU_FUSED_OPS", None)
+    return [{"config": label, "shape": name, "ms": statistics.median(samples[1:]) * 1e3}
+            for (label, name), samples in times.items()]
+
+
+def cpu_ablation_table(rows: list[dict]) -> str:
+    shapes = list(dict.fromkeys(r["shape"] for r in rows))
+    configs = list(dict.fromkeys(r["config"] for r in rows))
+    ms = {(r["config"], r["shape"]): r["ms"] for r in rows}
+    lines = ["| CPU path | " + " | ".join(f"{s} ms" for s in shapes) + " |",
+             "|---|" + "---:|" * len(shapes)]
+    for config in configs:
+        cells = [f"{ms[(config, s)]:.1f} ({ms[(configs[0], s)] / ms[(config, s)]:.2f}x)" for s in shapes]
+        lines.append(f"| {config} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--context", type=int, default=128, help="cached tokens per decode sequence")
@@ -267,12 +347,26 @@ def main() -> None:
                              "multi-threaded GEMMs stall on busy cores)")
     parser.add_argument("--attention-kernel", action="store_true",
                         help="time CPU decode attention, fused kernel vs gather + SDPA, instead")
+    parser.add_argument("--cpu-ablation", action="store_true",
+                        help="time decode and prefill steps with each CPU path switched on in turn")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     path = fetch_default_model()
     out_dir = pathlib.Path(__file__).resolve().parent / "out"
     out_dir.mkdir(exist_ok=True)
+    if args.cpu_ablation:
+        ablation = cpu_ablation_rows(path, args.iters, args.context)
+        table = cpu_ablation_table(ablation)
+        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+              f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
+        print(table)
+        (out_dir / "cpu_ablation.json").write_text(json.dumps(
+            {"torch": torch.__version__, "threads": torch.get_num_threads(),
+             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "rows": ablation}, indent=2))
+        if args.markdown:
+            args.markdown.write_text(f"{table}\n")
+        return
     if args.attention_kernel:
         kernel_rows = attention_kernel_rows(path, args.iters)
         kernel_table = attention_kernel_table(kernel_rows)
