@@ -103,7 +103,8 @@ class KernelBuild:
 
     def _fingerprint(self) -> str:
         digest = hashlib.sha256()
-        for source in self.sources:
+        headers = sorted({h for source in self.sources for h in source.parent.glob("*.h")})
+        for source in (*self.sources, *headers):  # and the headers they may include
             digest.update(source.read_bytes() + b"\0")
         for part in (*CFLAGS, torch.__version__, sys.version, platform.machine(), _cpu_model()):
             digest.update(b"\0" + part.encode())

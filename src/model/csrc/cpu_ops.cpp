@@ -24,9 +24,10 @@
 #include <cstdint>
 #include <cstring>
 
+#include "cpu_math.h"
+
 namespace {
 
-constexpr int64_t kLanes = 16;
 constexpr int64_t kMinWork = 1 << 17;  // elements per thread task
 
 int64_t row_grain(int64_t row_elems) {
@@ -39,17 +40,7 @@ void check_rows(const at::Tensor& t, const char* op, const char* name) {
               op, ": ", name, " must be a CPU float32 [rows, features] tensor with contiguous rows");
 }
 
-inline float sum_of_squares(const float* __restrict x, int64_t n) {
-  const int64_t whole = n - n % kLanes;
-  float partial[kLanes] = {};
-  for (int64_t i = 0; i < whole; i += kLanes) {
-    for (int64_t j = 0; j < kLanes; ++j) partial[j] += x[i + j] * x[i + j];
-  }
-  float sum = 0.f;
-  for (int64_t i = whole; i < n; ++i) sum += x[i] * x[i];
-  for (int64_t j = 0; j < kLanes; ++j) sum += partial[j];
-  return sum;
-}
+inline float sum_of_squares(const float* x, int64_t n) { return cpu_math::lane_dot(x, x, n); }
 
 inline void scale_row(float* __restrict out, const float* __restrict x,
                       const float* __restrict weight, float inv, int64_t n) {
@@ -155,35 +146,6 @@ void rotary_embedding(const at::Tensor& positions, const at::Tensor& q, const at
   });
 }
 
-// e^x in float32 for any x: Cody-Waite reduction x = n ln2 + r, a degree-7 polynomial for e^r
-// (relative error ~2e-7); below -87 it is 0, above 88 +inf, like expf.
-inline float exp_approx(float v) {
-  constexpr float kLog2e = 1.44269504088896341f;
-  constexpr float kLn2Hi = 0.693359375f;
-  constexpr float kLn2Lo = -2.12194440e-4f;
-  constexpr float kRound = 12582912.f;
-  const float clamped = std::min(std::max(v, -87.f), 88.f);
-  const float n = (clamped * kLog2e + kRound) - kRound;
-  const float r = (clamped - n * kLn2Hi) - n * kLn2Lo;
-  float p = 1.98412698e-4f;
-  p = p * r + 1.38888889e-3f;
-  p = p * r + 8.33333333e-3f;
-  p = p * r + 4.16666667e-2f;
-  p = p * r + 1.66666667e-1f;
-  p = p * r + 0.5f;
-  p = p * r + 1.f;
-  p = p * r + 1.f;
-  // 2^n as two factors so that n = 128 (x near 88.7) does not overflow the exponent field.
-  const int32_t half_n = static_cast<int32_t>(n) / 2;
-  const int32_t bits_a = (half_n + 127) << 23;
-  const int32_t bits_b = (static_cast<int32_t>(n) - half_n + 127) << 23;
-  float scale_a, scale_b;
-  std::memcpy(&scale_a, &bits_a, sizeof(float));
-  std::memcpy(&scale_b, &bits_b, sizeof(float));
-  const float e = p * scale_a * scale_b;
-  return v < -87.f ? 0.f : (v > 88.f ? INFINITY : e);
-}
-
 void silu_and_mul(const at::Tensor& out, const at::Tensor& x) {
   check_rows(x, "silu_and_mul", "x");
   check_rows(out, "silu_and_mul", "out");
@@ -200,7 +162,7 @@ void silu_and_mul(const at::Tensor& out, const at::Tensor& x) {
       float* __restrict o = op + r * os;
       for (int64_t i = 0; i < d; ++i) {
         const float g = gate[i];
-        o[i] = g / (1.f + exp_approx(-g)) * up[i];
+        o[i] = g / (1.f + cpu_math::exp_approx(-g)) * up[i];
       }
     }
   });

@@ -16,9 +16,6 @@
 // kLanes independent partial sums, exp is a branch-free polynomial over a block of scores.
 
 #include <ATen/Parallel.h>
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
@@ -31,25 +28,10 @@
 #include <optional>
 #include <vector>
 
+#include "cpu_math.h"
+
 namespace {
 
-constexpr int64_t kLanes = 16;
-
-// q . k over head_dim, as kLanes independent partial sums (vectorizable without reassociation).
-// kDim > 0 is head_dim known at compile time (the loops unroll; 64 and 128 are instantiated).
-template <int64_t kDim>
-inline float dot(const float* __restrict q, const float* __restrict k, int64_t dim) {
-  if constexpr (kDim > 0) dim = kDim;
-  const int64_t whole = dim - dim % kLanes;
-  float partial[kLanes] = {};
-  for (int64_t d = 0; d < whole; d += kLanes) {
-    for (int64_t j = 0; j < kLanes; ++j) partial[j] += q[d + j] * k[d + j];
-  }
-  float sum = 0.f;
-  for (int64_t d = whole; d < dim; ++d) sum += q[d] * k[d];
-  for (int64_t j = 0; j < kLanes; ++j) sum += partial[j];
-  return sum;
-}
 
 // acc += sum over t < count of p[t] * v_t, where v_t = values + t * stride.
 template <int64_t kDim>
@@ -65,32 +47,8 @@ inline void accumulate(float* __restrict acc, const float* __restrict p,
 }
 
 // exp(x) for x <= 0 (scores minus their running max), element-wise over n values in place.
-// Cody-Waite range reduction x = n ln2 + r, |r| <= ln2 / 2, then a degree-7 polynomial for e^r
-// (relative error about 2e-7, below float32's resolution of the sums it feeds).
 inline void exp_inplace(float* __restrict x, int64_t n) {
-  constexpr float kLog2e = 1.44269504088896341f;
-  constexpr float kLn2Hi = 0.693359375f;
-  constexpr float kLn2Lo = -2.12194440e-4f;
-  constexpr float kRound = 12582912.f;  // 1.5 * 2^23: adding it rounds to an integer
-  constexpr float kMin = -87.f;         // e^-87 ~ 1.6e-38, the smallest normal float
-  for (int64_t i = 0; i < n; ++i) {
-    const float v = x[i];
-    const float clamped = v < kMin ? kMin : v;
-    const float k = (clamped * kLog2e + kRound) - kRound;
-    const float r = (clamped - k * kLn2Hi) - k * kLn2Lo;
-    float p = 1.98412698e-4f;
-    p = p * r + 1.38888889e-3f;
-    p = p * r + 8.33333333e-3f;
-    p = p * r + 4.16666667e-2f;
-    p = p * r + 1.66666667e-1f;
-    p = p * r + 0.5f;
-    p = p * r + 1.f;
-    p = p * r + 1.f;
-    const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
-    float scale;
-    std::memcpy(&scale, &bits, sizeof(scale));
-    x[i] = v < kMin ? 0.f : p * scale;
-  }
+  for (int64_t i = 0; i < n; ++i) x[i] = cpu_math::exp_approx(x[i]);
 }
 
 // Everything an item needs, read-only and shared by the threads.
@@ -107,6 +65,26 @@ struct Problem {
   float scale;
 };
 
+// The cache block holding token `first` of a sequence whose block table is `table`.
+inline int64_t block_at(const Problem& p, const int32_t* table, int64_t first) {
+  const int64_t block = table[first / p.block_size];
+  TORCH_CHECK(block >= 0 && block < p.num_blocks,
+              "paged_decode_attention: block id ", block, " out of range");
+  return block;
+}
+
+// Online-softmax state of `heads` query heads of one item: float32 V accumulators of `dim`,
+// running maxima and sums.
+struct OnlineSoftmax {
+  std::vector<float> acc, running_max, running_sum;
+  OnlineSoftmax(int64_t heads, int64_t dim) : acc(heads * dim), running_max(heads), running_sum(heads) {}
+  void reset() {
+    std::fill(acc.begin(), acc.end(), 0.f);
+    std::fill(running_max.begin(), running_max.end(), -std::numeric_limits<float>::infinity());
+    std::fill(running_sum.begin(), running_sum.end(), 0.f);
+  }
+};
+
 // Items [begin, end) of (sequence, kv head): block-wise online softmax over the sequence's
 // blocks for the `group` query heads of the kv head.
 template <int64_t kDim>
@@ -116,8 +94,10 @@ void attend_items(const Problem& p, int64_t begin, int64_t end) {
   const int64_t token_stride = p.num_kv_heads * dim;  // between tokens of one block
   const int64_t kv_stride = block_size * token_stride;  // K half -> V half of a block
   std::vector<float> scores(group * block_size);
-  std::vector<float> acc(group * dim);
-  std::vector<float> running_max(group), running_sum(group);
+  OnlineSoftmax state(group, dim);
+  std::vector<float>& acc = state.acc;
+  std::vector<float>& running_max = state.running_max;
+  std::vector<float>& running_sum = state.running_sum;
   for (int64_t item = begin; item < end; ++item) {
     const int64_t seq = p.seq_ids ? p.seq_ids[item / p.num_kv_heads] : item / p.num_kv_heads;
     const int64_t kv_head = item % p.num_kv_heads;
@@ -125,13 +105,9 @@ void attend_items(const Problem& p, int64_t begin, int64_t end) {
     const int64_t row = p.starts[seq];
     const float* q = p.query + row * p.q_row + kv_head * group * p.q_head;
     const int32_t* table = p.tables + seq * p.max_blocks;
-    std::fill(acc.begin(), acc.end(), 0.f);
-    std::fill(running_max.begin(), running_max.end(), -std::numeric_limits<float>::infinity());
-    std::fill(running_sum.begin(), running_sum.end(), 0.f);
+    state.reset();
     for (int64_t first = 0; first < len; first += block_size) {
-      const int64_t block = table[first / block_size];
-      TORCH_CHECK(block >= 0 && block < p.num_blocks,
-                  "paged_decode_attention: block id ", block, " out of range");
+      const int64_t block = block_at(p, table, first);
       const int64_t count = std::min(block_size, len - first);
       const float* keys = p.cache + block * 2 * kv_stride + kv_head * dim;
       const float* values = keys + kv_stride;
@@ -139,7 +115,7 @@ void attend_items(const Problem& p, int64_t begin, int64_t end) {
         const float* qg = q + g * p.q_head;
         float* s = scores.data() + g * block_size;
         for (int64_t t = 0; t < count; ++t) {
-          s[t] = dot<kDim>(qg, keys + t * token_stride, dim) * p.scale;
+          s[t] = cpu_math::lane_dot<kDim>(qg, keys + t * token_stride, dim) * p.scale;
         }
         float block_max = s[0];
         for (int64_t t = 1; t < count; ++t) block_max = std::max(block_max, s[t]);
@@ -169,26 +145,6 @@ void attend_items(const Problem& p, int64_t begin, int64_t end) {
 }
 
 #if defined(__AVX512F__)
-// e^x for the 16 lanes of x <= 0 (scores minus their running max): the scalar exp_inplace's
-// reduction and polynomial, with 2^n applied by scalef; below -87 the result is 0.
-inline __m512 exp512(__m512 x) {
-  const __m512 clamped = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(clamped, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), clamped);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.98412698e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.38888889e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.33333333e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.16666667e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.66666667e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-  const __mmask16 tiny = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.f), _CMP_LT_OQ);
-  return _mm512_mask_blend_ps(tiny, _mm512_scalef_ps(p, n), _mm512_setzero_ps());
-}
-
 // The same computation with AVX-512 for head_dim 64 and 128 (kDim / 16 vectors per row), one
 // sequence per item and 16 tokens at a time. Reading every kv head of a token together walks a
 // block's K (then V) as one contiguous run, which the hardware prefetcher streams; per (sequence,
@@ -206,8 +162,10 @@ void attend_seqs_avx512(const Problem& p, int64_t begin, int64_t end) {
   const __m512 scale = _mm512_set1_ps(p.scale);
   const __m512 minus_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   std::vector<float> scores(heads * 16);
-  std::vector<float> acc(heads * kDim);
-  std::vector<float> running_max(heads), running_sum(heads);
+  OnlineSoftmax state(heads, kDim);
+  std::vector<float>& acc = state.acc;
+  std::vector<float>& running_max = state.running_max;
+  std::vector<float>& running_sum = state.running_sum;
   std::vector<__m512> q_vecs(heads * kVecs);
   for (int64_t item = begin; item < end; ++item) {
     const int64_t seq = p.seq_ids ? p.seq_ids[item] : item;
@@ -218,13 +176,9 @@ void attend_seqs_avx512(const Problem& p, int64_t begin, int64_t end) {
       const float* q = p.query + row * p.q_row + h * p.q_head;
       for (int64_t c = 0; c < kVecs; ++c) q_vecs[h * kVecs + c] = _mm512_loadu_ps(q + 16 * c);
     }
-    std::fill(acc.begin(), acc.end(), 0.f);
-    std::fill(running_max.begin(), running_max.end(), -std::numeric_limits<float>::infinity());
-    std::fill(running_sum.begin(), running_sum.end(), 0.f);
+    state.reset();
     for (int64_t first = 0; first < len; first += block_size) {
-      const int64_t block = table[first / block_size];
-      TORCH_CHECK(block >= 0 && block < p.num_blocks,
-                  "paged_decode_attention: block id ", block, " out of range");
+      const int64_t block = block_at(p, table, first);
       const int64_t in_block = std::min(block_size, len - first);
       for (int64_t chunk = 0; chunk < in_block; chunk += 16) {
         const int64_t count = std::min<int64_t>(16, in_block - chunk);
@@ -249,7 +203,7 @@ void attend_seqs_avx512(const Problem& p, int64_t begin, int64_t end) {
           float* s = scores.data() + h * 16;
           const __m512 sv = _mm512_mask_mul_ps(minus_inf, live, _mm512_maskz_loadu_ps(live, s), scale);
           const float new_max = std::max(running_max[h], _mm512_reduce_max_ps(sv));
-          const __m512 pv = _mm512_maskz_mov_ps(live, exp512(_mm512_sub_ps(sv, _mm512_set1_ps(new_max))));
+          const __m512 pv = _mm512_maskz_mov_ps(live, cpu_math::exp512(_mm512_sub_ps(sv, _mm512_set1_ps(new_max))));
           _mm512_storeu_ps(s, pv);
           float* a = acc.data() + h * kDim;
           __m512 av[kVecs];
