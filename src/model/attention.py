@@ -180,8 +180,9 @@ class Attention(nn.Module):
         return out.view(num_tokens, self.num_heads * self.head_dim)
 
     def _store_kv(self, k: torch.Tensor, v: torch.Tensor, attn: AttentionMetadata) -> None:
-        """Write the new K/V rows at their slots: two `index_copy_`s into the cache viewed as
-        rows `[num_blocks * 2 * block_size, kv_heads * head_dim]` (block b's K at row offset
+        """Write the new K/V rows at their slots: on CPU float32 the fused `cpu_ops.store_kv`;
+        otherwise two `index_copy_`s into the cache viewed as rows
+        `[num_blocks * 2 * block_size, kv_heads * head_dim]` (block b's K at row offset
         `2b * block_size`, its V one block later), row indices derived once per step."""
         if cpu_ops.enabled(self.kv_cache):
             cpu_ops.store_kv(k.view(k.shape[0], -1), v.view(v.shape[0], -1), self.kv_cache,

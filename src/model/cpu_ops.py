@@ -55,7 +55,7 @@ def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
 def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                      cos_cache: torch.Tensor, sin_cache: torch.Tensor) -> None:
     """Rotate q `[T, heads * D]` and k `[T, kv_heads * D]` in place (neox style)."""
-    torch.ops.shardline.rotary_embedding(positions, q, k, cos_cache, sin_cache)
+    torch.ops.shardline.rotary_embedding(positions.contiguous(), q, k, cos_cache, sin_cache)
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
