@@ -117,8 +117,8 @@ class Engine:
                 max_model_len=self._info.max_model_len,
                 block_size=cfg.block_size,
                 enable_prefix_caching=cfg.enable_prefix_caching,
-                workers_keep_sampled=cfg.world_size == 1,
-                async_scheduling=cfg.async_scheduling and cfg.world_size == 1,
+                workers_keep_sampled=cfg.pipeline_parallel_size == 1,
+                async_scheduling=cfg.async_scheduling and cfg.pipeline_parallel_size == 1,
             ),
             kv,
         )

@@ -73,8 +73,9 @@ class EngineConfig:
     num_threads: int | None = None
     async_scheduling: bool = True
     """Schedule step N+1 while step N runs on the workers (its sampled tokens are fed in by the
-    worker, which keeps them); the same tokens as scheduling after each step. Single-rank
-    replicas only (tensor_parallel_size = pipeline_parallel_size = 1); ignored otherwise."""
+    workers, which keep them); the same tokens as scheduling after each step. Replicas without
+    pipeline stages only (pipeline_parallel_size = 1; any tensor_parallel_size: every TP rank
+    samples the same tokens); ignored otherwise."""
     cuda_graphs: bool = True
     """On CUDA, replay captured CUDA graphs for decode batches (single-rank workers); False runs
     every step eagerly (as vLLM's enforce_eager). No effect on CPU."""

@@ -12,7 +12,7 @@ options and block table once (`NewRequestData`), then diffs (`CachedRequestData`
 tokens appended since the workers last saw it; after a preemption, `resumed=True` and
 `new_block_ids` is the whole new table.
 
-Async scheduling (`SchedulerConfig.async_scheduling`, single-rank replicas): the next step is
+Async scheduling (`SchedulerConfig.async_scheduling`, replicas without pipeline stages): the next step is
 scheduled while the current one runs, before its sampled tokens are known. A request whose step
 will sample holds a *placeholder* for that token: it is scheduled again at once (one token at the
 placeholder's position), and the worker, which sampled the token itself, feeds it in. When the
@@ -44,8 +44,8 @@ class SchedulerConfig:
     block_size: int = 16
     enable_prefix_caching: bool = True
     workers_keep_sampled: bool = False
-    """The workers append the tokens they sample to their own request state (single-rank
-    replicas), so sampled tokens are never sent back to them."""
+    """The workers append the tokens they sample to their own request state (replicas without
+    pipeline stages: every TP rank samples), so sampled tokens are never sent back to them."""
     async_scheduling: bool = False
     """Schedule the next step while the current one runs (needs workers_keep_sampled)."""
 

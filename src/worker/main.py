@@ -167,7 +167,7 @@ class Worker:
             dtype=model_config.dtype,
             seed=cfg.seed,
             hidden_size=getattr(model_config.hf_config, "hidden_size", None),
-            keep_sampled_tokens=cfg.world_size == 1,
+            keep_sampled_tokens=cfg.pp_size == 1,
         )
         # CUDA graphs pad decode batches into one extra block that no request is ever given.
         use_graphs = cfg.cuda_graphs and device.type == "cuda" and cfg.world_size == 1

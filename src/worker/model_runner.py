@@ -112,11 +112,15 @@ class ModelRunner:
         pc = parallel_context
         self.is_last_stage = pc.pp_rank == pc.pp_size - 1
         self.is_output_rank = self.is_last_stage and pc.tp_rank == 0
-        if keep_sampled_tokens and pc.tp_size * pc.pp_size != 1:
-            raise ValueError("only a single-rank worker group can keep its sampled tokens")
+        if keep_sampled_tokens and pc.pp_size != 1:
+            raise ValueError("a worker group with pipeline stages cannot keep its sampled tokens "
+                             "(only the last stage sees the logits)")
         # Append each sampled token to the request's state here, so the engine need not send it
         # back (and can schedule the next step before it knows the token: async scheduling).
+        # Then every TP rank samples: all hold the same gathered logits and the same seeded
+        # sampler state, so all draw the same tokens; the output rank alone reports them.
         self.keep_sampled_tokens = keep_sampled_tokens
+        self.samples = self.is_output_rank or (keep_sampled_tokens and self.is_last_stage)
         self.requests: dict[str, RequestState] = {}
         self._timer = _RunnerTimer.from_env(f"worker-pp{pc.pp_rank}-tp{pc.tp_rank}")
         self.num_kv_blocks = 0
@@ -178,18 +182,20 @@ class ModelRunner:
             logits = self.model.compute_logits(hidden[inputs.sample_indices])
             if timer:
                 timer.lap("forward + logits")
-            if not self.is_output_rank:
+            if not self.samples:
                 return None
             states = inputs.sample_states
             sampling = [s.sampling for s in states]
-            if any(s is None for s in sampling):  # impossible on the output rank; fail loudly
-                raise RuntimeError("a sampling request has no sampler state on the output rank")
+            if any(s is None for s in sampling):  # impossible on a sampling rank; fail loudly
+                raise RuntimeError("a sampling request has no sampler state on a sampling rank")
             out = sample(logits, [s for s in sampling if s is not None])
             if self.keep_sampled_tokens:
                 for state, token_id in zip(states, out.token_ids, strict=True):
                     state.append_tokens((token_id,))
         if timer:
             timer.lap("sample")
+        if not self.is_output_rank:
+            return None
         return self._result(step.step_id, [s.req_id for s in states], out.token_ids, out.logprobs)
 
     def _forward(self, inputs: StepInputs) -> Any:
@@ -218,7 +224,7 @@ class ModelRunner:
         if new.req_id in self.requests:
             logger.warning("request %r sent again as new; replacing its state", new.req_id)
         sampling = None
-        if self.is_output_rank:
+        if self.samples:
             seed = new.sampling.seed
             sampling = RequestSamplingState(
                 new.sampling,

@@ -57,3 +57,30 @@ async def test_inconsistent_parallel_config_is_refused(tiny_llama_dir: pathlib.P
         await Engine.start(_cfg(tiny_llama_dir, pipeline_parallel_size=3))
     with pytest.raises(ConfigError, match="inproc"):
         EngineConfig(model=str(tiny_llama_dir), transport="inproc", tensor_parallel_size=2)
+
+
+SAMPLED = SamplingParams(max_tokens=12, temperature=0.9, top_p=0.9, seed=7, repetition_penalty=1.2,
+                         frequency_penalty=0.3, ignore_eos=True)
+
+
+async def _sampled(cfg: EngineConfig, prompts: list[str]) -> tuple[list[list[int]], bool]:
+    async with await Engine.start(cfg) as engine:
+        results = await generate_all(engine, prompts, SAMPLED)
+        overlapped = engine._cores[0].scheduler.config.async_scheduling
+    return results, overlapped
+
+
+async def test_tensor_parallel_ranks_keep_the_same_sampled_tokens(tiny_llama_dir: pathlib.Path) -> None:
+    """TP=2 schedules asynchronously: every rank samples and keeps the tokens itself. Seeded
+    random sampling with penalties gives what one process gives (a rank that kept a different
+    token would embed it, and the all-reduce would carry that into every later step)."""
+    prompts = _prompts(6)
+    single, _ = await _sampled(_cfg(tiny_llama_dir, transport="inproc"), prompts)
+    split, overlapped = await _sampled(_cfg(tiny_llama_dir, tensor_parallel_size=2), prompts)
+    assert overlapped is True
+    assert split == single
+    assert all(len(t) == SAMPLED.max_tokens for t in single)
+    assert len({tuple(t) for t in single}) > 1  # really sampled, not one repeated answer
+    # Pipeline stages still schedule after each step (only the last stage sees logits).
+    _, pp_overlapped = await _sampled(_cfg(tiny_llama_dir, pipeline_parallel_size=2), prompts[:2])
+    assert pp_overlapped is False

@@ -112,7 +112,10 @@ async def test_two_ranks_generate_hf_tokens(
                     num_computed = len(PROMPT) + len(tokens) - 1
                     new_blocks = [len(blocks)] if num_computed % BLOCK_SIZE == 0 else []
                     blocks += new_blocks
-                    cached = CachedRequest("r", tokens[-1:], new_blocks, num_computed, 1, False)
+                    # A group without pipeline stages keeps its sampled tokens (every TP rank
+                    # samples); with stages, the engine sends each token back.
+                    sent = [] if pp_size == 1 else tokens[-1:]
+                    cached = CachedRequest("r", sent, new_blocks, num_computed, 1, False)
                     await channels.broadcast(ExecuteStep(step_id, [], [cached], []))
                 assert tokens == expected
                 await channels.broadcast(Shutdown())
