@@ -42,41 +42,42 @@ void check_rows(const at::Tensor& t, const char* op, const char* name) {
 
 inline float sum_of_squares(const float* x, int64_t n) { return cpu_math::lane_dot(x, x, n); }
 
-inline void scale_row(float* __restrict out, const float* __restrict x,
-                      const float* __restrict weight, float inv, int64_t n) {
+// What both norms take: two row tensors of one shape and a [features] weight.
+void check_norm_args(const char* op, const at::Tensor& a, const char* a_name, const at::Tensor& b,
+                     const char* b_name, const at::Tensor& weight) {
+  check_rows(a, op, a_name);
+  check_rows(b, op, b_name);
+  TORCH_CHECK(a.sizes() == b.sizes(), op, ": ", a_name, " and ", b_name, " differ in shape");
+  TORCH_CHECK(weight.is_contiguous() && weight.scalar_type() == at::kFloat &&
+                  weight.numel() == a.size(1),
+              op, ": weight must be a contiguous float32 [features] tensor");
+}
+
+// out = weight * (x / rms(x)) for one row of n values (out may be x).
+inline void norm_row(float* out, const float* x, const float* __restrict weight, int64_t n,
+                     float eps) {
+  const float inv = 1.f / std::sqrt(sum_of_squares(x, n) / static_cast<float>(n) + eps);
   for (int64_t i = 0; i < n; ++i) out[i] = weight[i] * (x[i] * inv);
 }
 
 void rms_norm(const at::Tensor& out, const at::Tensor& x, const at::Tensor& weight, double eps) {
-  check_rows(x, "rms_norm", "x");
-  check_rows(out, "rms_norm", "out");
-  TORCH_CHECK(out.sizes() == x.sizes(), "rms_norm: out and x differ in shape");
+  check_norm_args("rms_norm", x, "x", out, "out", weight);
   const int64_t rows = x.size(0), hidden = x.size(1);
-  TORCH_CHECK(weight.is_contiguous() && weight.scalar_type() == at::kFloat &&
-                  weight.numel() == hidden,
-              "rms_norm: weight must be a contiguous float32 [features] tensor");
   const float* xp = x.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const float* wp = weight.data_ptr<float>();
   const int64_t xs = x.stride(0), os = out.stride(0);
   at::parallel_for(0, rows, row_grain(hidden), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      const float* row = xp + r * xs;
-      const float mean = sum_of_squares(row, hidden) / static_cast<float>(hidden);
-      scale_row(op + r * os, row, wp, 1.f / std::sqrt(mean + static_cast<float>(eps)), hidden);
+      norm_row(op + r * os, xp + r * xs, wp, hidden, static_cast<float>(eps));
     }
   });
 }
 
 void fused_add_rms_norm(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight,
                         double eps) {
-  check_rows(x, "fused_add_rms_norm", "x");
-  check_rows(residual, "fused_add_rms_norm", "residual");
-  TORCH_CHECK(residual.sizes() == x.sizes(), "fused_add_rms_norm: x and residual differ in shape");
+  check_norm_args("fused_add_rms_norm", x, "x", residual, "residual", weight);
   const int64_t rows = x.size(0), hidden = x.size(1);
-  TORCH_CHECK(weight.is_contiguous() && weight.scalar_type() == at::kFloat &&
-                  weight.numel() == hidden,
-              "fused_add_rms_norm: weight must be a contiguous float32 [features] tensor");
   float* xp = x.data_ptr<float>();
   float* rp = residual.data_ptr<float>();
   const float* wp = weight.data_ptr<float>();
@@ -86,8 +87,7 @@ void fused_add_rms_norm(const at::Tensor& x, const at::Tensor& residual, const a
       float* __restrict xr = xp + r * xs;
       float* __restrict rr = rp + r * rs;
       for (int64_t i = 0; i < hidden; ++i) rr[i] = xr[i] + rr[i];
-      const float mean = sum_of_squares(rr, hidden) / static_cast<float>(hidden);
-      scale_row(xr, rr, wp, 1.f / std::sqrt(mean + static_cast<float>(eps)), hidden);
+      norm_row(xr, rr, wp, hidden, static_cast<float>(eps));
     }
   });
 }
