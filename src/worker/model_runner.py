@@ -188,7 +188,7 @@ class ModelRunner:
             sampling = [s.sampling for s in states]
             if any(s is None for s in sampling):  # impossible on a sampling rank; fail loudly
                 raise RuntimeError("a sampling request has no sampler state on a sampling rank")
-            out = sample(logits, [s for s in sampling if s is not None])
+            out = sample(logits, [s for s in sampling if s is not None], with_logprobs=self.is_output_rank)
             if self.keep_sampled_tokens:
                 for state, token_id in zip(states, out.token_ids, strict=True):
                     state.append_tokens((token_id,))

@@ -122,8 +122,10 @@ class SamplerOutput:
     logprobs: list[SampleLogprobs | None] | None
 
 
-def sample(logits: torch.Tensor, states: Sequence[RequestSamplingState]) -> SamplerOutput:
-    """Sample one token per row of ``logits`` [N, V] using each row's request state."""
+def sample(logits: torch.Tensor, states: Sequence[RequestSamplingState],
+           with_logprobs: bool = True) -> SamplerOutput:
+    """Sample one token per row of ``logits`` [N, V] using each row's request state;
+    ``with_logprobs=False`` skips the logprobs requests ask for (a rank that does not report)."""
     if logits.dim() != 2 or logits.shape[0] != len(states):
         raise ValueError(
             f"logits shape {tuple(logits.shape)} does not match {len(states)} requests"
@@ -132,7 +134,7 @@ def sample(logits: torch.Tensor, states: Sequence[RequestSamplingState]) -> Samp
         return SamplerOutput(token_ids=[], logprobs=None)
     logits = logits.float()
     options = [s.options for s in states]
-    want_logprobs = any(o.num_logprobs is not None for o in options)
+    want_logprobs = with_logprobs and any(o.num_logprobs is not None for o in options)
     raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
     any_penalties = any(s.needs_penalties for s in states)
     if all(is_greedy(o) for o in options) and not any_penalties and raw_logprobs is None:

@@ -198,6 +198,23 @@ def test_logprobs_are_raw_log_softmax() -> None:
     assert second.top_token_ids == [] and second.top_logprobs == []
 
 
+def test_a_rank_that_does_not_report_draws_the_same_tokens_without_logprobs() -> None:
+    """Non-output TP ranks sample only to keep their tokens: same draws, no logprobs."""
+    logits = torch.randn(3, 30, generator=torch.Generator().manual_seed(6))
+
+    def states() -> list[RequestSamplingState]:
+        return [
+            state(options(temperature=0.0, num_logprobs=3)),
+            state(options(temperature=1.0, num_logprobs=2, presence_penalty=1.0), seed=5),
+            state(options(temperature=0.7, top_p=0.8, num_logprobs=0), seed=9),
+        ]
+
+    reported = sample(logits, states())
+    silent = sample(logits, states(), with_logprobs=False)
+    assert silent.token_ids == reported.token_ids
+    assert reported.logprobs is not None and silent.logprobs is None
+
+
 def test_shape_mismatch_is_an_error() -> None:
     with pytest.raises(ValueError, match="does not match"):
         sample(torch.zeros(2, 4), [state(options())])
