@@ -288,7 +288,7 @@ CPU_ABLATION = (
     ("torch ops (SDPA attention, plain GEMMs)", "sdpa", "off", False),
     ("+ fused decode-attention kernel", "kernel", "off", False),
     ("+ fused element-wise ops", "kernel", "auto", False),
-    ("+ oneDNN-prepacked weights (all on)", "kernel", "auto", True),
+    ("+ panel-packed weights, own GEMM kernel (all on)", "kernel", "auto", True),
 )
 
 

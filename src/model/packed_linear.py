@@ -1,16 +1,21 @@
-"""Prepacked oneDNN weights for CPU float32 linear layers (decode GEMMs of few rows).
+"""Prepacked CPU float32 linear weights and the decode GEMM that uses them (`csrc/cpu_gemm.cpp`).
 
-A decode step multiplies at most `max_num_seqs` rows by every weight matrix. For such shapes
-torch's default CPU GEMM (MKL on a plain row-major weight) reaches a fraction of the machine's
-rate; oneDNN with the weight reordered once into its blocked layout runs a SmolLM2 decode step
-of 8-64 sequences 12-30% faster on a 2-core AVX-512 machine (benchmarks/RESULTS.md section 12).
-Inputs of 4-64 rows take it, padded to an even count (see `linear`); others keep F.linear.
+A decode step multiplies a few rows (one per running sequence) by every weight matrix. For such
+shapes torch's CPU GEMMs reach a fraction of the machine's rate, and each of a step's ~150 GEMMs
+wakes the sleeping OpenMP thread (~90 us on a 2-core VM, under the PASSIVE wait policy workers
+run with). `shardline::packed_gemm` multiplies by a copy of the weight stored as panels of 32
+output columns (`pack_weight`), with register tiles of up to 12 rows, prefetching the next panel
+while it computes, on its own threads, which stay awake between the GEMMs of one step (a bounded,
+yielding spin; `SHARDLINE_CPU_SPIN_US`, default 200) and sleep between steps. A 30-layer stack
+of SmolLM2's shapes: 1.2-1.5x faster than oneDNN with prepacked weights for 1-64 rows, 1.2-2.1x
+faster than F.linear (benchmarks/RESULTS.md section 12). Inputs of up to MAX_ROWS rows take it;
+larger ones (prefill chunks) keep F.linear, which was as fast from ~512 rows on.
 
 The worker packs after loading (`pack_linear_weights`), before it sizes the KV cache, so the
 copy counts against memory. The original weights stay: the tied LM head shares its weight with
-the embedding, and `load_weights` and the non-CPU paths use them. The copy is made only while it
-costs less than `MAX_MEMORY_FRACTION` of the machine's RAM; `SHARDLINE_CPU_PACKED_LINEAR=off`
-turns it off.
+the embedding, and `load_weights`, prefill and the non-CPU paths use them. The copy is made only
+while it costs less than `MAX_MEMORY_FRACTION` of the machine's RAM, and only where the CPU
+kernels build; `SHARDLINE_CPU_PACKED_LINEAR=off` turns it off.
 """
 
 from __future__ import annotations
@@ -24,21 +29,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model import paged_decode
+
 logger = logging.getLogger(__name__)
 
 ENV = "SHARDLINE_CPU_PACKED_LINEAR"
 MODES = ("auto", "off")
-BATCH_HINT = 64  # oneDNN picks its blocking for this many rows; 16 and 64 measured alike
+PANEL = 32  # output columns per panel (csrc/cpu_gemm.cpp kNR)
+MAX_ROWS = 256  # larger inputs use F.linear (equal speed at 512 rows, MKL's blocking beyond)
 MAX_MEMORY_FRACTION = 0.1
-# oneDNN compiles (JIT) and caches a kernel per input shape: ~2-10 ms and ~0.6 MiB each; a
-# server fed every prefill length grew by hundreds of MiB. So the packed path takes only
-# decode-sized inputs, padded to a multiple of ROW_BUCKET rows, and compiles those shapes at
-# start-up (`pack_linear_weights`: SmolLM2, 5 weight shapes x 32 row counts, 0.6 s and ~90 MiB;
-# padding to 8 rows instead cost ~5% of decode throughput). Fewer than MIN_ROWS rows and more
-# than MAX_ROWS (prefill chunks) use F.linear, which was as fast or faster there.
-MIN_ROWS = 4
-MAX_ROWS = 64
-ROW_BUCKET = 2
+
+
+def pack_weight(weight: torch.Tensor) -> torch.Tensor:
+    """`weight` `[N, K]` as `[ceil(N / 32), K, 32]` panels (the last one zero-padded)."""
+    n, k = weight.shape
+    panels = -(-n // PANEL)
+    padded = weight.new_zeros(panels * PANEL, k)
+    padded[:n] = weight
+    return padded.view(panels, PANEL, k).transpose(1, 2).contiguous()
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -46,16 +54,14 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     """`F.linear(x, weight, bias)`, through the packed copy of `weight` when there is one and
     `x` has a decode-sized number of rows."""
     rows = x.shape[0]
-    if (packed is None or not MIN_ROWS <= rows <= MAX_ROWS or x.dim() != 2
+    if (packed is None or not 1 <= rows <= MAX_ROWS or x.dim() != 2
             or x.dtype != torch.float32 or x.device.type != "cpu"):
         return F.linear(x, weight, bias)
-    bucket = -(-rows // ROW_BUCKET) * ROW_BUCKET
-    if bucket != rows:
-        padded = x.new_zeros(bucket, x.shape[1])
-        padded[:rows] = x
-        x = padded
-    out = torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, bias, "none", [], "")
-    return out[:rows] if bucket != rows else out
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    out = x.new_empty(rows, weight.shape[0])
+    torch.ops.shardline.packed_gemm(out, x, packed, bias)
+    return out
 
 
 def _packable(weight: Any) -> bool:
@@ -65,42 +71,22 @@ def _packable(weight: Any) -> bool:
 
 def pack_linear_weights(model: nn.Module) -> int:
     """Give every CPU float32 layer with a `packed_weight` slot its packed copy; returns the
-    bytes added (0 when off, not CPU float32, oneDNN missing, or too large for RAM)."""
+    bytes added (0 when off, not CPU float32, the kernels do not build, or too large for RAM)."""
     mode = os.environ.get(ENV, "").strip().lower() or "auto"
     if mode not in MODES:
         raise ValueError(f"{ENV}={mode!r}: expected one of {', '.join(MODES)}")
     layers: list[Any] = [m for m in model.modules() if hasattr(m, "packed_weight")
                          and _packable(getattr(m, "weight", None))]
-    if mode == "off" or not layers or not torch.backends.mkldnn.is_available():
+    if mode == "off" or not layers:
         return 0
-    added = sum(m.weight.numel() * m.weight.element_size() for m in layers)
+    added = sum(-(-m.weight.shape[0] // PANEL) * PANEL * m.weight.shape[1] * 4 for m in layers)
     limit = MAX_MEMORY_FRACTION * psutil.virtual_memory().total
     if added > limit:
-        logger.info("not packing linear weights for oneDNN: the copy (%.0f MiB) would exceed "
-                    "%.0f%% of RAM", added / 2**20, 100 * MAX_MEMORY_FRACTION)
+        logger.info("not packing linear weights: the copy (%.0f MiB) would exceed %.0f%% of RAM",
+                    added / 2**20, 100 * MAX_MEMORY_FRACTION)
         return 0
-    try:
-        for m in layers:
-            m.packed_weight = torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), BATCH_HINT)
-        _compile_buckets(layers)
-    except (RuntimeError, AttributeError) as exc:  # a torch build without these ops
-        for m in layers:
-            m.packed_weight = None
-        logger.warning("linear weights stay unpacked: %s", exc)
+    if not paged_decode.KERNEL.load():  # logs why, once
         return 0
+    for m in layers:
+        m.packed_weight = pack_weight(m.weight.detach())
     return added
-
-
-def _compile_buckets(layers: list[Any]) -> None:
-    """Run every row bucket once per distinct weight shape, so oneDNN compiles its kernels now
-    rather than in the first requests' steps (layers of one shape share them)."""
-    seen: set[tuple[Any, ...]] = set()
-    with torch.inference_mode():
-        for m in layers:
-            key = (tuple(m.weight.shape), getattr(m, "bias", None) is not None)
-            if key in seen:
-                continue
-            seen.add(key)
-            for rows in range(ROW_BUCKET, MAX_ROWS + 1, ROW_BUCKET):
-                x = torch.zeros(rows, m.weight.shape[1])
-                linear(x, m.weight, getattr(m, "bias", None), m.packed_weight)

@@ -45,8 +45,9 @@ logger = logging.getLogger(__name__)
 MODE_ENV = "SHARDLINE_CPU_ATTENTION"
 MODES = ("auto", "kernel", "sdpa")
 _CSRC = pathlib.Path(__file__).resolve().parent / "csrc"
-# One extension: the decode-attention kernel and the fused element-wise ops (model.cpu_ops).
-SOURCES = (_CSRC / "paged_decode.cpp", _CSRC / "cpu_ops.cpp")
+# One extension: the decode-attention kernel, the fused element-wise ops (model.cpu_ops) and
+# the decode GEMM (model.packed_linear).
+SOURCES = (_CSRC / "paged_decode.cpp", _CSRC / "cpu_ops.cpp", _CSRC / "cpu_gemm.cpp")
 EXTENSION_NAME = "shardline_paged_decode"
 CFLAGS = ("-O3", "-march=native", "-fopenmp")  # -fopenmp: at::parallel_for is inline; without it, one thread
 

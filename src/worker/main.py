@@ -147,7 +147,7 @@ class Worker:
         model = load_model(model_config, parallel_context)
         packed = pack_linear_weights(model)  # before the KV cache is sized: the copy counts
         if packed:
-            self.log.info("packed %.0f MiB of linear weights for oneDNN", packed / 2**20)
+            self.log.info("packed %.0f MiB of linear weights for the decode GEMM", packed / 2**20)
         local_blocks = determine_num_blocks(
             model,
             block_size=cfg.block_size,

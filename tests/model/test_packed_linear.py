@@ -1,61 +1,121 @@
-"""oneDNN-prepacked linear weights (model/packed_linear.py): same results as F.linear, packed
-only where they apply, and what turns them off."""
+"""Panel-packed linear weights and the decode GEMM (model/packed_linear.py, csrc/cpu_gemm.cpp,
+csrc/cpu_pool.h): same results as F.linear, packed only where they apply, and what turns them
+off."""
 
 from __future__ import annotations
 
 import pathlib
+import threading
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from model import packed_linear
+from model import packed_linear, paged_decode
 from model.config import ModelConfig
 from model.loader import load_model
 from model.parallel import ParallelLMHead, QKVParallelLinear, RowParallelLinear
 from model.parallel_context import ParallelContext
 from support.tiny_models import make_tiny_model_dir
 
-pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(),
-                                reason="this torch build has no oneDNN")
+pytestmark = pytest.mark.skipif(not paged_decode.KERNEL.load(),
+                                reason="the CPU kernels do not build here")
 
 
-@pytest.mark.parametrize("rows", [1, 4, 7, 8, 33, 64, 65, 300])
-def test_packed_linear_equals_f_linear(rows):
-    gen = torch.Generator().manual_seed(rows)
-    weight = torch.randn(96, 40, generator=gen)
-    bias = torch.randn(96, generator=gen)
-    packed = torch.ops.mkldnn._reorder_linear_weight(weight, packed_linear.BATCH_HINT)
-    x = torch.randn(rows, 40, generator=gen)
+@pytest.fixture
+def two_threads():
+    """The pool splits work only with more than one torch thread."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+# Rows: 1, a tile's worth (12), one more, uneven tile splits, and more than MAX_ROWS (F.linear).
+# Columns: whole panels (96) and a ragged last panel (101); K odd (41) and long (600).
+@pytest.mark.parametrize("rows", [1, 2, 7, 12, 13, 25, 64, 100, 256, 300])
+@pytest.mark.parametrize("n,k", [(96, 40), (101, 41), (330, 600)])
+def test_packed_linear_equals_f_linear(rows, n, k, two_threads):
+    gen = torch.Generator().manual_seed(rows * 1000 + n)
+    weight = torch.randn(n, k, generator=gen)
+    bias = torch.randn(n, generator=gen)
+    packed = packed_linear.pack_weight(weight)
+    assert packed.shape == (-(-n // 32), k, 32)
+    x = torch.randn(rows, k, generator=gen)
     for b in (None, bias):
         torch.testing.assert_close(packed_linear.linear(x, weight, b, packed), F.linear(x, weight, b),
-                                   rtol=1e-5, atol=1e-5)
-    # A strided input (a slice of a wider tensor) and other dtypes take the right path.
-    wide = torch.randn(rows, 80, generator=gen)[:, :40]
-    torch.testing.assert_close(packed_linear.linear(wide, weight, None, packed), F.linear(wide, weight),
-                               rtol=1e-5, atol=1e-5)
+                                   rtol=1e-4, atol=1e-4)
+    # A strided input (a slice of a wider tensor, and one with non-unit column stride).
+    wide = torch.randn(rows, 2 * k, generator=gen)
+    for view in (wide[:, :k], wide[:, ::2]):
+        torch.testing.assert_close(packed_linear.linear(view, weight, None, packed),
+                                   F.linear(view, weight), rtol=1e-4, atol=1e-4)
+    # Other dtypes take F.linear.
     x64 = x.double()
     assert packed_linear.linear(x64, weight.double(), None, packed).dtype == torch.float64
 
 
 def test_only_decode_sized_inputs_take_the_packed_path(monkeypatch):
     calls = []
-    real = torch.ops.mkldnn._linear_pointwise
+    real = torch.ops.shardline.packed_gemm
 
-    def spy(x, *args):
+    def spy(out, x, *args):
         calls.append(x.shape[0])
-        return real(x, *args)
+        return real(out, x, *args)
 
     weight = torch.randn(16, 8)
-    packed = torch.ops.mkldnn._reorder_linear_weight(weight, packed_linear.BATCH_HINT)
-    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", spy)
-    for rows in (1, 3, 4, 9, 64, 65, 2048):
+    packed = packed_linear.pack_weight(weight)
+    monkeypatch.setattr(torch.ops.shardline, "packed_gemm", spy)
+    for rows in (0, 1, 3, 64, packed_linear.MAX_ROWS, packed_linear.MAX_ROWS + 1, 2048):
         out = packed_linear.linear(torch.randn(rows, 8), weight, None, packed)
         assert out.shape == (rows, 16) and out.is_contiguous()
-    bucket = packed_linear.ROW_BUCKET
-    padded = [-(-rows // bucket) * bucket for rows in (4, 9, 64)]
-    assert calls == padded  # 4, 9 and 64 rows (padded to the bucket); 1, 3, 65, 2048 unpacked
-    assert padded[1] > 9  # 9 rows really were padded
+    assert calls == [1, 3, 64, packed_linear.MAX_ROWS]
+
+
+def test_bad_arguments_get_clear_errors():
+    weight = torch.randn(64, 16)
+    packed = packed_linear.pack_weight(weight)
+    out, x = torch.empty(4, 64), torch.randn(4, 16)
+    cases = [
+        ((out, torch.randn(4, 17), packed, None), "packed weight has K=16, x has 17"),
+        ((torch.empty(4, 65), x, packed, None), "2 panels, out has 65 columns"),
+        ((torch.empty(5, 64), x, packed, None), "out has 5 rows, x has 4"),
+        ((out, x, packed.transpose(0, 1), None), "packed must be a contiguous"),
+        ((out, x.double(), packed, None), "x and out must be CPU float32"),
+        ((out, x, packed, torch.randn(63)), "bias must be a contiguous float32 \\[64\\]"),
+    ]
+    for args, message in cases:
+        with pytest.raises(RuntimeError, match=message):
+            torch.ops.shardline.packed_gemm(*args)
+    torch.ops.shardline.packed_gemm(out, x, packed, None)  # and it still works
+    torch.testing.assert_close(out, F.linear(x, weight), rtol=1e-4, atol=1e-4)
+
+
+def test_concurrent_callers_share_the_pool_safely(two_threads):
+    """Callers on several threads at once (the pool serves one; the others run alone) all get
+    their own right answers, many times over: no lost chunk, no cross-talk, no hang."""
+    gen = torch.Generator().manual_seed(0)
+    weights = [torch.randn(32 * (i + 3), 64, generator=gen) for i in range(4)]
+    packs = [packed_linear.pack_weight(w) for w in weights]
+    inputs = [torch.randn(16, 64, generator=gen) for _ in weights]
+    wants = [F.linear(x, w) for x, w in zip(inputs, weights)]
+    errors: list[BaseException] = []
+
+    def caller(i: int) -> None:
+        try:
+            for _ in range(300):
+                got = packed_linear.linear(inputs[i], weights[i], None, packs[i])
+                torch.testing.assert_close(got, wants[i], rtol=1e-4, atol=1e-4)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=caller, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads), "a caller hung"
+    assert not errors, errors[0]
 
 
 def _tiny(tmp_path: pathlib.Path, **kw) -> torch.nn.Module:
@@ -75,7 +135,7 @@ def test_a_packed_model_computes_what_the_unpacked_one_does(tmp_path, monkeypatc
     with torch.inference_mode():
         want = model.compute_logits(model(ids, torch.arange(6), attn))
     added = packed_linear.pack_linear_weights(model)
-    assert added == sum(m.weight.numel() * 4 for m in layers)
+    assert added == sum(m.packed_weight.numel() * 4 for m in layers)
     assert all(m.packed_weight is not None for m in layers)
     # The tied head keeps sharing the embedding's weight; the packed copy is its own.
     assert model.lm_head.weight is model.model.embed_tokens.weight
@@ -93,6 +153,9 @@ def test_what_turns_packing_off(tmp_path, monkeypatch):
         packed_linear.pack_linear_weights(model)
     monkeypatch.delenv(packed_linear.ENV)
     monkeypatch.setattr(packed_linear, "MAX_MEMORY_FRACTION", 1e-12)  # the copy "exceeds RAM"
+    assert packed_linear.pack_linear_weights(model) == 0
+    monkeypatch.undo()
+    monkeypatch.setattr(paged_decode.KERNEL, "load", lambda: False)  # no compiler here
     assert packed_linear.pack_linear_weights(model) == 0
     assert all(m.packed_weight is None for m in model.modules() if hasattr(m, "packed_weight"))
 

@@ -6,9 +6,10 @@
 //   silu_and_mul(out, x)                          out = silu(x[:, :d]) * x[:, d:]
 //   store_kv(k, v, kv_cache, slot_mapping)        the new K/V rows into their cache slots
 //
-// Each replaces 3-12 torch ops (and their temporaries). Rows are split over threads only when a
-// task gets at least kMinWork elements: a decode step's 64 x 576 norm costs ~10 us on one core,
-// less than waking a sleeping OpenMP thread, and a step has ~150 such ops.
+// Each replaces 3-12 torch ops (and their temporaries). Rows are split over the threads of
+// cpu_pool.h (awake between the kernels of a step, unlike OpenMP's under the PASSIVE policy),
+// and only when a task gets at least kMinWork elements: a decode step's 64 x 576 norm takes
+// ~10 us on one core.
 //
 // Arithmetic follows the torch expressions they replace (model/layers.py, model/attention.py)
 // in float32: sums of squares and dot products keep kLanes partial sums, so results differ
@@ -25,10 +26,11 @@
 #include <cstring>
 
 #include "cpu_math.h"
+#include "cpu_pool.h"
 
 namespace {
 
-constexpr int64_t kMinWork = 1 << 17;  // elements per thread task
+constexpr int64_t kMinWork = 1 << 15;  // elements per thread task
 
 int64_t row_grain(int64_t row_elems) {
   return std::max<int64_t>(1, kMinWork / std::max<int64_t>(1, row_elems));
@@ -67,7 +69,7 @@ void rms_norm(const at::Tensor& out, const at::Tensor& x, const at::Tensor& weig
   float* op = out.data_ptr<float>();
   const float* wp = weight.data_ptr<float>();
   const int64_t xs = x.stride(0), os = out.stride(0);
-  at::parallel_for(0, rows, row_grain(hidden), [&](int64_t begin, int64_t end) {
+  cpu_pool::parallel_for(rows, row_grain(hidden), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       norm_row(op + r * os, xp + r * xs, wp, hidden, static_cast<float>(eps));
     }
@@ -82,7 +84,7 @@ void fused_add_rms_norm(const at::Tensor& x, const at::Tensor& residual, const a
   float* rp = residual.data_ptr<float>();
   const float* wp = weight.data_ptr<float>();
   const int64_t xs = x.stride(0), rs = residual.stride(0);
-  at::parallel_for(0, rows, row_grain(hidden), [&](int64_t begin, int64_t end) {
+  cpu_pool::parallel_for(rows, row_grain(hidden), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       float* __restrict xr = xp + r * xs;
       float* __restrict rr = rp + r * rs;
@@ -136,7 +138,7 @@ void rotary_embedding(const at::Tensor& positions, const at::Tensor& q, const at
   const float* cp = cos_cache.data_ptr<float>();
   const float* sp = sin_cache.data_ptr<float>();
   const int64_t qs = q.stride(0), ks = k.stride(0);
-  at::parallel_for(0, tokens, row_grain((q_heads + k_heads) * dim), [&](int64_t begin, int64_t end) {
+  cpu_pool::parallel_for(tokens, row_grain((q_heads + k_heads) * dim), [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const float* c = cp + pos[t] * dim;
       const float* s = sp + pos[t] * dim;
@@ -155,7 +157,7 @@ void silu_and_mul(const at::Tensor& out, const at::Tensor& x) {
   const float* xp = x.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const int64_t xs = x.stride(0), os = out.stride(0);
-  at::parallel_for(0, rows, row_grain(2 * d), [&](int64_t begin, int64_t end) {
+  cpu_pool::parallel_for(rows, row_grain(2 * d), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const float* __restrict gate = xp + r * xs;
       const float* __restrict up = gate + d;
@@ -194,7 +196,7 @@ void store_kv(const at::Tensor& k, const at::Tensor& v, const at::Tensor& kv_cac
   const float* kp = k.data_ptr<float>();
   const float* vp = v.data_ptr<float>();
   const int64_t ks = k.stride(0), vs = v.stride(0);
-  at::parallel_for(0, tokens, row_grain(2 * row), [&](int64_t begin, int64_t end) {
+  cpu_pool::parallel_for(tokens, row_grain(2 * row), [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t block = sp[t] / block_size, offset = sp[t] % block_size;
       float* key = cache + ((block * 2) * block_size + offset) * row;

@@ -29,8 +29,12 @@
 #include <vector>
 
 #include "cpu_math.h"
+#include "cpu_pool.h"
 
 namespace {
+
+// Elements of K/V a task reads at least before the work is split over threads.
+constexpr int64_t kMinTaskWork = 1 << 16;
 
 
 // acc += sum over t < count of p[t] * v_t, where v_t = values + t * stride.
@@ -296,9 +300,9 @@ void paged_decode_attention(const at::Tensor& out, const at::Tensor& query,
                 "paged_decode_attention: query row out of range");
     longest = std::max(longest, len);
   }
-  // Tasks get enough work to be worth a thread hand-off: waking a
-  // sleeping OpenMP thread (the PASSIVE wait policy workers use) costs ~100 us on a VM, more
-  // than a decode x8 layer at context 100 takes on one core.
+  // Work goes to the threads of cpu_pool.h, awake between the kernels of a step (waking a
+  // sleeping OpenMP thread costs ~100 us on a VM, more than a decode x8 layer at context 100
+  // takes on one core); tasks still get enough work to be worth the hand-off.
   const Problem problem{kv_cache.data_ptr<float>(), query.data_ptr<float>(), out.data_ptr<float>(),
                         block_tables.data_ptr<int32_t>(), lens, starts, id_ptr,
                         num_blocks, block_size, num_kv_heads, head_dim, group, max_blocks,
@@ -307,8 +311,8 @@ void paged_decode_attention(const at::Tensor& out, const at::Tensor& query,
 #if defined(__AVX512F__)
   if (head_dim == 64 || head_dim == 128) {  // one item per sequence
     const int64_t seq_work = longest * num_heads * head_dim;
-    const int64_t grain = std::max<int64_t>(1, (1 << 19) / std::max<int64_t>(1, seq_work));
-    at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
+    const int64_t grain = std::max<int64_t>(1, kMinTaskWork / std::max<int64_t>(1, seq_work));
+    cpu_pool::parallel_for(n, grain, [&](int64_t begin, int64_t end) {
       if (head_dim == 64) {
         attend_seqs_avx512<64>(problem, begin, end);
       } else {
@@ -319,8 +323,8 @@ void paged_decode_attention(const at::Tensor& out, const at::Tensor& query,
   }
 #endif
   const int64_t item_work = longest * group * head_dim;
-  const int64_t grain = std::max<int64_t>(1, (1 << 19) / std::max<int64_t>(1, item_work));
-  at::parallel_for(0, n * num_kv_heads, grain, [&](int64_t begin, int64_t end) {
+  const int64_t grain = std::max<int64_t>(1, kMinTaskWork / std::max<int64_t>(1, item_work));
+  cpu_pool::parallel_for(n * num_kv_heads, grain, [&](int64_t begin, int64_t end) {
     switch (head_dim) {  // the common sizes unrolled; any other at run time
       case 64: attend_items<64>(problem, begin, end); break;
       case 128: attend_items<128>(problem, begin, end); break;

@@ -72,7 +72,7 @@ class ParallelLMHead(VocabParallelEmbedding):
             self.bias.weight_loader = self._bias_loader  # type: ignore[union-attr,attr-defined]
         else:
             self.register_parameter("bias", None)
-        # oneDNN's prepacked copy of `weight` on CPU float32 (model.packed_linear), or None.
+        # The panel-packed copy of `weight` on CPU float32 (model.packed_linear), or None.
         self.packed_weight: torch.Tensor | None = None
 
     def _bias_loader(self, param: nn.Parameter, loaded: Any, shard_id: Any = None) -> None:

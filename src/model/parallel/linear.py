@@ -49,7 +49,7 @@ class LinearBase(nn.Module):
             self.bias.weight_loader = self.weight_loader  # type: ignore[union-attr,attr-defined]
         else:
             self.register_parameter("bias", None)
-        # oneDNN's prepacked copy of `weight` on CPU float32 (model.packed_linear), or None.
+        # The panel-packed copy of `weight` on CPU float32 (model.packed_linear), or None.
         self.packed_weight: torch.Tensor | None = None
 
     def weight_loader(self, param: nn.Parameter, loaded: Any, shard_id: Any = None) -> None:

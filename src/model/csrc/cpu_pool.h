@@ -1,0 +1,217 @@
+// The CPU kernels' own threads (cpu_gemm.cpp, paged_decode.cpp): a pool whose threads stay
+// awake between the kernels of one model step and sleep between steps.
+//
+// A decode step runs ~150 GEMMs and 30 attention calls, each too short to pay for waking a
+// sleeping OpenMP thread (~90 us on a 2-core VM; workers run OpenMP with the PASSIVE wait
+// policy so that they never spin on a shared machine). The pool's threads instead spin for a
+// bounded time after each task (SHARDLINE_CPU_SPIN_US, default 200 us), yielding the core to
+// anything else that wants it every few microseconds, so the next kernel of the same step finds
+// them awake; then they sleep on a futex. They also sleep at once when the core turns out to be
+// contended. Work is split into chunks that every thread, the caller included, claims in turn.
+#pragma once
+
+#include <ATen/Parallel.h>
+
+#include <linux/futex.h>
+#include <pthread.h>
+#include <sched.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <climits>
+#include <cstdint>
+#include <cstdlib>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#define SHARDLINE_CPU_RELAX() _mm_pause()
+#else
+#define SHARDLINE_CPU_RELAX() asm volatile("" ::: "memory")
+#endif
+
+namespace cpu_pool {
+
+constexpr int64_t kDefaultSpinUs = 200;
+
+inline long futex(std::atomic<uint32_t>* word, int op, uint32_t value) {
+  return syscall(SYS_futex, reinterpret_cast<uint32_t*>(word), op, value, nullptr, nullptr, 0);
+}
+
+inline int64_t spin_us_from_env() {
+  const char* text = std::getenv("SHARDLINE_CPU_SPIN_US");
+  if (text == nullptr || *text == '\0') return kDefaultSpinUs;
+  char* end = nullptr;
+  const long value = std::strtol(text, &end, 10);
+  return (end != nullptr && *end == '\0' && value >= 0) ? value : kDefaultSpinUs;
+}
+
+class Pool {
+ public:
+  using Fn = void (*)(const void* ctx, int64_t chunk);
+
+  // The pool for `threads` threads in all (the caller and threads - 1 of its own); it never
+  // shrinks, and is never destroyed (its threads sleep in futex_wait at process exit). A forked
+  // child, which has none of the parent's threads, makes its own.
+  static Pool& get(int threads) {
+    static std::once_flag fork_handlers;
+    std::call_once(fork_handlers, [] {
+      pthread_atfork([] { creating().lock(); }, [] { creating().unlock(); },
+                     [] {
+                       current() = nullptr;
+                       creating().unlock();
+                     });
+    });
+    std::lock_guard<std::mutex> guard(creating());
+    Pool*& pool = current();
+    if (pool == nullptr || pool->size() < threads) {
+      // A larger pool replaces a smaller one, whose threads stay asleep: torch's thread count
+      // only grows in practice (set once per worker), so this happens at most once or twice.
+      pool = new Pool(threads);
+    }
+    return *pool;
+  }
+
+  int size() const { return static_cast<int>(threads_.size()) + 1; }
+
+  // fn(ctx, chunk) for every chunk in [0, chunks). Every thread, the caller included, claims
+  // chunks one at a time until none are left, so a pool thread that the OS has not scheduled
+  // (another process holds its core) delays the caller by at most the one chunk it took. A
+  // second caller while the pool is busy runs its chunks itself.
+  void run(Fn fn, const void* ctx, int64_t chunks) {
+    std::unique_lock<std::mutex> busy(busy_, std::try_to_lock);
+    if (!busy.owns_lock() || chunks <= 1) {
+      for (int64_t chunk = 0; chunk < chunks; ++chunk) fn(ctx, chunk);
+      return;
+    }
+    fn_ = fn;
+    ctx_ = ctx;
+    chunks_ = chunks;
+    next_.store(0, std::memory_order_relaxed);
+    open_.store(true, std::memory_order_seq_cst);
+    generation_.fetch_add(1, std::memory_order_seq_cst);
+    if (sleepers_.load(std::memory_order_seq_cst) > 0) {
+      futex(&generation_, FUTEX_WAKE_PRIVATE, INT_MAX);
+    }
+    for (int64_t chunk; (chunk = next_.fetch_add(1, std::memory_order_relaxed)) < chunks;) {
+      fn(ctx, chunk);
+    }
+    // No chunk is left to claim; close the job and wait for those who took one. A thread that
+    // comes to it later sees it closed and leaves fn_ and ctx_ alone.
+    open_.store(false, std::memory_order_seq_cst);
+    for (int spins = 1; active_.load(std::memory_order_seq_cst) != 0; ++spins) {
+      SHARDLINE_CPU_RELAX();
+      if (spins % 64 == 0) sched_yield();
+    }
+  }
+
+ private:
+  static std::mutex& creating() {
+    static std::mutex mutex;
+    return mutex;
+  }
+  static Pool*& current() {
+    static Pool* pool = nullptr;
+    return pool;
+  }
+
+  explicit Pool(int threads) : spin_(std::chrono::microseconds(spin_us_from_env())) {
+    for (int i = 1; i < threads; ++i) {
+      threads_.emplace_back([this] { loop(); });
+      threads_.back().detach();
+    }
+  }
+
+  void loop() {
+    uint32_t seen = 0;
+    for (;;) {
+      seen = wait_for_work(seen);
+      active_.fetch_add(1, std::memory_order_seq_cst);
+      if (open_.load(std::memory_order_seq_cst)) {  // the job stays open while we are active
+        const Fn fn = fn_;
+        const void* ctx = ctx_;
+        const int64_t chunks = chunks_;
+        for (int64_t chunk; (chunk = next_.fetch_add(1, std::memory_order_relaxed)) < chunks;) {
+          fn(ctx, chunk);
+        }
+      }
+      active_.fetch_sub(1, std::memory_order_seq_cst);
+    }
+  }
+
+  // Spin until the generation moves past `seen`, yielding every few microseconds; sleep on the
+  // futex after spin_ without work, or at once when a yield gave the core to another thread
+  // for a while (the core is contended: spinning would only take time from others, and a
+  // sleeper is woken with priority, while a yielded spinner waits for the other's time slice).
+  uint32_t wait_for_work(uint32_t seen) {
+    using Clock = std::chrono::steady_clock;
+    constexpr auto kContended = std::chrono::microseconds(30);
+    auto last = Clock::now();
+    auto deadline = last + spin_;
+    for (int spins = 1;; ++spins) {
+      const uint32_t now_at = generation_.load(std::memory_order_acquire);
+      if (now_at != seen) return now_at;
+      SHARDLINE_CPU_RELAX();
+      if (spins % 64 != 0) continue;
+      const auto now = Clock::now();
+      if (now < deadline && now - last < kContended) {
+        last = now;
+        sched_yield();
+        continue;
+      }
+      sleepers_.fetch_add(1, std::memory_order_seq_cst);
+      if (generation_.load(std::memory_order_seq_cst) == seen) {
+        futex(&generation_, FUTEX_WAIT_PRIVATE, seen);
+      }
+      sleepers_.fetch_sub(1, std::memory_order_seq_cst);
+      last = Clock::now();
+      deadline = last + spin_;
+    }
+  }
+
+  const std::chrono::microseconds spin_;
+  std::vector<std::thread> threads_;
+  std::mutex busy_;
+  std::atomic<uint32_t> generation_{0};
+  std::atomic<int> sleepers_{0};
+  std::atomic<int> active_{0};
+  std::atomic<bool> open_{false};
+  std::atomic<int64_t> next_{0};
+  Fn fn_ = nullptr;
+  const void* ctx_ = nullptr;
+  int64_t chunks_ = 0;
+};
+
+// fn(begin, end) over [0, n) in chunks of at least `grain` items, about kChunksPerThread per
+// thread of torch's thread count, claimed dynamically (all on the caller inside an OpenMP region
+// or when n < 2 * grain).
+constexpr int64_t kChunksPerThread = 4;
+
+template <class F>
+void parallel_for(int64_t n, int64_t grain, const F& fn) {
+  if (n <= 0) return;
+  const int threads = at::in_parallel_region() ? 1 : at::get_num_threads();
+  if (threads <= 1 || n < 2 * grain) {
+    fn(int64_t{0}, n);
+    return;
+  }
+  const int64_t size = std::max<int64_t>(
+      std::max<int64_t>(1, grain), (n + threads * kChunksPerThread - 1) / (threads * kChunksPerThread));
+  struct Ctx {
+    const F* fn;
+    int64_t n, size;
+  } ctx{&fn, n, size};
+  Pool::get(threads).run(
+      [](const void* raw, int64_t chunk) {
+        const Ctx& c = *static_cast<const Ctx*>(raw);
+        (*c.fn)(chunk * c.size, std::min(c.n, (chunk + 1) * c.size));
+      },
+      &ctx, (n + size - 1) / size);
+}
+
+}  // namespace cpu_pool
