@@ -79,6 +79,7 @@ def pack_linear_weights(model: nn.Module) -> int:
                          and _packable(getattr(m, "weight", None))]
     if mode == "off" or not layers:
         return 0
+    paged_decode.check_spin_setting()
     added = sum(-(-m.weight.shape[0] // PANEL) * PANEL * m.weight.shape[1] * 4 for m in layers)
     limit = MAX_MEMORY_FRACTION * psutil.virtual_memory().total
     if added > limit:

@@ -44,6 +44,9 @@ logger = logging.getLogger(__name__)
 
 MODE_ENV = "SHARDLINE_CPU_ATTENTION"
 MODES = ("auto", "kernel", "sdpa")
+# How long the kernels' threads (csrc/cpu_pool.h) stay awake after a kernel, in microseconds;
+# the C++ side reads it when it starts them.
+SPIN_ENV = "SHARDLINE_CPU_SPIN_US"
 _CSRC = pathlib.Path(__file__).resolve().parent / "csrc"
 # One extension: the decode-attention kernel, the fused element-wise ops (model.cpu_ops) and
 # the decode GEMM (model.packed_linear).
@@ -58,6 +61,14 @@ def cpu_attention_mode() -> str:
     if mode not in MODES:
         raise ValueError(f"{MODE_ENV}={mode!r}: expected one of {', '.join(MODES)}")
     return mode
+
+
+def check_spin_setting() -> None:
+    """Raise ValueError for a `SHARDLINE_CPU_SPIN_US` that is not a whole number (the C++ side
+    would silently take its default)."""
+    text = os.environ.get(SPIN_ENV, "").strip()
+    if text and not text.isdigit():
+        raise ValueError(f"{SPIN_ENV}={text!r}: expected a whole number of microseconds (default 200)")
 
 
 class KernelBuild:
@@ -178,6 +189,7 @@ def kernel_enabled(device: torch.device, dtype: torch.dtype) -> bool:
     """
     if device.type != "cpu" or dtype != torch.float32:
         return False
+    check_spin_setting()
     mode = cpu_attention_mode()
     if mode == "sdpa":
         return False

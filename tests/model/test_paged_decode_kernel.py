@@ -284,3 +284,11 @@ def test_concurrent_first_builds_compile_once(tmp_path):
     assert results[0]["out"] == results[1]["out"] == results[2]["out"]
     assert (stale / f"{paged_decode.EXTENSION_NAME}.so").exists()
     assert not (stale / "lock").exists()
+
+
+def test_a_bad_spin_setting_is_refused(monkeypatch):
+    monkeypatch.setenv(paged_decode.SPIN_ENV, "lots")
+    with pytest.raises(ValueError, match="SHARDLINE_CPU_SPIN_US='lots': expected a whole number"):
+        paged_decode.kernel_enabled(torch.device("cpu"), torch.float32)
+    monkeypatch.setenv(paged_decode.SPIN_ENV, "50")
+    paged_decode.kernel_enabled(torch.device("cpu"), torch.float32)
