@@ -40,12 +40,13 @@ typedef float vec16 __attribute__((vector_size(64)));
 typedef float vec16u __attribute__((vector_size(64), aligned(4)));  // unaligned loads/stores
 
 // One tile: c[m, 0:ncols] = a[m, :] . panel[:, j] (+ bias) for m < M, j < ncols <= kNR.
-// With `next` set, it also prefetches that panel (same size) into L2 as it goes, so the next
-// panel's weights stream in from memory while this panel's other tiles compute from cache.
+// With `next` set, it also prefetches rows [pf_begin, pf_end) of that panel (same size) into
+// L2, one row every `pf_every` steps of k: the tiles of a panel share the next panel's rows,
+// so its weights stream in from memory evenly while this panel computes from cache.
 template <int M>
 void tile(const float* __restrict a, int64_t lda, const float* __restrict b, int64_t K,
           float* __restrict c, int64_t ldc, int ncols, const float* __restrict bias,
-          const float* next) {
+          const float* next, int64_t pf_row, int64_t pf_end, int64_t pf_every) {
   vec16 lo[M], hi[M];
   vec16 bias_lo = {}, bias_hi = {};
   if (bias != nullptr) {
@@ -59,12 +60,17 @@ void tile(const float* __restrict a, int64_t lda, const float* __restrict b, int
     lo[m] = bias_lo;
     hi[m] = bias_hi;
   }
+  int64_t countdown = 1;
   for (int64_t k = 0; k < K; ++k) {
     const vec16 b_lo = *reinterpret_cast<const vec16u*>(b + k * kNR);
     const vec16 b_hi = *reinterpret_cast<const vec16u*>(b + k * kNR + 16);
-    if (next != nullptr) {
-      __builtin_prefetch(next + k * kNR, 0, 2);
-      __builtin_prefetch(next + k * kNR + 16, 0, 2);
+    if (next != nullptr && --countdown == 0) {
+      countdown = pf_every;
+      if (pf_row < pf_end) {
+        __builtin_prefetch(next + pf_row * kNR, 0, 2);
+        __builtin_prefetch(next + pf_row * kNR + 16, 0, 2);
+        ++pf_row;
+      }
     }
 #pragma GCC unroll 16
     for (int m = 0; m < M; ++m) {
@@ -89,7 +95,7 @@ void tile(const float* __restrict a, int64_t lda, const float* __restrict b, int
 }
 
 using TileFn = void (*)(const float*, int64_t, const float*, int64_t, float*, int64_t, int,
-                        const float*, const float*);
+                        const float*, const float*, int64_t, int64_t, int64_t);
 
 template <int... Ms>
 constexpr std::array<TileFn, sizeof...(Ms)> make_tiles(std::integer_sequence<int, Ms...>) {
@@ -120,7 +126,7 @@ struct Gemm {
       for (int64_t t = 0; t < tiles; ++t) {
         const int64_t rows = (M - m) / (tiles - t);  // what is left, spread over what is left
         kTiles[rows - 1](a + m * lda, lda, panel, K, c + m * ldc + p * kNR, ldc, ncols,
-                         panel_bias, t == 0 ? next : nullptr);
+                         panel_bias, next, K * t / tiles, K * (t + 1) / tiles, tiles);
         m += rows;
       }
     }
