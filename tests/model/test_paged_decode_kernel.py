@@ -24,6 +24,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from model import attention as attention_module
 from model import paged_decode
 from model.attention import Attention, AttentionMetadata
 
@@ -174,19 +175,32 @@ def run_mixed_batches(layer: Attention, gen: torch.Generator) -> list[torch.Tens
 
 
 @pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), SHAPES)
-def test_mixed_batches_through_forward(kernel, monkeypatch, heads, kv_heads, head_dim):
+@pytest.mark.parametrize("rowwise_max", [128, 8, 0])
+def test_mixed_batches_through_forward(kernel, monkeypatch, heads, kv_heads, head_dim, rowwise_max):
+    """Fresh prefills, prefix chunks and decodes in one step: the kernel path (prefill chunks
+    of up to ROWWISE_MAX_QUERY tokens row by row, longer ones through SDPA) gives what gather +
+    SDPA gives for every row."""
+    monkeypatch.setattr(attention_module, "ROWWISE_MAX_QUERY", rowwise_max)
     results = {}
     calls = []
     real = paged_decode.paged_decode_attention
     monkeypatch.setattr(paged_decode, "paged_decode_attention",
-                        lambda *args: calls.append(args[6]) or real(*args))
+                        lambda *args: calls.append((args[1].shape[0], args[5].shape[0] - 1, args[6]))
+                        or real(*args))
     for mode in ("kernel", "sdpa"):
         monkeypatch.setenv(paged_decode.MODE_ENV, mode)
         layer = Attention(heads, head_dim, head_dim**-0.5, kv_heads)
         layer.kv_cache = torch.zeros(32, 2, 4, kv_heads, head_dim)
         results[mode] = run_mixed_batches(layer, torch.Generator().manual_seed(11))
-    # the kernel ran the decode subsets of the mixed steps and the all-decode steps
-    assert [None if c is None else c.tolist() for c in calls] == [[0], [1, 2], None, None]
+    # (tokens in the step, rows the kernel attended, seq_ids) per kernel call
+    seq_ids = [None if c[2] is None else c[2].tolist() for c in calls]
+    if rowwise_max == 128:  # every row of every step in one call
+        assert [c[:2] for c in calls] == [(23, 23), (8, 8), (13, 13), (3, 3), (1, 1)]
+        assert seq_ids == [None] * 5
+    elif rowwise_max == 8:  # the 17- and 11-token chunks went to SDPA, the rest row by row
+        assert [c[:2] for c in calls] == [(23, 6), (8, 8), (13, 2), (3, 3), (1, 1)]
+    else:  # no row-wise path: the decode subsets of mixed steps, then the decode-only steps
+        assert seq_ids == [[0], [1, 2], None, None]
     for fused, gathered in zip(results["kernel"], results["sdpa"], strict=True):
         torch.testing.assert_close(fused, gathered, rtol=1e-5, atol=1e-5)
 

@@ -103,6 +103,10 @@ constexpr std::array<TileFn, sizeof...(Ms)> make_tiles(std::integer_sequence<int
 }
 constexpr auto kTiles = make_tiles(std::make_integer_sequence<int, kMR>{});
 
+// Rows are taken kRowBlock at a time (16 tiles), so that a block of x stays in L2 while the
+// weight panels stream past it: a prefill chunk of 2,048 rows reads the weights 11 times.
+constexpr int64_t kRowBlock = 16 * kMR;
+
 struct Gemm {
   const float* a;
   int64_t lda, M, K;
@@ -112,19 +116,31 @@ struct Gemm {
   int64_t ldc, N;
 
   int64_t panels() const { return (N + kNR - 1) / kNR; }
+  int64_t row_blocks() const { return (M + kRowBlock - 1) / kRowBlock; }
 
-  // Panels [p0, p1), every row. Rows go in tiles of near-equal size (64 rows: 6 tiles of 10-11,
-  // not 5 of 12 and a 4).
-  void run(int64_t p0, int64_t p1) const {
-    const int64_t tiles = (M + kMR - 1) / kMR;
+  // Work items are (row block, panel) pairs, row block major: items [i0, i1).
+  void run_items(int64_t i0, int64_t i1) const {
+    const int64_t P = panels();
+    for (int64_t i = i0; i < i1;) {
+      const int64_t block = i / P, p0 = i % P, p1 = std::min(P, p0 + (i1 - i));
+      run(block * kRowBlock, std::min(M, (block + 1) * kRowBlock), p0, p1);
+      i += p1 - p0;
+    }
+  }
+
+  // Rows [m0, m1) of panels [p0, p1). Rows go in tiles of near-equal size (64 rows: 6 tiles of
+  // 10-11, not 5 of 12 and a 4).
+  void run(int64_t m0, int64_t m1, int64_t p0, int64_t p1) const {
+    const int64_t rows_in = m1 - m0;
+    const int64_t tiles = (rows_in + kMR - 1) / kMR;
     for (int64_t p = p0; p < p1; ++p) {
       const float* panel = packed + p * K * kNR;
       const int ncols = static_cast<int>(std::min<int64_t>(kNR, N - p * kNR));
       const float* panel_bias = bias != nullptr ? bias + p * kNR : nullptr;
       const float* next = p + 1 < p1 ? panel + K * kNR : nullptr;
-      int64_t m = 0;
+      int64_t m = m0;
       for (int64_t t = 0; t < tiles; ++t) {
-        const int64_t rows = (M - m) / (tiles - t);  // what is left, spread over what is left
+        const int64_t rows = (m1 - m) / (tiles - t);  // what is left, spread over what is left
         kTiles[rows - 1](a + m * lda, lda, panel, K, c + m * ldc + p * kNR, ldc, ncols,
                          panel_bias, next, K * t / tiles, K * (t + 1) / tiles, tiles);
         m += rows;
@@ -166,8 +182,9 @@ void packed_gemm(at::Tensor& out, const at::Tensor& x, const at::Tensor& packed,
   if (M == 0 || N == 0) return;
   const Gemm g{x.data_ptr<float>(), x.stride(0), M, K, packed.data_ptr<float>(), bias_ptr,
                out.data_ptr<float>(), out.stride(0), N};
-  const int64_t grain = M * K * N < kMinParallelWork ? g.panels() : 1;
-  cpu_pool::parallel_for(g.panels(), grain, [&g](int64_t begin, int64_t end) { g.run(begin, end); });
+  const int64_t items = g.row_blocks() * g.panels();
+  const int64_t grain = M * K * N < kMinParallelWork ? items : 1;
+  cpu_pool::parallel_for(items, grain, [&g](int64_t begin, int64_t end) { g.run_items(begin, end); });
 }
 
 }  // namespace
