@@ -137,6 +137,11 @@ def test_a_packed_model_computes_what_the_unpacked_one_does(tmp_path, monkeypatc
     added = packed_linear.pack_linear_weights(model)
     assert added == sum(m.packed_weight.numel() * 4 for m in layers)
     assert all(m.packed_weight is not None for m in layers)
+    # One 2 MiB-aligned allocation holds them all (asked of Linux in huge pages).
+    assert len({m.packed_weight.untyped_storage().data_ptr() for m in layers}) == 1
+    assert layers[0].packed_weight.data_ptr() % packed_linear.HUGE_PAGE == 0
+    for m in layers:
+        torch.testing.assert_close(m.packed_weight, packed_linear.pack_weight(m.weight), rtol=0, atol=0)
     # The tied head keeps sharing the embedding's weight; the packed copy is its own.
     assert model.lm_head.weight is model.model.embed_tokens.weight
     with torch.inference_mode():
