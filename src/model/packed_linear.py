@@ -20,10 +20,8 @@ kernels build; `SHARDLINE_CPU_PACKED_LINEAR=off` turns it off.
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
-import sys
 from typing import Any
 
 import psutil
@@ -32,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model import paged_decode
+from model.memory import huge_page_zeros
 
 logger = logging.getLogger(__name__)
 
@@ -40,8 +39,6 @@ MODES = ("auto", "off")
 PANEL = 32  # output columns per panel (csrc/cpu_gemm.cpp kNR)
 MAX_ROWS = 256  # larger inputs use F.linear (equal speed at 512 rows, MKL's blocking beyond)
 MAX_MEMORY_FRACTION = 0.1
-HUGE_PAGE = 2 << 20
-MADV_HUGEPAGE = 14  # linux/mman.h
 
 
 def packed_numel(weight: torch.Tensor) -> int:
@@ -61,27 +58,6 @@ def pack_weight(weight: torch.Tensor, out: torch.Tensor | None = None) -> torch.
     view = out.view(panels, k, PANEL)
     view.copy_(packed)
     return view
-
-
-def _huge_page_buffer(numel: int) -> torch.Tensor:
-    """A flat float32 tensor of `numel` elements, 2 MiB-aligned, that Linux is asked to back
-    with transparent huge pages (`madvise(MADV_HUGEPAGE)`, before its pages are touched): a
-    decode step streams every weight once, and with 4 KiB pages the TLB misses cost 3-9% of
-    the GEMMs at 1-32 rows. Best effort: elsewhere, or if refused, it is ordinary memory."""
-    align = HUGE_PAGE // 4
-    buffer = torch.empty(numel + align)
-    start = buffer.data_ptr()
-    aligned = -(-start // HUGE_PAGE) * HUGE_PAGE
-    length = numel * 4 // HUGE_PAGE * HUGE_PAGE
-    if length and sys.platform.startswith("linux"):
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-            libc.madvise(aligned, length, MADV_HUGEPAGE)
-        except (OSError, AttributeError):
-            pass
-    offset = (aligned - start) // 4
-    return buffer[offset : offset + numel]
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -123,7 +99,7 @@ def pack_linear_weights(model: nn.Module) -> int:
         return 0
     if not paged_decode.KERNEL.load():  # logs why, once
         return 0
-    buffer = _huge_page_buffer(added // 4)  # one allocation for all, in huge pages
+    buffer = huge_page_zeros((added // 4,))  # one allocation for all, in huge pages
     offset = 0
     for m in layers:
         numel = packed_numel(m.weight)

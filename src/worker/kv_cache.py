@@ -15,6 +15,7 @@ import torch.distributed as dist
 from torch import nn
 
 from model.attention import Attention
+from model.memory import huge_page_zeros
 
 # Without an explicit budget: on CPU a share of the available RAM (capped), on CUDA a share
 # of the memory still free after loading the weights (the rest is for activations/logits).
@@ -102,15 +103,11 @@ def allocate_kv_cache(
     """Give each local Attention layer its cache tensor; returns the bytes allocated."""
     total = 0
     for layer in attention_layers(model):
-        cache = torch.zeros(
-            num_blocks,
-            2,
-            block_size,
-            layer.num_kv_heads,
-            layer.head_dim,
-            dtype=dtype,
-            device=device,
-        )
+        shape = (num_blocks, 2, block_size, layer.num_kv_heads, layer.head_dim)
+        if device.type == "cpu":  # decode attention streams it: huge pages spare the TLB
+            cache = huge_page_zeros(shape, dtype)
+        else:
+            cache = torch.zeros(shape, dtype=dtype, device=device)
         layer.kv_cache = cache
         total += cache.numel() * cache.element_size()
     return total

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from model import packed_linear, paged_decode
 from model.config import ModelConfig
 from model.loader import load_model
+from model.memory import HUGE_PAGE
 from model.parallel import ParallelLMHead, QKVParallelLinear, RowParallelLinear
 from model.parallel_context import ParallelContext
 from support.tiny_models import make_tiny_model_dir
@@ -139,7 +140,7 @@ def test_a_packed_model_computes_what_the_unpacked_one_does(tmp_path, monkeypatc
     assert all(m.packed_weight is not None for m in layers)
     # One 2 MiB-aligned allocation holds them all (asked of Linux in huge pages).
     assert len({m.packed_weight.untyped_storage().data_ptr() for m in layers}) == 1
-    assert layers[0].packed_weight.data_ptr() % packed_linear.HUGE_PAGE == 0
+    assert layers[0].packed_weight.data_ptr() % HUGE_PAGE == 0
     for m in layers:
         torch.testing.assert_close(m.packed_weight, packed_linear.pack_weight(m.weight), rtol=0, atol=0)
     # The tied head keeps sharing the embedding's weight; the packed copy is its own.

@@ -65,7 +65,10 @@ def test_steady_state_forwards_do_not_fault_activations_in(tmp_path: pathlib.Pat
                                     num_kv_heads=2, intermediate_size=1024)
     applied, faults = _faults(model_dir, "on")
     assert applied == "True"
-    assert faults < 500, faults
+    # A few MiB may still fault in now and then: with two threads, which thread runs which
+    # chunk of an op varies from step to step (the kernels' pool claims chunks dynamically),
+    # and so does how far each thread's scratch memory grows. The control faults ~100k times.
+    assert faults < 5_000, faults
     # Control: with glibc's start-up thresholds pinned, every step faults its activations in.
     pinned, control_faults = _faults(model_dir, "control")
     assert pinned == "True"

@@ -1,0 +1,59 @@
+"""Huge-page CPU tensors (model/memory.py): zeroed, aligned, alive as long as the tensor, and
+backed by 2 MiB pages where the kernel's THP setting allows."""
+
+from __future__ import annotations
+
+import gc
+import pathlib
+import sys
+
+import pytest
+import torch
+
+from model.memory import HUGE_PAGE, huge_page_zeros
+
+
+def test_zeroed_aligned_and_of_the_asked_shape_and_dtype():
+    for dtype in (torch.float32, torch.bfloat16, torch.int32):
+        t = huge_page_zeros((3, 5, 7), dtype)
+        assert t.shape == (3, 5, 7) and t.dtype == dtype and t.is_contiguous()
+        assert t.data_ptr() % HUGE_PAGE == 0
+        assert not t.any()
+    assert huge_page_zeros((0, 4)).shape == (0, 4)
+
+
+def test_the_tensor_keeps_its_memory_alive():
+    t = huge_page_zeros((1 << 20,))
+    gc.collect()  # nothing but the tensor refers to the mapping now
+    t.fill_(3.0)
+    assert float(t.sum()) == 3.0 * (1 << 20)
+    view = t[10:20]
+    del t
+    gc.collect()
+    view.fill_(1.0)
+    assert float(view.sum()) == 10.0
+
+
+def _thp_mode() -> str:
+    try:
+        text = pathlib.Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return "absent"
+    return text.split("[", 1)[1].split("]", 1)[0]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or _thp_mode() not in ("madvise", "always"),
+                    reason="transparent huge pages are off here")
+def test_backed_by_huge_pages_once_touched():
+    def huge_kib() -> int:
+        for line in pathlib.Path("/proc/self/smaps_rollup").read_text().splitlines():
+            if line.startswith("AnonHugePages:"):
+                return int(line.split()[1])
+        return 0
+
+    before = huge_kib()
+    t = huge_page_zeros((64 << 20) // 4)  # 64 MiB
+    t.fill_(1.0)
+    # Most of it (the kernel may fall back to small pages when memory is fragmented).
+    assert huge_kib() - before >= 32 << 10
+    del t
