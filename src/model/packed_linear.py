@@ -7,7 +7,7 @@ run with). `shardline::packed_gemm` multiplies by a copy of the weight stored as
 output columns (`pack_weight`), with register tiles of up to 12 rows, prefetching the next panel
 while it computes, on its own threads, which stay awake between the GEMMs of one step (a bounded,
 yielding spin; `SHARDLINE_CPU_SPIN_US`, default 200) and sleep between steps. A 30-layer stack
-of SmolLM2's shapes: 1.2-1.5x faster than oneDNN with prepacked weights for 1-64 rows, 1.2-2.1x
+of SmolLM2's shapes: 1.4-1.5x faster than oneDNN with prepacked weights for 1-64 rows, 1.3-2.1x
 faster than F.linear (benchmarks/RESULTS.md section 12). Inputs of up to MAX_ROWS rows take it;
 larger ones (prefill chunks) keep F.linear, which was as fast from ~512 rows on.
 
