@@ -99,7 +99,7 @@ def test_concurrent_callers_share_the_pool_safely(two_threads):
     weights = [torch.randn(32 * (i + 3), 64, generator=gen) for i in range(4)]
     packs = [packed_linear.pack_weight(w) for w in weights]
     inputs = [torch.randn(16, 64, generator=gen) for _ in weights]
-    wants = [F.linear(x, w) for x, w in zip(inputs, weights)]
+    wants = [F.linear(x, w) for x, w in zip(inputs, weights, strict=True)]
     errors: list[BaseException] = []
 
     def caller(i: int) -> None:
