@@ -101,7 +101,7 @@ FRESH_BATCH_MAX_TOKENS = 2048
 ROWWISE_MAX_QUERY = 128
 
 
-def _rowwise_metadata(attn: AttentionMetadata, max_query: int) -> tuple[Any, ...] | None:
+def rowwise_metadata(attn: AttentionMetadata, max_query: int) -> tuple[Any, ...] | None:
     """(block_tables, seq_lens, query_start_loc, requests) of one virtual request per query row
     of the requests that compute 1..max_query tokens (listed in `requests`): row r of request
     i, at position p, attends over the first p + 1 tokens through i's block table. None when
@@ -183,7 +183,7 @@ class Attention(nn.Module):
         batched: set[int] = set()
         if has_cache and paged_decode.kernel_enabled(self.kv_cache.device, self.kv_cache.dtype):
             if "rowwise" not in attn.derived:
-                attn.derived["rowwise"] = _rowwise_metadata(attn, ROWWISE_MAX_QUERY)
+                attn.derived["rowwise"] = rowwise_metadata(attn, ROWWISE_MAX_QUERY)
             rowwise = attn.derived["rowwise"]
             if rowwise is not None:
                 tables, lens, query_start_loc, chosen = rowwise

@@ -8,6 +8,7 @@ their indices); a non-last stage returns `(hidden, residual)` for the next stage
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Iterable
 from typing import Any
@@ -15,7 +16,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from model.attention import Attention, AttentionMetadata
+from model import attention as attention_module
+from model import cpu_ops, packed_linear, paged_decode
+from model.attention import Attention, AttentionMetadata, rowwise_metadata
 from model.config import ModelConfig
 from model.errors import CheckpointError
 from model.layers import RMSNorm, RotaryEmbedding, SiluAndMul, rope_parameters
@@ -39,6 +42,8 @@ STACKED_PARAMS = (
     ("gate_up_proj", "up_proj", 1),
 )
 _LAYER_INDEX = re.compile(r"^model\.layers\.(\d+)\.")
+# `off` keeps CPU steps on the Python layers instead of the C++ loop over them (same results).
+CPU_DECODER_ENV = "SHARDLINE_CPU_DECODER_LOOP"
 
 
 def pp_layer_range(num_layers: int, pp_rank: int, pp_size: int) -> tuple[int, int]:
@@ -144,12 +149,74 @@ class LlamaModel(nn.Module):
         head_dim = (getattr(config, "head_dim", None)
                     or config.hidden_size // config.num_attention_heads)
         self.rotary_emb = RotaryEmbedding(head_dim, max_model_len, rope_parameters(config), dtype)
+        self._stack: tuple[Any, ...] | None = None  # the C++ loop's weight lists, once built
+
+    def _cpu_stack(self) -> tuple[Any, ...] | None:
+        """The weight and cache lists of `shardline::decoder_layers`, or None when a layer is
+        not ready for it (unpacked weights, no KV cache). Rebuilt when either changes."""
+        layers: list[Any] = [self.layers[i] for i in range(self.start_layer, self.end_layer)]
+        first = layers[0].self_attn
+        if (self._stack is not None and self._stack[0] is first.qkv_proj.packed_weight
+                and self._stack[1] is first.attn.kv_cache):
+            return self._stack[2:]
+        norms, packed, biases, caches = [], [], [], []
+        for layer in layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+            if any(m.packed_weight is None for m in linears) or attn.attn.kv_cache.numel() == 0:
+                return None
+            norms += [layer.input_layernorm.weight, layer.post_attention_layernorm.weight]
+            packed += [m.packed_weight for m in linears]
+            biases += [m.bias for m in linears]
+            caches.append(attn.attn.kv_cache)
+        norms.append(self.norm.weight)
+        inner = first.attn
+        self._stack = (first.qkv_proj.packed_weight, inner.kv_cache, norms, packed, biases, caches,
+                       inner.num_heads, inner.num_kv_heads, inner.head_dim, inner.scale,
+                       layers[0].input_layernorm.eps)
+        return self._stack[2:]
+
+    def _cpu_decoder(self, hidden: torch.Tensor, positions: torch.Tensor,
+                     attn: AttentionMetadata) -> torch.Tensor | None:
+        """The whole stack in one C++ call (`csrc/cpu_decoder.cpp`: the kernels the layers
+        would run, minus ~6 ms of Python per step) when this is a single-rank CPU float32 step
+        of decode-sized rows that the fused ops, the packed GEMM and the paged kernel all take;
+        None otherwise."""
+        tokens = hidden.shape[0]
+        mode = os.environ.get(CPU_DECODER_ENV, "").strip().lower() or "auto"
+        if mode not in ("auto", "off"):
+            raise ValueError(f"{CPU_DECODER_ENV}={mode!r}: expected auto or off")
+        if (mode == "off" or self.ctx.tp_size != 1 or self.ctx.pp_size != 1 or not 1 <= tokens <= packed_linear.MAX_ROWS
+                or positions.dtype != torch.int64 or not cpu_ops.enabled(hidden)):
+            return None
+        stack = self._cpu_stack()
+        if stack is None:
+            return None
+        norms, packed, biases, caches, heads, kv_heads, head_dim, scale, eps = stack
+        if not paged_decode.kernel_enabled(caches[0].device, caches[0].dtype):
+            return None
+        if attn.max_query_len == 1 and tokens == attn.num_seqs:
+            meta = (attn.block_tables, attn.seq_lens, attn.query_start_loc)
+        else:
+            if "rowwise" not in attn.derived:
+                attn.derived["rowwise"] = rowwise_metadata(attn, attention_module.ROWWISE_MAX_QUERY)
+            rowwise = attn.derived["rowwise"]
+            if rowwise is None or rowwise[1].shape[0] != tokens:  # a chunk too long for it
+                return None
+            meta = rowwise[:3]
+        return torch.ops.shardline.decoder_layers(
+            hidden, positions, norms, packed, biases, caches, self.rotary_emb.cos_cache,
+            self.rotary_emb.sin_cache, attn.slot_mapping, *meta, heads, kv_heads, head_dim, eps,
+            scale)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionMetadata,
                 intermediate_tensors: tuple[torch.Tensor, torch.Tensor] | None = None) -> Any:
         residual: torch.Tensor | None
         if self.ctx.is_first_pp_rank:
             hidden, residual = self.embed_tokens(input_ids), None
+            fast = self._cpu_decoder(hidden, positions, attn)
+            if fast is not None:
+                return fast
         else:
             if intermediate_tensors is None:
                 raise ValueError("a non-first pipeline stage needs intermediate_tensors")

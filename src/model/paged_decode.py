@@ -48,9 +48,10 @@ MODES = ("auto", "kernel", "sdpa")
 # the C++ side reads it when it starts them.
 SPIN_ENV = "SHARDLINE_CPU_SPIN_US"
 _CSRC = pathlib.Path(__file__).resolve().parent / "csrc"
-# One extension: the decode-attention kernel, the fused element-wise ops (model.cpu_ops) and
-# the decode GEMM (model.packed_linear).
-SOURCES = (_CSRC / "paged_decode.cpp", _CSRC / "cpu_ops.cpp", _CSRC / "cpu_gemm.cpp")
+# One extension: the decode-attention kernel, the fused element-wise ops (model.cpu_ops), the
+# decode GEMM (model.packed_linear) and the decoder-layer loop (model.llama).
+SOURCES = (_CSRC / "paged_decode.cpp", _CSRC / "cpu_ops.cpp", _CSRC / "cpu_gemm.cpp",
+           _CSRC / "cpu_decoder.cpp")
 EXTENSION_NAME = "shardline_paged_decode"
 CFLAGS = ("-O3", "-march=native", "-fopenmp")  # -fopenmp: at::parallel_for is inline; without it, one thread
 

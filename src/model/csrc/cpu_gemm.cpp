@@ -25,6 +25,7 @@
 #include <cstring>
 #include <utility>
 
+#include "cpu_kernels.h"
 #include "cpu_pool.h"
 
 namespace {
@@ -188,6 +189,11 @@ void packed_gemm(at::Tensor& out, const at::Tensor& x, const at::Tensor& packed,
 }
 
 }  // namespace
+
+void shardline_cpu::packed_gemm(at::Tensor& out, const at::Tensor& x, const at::Tensor& packed,
+                                const std::optional<at::Tensor>& bias) {
+  ::packed_gemm(out, x, packed, bias);
+}
 
 TORCH_LIBRARY_FRAGMENT(shardline, m) {
   m.def("packed_gemm(Tensor(a!) out, Tensor x, Tensor packed, Tensor? bias) -> ()");

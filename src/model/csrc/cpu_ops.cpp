@@ -25,6 +25,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "cpu_kernels.h"
 #include "cpu_math.h"
 #include "cpu_pool.h"
 
@@ -207,6 +208,27 @@ void store_kv(const at::Tensor& k, const at::Tensor& v, const at::Tensor& kv_cac
 }
 
 }  // namespace
+
+namespace shardline_cpu {
+
+void rms_norm(const at::Tensor& out, const at::Tensor& x, const at::Tensor& weight, double eps) {
+  ::rms_norm(out, x, weight, eps);
+}
+void fused_add_rms_norm(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight,
+                        double eps) {
+  ::fused_add_rms_norm(x, residual, weight, eps);
+}
+void rotary_embedding(const at::Tensor& positions, const at::Tensor& q, const at::Tensor& k,
+                      const at::Tensor& cos_cache, const at::Tensor& sin_cache) {
+  ::rotary_embedding(positions, q, k, cos_cache, sin_cache);
+}
+void silu_and_mul(const at::Tensor& out, const at::Tensor& x) { ::silu_and_mul(out, x); }
+void store_kv(const at::Tensor& k, const at::Tensor& v, const at::Tensor& kv_cache,
+              const at::Tensor& slot_mapping) {
+  ::store_kv(k, v, kv_cache, slot_mapping);
+}
+
+}  // namespace shardline_cpu
 
 TORCH_LIBRARY_FRAGMENT(shardline, m) {
   m.def("rms_norm(Tensor(a!) out, Tensor x, Tensor weight, float eps) -> ()");

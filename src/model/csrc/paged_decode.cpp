@@ -28,6 +28,7 @@
 #include <optional>
 #include <vector>
 
+#include "cpu_kernels.h"
 #include "cpu_math.h"
 #include "cpu_pool.h"
 
@@ -334,6 +335,17 @@ void paged_decode_attention(const at::Tensor& out, const at::Tensor& query,
 }
 
 }  // namespace
+
+void shardline_cpu::paged_decode_attention(const at::Tensor& out, const at::Tensor& query,
+                                           const at::Tensor& kv_cache,
+                                           const at::Tensor& block_tables,
+                                           const at::Tensor& seq_lens,
+                                           const at::Tensor& query_start_loc,
+                                           const std::optional<at::Tensor>& seq_ids,
+                                           double scale) {
+  ::paged_decode_attention(out, query, kv_cache, block_tables, seq_lens, query_start_loc, seq_ids,
+                           scale);
+}
 
 TORCH_LIBRARY(shardline, m) {
   m.def(
