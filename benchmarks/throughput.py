@@ -209,6 +209,42 @@ def run_hf_isolated(policy: str, *args: Any) -> dict[str, Any]:
         return pool.submit(run_hf, *args).result()
 
 
+def measure_round(args: Any, cfg: Any, model_dir: str, work: Workload, dtype: str, index: int) -> dict[str, Any]:
+    """One round: shardline, the GEMM floor (CPU), then transformers under each wait policy."""
+    result: dict[str, Any] = {}
+    if args.repeat > 1:
+        print(f"-- round {index + 1} of {args.repeat}")
+    result["shardline"] = asyncio.run(run_shardline(cfg, work))
+    print(f"shardline : {result['shardline']['tokens_per_s']:8.1f} useful tok/s  ({result['shardline']['seconds']:.1f} s)")
+    if args.device == "cpu":
+        # The floor: the workload's FLOPs at the float32 GEMM rate measured now, with the
+        # worker's thread count, right after the run (the same machine load).
+        import torch
+
+        from model_bench import gemm_rate
+
+        torch.set_num_threads(cfg.threads_per_worker)
+        flops, rate = workload_flops(model_dir, work), gemm_rate()
+        floor = flops / rate
+        result["gemm_floor"] = {"tflop": flops / 1e12, "gflop_per_s": rate / 1e9, "floor_s": floor,
+                                "fraction_of_floor": floor / result["shardline"]["seconds"]}
+        print(f"GEMM floor: {flops / 1e12:.2f} TFLOP at {rate / 1e9:.0f} GFLOP/s ({cfg.threads_per_worker} threads) = "
+              f"{floor:.1f} s; shardline runs at {100 * floor / result['shardline']['seconds']:.0f}% of it")
+    if not args.skip_hf:
+        runs = {}
+        for policy in args.hf_omp_policies.split(","):
+            runs[policy] = run_hf_isolated(policy, model_dir, work, args.hf_batch_size, args.device, dtype)
+            print(f"hf batch{args.hf_batch_size:<3}: {runs[policy]['tokens_per_s']:8.1f} useful tok/s  "
+                  f"({runs[policy]['seconds']:.1f} s, OMP_WAIT_POLICY {policy})")
+        best = max(runs, key=lambda policy: runs[policy]["tokens_per_s"])
+        result["hf_generate"] = {**runs[best], "omp_wait_policy": best}
+        result["hf_generate_by_omp_policy"] = runs
+        ratio = result["shardline"]["tokens_per_s"] / result["hf_generate"]["tokens_per_s"]
+        result["ratio"] = ratio
+        print(f"ratio     : {ratio:8.2f}x (against transformers' fastest, OMP_WAIT_POLICY {best})")
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m-instruct")
@@ -218,6 +254,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--transport", default="shm")
     parser.add_argument("--tensor-parallel-size", type=int, default=1)
     parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="rounds of shardline then transformers, alternating (the ratio is their median)")
     parser.add_argument("--hf-omp-policies", default="default,PASSIVE",
                         help="OpenMP wait policies to run the transformers baseline under, comma-separated "
                              "(default: the caller's environment); the ratio uses the fastest")
@@ -257,34 +295,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"machine: {machine}; device {args.device}, dtype {dtype}, cuda graphs "
           f"{args.device == 'cuda' and not args.enforce_eager}, async scheduling {not args.no_async_scheduling}")
     result: dict[str, Any] = {"machine": machine, "date": time.strftime("%Y-%m-%d"), "args": vars(args)}
-    result["shardline"] = asyncio.run(run_shardline(cfg, work))
-    print(f"shardline : {result['shardline']['tokens_per_s']:8.1f} useful tok/s  ({result['shardline']['seconds']:.1f} s)")
-    if args.device == "cpu":
-        # The floor: the workload's FLOPs at the float32 GEMM rate measured now, with the
-        # worker's thread count, right after the run (the same machine load).
-        import torch
-
-        from model_bench import gemm_rate
-
-        torch.set_num_threads(cfg.threads_per_worker)
-        flops, rate = workload_flops(model_dir, work), gemm_rate()
-        floor = flops / rate
-        result["gemm_floor"] = {"tflop": flops / 1e12, "gflop_per_s": rate / 1e9, "floor_s": floor,
-                                "fraction_of_floor": floor / result["shardline"]["seconds"]}
-        print(f"GEMM floor: {flops / 1e12:.2f} TFLOP at {rate / 1e9:.0f} GFLOP/s ({cfg.threads_per_worker} threads) = "
-              f"{floor:.1f} s; shardline runs at {100 * floor / result['shardline']['seconds']:.0f}% of it")
-    if not args.skip_hf:
-        runs = {}
-        for policy in args.hf_omp_policies.split(","):
-            runs[policy] = run_hf_isolated(policy, model_dir, work, args.hf_batch_size, args.device, dtype)
-            print(f"hf batch{args.hf_batch_size:<3}: {runs[policy]['tokens_per_s']:8.1f} useful tok/s  "
-                  f"({runs[policy]['seconds']:.1f} s, OMP_WAIT_POLICY {policy})")
-        best = max(runs, key=lambda policy: runs[policy]["tokens_per_s"])
-        result["hf_generate"] = {**runs[best], "omp_wait_policy": best}
-        result["hf_generate_by_omp_policy"] = runs
-        ratio = result["shardline"]["tokens_per_s"] / result["hf_generate"]["tokens_per_s"]
-        result["ratio"] = ratio
-        print(f"ratio     : {ratio:8.2f}x (against transformers' fastest, OMP_WAIT_POLICY {best})")
+    rounds = [measure_round(args, cfg, model_dir, work, dtype, i) for i in range(args.repeat)]
+    result.update(rounds[-1])
+    if args.repeat > 1:
+        result["rounds"] = rounds
+        if "ratio" in rounds[0]:
+            result["ratio"] = statistics.median(r["ratio"] for r in rounds)
+            each = ", ".join(f"{r['ratio']:.2f}x" for r in rounds)
+            print(f"ratio over {args.repeat} rounds: median {result['ratio']:.2f}x ({each})")
     if args.rate > 0:
         result["latency"] = asyncio.run(run_latency(cfg, work, args.rate))
         lat = result["latency"]
