@@ -12,7 +12,7 @@ import pytest
 
 from server.process import ServerProcess, server_process
 
-MAX_MODEL_LEN = 128
+MAX_MODEL_LEN = 512  # room for a request that is still running seconds after it started
 MAX_TOKENS = 10
 SERVE_ARGS = ["serve", "--max-model-len", str(MAX_MODEL_LEN), "--max-num-seqs", "8"]
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Water boils at"]
