@@ -65,7 +65,7 @@ def make_plans(rng: random.Random, count: int) -> list[Plan]:
         plans.append(Plan(
             path=rng.choice(["/v1/completions", "/v1/chat/completions"]),
             stream=stream,
-            max_tokens=rng.randint(2, 24),
+            max_tokens=rng.randint(2, 48),  # long enough that many are mid-generation when abandoned
             fate=rng.choices(fates, weights)[0],
             delay_s=rng.uniform(0.0, 0.4),
             events=rng.randint(1, 6),
