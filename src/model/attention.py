@@ -123,6 +123,14 @@ def rowwise_metadata(attn: AttentionMetadata, max_query: int) -> tuple[Any, ...]
     return tables, lens.to(torch.int32), query_start_loc, chosen
 
 
+def step_rowwise_metadata(attn: AttentionMetadata) -> tuple[Any, ...] | None:
+    """`rowwise_metadata(attn, ROWWISE_MAX_QUERY)`, built once per step and shared by every
+    layer (and by the model's C++ layer loop)."""
+    if "rowwise" not in attn.derived:
+        attn.derived["rowwise"] = rowwise_metadata(attn, ROWWISE_MAX_QUERY)
+    return attn.derived["rowwise"]
+
+
 def _fresh_groups(starts: list[int], seq_lens: list[int]) -> list[list[int]]:
     """Runs of adjacent fresh-prefill requests (no cached context), each within the cap."""
     groups: list[list[int]] = []
@@ -182,9 +190,7 @@ class Attention(nn.Module):
         starts, seq_lens = attn.query_start_loc_cpu, attn.seq_lens_cpu
         batched: set[int] = set()
         if has_cache and paged_decode.kernel_enabled(self.kv_cache.device, self.kv_cache.dtype):
-            if "rowwise" not in attn.derived:
-                attn.derived["rowwise"] = rowwise_metadata(attn, ROWWISE_MAX_QUERY)
-            rowwise = attn.derived["rowwise"]
+            rowwise = step_rowwise_metadata(attn)
             if rowwise is not None:
                 tables, lens, query_start_loc, chosen = rowwise
                 paged_decode.paged_decode_attention(out, q, self.kv_cache, tables, lens,

@@ -16,9 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from model import attention as attention_module
 from model import cpu_ops, packed_linear, paged_decode
-from model.attention import Attention, AttentionMetadata, rowwise_metadata
+from model.attention import Attention, AttentionMetadata, step_rowwise_metadata
 from model.config import ModelConfig
 from model.errors import CheckpointError
 from model.layers import RMSNorm, RotaryEmbedding, SiluAndMul, rope_parameters
@@ -154,11 +153,11 @@ class LlamaModel(nn.Module):
     def _cpu_stack(self) -> tuple[Any, ...] | None:
         """The weight and cache lists of `shardline::decoder_layers`, or None when a layer is
         not ready for it (unpacked weights, no KV cache). Rebuilt when either changes."""
-        layers: list[Any] = [self.layers[i] for i in range(self.start_layer, self.end_layer)]
-        first = layers[0].self_attn
+        first: Any = self.layers[self.start_layer].self_attn
         if (self._stack is not None and self._stack[0] is first.qkv_proj.packed_weight
                 and self._stack[1] is first.attn.kv_cache):
             return self._stack[2:]
+        layers: list[Any] = [self.layers[i] for i in range(self.start_layer, self.end_layer)]
         norms, packed, biases, caches = [], [], [], []
         for layer in layers:
             attn, mlp = layer.self_attn, layer.mlp
@@ -198,9 +197,7 @@ class LlamaModel(nn.Module):
         if attn.max_query_len == 1 and tokens == attn.num_seqs:
             meta = (attn.block_tables, attn.seq_lens, attn.query_start_loc)
         else:
-            if "rowwise" not in attn.derived:
-                attn.derived["rowwise"] = rowwise_metadata(attn, attention_module.ROWWISE_MAX_QUERY)
-            rowwise = attn.derived["rowwise"]
+            rowwise = step_rowwise_metadata(attn)
             if rowwise is None or rowwise[1].shape[0] != tokens:  # a chunk too long for it
                 return None
             meta = rowwise[:3]
