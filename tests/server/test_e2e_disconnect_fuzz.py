@@ -48,14 +48,20 @@ def test_disconnect_mid_stream_frees_kv_blocks(real_server: ServerProcess) -> No
     with httpx.Client(base_url=real_server.base_url, timeout=120) as client:
         with client.stream("POST", "/v1/completions", json=body) as response:
             assert response.status_code == 200
-            events = 0
-            for line in response.iter_lines():
-                events += line.startswith("data: ")
-                if events >= 3:
+            events: list[str] = []
+            # Held in a name: a `for` over a temporary `iter_lines()` drops the generator at
+            # `break`, and its finalizer closes the connection, which is a disconnect (the
+            # server then aborts the request, racing the /metrics read below).
+            lines = response.iter_lines()
+            for line in lines:
+                if line.startswith("data: "):
+                    events.append(line)
+                if len(events) >= 3:
                     break
             during = _metrics(real_server)
-            assert during["shardline_kv_cache_blocks_used"] > 0
-            assert during["shardline_num_requests_running"] == 1
+            seen = f"events {events}; metrics {during}; server log:\n{real_server.log()[-4000:]}"
+            assert during["shardline_kv_cache_blocks_used"] > 0, seen
+            assert during["shardline_num_requests_running"] == 1, seen
         # The connection is closed here, long before the request would finish.
     _wait_for(lambda: _metrics(real_server)["shardline_kv_cache_blocks_used"] == 0, 30, "KV blocks freed")
     after = _metrics(real_server)
