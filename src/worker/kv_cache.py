@@ -104,8 +104,10 @@ def allocate_kv_cache(
     total = 0
     for layer in attention_layers(model):
         shape = (num_blocks, 2, block_size, layer.num_kv_heads, layer.head_dim)
-        if device.type == "cpu":  # decode attention streams it: huge pages spare the TLB
-            cache = huge_page_zeros(shape, dtype)
+        if device.type == "cpu":
+            # Huge pages spare decode attention's stream the TLB; populated now, because a
+            # page first touched inside a step costs that step a fault (model/memory.py).
+            cache = huge_page_zeros(shape, dtype, populate=True)
         else:
             cache = torch.zeros(shape, dtype=dtype, device=device)
         layer.kv_cache = cache

@@ -57,3 +57,30 @@ def test_backed_by_huge_pages_once_touched():
     # Most of it (the kernel may fall back to small pages when memory is fragmented).
     assert huge_kib() - before >= 32 << 10
     del t
+
+
+def _rss_kib() -> int:
+    for line in pathlib.Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="MADV_POPULATE_WRITE is Linux's")
+def test_populate_commits_the_pages_before_any_touch():
+    import platform
+
+    release = tuple(int(part) for part in platform.release().split(".")[:2] if part.isdigit())
+    if release < (5, 14):
+        pytest.skip("MADV_POPULATE_WRITE needs Linux 5.14")
+    size = 64 << 20
+    lazy = _rss_kib()
+    t = huge_page_zeros(size // 4)
+    assert _rss_kib() - lazy < (size >> 10) // 4  # nothing committed yet
+    del t
+    gc.collect()
+    before = _rss_kib()
+    t = huge_page_zeros(size // 4, populate=True)
+    assert _rss_kib() - before >= (size >> 10) * 9 // 10  # committed without a touch
+    assert t.data_ptr() % HUGE_PAGE == 0 and not t.any()
+    del t
