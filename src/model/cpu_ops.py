@@ -10,6 +10,9 @@ They are built into the same extension as the decode-attention kernel (`model.pa
 once per machine) and used for CPU float32 tensors when it loads. `SHARDLINE_CPU_FUSED_OPS=off`
 keeps the plain torch expressions (the reference the tests compare with); `auto` (default)
 uses the ops when the extension can be built, torch otherwise.
+
+The greedy sampler's row argmax over the vocabulary is here too: torch's took 4.6 ms for 64 x
+49,152 logits on one thread, a few percent of a decode step.
 """
 
 from __future__ import annotations
@@ -69,3 +72,10 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
     """Write rows k/v `[T, kv_heads * D]` at their slots of `kv_cache`
     (`[num_blocks, 2, block_size, kv_heads, D]`)."""
     torch.ops.shardline.store_kv(k, v, kv_cache, slot_mapping)
+
+
+def argmax_rows(x: torch.Tensor) -> torch.Tensor:
+    """`x.argmax(dim=-1)` of a `[rows, V]` tensor with contiguous rows, split over the threads."""
+    out = torch.empty(x.shape[0], dtype=torch.long)
+    torch.ops.shardline.argmax_rows(out, x)
+    return out

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from model import cpu_ops
 from transport.messages import SampleLogprobs, SamplingOptions
 from worker.draw import draw_tokens
 
@@ -138,7 +139,7 @@ def sample(logits: torch.Tensor, states: Sequence[RequestSamplingState],
     raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
     any_penalties = any(s.needs_penalties for s in states)
     if all(is_greedy(o) for o in options) and not any_penalties and raw_logprobs is None:
-        return SamplerOutput(token_ids=logits.argmax(dim=-1).tolist(), logprobs=None)
+        return SamplerOutput(token_ids=greedy_tokens(logits).tolist(), logprobs=None)
 
     if any_penalties:
         logits = apply_penalties(logits, states)
@@ -175,8 +176,16 @@ def apply_penalties(logits: torch.Tensor, states: Sequence[RequestSamplingState]
     return logits
 
 
+def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
+    """`logits.argmax(dim=-1)`: on CPU float32 the fused row argmax (model.cpu_ops), split over
+    the worker's threads; the same indices as torch's, ties and NaN included."""
+    if logits.stride(-1) == 1 and cpu_ops.enabled(logits):
+        return cpu_ops.argmax_rows(logits)
+    return logits.argmax(dim=-1)
+
+
 def _draw(logits: torch.Tensor, states: Sequence[RequestSamplingState]) -> torch.Tensor:
-    tokens = logits.argmax(dim=-1)
+    tokens = greedy_tokens(logits)
     random_rows = [i for i, s in enumerate(states) if s.is_random]
     if not random_rows:
         return tokens

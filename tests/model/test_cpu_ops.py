@@ -103,6 +103,46 @@ def test_store_kv_writes_the_slots_index_copy_writes(monkeypatch, rows):
     torch.testing.assert_close(fused, ref, rtol=0, atol=0)
 
 
+def _argmax_cases() -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(7)
+    cases = [torch.randn(rows, 49152, generator=gen) for rows in (1, 64)]  # vocabulary-sized
+    for n in range(1, 41):  # every tail length around the 16-wide vectors
+        x = torch.randn(6, n, generator=gen).round()  # rounded: many ties
+        x[1] = -float("inf")  # all -inf: index 0
+        x[2] = 1.0  # all tied: index 0
+        x[3, n // 2] = float("nan")  # one NaN wins over everything
+        x[4, n - 1] = float("nan")
+        x[4, 0] = float("inf")
+        if n > 1:
+            x[5, : n - 1] = -0.0  # -0.0 and 0.0 are equal: the first one
+            x[5, n - 1] = 0.0
+        cases.append(x)
+    wide = torch.randn(8, 3000, generator=gen)
+    wide[:, 1000] = 50.0
+    wide[:, 2999] = 50.0  # a later equal maximum does not win
+    wide[3, 2500] = float("nan")
+    cases.append(wide)
+    cases.append(torch.randn(5, 200, generator=gen)[:, 7:150])  # strided rows (a sliced vocab)
+    return cases
+
+
+def test_argmax_rows_matches_torch_argmax():
+    for x in _argmax_cases():
+        expected = x.argmax(dim=-1)
+        assert torch.equal(cpu_ops.argmax_rows(x), expected), x
+
+
+def test_the_greedy_sampler_uses_it(monkeypatch):
+    from worker.sampler import greedy_tokens
+
+    calls = []
+    monkeypatch.setattr(cpu_ops, "argmax_rows", lambda x: calls.append(x) or x.argmax(dim=-1))
+    logits = torch.randn(4, 100)
+    assert torch.equal(greedy_tokens(logits), logits.argmax(dim=-1)) and len(calls) == 1
+    monkeypatch.setenv(cpu_ops.ENV, "off")
+    assert torch.equal(greedy_tokens(logits), logits.argmax(dim=-1)) and len(calls) == 1
+
+
 def test_bad_inputs_get_clear_errors():
     with pytest.raises(RuntimeError, match="rms_norm: x must be a CPU float32"):
         cpu_ops.rms_norm(torch.ones(2, 8, dtype=torch.float64), torch.ones(8), 1e-5)
@@ -116,6 +156,10 @@ def test_bad_inputs_get_clear_errors():
                          torch.tensor([64]))
     with pytest.raises(RuntimeError, match=r"silu_and_mul: x must be \[rows, 2d\]"):
         torch.ops.shardline.silu_and_mul(torch.empty(2, 4), torch.ones(2, 6))
+    with pytest.raises(RuntimeError, match="argmax_rows: x must have at least one column"):
+        cpu_ops.argmax_rows(torch.ones(2, 0))
+    with pytest.raises(RuntimeError, match="argmax_rows: out must be a contiguous CPU int64"):
+        torch.ops.shardline.argmax_rows(torch.empty(3, dtype=torch.long), torch.ones(2, 5))
 
 
 def test_the_switch(monkeypatch):

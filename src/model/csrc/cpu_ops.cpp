@@ -5,6 +5,8 @@
 //   rotary_embedding(positions, q, k, cos, sin)   neox-style rotation of q and k, in place
 //   silu_and_mul(out, x)                          out = silu(x[:, :d]) * x[:, d:]
 //   store_kv(k, v, kv_cache, slot_mapping)        the new K/V rows into their cache slots
+//   argmax_rows(out, x)                           out[r] = argmax(x[r]) (torch's: first max, NaN
+//                                                 wins), the greedy sampler's pick
 //
 // Each replaces 3-12 torch ops (and their temporaries). Rows are split over the threads of
 // cpu_pool.h (awake between the kernels of a step, unlike OpenMP's under the PASSIVE policy),
@@ -207,6 +209,74 @@ void store_kv(const at::Tensor& k, const at::Tensor& v, const at::Tensor& kv_cac
   });
 }
 
+typedef float argmax_vec __attribute__((vector_size(64)));
+typedef int32_t argmax_ivec __attribute__((vector_size(64)));
+
+// torch.argmax of one row: the first index of the maximum, or of the first NaN if any.
+int64_t row_argmax(const float* __restrict x, int64_t n) {
+  int64_t i = 0;
+  float best_value = x[0];
+  int64_t best_index = 0;
+  bool nan_seen = false;
+  if (n >= 16) {
+    // 16 lanes, each keeping the first index of its own maximum (strict >), then the lanes'
+    // maxima are merged, ties going to the smallest index.
+    argmax_vec best;
+    std::memcpy(&best, x, sizeof(best));
+    argmax_ivec best_idx = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+    argmax_ivec idx = best_idx;
+    argmax_ivec nan_lanes = best != best;
+    for (i = 16; i + 16 <= n; i += 16) {
+      argmax_vec v;
+      std::memcpy(&v, x + i, sizeof(v));
+      idx += 16;
+      const argmax_ivec greater = v > best;  // false for NaN
+      nan_lanes |= v != v;
+      best = greater ? v : best;
+      best_idx = greater ? idx : best_idx;
+    }
+    for (int lane = 0; lane < 16; ++lane) nan_seen |= nan_lanes[lane] != 0;
+    best_value = best[0];
+    best_index = best_idx[0];
+    for (int lane = 1; lane < 16; ++lane) {
+      if (best[lane] > best_value || (best[lane] == best_value && best_idx[lane] < best_index)) {
+        best_value = best[lane];
+        best_index = best_idx[lane];
+      }
+    }
+  } else {
+    i = 1;
+    nan_seen = x[0] != x[0];
+  }
+  for (; i < n; ++i) {  // the tail: later indices, so only a strictly greater value wins
+    nan_seen |= x[i] != x[i];
+    if (x[i] > best_value) {
+      best_value = x[i];
+      best_index = i;
+    }
+  }
+  if (nan_seen) {
+    for (int64_t j = 0; j < n; ++j) {
+      if (x[j] != x[j]) return j;
+    }
+  }
+  return best_index;
+}
+
+void argmax_rows(const at::Tensor& out, const at::Tensor& x) {
+  check_rows(x, "argmax_rows", "x");
+  TORCH_CHECK(x.size(1) > 0, "argmax_rows: x must have at least one column");
+  TORCH_CHECK(out.device().is_cpu() && out.scalar_type() == at::kLong && out.dim() == 1 &&
+                  out.is_contiguous() && out.size(0) == x.size(0),
+              "argmax_rows: out must be a contiguous CPU int64 [rows] tensor");
+  const int64_t n = x.size(1), stride = x.stride(0);
+  const float* xp = x.data_ptr<float>();
+  int64_t* op = out.data_ptr<int64_t>();
+  cpu_pool::parallel_for(x.size(0), row_grain(n), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) op[r] = row_argmax(xp + r * stride, n);
+  });
+}
+
 }  // namespace
 
 namespace shardline_cpu {
@@ -237,6 +307,7 @@ TORCH_LIBRARY_FRAGMENT(shardline, m) {
         "Tensor sin_cache) -> ()");
   m.def("silu_and_mul(Tensor(a!) out, Tensor x) -> ()");
   m.def("store_kv(Tensor k, Tensor v, Tensor(a!) kv_cache, Tensor slot_mapping) -> ()");
+  m.def("argmax_rows(Tensor(a!) out, Tensor x) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(shardline, CPU, m) {
@@ -245,4 +316,5 @@ TORCH_LIBRARY_IMPL(shardline, CPU, m) {
   m.impl("rotary_embedding", &rotary_embedding);
   m.impl("silu_and_mul", &silu_and_mul);
   m.impl("store_kv", &store_kv);
+  m.impl("argmax_rows", &argmax_rows);
 }
