@@ -108,14 +108,19 @@ def step_flops(cfg: Any, num_tokens: int, context: int, num_logits: int, causal_
 
 
 class Ours:
+    """The model as a CPU worker sets it up: panel-packed weights and a populated huge-page KV
+    cache (`main` also applies the worker's heap policy and OpenMP wait policy)."""
+
     def __init__(self, path: pathlib.Path, max_tokens: int) -> None:
+        from model.packed_linear import pack_linear_weights
+        from worker.kv_cache import allocate_kv_cache
+
         self.config = ModelConfig.from_path(path)
         self.model = load_model(self.config, ParallelContext.single())
+        pack_linear_weights(self.model)
         self.num_blocks = max_tokens // BLOCK_SIZE + 8
-        for module in self.model.modules():
-            if isinstance(module, Attention):
-                module.kv_cache = torch.zeros(self.num_blocks, 2, BLOCK_SIZE, module.num_kv_heads,
-                                              module.head_dim)
+        allocate_kv_cache(self.model, self.num_blocks, block_size=BLOCK_SIZE, dtype=torch.float32,
+                          device=torch.device("cpu"))
 
     @staticmethod
     def decode_tables(batch: int, context: int) -> list[list[int]]:
@@ -296,10 +301,7 @@ def cpu_ablation_rows(path: pathlib.Path, iters: int, context: int) -> list[dict
     """Decode x8/x32/x64 steps and the standard workload's first prefill step (57 prompts of 36
     tokens) under each CPU_ABLATION configuration, alternating configurations every iteration
     so machine noise hits all alike; median ms of each."""
-    from model.packed_linear import pack_linear_weights
-
     ours = Ours(path, 64 * (context + 2 * BLOCK_SIZE) + 57 * 48)
-    pack_linear_weights(ours.model)
     layers = [m for m in ours.model.modules() if getattr(m, "packed_weight", None) is not None]
     packed = [m.packed_weight for m in layers]
     steps = {f"decode x{b} (ctx {context})": ours.prepare_decode(b, context, fill=False)
@@ -351,6 +353,9 @@ def main() -> None:
                         help="time decode and prefill steps with each CPU path switched on in turn")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    from worker.heap import retain_freed_memory
+
+    retain_freed_memory()  # the worker's heap policy (both sides gain: no per-step page faults)
 
     path = fetch_default_model()
     out_dir = pathlib.Path(__file__).resolve().parent / "out"
