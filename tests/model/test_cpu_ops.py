@@ -143,6 +143,21 @@ def test_the_greedy_sampler_uses_it(monkeypatch):
     assert torch.equal(greedy_tokens(logits), logits.argmax(dim=-1)) and len(calls) == 1
 
 
+def test_the_thread_pool_runs_every_item_exactly_once():
+    """csrc/cpu_pool.h: per-thread regions claimed in order, then stolen; no item twice or never."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for n in (*range(1, 40), 64, 97, 1000, 4099):
+            for grain in (1, 3, 64):
+                for _ in range(3):
+                    counts = torch.zeros(n, dtype=torch.long)
+                    torch.ops.shardline.pool_claims(counts, grain)
+                    assert torch.equal(counts, torch.ones(n, dtype=torch.long)), (n, grain, counts)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_bad_inputs_get_clear_errors():
     with pytest.raises(RuntimeError, match="rms_norm: x must be a CPU float32"):
         cpu_ops.rms_norm(torch.ones(2, 8, dtype=torch.float64), torch.ones(8), 1e-5)

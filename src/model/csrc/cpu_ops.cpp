@@ -277,6 +277,18 @@ void argmax_rows(const at::Tensor& out, const at::Tensor& x) {
   });
 }
 
+// For the tests of cpu_pool.h: counts[i] += 1 for every item i of a parallel_for over
+// counts.numel() items in chunks of at least `grain` (every item must come out exactly once).
+void pool_claims(const at::Tensor& counts, int64_t grain) {
+  TORCH_CHECK(counts.device().is_cpu() && counts.scalar_type() == at::kLong && counts.dim() == 1 &&
+                  counts.is_contiguous(),
+              "pool_claims: counts must be a contiguous CPU int64 vector");
+  int64_t* c = counts.data_ptr<int64_t>();
+  cpu_pool::parallel_for(counts.numel(), grain, [c](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) __atomic_fetch_add(c + i, 1, __ATOMIC_RELAXED);
+  });
+}
+
 }  // namespace
 
 namespace shardline_cpu {
@@ -308,6 +320,7 @@ TORCH_LIBRARY_FRAGMENT(shardline, m) {
   m.def("silu_and_mul(Tensor(a!) out, Tensor x) -> ()");
   m.def("store_kv(Tensor k, Tensor v, Tensor(a!) kv_cache, Tensor slot_mapping) -> ()");
   m.def("argmax_rows(Tensor(a!) out, Tensor x) -> ()");
+  m.def("pool_claims(Tensor(a!) counts, int grain) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(shardline, CPU, m) {
@@ -317,4 +330,5 @@ TORCH_LIBRARY_IMPL(shardline, CPU, m) {
   m.impl("silu_and_mul", &silu_and_mul);
   m.impl("store_kv", &store_kv);
   m.impl("argmax_rows", &argmax_rows);
+  m.impl("pool_claims", &pool_claims);
 }

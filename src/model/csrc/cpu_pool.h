@@ -7,7 +7,8 @@
 // bounded time after each task (SHARDLINE_CPU_SPIN_US, default 200 us), yielding the core to
 // anything else that wants it every few microseconds, so the next kernel of the same step finds
 // them awake; then they sleep on a futex. They also sleep at once when the core turns out to be
-// contended. Work is split into chunks that every thread, the caller included, claims in turn.
+// contended. Work is split into chunks; each thread, the caller included, claims the chunks of
+// its own contiguous region in order, then helps with the others'.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -79,10 +80,13 @@ class Pool {
 
   int size() const { return static_cast<int>(threads_.size()) + 1; }
 
-  // fn(ctx, chunk) for every chunk in [0, chunks). Every thread, the caller included, claims
-  // chunks one at a time until none are left, so a pool thread that the OS has not scheduled
-  // (another process holds its core) delays the caller by at most the one chunk it took. A
-  // second caller while the pool is busy runs its chunks itself.
+  // fn(ctx, chunk) for every chunk in [0, chunks). The chunks are split into one contiguous
+  // region per thread (the caller's first); each thread claims its own region's chunks in
+  // order, one at a time, then claims what is left of the others' regions. So a thread walks
+  // consecutive chunks (a kernel can prefetch past the end of its chunk for the chunk it will
+  // most likely take next: the GEMM's next weight panel), and a pool thread that the OS has not
+  // scheduled (another process holds its core) delays the caller by at most the one chunk it
+  // took. A second caller while the pool is busy runs its chunks itself.
   void run(Fn fn, const void* ctx, int64_t chunks) {
     std::unique_lock<std::mutex> busy(busy_, std::try_to_lock);
     if (!busy.owns_lock() || chunks <= 1) {
@@ -91,16 +95,17 @@ class Pool {
     }
     fn_ = fn;
     ctx_ = ctx;
-    chunks_ = chunks;
-    next_.store(0, std::memory_order_relaxed);
+    const int regions = size();
+    for (int r = 0; r < regions; ++r) {
+      regions_[r].next.store(chunks * r / regions, std::memory_order_relaxed);
+      regions_[r].end = chunks * (r + 1) / regions;
+    }
     open_.store(true, std::memory_order_seq_cst);
     generation_.fetch_add(1, std::memory_order_seq_cst);
     if (sleepers_.load(std::memory_order_seq_cst) > 0) {
       futex(&generation_, FUTEX_WAKE_PRIVATE, INT_MAX);
     }
-    for (int64_t chunk; (chunk = next_.fetch_add(1, std::memory_order_relaxed)) < chunks;) {
-      fn(ctx, chunk);
-    }
+    work(0, fn, ctx);
     // No chunk is left to claim; close the job and wait for those who took one. A thread that
     // comes to it later sees it closed and leaves fn_ and ctx_ alone.
     open_.store(false, std::memory_order_seq_cst);
@@ -120,25 +125,33 @@ class Pool {
     return pool;
   }
 
-  explicit Pool(int threads) : spin_(std::chrono::microseconds(spin_us_from_env())) {
+  explicit Pool(int threads)
+      : spin_(std::chrono::microseconds(spin_us_from_env())), regions_(threads) {
     for (int i = 1; i < threads; ++i) {
-      threads_.emplace_back([this] { loop(); });
+      threads_.emplace_back([this, i] { loop(i); });
       threads_.back().detach();
     }
   }
 
-  void loop() {
+  // Thread `self`'s region first, then the others' in turn. A region's counter only grows, so
+  // each chunk is claimed once, whether by its owner or by a thief.
+  void work(int self, Fn fn, const void* ctx) {
+    const int regions = static_cast<int>(regions_.size());
+    for (int i = 0; i < regions; ++i) {
+      Region& region = regions_[(self + i) % regions];
+      for (int64_t chunk; (chunk = region.next.fetch_add(1, std::memory_order_relaxed)) < region.end;) {
+        fn(ctx, chunk);
+      }
+    }
+  }
+
+  void loop(int self) {
     uint32_t seen = 0;
     for (;;) {
       seen = wait_for_work(seen);
       active_.fetch_add(1, std::memory_order_seq_cst);
       if (open_.load(std::memory_order_seq_cst)) {  // the job stays open while we are active
-        const Fn fn = fn_;
-        const void* ctx = ctx_;
-        const int64_t chunks = chunks_;
-        for (int64_t chunk; (chunk = next_.fetch_add(1, std::memory_order_relaxed)) < chunks;) {
-          fn(ctx, chunk);
-        }
+        work(self, fn_, ctx_);
       }
       active_.fetch_sub(1, std::memory_order_seq_cst);
     }
@@ -181,10 +194,13 @@ class Pool {
   std::atomic<int> sleepers_{0};
   std::atomic<int> active_{0};
   std::atomic<bool> open_{false};
-  std::atomic<int64_t> next_{0};
+  struct alignas(64) Region {  // a cache line each: the threads' counters do not share one
+    std::atomic<int64_t> next{0};
+    int64_t end = 0;
+  };
+  std::vector<Region> regions_;  // one per thread, the caller's first
   Fn fn_ = nullptr;
   const void* ctx_ = nullptr;
-  int64_t chunks_ = 0;
 };
 
 // fn(begin, end) over [0, n) in chunks of at least `grain` items, about kChunksPerThread per
