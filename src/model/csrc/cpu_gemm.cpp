@@ -166,9 +166,11 @@ void check_packed(const at::Tensor& packed, int64_t K, int64_t N, const char* op
               packed.size(0), " panels, out has ", N, " columns");
 }
 
+}  // namespace
+
 // out [M, N] = x [M, K] @ W^T + bias, W given as its panels.
-void packed_gemm(at::Tensor& out, const at::Tensor& x, const at::Tensor& packed,
-                 const c10::optional<at::Tensor>& bias) {
+void shardline_cpu::packed_gemm(at::Tensor& out, const at::Tensor& x, const at::Tensor& packed,
+                                const std::optional<at::Tensor>& bias) {
   const char* op = "packed_gemm";
   for (const at::Tensor* t : {static_cast<const at::Tensor*>(&out), &x}) {
     TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->dim() == 2 &&
@@ -192,15 +194,8 @@ void packed_gemm(at::Tensor& out, const at::Tensor& x, const at::Tensor& packed,
   cpu_pool::parallel_for(items, grain, [&g](int64_t begin, int64_t end) { g.run_items(begin, end); });
 }
 
-}  // namespace
-
-void shardline_cpu::packed_gemm(at::Tensor& out, const at::Tensor& x, const at::Tensor& packed,
-                                const std::optional<at::Tensor>& bias) {
-  ::packed_gemm(out, x, packed, bias);
-}
-
 TORCH_LIBRARY_FRAGMENT(shardline, m) {
   m.def("packed_gemm(Tensor(a!) out, Tensor x, Tensor packed, Tensor? bias) -> ()");
 }
 
-TORCH_LIBRARY_IMPL(shardline, CPU, m) { m.impl("packed_gemm", &packed_gemm); }
+TORCH_LIBRARY_IMPL(shardline, CPU, m) { m.impl("packed_gemm", &shardline_cpu::packed_gemm); }

@@ -65,38 +65,6 @@ inline void norm_row(float* out, const float* x, const float* __restrict weight,
   for (int64_t i = 0; i < n; ++i) out[i] = weight[i] * (x[i] * inv);
 }
 
-void rms_norm(const at::Tensor& out, const at::Tensor& x, const at::Tensor& weight, double eps) {
-  check_norm_args("rms_norm", x, "x", out, "out", weight);
-  const int64_t rows = x.size(0), hidden = x.size(1);
-  const float* xp = x.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  const float* wp = weight.data_ptr<float>();
-  const int64_t xs = x.stride(0), os = out.stride(0);
-  cpu_pool::parallel_for(rows, row_grain(hidden), [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      norm_row(op + r * os, xp + r * xs, wp, hidden, static_cast<float>(eps));
-    }
-  });
-}
-
-void fused_add_rms_norm(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight,
-                        double eps) {
-  check_norm_args("fused_add_rms_norm", x, "x", residual, "residual", weight);
-  const int64_t rows = x.size(0), hidden = x.size(1);
-  float* xp = x.data_ptr<float>();
-  float* rp = residual.data_ptr<float>();
-  const float* wp = weight.data_ptr<float>();
-  const int64_t xs = x.stride(0), rs = residual.stride(0);
-  cpu_pool::parallel_for(rows, row_grain(hidden), [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      float* __restrict xr = xp + r * xs;
-      float* __restrict rr = rp + r * rs;
-      for (int64_t i = 0; i < hidden; ++i) rr[i] = xr[i] + rr[i];
-      norm_row(xr, rr, wp, hidden, static_cast<float>(eps));
-    }
-  });
-}
-
 // x <- x * cos + rotate_half(x) * sin for every head of one token (cos and sin hold the two
 // halves' equal angles, as the torch table does).
 inline void rotate_heads(float* __restrict x, int64_t heads, int64_t dim,
@@ -111,102 +79,6 @@ inline void rotate_heads(float* __restrict x, int64_t heads, int64_t dim,
       b[i] = x2 * cos[half + i] + x1 * sin[half + i];
     }
   }
-}
-
-void rotary_embedding(const at::Tensor& positions, const at::Tensor& q, const at::Tensor& k,
-                      const at::Tensor& cos_cache, const at::Tensor& sin_cache) {
-  check_rows(q, "rotary_embedding", "q");
-  check_rows(k, "rotary_embedding", "k");
-  TORCH_CHECK(positions.device().is_cpu() && positions.scalar_type() == at::kLong &&
-                  positions.dim() == 1 && positions.is_contiguous(),
-              "rotary_embedding: positions must be a contiguous CPU int64 vector");
-  for (const at::Tensor* t : {&cos_cache, &sin_cache}) {
-    TORCH_CHECK(t->scalar_type() == at::kFloat && t->dim() == 2 && t->is_contiguous(),
-                "rotary_embedding: cos and sin must be contiguous float32 [positions, head_dim]");
-  }
-  const int64_t tokens = positions.size(0), dim = cos_cache.size(1);
-  TORCH_CHECK(q.size(0) == tokens && k.size(0) == tokens,
-              "rotary_embedding: q, k and positions differ in tokens");
-  TORCH_CHECK(dim % 2 == 0 && q.size(1) % dim == 0 && k.size(1) % dim == 0,
-              "rotary_embedding: q and k must hold whole heads of the table's even head_dim");
-  const int64_t q_heads = q.size(1) / dim, k_heads = k.size(1) / dim;
-  const int64_t max_position = cos_cache.size(0);
-  const int64_t* pos = positions.data_ptr<int64_t>();
-  for (int64_t t = 0; t < tokens; ++t) {
-    TORCH_CHECK(pos[t] >= 0 && pos[t] < max_position, "rotary_embedding: position ", pos[t],
-                " is outside the table of ", max_position);
-  }
-  float* qp = q.data_ptr<float>();
-  float* kp = k.data_ptr<float>();
-  const float* cp = cos_cache.data_ptr<float>();
-  const float* sp = sin_cache.data_ptr<float>();
-  const int64_t qs = q.stride(0), ks = k.stride(0);
-  cpu_pool::parallel_for(tokens, row_grain((q_heads + k_heads) * dim), [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const float* c = cp + pos[t] * dim;
-      const float* s = sp + pos[t] * dim;
-      rotate_heads(qp + t * qs, q_heads, dim, c, s);
-      rotate_heads(kp + t * ks, k_heads, dim, c, s);
-    }
-  });
-}
-
-void silu_and_mul(const at::Tensor& out, const at::Tensor& x) {
-  check_rows(x, "silu_and_mul", "x");
-  check_rows(out, "silu_and_mul", "out");
-  const int64_t rows = x.size(0), d = out.size(1);
-  TORCH_CHECK(out.size(0) == rows && x.size(1) == 2 * d,
-              "silu_and_mul: x must be [rows, 2d] for out [rows, d]");
-  const float* xp = x.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  const int64_t xs = x.stride(0), os = out.stride(0);
-  cpu_pool::parallel_for(rows, row_grain(2 * d), [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const float* __restrict gate = xp + r * xs;
-      const float* __restrict up = gate + d;
-      float* __restrict o = op + r * os;
-      for (int64_t i = 0; i < d; ++i) {
-        const float g = gate[i];
-        o[i] = g / (1.f + cpu_math::exp_approx(-g)) * up[i];
-      }
-    }
-  });
-}
-
-void store_kv(const at::Tensor& k, const at::Tensor& v, const at::Tensor& kv_cache,
-              const at::Tensor& slot_mapping) {
-  check_rows(k, "store_kv", "k");
-  check_rows(v, "store_kv", "v");
-  TORCH_CHECK(kv_cache.device().is_cpu() && kv_cache.scalar_type() == at::kFloat &&
-                  kv_cache.dim() == 5 && kv_cache.size(1) == 2 && kv_cache.is_contiguous(),
-              "store_kv: kv_cache must be a contiguous CPU float32 "
-              "[num_blocks, 2, block_size, num_kv_heads, head_dim] tensor");
-  TORCH_CHECK(slot_mapping.device().is_cpu() && slot_mapping.scalar_type() == at::kLong &&
-                  slot_mapping.dim() == 1 && slot_mapping.is_contiguous(),
-              "store_kv: slot_mapping must be a contiguous CPU int64 vector");
-  const int64_t tokens = slot_mapping.size(0);
-  const int64_t block_size = kv_cache.size(2);
-  const int64_t row = kv_cache.size(3) * kv_cache.size(4);
-  TORCH_CHECK(k.size(0) == tokens && v.size(0) == tokens && k.size(1) == row && v.size(1) == row,
-              "store_kv: k and v must be [tokens, num_kv_heads * head_dim] for the slots");
-  const int64_t slots = kv_cache.size(0) * block_size;
-  const int64_t* sp = slot_mapping.data_ptr<int64_t>();
-  for (int64_t t = 0; t < tokens; ++t) {
-    TORCH_CHECK(sp[t] >= 0 && sp[t] < slots, "store_kv: slot ", sp[t], " is outside the cache's ",
-                slots);
-  }
-  float* cache = kv_cache.data_ptr<float>();
-  const float* kp = k.data_ptr<float>();
-  const float* vp = v.data_ptr<float>();
-  const int64_t ks = k.stride(0), vs = v.stride(0);
-  cpu_pool::parallel_for(tokens, row_grain(2 * row), [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t block = sp[t] / block_size, offset = sp[t] % block_size;
-      float* key = cache + ((block * 2) * block_size + offset) * row;
-      std::memcpy(key, kp + t * ks, row * sizeof(float));
-      std::memcpy(key + block_size * row, vp + t * vs, row * sizeof(float));
-    }
-  });
 }
 
 typedef float argmax_vec __attribute__((vector_size(64)));
@@ -291,26 +163,135 @@ void pool_claims(const at::Tensor& counts, int64_t grain) {
 
 }  // namespace
 
-namespace shardline_cpu {
-
-void rms_norm(const at::Tensor& out, const at::Tensor& x, const at::Tensor& weight, double eps) {
-  ::rms_norm(out, x, weight, eps);
-}
-void fused_add_rms_norm(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight,
-                        double eps) {
-  ::fused_add_rms_norm(x, residual, weight, eps);
-}
-void rotary_embedding(const at::Tensor& positions, const at::Tensor& q, const at::Tensor& k,
-                      const at::Tensor& cos_cache, const at::Tensor& sin_cache) {
-  ::rotary_embedding(positions, q, k, cos_cache, sin_cache);
-}
-void silu_and_mul(const at::Tensor& out, const at::Tensor& x) { ::silu_and_mul(out, x); }
-void store_kv(const at::Tensor& k, const at::Tensor& v, const at::Tensor& kv_cache,
-              const at::Tensor& slot_mapping) {
-  ::store_kv(k, v, kv_cache, slot_mapping);
+void shardline_cpu::rms_norm(const at::Tensor& out, const at::Tensor& x, const at::Tensor& weight,
+                             double eps) {
+  check_norm_args("rms_norm", x, "x", out, "out", weight);
+  const int64_t rows = x.size(0), hidden = x.size(1);
+  const float* xp = x.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const float* wp = weight.data_ptr<float>();
+  const int64_t xs = x.stride(0), os = out.stride(0);
+  cpu_pool::parallel_for(rows, row_grain(hidden), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      norm_row(op + r * os, xp + r * xs, wp, hidden, static_cast<float>(eps));
+    }
+  });
 }
 
-}  // namespace shardline_cpu
+void shardline_cpu::fused_add_rms_norm(const at::Tensor& x, const at::Tensor& residual,
+                                       const at::Tensor& weight, double eps) {
+  check_norm_args("fused_add_rms_norm", x, "x", residual, "residual", weight);
+  const int64_t rows = x.size(0), hidden = x.size(1);
+  float* xp = x.data_ptr<float>();
+  float* rp = residual.data_ptr<float>();
+  const float* wp = weight.data_ptr<float>();
+  const int64_t xs = x.stride(0), rs = residual.stride(0);
+  cpu_pool::parallel_for(rows, row_grain(hidden), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      float* __restrict xr = xp + r * xs;
+      float* __restrict rr = rp + r * rs;
+      for (int64_t i = 0; i < hidden; ++i) rr[i] = xr[i] + rr[i];
+      norm_row(xr, rr, wp, hidden, static_cast<float>(eps));
+    }
+  });
+}
+
+void shardline_cpu::rotary_embedding(const at::Tensor& positions, const at::Tensor& q,
+                                     const at::Tensor& k, const at::Tensor& cos_cache,
+                                     const at::Tensor& sin_cache) {
+  check_rows(q, "rotary_embedding", "q");
+  check_rows(k, "rotary_embedding", "k");
+  TORCH_CHECK(positions.device().is_cpu() && positions.scalar_type() == at::kLong &&
+                  positions.dim() == 1 && positions.is_contiguous(),
+              "rotary_embedding: positions must be a contiguous CPU int64 vector");
+  for (const at::Tensor* t : {&cos_cache, &sin_cache}) {
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->dim() == 2 && t->is_contiguous(),
+                "rotary_embedding: cos and sin must be contiguous float32 [positions, head_dim]");
+  }
+  const int64_t tokens = positions.size(0), dim = cos_cache.size(1);
+  TORCH_CHECK(q.size(0) == tokens && k.size(0) == tokens,
+              "rotary_embedding: q, k and positions differ in tokens");
+  TORCH_CHECK(dim % 2 == 0 && q.size(1) % dim == 0 && k.size(1) % dim == 0,
+              "rotary_embedding: q and k must hold whole heads of the table's even head_dim");
+  const int64_t q_heads = q.size(1) / dim, k_heads = k.size(1) / dim;
+  const int64_t max_position = cos_cache.size(0);
+  const int64_t* pos = positions.data_ptr<int64_t>();
+  for (int64_t t = 0; t < tokens; ++t) {
+    TORCH_CHECK(pos[t] >= 0 && pos[t] < max_position, "rotary_embedding: position ", pos[t],
+                " is outside the table of ", max_position);
+  }
+  float* qp = q.data_ptr<float>();
+  float* kp = k.data_ptr<float>();
+  const float* cp = cos_cache.data_ptr<float>();
+  const float* sp = sin_cache.data_ptr<float>();
+  const int64_t qs = q.stride(0), ks = k.stride(0);
+  cpu_pool::parallel_for(tokens, row_grain((q_heads + k_heads) * dim), [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const float* c = cp + pos[t] * dim;
+      const float* s = sp + pos[t] * dim;
+      rotate_heads(qp + t * qs, q_heads, dim, c, s);
+      rotate_heads(kp + t * ks, k_heads, dim, c, s);
+    }
+  });
+}
+
+void shardline_cpu::silu_and_mul(const at::Tensor& out, const at::Tensor& x) {
+  check_rows(x, "silu_and_mul", "x");
+  check_rows(out, "silu_and_mul", "out");
+  const int64_t rows = x.size(0), d = out.size(1);
+  TORCH_CHECK(out.size(0) == rows && x.size(1) == 2 * d,
+              "silu_and_mul: x must be [rows, 2d] for out [rows, d]");
+  const float* xp = x.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t xs = x.stride(0), os = out.stride(0);
+  cpu_pool::parallel_for(rows, row_grain(2 * d), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float* __restrict gate = xp + r * xs;
+      const float* __restrict up = gate + d;
+      float* __restrict o = op + r * os;
+      for (int64_t i = 0; i < d; ++i) {
+        const float g = gate[i];
+        o[i] = g / (1.f + cpu_math::exp_approx(-g)) * up[i];
+      }
+    }
+  });
+}
+
+void shardline_cpu::store_kv(const at::Tensor& k, const at::Tensor& v,
+                             const at::Tensor& kv_cache, const at::Tensor& slot_mapping) {
+  check_rows(k, "store_kv", "k");
+  check_rows(v, "store_kv", "v");
+  TORCH_CHECK(kv_cache.device().is_cpu() && kv_cache.scalar_type() == at::kFloat &&
+                  kv_cache.dim() == 5 && kv_cache.size(1) == 2 && kv_cache.is_contiguous(),
+              "store_kv: kv_cache must be a contiguous CPU float32 "
+              "[num_blocks, 2, block_size, num_kv_heads, head_dim] tensor");
+  TORCH_CHECK(slot_mapping.device().is_cpu() && slot_mapping.scalar_type() == at::kLong &&
+                  slot_mapping.dim() == 1 && slot_mapping.is_contiguous(),
+              "store_kv: slot_mapping must be a contiguous CPU int64 vector");
+  const int64_t tokens = slot_mapping.size(0);
+  const int64_t block_size = kv_cache.size(2);
+  const int64_t row = kv_cache.size(3) * kv_cache.size(4);
+  TORCH_CHECK(k.size(0) == tokens && v.size(0) == tokens && k.size(1) == row && v.size(1) == row,
+              "store_kv: k and v must be [tokens, num_kv_heads * head_dim] for the slots");
+  const int64_t slots = kv_cache.size(0) * block_size;
+  const int64_t* sp = slot_mapping.data_ptr<int64_t>();
+  for (int64_t t = 0; t < tokens; ++t) {
+    TORCH_CHECK(sp[t] >= 0 && sp[t] < slots, "store_kv: slot ", sp[t], " is outside the cache's ",
+                slots);
+  }
+  float* cache = kv_cache.data_ptr<float>();
+  const float* kp = k.data_ptr<float>();
+  const float* vp = v.data_ptr<float>();
+  const int64_t ks = k.stride(0), vs = v.stride(0);
+  cpu_pool::parallel_for(tokens, row_grain(2 * row), [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t block = sp[t] / block_size, offset = sp[t] % block_size;
+      float* key = cache + ((block * 2) * block_size + offset) * row;
+      std::memcpy(key, kp + t * ks, row * sizeof(float));
+      std::memcpy(key + block_size * row, vp + t * vs, row * sizeof(float));
+    }
+  });
+}
 
 TORCH_LIBRARY_FRAGMENT(shardline, m) {
   m.def("rms_norm(Tensor(a!) out, Tensor x, Tensor weight, float eps) -> ()");
@@ -324,11 +305,11 @@ TORCH_LIBRARY_FRAGMENT(shardline, m) {
 }
 
 TORCH_LIBRARY_IMPL(shardline, CPU, m) {
-  m.impl("rms_norm", &rms_norm);
-  m.impl("fused_add_rms_norm", &fused_add_rms_norm);
-  m.impl("rotary_embedding", &rotary_embedding);
-  m.impl("silu_and_mul", &silu_and_mul);
-  m.impl("store_kv", &store_kv);
+  m.impl("rms_norm", &shardline_cpu::rms_norm);
+  m.impl("fused_add_rms_norm", &shardline_cpu::fused_add_rms_norm);
+  m.impl("rotary_embedding", &shardline_cpu::rotary_embedding);
+  m.impl("silu_and_mul", &shardline_cpu::silu_and_mul);
+  m.impl("store_kv", &shardline_cpu::store_kv);
   m.impl("argmax_rows", &argmax_rows);
   m.impl("pool_claims", &pool_claims);
 }

@@ -139,7 +139,9 @@ class Pool {
     const int regions = static_cast<int>(regions_.size());
     for (int i = 0; i < regions; ++i) {
       Region& region = regions_[(self + i) % regions];
-      for (int64_t chunk; (chunk = region.next.fetch_add(1, std::memory_order_relaxed)) < region.end;) {
+      for (;;) {
+        const int64_t chunk = region.next.fetch_add(1, std::memory_order_relaxed);
+        if (chunk >= region.end) break;
         fn(ctx, chunk);
       }
     }

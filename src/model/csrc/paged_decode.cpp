@@ -245,10 +245,15 @@ void attend_seqs_avx512(const Problem& p, int64_t begin, int64_t end) {
 }
 #endif
 
-void paged_decode_attention(const at::Tensor& out, const at::Tensor& query,
-                            const at::Tensor& kv_cache, const at::Tensor& block_tables,
-                            const at::Tensor& seq_lens, const at::Tensor& query_start_loc,
-                            const std::optional<at::Tensor>& seq_ids, double scale) {
+}  // namespace
+
+void shardline_cpu::paged_decode_attention(const at::Tensor& out, const at::Tensor& query,
+                                           const at::Tensor& kv_cache,
+                                           const at::Tensor& block_tables,
+                                           const at::Tensor& seq_lens,
+                                           const at::Tensor& query_start_loc,
+                                           const std::optional<at::Tensor>& seq_ids,
+                                           double scale) {
   TORCH_CHECK(kv_cache.device().is_cpu() && kv_cache.scalar_type() == at::kFloat,
               "paged_decode_attention: kv_cache must be a CPU float32 tensor");
   TORCH_CHECK(kv_cache.dim() == 5 && kv_cache.size(1) == 2 && kv_cache.is_contiguous(),
@@ -334,19 +339,6 @@ void paged_decode_attention(const at::Tensor& out, const at::Tensor& query,
   });
 }
 
-}  // namespace
-
-void shardline_cpu::paged_decode_attention(const at::Tensor& out, const at::Tensor& query,
-                                           const at::Tensor& kv_cache,
-                                           const at::Tensor& block_tables,
-                                           const at::Tensor& seq_lens,
-                                           const at::Tensor& query_start_loc,
-                                           const std::optional<at::Tensor>& seq_ids,
-                                           double scale) {
-  ::paged_decode_attention(out, query, kv_cache, block_tables, seq_lens, query_start_loc, seq_ids,
-                           scale);
-}
-
 TORCH_LIBRARY(shardline, m) {
   m.def(
       "paged_decode_attention(Tensor(a!) out, Tensor query, Tensor kv_cache, "
@@ -355,5 +347,5 @@ TORCH_LIBRARY(shardline, m) {
 }
 
 TORCH_LIBRARY_IMPL(shardline, CPU, m) {
-  m.impl("paged_decode_attention", &paged_decode_attention);
+  m.impl("paged_decode_attention", &shardline_cpu::paged_decode_attention);
 }
