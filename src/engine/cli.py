@@ -38,7 +38,9 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", default=None, help="float32 / bfloat16 / float16 (default: float32 on CPU)")
     g.add_argument("--max-model-len", type=int, default=None, metavar="N",
                    help="context length (default: the model's)")
-    g.add_argument("--max-num-seqs", type=int, default=128, metavar="N")
+    g.add_argument("--max-num-seqs", type=int, default=None, metavar="N",
+                   help="sequences in a batch (default: 128 for serve; 1 for generate, whose KV "
+                        "cache is then sized, and committed at start-up, for its one request)")
     g.add_argument("--max-num-batched-tokens", type=int, default=2048, metavar="N")
     g.add_argument("--num-kv-blocks", type=int, default=None, metavar="N",
                    help="fixed KV-cache size in blocks (default: from the memory budget)")
@@ -56,6 +58,7 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _engine_config(args: argparse.Namespace, **extra: Any) -> EngineConfig:
+    default_num_seqs = 1 if args.command == "generate" else EngineConfig.max_num_seqs
     return EngineConfig(
         model=args.model,
         tensor_parallel_size=args.tensor_parallel_size,
@@ -65,7 +68,7 @@ def _engine_config(args: argparse.Namespace, **extra: Any) -> EngineConfig:
         device=args.device,
         dtype=args.dtype,
         max_model_len=args.max_model_len,
-        max_num_seqs=args.max_num_seqs,
+        max_num_seqs=default_num_seqs if args.max_num_seqs is None else args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         num_kv_blocks=args.num_kv_blocks,
         block_size=args.block_size,

@@ -53,6 +53,14 @@ def test_invalid_engine_config_exits_2_naming_the_field(
     assert field in capsys.readouterr().err
 
 
+def test_generate_sizes_its_engine_for_its_one_request() -> None:
+    parse = cli._build_parser().parse_args
+    assert cli._engine_config(parse(["generate", "hi"])).max_num_seqs == 1
+    assert cli._engine_config(parse(["generate", "hi", "--max-num-seqs", "4"])).max_num_seqs == 4
+    assert cli._engine_config(parse(["serve"])).max_num_seqs == 128
+    assert cli._engine_config(parse(["serve", "--max-num-seqs", "8"])).max_num_seqs == 8
+
+
 def test_bench_runs_the_named_script_with_its_arguments(
     tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
