@@ -14,8 +14,9 @@ with `MADV_POPULATE_WRITE` (Linux 5.14+). That is for the CPU KV cache, whose pa
 otherwise fault in as sequences grow, inside the steps: on a 2-vCPU VM a first touch cost
 ~1.7 ms per 2 MiB from user space (0.6 GB/s), and a 64-prompt run faulted in ~600 MB of KV,
 ~1 s of a 13 s run (benchmarks/RESULTS.md section 12). Populating all of a 4 GiB cache took
-0.6-8.8 s there, the most when the hypervisor had to back the memory afresh. It also reserves the memory up front, so a machine short of
-RAM fails at start-up, not mid-request. Where the kernel lacks the advice, pages stay lazy.
+0.6-8.8 s there, the most when the hypervisor had to back the memory afresh. It also reserves
+the memory up front, so a machine short of RAM fails at start-up, not mid-request. Where the
+kernel lacks the advice, pages stay lazy.
 """
 
 from __future__ import annotations
