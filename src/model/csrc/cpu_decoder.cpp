@@ -59,7 +59,7 @@ at::Tensor decoder_layers(const at::Tensor& hidden, const at::Tensor& positions,
     if (layer > 0) shardline_cpu::fused_add_rms_norm(x, residual, norms[2 * layer], eps);
     const int64_t p = 4 * layer;
     at::Tensor qkv = at::empty({tokens, q_size + 2 * kv_size}, hidden.options());
-    shardline_cpu::packed_gemm(qkv, x, packed[p], biases[p]);
+    shardline_cpu::packed_gemm(qkv, x, packed[p], biases[p], &packed[p + 1]);
     at::Tensor q = qkv.narrow(1, 0, q_size);
     at::Tensor k = qkv.narrow(1, q_size, kv_size);
     at::Tensor v = qkv.narrow(1, q_size + kv_size, kv_size);
@@ -70,15 +70,18 @@ at::Tensor decoder_layers(const at::Tensor& hidden, const at::Tensor& positions,
                                           kv_caches[layer], block_tables, seq_lens,
                                           query_start_loc, std::nullopt, scale);
     at::Tensor o = at::empty({tokens, width}, hidden.options());
-    shardline_cpu::packed_gemm(o, attended.view({tokens, q_size}), packed[p + 1], biases[p + 1]);
+    shardline_cpu::packed_gemm(o, attended.view({tokens, q_size}), packed[p + 1], biases[p + 1],
+                               &packed[p + 2]);
     shardline_cpu::fused_add_rms_norm(o, residual, norms[2 * layer + 1], eps);
     const int64_t intermediate = packed[p + 3].size(1);  // the down projection's K
     at::Tensor gu = at::empty({tokens, 2 * intermediate}, hidden.options());
-    shardline_cpu::packed_gemm(gu, o, packed[p + 2], biases[p + 2]);
+    shardline_cpu::packed_gemm(gu, o, packed[p + 2], biases[p + 2], &packed[p + 3]);
     at::Tensor act = at::empty({tokens, intermediate}, hidden.options());
     shardline_cpu::silu_and_mul(act, gu);
     x = at::empty({tokens, width}, hidden.options());
-    shardline_cpu::packed_gemm(x, act, packed[p + 3], biases[p + 3]);
+    const bool more = p + 4 < static_cast<int64_t>(packed.size());
+    shardline_cpu::packed_gemm(x, act, packed[p + 3], biases[p + 3],
+                               more ? &packed[p + 4] : nullptr);
   }
   shardline_cpu::fused_add_rms_norm(x, residual, norms[2 * layers], eps);
   return x;

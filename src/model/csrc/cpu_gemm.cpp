@@ -111,6 +111,13 @@ constexpr auto kTiles = make_tiles(std::make_integer_sequence<int, kMR>{});
 // weight panels stream past it: a prefill chunk of 2,048 rows reads the weights 11 times.
 constexpr int64_t kRowBlock = 16 * kMR;
 
+// The GEMM that will run after this one (the decoder-layer loop knows it): its panels, K, and
+// how parallel_for will split its items.
+struct NextGemm {
+  const float* packed = nullptr;
+  int64_t K = 0, panels = 0, items = 0, grain = 1;
+};
+
 struct Gemm {
   const float* a;
   int64_t lda, M, K;
@@ -118,6 +125,7 @@ struct Gemm {
   const float* bias;
   float* c;
   int64_t ldc, N;
+  NextGemm then;
 
   int64_t panels() const { return (N + kNR - 1) / kNR; }
   int64_t row_blocks() const { return (M + kRowBlock - 1) / kRowBlock; }
@@ -125,16 +133,25 @@ struct Gemm {
   // Work items are (row block, panel) pairs, row block major: items [i0, i1).
   void run_items(int64_t i0, int64_t i1) const {
     const int64_t P = panels();
+    // The last chunk of this thread's own region prefetches, instead of a panel past it, the
+    // panel this thread starts the next GEMM with (else it would come cold from memory).
+    const float* then_panel = nullptr;
+    if (then.packed != nullptr && cpu_pool::chunk_place.last_of_own_region) {
+      const int64_t first = cpu_pool::first_item_of_own_region(then.items, then.grain);
+      then_panel = then.packed + (first % then.panels) * then.K * kNR;
+    }
     for (int64_t i = i0; i < i1;) {
       const int64_t block = i / P, p0 = i % P, p1 = std::min(P, p0 + (i1 - i));
-      run(block * kRowBlock, std::min(M, (block + 1) * kRowBlock), p0, p1);
+      const bool last = i + (p1 - p0) == i1;
+      run(block * kRowBlock, std::min(M, (block + 1) * kRowBlock), p0, p1,
+          last ? then_panel : nullptr);
       i += p1 - p0;
     }
   }
 
   // Rows [m0, m1) of panels [p0, p1). Rows go in tiles of near-equal size (64 rows: 6 tiles of
-  // 10-11, not 5 of 12 and a 4).
-  void run(int64_t m0, int64_t m1, int64_t p0, int64_t p1) const {
+  // 10-11, not 5 of 12 and a 4). The last panel prefetches `then_panel` when given.
+  void run(int64_t m0, int64_t m1, int64_t p0, int64_t p1, const float* then_panel) const {
     const int64_t rows_in = m1 - m0;
     const int64_t tiles = (rows_in + kMR - 1) / kMR;
     for (int64_t p = p0; p < p1; ++p) {
@@ -143,11 +160,18 @@ struct Gemm {
       const float* panel_bias = bias != nullptr ? bias + p * kNR : nullptr;
       // Past the chunk too: the pool gives this thread the next chunk of its region next.
       const float* next = p + 1 < panels() ? panel + K * kNR : nullptr;
+      int64_t next_rows = K;  // the rows of `next`, spread over this panel's tiles
+      if (p + 1 == p1 && then_panel != nullptr) {
+        next = then_panel;
+        next_rows = then.K;
+      }
+      const int64_t every = std::max<int64_t>(1, K * tiles / next_rows);
       int64_t m = m0;
       for (int64_t t = 0; t < tiles; ++t) {
         const int64_t rows = (m1 - m) / (tiles - t);  // what is left, spread over what is left
         kTiles[rows - 1](a + m * lda, lda, panel, K, c + m * ldc + p * kNR, ldc, ncols,
-                         panel_bias, next, K * t / tiles, K * (t + 1) / tiles, tiles);
+                         panel_bias, next, next_rows * t / tiles, next_rows * (t + 1) / tiles,
+                         every);
         m += rows;
       }
     }
@@ -168,9 +192,10 @@ void check_packed(const at::Tensor& packed, int64_t K, int64_t N, const char* op
 
 }  // namespace
 
-// out [M, N] = x [M, K] @ W^T + bias, W given as its panels.
+// out [M, N] = x [M, K] @ W^T + bias, W given as its panels; `then`: the packed weight of the
+// GEMM that follows (same rows), whose first panels are prefetched.
 void shardline_cpu::packed_gemm(at::Tensor& out, const at::Tensor& x, const at::Tensor& packed,
-                                const std::optional<at::Tensor>& bias) {
+                                const std::optional<at::Tensor>& bias, const at::Tensor* then) {
   const char* op = "packed_gemm";
   for (const at::Tensor* t : {static_cast<const at::Tensor*>(&out), &x}) {
     TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->dim() == 2 &&
@@ -187,8 +212,16 @@ void shardline_cpu::packed_gemm(at::Tensor& out, const at::Tensor& x, const at::
     bias_ptr = bias->data_ptr<float>();
   }
   if (M == 0 || N == 0) return;
+  NextGemm next;
+  if (then != nullptr && then->dim() == 3 && then->size(2) == kNR && then->is_contiguous() &&
+      then->scalar_type() == at::kFloat) {
+    const int64_t then_n = then->size(0) * kNR;  // padded columns: enough for the item count
+    const int64_t then_items = (M + kRowBlock - 1) / kRowBlock * then->size(0);
+    next = {then->data_ptr<float>(), then->size(1), then->size(0), then_items,
+            M * then->size(1) * then_n < kMinParallelWork ? then_items : 1};
+  }
   const Gemm g{x.data_ptr<float>(), x.stride(0), M, K, packed.data_ptr<float>(), bias_ptr,
-               out.data_ptr<float>(), out.stride(0), N};
+               out.data_ptr<float>(), out.stride(0), N, next};
   const int64_t items = g.row_blocks() * g.panels();
   const int64_t grain = M * K * N < kMinParallelWork ? items : 1;
   cpu_pool::parallel_for(items, grain, [&g](int64_t begin, int64_t end) { g.run_items(begin, end); });
@@ -198,4 +231,9 @@ TORCH_LIBRARY_FRAGMENT(shardline, m) {
   m.def("packed_gemm(Tensor(a!) out, Tensor x, Tensor packed, Tensor? bias) -> ()");
 }
 
-TORCH_LIBRARY_IMPL(shardline, CPU, m) { m.impl("packed_gemm", &shardline_cpu::packed_gemm); }
+TORCH_LIBRARY_IMPL(shardline, CPU, m) {
+  m.impl("packed_gemm", [](at::Tensor& out, const at::Tensor& x, const at::Tensor& packed,
+                           const std::optional<at::Tensor>& bias) {
+    shardline_cpu::packed_gemm(out, x, packed, bias);
+  });
+}

@@ -20,7 +20,9 @@ void paged_decode_attention(const at::Tensor& out, const at::Tensor& query,
                             const at::Tensor& kv_cache, const at::Tensor& block_tables,
                             const at::Tensor& seq_lens, const at::Tensor& query_start_loc,
                             const std::optional<at::Tensor>& seq_ids, double scale);
+// `then`: the packed weight of the GEMM that runs next, if known (its first panels are
+// prefetched during this one's last).
 void packed_gemm(at::Tensor& out, const at::Tensor& x, const at::Tensor& packed,
-                 const std::optional<at::Tensor>& bias);
+                 const std::optional<at::Tensor>& bias, const at::Tensor* then = nullptr);
 
 }  // namespace shardline_cpu

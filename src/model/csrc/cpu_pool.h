@@ -40,6 +40,16 @@ namespace cpu_pool {
 
 constexpr int64_t kDefaultSpinUs = 200;
 
+// What the chunk a thread is running is, for kernels that prefetch for their next call: the
+// thread's own region (its index in the pool; 0 for the caller) and whether this chunk is the
+// last one of that region. Set by Pool::work for the duration of each chunk.
+struct ChunkPlace {
+  int own_region = 0;
+  int regions = 1;
+  bool last_of_own_region = false;
+};
+inline thread_local ChunkPlace chunk_place;
+
 inline long futex(std::atomic<uint32_t>* word, int op, uint32_t value) {
   return syscall(SYS_futex, reinterpret_cast<uint32_t*>(word), op, value, nullptr, nullptr, 0);
 }
@@ -137,14 +147,18 @@ class Pool {
   // each chunk is claimed once, whether by its owner or by a thief.
   void work(int self, Fn fn, const void* ctx) {
     const int regions = static_cast<int>(regions_.size());
+    chunk_place.own_region = self;
+    chunk_place.regions = regions;
     for (int i = 0; i < regions; ++i) {
       Region& region = regions_[(self + i) % regions];
       for (;;) {
         const int64_t chunk = region.next.fetch_add(1, std::memory_order_relaxed);
         if (chunk >= region.end) break;
+        chunk_place.last_of_own_region = i == 0 && chunk == region.end - 1;
         fn(ctx, chunk);
       }
     }
+    chunk_place.last_of_own_region = false;
   }
 
   void loop(int self) {
@@ -210,16 +224,33 @@ class Pool {
 // or when n < 2 * grain).
 constexpr int64_t kChunksPerThread = 4;
 
+// How parallel_for splits n items: the chunk size, or 0 when it runs them all on the caller.
+inline int64_t chunk_size(int64_t n, int64_t grain, int threads) {
+  if (n <= 0 || threads <= 1 || n < 2 * grain) return 0;
+  return std::max<int64_t>(std::max<int64_t>(1, grain),
+                           (n + threads * kChunksPerThread - 1) / (threads * kChunksPerThread));
+}
+
+// The first item that the calling pool thread's own region will hold in a parallel_for over n
+// items with this grain (what a kernel running now may prefetch for that call). The thread
+// count is the pool's, which is torch's from the caller (a pool thread's own OpenMP setting
+// need not be).
+inline int64_t first_item_of_own_region(int64_t n, int64_t grain) {
+  const int64_t size = chunk_size(n, grain, chunk_place.regions);
+  if (size == 0) return 0;
+  const int64_t chunks = (n + size - 1) / size;
+  return chunks * chunk_place.own_region / chunk_place.regions * size;
+}
+
 template <class F>
 void parallel_for(int64_t n, int64_t grain, const F& fn) {
   if (n <= 0) return;
   const int threads = at::in_parallel_region() ? 1 : at::get_num_threads();
-  if (threads <= 1 || n < 2 * grain) {
+  const int64_t size = chunk_size(n, grain, threads);
+  if (size == 0) {
     fn(int64_t{0}, n);
     return;
   }
-  const int64_t size = std::max<int64_t>(
-      std::max<int64_t>(1, grain), (n + threads * kChunksPerThread - 1) / (threads * kChunksPerThread));
   struct Ctx {
     const F* fn;
     int64_t n, size;
