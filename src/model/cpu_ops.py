@@ -17,11 +17,10 @@ The greedy sampler's row argmax over the vocabulary is here too: torch's took 4.
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from model import paged_decode
+from model.env import env_choice
 
 ENV = "SHARDLINE_CPU_FUSED_OPS"
 MODES = ("auto", "off")
@@ -32,10 +31,7 @@ def enabled(x: torch.Tensor) -> bool:
     """Whether the fused ops handle `x` (read at every call, so tests can switch)."""
     if x.dtype != torch.float32 or x.device.type != "cpu":
         return False
-    mode = os.environ.get(ENV, "").strip().lower() or "auto"
-    if mode not in MODES:
-        raise ValueError(f"{ENV}={mode!r}: expected one of {', '.join(MODES)}")
-    if mode == "off":
+    if env_choice(ENV, MODES) == "off":
         return False
     global _loaded
     if not _loaded:

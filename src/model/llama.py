@@ -8,7 +8,6 @@ their indices); a non-last stage returns `(hidden, residual)` for the next stage
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Iterable
 from typing import Any
@@ -19,6 +18,7 @@ from torch import nn
 from model import cpu_ops, packed_linear, paged_decode
 from model.attention import Attention, AttentionMetadata, step_rowwise_metadata
 from model.config import ModelConfig
+from model.env import env_choice
 from model.errors import CheckpointError
 from model.layers import RMSNorm, RotaryEmbedding, SiluAndMul, rope_parameters
 from model.parallel import (
@@ -182,9 +182,7 @@ class LlamaModel(nn.Module):
         of decode-sized rows that the fused ops, the packed GEMM and the paged kernel all take;
         None otherwise."""
         tokens = hidden.shape[0]
-        mode = os.environ.get(CPU_DECODER_ENV, "").strip().lower() or "auto"
-        if mode not in ("auto", "off"):
-            raise ValueError(f"{CPU_DECODER_ENV}={mode!r}: expected auto or off")
+        mode = env_choice(CPU_DECODER_ENV, ("auto", "off"))
         if (mode == "off" or self.ctx.tp_size != 1 or self.ctx.pp_size != 1 or not 1 <= tokens <= packed_linear.MAX_ROWS
                 or positions.dtype != torch.int64 or not cpu_ops.enabled(hidden)):
             return None

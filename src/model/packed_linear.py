@@ -21,7 +21,6 @@ kernels build; `SHARDLINE_CPU_PACKED_LINEAR=off` turns it off.
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 
 import psutil
@@ -30,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model import paged_decode
+from model.env import env_choice
 from model.memory import huge_page_zeros
 
 logger = logging.getLogger(__name__)
@@ -83,9 +83,7 @@ def _packable(weight: Any) -> bool:
 def pack_linear_weights(model: nn.Module) -> int:
     """Give every CPU float32 layer with a `packed_weight` slot its packed copy; returns the
     bytes added (0 when off, not CPU float32, the kernels do not build, or too large for RAM)."""
-    mode = os.environ.get(ENV, "").strip().lower() or "auto"
-    if mode not in MODES:
-        raise ValueError(f"{ENV}={mode!r}: expected one of {', '.join(MODES)}")
+    mode = env_choice(ENV, MODES)
     layers: list[Any] = [m for m in model.modules() if hasattr(m, "packed_weight")
                          and _packable(getattr(m, "weight", None))]
     if mode == "off" or not layers:

@@ -40,6 +40,8 @@ from collections.abc import Iterator
 
 import torch
 
+from model.env import env_choice
+
 logger = logging.getLogger(__name__)
 
 MODE_ENV = "SHARDLINE_CPU_ATTENTION"
@@ -58,10 +60,7 @@ CFLAGS = ("-O3", "-march=native", "-fopenmp")  # -fopenmp: at::parallel_for is i
 
 def cpu_attention_mode() -> str:
     """`SHARDLINE_CPU_ATTENTION`: `auto` (default), `kernel` or `sdpa`."""
-    mode = os.environ.get(MODE_ENV, "").strip().lower() or "auto"
-    if mode not in MODES:
-        raise ValueError(f"{MODE_ENV}={mode!r}: expected one of {', '.join(MODES)}")
-    return mode
+    return env_choice(MODE_ENV, MODES)
 
 
 def check_spin_setting() -> None:

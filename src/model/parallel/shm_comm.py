@@ -52,6 +52,7 @@ import posix_ipc
 import torch
 import torch.distributed as dist
 
+from model.env import env_choice
 from transport.errors import TransportBroken
 from transport.shm_ring import (
     SPIN_SECONDS,
@@ -293,10 +294,7 @@ def close_all() -> None:
 # --------------------------------------------------------------------- choosing per TP group
 def requested_mode() -> str:
     """`SHARDLINE_TP_ALLREDUCE` (auto, shm or gloo; default auto)."""
-    mode = os.environ.get(ENV_MODE, "auto").strip().lower() or "auto"
-    if mode not in MODES:
-        raise ValueError(f"{ENV_MODE}={mode!r}: expected one of {', '.join(MODES)}")
-    return mode
+    return env_choice(ENV_MODE, MODES)
 
 
 def setup_tp_comm(
