@@ -111,6 +111,19 @@ constexpr auto kTiles = make_tiles(std::make_integer_sequence<int, kMR>{});
 // weight panels stream past it: a prefill chunk of 2,048 rows reads the weights 11 times.
 constexpr int64_t kRowBlock = 16 * kMR;
 
+// Below this many multiply-adds a GEMM runs on the calling thread alone.
+constexpr int64_t kMinParallelWork = 1 << 16;
+
+// How a GEMM of M rows, K and N (or N's panels x 32) is handed to parallel_for: its work items,
+// (row block, panel) pairs, and the grain.
+struct WorkSplit {
+  int64_t items, grain;
+};
+WorkSplit work_split(int64_t M, int64_t K, int64_t N) {
+  const int64_t items = (M + kRowBlock - 1) / kRowBlock * ((N + kNR - 1) / kNR);
+  return {items, M * K * N < kMinParallelWork ? items : 1};
+}
+
 // The GEMM that will run after this one (the decoder-layer loop knows it): its panels, K, and
 // how parallel_for will split its items.
 struct NextGemm {
@@ -128,7 +141,6 @@ struct Gemm {
   NextGemm then;
 
   int64_t panels() const { return (N + kNR - 1) / kNR; }
-  int64_t row_blocks() const { return (M + kRowBlock - 1) / kRowBlock; }
 
   // Work items are (row block, panel) pairs, row block major: items [i0, i1).
   void run_items(int64_t i0, int64_t i1) const {
@@ -178,8 +190,6 @@ struct Gemm {
   }
 };
 
-// Below this many multiply-adds a GEMM runs on the calling thread alone.
-constexpr int64_t kMinParallelWork = 1 << 16;
 
 void check_packed(const at::Tensor& packed, int64_t K, int64_t N, const char* op) {
   TORCH_CHECK(packed.device().is_cpu() && packed.scalar_type() == at::kFloat &&
@@ -215,16 +225,15 @@ void shardline_cpu::packed_gemm(at::Tensor& out, const at::Tensor& x, const at::
   NextGemm next;
   if (then != nullptr && then->dim() == 3 && then->size(2) == kNR && then->is_contiguous() &&
       then->scalar_type() == at::kFloat) {
-    const int64_t then_n = then->size(0) * kNR;  // padded columns: enough for the item count
-    const int64_t then_items = (M + kRowBlock - 1) / kRowBlock * then->size(0);
-    next = {then->data_ptr<float>(), then->size(1), then->size(0), then_items,
-            M * then->size(1) * then_n < kMinParallelWork ? then_items : 1};
+    // Its padded width stands for its N: the same panels, so the same items.
+    const WorkSplit split = work_split(M, then->size(1), then->size(0) * kNR);
+    next = {then->data_ptr<float>(), then->size(1), then->size(0), split.items, split.grain};
   }
   const Gemm g{x.data_ptr<float>(), x.stride(0), M, K, packed.data_ptr<float>(), bias_ptr,
                out.data_ptr<float>(), out.stride(0), N, next};
-  const int64_t items = g.row_blocks() * g.panels();
-  const int64_t grain = M * K * N < kMinParallelWork ? items : 1;
-  cpu_pool::parallel_for(items, grain, [&g](int64_t begin, int64_t end) { g.run_items(begin, end); });
+  const WorkSplit split = work_split(M, K, N);
+  cpu_pool::parallel_for(split.items, split.grain,
+                         [&g](int64_t begin, int64_t end) { g.run_items(begin, end); });
 }
 
 TORCH_LIBRARY_FRAGMENT(shardline, m) {

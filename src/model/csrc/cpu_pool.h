@@ -50,6 +50,12 @@ struct ChunkPlace {
 };
 inline thread_local ChunkPlace chunk_place;
 
+// The first chunk of region r of `regions` over `chunks` chunks (region r ends where r + 1
+// begins).
+inline int64_t region_begin(int64_t chunks, int64_t r, int64_t regions) {
+  return chunks * r / regions;
+}
+
 inline long futex(std::atomic<uint32_t>* word, int op, uint32_t value) {
   return syscall(SYS_futex, reinterpret_cast<uint32_t*>(word), op, value, nullptr, nullptr, 0);
 }
@@ -107,8 +113,8 @@ class Pool {
     ctx_ = ctx;
     const int regions = size();
     for (int r = 0; r < regions; ++r) {
-      regions_[r].next.store(chunks * r / regions, std::memory_order_relaxed);
-      regions_[r].end = chunks * (r + 1) / regions;
+      regions_[r].next.store(region_begin(chunks, r, regions), std::memory_order_relaxed);
+      regions_[r].end = region_begin(chunks, r + 1, regions);
     }
     open_.store(true, std::memory_order_seq_cst);
     generation_.fetch_add(1, std::memory_order_seq_cst);
@@ -239,7 +245,7 @@ inline int64_t first_item_of_own_region(int64_t n, int64_t grain) {
   const int64_t size = chunk_size(n, grain, chunk_place.regions);
   if (size == 0) return 0;
   const int64_t chunks = (n + size - 1) / size;
-  return chunks * chunk_place.own_region / chunk_place.regions * size;
+  return region_begin(chunks, chunk_place.own_region, chunk_place.regions) * size;
 }
 
 template <class F>
