@@ -109,7 +109,7 @@ def step_flops(cfg: Any, num_tokens: int, context: int, num_logits: int, causal_
 
 class Ours:
     """The model as a CPU worker sets it up: panel-packed weights and a populated huge-page KV
-    cache (`main` also applies the worker's heap policy and OpenMP wait policy)."""
+    cache (`main` also applies the worker's heap policy; the OpenMP wait policy is the caller's)."""
 
     def __init__(self, path: pathlib.Path, max_tokens: int) -> None:
         from model.packed_linear import pack_linear_weights
