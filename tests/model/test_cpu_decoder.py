@@ -14,7 +14,7 @@ from model.attention import AttentionMetadata
 from model.config import ModelConfig
 from model.loader import load_model
 from model.parallel_context import ParallelContext
-from support.tiny_models import make_tiny_model_dir
+from support.tiny_models import make_tiny_model_dir, quantize_linear_weights
 
 pytestmark = pytest.mark.skipif(not paged_decode.KERNEL.load(),
                                 reason="the CPU kernels do not build here")
@@ -22,9 +22,12 @@ pytestmark = pytest.mark.skipif(not paged_decode.KERNEL.load(),
 BLOCK = 4
 
 
-def _model(tmp_path: pathlib.Path, arch: str, **shape) -> torch.nn.Module:
+def _model(tmp_path: pathlib.Path, arch: str, quantized: bool = False, **shape) -> torch.nn.Module:
+    """`quantized`: GGUF-quantized weights, which pack as integer blocks where K allows."""
     path = make_tiny_model_dir(tmp_path / arch, arch=arch, num_layers=3, **shape)
     model = load_model(ModelConfig.from_path(path), ParallelContext.single())
+    if quantized:
+        quantize_linear_weights(model)
     assert packed_linear.pack_linear_weights(model) > 0
     for module in model.modules():
         if isinstance(module, attention_module.Attention):
@@ -59,9 +62,13 @@ def _run(model: torch.nn.Module, gen: torch.Generator, vocab: int) -> list[torch
                           "intermediate_size": 72}),
 ])
 @pytest.mark.parametrize("rowwise_max", [128, 4])
-def test_the_loop_equals_the_python_layers(tmp_path, monkeypatch, arch, shape, rowwise_max):
+@pytest.mark.parametrize("quantized", [False, True])
+def test_the_loop_equals_the_python_layers(tmp_path, monkeypatch, arch, shape, rowwise_max, quantized):
     monkeypatch.setattr(attention_module, "ROWWISE_MAX_QUERY", rowwise_max)
-    model = _model(tmp_path, arch, **shape)
+    model = _model(tmp_path, arch, quantized, **shape)
+    if quantized:  # Llama's weights all take integer blocks; Qwen2's K of 48 and 72 cannot
+        kinds = {m.packed_weight.dtype for m in model.modules() if getattr(m, "packed_weight", None) is not None}
+        assert kinds == ({torch.uint8} if arch == "LlamaForCausalLM" else {torch.float32})
     vocab = model.config.vocab_size
     calls = []
     real = torch.ops.shardline.decoder_layers

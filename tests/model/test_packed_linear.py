@@ -17,7 +17,7 @@ from model.loader import load_model
 from model.memory import HUGE_PAGE
 from model.parallel import ParallelLMHead, QKVParallelLinear, RowParallelLinear
 from model.parallel_context import ParallelContext
-from support.tiny_models import make_tiny_model_dir
+from support.tiny_models import gguf_round_trip, make_tiny_model_dir, quantize_linear_weights
 
 pytestmark = pytest.mark.skipif(not paged_decode.KERNEL.load(),
                                 reason="the CPU kernels do not build here")
@@ -117,6 +117,96 @@ def test_concurrent_callers_share_the_pool_safely(two_threads):
         t.join(timeout=120)
     assert not any(t.is_alive() for t in threads), "a caller hung"
     assert not errors, errors[0]
+
+
+# K: one block (32), a slice and a half (192: slices of 128 and 64), SmolLM2's (576); N ragged.
+@pytest.mark.parametrize("qtype", ["Q4_1", "Q4_0", "Q8_0"])
+@pytest.mark.parametrize("n,k", [(40, 32), (101, 192), (96, 576)])
+def test_integer_blocks_compute_what_float32_panels_do_bit_for_bit(qtype, n, k, two_threads):
+    gen = torch.Generator().manual_seed(n + k)
+    weight = gguf_round_trip(torch.randn(n, k, generator=gen) * 0.05, qtype)
+    blocks = packed_linear.integer_blocks(weight)
+    assert blocks is not None
+    d, m, q = blocks
+    assert d.shape == m.shape == (n, k // 32) and q.shape == (n, k) and q.dtype == torch.int8
+    rebuilt = d.repeat_interleave(32, 1) * q.float() + m.repeat_interleave(32, 1)
+    assert torch.equal(rebuilt.view(torch.int32), weight.view(torch.int32))  # -0.0 included
+    packed = packed_linear.pack_blocks(blocks)
+    assert packed.dtype == torch.uint8 and packed.shape == (-(-n // 32), k // 32, 1280)
+    assert packed.numel() == packed_linear.blocks_nbytes(weight)
+    floats = packed_linear.pack_weight(weight)
+    bias = torch.randn(n, generator=gen)
+    for rows in (1, 5, 12, 13, 64, 200):
+        x = torch.randn(rows, k, generator=gen)
+        for b in (None, bias):
+            got = packed_linear.linear(x, weight, b, packed)
+            assert torch.equal(got, packed_linear.linear(x, weight, b, floats))
+            torch.testing.assert_close(got, F.linear(x, weight, b), rtol=1e-4, atol=1e-4)
+    strided = torch.randn(3, 2 * k, generator=gen)[:, ::2]
+    assert torch.equal(packed_linear.linear(strided, weight, None, packed),
+                       packed_linear.linear(strided, weight, None, floats))
+
+
+def test_weights_not_of_block_form_are_left_as_float32():
+    gen = torch.Generator().manual_seed(1)
+    assert packed_linear.integer_blocks(torch.randn(64, 64, generator=gen)) is None
+    quantized = gguf_round_trip(torch.randn(64, 96, generator=gen))
+    assert packed_linear.integer_blocks(quantized) is not None
+    assert packed_linear.integer_blocks(quantized[:, :80]) is None  # K not a multiple of 32
+    assert packed_linear.integer_blocks(quantized.double()) is None
+    nudged = quantized.clone()
+    nudged[17, 40] = torch.nextafter(nudged[17, 40], torch.tensor(1.0))  # one value off by an ulp
+    assert packed_linear.integer_blocks(nudged) is None
+    signed_zero = quantized.clone()
+    signed_zero[3, :32] = 0.0
+    signed_zero[3, 5] = -0.0  # a -0.0 among +0.0: no d * q + m gives both
+    assert packed_linear.integer_blocks(signed_zero) is None
+    broken = quantized.clone()
+    broken[0, 0] = float("nan")
+    assert packed_linear.integer_blocks(broken) is None
+
+
+def test_bad_integer_panels_get_clear_errors():
+    weight = gguf_round_trip(torch.randn(64, 64))
+    packed = packed_linear.pack_blocks(packed_linear.integer_blocks(weight))
+    out, x = torch.empty(4, 64), torch.randn(4, 64)
+    cases = [
+        ((out, torch.randn(4, 96), packed, None), "packed weight has K=64, x has 96"),
+        ((torch.empty(4, 65), x, packed, None), "2 panels, out has 65 columns"),
+        ((out, x, packed[:, :, :1024].contiguous(), None), "or uint8 \\[panels, K / 32, 1280\\]"),
+        ((out, x, packed.view(torch.int8), None), "packed must be a contiguous"),
+    ]
+    for args, message in cases:
+        with pytest.raises(RuntimeError, match=message):
+            torch.ops.shardline.packed_gemm(*args)
+    torch.ops.shardline.packed_gemm(out, x, packed, None)  # and it still works
+    torch.testing.assert_close(out, F.linear(x, weight), rtol=1e-4, atol=1e-4)
+
+
+def test_a_model_with_gguf_weights_packs_them_as_integer_blocks(tmp_path, monkeypatch):
+    model = _tiny(tmp_path)
+    assert quantize_linear_weights(model) > 0
+    layers = [m for m in model.modules() if hasattr(m, "packed_weight")]
+    ids = torch.tensor([5, 17, 300, 42, 9, 260])
+    from model.attention import AttentionMetadata
+
+    attn = AttentionMetadata.build(query_lens=[6], context_lens=[0], block_tables=[[0]], block_size=16)
+
+    def logits() -> torch.Tensor:
+        with torch.inference_mode():
+            return model.compute_logits(model(ids, torch.arange(6), attn))
+
+    monkeypatch.setenv(packed_linear.ENV, "float32")
+    assert packed_linear.pack_linear_weights(model) == sum(packed_linear.packed_numel(m.weight) * 4
+                                                           for m in layers)
+    assert all(m.packed_weight.dtype == torch.float32 for m in layers)
+    want = logits()
+    monkeypatch.delenv(packed_linear.ENV)  # auto
+    added = packed_linear.pack_linear_weights(model)
+    assert added == sum(packed_linear.blocks_nbytes(m.weight) for m in layers)
+    assert all(m.packed_weight.dtype == torch.uint8 for m in layers)
+    assert len({m.packed_weight.untyped_storage().data_ptr() for m in layers}) == 1
+    assert torch.equal(logits(), want)
 
 
 def _tiny(tmp_path: pathlib.Path, **kw) -> torch.nn.Module:

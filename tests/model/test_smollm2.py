@@ -120,3 +120,39 @@ def test_gguf_file_loads_to_the_same_model(ours, smollm2_dir):
     from_gguf = dict(load_model(config, ParallelContext.single()).named_parameters())
     for name, param in ours.named_parameters():
         assert torch.equal(param, from_gguf[name]), name
+
+
+def test_its_weights_pack_as_integer_blocks_with_the_same_logits(smollm2_dir, tokenizer, monkeypatch):
+    """The GGUF's Q4_1/Q8_0 weights are exactly d * q + m per block of 32: every linear weight
+    (the tied LM head too) packs as integer blocks, 3.2x smaller than float32 panels, and a
+    prefill and decode steps give the float32 panels' logits bit for bit."""
+    from model import packed_linear, paged_decode
+
+    if not paged_decode.KERNEL.load():
+        pytest.skip("the CPU kernels do not build here")
+    model = load_model(ModelConfig.from_path(smollm2_dir), ParallelContext.single())
+    layers = [m for m in model.modules() if hasattr(m, "packed_weight")]
+    caches = []
+    for module in model.modules():
+        if isinstance(module, Attention):
+            module.kv_cache = torch.zeros(64, 2, BLOCK_SIZE, module.num_kv_heads, module.head_dim)
+            caches.append(module.kv_cache)
+
+    def run() -> list[torch.Tensor]:
+        for cache in caches:
+            cache.zero_()
+        session = PagedSession(model, [9, 3, 17, 5])
+        logits = [session.step(tokenizer(PROMPTS[2])["input_ids"])]
+        for _ in range(4):
+            logits.append(session.step([int(logits[-1][-1].argmax())]))
+        return logits
+
+    monkeypatch.setenv(packed_linear.ENV, "float32")
+    floats = packed_linear.pack_linear_weights(model)
+    want = run()
+    monkeypatch.delenv(packed_linear.ENV)
+    blocks = packed_linear.pack_linear_weights(model)
+    assert all(m.packed_weight.dtype == torch.uint8 for m in layers)
+    assert floats / blocks > 3.1
+    for got, expected in zip(run(), want, strict=True):
+        assert torch.equal(got, expected)

@@ -188,3 +188,32 @@ def recording_factory(model_config: Any, parallel_context: Any) -> Any:
     }
     (record_dir / f"rank-{seen['tp_rank']}.json").write_text(json.dumps(seen))
     return LlamaForCausalLM(model_config, parallel_context)
+
+
+def gguf_round_trip(weight: Any, qtype: str = "Q4_1") -> Any:
+    """`weight` (float32 [N, K], K a multiple of 32) quantized to GGUF's `qtype` and dequantized
+    back to float32 by the `gguf` package, as a GGUF checkpoint's weights load."""
+    import numpy as np
+    import torch
+    from gguf import GGMLQuantizationType, quants
+
+    kind = GGMLQuantizationType[qtype]
+    values = weight.detach().to(torch.float32).numpy()
+    return torch.from_numpy(np.ascontiguousarray(quants.dequantize(quants.quantize(values, kind), kind)))
+
+
+def quantize_linear_weights(model: Any, qtypes: tuple[str, ...] = ("Q4_1", "Q8_0", "Q4_0")) -> int:
+    """Give a loaded model's packable linear weights (every module with a `packed_weight` slot
+    whose K is a multiple of 32) GGUF-quantized values, in place, cycling through `qtypes`;
+    returns how many it changed."""
+    import torch
+
+    changed = 0
+    with torch.no_grad():
+        for module in model.modules():
+            weight = getattr(module, "weight", None)
+            if not hasattr(module, "packed_weight") or weight is None or weight.shape[-1] % 32:
+                continue
+            weight.copy_(gguf_round_trip(weight, qtypes[changed % len(qtypes)]))
+            changed += 1
+    return changed

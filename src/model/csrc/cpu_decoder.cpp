@@ -48,7 +48,7 @@ at::Tensor decoder_layers(const at::Tensor& hidden, const at::Tensor& positions,
   TORCH_CHECK(hidden.dim() == 2 && hidden.is_contiguous() && hidden.scalar_type() == at::kFloat,
               "decoder_layers: hidden must be a contiguous float32 [tokens, hidden] tensor");
   for (const at::Tensor& weight : packed) {
-    TORCH_CHECK(weight.dim() == 3, "decoder_layers: every weight must be packed [panels, K, 32]");
+    TORCH_CHECK(weight.dim() == 3, "decoder_layers: every weight must be packed (model/packed_linear.py)");
   }
   const int64_t tokens = hidden.size(0), width = hidden.size(1);
   const int64_t q_size = num_heads * head_dim, kv_size = num_kv_heads * head_dim;
@@ -73,7 +73,7 @@ at::Tensor decoder_layers(const at::Tensor& hidden, const at::Tensor& positions,
     shardline_cpu::packed_gemm(o, attended.view({tokens, q_size}), packed[p + 1], biases[p + 1],
                                &packed[p + 2]);
     shardline_cpu::fused_add_rms_norm(o, residual, norms[2 * layer + 1], eps);
-    const int64_t intermediate = packed[p + 3].size(1);  // the down projection's K
+    const int64_t intermediate = shardline_cpu::packed_in_features(packed[p + 3]);  // down's K
     at::Tensor gu = at::empty({tokens, 2 * intermediate}, hidden.options());
     shardline_cpu::packed_gemm(gu, o, packed[p + 2], biases[p + 2], &packed[p + 3]);
     at::Tensor act = at::empty({tokens, intermediate}, hidden.options());

@@ -24,5 +24,7 @@ void paged_decode_attention(const at::Tensor& out, const at::Tensor& query,
 // prefetched during this one's last).
 void packed_gemm(at::Tensor& out, const at::Tensor& x, const at::Tensor& packed,
                  const std::optional<at::Tensor>& bias, const at::Tensor* then = nullptr);
+// The K (input features) of a packed weight, in either of its forms.
+int64_t packed_in_features(const at::Tensor& packed);
 
 }  // namespace shardline_cpu
