@@ -135,25 +135,27 @@ void tile(const float* __restrict a, int64_t lda, const float* __restrict b, int
       hi[m] = bias_hi;
     }
   }
-  int64_t countdown = 1;
-  for (int64_t k = 0; k < K; ++k) {
-    const vec16 b_lo = *reinterpret_cast<const vec16u*>(b + k * kNR);
-    const vec16 b_hi = *reinterpret_cast<const vec16u*>(b + k * kNR + 16);
-    if (next != nullptr && --countdown == 0) {
-      countdown = pf_every;
-      if (pf_row < pf_end) {
-        __builtin_prefetch(next + pf_row * kNR, 0, 2);
-        __builtin_prefetch(next + pf_row * kNR + 16, 0, 2);
-        ++pf_row;
+  // Steps of k go in runs, the prefetches for a run before it: no test in the inner loop. A run
+  // is at least 8 steps (a shorter loop costs more to restart than a one-row tile's step).
+  const int64_t group = (8 + pf_every - 1) / pf_every;  // rows prefetched per run
+  for (int64_t k = 0; k < K;) {
+    const int64_t run_end = std::min(K, k + pf_every * group);
+    for (int64_t g = 0; next != nullptr && g < group && pf_row < pf_end; ++g, ++pf_row) {
+      __builtin_prefetch(next + pf_row * kNR, 0, 2);
+      __builtin_prefetch(next + pf_row * kNR + 16, 0, 2);
+    }
+    for (; k < run_end; ++k) {
+      const vec16 b_lo = *reinterpret_cast<const vec16u*>(b + k * kNR);
+      const vec16 b_hi = *reinterpret_cast<const vec16u*>(b + k * kNR + 16);
+#pragma GCC unroll 16
+      for (int m = 0; m < M; ++m) {
+        const float value = a[m * lda + k];
+        lo[m] += value * b_lo;
+        hi[m] += value * b_hi;
       }
     }
-#pragma GCC unroll 16
-    for (int m = 0; m < M; ++m) {
-      const float value = a[m * lda + k];
-      lo[m] += value * b_lo;
-      hi[m] += value * b_hi;
-    }
   }
+
 #pragma GCC unroll 16
   for (int m = 0; m < M; ++m) {
     float* row = c + m * ldc;
