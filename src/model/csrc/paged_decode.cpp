@@ -185,6 +185,22 @@ void attend_seqs_avx512(const Problem& p, int64_t begin, int64_t end) {
     for (int64_t first = 0; first < len; first += block_size) {
       const int64_t block = block_at(p, table, first);
       const int64_t in_block = std::min(block_size, len - first);
+      // The next block (or the next sequence's first) lies anywhere in the cache, where the
+      // hardware prefetcher cannot follow: ask for its K and V now, while this one computes.
+      const float* ahead = nullptr;
+      if (first + block_size < len) {
+        ahead = p.cache + block_at(p, table, first + block_size) * 2 * kv_stride;
+      } else if (item + 1 < end) {
+        const int64_t next_seq = p.seq_ids ? p.seq_ids[item + 1] : item + 1;
+        if (p.lens[next_seq] > 0) {
+          ahead = p.cache + block_at(p, p.tables + next_seq * p.max_blocks, 0) * 2 * kv_stride;
+        }
+      }
+      if (ahead != nullptr) {
+        for (int64_t i = 0; i < 2 * kv_stride; i += 16) {
+          _mm_prefetch(reinterpret_cast<const char*>(ahead + i), _MM_HINT_T1);
+        }
+      }
       for (int64_t chunk = 0; chunk < in_block; chunk += 16) {
         const int64_t count = std::min<int64_t>(16, in_block - chunk);
         const __mmask16 live = static_cast<__mmask16>((1u << count) - 1u);
