@@ -150,6 +150,49 @@ void attend_items(const Problem& p, int64_t begin, int64_t end) {
 }
 
 #if defined(__AVX512F__)
+// The online-softmax update of N query heads that share one kv head, for one chunk of up to
+// 16 tokens (their scores at s[i * 16 + t], overwritten with the probabilities; their V sums
+// at a[i * kDim]), then the chunk's V rows added into those sums. Each V row is loaded once for
+// the N heads, and their N x kVecs sums are independent chains: one head's kVecs chains would
+// wait on the FMA latency at every token. Per head, the same operations in the same order.
+template <int64_t kDim, int N>
+void softmax_values(float* s, float* a, float* running_max, float* running_sum,
+                    const float* v_head, int64_t count, int64_t token_stride, __mmask16 live,
+                    __m512 scale) {
+  constexpr int64_t kVecs = kDim / 16;
+  const __m512 minus_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  __m512 av[N][kVecs];
+  for (int i = 0; i < N; ++i) {
+    float* si = s + i * 16;
+    const __m512 sv = _mm512_mask_mul_ps(minus_inf, live, _mm512_maskz_loadu_ps(live, si), scale);
+    const float new_max = std::max(running_max[i], _mm512_reduce_max_ps(sv));
+    const __m512 pv =
+        _mm512_maskz_mov_ps(live, cpu_math::exp512(_mm512_sub_ps(sv, _mm512_set1_ps(new_max))));
+    _mm512_storeu_ps(si, pv);
+    for (int64_t c = 0; c < kVecs; ++c) av[i][c] = _mm512_loadu_ps(a + i * kDim + 16 * c);
+    if (new_max > running_max[i]) {
+      const float correction = std::exp(running_max[i] - new_max);
+      running_sum[i] *= correction;
+      const __m512 corr = _mm512_set1_ps(correction);
+      for (int64_t c = 0; c < kVecs; ++c) av[i][c] = _mm512_mul_ps(av[i][c], corr);
+      running_max[i] = new_max;
+    }
+    running_sum[i] += _mm512_reduce_add_ps(pv);
+  }
+  for (int64_t t = 0; t < count; ++t) {
+    const float* v = v_head + t * token_stride;
+    __m512 row[kVecs];
+    for (int64_t c = 0; c < kVecs; ++c) row[c] = _mm512_loadu_ps(v + 16 * c);
+    for (int i = 0; i < N; ++i) {
+      const __m512 pt = _mm512_set1_ps(s[i * 16 + t]);
+      for (int64_t c = 0; c < kVecs; ++c) av[i][c] = _mm512_fmadd_ps(pt, row[c], av[i][c]);
+    }
+  }
+  for (int i = 0; i < N; ++i) {
+    for (int64_t c = 0; c < kVecs; ++c) _mm512_storeu_ps(a + i * kDim + 16 * c, av[i][c]);
+  }
+}
+
 // The same computation with AVX-512 for head_dim 64 and 128 (kDim / 16 vectors per row), one
 // sequence per item and 16 tokens at a time. Reading every kv head of a token together walks a
 // block's K (then V) as one contiguous run, which the hardware prefetcher streams; per (sequence,
@@ -160,12 +203,12 @@ void attend_items(const Problem& p, int64_t begin, int64_t end) {
 template <int64_t kDim>
 void attend_seqs_avx512(const Problem& p, int64_t begin, int64_t end) {
   constexpr int64_t kVecs = kDim / 16;
+  constexpr int64_t kPass = std::max<int64_t>(1, 12 / kVecs);  // query heads per V pass
   const int64_t group = p.group, block_size = p.block_size, kv_heads = p.num_kv_heads;
   const int64_t heads = kv_heads * group;
   const int64_t token_stride = kv_heads * kDim;
   const int64_t kv_stride = block_size * token_stride;
   const __m512 scale = _mm512_set1_ps(p.scale);
-  const __m512 minus_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   std::vector<float> scores(heads * 16);
   OnlineSoftmax state(heads, kDim);
   std::vector<float>& acc = state.acc;
@@ -186,7 +229,9 @@ void attend_seqs_avx512(const Problem& p, int64_t begin, int64_t end) {
       const int64_t block = block_at(p, table, first);
       const int64_t in_block = std::min(block_size, len - first);
       // The next block (or the next sequence's first) lies anywhere in the cache, where the
-      // hardware prefetcher cannot follow: ask for its K and V now, while this one computes.
+      // hardware prefetcher cannot follow: ask for its K and V while this one computes, a
+      // token's share of its lines at each token (all at once cost more than it saved when the
+      // cache sat in L3).
       const float* ahead = nullptr;
       if (first + block_size < len) {
         ahead = p.cache + block_at(p, table, first + block_size) * 2 * kv_stride;
@@ -196,17 +241,19 @@ void attend_seqs_avx512(const Problem& p, int64_t begin, int64_t end) {
           ahead = p.cache + block_at(p, p.tables + next_seq * p.max_blocks, 0) * 2 * kv_stride;
         }
       }
-      if (ahead != nullptr) {
-        for (int64_t i = 0; i < 2 * kv_stride; i += 16) {
-          _mm_prefetch(reinterpret_cast<const char*>(ahead + i), _MM_HINT_T1);
-        }
-      }
+      const int64_t ahead_lines = ahead != nullptr ? 2 * kv_stride / 16 : 0;
       for (int64_t chunk = 0; chunk < in_block; chunk += 16) {
         const int64_t count = std::min<int64_t>(16, in_block - chunk);
         const __mmask16 live = static_cast<__mmask16>((1u << count) - 1u);
         const float* keys = p.cache + block * 2 * kv_stride + chunk * token_stride;
         const float* values = keys + kv_stride;
         for (int64_t t = 0; t < count; ++t) {
+          // This token's share of the next block's lines, so the requests go out evenly.
+          const int64_t step = chunk + t;
+          const int64_t line_end = ahead_lines * (step + 1) / in_block;
+          for (int64_t line = ahead_lines * step / in_block; line < line_end; ++line) {
+            _mm_prefetch(reinterpret_cast<const char*>(ahead + 16 * line), _MM_HINT_T1);
+          }
           for (int64_t kvh = 0; kvh < kv_heads; ++kvh) {
             const float* k = keys + t * token_stride + kvh * kDim;
             __m512 kv[kVecs];
@@ -220,32 +267,16 @@ void attend_seqs_avx512(const Problem& p, int64_t begin, int64_t end) {
             }
           }
         }
-        for (int64_t h = 0; h < heads; ++h) {
-          float* s = scores.data() + h * 16;
-          const __m512 sv = _mm512_mask_mul_ps(minus_inf, live, _mm512_maskz_loadu_ps(live, s), scale);
-          const float new_max = std::max(running_max[h], _mm512_reduce_max_ps(sv));
-          const __m512 pv = _mm512_maskz_mov_ps(live, cpu_math::exp512(_mm512_sub_ps(sv, _mm512_set1_ps(new_max))));
-          _mm512_storeu_ps(s, pv);
-          float* a = acc.data() + h * kDim;
-          __m512 av[kVecs];
-          for (int64_t c = 0; c < kVecs; ++c) av[c] = _mm512_loadu_ps(a + 16 * c);
-          if (new_max > running_max[h]) {
-            const float correction = std::exp(running_max[h] - new_max);
-            running_sum[h] *= correction;
-            const __m512 corr = _mm512_set1_ps(correction);
-            for (int64_t c = 0; c < kVecs; ++c) av[c] = _mm512_mul_ps(av[c], corr);
-            running_max[h] = new_max;
+        // The query heads that share a kv head, kPass at a time (see softmax_values).
+        for (int64_t kvh = 0; kvh < kv_heads; ++kvh) {
+          for (int64_t g0 = 0; g0 < group; g0 += kPass) {
+            const int64_t h = kvh * group + g0;
+            const int n = static_cast<int>(std::min<int64_t>(kPass, group - g0));
+            auto* pass = n == 3 ? &softmax_values<kDim, 3>
+                         : n == 2 ? &softmax_values<kDim, 2> : &softmax_values<kDim, 1>;
+            pass(scores.data() + h * 16, acc.data() + h * kDim, running_max.data() + h,
+                 running_sum.data() + h, values + kvh * kDim, count, token_stride, live, scale);
           }
-          running_sum[h] += _mm512_reduce_add_ps(pv);
-          const float* v_head = values + (h / group) * kDim;
-          for (int64_t t = 0; t < count; ++t) {
-            const __m512 pt = _mm512_set1_ps(s[t]);
-            const float* v = v_head + t * token_stride;
-            for (int64_t c = 0; c < kVecs; ++c) {
-              av[c] = _mm512_fmadd_ps(pt, _mm512_loadu_ps(v + 16 * c), av[c]);
-            }
-          }
-          for (int64_t c = 0; c < kVecs; ++c) _mm512_storeu_ps(a + 16 * c, av[c]);
         }
       }
     }
