@@ -83,8 +83,9 @@ def integer_blocks(weight: torch.Tensor) -> IntegerBlocks | None:
     """`(d, m, q)` with `weight[n, k] == d[n, k // 32] * q[n, k] + m[n, k // 32]` bit for bit, q
     int8 and d float16-valued (so `d * q` is exact in float32); None when `weight` is not of that
     form. GGUF's Q4_1, Q4_0 and Q8_0 weights, dequantized to float32, are: each block of 32 is
-    tried as Q4_1 (m its minimum, d within a float16 step of (max - min) / 15, q in 0..15), then
-    as Q8_0 and Q4_0 (no m; d = +-max |w| / 127, / 8 or / 7), and every value is checked."""
+    tried as Q4_1 (m its minimum, d within a float16 step of (max - min) / 15, q in 0..15), as
+    Q8_0 and as Q4_0 (no m; d = +-max |w| / 127, / 8 or / 7), with d and m float16 values as
+    GGUF stores them, and every value is checked."""
     if weight.dim() != 2 or weight.dtype != torch.float32 or weight.shape[1] % BLOCK_K:
         return None
     n, k = weight.shape
@@ -114,25 +115,37 @@ def _find_blocks(blocks: torch.Tensor) -> IntegerBlocks | None:
     # m = -0.0 where there is none: d * q + (-0.0) is d * q, even when that is -0.0 (Q4_0's
     # d * (q - 8) with a negative d), which + 0.0 would turn into 0.0.
     no_offset = torch.full_like(low, -0.0)
-    candidates = [  # (d, m, smallest q, largest q) for every block
-        *(((step + ulp).view(torch.float16).float(), low, 0, 15) for ulp in (0, 1, -1)),
-        *((sign * amax / levels, no_offset, -levels, levels)
-          for levels in (127, 8, 7) for sign in (1, -1)),
-    ]
+
+    def q4_1(ulp: int) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+        return (step + ulp).view(torch.float16).float(), low, 0, 15
+
+    def scaled(levels: int, sign: int) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+        return sign * amax / levels, no_offset, -levels, levels
+
+    # (d, m, smallest q, largest q) for every block, the likeliest first: a pass over blocks
+    # that fit an earlier candidate costs nothing. d and m must be float16 values (as GGUF
+    # stores them; d * q is then exact in float32): blocks where they are not skip the pass.
+    candidates = [q4_1(0), scaled(127, 1), q4_1(1), q4_1(-1), scaled(127, -1),
+                  *(scaled(levels, sign) for levels in (8, 7) for sign in (1, -1))]
     for scale, offset, q_min, q_max in candidates:
-        if todo.numel() == 0:
-            break
-        values, scale, offset = blocks[todo], scale[todo], offset[todo]
-        usable = torch.isfinite(scale) & (scale == scale.half().float())
-        scale = torch.where(usable, scale, torch.zeros_like(scale))
+        usable = ((scale == scale.half().float()) & (offset == offset.half().float())
+                  & torch.isfinite(scale))[todo]
+        rows = todo[usable]
+        if rows.numel() == 0:
+            continue
+        values, scale, offset = blocks[rows], scale[rows], offset[rows]
         divisor = torch.where(scale != 0, scale, torch.ones_like(scale))[:, None]
         levels = torch.round((values - offset[:, None]) / divisor).clamp_(q_min, q_max)
         levels = torch.where(scale[:, None] != 0, levels, torch.zeros_like(levels))
         levels = levels.to(torch.int8).float()  # as the kernel sees them: no -0.0
-        exact = (_bits(scale[:, None] * levels + offset[:, None]) == _bits(values)).all(1) & usable
-        hit = todo[exact]
+        exact = (_bits(scale[:, None] * levels + offset[:, None]) == _bits(values)).all(1)
+        hit = rows[exact]
         d[hit], m[hit], q[hit] = scale[exact], offset[exact], levels[exact].to(torch.int8)
-        todo = todo[~exact]
+        done = torch.zeros(count, dtype=torch.bool)
+        done[hit] = True
+        todo = todo[~done[todo]]
+        if todo.numel() == 0:
+            break
     return (d, m, q) if todo.numel() == 0 else None
 
 
