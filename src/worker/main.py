@@ -147,7 +147,10 @@ class Worker:
         model = load_model(model_config, parallel_context)
         packed = pack_linear_weights(model)  # before the KV cache is sized: the copy counts
         if packed:
-            self.log.info("packed %.0f MiB of linear weights for the decode GEMM", packed / 2**20)
+            layers = [m for m in model.modules() if getattr(m, "packed_weight", None) is not None]
+            blocks = sum(m.packed_weight.dtype == torch.uint8 for m in layers)
+            self.log.info("packed %.1f MiB of linear weights for the decode GEMM (%d of %d as "
+                          "integer blocks)", packed / 2**20, blocks, len(layers))
         local_blocks = determine_num_blocks(
             model,
             block_size=cfg.block_size,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pathlib
+import re
 
 import pytest
 
@@ -27,6 +28,24 @@ def _cfg(path: pathlib.Path, **kw: object) -> EngineConfig:
     base: dict[str, object] = dict(model=str(path), max_model_len=128, num_kv_blocks=128, block_size=4)
     base.update(kw)
     return EngineConfig(**base)  # type: ignore[arg-type]
+
+
+async def test_tensor_parallel_shards_of_gguf_weights_keep_the_same_tokens(
+        tmp_path: pathlib.Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """GGUF-quantized weights pack as integer blocks; TP=2 shards them (row-parallel layers
+    along K, 32-aligned here), and each rank's shards still pack so: the same greedy tokens as
+    one process, which the float32 panels give too."""
+    from support.tiny_models import make_tiny_model_dir, quantize_checkpoint
+
+    path = make_tiny_model_dir(tmp_path / "q", arch="LlamaForCausalLM")
+    assert quantize_checkpoint(path) > 0
+    prompts = _prompts(4)
+    single, _ = await _run(_cfg(path, transport="inproc"), prompts)
+    split, _ = await _run(_cfg(path, tensor_parallel_size=2), prompts)
+    assert split == single
+    logged = capfd.readouterr().err
+    for rank in (0, 1):  # every layer of both ranks' shards, the LM head too
+        assert re.search(rf"\[rank {rank}\] packed .* \(9 of 9 as integer blocks\)", logged), logged
 
 
 @pytest.mark.parametrize(("tp", "pp"), [(1, 2), (2, 2)], ids=["pp2", "tp2xpp2"])

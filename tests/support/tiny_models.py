@@ -217,3 +217,20 @@ def quantize_linear_weights(model: Any, qtypes: tuple[str, ...] = ("Q4_1", "Q8_0
             weight.copy_(gguf_round_trip(weight, qtypes[changed % len(qtypes)]))
             changed += 1
     return changed
+
+
+def quantize_checkpoint(path: str | os.PathLike[str], qtype: str = "Q4_1") -> int:
+    """Rewrite a checkpoint directory's 2-D weights whose inputs are a multiple of 32 with
+    GGUF-quantized values (`gguf_round_trip`), as a converted GGUF checkpoint holds them;
+    returns how many it changed."""
+    from safetensors.torch import load_file, save_file
+
+    changed = 0
+    for file in sorted(pathlib.Path(path).glob("*.safetensors")):
+        tensors = load_file(str(file))
+        for name, tensor in tensors.items():
+            if tensor.dim() == 2 and tensor.shape[1] % 32 == 0:
+                tensors[name] = gguf_round_trip(tensor, qtype)
+                changed += 1
+        save_file(tensors, str(file), metadata={"format": "pt"})
+    return changed
