@@ -31,14 +31,14 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#if defined(__AVX2__) || defined(__AVX512F__)
-#include <immintrin.h>
-#endif
 #include <array>
 #include <cstdint>
 #include <cstring>
 #include <utility>
-#include <vector>
+
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 #include "cpu_kernels.h"
 #include "cpu_pool.h"
@@ -102,6 +102,14 @@ void dequantize_panel(const uint8_t* __restrict blocks, int64_t K, float* __rest
   }
 }
 
+// ncols <= kNR floats from `src` as two vectors, zero past ncols.
+inline void load_row(const float* src, int ncols, vec16& lo, vec16& hi) {
+  float padded[kNR] = {};
+  std::memcpy(padded, src, sizeof(float) * ncols);
+  std::memcpy(&lo, padded, sizeof(vec16));
+  std::memcpy(&hi, padded + 16, sizeof(vec16));
+}
+
 // One tile: c[m, 0:ncols] = a[m, :] . panel[:, j] (+ bias) for m < M, j < ncols <= kNR; with
 // `accumulate`, c[m, j] += instead (the sums of earlier K-slices, bias included, go on in the
 // same order, so slicing K does not change a bit). With `next` set, it also prefetches
@@ -115,20 +123,10 @@ void tile(const float* __restrict a, int64_t lda, const float* __restrict b, int
   vec16 lo[M], hi[M];
   if (accumulate) {  // c holds the sums over the K before this slice: go on from them
 #pragma GCC unroll 16
-    for (int m = 0; m < M; ++m) {
-      float padded[kNR] = {};
-      std::memcpy(padded, c + m * ldc, sizeof(float) * ncols);
-      std::memcpy(&lo[m], padded, sizeof(vec16));
-      std::memcpy(&hi[m], padded + 16, sizeof(vec16));
-    }
+    for (int m = 0; m < M; ++m) load_row(c + m * ldc, ncols, lo[m], hi[m]);
   } else {
     vec16 bias_lo = {}, bias_hi = {};
-    if (bias != nullptr) {
-      float padded[kNR] = {};
-      std::memcpy(padded, bias, sizeof(float) * ncols);
-      std::memcpy(&bias_lo, padded, sizeof(vec16));
-      std::memcpy(&bias_hi, padded + 16, sizeof(vec16));
-    }
+    if (bias != nullptr) load_row(bias, ncols, bias_lo, bias_hi);
 #pragma GCC unroll 16
     for (int m = 0; m < M; ++m) {
       lo[m] = bias_lo;
@@ -155,7 +153,6 @@ void tile(const float* __restrict a, int64_t lda, const float* __restrict b, int
       }
     }
   }
-
 #pragma GCC unroll 16
   for (int m = 0; m < M; ++m) {
     float* row = c + m * ldc;
@@ -314,7 +311,6 @@ struct Gemm {
       }
     }
   }
-
 };
 
 }  // namespace
