@@ -108,7 +108,7 @@ def _find_blocks(blocks: torch.Tensor) -> IntegerBlocks | None:
     count = blocks.shape[0]
     d, m = torch.zeros(count), torch.zeros(count)
     q = torch.zeros(count, BLOCK_K, dtype=torch.int8)
-    todo = torch.arange(count)
+    pending = torch.ones(count, dtype=torch.bool)  # blocks no candidate has fitted yet
     low, high = blocks.amin(1), blocks.amax(1)
     amax = blocks.abs().amax(1)
     step = ((high - low) / 15).half().view(torch.int16)
@@ -129,8 +129,8 @@ def _find_blocks(blocks: torch.Tensor) -> IntegerBlocks | None:
                   *(scaled(levels, sign) for levels in (8, 7) for sign in (1, -1))]
     for scale, offset, q_min, q_max in candidates:
         usable = ((scale == scale.half().float()) & (offset == offset.half().float())
-                  & torch.isfinite(scale))[todo]
-        rows = todo[usable]
+                  & torch.isfinite(scale))
+        rows = (pending & usable).nonzero().squeeze(1)
         if rows.numel() == 0:
             continue
         values, scale, offset = blocks[rows], scale[rows], offset[rows]
@@ -141,12 +141,10 @@ def _find_blocks(blocks: torch.Tensor) -> IntegerBlocks | None:
         exact = (_bits(scale[:, None] * levels + offset[:, None]) == _bits(values)).all(1)
         hit = rows[exact]
         d[hit], m[hit], q[hit] = scale[exact], offset[exact], levels[exact].to(torch.int8)
-        done = torch.zeros(count, dtype=torch.bool)
-        done[hit] = True
-        todo = todo[~done[todo]]
-        if todo.numel() == 0:
-            break
-    return (d, m, q) if todo.numel() == 0 else None
+        pending[hit] = False
+        if not pending.any():
+            return d, m, q
+    return None
 
 
 def blocks_nbytes(weight: torch.Tensor) -> int:
