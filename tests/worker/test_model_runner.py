@@ -283,24 +283,55 @@ def test_paged_decode_on_cuda_matches_hf(tiny_llama_dir: pathlib.Path, hf_refere
     assert engine.run_until(NEW_TOKENS) == hf_reference
 
 
-def test_cuda_graph_static_decode_step_matches_hf(loaded, hf_reference) -> None:  # type: ignore[no-untyped-def]
-    """The step a CUDA graph captures, run eagerly here: the decode batch of 3 is padded to the
-    captured size 4 (the pad row writes into a scratch block), attention spans max_model_len keys
-    under the length mask, and the tokens are still HF's."""
-    from worker.cuda_graphs import CudaGraphDecoder, capture_sizes
+def _graph_decoder_matches_hf(loaded, hf_reference, device: str) -> None:  # type: ignore[no-untyped-def]
+    """A CudaGraphDecoder with key-length buckets of 2, 4, 8 and 16 blocks (8-64 tokens) runs
+    the MiniEngine's requests to HF's greedy tokens, its decode batches padded to captured sizes
+    and replayed from the bucket that holds the longest request."""
+    from worker.cuda_graphs import CudaGraphDecoder
+    from worker.model_runner import ModelRunner
 
-    assert capture_sizes(8) == [1, 2, 4, 8] and capture_sizes(40) == [1, 2, 4, 8, 16, 32, 40]
     config, model = loaded
-    runner = make_runner(loaded)
+    if device == "cpu":
+        runner = make_runner(loaded)
+    else:
+        from model.loader import load_model
+        from model.parallel_context import ParallelContext
+
+        context = ParallelContext.single("cuda")
+        model = load_model(config, context)
+        runner = ModelRunner(model, context, block_size=BLOCK_SIZE, dtype=torch.float32)
     runner.initialize_kv_cache(NUM_BLOCKS, scratch_blocks=1)  # block NUM_BLOCKS: the scratch
     decoder = CudaGraphDecoder(model, block_size=BLOCK_SIZE, max_model_len=64, max_num_seqs=8,
-                               pad_block=NUM_BLOCKS, device=torch.device("cpu"))
-    padded: list[int] = []
+                               pad_block=NUM_BLOCKS, device=torch.device(device), smallest_bucket=2)
+    assert decoder.buckets == [2, 4, 8, 16]
+    if device == "cuda":
+        decoder.capture()
+        assert len(decoder.graphs) == len(decoder.sizes) * len(decoder.buckets)
+    replayed: list[tuple[int, int]] = []
     load = decoder._load_inputs
-    decoder._load_inputs = lambda *a: padded.append(load(*a)) or padded[-1]  # type: ignore[method-assign]
+    decoder._load_inputs = lambda *a: replayed.append(load(*a)) or replayed[-1]  # type: ignore[method-assign]
     runner.model = decoder
     engine = MiniEngine(runner, chunk=5)
     for req_id, prompt in PROMPTS.items():
         engine.add(req_id, prompt)
     assert engine.run_until(NEW_TOKENS) == hf_reference
-    assert 4 in padded  # three requests decoding together ran as the padded size-4 step
+    assert 4 in {size for size, _ in replayed}  # three requests decoding together, padded to 4
+    assert {blocks for _, blocks in replayed} == {4, 8}  # longest context 14-19 tokens: 16, 32 keys
+
+
+def test_cuda_graph_static_decode_step_matches_hf(loaded, hf_reference) -> None:  # type: ignore[no-untyped-def]
+    """The steps CUDA graphs capture, run eagerly here: the decode batch of 3 is padded to the
+    captured size 4 (the pad row writes into a scratch block), attention spans its bucket's
+    keys under the length mask, and the tokens are still HF's."""
+    from worker.cuda_graphs import capture_sizes, kv_buckets
+
+    assert capture_sizes(8) == [1, 2, 4, 8] and capture_sizes(40) == [1, 2, 4, 8, 16, 32, 40]
+    assert kv_buckets(64) == [16, 32, 64] and kv_buckets(100) == [16, 32, 64, 100]
+    assert kv_buckets(8) == [8] and kv_buckets(5, smallest=2) == [2, 4, 5]
+    _graph_decoder_matches_hf(loaded, hf_reference, "cpu")
+
+
+@pytest.mark.gpu
+def test_cuda_graphs_with_key_buckets_match_hf(loaded, hf_reference) -> None:  # type: ignore[no-untyped-def]
+    """The same on CUDA, every (batch size, bucket) graph captured and replayed."""
+    _graph_decoder_matches_hf(loaded, hf_reference, "cuda")
