@@ -11,13 +11,15 @@ of SmolLM2's shapes: 1.4-1.5x faster than oneDNN with prepacked weights for 1-64
 faster than F.linear (benchmarks/RESULTS.md section 12). Inputs of up to MAX_ROWS rows take it;
 larger ones (prefill chunks) keep F.linear, which was as fast from ~512 rows on.
 
-Weights that are exactly `d * q + m` per 32 inputs of an output (q int8; what GGUF's Q4_1, Q4_0
-and Q8_0 dequantize to, so SmolLM2's every linear weight and its tied LM head) are packed as
-integer blocks instead (`integer_blocks`, `pack_blocks`): 1,280 bytes per 32 x 32 block instead
-of 4,096. The kernel turns them back into float32 a slice at a time in L1 and runs the same
-tiles, so the results are the float32 panels' bit for bit, while a decode step, which streams
-every weight from memory, reads 3.2x fewer bytes (SmolLM2: 160 MiB instead of 513). Every value
-is checked when packing; a weight of any other form keeps float32 panels.
+Weights that are exactly `d * q + m` per 32 inputs of an output (q int8, d and m float16 values;
+what GGUF's Q4_1, Q4_0 and Q8_0 dequantize to, so SmolLM2's every linear weight and its tied LM
+head) are packed as integer blocks instead (`integer_blocks`, `pack_blocks`): per 32 x 32 block,
+d and m as float16 and q as 4-bit nibbles where every q of the weight fits (640 bytes; Q4_1's
+0..15, Q4_0's -8..7), else as int8 (1,152 bytes), instead of 4,096. The kernel turns them back
+into float32 a slice at a time in L1 and runs the same tiles, so the results are the float32
+panels' bit for bit, while a decode step, which streams every weight from memory, reads 3.6-6.4x
+fewer bytes (SmolLM2: 95 MiB instead of 513). Every value is checked when packing; a weight of
+any other form keeps float32 panels.
 
 The worker packs after loading (`pack_linear_weights`), before it sizes the KV cache, so the
 copy counts against memory. The original weights stay: the tied LM head shares its weight with
@@ -47,7 +49,9 @@ ENV = "SHARDLINE_CPU_PACKED_LINEAR"
 MODES = ("auto", "float32", "off")
 PANEL = 32  # output columns per panel (csrc/cpu_gemm.cpp kNR)
 BLOCK_K = 32  # inputs per integer block (kBlockK)
-BLOCK_BYTES = 2 * PANEL * 4 + BLOCK_K * PANEL  # d[32] and m[32] float32, q[32][32] int8
+SCALE_BYTES = 2 * PANEL * 2  # d[32] and m[32] as float16
+INT8_BLOCK_BYTES = SCALE_BYTES + BLOCK_K * PANEL  # then q[32][32] int8 (kInt8BlockBytes)
+NIBBLE_BLOCK_BYTES = SCALE_BYTES + BLOCK_K * PANEL // 2  # then q as nibbles [16][32] (kNibbleBlockBytes)
 MAX_ROWS = 256  # larger inputs use F.linear (equal speed at 512 rows, MKL's blocking beyond)
 MAX_MEMORY_FRACTION = 0.1
 _DETECT_ROWS = 4096  # integer_blocks works on this many output rows at a time
@@ -85,7 +89,20 @@ def integer_blocks(weight: torch.Tensor) -> IntegerBlocks | None:
     form. GGUF's Q4_1, Q4_0 and Q8_0 weights, dequantized to float32, are: each block of 32 is
     tried as Q4_1 (m its minimum, d within a float16 step of (max - min) / 15, q in 0..15), as
     Q8_0 and as Q4_0 (no m; d = +-max |w| / 127, / 8 or / 7), with d and m float16 values as
-    GGUF stores them, and every value is checked."""
+    GGUF stores them, and every value is checked.
+
+    A Q4_0 block often fits Q4_1's form too (m = -8 d, q + 8). When the blocks come out mixed,
+    q spanning -8..15, they are found again with Q4_0's form tried first, so that q fits 4 bits
+    (`block_layout`), if every block has it."""
+    found = _integer_blocks(weight, symmetric_first=False)
+    if found is not None and -8 <= int(found[2].min()) < 0 and int(found[2].max()) > 7:
+        again = _integer_blocks(weight, symmetric_first=True)
+        if again is not None and int(again[2].max()) <= 7:
+            return again
+    return found
+
+
+def _integer_blocks(weight: torch.Tensor, symmetric_first: bool) -> IntegerBlocks | None:
     if weight.dim() != 2 or weight.dtype != torch.float32 or weight.shape[1] % BLOCK_K:
         return None
     n, k = weight.shape
@@ -94,7 +111,7 @@ def integer_blocks(weight: torch.Tensor) -> IntegerBlocks | None:
     q = torch.empty(n, k, dtype=torch.int8)
     for r0 in range(0, n, _DETECT_ROWS):
         rows = slice(r0, min(n, r0 + _DETECT_ROWS))
-        found = _find_blocks(weight[rows].reshape(-1, BLOCK_K))
+        found = _find_blocks(weight[rows].reshape(-1, BLOCK_K), symmetric_first)
         if found is None:
             return None
         count = rows.stop - rows.start
@@ -102,9 +119,9 @@ def integer_blocks(weight: torch.Tensor) -> IntegerBlocks | None:
     return d, m, q
 
 
-def _find_blocks(blocks: torch.Tensor) -> IntegerBlocks | None:
+def _find_blocks(blocks: torch.Tensor, symmetric_first: bool) -> IntegerBlocks | None:
     """d, m [B] and q [B, 32] for every row of `blocks` [B, 32] (see `integer_blocks`), or None
-    when some row is none of the forms tried."""
+    when some row is none of the forms tried; `symmetric_first` tries Q4_0's form first."""
     count = blocks.shape[0]
     d, m = torch.zeros(count), torch.zeros(count)
     q = torch.zeros(count, BLOCK_K, dtype=torch.int8)
@@ -119,14 +136,17 @@ def _find_blocks(blocks: torch.Tensor) -> IntegerBlocks | None:
     def q4_1(ulp: int) -> tuple[torch.Tensor, torch.Tensor, int, int]:
         return (step + ulp).view(torch.float16).float(), low, 0, 15
 
-    def scaled(levels: int, sign: int) -> tuple[torch.Tensor, torch.Tensor, int, int]:
-        return sign * amax / levels, no_offset, -levels, levels
+    def scaled(levels: int, sign: int, q_max: int) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+        return sign * amax / levels, no_offset, -levels, q_max
 
     # (d, m, smallest q, largest q) for every block, the likeliest first: a pass over blocks
     # that fit an earlier candidate costs nothing. d and m must be float16 values (as GGUF
     # stores them; d * q is then exact in float32): blocks where they are not skip the pass.
-    candidates = [q4_1(0), scaled(127, 1), q4_1(1), q4_1(-1), scaled(127, -1),
-                  *(scaled(levels, sign) for levels in (8, 7) for sign in (1, -1))]
+    # Q4_0's q - 8 is -8..7 (d = -max / 8, the sign opposite to the block's largest value's):
+    # with q up to 8, the other sign would fit too and its q would not fit signed nibbles.
+    q4_0 = [scaled(levels, sign, 7) for levels in (8, 7) for sign in (1, -1)]
+    candidates = [q4_1(0), scaled(127, 1, 127), q4_1(1), q4_1(-1), scaled(127, -1, 127)]
+    candidates = q4_0 + candidates if symmetric_first else candidates + q4_0
     for scale, offset, q_min, q_max in candidates:
         usable = ((scale == scale.half().float()) & (offset == offset.half().float())
                   & torch.isfinite(scale))
@@ -147,15 +167,32 @@ def _find_blocks(blocks: torch.Tensor) -> IntegerBlocks | None:
     return None
 
 
-def blocks_nbytes(weight: torch.Tensor) -> int:
-    return -(-weight.shape[0] // PANEL) * (weight.shape[1] // BLOCK_K) * BLOCK_BYTES
+def block_layout(blocks: IntegerBlocks) -> tuple[torch.dtype, int]:
+    """(dtype, bytes per block) of the packed form of `integer_blocks`' `(d, m, q)`: unsigned
+    nibbles (uint8, 640) when every q is in 0..15, signed ones (int8, 640) when in -8..7, else
+    int8 q (uint8, 1,152); the kernel tells the forms apart by these."""
+    q = blocks[2]
+    low, high = (int(v) for v in torch.aminmax(q)) if q.numel() else (0, 0)
+    if 0 <= low and high <= 15:
+        return torch.uint8, NIBBLE_BLOCK_BYTES
+    if -8 <= low and high <= 7:
+        return torch.int8, NIBBLE_BLOCK_BYTES
+    return torch.uint8, INT8_BLOCK_BYTES
+
+
+def blocks_nbytes(blocks: IntegerBlocks) -> int:
+    n, k = blocks[2].shape
+    return -(-n // PANEL) * (k // BLOCK_K) * block_layout(blocks)[1]
 
 
 def pack_blocks(blocks: IntegerBlocks, out: torch.Tensor | None = None) -> torch.Tensor:
-    """`integer_blocks`' `(d, m, q)` of an `[N, K]` weight as the kernel's integer panels: uint8
-    `[ceil(N / 32), K / 32, 1280]` (per 32 x 32 block: d[32], m[32], then q[k][n]), written into
-    `out` (a flat uint8 tensor of `blocks_nbytes` bytes) when given. Padding columns are 0."""
+    """`integer_blocks`' `(d, m, q)` of an `[N, K]` weight as the kernel's integer panels
+    `[ceil(N / 32), K / 32, bytes]` of the dtype and size `block_layout` gives: per 32 x 32 block
+    d[32] and m[32] (float16), then q[k][n] as int8 or as nibbles, byte [k / 2][n] holding
+    q[k][n] (k even) in its low half and q[k + 1][n] in its high half. Written into `out` (a
+    flat uint8 tensor of `blocks_nbytes` bytes) when given. Padding columns are 0."""
     d, m, q = blocks
+    dtype, nbytes = block_layout(blocks)
     n, k = q.shape
     panels, kb = -(-n // PANEL), k // BLOCK_K
 
@@ -164,14 +201,18 @@ def pack_blocks(blocks: IntegerBlocks, out: torch.Tensor | None = None) -> torch
         full[:n] = t
         return full
 
-    def scales(t: torch.Tensor) -> torch.Tensor:  # [panels, kb, 32 columns] as bytes
-        return padded(t).view(panels, PANEL, kb).transpose(1, 2).contiguous().view(torch.uint8)
+    def scales(t: torch.Tensor) -> torch.Tensor:  # [panels, kb, 32 columns] float16, as bytes
+        return padded(t.half()).view(panels, PANEL, kb).transpose(1, 2).contiguous().view(torch.uint8)
 
-    levels = padded(q).view(panels, PANEL, kb, BLOCK_K).permute(0, 2, 3, 1).reshape(panels, kb, -1)
-    packed = torch.cat([scales(d), scales(m), levels.view(torch.uint8)], dim=2)
+    levels = padded(q).view(panels, PANEL, kb, BLOCK_K).permute(0, 2, 3, 1)  # [panels, kb, k, n]
+    if nbytes == NIBBLE_BLOCK_BYTES:
+        pairs = levels.reshape(panels, kb, BLOCK_K // 2, 2, PANEL).to(torch.int16) & 15
+        levels = (pairs[:, :, :, 0] | (pairs[:, :, :, 1] << 4)).to(torch.uint8)
+    packed = torch.cat([scales(d), scales(m), levels.reshape(panels, kb, -1).view(torch.uint8)], dim=2)
+    packed = packed.view(dtype)
     if out is None:
         return packed
-    view = out.view(panels, kb, BLOCK_BYTES)
+    view = out.view(dtype).view(panels, kb, nbytes)
     view.copy_(packed)
     return view
 
@@ -212,7 +253,7 @@ def pack_linear_weights(model: nn.Module) -> int:
     plans: list[tuple[Any, IntegerBlocks | None, int]] = []
     for m in layers:
         blocks = integer_blocks(m.weight.detach()) if mode == "auto" else None
-        nbytes = blocks_nbytes(m.weight) if blocks is not None else packed_numel(m.weight) * 4
+        nbytes = blocks_nbytes(blocks) if blocks is not None else packed_numel(m.weight) * 4
         plans.append((m, blocks, nbytes))
     added = sum(nbytes for _, _, nbytes in plans)
     limit = MAX_MEMORY_FRACTION * psutil.virtual_memory().total

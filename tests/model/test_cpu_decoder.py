@@ -66,9 +66,10 @@ def _run(model: torch.nn.Module, gen: torch.Generator, vocab: int) -> list[torch
 def test_the_loop_equals_the_python_layers(tmp_path, monkeypatch, arch, shape, rowwise_max, quantized):
     monkeypatch.setattr(attention_module, "ROWWISE_MAX_QUERY", rowwise_max)
     model = _model(tmp_path, arch, quantized, **shape)
-    if quantized:  # Llama's weights all take integer blocks; Qwen2's K of 48 and 72 cannot
+    if quantized:  # Llama's weights all take integer blocks (Q4_1 and Q8_0 as uint8, Q4_0's
+        # signed nibbles as int8); Qwen2's K of 48 and 72 cannot
         kinds = {m.packed_weight.dtype for m in model.modules() if getattr(m, "packed_weight", None) is not None}
-        assert kinds == ({torch.uint8} if arch == "LlamaForCausalLM" else {torch.float32})
+        assert kinds == ({torch.uint8, torch.int8} if arch == "LlamaForCausalLM" else {torch.float32})
     vocab = model.config.vocab_size
     calls = []
     real = torch.ops.shardline.decoder_layers

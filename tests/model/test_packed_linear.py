@@ -132,8 +132,10 @@ def test_integer_blocks_compute_what_float32_panels_do_bit_for_bit(qtype, n, k, 
     rebuilt = d.repeat_interleave(32, 1) * q.float() + m.repeat_interleave(32, 1)
     assert torch.equal(rebuilt.view(torch.int32), weight.view(torch.int32))  # -0.0 included
     packed = packed_linear.pack_blocks(blocks)
-    assert packed.dtype == torch.uint8 and packed.shape == (-(-n // 32), k // 32, 1280)
-    assert packed.numel() == packed_linear.blocks_nbytes(weight)
+    # Q4_1's q 0..15 as unsigned nibbles, Q4_0's -8..7 as signed ones, Q8_0's as int8.
+    dtype, nbytes = {"Q4_1": (torch.uint8, 640), "Q4_0": (torch.int8, 640), "Q8_0": (torch.uint8, 1152)}[qtype]
+    assert packed.dtype == dtype and packed.shape == (-(-n // 32), k // 32, nbytes)
+    assert packed.numel() == packed_linear.blocks_nbytes(blocks)
     floats = packed_linear.pack_weight(weight)
     bias = torch.randn(n, generator=gen)
     for rows in (1, 5, 12, 13, 64, 200):
@@ -145,6 +147,31 @@ def test_integer_blocks_compute_what_float32_panels_do_bit_for_bit(qtype, n, k, 
     strided = torch.randn(3, 2 * k, generator=gen)[:, ::2]
     assert torch.equal(packed_linear.linear(strided, weight, None, packed),
                        packed_linear.linear(strided, weight, None, floats))
+
+
+@pytest.mark.parametrize("q_range,layout", [((0, 15), (torch.uint8, 640)), ((0, 7), (torch.uint8, 640)),
+                                             ((-8, 7), (torch.int8, 640)), ((-8, 8), (torch.uint8, 1152)),
+                                             ((-1, 15), (torch.uint8, 1152)), ((-127, 127), (torch.uint8, 1152))])
+def test_block_layouts_follow_the_range_of_q(q_range, layout, two_threads):
+    """Every q of a weight decides its layout: nibbles when they all fit 0..15 or -8..7 (the
+    extremes included), int8 otherwise; each computes what the float32 panels of d * q + m do."""
+    gen = torch.Generator().manual_seed(q_range[1])
+    n, k = 70, 192
+    d = (torch.rand(n, k // 32, generator=gen) * 0.01 + 1e-3).half().float()
+    m = torch.where(torch.rand(n, k // 32, generator=gen) < 0.5, -0.0, -(d * 8)).half().float()
+    q = torch.randint(q_range[0], q_range[1] + 1, (n, k), generator=gen, dtype=torch.int8)
+    q[0, :2] = torch.tensor(q_range, dtype=torch.int8)  # both extremes present
+    weight = d.repeat_interleave(32, 1) * q.float() + m.repeat_interleave(32, 1)
+    packed = packed_linear.pack_blocks((d, m, q))
+    assert packed_linear.block_layout((d, m, q)) == layout
+    assert (packed.dtype, packed.shape[2]) == layout and packed.numel() == packed_linear.blocks_nbytes((d, m, q))
+    out = torch.empty(packed.numel(), dtype=torch.uint8)
+    assert torch.equal(packed_linear.pack_blocks((d, m, q), out).view(torch.uint8), packed.view(torch.uint8))
+    floats = packed_linear.pack_weight(weight)
+    for rows in (1, 13, 64):
+        x = torch.randn(rows, k, generator=gen)
+        assert torch.equal(packed_linear.linear(x, weight, None, packed),
+                           packed_linear.linear(x, weight, None, floats))
 
 
 def test_weights_not_of_block_form_are_left_as_float32():
@@ -169,12 +196,14 @@ def test_weights_not_of_block_form_are_left_as_float32():
 def test_bad_integer_panels_get_clear_errors():
     weight = gguf_round_trip(torch.randn(64, 64))
     packed = packed_linear.pack_blocks(packed_linear.integer_blocks(weight))
+    int8_q = packed_linear.pack_blocks(packed_linear.integer_blocks(gguf_round_trip(torch.randn(64, 64), "Q8_0")))
     out, x = torch.empty(4, 64), torch.randn(4, 64)
     cases = [
         ((out, torch.randn(4, 96), packed, None), "packed weight has K=64, x has 96"),
         ((torch.empty(4, 65), x, packed, None), "2 panels, out has 65 columns"),
-        ((out, x, packed[:, :, :1024].contiguous(), None), "or uint8 \\[panels, K / 32, 1280\\]"),
-        ((out, x, packed.view(torch.int8), None), "packed must be a contiguous"),
+        ((out, x, packed[:, :, :600].contiguous(), None), "uint8 with 1152 or 640 bytes, int8 with 640"),
+        ((out, x, int8_q.view(torch.int8), None), "packed must be a contiguous"),
+        ((out, x, packed.view(torch.int16), None), "packed must be a contiguous"),
     ]
     for args, message in cases:
         with pytest.raises(RuntimeError, match=message):
@@ -203,8 +232,8 @@ def test_a_model_with_gguf_weights_packs_them_as_integer_blocks(tmp_path, monkey
     want = logits()
     monkeypatch.delenv(packed_linear.ENV)  # auto
     added = packed_linear.pack_linear_weights(model)
-    assert added == sum(packed_linear.blocks_nbytes(m.weight) for m in layers)
-    assert all(m.packed_weight.dtype == torch.uint8 for m in layers)
+    assert added == sum(packed_linear.blocks_nbytes(packed_linear.integer_blocks(m.weight)) for m in layers)
+    assert all(m.packed_weight.dtype in (torch.uint8, torch.int8) for m in layers)
     assert len({m.packed_weight.untyped_storage().data_ptr() for m in layers}) == 1
     assert torch.equal(logits(), want)
 

@@ -124,8 +124,9 @@ def test_gguf_file_loads_to_the_same_model(ours, smollm2_dir):
 
 def test_its_weights_pack_as_integer_blocks_with_the_same_logits(smollm2_dir, tokenizer, monkeypatch):
     """The GGUF's Q4_1/Q8_0 weights are exactly d * q + m per block of 32: every linear weight
-    (the tied LM head too) packs as integer blocks, 3.2x smaller than float32 panels, and a
-    prefill and decode steps give the float32 panels' logits bit for bit."""
+    (the tied LM head too) packs as integer blocks, Q4_1's as 4-bit nibbles and Q8_0's as int8,
+    5.4x smaller than float32 panels, and a prefill and decode steps give the float32 panels'
+    logits bit for bit."""
     from model import packed_linear, paged_decode
 
     if not paged_decode.KERNEL.load():
@@ -153,6 +154,8 @@ def test_its_weights_pack_as_integer_blocks_with_the_same_logits(smollm2_dir, to
     monkeypatch.delenv(packed_linear.ENV)
     blocks = packed_linear.pack_linear_weights(model)
     assert all(m.packed_weight.dtype == torch.uint8 for m in layers)
-    assert floats / blocks > 3.1
+    widths = [m.packed_weight.shape[2] for m in layers]
+    assert widths.count(1152) == 1 and widths.count(640) == len(layers) - 1  # the LM head: Q8_0
+    assert floats / blocks > 5.3
     for got, expected in zip(run(), want, strict=True):
         assert torch.equal(got, expected)

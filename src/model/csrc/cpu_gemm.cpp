@@ -11,11 +11,13 @@
 //
 // * The same panels stored as integer blocks, for weights that are exactly w = d * q + m per 32
 //   inputs of an output (what GGUF's Q4_0/Q4_1/Q8_0 dequantize to; packed_linear.py finds d, m
-//   and q and checks every value): per 32 x 32 block of a panel, 32 d and 32 m (float32) and the
-//   32 x 32 q (int8), 1,280 bytes for the 4,096 the float32 block takes. A thread turns a panel
-//   back into float32 in its own buffer (d * q is exact in float32, so the values are the
+//   and q and checks every value): per 32 x 32 block of a panel, 32 d and 32 m (float16 values,
+//   stored as float16) and the 32 x 32 q, as int8 (1,152 bytes) or, where every q of the weight
+//   fits, as 4-bit nibbles (640 bytes), for the 4,096 the float32 block takes. A thread turns a
+//   panel back into float32 in its own buffer (d * q is exact in float32, so the values are the
 //   weight's, bit for bit) and runs the same tiles on it: the results are those of the float32
-//   panels, and a decode step, which streams every weight from memory, reads 3.2x fewer bytes.
+//   panels, and a decode step, which streams every weight from memory, reads 3.6-6.4x fewer
+//   bytes.
 //
 // * The threads of cpu_pool.h, which stay awake between the GEMMs of one step; each walks its
 //   own contiguous range of panels, chunk after chunk, the calling thread the first. The last
@@ -28,6 +30,7 @@
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
+#include <c10/util/Half.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -74,32 +77,115 @@ inline vec16 int8_to_float(const int8_t* q) {
 #endif
 }
 
+// 16 float16 (their bits) as 16 floats.
+inline vec16 half_to_float(const uint16_t* h) {
+#if defined(__AVX512F__)
+  return reinterpret_cast<vec16>(_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(h))));
+#elif defined(__F16C__)
+  const __m256 halves[2] = {_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h))),
+                            _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h + 8)))};
+  vec16 out;
+  std::memcpy(&out, halves, sizeof(out));
+  return out;
+#else
+  vec16 out;
+  for (int i = 0; i < 16; ++i) out[i] = static_cast<float>(c10::Half(h[i], c10::Half::from_bits()));
+  return out;
+#endif
+}
+
+// 16 bytes of nibbles as two rows of 16 floats: the low nibbles (`lo`) and the high ones
+// (`hi`), as 0..15 or, `Signed`, as two's complement -8..7.
+template <bool Signed>
+inline void nibbles_to_float(const uint8_t* bytes, vec16& lo, vec16& hi) {
+#if defined(__AVX512F__)
+  const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes)));
+  const __m512i low = Signed ? _mm512_srai_epi32(_mm512_slli_epi32(v, 28), 28)
+                             : _mm512_and_si512(v, _mm512_set1_epi32(15));
+  const __m512i high = Signed ? _mm512_srai_epi32(_mm512_slli_epi32(v, 24), 28) : _mm512_srli_epi32(v, 4);
+  lo = reinterpret_cast<vec16>(_mm512_cvtepi32_ps(low));
+  hi = reinterpret_cast<vec16>(_mm512_cvtepi32_ps(high));
+#elif defined(__AVX2__)
+  __m256 lows[2], highs[2];
+  for (int half = 0; half < 2; ++half) {
+    const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(bytes + 8 * half)));
+    const __m256i low = Signed ? _mm256_srai_epi32(_mm256_slli_epi32(v, 28), 28)
+                               : _mm256_and_si256(v, _mm256_set1_epi32(15));
+    const __m256i high = Signed ? _mm256_srai_epi32(_mm256_slli_epi32(v, 24), 28) : _mm256_srli_epi32(v, 4);
+    lows[half] = _mm256_cvtepi32_ps(low);
+    highs[half] = _mm256_cvtepi32_ps(high);
+  }
+  std::memcpy(&lo, lows, sizeof(lo));
+  std::memcpy(&hi, highs, sizeof(hi));
+#else
+  for (int i = 0; i < 16; ++i) {
+    const int low = bytes[i] & 15, high = bytes[i] >> 4;
+    lo[i] = Signed ? (low ^ 8) - 8 : low;
+    hi[i] = Signed ? (high ^ 8) - 8 : high;
+  }
+#endif
+}
+
+// How a packed weight stores its values (packed_linear.py): float32 panels, or integer blocks
+// with q as int8 or as unsigned or signed 4-bit nibbles.
+enum class Form { kFloat32, kInt8, kUnsigned4, kSigned4 };
+
 // The integer-block panels (packed_linear.py pack_blocks): per 32 rows of K, d[32] and m[32]
-// (float32, one per output column), then q[32][32] (int8, k-major like the float32 panel).
+// (float16, one per output column), then q: int8 q[32][32], k-major like the float32 panel, or
+// nibbles [16][32], byte [k / 2][n] holding q[k][n] (k even) in its low half and q[k + 1][n] in
+// its high half.
 constexpr int64_t kBlockK = 32;
-constexpr int64_t kScaleBytes = 2 * kNR * sizeof(float);
-constexpr int64_t kBlockBytes = kScaleBytes + kBlockK * kNR;
+constexpr int64_t kScaleBytes = 2 * kNR * sizeof(uint16_t);
+constexpr int64_t kInt8BlockBytes = kScaleBytes + kBlockK * kNR;
+constexpr int64_t kNibbleBlockBytes = kScaleBytes + kBlockK * kNR / 2;
 // An integer-block panel is turned back into float32 this many rows of K at a time (16 KiB).
 constexpr int64_t kSliceK = 4 * kBlockK;
 
+constexpr int64_t block_bytes(Form form) {
+  return form == Form::kInt8 ? kInt8BlockBytes : kNibbleBlockBytes;
+}
+
 // A panel's blocks back to float32, K x 32 into `out`: w = d * q + m.
+template <Form F>
 void dequantize_panel(const uint8_t* __restrict blocks, int64_t K, float* __restrict out) {
-  for (int64_t k0 = 0; k0 < K; k0 += kBlockK, blocks += kBlockBytes) {
-    const float* scales = reinterpret_cast<const float*>(blocks);
-    const vec16 d_lo = *reinterpret_cast<const vec16u*>(scales);
-    const vec16 d_hi = *reinterpret_cast<const vec16u*>(scales + 16);
-    const vec16 m_lo = *reinterpret_cast<const vec16u*>(scales + kNR);
-    const vec16 m_hi = *reinterpret_cast<const vec16u*>(scales + kNR + 16);
-    const int8_t* q = reinterpret_cast<const int8_t*>(blocks + kScaleBytes);
+  for (int64_t k0 = 0; k0 < K; k0 += kBlockK, blocks += block_bytes(F)) {
+    const uint16_t* scales = reinterpret_cast<const uint16_t*>(blocks);
+    const vec16 d_lo = half_to_float(scales), d_hi = half_to_float(scales + 16);
+    const vec16 m_lo = half_to_float(scales + kNR), m_hi = half_to_float(scales + kNR + 16);
+    const uint8_t* q = blocks + kScaleBytes;
+    float* rows = out + k0 * kNR;
+    if constexpr (F == Form::kInt8) {
 #pragma GCC unroll 4
-    for (int64_t k = 0; k < kBlockK; ++k) {
-      const vec16 q_lo = int8_to_float(q + k * kNR);
-      const vec16 q_hi = int8_to_float(q + k * kNR + 16);
-      float* row = out + (k0 + k) * kNR;
-      *reinterpret_cast<vec16u*>(row) = d_lo * q_lo + m_lo;
-      *reinterpret_cast<vec16u*>(row + 16) = d_hi * q_hi + m_hi;
+      for (int64_t k = 0; k < kBlockK; ++k) {
+        const int8_t* qk = reinterpret_cast<const int8_t*>(q) + k * kNR;
+        *reinterpret_cast<vec16u*>(rows + k * kNR) = d_lo * int8_to_float(qk) + m_lo;
+        *reinterpret_cast<vec16u*>(rows + k * kNR + 16) = d_hi * int8_to_float(qk + 16) + m_hi;
+      }
+    } else {
+      constexpr bool kSigned = F == Form::kSigned4;
+#pragma GCC unroll 4
+      for (int64_t k = 0; k < kBlockK; k += 2) {
+        vec16 even_lo, odd_lo, even_hi, odd_hi;
+        nibbles_to_float<kSigned>(q + k / 2 * kNR, even_lo, odd_lo);
+        nibbles_to_float<kSigned>(q + k / 2 * kNR + 16, even_hi, odd_hi);
+        float* row = rows + k * kNR;
+        *reinterpret_cast<vec16u*>(row) = d_lo * even_lo + m_lo;
+        *reinterpret_cast<vec16u*>(row + 16) = d_hi * even_hi + m_hi;
+        *reinterpret_cast<vec16u*>(row + kNR) = d_lo * odd_lo + m_lo;
+        *reinterpret_cast<vec16u*>(row + kNR + 16) = d_hi * odd_hi + m_hi;
+      }
     }
   }
+}
+
+void dequantize_panel(Form form, const uint8_t* blocks, int64_t K, float* out) {
+  switch (form) {
+    case Form::kInt8: return dequantize_panel<Form::kInt8>(blocks, K, out);
+    case Form::kUnsigned4: return dequantize_panel<Form::kUnsigned4>(blocks, K, out);
+    case Form::kSigned4: return dequantize_panel<Form::kSigned4>(blocks, K, out);
+    case Form::kFloat32: break;
+  }
+  TORCH_CHECK(false, "dequantize_panel: not an integer-block form");
 }
 
 // ncols <= kNR floats from `src` as two vectors, zero past ncols.
@@ -194,27 +280,32 @@ WorkSplit work_split(int64_t M, int64_t K, int64_t N) {
   return {items, M * K * N < kMinParallelWork ? items : 1};
 }
 
-// A packed weight, in either form: float32 panels [panels, K, 32] or integer blocks
-// [panels, K / 32, kBlockBytes] (uint8).
+// A packed weight, in any of its forms: float32 panels [panels, K, 32] (float32), or integer
+// blocks [panels, K / 32, bytes] of int8 q (uint8, 1,152 bytes), unsigned nibbles (uint8, 640
+// bytes) or signed nibbles (int8, 640 bytes).
 struct Packed {
   const char* data = nullptr;
   int64_t K = 0, panels = 0;
-  bool blocks = false, valid = false;
+  Form form = Form::kFloat32;
+  bool valid = false;
 
+  bool blocks() const { return form != Form::kFloat32; }
   int64_t panel_bytes() const {
-    return blocks ? K / kBlockK * kBlockBytes : K * kNR * static_cast<int64_t>(sizeof(float));
+    return blocks() ? K / kBlockK * block_bytes(form) : K * kNR * static_cast<int64_t>(sizeof(float));
   }
   const char* panel(int64_t p) const { return data + p * panel_bytes(); }
 };
 
-// The weight `t` holds, if it is packed in either form (else `valid` is false).
+// The weight `t` holds, if it is packed in any form (else `valid` is false).
 Packed packed_of(const at::Tensor& t) {
   if (!t.defined() || !t.device().is_cpu() || !t.is_contiguous() || t.dim() != 3) return {};
   const char* data = static_cast<const char*>(t.data_ptr());
-  if (t.scalar_type() == at::kByte && t.size(2) == kBlockBytes) {
-    return {data, t.size(1) * kBlockK, t.size(0), true, true};
-  }
-  if (t.scalar_type() == at::kFloat && t.size(2) == kNR) return {data, t.size(1), t.size(0), false, true};
+  const int64_t width = t.size(2), K = t.size(1) * kBlockK, panels = t.size(0);
+  const auto type = t.scalar_type();
+  if (type == at::kByte && width == kInt8BlockBytes) return {data, K, panels, Form::kInt8, true};
+  if (type == at::kByte && width == kNibbleBlockBytes) return {data, K, panels, Form::kUnsigned4, true};
+  if (type == at::kChar && width == kNibbleBlockBytes) return {data, K, panels, Form::kSigned4, true};
+  if (type == at::kFloat && width == kNR) return {data, t.size(1), panels, Form::kFloat32, true};
   return {};
 }
 
@@ -222,7 +313,8 @@ Packed packed_of(const at::Tensor& t) {
 Packed packed_view(const at::Tensor& packed, int64_t K, int64_t N, const char* op) {
   const Packed weight = packed_of(packed);
   TORCH_CHECK(weight.valid, op, ": packed must be a contiguous CPU float32 [panels, K, ", kNR,
-              "] or uint8 [panels, K / ", kBlockK, ", ", kBlockBytes, "] tensor");
+              "] tensor, or integer blocks [panels, K / ", kBlockK, ", bytes]: uint8 with ",
+              kInt8BlockBytes, " or ", kNibbleBlockBytes, " bytes, int8 with ", kNibbleBlockBytes);
   TORCH_CHECK(weight.K == K, op, ": packed weight has K=", weight.K, ", x has ", K);
   TORCH_CHECK(weight.panels == (N + kNR - 1) / kNR, op, ": packed weight has ", weight.panels,
               " panels, out has ", N, " columns");
@@ -276,7 +368,7 @@ struct Gemm {
     const int64_t tiles = (rows_in + kMR - 1) / kMR;
     // A float32 panel is used whole; an integer-block one a K-slice at a time, turned back into
     // float32 in a buffer that stays in L1, and the tiles carry their sums across the slices.
-    const int64_t slice = weight.blocks ? kSliceK : K;
+    const int64_t slice = weight.blocks() ? kSliceK : K;
     const int64_t calls = (K + slice - 1) / slice * tiles;  // tile calls per panel
     alignas(64) float unpacked[kSliceK * kNR];
     for (int64_t p = p0; p < p1; ++p) {
@@ -295,9 +387,9 @@ struct Gemm {
       for (int64_t k0 = 0; k0 < K; k0 += slice) {
         const int64_t k_len = std::min(slice, K - k0);
         const float* b = reinterpret_cast<const float*>(source) + k0 * kNR;
-        if (weight.blocks) {
-          dequantize_panel(reinterpret_cast<const uint8_t*>(source) + k0 / kBlockK * kBlockBytes,
-                           k_len, unpacked);
+        if (weight.blocks()) {
+          const int64_t offset = k0 / kBlockK * block_bytes(weight.form);
+          dequantize_panel(weight.form, reinterpret_cast<const uint8_t*>(source) + offset, k_len, unpacked);
           b = unpacked;
         }
         int64_t m = m0;
