@@ -4,6 +4,7 @@ off."""
 
 from __future__ import annotations
 
+import logging
 import pathlib
 import threading
 
@@ -269,7 +270,7 @@ def test_a_packed_model_computes_what_the_unpacked_one_does(tmp_path, monkeypatc
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
-def test_what_turns_packing_off(tmp_path, monkeypatch):
+def test_what_turns_packing_off(tmp_path, monkeypatch, caplog):
     model = _tiny(tmp_path)
     monkeypatch.setenv(packed_linear.ENV, "off")
     assert packed_linear.pack_linear_weights(model) == 0
@@ -278,7 +279,9 @@ def test_what_turns_packing_off(tmp_path, monkeypatch):
         packed_linear.pack_linear_weights(model)
     monkeypatch.delenv(packed_linear.ENV)
     monkeypatch.setattr(packed_linear, "MAX_MEMORY_FRACTION", 1e-12)  # the copy "exceeds RAM"
-    assert packed_linear.pack_linear_weights(model) == 0
+    with caplog.at_level(logging.INFO, logger=packed_linear.logger.name):
+        assert packed_linear.pack_linear_weights(model) == 0
+    assert "the copy (over 0 MiB) would exceed 0% of RAM" in caplog.text  # stopped at the first
     monkeypatch.undo()
     monkeypatch.setattr(paged_decode.KERNEL, "load", lambda: False)  # no compiler here
     assert packed_linear.pack_linear_weights(model) == 0
