@@ -8,9 +8,9 @@
 // query_start_loc [num_seqs + 1] int32: sequence i's query row is query_start_loc[i]
 // seq_ids      optional int64 [n]: attend only these sequences (default: every sequence)
 //
-// Work is split over (sequence, kv head); each item walks the sequence's blocks once, computing
-// q.k for the num_heads / num_kv_heads query heads that share the kv head, with a block-wise
-// online softmax (running max and sum in float32) and a float32 V accumulator.
+// Work is split over sequences; each item walks its sequence's blocks once, computing q.k for
+// every query head (the num_heads / num_kv_heads that share a kv head read its K and V rows),
+// with a block-wise online softmax (running max and sum in float32) and a float32 V accumulator.
 //
 // The loops are written so that gcc -O3 vectorizes them without -ffast-math: dot products keep
 // kLanes independent partial sums, exp is a branch-free polynomial over a block of scores.
@@ -90,60 +90,81 @@ struct OnlineSoftmax {
   }
 };
 
-// Items [begin, end) of (sequence, kv head): block-wise online softmax over the sequence's
-// blocks for the `group` query heads of the kv head.
+// Sequences [begin, end): block-wise online softmax over each sequence's blocks for every query
+// head, kv head by kv head within a block (a block's K, then V, is one contiguous run, read
+// whole while it is in cache, instead of a third of each token row per item). The next block,
+// which lies anywhere in the cache where the hardware prefetcher cannot follow, is prefetched
+// while this one computes, a head's share of its lines at each head. Per head, the operations
+// and their order are those of one (sequence, kv head) item at a time.
 template <int64_t kDim>
 void attend_items(const Problem& p, int64_t begin, int64_t end) {
   const int64_t dim = kDim > 0 ? kDim : p.head_dim;
-  const int64_t group = p.group, block_size = p.block_size;
-  const int64_t token_stride = p.num_kv_heads * dim;  // between tokens of one block
+  const int64_t group = p.group, block_size = p.block_size, kv_heads = p.num_kv_heads;
+  const int64_t heads = kv_heads * group;
+  const int64_t token_stride = kv_heads * dim;  // between tokens of one block
   const int64_t kv_stride = block_size * token_stride;  // K half -> V half of a block
-  std::vector<float> scores(group * block_size);
-  OnlineSoftmax state(group, dim);
+  constexpr int64_t kLineFloats = 16;  // a 64-byte cache line
+  std::vector<float> scores(block_size);
+  OnlineSoftmax state(heads, dim);
   std::vector<float>& acc = state.acc;
   std::vector<float>& running_max = state.running_max;
   std::vector<float>& running_sum = state.running_sum;
   for (int64_t item = begin; item < end; ++item) {
-    const int64_t seq = p.seq_ids ? p.seq_ids[item / p.num_kv_heads] : item / p.num_kv_heads;
-    const int64_t kv_head = item % p.num_kv_heads;
+    const int64_t seq = p.seq_ids ? p.seq_ids[item] : item;
     const int64_t len = p.lens[seq];
     const int64_t row = p.starts[seq];
-    const float* q = p.query + row * p.q_row + kv_head * group * p.q_head;
+    const float* q = p.query + row * p.q_row;
     const int32_t* table = p.tables + seq * p.max_blocks;
     state.reset();
     for (int64_t first = 0; first < len; first += block_size) {
       const int64_t block = block_at(p, table, first);
       const int64_t count = std::min(block_size, len - first);
-      const float* keys = p.cache + block * 2 * kv_stride + kv_head * dim;
-      const float* values = keys + kv_stride;
-      for (int64_t g = 0; g < group; ++g) {
-        const float* qg = q + g * p.q_head;
-        float* s = scores.data() + g * block_size;
-        for (int64_t t = 0; t < count; ++t) {
-          s[t] = cpu_math::lane_dot<kDim>(qg, keys + t * token_stride, dim) * p.scale;
+      const float* ahead = nullptr;
+      if (first + block_size < len) {
+        ahead = p.cache + block_at(p, table, first + block_size) * 2 * kv_stride;
+      } else if (item + 1 < end) {
+        const int64_t next_seq = p.seq_ids ? p.seq_ids[item + 1] : item + 1;
+        if (p.lens[next_seq] > 0) {
+          ahead = p.cache + block_at(p, p.tables + next_seq * p.max_blocks, 0) * 2 * kv_stride;
         }
-        float block_max = s[0];
-        for (int64_t t = 1; t < count; ++t) block_max = std::max(block_max, s[t]);
-        const float new_max = std::max(running_max[g], block_max);
-        for (int64_t t = 0; t < count; ++t) s[t] -= new_max;
-        exp_inplace(s, count);
-        float block_sum = 0.f;
-        for (int64_t t = 0; t < count; ++t) block_sum += s[t];
-        float* a = acc.data() + g * dim;
-        if (new_max > running_max[g]) {
-          const float correction = std::exp(running_max[g] - new_max);
-          running_sum[g] *= correction;
-          for (int64_t d = 0; d < dim; ++d) a[d] *= correction;
-          running_max[g] = new_max;
+      }
+      const int64_t ahead_lines = ahead != nullptr ? 2 * kv_stride / kLineFloats : 0;
+      for (int64_t kv_head = 0; kv_head < kv_heads; ++kv_head) {
+        const float* keys = p.cache + block * 2 * kv_stride + kv_head * dim;
+        const float* values = keys + kv_stride;
+        for (int64_t g = 0; g < group; ++g) {
+          const int64_t h = kv_head * group + g;
+          for (int64_t line = ahead_lines * h / heads; line < ahead_lines * (h + 1) / heads; ++line) {
+            __builtin_prefetch(ahead + kLineFloats * line, 0, 2);
+          }
+          const float* qg = q + h * p.q_head;
+          float* s = scores.data();
+          for (int64_t t = 0; t < count; ++t) {
+            s[t] = cpu_math::lane_dot<kDim>(qg, keys + t * token_stride, dim) * p.scale;
+          }
+          float block_max = s[0];
+          for (int64_t t = 1; t < count; ++t) block_max = std::max(block_max, s[t]);
+          const float new_max = std::max(running_max[h], block_max);
+          for (int64_t t = 0; t < count; ++t) s[t] -= new_max;
+          exp_inplace(s, count);
+          float block_sum = 0.f;
+          for (int64_t t = 0; t < count; ++t) block_sum += s[t];
+          float* a = acc.data() + h * dim;
+          if (new_max > running_max[h]) {
+            const float correction = std::exp(running_max[h] - new_max);
+            running_sum[h] *= correction;
+            for (int64_t d = 0; d < dim; ++d) a[d] *= correction;
+            running_max[h] = new_max;
+          }
+          running_sum[h] += block_sum;
+          accumulate<kDim>(a, s, values, count, token_stride, dim);
         }
-        running_sum[g] += block_sum;
-        accumulate<kDim>(a, s, values, count, token_stride, dim);
       }
     }
-    for (int64_t g = 0; g < group; ++g) {
-      float* o = p.out + row * p.o_row + (kv_head * group + g) * p.o_head;
-      const float inv = 1.f / running_sum[g];
-      const float* a = acc.data() + g * dim;
+    for (int64_t h = 0; h < heads; ++h) {
+      float* o = p.out + row * p.o_row + h * p.o_head;
+      const float inv = 1.f / running_sum[h];
+      const float* a = acc.data() + h * dim;
       for (int64_t d = 0; d < dim; ++d) o[d] = a[d] * inv;
     }
   }
@@ -375,9 +396,9 @@ void shardline_cpu::paged_decode_attention(const at::Tensor& out, const at::Tens
     return;
   }
 #endif
-  const int64_t item_work = longest * group * head_dim;
-  const int64_t grain = std::max<int64_t>(1, kMinTaskWork / std::max<int64_t>(1, item_work));
-  cpu_pool::parallel_for(n * num_kv_heads, grain, [&](int64_t begin, int64_t end) {
+  const int64_t seq_work = longest * num_heads * head_dim;  // one item per sequence
+  const int64_t grain = std::max<int64_t>(1, kMinTaskWork / std::max<int64_t>(1, seq_work));
+  cpu_pool::parallel_for(n, grain, [&](int64_t begin, int64_t end) {
     switch (head_dim) {  // the common sizes unrolled; any other at run time
       case 64: attend_items<64>(problem, begin, end); break;
       case 128: attend_items<128>(problem, begin, end); break;
