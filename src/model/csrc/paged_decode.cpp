@@ -78,6 +78,18 @@ inline int64_t block_at(const Problem& p, const int32_t* table, int64_t first) {
   return block;
 }
 
+// The block a sequence-per-item walk reads after the one holding token `first` (of `len`, item
+// `item` of [.., end)): the sequence's next block, else the next item's first; nullptr if none.
+inline const float* block_after(const Problem& p, const int32_t* table, int64_t first, int64_t len,
+                                int64_t item, int64_t end) {
+  const int64_t block_floats = 2 * p.block_size * p.num_kv_heads * p.head_dim;  // K and V
+  if (first + p.block_size < len) return p.cache + block_at(p, table, first + p.block_size) * block_floats;
+  if (item + 1 >= end) return nullptr;
+  const int64_t next_seq = p.seq_ids ? p.seq_ids[item + 1] : item + 1;
+  if (p.lens[next_seq] <= 0) return nullptr;
+  return p.cache + block_at(p, p.tables + next_seq * p.max_blocks, 0) * block_floats;
+}
+
 // Online-softmax state of `heads` query heads of one item: float32 V accumulators of `dim`,
 // running maxima and sums.
 struct OnlineSoftmax {
@@ -119,15 +131,7 @@ void attend_items(const Problem& p, int64_t begin, int64_t end) {
     for (int64_t first = 0; first < len; first += block_size) {
       const int64_t block = block_at(p, table, first);
       const int64_t count = std::min(block_size, len - first);
-      const float* ahead = nullptr;
-      if (first + block_size < len) {
-        ahead = p.cache + block_at(p, table, first + block_size) * 2 * kv_stride;
-      } else if (item + 1 < end) {
-        const int64_t next_seq = p.seq_ids ? p.seq_ids[item + 1] : item + 1;
-        if (p.lens[next_seq] > 0) {
-          ahead = p.cache + block_at(p, p.tables + next_seq * p.max_blocks, 0) * 2 * kv_stride;
-        }
-      }
+      const float* ahead = block_after(p, table, first, len, item, end);
       const int64_t ahead_lines = ahead != nullptr ? 2 * kv_stride / kLineFloats : 0;
       for (int64_t kv_head = 0; kv_head < kv_heads; ++kv_head) {
         const float* keys = p.cache + block * 2 * kv_stride + kv_head * dim;
@@ -253,15 +257,7 @@ void attend_seqs_avx512(const Problem& p, int64_t begin, int64_t end) {
       // hardware prefetcher cannot follow: ask for its K and V while this one computes, a
       // token's share of its lines at each token (all at once cost more than it saved when the
       // cache sat in L3).
-      const float* ahead = nullptr;
-      if (first + block_size < len) {
-        ahead = p.cache + block_at(p, table, first + block_size) * 2 * kv_stride;
-      } else if (item + 1 < end) {
-        const int64_t next_seq = p.seq_ids ? p.seq_ids[item + 1] : item + 1;
-        if (p.lens[next_seq] > 0) {
-          ahead = p.cache + block_at(p, p.tables + next_seq * p.max_blocks, 0) * 2 * kv_stride;
-        }
-      }
+      const float* ahead = block_after(p, table, first, len, item, end);
       const int64_t ahead_lines = ahead != nullptr ? 2 * kv_stride / 16 : 0;
       for (int64_t chunk = 0; chunk < in_block; chunk += 16) {
         const int64_t count = std::min<int64_t>(16, in_block - chunk);
