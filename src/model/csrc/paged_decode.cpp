@@ -220,11 +220,10 @@ void softmax_values(float* s, float* a, float* running_max, float* running_sum,
 
 // The same computation with AVX-512 for head_dim 64 and 128 (kDim / 16 vectors per row), one
 // sequence per item and 16 tokens at a time. Reading every kv head of a token together walks a
-// block's K (then V) as one contiguous run, which the hardware prefetcher streams; per (sequence,
-// kv head) items read a third of each token row, scattered. Each key vector is loaded once for
-// the query heads that share it, a dot product ends in one tree reduction, a chunk's scores sit
-// in one vector for the online softmax (max, exp and sum without scalar loops), and V rows are
-// accumulated in vector registers.
+// block's K (then V) as one contiguous run, which the hardware prefetcher streams. Each key
+// vector is loaded once for the query heads that share it, a dot product ends in one tree
+// reduction, a chunk's scores sit in one vector for the online softmax (max, exp and sum without
+// scalar loops), and V rows are accumulated in vector registers.
 template <int64_t kDim>
 void attend_seqs_avx512(const Problem& p, int64_t begin, int64_t end) {
   constexpr int64_t kVecs = kDim / 16;
