@@ -180,6 +180,11 @@ def block_layout(blocks: IntegerBlocks) -> tuple[torch.dtype, int]:
     return torch.uint8, INT8_BLOCK_BYTES
 
 
+def holds_integer_blocks(packed: torch.Tensor) -> bool:
+    """Whether a packed weight is integer blocks (any `block_layout`) rather than float32 panels."""
+    return packed.dtype in (torch.uint8, torch.int8)
+
+
 def blocks_nbytes(blocks: IntegerBlocks) -> int:
     n, k = blocks[2].shape
     return -(-n // PANEL) * (k // BLOCK_K) * block_layout(blocks)[1]

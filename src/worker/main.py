@@ -128,7 +128,7 @@ class Worker:
     def _load(self) -> Any:
         from model.config import ModelConfig
         from model.loader import load_model
-        from model.packed_linear import pack_linear_weights
+        from model.packed_linear import holds_integer_blocks, pack_linear_weights
         from worker.kv_cache import agree_num_blocks, determine_num_blocks
         from worker.model_runner import ModelRunner
 
@@ -147,10 +147,10 @@ class Worker:
         model = load_model(model_config, parallel_context)
         packed = pack_linear_weights(model)  # before the KV cache is sized: the copy counts
         if packed:
-            layers = [m for m in model.modules() if getattr(m, "packed_weight", None) is not None]
-            blocks = sum(m.packed_weight.dtype == torch.uint8 for m in layers)
+            weights = [w for m in model.modules() if isinstance(w := getattr(m, "packed_weight", None), torch.Tensor)]
+            blocks = sum(holds_integer_blocks(w) for w in weights)
             self.log.info("packed %.1f MiB of linear weights for the decode GEMM (%d of %d as "
-                          "integer blocks)", packed / 2**20, blocks, len(layers))
+                          "integer blocks)", packed / 2**20, blocks, len(weights))
         local_blocks = determine_num_blocks(
             model,
             block_size=cfg.block_size,
