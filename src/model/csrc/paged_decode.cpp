@@ -377,23 +377,13 @@ void shardline_cpu::paged_decode_attention(const at::Tensor& out, const at::Tens
                         num_blocks, block_size, num_kv_heads, head_dim, group, max_blocks,
                         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
                         static_cast<float>(scale)};
-#if defined(__AVX512F__)
-  if (head_dim == 64 || head_dim == 128) {  // one item per sequence
-    const int64_t seq_work = longest * num_heads * head_dim;
-    const int64_t grain = std::max<int64_t>(1, kMinTaskWork / std::max<int64_t>(1, seq_work));
-    cpu_pool::parallel_for(n, grain, [&](int64_t begin, int64_t end) {
-      if (head_dim == 64) {
-        attend_seqs_avx512<64>(problem, begin, end);
-      } else {
-        attend_seqs_avx512<128>(problem, begin, end);
-      }
-    });
-    return;
-  }
-#endif
-  const int64_t seq_work = longest * num_heads * head_dim;  // one item per sequence
+  const int64_t seq_work = longest * num_heads * head_dim;  // one item per sequence, either path
   const int64_t grain = std::max<int64_t>(1, kMinTaskWork / std::max<int64_t>(1, seq_work));
   cpu_pool::parallel_for(n, grain, [&](int64_t begin, int64_t end) {
+#if defined(__AVX512F__)
+    if (head_dim == 64) return attend_seqs_avx512<64>(problem, begin, end);
+    if (head_dim == 128) return attend_seqs_avx512<128>(problem, begin, end);
+#endif
     switch (head_dim) {  // the common sizes unrolled; any other at run time
       case 64: attend_items<64>(problem, begin, end); break;
       case 128: attend_items<128>(problem, begin, end); break;
