@@ -175,15 +175,24 @@ void attend_items(const Problem& p, int64_t begin, int64_t end) {
 }
 
 #if defined(__AVX512F__)
+// Share `part` of `parts` of `lines` cache lines from `base` (nullptr: none), into L2.
+inline void prefetch_share(const float* base, int64_t lines, int64_t part, int64_t parts) {
+  if (base == nullptr) return;
+  for (int64_t line = lines * part / parts; line < lines * (part + 1) / parts; ++line) {
+    _mm_prefetch(reinterpret_cast<const char*>(base + 16 * line), _MM_HINT_T1);
+  }
+}
+
 // The online-softmax update of N query heads that share one kv head, for one chunk of up to
 // 16 tokens (their scores at s[i * 16 + t], overwritten with the probabilities; their V sums
 // at a[i * kDim]), then the chunk's V rows added into those sums. Each V row is loaded once for
 // the N heads, and their N x kVecs sums are independent chains: one head's kVecs chains would
 // wait on the FMA latency at every token. Per head, the same operations in the same order.
+// `ahead` (or nullptr): `ahead_lines` cache lines to prefetch, spread over the tokens.
 template <int64_t kDim, int N>
 void softmax_values(float* s, float* a, float* running_max, float* running_sum,
                     const float* v_head, int64_t count, int64_t token_stride, __mmask16 live,
-                    __m512 scale) {
+                    __m512 scale, const float* ahead, int64_t ahead_lines) {
   constexpr int64_t kVecs = kDim / 16;
   const __m512 minus_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   __m512 av[N][kVecs];
@@ -205,6 +214,7 @@ void softmax_values(float* s, float* a, float* running_max, float* running_sum,
     running_sum[i] += _mm512_reduce_add_ps(pv);
   }
   for (int64_t t = 0; t < count; ++t) {
+    prefetch_share(ahead, ahead_lines, t, count);
     const float* v = v_head + t * token_stride;
     __m512 row[kVecs];
     for (int64_t c = 0; c < kVecs; ++c) row[c] = _mm512_loadu_ps(v + 16 * c);
@@ -253,23 +263,22 @@ void attend_seqs_avx512(const Problem& p, int64_t begin, int64_t end) {
       const int64_t block = block_at(p, table, first);
       const int64_t in_block = std::min(block_size, len - first);
       // The next block (or the next sequence's first) lies anywhere in the cache, where the
-      // hardware prefetcher cannot follow: ask for its K and V while this one computes, a
-      // token's share of its lines at each token (all at once cost more than it saved when the
-      // cache sat in L3).
+      // hardware prefetcher cannot follow: ask for its K while this block's K is read and its V
+      // while this block's V is, a token's share of the lines at each token, so that requests
+      // go out at the pace lines are used. (All at once cost more than it saved when the cache
+      // sat in L3; the whole next block during the K pass alone left the V pass without
+      // requests in flight: 9-10% slower on one core.)
       const float* ahead = block_after(p, table, first, len, item, end);
-      const int64_t ahead_lines = ahead != nullptr ? 2 * kv_stride / 16 : 0;
+      const float* ahead_values = ahead != nullptr ? ahead + kv_stride : nullptr;
+      const int64_t half_lines = kv_stride / 16;  // the lines of a block's K (or V)
+      const int64_t passes = kv_heads * ((group + kPass - 1) / kPass);  // V passes per chunk
       for (int64_t chunk = 0; chunk < in_block; chunk += 16) {
         const int64_t count = std::min<int64_t>(16, in_block - chunk);
         const __mmask16 live = static_cast<__mmask16>((1u << count) - 1u);
         const float* keys = p.cache + block * 2 * kv_stride + chunk * token_stride;
         const float* values = keys + kv_stride;
         for (int64_t t = 0; t < count; ++t) {
-          // This token's share of the next block's lines, so the requests go out evenly.
-          const int64_t step = chunk + t;
-          const int64_t line_end = ahead_lines * (step + 1) / in_block;
-          for (int64_t line = ahead_lines * step / in_block; line < line_end; ++line) {
-            _mm_prefetch(reinterpret_cast<const char*>(ahead + 16 * line), _MM_HINT_T1);
-          }
+          prefetch_share(ahead, half_lines, chunk + t, in_block);  // the next block's K
           for (int64_t kvh = 0; kvh < kv_heads; ++kvh) {
             const float* k = keys + t * token_stride + kvh * kDim;
             __m512 kv[kVecs];
@@ -283,15 +292,23 @@ void attend_seqs_avx512(const Problem& p, int64_t begin, int64_t end) {
             }
           }
         }
-        // The query heads that share a kv head, kPass at a time (see softmax_values).
+        // The query heads that share a kv head, kPass at a time (see softmax_values). This
+        // chunk's share of the next block's V lines, split over the passes.
+        const int64_t chunk_lines = half_lines * (chunk + count) / in_block - half_lines * chunk / in_block;
+        const float* chunk_ahead =
+            ahead_values != nullptr ? ahead_values + 16 * (half_lines * chunk / in_block) : nullptr;
+        int64_t pass_index = 0;
         for (int64_t kvh = 0; kvh < kv_heads; ++kvh) {
-          for (int64_t g0 = 0; g0 < group; g0 += kPass) {
+          for (int64_t g0 = 0; g0 < group; g0 += kPass, ++pass_index) {
             const int64_t h = kvh * group + g0;
             const int n = static_cast<int>(std::min<int64_t>(kPass, group - g0));
             auto* pass = n == 3 ? &softmax_values<kDim, 3>
                          : n == 2 ? &softmax_values<kDim, 2> : &softmax_values<kDim, 1>;
+            const int64_t line0 = chunk_lines * pass_index / passes;
             pass(scores.data() + h * 16, acc.data() + h * kDim, running_max.data() + h,
-                 running_sum.data() + h, values + kvh * kDim, count, token_stride, live, scale);
+                 running_sum.data() + h, values + kvh * kDim, count, token_stride, live, scale,
+                 chunk_ahead != nullptr ? chunk_ahead + 16 * line0 : nullptr,
+                 chunk_lines * (pass_index + 1) / passes - line0);
           }
         }
       }
