@@ -17,17 +17,81 @@ otherwise fault in as sequences grow, inside the steps: on a 2-vCPU VM a first t
 0.6-8.8 s there, the most when the hypervisor had to back the memory afresh. It also reserves
 the memory up front, so a machine short of RAM fails at start-up, not mid-request. Where the
 kernel lacks the advice, pages stay lazy.
+
+A large mapping is populated by several threads at once, each advising its own run of huge
+pages (libc's madvise through ctypes, which lets go of the GIL): where the hypervisor backs the
+memory afresh, each first touch exits to it, and those exits proceed in parallel. On the 2-vCPU
+VM, 30 layers' 4 GiB took 6.5 s with 2 threads against 11.1 s with one (fresh memory; 0.4
+against 0.7 s once the host had backed it).
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import math
 import mmap
+import os
+import threading
+from collections.abc import Callable
 
 import torch
 
 HUGE_PAGE = 2 << 20
 MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # <linux/mman.h>, Linux 5.14
+POPULATE_PART_MIN = 32 << 20  # bytes a populating thread gets at least
+POPULATE_THREADS_MAX = 8
+
+
+def populate_parts(nbytes: int, parts: int) -> list[tuple[int, int]]:
+    """`[start, end)` byte runs that cover `[0, nbytes)` in order, at most `parts` of them, each
+    starting on a 2 MiB boundary (so no huge page is split between two threads)."""
+    parts = max(1, min(parts, -(-nbytes // HUGE_PAGE)))
+    bounds = [nbytes * i // parts // HUGE_PAGE * HUGE_PAGE for i in range(parts)] + [nbytes]
+    return [(a, b) for a, b in zip(bounds, bounds[1:], strict=False) if b > a]
+
+
+@functools.cache
+def _libc_madvise() -> Callable[[int, int, int], int] | None:
+    try:
+        function = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    function.restype = ctypes.c_int
+    return function
+
+
+def _populate_threads() -> int:
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    return max(1, min(cpus, POPULATE_THREADS_MAX))
+
+
+def _populate(mapping: mmap.mmap, base: int, offset: int, nbytes: int) -> None:
+    """`MADV_POPULATE_WRITE` over `[offset, offset + nbytes)` of `mapping` (at address `base`),
+    split over threads when it is large; OSError (errno of the first failure) if any part fails."""
+    madvise = _libc_madvise()
+    parts = populate_parts(nbytes, min(_populate_threads(), nbytes // POPULATE_PART_MIN))
+    if madvise is None or len(parts) == 1:
+        mapping.madvise(MADV_POPULATE_WRITE, offset, nbytes)
+        return
+    errors: list[int] = []
+
+    def run(start: int, end: int) -> None:
+        if madvise(base + offset + start, end - start, MADV_POPULATE_WRITE) != 0:
+            errors.append(ctypes.get_errno())
+
+    threads = [threading.Thread(target=run, args=part, name="shardline-populate") for part in parts[1:]]
+    for thread in threads:
+        thread.start()
+    run(*parts[0])
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise OSError(errors[0], os.strerror(errors[0]))
 
 
 def huge_page_zeros(
@@ -53,7 +117,7 @@ def huge_page_zeros(
     skip = -raw.data_ptr() % HUGE_PAGE
     if populate and hasattr(mapping, "madvise"):
         try:
-            mapping.madvise(MADV_POPULATE_WRITE, skip, nbytes)
+            _populate(mapping, raw.data_ptr(), skip, nbytes)
         except OSError:  # EINVAL before Linux 5.14: pages fault in on first touch instead
             pass
     return raw[skip : skip + nbytes].view(dtype).view(shape)

@@ -84,3 +84,58 @@ def test_populate_commits_the_pages_before_any_touch():
     assert _rss_kib() - before >= (size >> 10) * 9 // 10  # committed without a touch
     assert t.data_ptr() % HUGE_PAGE == 0 and not t.any()
     del t
+
+
+def test_populate_parts_cover_the_range_in_order_on_huge_page_boundaries():
+    from model.memory import populate_parts
+
+    for nbytes in (1, 100, HUGE_PAGE, HUGE_PAGE + 1, 5 * HUGE_PAGE, (143 << 20) + 4096):
+        for parts in (1, 2, 3, 8):
+            runs = populate_parts(nbytes, parts)
+            assert 1 <= len(runs) <= parts
+            assert runs[0][0] == 0 and runs[-1][1] == nbytes
+            for (_, end), (start, _) in zip(runs, runs[1:], strict=False):
+                assert end == start and start % HUGE_PAGE == 0
+            assert all(end > start for start, end in runs)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="MADV_POPULATE_WRITE is Linux's")
+def test_populate_split_over_threads_commits_every_part(monkeypatch):
+    import platform
+
+    from model import memory
+
+    release = tuple(int(part) for part in platform.release().split(".")[:2] if part.isdigit())
+    if release < (5, 14):
+        pytest.skip("MADV_POPULATE_WRITE needs Linux 5.14")
+    monkeypatch.setattr(memory, "_populate_threads", lambda: 3)
+    monkeypatch.setattr(memory, "POPULATE_PART_MIN", 16 << 20)
+    calls = []
+    real = memory.populate_parts
+    monkeypatch.setattr(memory, "populate_parts", lambda n, p: calls.append(real(n, p)) or calls[-1])
+    size = 96 << 20
+    before = _rss_kib()
+    t = huge_page_zeros(size // 4, populate=True)
+    assert len(calls) == 1 and len(calls[0]) == 3  # three threads, one run each
+    assert _rss_kib() - before >= (size >> 10) * 9 // 10
+    assert t.data_ptr() % HUGE_PAGE == 0 and not t.any()
+    del t
+
+
+def test_a_failed_populate_leaves_a_usable_lazy_tensor(monkeypatch):
+    import ctypes
+    import errno
+
+    from model import memory
+
+    def failing(address: int, length: int, advice: int) -> int:
+        ctypes.set_errno(errno.EINVAL)  # what a kernel without the advice answers
+        return -1
+
+    monkeypatch.setattr(memory, "_libc_madvise", lambda: failing)
+    monkeypatch.setattr(memory, "_populate_threads", lambda: 2)
+    monkeypatch.setattr(memory, "POPULATE_PART_MIN", 16 << 20)
+    t = huge_page_zeros((64 << 20) // 4, populate=True)
+    assert not t.any()
+    t.fill_(2.0)
+    assert float(t[-1]) == 2.0
