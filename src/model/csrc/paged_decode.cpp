@@ -90,6 +90,15 @@ inline const float* block_after(const Problem& p, const int32_t* table, int64_t 
   return p.cache + block_at(p, p.tables + next_seq * p.max_blocks, 0) * block_floats;
 }
 
+// Share `part` of `parts` of the `lines` 64-byte cache lines from `base` (nullptr: none), into
+// L2 (prefetcht1): spread over the parts of a computation, requests go out at its pace.
+inline void prefetch_share(const float* base, int64_t lines, int64_t part, int64_t parts) {
+  if (base == nullptr) return;
+  for (int64_t line = lines * part / parts; line < lines * (part + 1) / parts; ++line) {
+    __builtin_prefetch(base + 16 * line, 0, 2);
+  }
+}
+
 // Online-softmax state of `heads` query heads of one item: float32 V accumulators of `dim`,
 // running maxima and sums.
 struct OnlineSoftmax {
@@ -115,7 +124,6 @@ void attend_items(const Problem& p, int64_t begin, int64_t end) {
   const int64_t heads = kv_heads * group;
   const int64_t token_stride = kv_heads * dim;  // between tokens of one block
   const int64_t kv_stride = block_size * token_stride;  // K half -> V half of a block
-  constexpr int64_t kLineFloats = 16;  // a 64-byte cache line
   std::vector<float> scores(block_size);
   OnlineSoftmax state(heads, dim);
   std::vector<float>& acc = state.acc;
@@ -132,15 +140,13 @@ void attend_items(const Problem& p, int64_t begin, int64_t end) {
       const int64_t block = block_at(p, table, first);
       const int64_t count = std::min(block_size, len - first);
       const float* ahead = block_after(p, table, first, len, item, end);
-      const int64_t ahead_lines = ahead != nullptr ? 2 * kv_stride / kLineFloats : 0;
+      const int64_t ahead_lines = 2 * kv_stride / 16;  // the next block's K and V
       for (int64_t kv_head = 0; kv_head < kv_heads; ++kv_head) {
         const float* keys = p.cache + block * 2 * kv_stride + kv_head * dim;
         const float* values = keys + kv_stride;
         for (int64_t g = 0; g < group; ++g) {
           const int64_t h = kv_head * group + g;
-          for (int64_t line = ahead_lines * h / heads; line < ahead_lines * (h + 1) / heads; ++line) {
-            __builtin_prefetch(ahead + kLineFloats * line, 0, 2);
-          }
+          prefetch_share(ahead, ahead_lines, h, heads);
           const float* qg = q + h * p.q_head;
           float* s = scores.data();
           for (int64_t t = 0; t < count; ++t) {
@@ -175,14 +181,6 @@ void attend_items(const Problem& p, int64_t begin, int64_t end) {
 }
 
 #if defined(__AVX512F__)
-// Share `part` of `parts` of `lines` cache lines from `base` (nullptr: none), into L2.
-inline void prefetch_share(const float* base, int64_t lines, int64_t part, int64_t parts) {
-  if (base == nullptr) return;
-  for (int64_t line = lines * part / parts; line < lines * (part + 1) / parts; ++line) {
-    _mm_prefetch(reinterpret_cast<const char*>(base + 16 * line), _MM_HINT_T1);
-  }
-}
-
 // The online-softmax update of N query heads that share one kv head, for one chunk of up to
 // 16 tokens (their scores at s[i * 16 + t], overwritten with the probabilities; their V sums
 // at a[i * kDim]), then the chunk's V rows added into those sums. Each V row is loaded once for
