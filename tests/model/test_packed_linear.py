@@ -139,7 +139,7 @@ def test_integer_blocks_compute_what_float32_panels_do_bit_for_bit(qtype, n, k, 
     assert packed.numel() == packed_linear.blocks_nbytes(blocks)
     floats = packed_linear.pack_weight(weight)
     bias = torch.randn(n, generator=gen)
-    for rows in (1, 5, 12, 13, 64, 200):
+    for rows in (1, 2, 5, 8, 9, 16, 17, 64, 200):  # 1-16: direct tiles (one, then two); 17 on: slices
         x = torch.randn(rows, k, generator=gen)
         for b in (None, bias):
             got = packed_linear.linear(x, weight, b, packed)
@@ -169,7 +169,7 @@ def test_block_layouts_follow_the_range_of_q(q_range, layout, two_threads):
     out = torch.empty(packed.numel(), dtype=torch.uint8)
     assert torch.equal(packed_linear.pack_blocks((d, m, q), out).view(torch.uint8), packed.view(torch.uint8))
     floats = packed_linear.pack_weight(weight)
-    for rows in (1, 13, 64):
+    for rows in (1, 3, 8, 13, 64):
         x = torch.randn(rows, k, generator=gen)
         assert torch.equal(packed_linear.linear(x, weight, None, packed),
                            packed_linear.linear(x, weight, None, floats))
