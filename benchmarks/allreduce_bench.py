@@ -43,7 +43,7 @@ def _rank(rank: int, init_method: str, iters: int, results: Any) -> None:
     import torch
     import torch.distributed as dist
 
-    from model.parallel_context import destroy_distributed, init_distributed
+    from shardline.model.parallel_context import destroy_distributed, init_distributed
 
     torch.set_num_threads(1)
     ctx = init_distributed(rank=rank, world_size=2, tp_size=2, pp_size=1, init_method=init_method)

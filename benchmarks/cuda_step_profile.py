@@ -33,13 +33,13 @@ def main(argv: list[str] | None = None) -> None:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from model.attention import AttentionMetadata
-    from model.config import ModelConfig
-    from model.loader import load_model
-    from model.parallel_context import ParallelContext
     from scaleout_bench import smollm2_shaped_model
-    from worker.cuda_graphs import CudaGraphDecoder
-    from worker.kv_cache import allocate_kv_cache
+    from shardline.model.attention import AttentionMetadata
+    from shardline.model.config import ModelConfig
+    from shardline.model.loader import load_model
+    from shardline.model.parallel_context import ParallelContext
+    from shardline.worker.cuda_graphs import CudaGraphDecoder
+    from shardline.worker.kv_cache import allocate_kv_cache
 
     model_dir = pathlib.Path(args.model)
     if not any(model_dir.glob("*.safetensors")):

@@ -42,12 +42,12 @@ from typing import Any
 
 import torch
 
-from model import paged_decode
-from model.attention import Attention, AttentionMetadata
-from model.config import ModelConfig
-from model.fetch import fetch_default_model
-from model.loader import load_model
-from model.parallel_context import ParallelContext
+from shardline.model import paged_decode
+from shardline.model.attention import Attention, AttentionMetadata
+from shardline.model.config import ModelConfig
+from shardline.model.fetch import fetch_default_model
+from shardline.model.loader import load_model
+from shardline.model.parallel_context import ParallelContext
 
 BLOCK_SIZE = 16
 DECODE_BATCHES = (1, 8, 32, 64)
@@ -112,8 +112,8 @@ class Ours:
     cache (`main` also applies the worker's heap policy; the OpenMP wait policy is the caller's)."""
 
     def __init__(self, path: pathlib.Path, max_tokens: int) -> None:
-        from model.packed_linear import pack_linear_weights
-        from worker.kv_cache import allocate_kv_cache
+        from shardline.model.packed_linear import pack_linear_weights
+        from shardline.worker.kv_cache import allocate_kv_cache
 
         self.config = ModelConfig.from_path(path)
         self.model = load_model(self.config, ParallelContext.single())
@@ -353,7 +353,7 @@ def main() -> None:
                         help="time decode and prefill steps with each CPU path switched on in turn")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    from worker.heap import retain_freed_memory
+    from shardline.worker.heap import retain_freed_memory
 
     retain_freed_memory()  # the worker's heap policy (both sides gain: no per-step page faults)
 

@@ -38,7 +38,7 @@ SYSTEM = (
 
 
 async def run(model_dir: str, prompts: list[list[int]], rate: float, caching: bool, max_tokens: int) -> dict[str, Any]:
-    from engine import Engine, EngineConfig, SamplingParams
+    from shardline.engine import Engine, EngineConfig, SamplingParams
 
     cfg = EngineConfig(model=model_dir, enable_prefix_caching=caching, max_model_len=1024)
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     from transformers import AutoTokenizer
 
-    from model.fetch import resolve_model_path
+    from shardline.model.fetch import resolve_model_path
 
     model_dir = str(resolve_model_path(args.model))
     tokenizer = AutoTokenizer.from_pretrained(model_dir)

@@ -44,7 +44,7 @@ LAYOUTS = {
 
 async def run_layout(model_dir: str, layout: dict[str, int], prompts: list[list[int]], max_tokens: int,
                      transport: str) -> dict[str, Any]:
-    from engine import Engine, EngineConfig, SamplingParams
+    from shardline.engine import Engine, EngineConfig, SamplingParams
 
     cfg = EngineConfig(model=model_dir, transport=transport, max_model_len=512, **layout)  # type: ignore[arg-type]
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
 
     from transformers import AutoTokenizer
 
-    from model.fetch import resolve_model_path
+    from shardline.model.fetch import resolve_model_path
 
     smollm2 = resolve_model_path(args.model)
     model_dir = str(smollm2_shaped_model(pathlib.Path("benchmarks/out/smollm2-shaped-8h"), smollm2))

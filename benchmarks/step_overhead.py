@@ -36,8 +36,8 @@ TARGET_TOKENS_PER_S = 50_000
 
 def make_model_dir() -> pathlib.Path:
     """The stand-in model directory, with SmolLM2's tokenizer files (fetched once)."""
-    from model.fetch import fetch_default_model
-    from model.standin import write_standin_model_dir
+    from shardline.model.fetch import fetch_default_model
+    from shardline.model.standin import write_standin_model_dir
 
     target = pathlib.Path(tempfile.gettempdir()) / f"shardline-standin-{os.getuid()}"
     return write_standin_model_dir(target, fetch_default_model())
@@ -56,12 +56,12 @@ async def run_once(
     model_dir: pathlib.Path, transport: str, num_requests: int, max_tokens: int, profile: str | None
 ) -> dict[str, Any]:
     """One engine, every request submitted at once; returns the measured numbers."""
-    from engine import Engine, EngineConfig, SamplingParams
+    from shardline.engine import Engine, EngineConfig, SamplingParams
 
     blocks_per_request = -(-(64 + max_tokens) // 16) + 1
     config = EngineConfig(
         model=str(model_dir),
-        plugins=("model.standin:register",),
+        plugins=("shardline.model.standin:register",),
         transport=transport,  # type: ignore[arg-type]
         max_num_seqs=num_requests,
         max_num_batched_tokens=max(8192, num_requests * 64),

@@ -98,7 +98,7 @@ def pct(values: list[float], q: float) -> float:
 
 
 async def run_shardline(cfg: Any, work: Workload) -> dict[str, Any]:
-    from engine import Engine, SamplingParams
+    from shardline.engine import Engine, SamplingParams
 
     async with await Engine.start(cfg) as engine:
         # Warm-up: one short request so start-up costs are not counted.
@@ -121,7 +121,7 @@ async def run_shardline(cfg: Any, work: Workload) -> dict[str, Any]:
 
 
 async def run_latency(cfg: Any, work: Workload, rate: float, seed: int = 1) -> dict[str, Any]:
-    from engine import Engine, SamplingParams
+    from shardline.engine import Engine, SamplingParams
 
     rng = random.Random(seed)
     ttft: list[float] = []
@@ -272,8 +272,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     from transformers import AutoTokenizer
 
-    from engine import EngineConfig
-    from model.fetch import resolve_model_path
+    from shardline.engine import EngineConfig
+    from shardline.model.fetch import resolve_model_path
 
     model_dir = str(resolve_model_path(args.model))
     if args.random_weights:

@@ -25,7 +25,7 @@ from typing import Any, Protocol
 
 import anyio
 
-from transport import shm, tcp
+from shardline.transport import shm, tcp
 
 SIZES = [64, 4 << 10, 1 << 20, 16 << 20]
 IDLE_SECONDS = 5.0
@@ -237,7 +237,7 @@ def shm_python_cost(iterations: int = 20_000) -> float:
     Nothing waits (the slot is free and the frame is there), so this is the per-message
     cost the ring code adds on top of the two semaphore wake-ups of a cross-process hop.
     """
-    from transport.shm_ring import Ring
+    from shardline.transport.shm_ring import Ring
 
     ring = Ring.create(16, 64 << 10, 1)
     writer = shm.RingWriter(ring)

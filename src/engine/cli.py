@@ -17,7 +17,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from engine.config import ConfigError, EngineConfig
+from shardline.engine.config import ConfigError, EngineConfig
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 BENCHMARKS_DIR = pathlib.Path(__file__).resolve().parents[2] / "benchmarks"
@@ -141,8 +141,8 @@ def _benchmark_names() -> list[str]:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from engine.server.launch import ServeOptions, serve
-    from engine.server.middleware import DEFAULT_MAX_BODY_BYTES
+    from shardline.engine.server.launch import ServeOptions, serve
+    from shardline.engine.server.middleware import DEFAULT_MAX_BODY_BYTES
 
     config = _engine_config(args, served_model_name=args.served_model_name)
     options = ServeOptions(
@@ -154,8 +154,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 async def _generate(args: argparse.Namespace) -> int:
-    from engine.api import Engine
-    from engine.request import SamplingParams
+    from shardline.engine.api import Engine
+    from shardline.engine.request import SamplingParams
 
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, min_p=args.min_p, stop=args.stop or (), seed=args.seed)
@@ -177,7 +177,7 @@ async def _generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_fetch(args: argparse.Namespace) -> int:
-    from model.fetch import fetch_default_model, resolve_model_path
+    from shardline.model.fetch import fetch_default_model, resolve_model_path
 
     if args.model == DEFAULT_MODEL:
         path = fetch_default_model(force=args.force)
@@ -205,7 +205,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     arguments = list(sys.argv[1:] if argv is None else argv)
     if arguments[:1] == ["worker"]:
         # The node agent has its own parser (engine.remote): `shardline worker --help`.
-        from engine.remote import agent_main
+        from shardline.engine.remote import agent_main
 
         return agent_main(arguments[1:])
     args = _build_parser().parse_args(arguments)
@@ -230,7 +230,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as exc:
-        from engine.errors import ShardlineError
+        from shardline.engine.errors import ShardlineError
 
         if isinstance(exc, ShardlineError):
             print(f"shardline {args.command}: {exc}", file=sys.stderr)

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Literal
 
-from engine.errors import InvalidRequestError
+from shardline.engine.errors import InvalidRequestError
 
 TransportKind = Literal["shm", "tcp", "inproc"]
 _TRANSPORTS = ("shm", "tcp", "inproc")

@@ -27,14 +27,20 @@ from typing import Any
 import anyio
 import anyio.abc
 
-from engine.detokenizer import IncrementalDetokenizer, update_batch
-from engine.errors import EngineDeadError, InvalidRequestError
-from engine.executor import Executor, WorkerFailure
-from engine.output_stream import OutputStream
-from engine.request import FinishReason, Request, RequestOutput, TokenLogprob
-from engine.scheduler import RequestUpdate, Scheduler, SchedulerOutput
-from engine.step_timer import StepTimer
-from transport.messages import CachedRequest, ExecuteStep, NewRequest, SampleLogprobs, StepResult
+from shardline.engine.detokenizer import IncrementalDetokenizer, update_batch
+from shardline.engine.errors import EngineDeadError, InvalidRequestError
+from shardline.engine.executor import Executor, WorkerFailure
+from shardline.engine.output_stream import OutputStream
+from shardline.engine.request import FinishReason, Request, RequestOutput, TokenLogprob
+from shardline.engine.scheduler import RequestUpdate, Scheduler, SchedulerOutput
+from shardline.engine.step_timer import StepTimer
+from shardline.transport.messages import (
+    CachedRequest,
+    ExecuteStep,
+    NewRequest,
+    SampleLogprobs,
+    StepResult,
+)
 
 logger = logging.getLogger("shardline.core")
 

@@ -36,14 +36,14 @@ from typing import Any, Protocol
 import anyio
 import anyio.abc
 
-from engine.config import EngineConfig
-from engine.errors import EngineDeadError
-from engine.remote import NodeServer
-from model.registry import ModelRegistry
-from transport import EngineChannels, open_engine_channels
-from transport.base import TransportBroken, TransportClosed
-from transport.errors import TransportError
-from transport.messages import (
+from shardline.engine.config import EngineConfig
+from shardline.engine.errors import EngineDeadError
+from shardline.engine.remote import NodeServer
+from shardline.model.registry import ModelRegistry
+from shardline.transport import EngineChannels, open_engine_channels
+from shardline.transport.base import TransportBroken, TransportClosed
+from shardline.transport.errors import TransportError
+from shardline.transport.messages import (
     ExecuteStep,
     Heartbeat,
     Hello,
@@ -237,7 +237,7 @@ class Executor:
         self._raise_if_failed()
 
     def _worker_config(self, rank: int, init_method: str) -> dict[str, Any]:
-        from worker.config import WorkerConfig
+        from shardline.worker.config import WorkerConfig
 
         cfg = self.config
         assert self._channels is not None
@@ -271,7 +271,7 @@ class Executor:
         ).to_dict()
 
     def _launch(self, rank: int, worker_config: dict[str, Any]) -> _Handle:
-        from worker.main import Worker, run_worker
+        from shardline.worker.main import Worker, run_worker
 
         if self.config.transport == "inproc":
             worker = Worker(worker_config)

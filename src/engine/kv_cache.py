@@ -30,7 +30,7 @@ import struct
 from collections import OrderedDict
 from collections.abc import Iterable
 
-from engine.request import Request
+from shardline.engine.request import Request
 
 
 def hash_block(parent_hash: bytes | None, token_ids: list[int], extra: bytes = b"") -> bytes:

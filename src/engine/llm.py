@@ -15,9 +15,9 @@ import anyio
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 from tqdm import tqdm
 
-from engine.api import Engine
-from engine.config import EngineConfig
-from engine.request import RequestOutput, SamplingParams
+from shardline.engine.api import Engine
+from shardline.engine.config import EngineConfig
+from shardline.engine.request import RequestOutput, SamplingParams
 
 
 class LLM:

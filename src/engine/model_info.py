@@ -6,7 +6,7 @@ import pathlib
 from dataclasses import dataclass
 from typing import Any
 
-from engine.config import ConfigError, EngineConfig
+from shardline.engine.config import ConfigError, EngineConfig
 
 
 @dataclass(frozen=True)
@@ -33,8 +33,8 @@ def load_model_info(config: EngineConfig) -> ModelInfo:
     """Resolve (fetching the default model on first use) and describe `config.model` (blocking)."""
     from transformers import AutoTokenizer
 
-    from model.config import ModelConfig
-    from model.fetch import resolve_model_path
+    from shardline.model.config import ModelConfig
+    from shardline.model.fetch import resolve_model_path
 
     path = resolve_model_path(config.model)
     model_config = ModelConfig.from_path(

@@ -8,7 +8,7 @@ from typing import Any, Final
 
 import anyio
 
-from engine.request import RequestOutput
+from shardline.engine.request import RequestOutput
 
 StreamItem = RequestOutput | BaseException
 

@@ -39,9 +39,17 @@ from typing import Any
 
 import anyio
 
-from transport import tcp
-from transport.errors import AuthenticationError, TransportError
-from transport.messages import Heartbeat, Hello, InitWorker, Shutdown, WorkerError, decode, encode
+from shardline.transport import tcp
+from shardline.transport.errors import AuthenticationError, TransportError
+from shardline.transport.messages import (
+    Heartbeat,
+    Hello,
+    InitWorker,
+    Shutdown,
+    WorkerError,
+    decode,
+    encode,
+)
 
 log = logging.getLogger("shardline.remote")
 
@@ -266,7 +274,7 @@ class _Agent:
             except TimeoutError:
                 continue
             if isinstance(msg, InitWorker):
-                from worker.main import run_worker
+                from shardline.worker.main import run_worker
 
                 config = {**msg.config, "parent_pid": os.getpid()}  # the ranks watch us
                 rank = int(config["rank"])

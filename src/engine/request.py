@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from enum import Enum, StrEnum
 from typing import Any
 
-from engine.errors import InvalidRequestError, PromptTooLongError
-from transport.messages import SamplingOptions
+from shardline.engine.errors import InvalidRequestError, PromptTooLongError
+from shardline.transport.messages import SamplingOptions
 
 MAX_LOGPROBS = 20
 

@@ -29,9 +29,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.errors import PromptTooLongError
-from engine.kv_cache import KVCacheManager
-from engine.request import FinishReason, Request, RequestStatus, SamplingParams
+from shardline.engine.errors import PromptTooLongError
+from shardline.engine.kv_cache import KVCacheManager
+from shardline.engine.request import FinishReason, Request, RequestStatus, SamplingParams
 
 
 @dataclass(frozen=True)

@@ -60,7 +60,7 @@ class StepTimer:
 
     def measure_encode(self, message: Any) -> None:
         """Time encoding `message` once more on the side (the real encode is in the channels)."""
-        from transport.messages import encode
+        from shardline.transport.messages import encode
 
         start = time.thread_time()
         encode(message)

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model import cpu_ops, paged_decode
+from shardline.model import cpu_ops, paged_decode
 
 
 @dataclass

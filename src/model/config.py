@@ -166,7 +166,7 @@ def _read_gguf_config(gguf_file: pathlib.Path) -> HFConfig:
     """A config from a GGUF file's metadata (llama.cpp key names)."""
     import gguf
 
-    from model.errors import CheckpointError
+    from shardline.model.errors import CheckpointError
 
     try:
         reader = gguf.GGUFReader(str(gguf_file))

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import torch
 
-from model import paged_decode
-from model.env import env_choice
+from shardline.model import paged_decode
+from shardline.model.env import env_choice
 
 ENV = "SHARDLINE_CPU_FUSED_OPS"
 MODES = ("auto", "off")

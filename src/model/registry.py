@@ -14,7 +14,7 @@ import importlib
 from collections.abc import Callable
 from typing import Any, ClassVar
 
-from model.errors import ModelInterfaceError, UnknownArchitectureError
+from shardline.model.errors import ModelInterfaceError, UnknownArchitectureError
 
 Builder = Callable[..., Any]  # (model_config, parallel_context) -> nn.Module
 REQUIRED_METHODS = ("forward", "compute_logits", "load_weights")
@@ -24,9 +24,9 @@ class ModelRegistry:
     """Class-level map from architecture names (`config.json` `architectures`) to builders."""
 
     _targets: ClassVar[dict[str, Builder | str]] = {
-        "LlamaForCausalLM": "model.llama:LlamaForCausalLM",
-        "MistralForCausalLM": "model.llama:MistralForCausalLM",
-        "Qwen2ForCausalLM": "model.llama:Qwen2ForCausalLM",
+        "LlamaForCausalLM": "shardline.model.llama:LlamaForCausalLM",
+        "MistralForCausalLM": "shardline.model.llama:MistralForCausalLM",
+        "Qwen2ForCausalLM": "shardline.model.llama:Qwen2ForCausalLM",
     }
 
     @classmethod

@@ -9,7 +9,7 @@ cost. The ids drawn skip the first `first_token_id` ids (special tokens in SmolL
 vocabulary), so detokenization works on ordinary BPE pieces.
 
 It is a benchmark mode only (never used by correctness tests beyond a load check). Register it
-in every worker with ``EngineConfig(plugins=("model.standin:register",))`` and point the engine
+in every worker with ``EngineConfig(plugins=("shardline.model.standin:register",))`` and point the engine
 at a directory made by `write_standin_model_dir` (config.json naming the architecture, a tiny
 safetensors file, and a real tokenizer copied beside them).
 """
@@ -78,10 +78,10 @@ class StandInForCausalLM(nn.Module):
 
 
 def register() -> None:
-    """Plugin entry (``"model.standin:register"``): make the architecture known in this process."""
-    from model.registry import ModelRegistry
+    """Plugin entry (``"shardline.model.standin:register"``): make the architecture known in this process."""
+    from shardline.model.registry import ModelRegistry
 
-    ModelRegistry.register_model(ARCHITECTURE, "model.standin:StandInForCausalLM")
+    ModelRegistry.register_model(ARCHITECTURE, "shardline.model.standin:StandInForCausalLM")
 
 
 def write_standin_model_dir(

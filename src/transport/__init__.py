@@ -4,13 +4,13 @@
 `shm` and `tcp` implement it; `channels` is the engine <-> worker facade the executor uses.
 """
 
-from transport.channels import (
+from shardline.transport.channels import (
     EngineChannels,
     WorkerChannels,
     connect_worker_channels,
     open_engine_channels,
 )
-from transport.errors import (
+from shardline.transport.errors import (
     AuthenticationError,
     MessageTooLarge,
     TransportBroken,

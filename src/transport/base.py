@@ -20,14 +20,14 @@ from contextlib import contextmanager
 from types import TracebackType
 from typing import Any, Self
 
-from transport.errors import (
+from shardline.transport.errors import (
     AuthenticationError,
     MessageTooLarge,
     TransportBroken,
     TransportClosed,
     TransportError,
 )
-from transport.messages import Message, decode, encode
+from shardline.transport.messages import Message, decode, encode
 
 __all__ = [
     "DEFAULT_MAX_MESSAGE_SIZE",

@@ -28,11 +28,11 @@ from typing import Any, Literal
 
 import anyio
 
-from transport import inproc, shm, tcp
-from transport.base import AsyncResource, Frame, Transport
-from transport.errors import TransportBroken, TransportClosed, TransportError
-from transport.messages import Hello, Message, decode, encode
-from transport.shm_ring import Ring
+from shardline.transport import inproc, shm, tcp
+from shardline.transport.base import AsyncResource, Frame, Transport
+from shardline.transport.errors import TransportBroken, TransportClosed, TransportError
+from shardline.transport.messages import Hello, Message, decode, encode
+from shardline.transport.shm_ring import Ring
 
 Kind = Literal["inproc", "shm", "tcp", "mixed"]
 _TO_ALL = 0xFFFFFFFF

@@ -19,8 +19,8 @@ import anyio.from_thread
 import anyio.lowlevel
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from transport.base import DEFAULT_MAX_MESSAGE_SIZE, Frame, Listener, Transport
-from transport.errors import TransportBroken, TransportClosed
+from shardline.transport.base import DEFAULT_MAX_MESSAGE_SIZE, Frame, Listener, Transport
+from shardline.transport.errors import TransportBroken, TransportClosed
 
 _T = TypeVar("_T")
 

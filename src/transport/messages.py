@@ -22,7 +22,7 @@ from typing import Any, ClassVar, Union
 
 import msgpack
 
-from transport.errors import TransportBroken
+from shardline.transport.errors import TransportBroken
 
 if typing.TYPE_CHECKING:
     import numpy as np

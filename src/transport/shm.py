@@ -22,9 +22,9 @@ import anyio
 import anyio.to_thread
 import posix_ipc
 
-from transport.base import DEFAULT_MAX_MESSAGE_SIZE, Frame, Transport
-from transport.errors import TransportBroken, TransportClosed
-from transport.shm_ring import (
+from shardline.transport.base import DEFAULT_MAX_MESSAGE_SIZE, Frame, Transport
+from shardline.transport.errors import TransportBroken, TransportClosed
+from shardline.transport.shm_ring import (
     ATTACHED,
     CLOSED,
     SLOT_HEADER,

@@ -56,7 +56,7 @@ from typing import Any
 import posix_ipc
 import psutil
 
-from transport.errors import TransportBroken, TransportClosed
+from shardline.transport.errors import TransportBroken, TransportClosed
 
 NAME_PREFIX = "shardline_"
 MAGIC = int.from_bytes(b"SHRDLN01", "little")

@@ -31,8 +31,8 @@ from typing import Any
 import anyio
 import anyio.to_thread
 
-from transport.base import DEFAULT_MAX_MESSAGE_SIZE, Frame, Listener, Transport
-from transport.errors import (
+from shardline.transport.base import DEFAULT_MAX_MESSAGE_SIZE, Frame, Listener, Transport
+from shardline.transport.errors import (
     AuthenticationError,
     MessageTooLarge,
     TransportBroken,

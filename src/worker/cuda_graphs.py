@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from model.attention import AttentionMetadata
+from shardline.model.attention import AttentionMetadata
 
 logger = logging.getLogger(__name__)
 

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from model.attention import AttentionMetadata
-from worker.sampler import RequestSamplingState
+from shardline.model.attention import AttentionMetadata
+from shardline.worker.sampler import RequestSamplingState
 
 
 class BlockTable:

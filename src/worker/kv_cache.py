@@ -14,8 +14,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from model.attention import Attention
-from model.memory import huge_page_zeros
+from shardline.model.attention import Attention
+from shardline.model.memory import huge_page_zeros
 
 # Without an explicit budget: on CPU a share of the available RAM (capped), on CUDA a share
 # of the memory still free after loading the weights (the rest is for activations/logits).

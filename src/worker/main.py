@@ -32,11 +32,11 @@ from typing import Any
 import psutil
 import torch
 
-from model import profiling
-from model.registry import ModelRegistry
-from transport import connect_worker_channels
-from transport.errors import TransportClosed
-from transport.messages import (
+from shardline.model import profiling
+from shardline.model.registry import ModelRegistry
+from shardline.transport import connect_worker_channels
+from shardline.transport.errors import TransportClosed
+from shardline.transport.messages import (
     ExecuteStep,
     Heartbeat,
     Hello,
@@ -45,10 +45,10 @@ from transport.messages import (
     WorkerError,
     WorkerReady,
 )
-from worker.config import WorkerConfig
-from worker.heap import retain_freed_memory
+from shardline.worker.config import WorkerConfig
+from shardline.worker.heap import retain_freed_memory
 
-logger = logging.getLogger("worker")
+logger = logging.getLogger("shardline.worker")
 
 RECV_POLL_SECONDS = 1.0  # how often an idle worker checks that its parent is alive
 ORPHAN_GRACE_SECONDS = 2 * RECV_POLL_SECONDS  # then the heartbeat thread forces the exit
@@ -126,11 +126,11 @@ class Worker:
             self._close()
 
     def _load(self) -> Any:
-        from model.config import ModelConfig
-        from model.loader import load_model
-        from model.packed_linear import holds_integer_blocks, pack_linear_weights
-        from worker.kv_cache import agree_num_blocks, determine_num_blocks
-        from worker.model_runner import ModelRunner
+        from shardline.model.config import ModelConfig
+        from shardline.model.loader import load_model
+        from shardline.model.packed_linear import holds_integer_blocks, pack_linear_weights
+        from shardline.worker.kv_cache import agree_num_blocks, determine_num_blocks
+        from shardline.worker.model_runner import ModelRunner
 
         cfg = self.config
         parallel_context = self._init_parallel()
@@ -176,7 +176,7 @@ class Worker:
         use_graphs = cfg.cuda_graphs and device.type == "cuda" and cfg.world_size == 1
         allocated = runner.initialize_kv_cache(num_blocks, scratch_blocks=1 if use_graphs else 0)
         if use_graphs:
-            from worker.cuda_graphs import CudaGraphDecoder
+            from shardline.worker.cuda_graphs import CudaGraphDecoder
 
             graphs = CudaGraphDecoder(model, block_size=cfg.block_size, max_model_len=model_config.max_model_len,
                                       max_num_seqs=cfg.max_num_seqs, pad_block=num_blocks, device=device)
@@ -193,7 +193,7 @@ class Worker:
         return runner
 
     def _init_parallel(self) -> Any:
-        from model.parallel_context import ParallelContext, init_distributed
+        from shardline.model.parallel_context import ParallelContext, init_distributed
 
         cfg = self.config
         device = torch.device(cfg.device)
@@ -299,7 +299,7 @@ class Worker:
             self._heartbeat.join(timeout=5)
         if self._distributed:
             try:
-                from model.parallel_context import destroy_distributed
+                from shardline.model.parallel_context import destroy_distributed
 
                 destroy_distributed()
             except Exception as exc:  # never mask the real exit reason

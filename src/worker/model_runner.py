@@ -24,9 +24,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from model.paged_decode import kernel_enabled
-from model.parallel_context import ParallelContext
-from transport.messages import (
+from shardline.model.paged_decode import kernel_enabled
+from shardline.model.parallel_context import ParallelContext
+from shardline.transport.messages import (
     CachedRequest,
     ExecuteStep,
     NewRequest,
@@ -35,10 +35,16 @@ from transport.messages import (
     decode,
     encode,
 )
-from worker.inputs import BlockTable, RequestState, ScheduledChunk, StepInputs, build_step_inputs
-from worker.kv_cache import allocate_kv_cache
-from worker.pipeline import PipelineLink
-from worker.sampler import RequestSamplingState, derive_seed, sample
+from shardline.worker.inputs import (
+    BlockTable,
+    RequestState,
+    ScheduledChunk,
+    StepInputs,
+    build_step_inputs,
+)
+from shardline.worker.kv_cache import allocate_kv_cache
+from shardline.worker.pipeline import PipelineLink
+from shardline.worker.sampler import RequestSamplingState, derive_seed, sample
 
 logger = logging.getLogger(__name__)
 

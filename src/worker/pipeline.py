@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from model.parallel_context import ParallelContext
-from model.profiling import timed
+from shardline.model.parallel_context import ParallelContext
+from shardline.model.profiling import timed
 
 NUM_INTERMEDIATE_TENSORS = 2
 

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 
 import torch
 
-from model import cpu_ops
-from transport.messages import SampleLogprobs, SamplingOptions
-from worker.draw import draw_tokens
+from shardline.model import cpu_ops
+from shardline.transport.messages import SampleLogprobs, SamplingOptions
+from shardline.worker.draw import draw_tokens
 
 _SEED_MASK = (1 << 63) - 1
 _U64 = (1 << 64) - 1

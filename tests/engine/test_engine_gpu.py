@@ -11,7 +11,7 @@ import anyio
 import pytest
 import torch
 
-from engine import Engine, EngineConfig, InvalidRequestError, SamplingParams
+from shardline.engine import Engine, EngineConfig, InvalidRequestError, SamplingParams
 from support.generation import generate_all
 from support.waiting import wait_until
 

@@ -7,7 +7,7 @@ import pathlib
 import anyio
 import pytest
 
-from engine import Engine, EngineConfig, SamplingParams
+from shardline.engine import Engine, EngineConfig, SamplingParams
 from support.prompts import MAX_TOKENS, PROMPTS
 
 GREEDY = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)

@@ -10,7 +10,7 @@ import time
 import anyio
 import pytest
 
-from engine import (
+from shardline.engine import (
     LLM,
     Engine,
     EngineConfig,

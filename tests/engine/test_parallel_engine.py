@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from engine import ConfigError, Engine, EngineConfig, EngineStats, SamplingParams
+from shardline.engine import ConfigError, Engine, EngineConfig, EngineStats, SamplingParams
 from support.generation import generate_all
 
 GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)

@@ -7,8 +7,8 @@ import pathlib
 
 import pytest
 
-from engine import Engine, EngineConfig, SamplingParams
-from model.registry import ModelRegistry
+from shardline.engine import Engine, EngineConfig, SamplingParams
+from shardline.model.registry import ModelRegistry
 from support.factories import recording_llama_factory
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pathlib
 
-from engine import Engine, EngineConfig, SamplingParams
-from model.standin import token_at, write_standin_model_dir
+from shardline.engine import Engine, EngineConfig, SamplingParams
+from shardline.model.standin import token_at, write_standin_model_dir
 from support.tiny_models import make_tiny_model_dir
 
 
@@ -14,7 +14,7 @@ async def test_standin_model_loads_and_generates_its_deterministic_tokens(tmp_pa
     model_dir = write_standin_model_dir(tmp_path / "standin", source)
     config = EngineConfig(
         model=str(model_dir),
-        plugins=("model.standin:register",),
+        plugins=("shardline.model.standin:register",),
         transport="inproc",
         num_kv_blocks=64,
         max_model_len=256,
@@ -37,11 +37,11 @@ async def test_latency_samples_stay_bounded_when_nobody_drains_them(tmp_path: pa
     does by default) must not grow without bound."""
     import anyio
 
-    from engine.core import LATENCY_SAMPLES
+    from shardline.engine.core import LATENCY_SAMPLES
 
     source = make_tiny_model_dir(tmp_path / "tiny")
     model_dir = write_standin_model_dir(tmp_path / "standin", source)
-    config = EngineConfig(model=str(model_dir), plugins=("model.standin:register",), transport="inproc",
+    config = EngineConfig(model=str(model_dir), plugins=("shardline.model.standin:register",), transport="inproc",
                           num_kv_blocks=512, max_model_len=256, num_threads=1)
     params = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
     async with await Engine.start(config) as engine:

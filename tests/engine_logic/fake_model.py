@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from engine.scheduler import SchedulerOutput
+from shardline.engine.scheduler import SchedulerOutput
 
 _MODULUS = (1 << 61) - 1
 _SEED = 12345

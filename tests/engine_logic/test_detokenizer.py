@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from engine.detokenizer import IncrementalDetokenizer, update_batch
+from shardline.engine.detokenizer import IncrementalDetokenizer, update_batch
 
 CORPUS = [
     "Hello world! The quick brown fox jumps over the lazy dog.",

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from engine.errors import PromptTooLongError
-from engine.kv_cache import KVCacheManager
-from engine.request import FinishReason, Request, SamplingParams
-from engine.scheduler import Scheduler, SchedulerConfig
 from engine_logic.fake_model import FakeWorker, reference_generate
+from shardline.engine.errors import PromptTooLongError
+from shardline.engine.kv_cache import KVCacheManager
+from shardline.engine.request import FinishReason, Request, SamplingParams
+from shardline.engine.scheduler import Scheduler, SchedulerConfig
 
 VOCAB = 50
 

@@ -15,10 +15,10 @@ from typing import Any
 import anyio
 import pytest
 
-from engine.api import RequestOutputs
-from engine.errors import EngineDeadError, InvalidRequestError
-from engine.output_stream import END_OF_STREAM, OutputStream
-from engine.request import RequestOutput, SamplingParams
+from shardline.engine.api import RequestOutputs
+from shardline.engine.errors import EngineDeadError, InvalidRequestError
+from shardline.engine.output_stream import END_OF_STREAM, OutputStream
+from shardline.engine.request import RequestOutput, SamplingParams
 
 
 def _out(index: int, finished: bool = False) -> RequestOutput:

@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
-from engine.errors import InvalidRequestError, PromptTooLongError, ShardlineError
-from engine.request import Request, SamplingParams, validate_request
-from transport.messages import SamplingOptions
+from shardline.engine.errors import InvalidRequestError, PromptTooLongError, ShardlineError
+from shardline.engine.request import Request, SamplingParams, validate_request
+from shardline.transport.messages import SamplingOptions
 
 
 @pytest.mark.parametrize(

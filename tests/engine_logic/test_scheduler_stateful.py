@@ -28,10 +28,10 @@ from hypothesis.stateful import (
     rule,
 )
 
-from engine.kv_cache import KVCacheManager
-from engine.request import FinishReason, Request, RequestStatus, SamplingParams
-from engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from engine_logic.fake_model import FakeWorker, reference_generate
+from shardline.engine.kv_cache import KVCacheManager
+from shardline.engine.request import FinishReason, Request, RequestStatus, SamplingParams
+from shardline.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 
 VOCAB = 61
 EOS = 7

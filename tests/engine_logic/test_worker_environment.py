@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from engine.executor import _worker_environment
+from shardline.engine.executor import _worker_environment
 
 
 def test_passive_by_default_and_restored(monkeypatch: pytest.MonkeyPatch) -> None:

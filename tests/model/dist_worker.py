@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from model.attention import Attention, AttentionMetadata
+from shardline.model.attention import Attention, AttentionMetadata
 
 # Three requests; each step schedules {request: tokens}. Request "c" is prefilled in two chunks
 # (the second attends over a cached prefix) while "a" and "b" decode: mixed batches throughout.
@@ -74,10 +74,10 @@ def run_scenario(model: Any, vocab_size: int, block_size: int = 4,
 
 
 def main(spec_path: str, rank: int) -> None:
-    from model.config import ModelConfig
-    from model.loader import LoadStats, load_model
-    from model.parallel_context import destroy_distributed, init_distributed
-    from model.registry import ModelRegistry
+    from shardline.model.config import ModelConfig
+    from shardline.model.loader import LoadStats, load_model
+    from shardline.model.parallel_context import destroy_distributed, init_distributed
+    from shardline.model.registry import ModelRegistry
 
     with open(spec_path) as f:
         spec = json.load(f)

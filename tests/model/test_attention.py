@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from model.attention import Attention, AttentionMetadata
+from shardline.model.attention import Attention, AttentionMetadata
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 4, 2, 8, 4
 
@@ -103,7 +103,7 @@ def test_batched_fresh_prefills_match_the_reference(seqs, monkeypatch, cap):
     """Neighbouring fresh prefills in one block-diagonal masked SDPA (the CUDA path, forced on
     here), next to a cached-prefix chunk and a decode; with a small cap the run of fresh
     prefills splits into several calls."""
-    import model.attention as attention
+    import shardline.model.attention as attention
 
     monkeypatch.setattr(attention, "FRESH_BATCH_MAX_TOKENS", cap)
     q, k, v, tables = seqs
@@ -114,7 +114,7 @@ def test_batched_fresh_prefills_match_the_reference(seqs, monkeypatch, cap):
 
 
 def test_fresh_groups_are_adjacent_runs_within_the_cap(monkeypatch):
-    import model.attention as attention
+    import shardline.model.attention as attention
 
     monkeypatch.setattr(attention, "FRESH_BATCH_MAX_TOKENS", 8)
     # query lens 3, 4, 1(decode), 5, 4, 2 -> fresh: 0, 1 | 3 | 4, 5 (3 + 4 <= 8, 5 + 4 > 8)

@@ -8,12 +8,12 @@ import pathlib
 import pytest
 import torch
 
-from model import attention as attention_module
-from model import llama, packed_linear, paged_decode
-from model.attention import AttentionMetadata
-from model.config import ModelConfig
-from model.loader import load_model
-from model.parallel_context import ParallelContext
+from shardline.model import attention as attention_module
+from shardline.model import llama, packed_linear, paged_decode
+from shardline.model.attention import AttentionMetadata
+from shardline.model.config import ModelConfig
+from shardline.model.loader import load_model
+from shardline.model.parallel_context import ParallelContext
 from support.tiny_models import make_tiny_model_dir, quantize_linear_weights
 
 pytestmark = pytest.mark.skipif(not paged_decode.KERNEL.load(),

@@ -13,9 +13,9 @@ import shutil
 import pytest
 import torch
 
-from model import cpu_ops, paged_decode
-from model.attention import Attention, AttentionMetadata
-from model.layers import RMSNorm, RotaryEmbedding, SiluAndMul
+from shardline.model import cpu_ops, paged_decode
+from shardline.model.attention import Attention, AttentionMetadata
+from shardline.model.layers import RMSNorm, RotaryEmbedding, SiluAndMul
 
 ROWS = (1, 7, 64, 1500)  # 1500 x 576 elements: several thread tasks
 
@@ -133,7 +133,7 @@ def test_argmax_rows_matches_torch_argmax():
 
 
 def test_the_greedy_sampler_uses_it(monkeypatch):
-    from worker.sampler import greedy_tokens
+    from shardline.worker.sampler import greedy_tokens
 
     calls = []
     monkeypatch.setattr(cpu_ops, "argmax_rows", lambda x: calls.append(x) or x.argmax(dim=-1))

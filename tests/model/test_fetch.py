@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from model import fetch
-from model.fetch import MARKER, check_model_dir, ensure_model_dir, resolve_model_path
+from shardline.model import fetch
+from shardline.model.fetch import MARKER, check_model_dir, ensure_model_dir, resolve_model_path
 
 
 class FakeBuild:

@@ -5,19 +5,19 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.attention import AttentionMetadata
-from model.config import ModelConfig
-from model.layers import RotaryEmbedding, rope_inv_freq, rope_parameters
-from model.llama import LlamaForCausalLM, pp_layer_range
-from model.loader import iter_weights, load_model
-from model.parallel import (
+from shardline.model.attention import AttentionMetadata
+from shardline.model.config import ModelConfig
+from shardline.model.layers import RotaryEmbedding, rope_inv_freq, rope_parameters
+from shardline.model.llama import LlamaForCausalLM, pp_layer_range
+from shardline.model.loader import iter_weights, load_model
+from shardline.model.parallel import (
     MergedColumnParallelLinear,
     QKVParallelLinear,
     RowParallelLinear,
     VocabParallelEmbedding,
     divide,
 )
-from model.parallel_context import ParallelContext
+from shardline.model.parallel_context import ParallelContext
 from support.tiny_models import make_tiny_model_dir
 
 

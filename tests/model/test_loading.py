@@ -8,12 +8,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from model.attention import AttentionMetadata
-from model.config import ModelConfig
-from model.errors import CheckpointError, ModelInterfaceError, UnknownArchitectureError
-from model.loader import LoadStats, load_model
-from model.parallel_context import ParallelContext
-from model.registry import ModelRegistry
+from shardline.model.attention import AttentionMetadata
+from shardline.model.config import ModelConfig
+from shardline.model.errors import CheckpointError, ModelInterfaceError, UnknownArchitectureError
+from shardline.model.loader import LoadStats, load_model
+from shardline.model.parallel_context import ParallelContext
+from shardline.model.registry import ModelRegistry
 from support.tiny_models import make_tiny_model_dir
 
 

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from model.memory import HUGE_PAGE, huge_page_zeros
+from shardline.model.memory import HUGE_PAGE, huge_page_zeros
 
 
 def test_zeroed_aligned_and_of_the_asked_shape_and_dtype():
@@ -87,7 +87,7 @@ def test_populate_commits_the_pages_before_any_touch():
 
 
 def test_populate_parts_cover_the_range_in_order_on_huge_page_boundaries():
-    from model.memory import populate_parts
+    from shardline.model.memory import populate_parts
 
     for nbytes in (1, 100, HUGE_PAGE, HUGE_PAGE + 1, 5 * HUGE_PAGE, (143 << 20) + 4096):
         for parts in (1, 2, 3, 8):
@@ -103,7 +103,7 @@ def test_populate_parts_cover_the_range_in_order_on_huge_page_boundaries():
 def test_populate_split_over_threads_commits_every_part(monkeypatch):
     import platform
 
-    from model import memory
+    from shardline.model import memory
 
     release = tuple(int(part) for part in platform.release().split(".")[:2] if part.isdigit())
     if release < (5, 14):
@@ -126,7 +126,7 @@ def test_a_failed_populate_leaves_a_usable_lazy_tensor(monkeypatch):
     import ctypes
     import errno
 
-    from model import memory
+    from shardline.model import memory
 
     def failing(address: int, length: int, advice: int) -> int:
         ctypes.set_errno(errno.EINVAL)  # what a kernel without the advice answers

@@ -12,12 +12,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import packed_linear, paged_decode
-from model.config import ModelConfig
-from model.loader import load_model
-from model.memory import HUGE_PAGE
-from model.parallel import ParallelLMHead, QKVParallelLinear, RowParallelLinear
-from model.parallel_context import ParallelContext
+from shardline.model import packed_linear, paged_decode
+from shardline.model.config import ModelConfig
+from shardline.model.loader import load_model
+from shardline.model.memory import HUGE_PAGE
+from shardline.model.parallel import ParallelLMHead, QKVParallelLinear, RowParallelLinear
+from shardline.model.parallel_context import ParallelContext
 from support.tiny_models import gguf_round_trip, make_tiny_model_dir, quantize_linear_weights
 
 pytestmark = pytest.mark.skipif(not paged_decode.KERNEL.load(),
@@ -218,7 +218,7 @@ def test_a_model_with_gguf_weights_packs_them_as_integer_blocks(tmp_path, monkey
     assert quantize_linear_weights(model) > 0
     layers = [m for m in model.modules() if hasattr(m, "packed_weight")]
     ids = torch.tensor([5, 17, 300, 42, 9, 260])
-    from model.attention import AttentionMetadata
+    from shardline.model.attention import AttentionMetadata
 
     attn = AttentionMetadata.build(query_lens=[6], context_lens=[0], block_tables=[[0]], block_size=16)
 
@@ -250,7 +250,7 @@ def test_a_packed_model_computes_what_the_unpacked_one_does(tmp_path, monkeypatc
     layers = [m for m in model.modules() if hasattr(m, "packed_weight")]
     assert {type(m) for m in layers} >= {QKVParallelLinear, RowParallelLinear, ParallelLMHead}
     ids = torch.tensor([5, 17, 300, 42, 9, 260])
-    from model.attention import AttentionMetadata
+    from shardline.model.attention import AttentionMetadata
 
     attn = AttentionMetadata.build(query_lens=[6], context_lens=[0], block_tables=[[0]], block_size=16)
     with torch.inference_mode():

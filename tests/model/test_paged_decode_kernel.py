@@ -24,9 +24,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from model import attention as attention_module
-from model import paged_decode
-from model.attention import Attention, AttentionMetadata
+from shardline.model import attention as attention_module
+from shardline.model import paged_decode
+from shardline.model.attention import Attention, AttentionMetadata
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -266,7 +266,7 @@ def test_bad_block_tables_raise_instead_of_reading_out_of_bounds(kernel_mode):
 
 BUILD_SCRIPT = """
 import json, sys, torch
-from model import paged_decode
+from shardline.model import paged_decode
 paged_decode.KERNEL.require()
 gen = torch.Generator().manual_seed(0)
 cache = torch.randn(4, 2, 4, 1, 8, generator=gen)

@@ -28,7 +28,7 @@ TESTS = ["tests/model/test_packed_linear.py", "tests/model/test_cpu_decoder.py",
          "tests/model/test_paged_decode_kernel.py", "tests/model/test_cpu_ops.py"]
 RUN = """
 import sys
-from model import paged_decode
+from shardline.model import paged_decode
 paged_decode.CFLAGS = ("-O3", "-march={arch}", "-fopenmp")
 assert paged_decode.KERNEL.load()
 import pytest

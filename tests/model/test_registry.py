@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from model.config import ModelConfig
-from model.errors import UnknownArchitectureError
-from model.llama import LlamaForCausalLM, Qwen2ForCausalLM
-from model.loader import load_model
-from model.parallel_context import ParallelContext
-from model.registry import ModelRegistry
+from shardline.model.config import ModelConfig
+from shardline.model.errors import UnknownArchitectureError
+from shardline.model.llama import LlamaForCausalLM, Qwen2ForCausalLM
+from shardline.model.loader import load_model
+from shardline.model.parallel_context import ParallelContext
+from shardline.model.registry import ModelRegistry
 from support.tiny_models import make_tiny_model_dir, recording_factory
 
 
@@ -29,7 +29,7 @@ def test_builtin_architectures_resolve_lazily(registry):
 def test_class_string_and_factory_targets(registry, tmp_path, monkeypatch):
     path = make_tiny_model_dir(tmp_path / "m")
     registry.register_model("MyLlama", LlamaForCausalLM)
-    registry.register_model("MyLazyLlama", "model.llama:LlamaForCausalLM")
+    registry.register_model("MyLazyLlama", "shardline.model.llama:LlamaForCausalLM")
     record_dir = tmp_path / "records"
     record_dir.mkdir()
     monkeypatch.setenv("SHARDLINE_TEST_RECORD_DIR", str(record_dir))
@@ -45,8 +45,8 @@ def test_bad_targets_are_refused(registry):
         registry.register_model("X", "no_colon_here")
     with pytest.raises(TypeError, match="must be a class, a factory"):
         registry.register_model("X", 42)
-    registry.register_model("Broken", "model.llama:NoSuchClass")
-    with pytest.raises(UnknownArchitectureError, match="cannot import 'model.llama:NoSuchClass'"):
+    registry.register_model("Broken", "shardline.model.llama:NoSuchClass")
+    with pytest.raises(UnknownArchitectureError, match="cannot import 'shardline.model.llama:NoSuchClass'"):
         registry.resolve("Broken")
 
 
@@ -54,7 +54,7 @@ def test_specs_round_trip_and_refuse_unimportable_targets(registry):
     registry.register_model("Rec", recording_factory)
     specs = registry.specs()
     assert specs["Rec"] == "support.tiny_models:recording_factory"
-    assert specs["LlamaForCausalLM"] == "model.llama:LlamaForCausalLM"
+    assert specs["LlamaForCausalLM"] == "shardline.model.llama:LlamaForCausalLM"
     registry.unregister("Rec")
     registry.register_specs(specs)
     assert registry.resolve("Rec") is recording_factory

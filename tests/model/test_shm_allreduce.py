@@ -107,9 +107,9 @@ def _mapped_shm_names() -> list[str]:
 
 
 def _rank_main(spec_path: str, rank: int) -> None:
-    from model.parallel import all_gather, all_reduce
-    from model.parallel.shm_comm import setup_tp_comm
-    from model.parallel_context import destroy_distributed, init_distributed
+    from shardline.model.parallel import all_gather, all_reduce
+    from shardline.model.parallel.shm_comm import setup_tp_comm
+    from shardline.model.parallel_context import destroy_distributed, init_distributed
 
     spec = json.loads(pathlib.Path(spec_path).read_text())
     world = spec["world_size"]
@@ -173,8 +173,8 @@ class _CtxComm:
 def _run_tiny_model(ctx: Any, path: str) -> dict[str, torch.Tensor]:
     import importlib.util
 
-    from model.config import ModelConfig
-    from model.loader import load_model
+    from shardline.model.config import ModelConfig
+    from shardline.model.loader import load_model
 
     spec = importlib.util.spec_from_file_location(
         "shardline_test_dist_worker", HERE / "dist_worker.py"
@@ -294,8 +294,8 @@ def test_a_dead_peer_fails_the_collective_instead_of_hanging(tmp_path: pathlib.P
 
 def test_the_sweep_removes_names_of_a_killed_creator() -> None:
     """SIGKILLed between creating and unlinking: the names it leaves are swept by the next start."""
+    from shardline.transport.shm_ring import sweep_stale
     from support.leaks import our_shm_entries, owner_pid
-    from transport.shm_ring import sweep_stale
 
     code = ("import os, signal, sys; from model.parallel.shm_comm import ShmCommunicator; "
             "comm = ShmCommunicator.create(3, 4096); print('made', flush=True); "
@@ -317,9 +317,9 @@ def test_the_sweep_removes_names_of_a_killed_creator() -> None:
 
 
 def test_tiny_llama_tp2_over_shm_matches_tp1(tmp_path: pathlib.Path, worker_module: Any) -> None:
-    from model.config import ModelConfig
-    from model.loader import load_model
-    from model.parallel_context import ParallelContext
+    from shardline.model.config import ModelConfig
+    from shardline.model.loader import load_model
+    from shardline.model.parallel_context import ParallelContext
     from support.tiny_models import make_tiny_model_dir
 
     path = make_tiny_model_dir(tmp_path / "llama", arch="LlamaForCausalLM", num_heads=4,
@@ -340,7 +340,7 @@ def test_tiny_llama_tp2_over_shm_matches_tp1(tmp_path: pathlib.Path, worker_modu
 
 
 def test_an_unknown_mode_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
-    from model.parallel.shm_comm import requested_mode
+    from shardline.model.parallel.shm_comm import requested_mode
 
     monkeypatch.setenv("SHARDLINE_TP_ALLREDUCE", "nccl")
     with pytest.raises(ValueError, match="SHARDLINE_TP_ALLREDUCE"):

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.attention import Attention, AttentionMetadata
-from model.config import ModelConfig
-from model.loader import load_model
-from model.parallel_context import ParallelContext
+from shardline.model.attention import Attention, AttentionMetadata
+from shardline.model.config import ModelConfig
+from shardline.model.loader import load_model
+from shardline.model.parallel_context import ParallelContext
 from support.hf_compat import cache_kwarg, output_cache
 
 PROMPTS = [
@@ -127,7 +127,7 @@ def test_its_weights_pack_as_integer_blocks_with_the_same_logits(smollm2_dir, to
     (the tied LM head too) packs as integer blocks, Q4_1's as 4-bit nibbles and Q8_0's as int8,
     5.4x smaller than float32 panels, and a prefill and decode steps give the float32 panels'
     logits bit for bit."""
-    from model import packed_linear, paged_decode
+    from shardline.model import packed_linear, paged_decode
 
     if not paged_decode.KERNEL.load():
         pytest.skip("the CPU kernels do not build here")

@@ -7,10 +7,10 @@ import pathlib
 import pytest
 import torch
 
-from model.config import ModelConfig
-from model.loader import LoadStats, load_model
-from model.parallel_context import ParallelContext
-from model.registry import ModelRegistry
+from shardline.model.config import ModelConfig
+from shardline.model.loader import LoadStats, load_model
+from shardline.model.parallel_context import ParallelContext
+from shardline.model.registry import ModelRegistry
 from support.tiny_models import make_tiny_model_dir
 
 

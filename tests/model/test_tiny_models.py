@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.attention import AttentionMetadata
-from model.config import ModelConfig
-from model.loader import load_model
-from model.parallel_context import ParallelContext
+from shardline.model.attention import AttentionMetadata
+from shardline.model.config import ModelConfig
+from shardline.model.loader import load_model
+from shardline.model.parallel_context import ParallelContext
 from support.tiny_models import SPECIAL_TOKENS, make_tiny_model_dir
 
 

@@ -12,10 +12,10 @@ import anyio
 import psutil
 import pytest
 
-from engine import Engine, EngineConfig, SamplingParams
-from engine.config import ConfigError
-from engine.executor import WorkerFailure
 from multinode.nodes import Agents, Topology
+from shardline.engine import Engine, EngineConfig, SamplingParams
+from shardline.engine.config import ConfigError
+from shardline.engine.executor import WorkerFailure
 from support.generation import generate_all
 from support.leaks import our_shm_entries
 from support.waiting import wait_until

@@ -179,7 +179,7 @@ async def test_engine_refuses_integers_beyond_64_bits(tiny_llama_dir: pathlib.Pa
     (Before the check, `seed=2**64` made the step unencodable and stopped the engine for
     every caller; the HTTP schema now refuses it too, so this goes through the Python API.)
     """
-    from engine import Engine, EngineConfig, InvalidRequestError, SamplingParams
+    from shardline.engine import Engine, EngineConfig, InvalidRequestError, SamplingParams
 
     config = EngineConfig(model=str(tiny_llama_dir), transport="inproc", max_model_len=64)
     async with await Engine.start(config) as engine:

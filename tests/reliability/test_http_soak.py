@@ -144,7 +144,7 @@ def test_sse_events_survive_unicode_line_splitting(text: str) -> None:
     str.splitlines() (httpx's aiter_lines) got half an event. Each event is one line now."""
     import json
 
-    from engine.server.streaming import sse
+    from shardline.engine.server.streaming import sse
 
     event = sse(json.dumps({"text": text}, ensure_ascii=False))
     lines = event.splitlines()

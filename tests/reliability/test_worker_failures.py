@@ -15,7 +15,7 @@ import anyio
 import psutil
 import pytest
 
-from engine import Engine, EngineConfig, EngineDeadError, SamplingParams
+from shardline.engine import Engine, EngineConfig, EngineDeadError, SamplingParams
 from support.leaks import leaked_shm_entries
 from support.waiting import wait_until
 
@@ -143,7 +143,7 @@ async def test_worker_death_without_restarts_fails_fast(tiny_llama_dir: pathlib.
 ORPHAN_SCRIPT = textwrap.dedent(
     """
     import asyncio, sys
-    from engine import Engine, EngineConfig
+    from shardline.engine import Engine, EngineConfig
 
     async def main():
         cfg = EngineConfig(model=sys.argv[1], tensor_parallel_size=2, max_model_len=128, num_kv_blocks=64)

@@ -8,10 +8,10 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
-from engine.server import build_app
 from server.e2e_support import real_server, references  # noqa: F401 - session fixtures (slow tests)
 from server.fake_engine import FakeEngine
 from server.helpers import asgi_client
+from shardline.engine.server import build_app
 
 MODEL = "fake-model"
 

@@ -40,7 +40,7 @@ class References:
 
 def engine_references() -> References:
     """Greedy outputs from an in-process Engine with the server's configuration."""
-    from engine import Engine, EngineConfig, SamplingParams
+    from shardline.engine import Engine, EngineConfig, SamplingParams
 
     params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0)
 

@@ -13,9 +13,9 @@ import math
 import uuid
 from collections.abc import AsyncIterator, Sequence
 
-from engine.core import EngineStats
-from engine.errors import EngineDeadError, EngineOverloadedError, InvalidRequestError
-from engine.request import RequestOutput, SamplingParams, TokenLogprob, validate_request
+from shardline.engine.core import EngineStats
+from shardline.engine.errors import EngineDeadError, EngineOverloadedError, InvalidRequestError
+from shardline.engine.request import RequestOutput, SamplingParams, TokenLogprob, validate_request
 
 CONTINUATION = "The quick brown fox jumps over the lazy dog. "
 BLOCK_SIZE = 4

@@ -13,10 +13,10 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
-from engine.api import Engine  # noqa: E402
-from engine.cli import main  # noqa: E402
-from engine.errors import EngineDeadError  # noqa: E402
 from server.fake_engine import FakeEngine  # noqa: E402
+from shardline.engine.api import Engine  # noqa: E402
+from shardline.engine.cli import main  # noqa: E402
+from shardline.engine.errors import EngineDeadError  # noqa: E402
 
 
 async def _fake_start(config: object = None) -> FakeEngine:

@@ -8,10 +8,10 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
-from engine.server import build_app
 from server.conftest import MODEL
 from server.fake_engine import FakeEngine, expected_text
 from server.helpers import asgi_client, assert_openai_error, parse_sse, uvicorn_server
+from shardline.engine.server import build_app
 
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"

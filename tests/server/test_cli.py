@@ -10,10 +10,10 @@ import subprocess
 import httpx
 import pytest
 
-from engine import cli
 from server.e2e_support import MAX_MODEL_LEN, MAX_TOKENS, PROMPTS, References, shardline_executable
 from server.helpers import assert_openai_error
 from server.process import fake_serve_command, server_process
+from shardline.engine import cli
 
 
 @pytest.mark.parametrize("argv", [[], ["serve"], ["generate"], ["fetch"], ["bench"]])

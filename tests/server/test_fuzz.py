@@ -9,10 +9,10 @@ from __future__ import annotations
 import schemathesis
 from hypothesis import HealthCheck, settings
 
-from engine.server import build_app
 from server.conftest import MODEL
 from server.fake_engine import FakeEngine
 from server.helpers import check_response
+from shardline.engine.server import build_app
 
 APP = build_app(FakeEngine(max_model_len=256), served_model_name=MODEL, api_key=None, max_body_bytes=64 * 1024)
 schema = schemathesis.openapi.from_asgi("/openapi.json", APP)

@@ -70,7 +70,7 @@ def slow_engine() -> FakeEngine:
 
 @pytest.fixture
 def slow_app(slow_engine: FakeEngine) -> FastAPI:
-    from engine.server import build_app
+    from shardline.engine.server import build_app
 
     return build_app(slow_engine, served_model_name=MODEL, api_key=None)
 

@@ -8,8 +8,8 @@ import json
 import os
 from typing import Any
 
-from model.llama import LlamaForCausalLM
-from model.parallel_context import ParallelContext
+from shardline.model.llama import LlamaForCausalLM
+from shardline.model.parallel_context import ParallelContext
 
 
 def recording_llama_factory(model_config: Any, parallel_context: ParallelContext) -> LlamaForCausalLM:

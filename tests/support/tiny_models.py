@@ -175,7 +175,7 @@ def recording_factory(model_config: Any, parallel_context: Any) -> Any:
     Writes `rank-<tp_rank>.json` with the context's ranks and sizes into the directory named by
     the SHARDLINE_TEST_RECORD_DIR environment variable.
     """
-    from model.llama import LlamaForCausalLM
+    from shardline.model.llama import LlamaForCausalLM
 
     record_dir = pathlib.Path(os.environ["SHARDLINE_TEST_RECORD_DIR"])
     seen = {

@@ -12,8 +12,8 @@ import pytest
 # Spawned peer processes import their entry points from `transport_peers` by module name.
 sys.path.insert(0, str(Path(__file__).parent))
 
-from transport import inproc, shm, tcp  # noqa: E402
-from transport.base import Transport  # noqa: E402
+from shardline.transport import inproc, shm, tcp  # noqa: E402
+from shardline.transport.base import Transport  # noqa: E402
 
 KINDS = ["inproc", "shm", "tcp"]
 SHM_SLOT_SIZE = 64 << 10

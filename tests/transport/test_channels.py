@@ -15,14 +15,14 @@ import pytest
 import transport_peers
 
 from conftest import KINDS
-from transport import (
+from shardline.transport import (
     EngineChannels,
     TransportBroken,
     TransportClosed,
     connect_worker_channels,
     open_engine_channels,
 )
-from transport.messages import Heartbeat, InitWorker, Shutdown, WorkerError
+from shardline.transport.messages import Heartbeat, InitWorker, Shutdown, WorkerError
 
 SPAWN = multiprocessing.get_context("spawn")
 

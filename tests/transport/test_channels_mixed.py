@@ -8,9 +8,9 @@ from typing import Any
 import anyio
 import pytest
 
-from transport import WorkerChannels, connect_worker_channels, open_engine_channels
-from transport.errors import TransportError
-from transport.messages import Heartbeat, InitWorker, Shutdown
+from shardline.transport import WorkerChannels, connect_worker_channels, open_engine_channels
+from shardline.transport.errors import TransportError
+from shardline.transport.messages import Heartbeat, InitWorker, Shutdown
 
 
 def _worker(address: dict[str, Any], rank: int, seen: dict[int, list[Any]]) -> None:

@@ -14,10 +14,10 @@ import pytest
 import transport_peers
 
 from conftest import KINDS, SHM_SLOT_SIZE, TOKEN, make_pair
-from transport import shm, tcp
-from transport.base import Transport
-from transport.errors import MessageTooLarge, TransportBroken, TransportClosed
-from transport.messages import Heartbeat, Hello, Shutdown, WorkerError
+from shardline.transport import shm, tcp
+from shardline.transport.base import Transport
+from shardline.transport.errors import MessageTooLarge, TransportBroken, TransportClosed
+from shardline.transport.messages import Heartbeat, Hello, Shutdown, WorkerError
 
 SPAWN = multiprocessing.get_context("spawn")
 SIZES = [0, 1, SHM_SLOT_SIZE, SHM_SLOT_SIZE + 1, 3 * SHM_SLOT_SIZE + 7, 64 << 20]

@@ -11,8 +11,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from transport.errors import TransportBroken
-from transport.messages import (
+from shardline.transport.errors import TransportBroken
+from shardline.transport.messages import (
     MESSAGE_TYPES,
     CachedRequest,
     ExecuteStep,

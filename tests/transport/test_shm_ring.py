@@ -13,10 +13,10 @@ import transport_peers
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from shardline.transport import shm
+from shardline.transport.errors import TransportClosed
+from shardline.transport.shm_ring import Ring, sweep_stale
 from support.leaks import our_shm_entries
-from transport import shm
-from transport.errors import TransportClosed
-from transport.shm_ring import Ring, sweep_stale
 
 SPAWN = multiprocessing.get_context("spawn")
 

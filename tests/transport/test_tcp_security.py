@@ -9,9 +9,9 @@ import anyio
 import pytest
 
 from conftest import TOKEN
-from transport import tcp
-from transport.errors import AuthenticationError, MessageTooLarge, TransportBroken
-from transport.messages import Heartbeat
+from shardline.transport import tcp
+from shardline.transport.errors import AuthenticationError, MessageTooLarge, TransportBroken
+from shardline.transport.messages import Heartbeat
 
 
 async def _serve_one_good_client(listener: tcp.TcpListener) -> None:
@@ -34,7 +34,7 @@ async def _serve_one_good_client(listener: tcp.TcpListener) -> None:
 async def test_bad_token_is_refused_and_server_keeps_serving(
     token: bytes | None, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="transport.tcp")
+    caplog.set_level(logging.WARNING, logger="shardline.transport.tcp")
     listener = tcp.TcpListener(TOKEN)
     try:
         with anyio.fail_after(30):
@@ -63,7 +63,7 @@ def _raw_client(address: dict[str, object], payload: bytes) -> bytes:
 async def test_garbage_and_silent_clients_are_dropped(
     payload: bytes, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="transport.tcp")
+    caplog.set_level(logging.WARNING, logger="shardline.transport.tcp")
     monkeypatch.setattr(tcp, "HANDSHAKE_TIMEOUT", 0.5)
     listener = tcp.TcpListener(TOKEN)
     try:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from transport import TransportError, connect_worker_channels, shm, tcp
-from transport.messages import Heartbeat, Shutdown, WorkerError
-from transport.shm_ring import Ring
+from shardline.transport import TransportError, connect_worker_channels, shm, tcp
+from shardline.transport.messages import Heartbeat, Shutdown, WorkerError
+from shardline.transport.shm_ring import Ring
 
 
 def echo_link(kind: str, address: dict[str, Any], token: bytes | None = None) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import msgpack
 import pytest
 
-from worker.config import WorkerConfig
+from shardline.worker.config import WorkerConfig
 
 
 def make(**overrides: object) -> WorkerConfig:

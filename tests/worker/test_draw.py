@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from worker.draw import CANDIDATES, draw_tokens
+from shardline.worker.draw import CANDIDATES, draw_tokens
 
 VOCAB = 3000
 UNIFORMS = [(i + 0.5) / 40 for i in range(40)]

@@ -23,17 +23,17 @@ from support.tiny_models import make_tiny_model_dir
 SCRIPT = textwrap.dedent(
     """
     import ctypes, ctypes.util, resource, sys, torch
-    from worker.heap import M_MMAP_THRESHOLD, M_TRIM_THRESHOLD, retain_freed_memory
+    from shardline.worker.heap import M_MMAP_THRESHOLD, M_TRIM_THRESHOLD, retain_freed_memory
     if sys.argv[2] == "on":
         applied = retain_freed_memory()
     else:
         libc = ctypes.CDLL(ctypes.util.find_library("c"))
         applied = libc.mallopt(M_MMAP_THRESHOLD, 128 << 10) == 1 == libc.mallopt(
             M_TRIM_THRESHOLD, 128 << 10)
-    from model.attention import AttentionMetadata
-    from model.config import ModelConfig
-    from model.loader import load_model
-    from model.parallel_context import ParallelContext
+    from shardline.model.attention import AttentionMetadata
+    from shardline.model.config import ModelConfig
+    from shardline.model.loader import load_model
+    from shardline.model.parallel_context import ParallelContext
     model = load_model(ModelConfig.from_path(sys.argv[1]), ParallelContext.single())
     n, length = 32, 64
     attn = AttentionMetadata.build(query_lens=[length] * n, context_lens=[0] * n,
@@ -76,7 +76,7 @@ def test_steady_state_forwards_do_not_fault_activations_in(tmp_path: pathlib.Pat
 
 
 def test_user_malloc_tunables_win(monkeypatch: pytest.MonkeyPatch) -> None:
-    from worker.heap import retain_freed_memory
+    from shardline.worker.heap import retain_freed_memory
 
     monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "0")
     assert retain_freed_memory() is False

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from worker.inputs import BlockTable, RequestState, ScheduledChunk, build_step_inputs
+from shardline.worker.inputs import BlockTable, RequestState, ScheduledChunk, build_step_inputs
 
 
 def state(req_id: str, num_tokens: int, blocks: list[int]) -> RequestState:

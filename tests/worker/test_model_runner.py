@@ -14,7 +14,13 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
-from transport.messages import CachedRequest, ExecuteStep, NewRequest, SamplingOptions, StepResult
+from shardline.transport.messages import (
+    CachedRequest,
+    ExecuteStep,
+    NewRequest,
+    SamplingOptions,
+    StepResult,
+)
 
 BLOCK_SIZE = 4
 NUM_BLOCKS = 128
@@ -35,9 +41,9 @@ def greedy(num_logprobs: int | None = None) -> SamplingOptions:
 
 @pytest.fixture(scope="module")
 def loaded(tiny_llama_dir: pathlib.Path) -> Iterator[tuple[object, object]]:
-    from model.config import ModelConfig
-    from model.loader import load_model
-    from model.parallel_context import ParallelContext
+    from shardline.model.config import ModelConfig
+    from shardline.model.loader import load_model
+    from shardline.model.parallel_context import ParallelContext
 
     config = ModelConfig.from_path(str(tiny_llama_dir), dtype=torch.float32)
     model = load_model(config, ParallelContext.single())
@@ -63,8 +69,8 @@ def hf_reference(tiny_llama_dir: pathlib.Path) -> dict[str, list[int]]:
 
 
 def make_runner(loaded: tuple[object, object]):  # type: ignore[no-untyped-def]
-    from model.parallel_context import ParallelContext
-    from worker.model_runner import ModelRunner
+    from shardline.model.parallel_context import ParallelContext
+    from shardline.worker.model_runner import ModelRunner
 
     config, model = loaded
     runner = ModelRunner(
@@ -241,7 +247,7 @@ def test_logprobs_reach_the_result(loaded) -> None:  # type: ignore[no-untyped-d
 
 
 def test_kv_cache_shapes_and_sizing(loaded) -> None:  # type: ignore[no-untyped-def]
-    from worker.kv_cache import attention_layers, bytes_per_block, determine_num_blocks
+    from shardline.worker.kv_cache import attention_layers, bytes_per_block, determine_num_blocks
 
     config, model = loaded
     layers = attention_layers(model)  # type: ignore[arg-type]
@@ -267,10 +273,10 @@ def test_kv_cache_shapes_and_sizing(loaded) -> None:  # type: ignore[no-untyped-
 
 @pytest.mark.gpu
 def test_paged_decode_on_cuda_matches_hf(tiny_llama_dir: pathlib.Path, hf_reference) -> None:  # type: ignore[no-untyped-def]
-    from model.config import ModelConfig
-    from model.loader import load_model
-    from model.parallel_context import ParallelContext
-    from worker.model_runner import ModelRunner
+    from shardline.model.config import ModelConfig
+    from shardline.model.loader import load_model
+    from shardline.model.parallel_context import ParallelContext
+    from shardline.worker.model_runner import ModelRunner
 
     context = ParallelContext.single("cuda")
     config = ModelConfig.from_path(str(tiny_llama_dir), dtype=torch.float32)
@@ -287,15 +293,15 @@ def _graph_decoder_matches_hf(loaded, hf_reference, device: str) -> None:  # typ
     """A CudaGraphDecoder with key-length buckets of 2, 4, 8 and 16 blocks (8-64 tokens) runs
     the MiniEngine's requests to HF's greedy tokens, its decode batches padded to captured sizes
     and replayed from the bucket that holds the longest request."""
-    from worker.cuda_graphs import CudaGraphDecoder
-    from worker.model_runner import ModelRunner
+    from shardline.worker.cuda_graphs import CudaGraphDecoder
+    from shardline.worker.model_runner import ModelRunner
 
     config, model = loaded
     if device == "cpu":
         runner = make_runner(loaded)
     else:
-        from model.loader import load_model
-        from model.parallel_context import ParallelContext
+        from shardline.model.loader import load_model
+        from shardline.model.parallel_context import ParallelContext
 
         context = ParallelContext.single("cuda")
         model = load_model(config, context)
@@ -323,7 +329,7 @@ def test_cuda_graph_static_decode_step_matches_hf(loaded, hf_reference) -> None:
     """The steps CUDA graphs capture, run eagerly here: the decode batch of 3 is padded to the
     captured size 4 (the pad row writes into a scratch block), attention spans its bucket's
     keys under the length mask, and the tokens are still HF's."""
-    from worker.cuda_graphs import capture_sizes, kv_buckets
+    from shardline.worker.cuda_graphs import capture_sizes, kv_buckets
 
     assert capture_sizes(8) == [1, 2, 4, 8] and capture_sizes(40) == [1, 2, 4, 8, 16, 32, 40]
     assert kv_buckets(64) == [16, 32, 64] and kv_buckets(100) == [16, 32, 64, 100]

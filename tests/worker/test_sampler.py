@@ -8,8 +8,8 @@ from collections import Counter
 import pytest
 import torch
 
-from transport.messages import SamplingOptions
-from worker.sampler import RequestSamplingState, apply_penalties, derive_seed, sample
+from shardline.transport.messages import SamplingOptions
+from shardline.worker.sampler import RequestSamplingState, apply_penalties, derive_seed, sample
 
 CPU = torch.device("cpu")
 

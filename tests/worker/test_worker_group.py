@@ -11,8 +11,8 @@ import anyio
 import pytest
 import torch
 
-from transport import open_engine_channels
-from transport.messages import (
+from shardline.transport import open_engine_channels
+from shardline.transport.messages import (
     CachedRequest,
     ExecuteStep,
     Heartbeat,
@@ -23,8 +23,8 @@ from transport.messages import (
     StepResult,
     WorkerReady,
 )
-from worker.config import WorkerConfig
-from worker.main import run_worker
+from shardline.worker.config import WorkerConfig
+from shardline.worker.main import run_worker
 
 PROMPT = [5, 17, 33, 2, 90, 41, 7]
 NUM_NEW = 4

@@ -13,9 +13,8 @@ import anyio
 import pytest
 import torch
 
-from support.leaks import our_shm_entries
-from transport import open_engine_channels
-from transport.messages import (
+from shardline.transport import open_engine_channels
+from shardline.transport.messages import (
     ExecuteStep,
     Heartbeat,
     Hello,
@@ -27,8 +26,9 @@ from transport.messages import (
     WorkerError,
     WorkerReady,
 )
-from worker.config import WorkerConfig
-from worker.main import Worker, run_worker
+from shardline.worker.config import WorkerConfig
+from shardline.worker.main import Worker, run_worker
+from support.leaks import our_shm_entries
 
 PROMPT = [5, 17, 33, 2, 90, 41, 7]
 GREEDY = SamplingOptions(
@@ -156,7 +156,7 @@ async def test_load_failure_is_reported_not_hung(tmp_path: pathlib.Path) -> None
 
 
 def test_bad_plugin_is_named() -> None:
-    from worker.main import import_plugins
+    from shardline.worker.main import import_plugins
 
     with pytest.raises(ValueError, match="no callable 'nope'"):
         import_plugins(["json:nope"])

@@ -16,11 +16,11 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from engine.server.engine_protocol import EngineLike
-from engine.server.errors import APIError, install_error_handlers
-from engine.server.metrics import CONTENT_TYPE, ServerMetrics
-from engine.server.middleware import DEFAULT_MAX_BODY_BYTES, GatekeeperMiddleware
-from engine.server.protocol import (
+from shardline.engine.server.engine_protocol import EngineLike
+from shardline.engine.server.errors import APIError, install_error_handlers
+from shardline.engine.server.metrics import CONTENT_TYPE, ServerMetrics
+from shardline.engine.server.middleware import DEFAULT_MAX_BODY_BYTES, GatekeeperMiddleware
+from shardline.engine.server.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
     CompletionRequest,
@@ -29,8 +29,8 @@ from engine.server.protocol import (
     ModelCard,
     ModelList,
 )
-from engine.server.serving import OpenAIServing
-from engine.server.streaming import ClientGone
+from shardline.engine.server.serving import OpenAIServing
+from shardline.engine.server.streaming import ClientGone
 
 PUBLIC_PATHS = ("/health", "/metrics", "/docs", "/openapi.json", "/docs/oauth2-redirect", "/redoc")
 

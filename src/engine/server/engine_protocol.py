@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Sequence
 from typing import Any, Protocol
 
-from engine.request import RequestOutput, SamplingParams
+from shardline.engine.request import RequestOutput, SamplingParams
 
 
 class EngineLike(Protocol):

@@ -16,13 +16,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from engine.errors import (
+from shardline.engine.errors import (
     EngineDeadError,
     EngineOverloadedError,
     InvalidRequestError,
     PromptTooLongError,
 )
-from engine.server.protocol import ErrorInfo, ErrorResponse
+from shardline.engine.server.protocol import ErrorInfo, ErrorResponse
 
 log = logging.getLogger("shardline.server")
 

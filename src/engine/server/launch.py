@@ -19,10 +19,10 @@ import anyio
 import uvicorn
 from fastapi import FastAPI
 
-from engine.config import EngineConfig
-from engine.server.app import build_app
-from engine.server.engine_protocol import EngineLike
-from engine.server.middleware import DEFAULT_MAX_BODY_BYTES
+from shardline.engine.config import EngineConfig
+from shardline.engine.server.app import build_app
+from shardline.engine.server.engine_protocol import EngineLike
+from shardline.engine.server.middleware import DEFAULT_MAX_BODY_BYTES
 
 log = logging.getLogger("shardline.serve")
 
@@ -94,7 +94,7 @@ def served_name_for(config: EngineConfig) -> str:
 
 def build_server_app(config: EngineConfig, options: ServeOptions, holder: _Holder) -> FastAPI:
     """The app whose lifespan starts `config`'s engine and closes it on shutdown."""
-    from engine.api import Engine
+    from shardline.engine.api import Engine
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

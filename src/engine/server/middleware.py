@@ -11,7 +11,7 @@ from collections.abc import Iterable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from engine.server.errors import APIError
+from shardline.engine.server.errors import APIError
 
 DEFAULT_MAX_BODY_BYTES = 4 << 20
 """4 MiB: far more than any prompt the context length admits, far less than memory."""

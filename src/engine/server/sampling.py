@@ -9,10 +9,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from engine.errors import InvalidRequestError
-from engine.request import SamplingParams, TokenLogprob
-from engine.server.errors import APIError
-from engine.server.protocol import (
+from shardline.engine.errors import InvalidRequestError
+from shardline.engine.request import SamplingParams, TokenLogprob
+from shardline.engine.server.errors import APIError
+from shardline.engine.server.protocol import (
     ChatCompletionRequest,
     ChatLogprobs,
     ChatTokenLogprob,

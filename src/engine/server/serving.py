@@ -19,11 +19,11 @@ import anyio
 from starlette.requests import Request
 from starlette.responses import Response
 
-from engine.request import RequestOutput
-from engine.server.engine_protocol import EngineLike
-from engine.server.errors import APIError, api_error_from
-from engine.server.metrics import ServerMetrics
-from engine.server.protocol import (
+from shardline.engine.request import RequestOutput
+from shardline.engine.server.engine_protocol import EngineLike
+from shardline.engine.server.errors import APIError, api_error_from
+from shardline.engine.server.metrics import ServerMetrics
+from shardline.engine.server.protocol import (
     AssistantMessage,
     ChatChoice,
     ChatChunkChoice,
@@ -38,7 +38,7 @@ from engine.server.protocol import (
     CompletionResponse,
     UsageInfo,
 )
-from engine.server.sampling import (
+from shardline.engine.server.sampling import (
     build_sampling_params,
     chat_logprobs,
     check_completion_request,
@@ -47,7 +47,7 @@ from engine.server.sampling import (
     count_prompt_tokens,
     delta_logprobs,
 )
-from engine.server.streaming import EventStreamResponse, sse, unless_disconnected
+from shardline.engine.server.streaming import EventStreamResponse, sse, unless_disconnected
 
 log = logging.getLogger("shardline.server")
 

@@ -5,16 +5,16 @@ slice out of the full checkpoint tensor `loaded` (a `torch.Tensor`, or a lazy ch
 that reads only the requested rows/columns from disk; see `model.loader`).
 """
 
-from model.parallel.collectives import all_gather, all_reduce
-from model.parallel.embedding import ParallelLMHead, VocabParallelEmbedding
-from model.parallel.linear import (
+from shardline.model.parallel.collectives import all_gather, all_reduce
+from shardline.model.parallel.embedding import ParallelLMHead, VocabParallelEmbedding
+from shardline.model.parallel.linear import (
     ColumnParallelLinear,
     MergedColumnParallelLinear,
     QKVParallelLinear,
     ReplicatedLinear,
     RowParallelLinear,
 )
-from model.parallel.utils import ShardShapeError, divide
+from shardline.model.parallel.utils import ShardShapeError, divide
 
 __all__ = [
     "ColumnParallelLinear",

@@ -13,10 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.packed_linear import linear
-from model.parallel.collectives import all_gather, all_reduce
-from model.parallel.utils import ShardShapeError, copy_checked, read_narrow, shape_of
-from model.parallel_context import ParallelContext
+from shardline.model.packed_linear import linear
+from shardline.model.parallel.collectives import all_gather, all_reduce
+from shardline.model.parallel.utils import ShardShapeError, copy_checked, read_narrow, shape_of
+from shardline.model.parallel_context import ParallelContext
 
 
 class VocabParallelEmbedding(nn.Module):

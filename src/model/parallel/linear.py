@@ -12,9 +12,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from model.packed_linear import linear
-from model.parallel.collectives import all_gather, all_reduce
-from model.parallel.utils import (
+from shardline.model.packed_linear import linear
+from shardline.model.parallel.collectives import all_gather, all_reduce
+from shardline.model.parallel.utils import (
     ShardShapeError,
     copy_checked,
     divide,
@@ -22,7 +22,7 @@ from model.parallel.utils import (
     read_narrow,
     shape_of,
 )
-from model.parallel_context import ParallelContext
+from shardline.model.parallel_context import ParallelContext
 
 
 class LinearBase(nn.Module):

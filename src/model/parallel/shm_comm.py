@@ -52,9 +52,9 @@ import posix_ipc
 import torch
 import torch.distributed as dist
 
-from model.env import env_choice
-from transport.errors import TransportBroken
-from transport.shm_ring import (
+from shardline.model.env import env_choice
+from shardline.transport.errors import TransportBroken
+from shardline.transport.shm_ring import (
     SPIN_SECONDS,
     map_segment,
     new_base_name,
@@ -64,7 +64,7 @@ from transport.shm_ring import (
     wait_semaphore,
 )
 
-logger = logging.getLogger("model.parallel")
+logger = logging.getLogger("shardline.model.parallel")
 
 ENV_MODE = "SHARDLINE_TP_ALLREDUCE"
 MODES = ("auto", "shm", "gloo")
