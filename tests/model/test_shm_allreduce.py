@@ -297,7 +297,7 @@ def test_the_sweep_removes_names_of_a_killed_creator() -> None:
     from shardline.transport.shm_ring import sweep_stale
     from support.leaks import our_shm_entries, owner_pid
 
-    code = ("import os, signal, sys; from model.parallel.shm_comm import ShmCommunicator; "
+    code = ("import os, signal, sys; from shardline.model.parallel.shm_comm import ShmCommunicator; "
             "comm = ShmCommunicator.create(3, 4096); print('made', flush=True); "
             "sys.stdin.readline(); os.kill(os.getpid(), signal.SIGKILL)")  # fmt: skip
     with subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,

@@ -107,7 +107,7 @@ class Agents:
         env = dict(os.environ, SHARDLINE_LOG_LEVEL="INFO")
         if self.topology.node_ifname:
             env["GLOO_SOCKET_IFNAME"] = self.topology.node_ifname
-        main = "import sys; from engine.remote import agent_main; sys.exit(agent_main())"
+        main = "import sys; from shardline.engine.remote import agent_main; sys.exit(agent_main())"
         cmd = [*self.topology.prefix, sys.executable, "-c", main, "--head", head]
         cmd += ["--token", token, "--node-rank", str(node_rank), "--nproc", "1"]
         log = self.log_dir / f"agent-{len(self.procs)}.log"
