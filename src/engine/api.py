@@ -49,7 +49,11 @@ class Engine:
     # ------------------------------------------------------------------ lifecycle
     @classmethod
     async def start(cls, config: EngineConfig | None = None) -> Engine:
-        """Load the model into worker processes and start serving; returns when ready."""
+        """Load the model into worker processes and start serving; returns when ready.
+
+        It must be awaited in an asyncio event loop (anyio's trio backend is refused at once).
+        """
+        _require_asyncio()
         config = config or EngineConfig()
         info = await anyio.to_thread.run_sync(load_model_info, config)
         engine = cls(config, info)
@@ -156,6 +160,17 @@ class Engine:
         return self._info.max_model_len
 
     @property
+    def generation_defaults(self) -> dict[str, Any]:
+        """The model's default sampling settings (generation_config.json, by SamplingParams
+        field), which fill the fields a request leaves out; {} with generation_config="none"."""
+        return dict(self._info.generation_defaults)
+
+    @property
+    def eos_token_ids(self) -> frozenset[int]:
+        """Every token id that ends a request (unless it sets ignore_eos)."""
+        return self._info.eos_token_ids
+
+    @property
     def is_dead(self) -> bool:
         return self._closed or self._death is not None or any(c.dead is not None for c in self._cores)
 
@@ -210,7 +225,7 @@ class Engine:
 
     def _tokenize(self, prompt: str | Sequence[int]) -> list[int]:
         if isinstance(prompt, str):
-            return list(self._info.tokenizer.encode(prompt, add_special_tokens=False))
+            return self._info.encode_prompt(prompt)
         items: list[object] = list(prompt) if isinstance(prompt, Sequence) else [prompt]
         token_ids = [t for t in items if isinstance(t, int) and not isinstance(t, bool)]
         if len(token_ids) == len(items):
@@ -221,7 +236,11 @@ class Engine:
         """Validate and queue one request on the least busy replica; returns where it went."""
         if self.is_dead:
             raise EngineDeadError("engine is not running")
-        validate_request(token_ids, params, max_model_len=self._info.max_model_len, vocab_size=self._info.vocab_size)
+        max_model_len = self._info.max_model_len
+        params = params.with_model_defaults(
+            self._info.generation_defaults, max_tokens_cap=max_model_len - len(token_ids)
+        )
+        validate_request(token_ids, params, max_model_len=max_model_len, vocab_size=self._info.vocab_size)
         _check_wire_ints(params)
         core = min(self._cores, key=lambda c: c.num_unfinished)
         if core.num_unfinished >= self.config.max_waiting_requests:
@@ -232,7 +251,7 @@ class Engine:
             request_id=request_id or uuid.uuid4().hex,
             prompt_token_ids=token_ids,
             sampling_params=params,
-            eos_token_id=self._info.eos_token_id,
+            eos_token_ids=self._info.eos_token_ids,
         )
         detokenizer = IncrementalDetokenizer(
             self._info.tokenizer, token_ids, skip_special_tokens=params.skip_special_tokens, stop=params.stop
@@ -352,6 +371,30 @@ def _check_wire_ints(params: SamplingParams) -> None:
         value = getattr(params, name, None)
         if isinstance(value, int) and value not in _INT64:
             raise InvalidRequestError(name, f"must fit in a signed 64-bit integer, got {value}")
+
+
+def _require_asyncio() -> None:
+    """Refuse, before anything starts, an event loop that is not asyncio's (trio, under anyio).
+
+    The engine's tasks, futures and stream hand-offs are asyncio's; under trio they would fail
+    later and obscurely, after the model had loaded.
+    """
+    try:
+        asyncio.get_running_loop()
+        return
+    except RuntimeError:
+        pass
+    try:
+        import sniffio
+
+        library = sniffio.current_async_library()
+    except Exception:  # sniffio missing, or no async library it knows
+        library = "an event loop that is not asyncio's"
+    raise RuntimeError(
+        f"shardline's Engine runs on asyncio, but Engine.start was awaited under {library}. "
+        "Run it in an asyncio event loop: asyncio.run(main()), or anyio.run(main) with anyio's "
+        "default backend='asyncio'."
+    )
 
 
 def _root_cause(exc: BaseException) -> BaseException:

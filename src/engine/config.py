@@ -36,6 +36,13 @@ class EngineConfig:
     model_arch: str | None = None
     """Architecture override; default is `architectures[0]` from the model's config.json."""
     served_model_name: str | None = None
+    generation_config: str = "auto"
+    """Where requests' default sampling settings and extra EOS ids come from (as vLLM's
+    `--generation-config`): "auto" reads the model directory's generation_config.json (its
+    temperature, top_p, top_k, min_p, repetition_penalty and max_new_tokens become defaults for
+    the SamplingParams fields a request leaves out; every id in its eos_token_id ends a
+    request); "vllm" or "none" ignores the file (built-in defaults, EOS from config.json and the
+    tokenizer); any other value is a folder holding a generation_config.json."""
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     data_parallel_size: int = 1
@@ -97,6 +104,11 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         _require(bool(self.model), "model", "must name a model or a directory")
+        _require(
+            isinstance(self.generation_config, str) and bool(self.generation_config),
+            "generation_config",
+            f"must be 'auto', 'vllm', 'none' or a folder holding generation_config.json, got {self.generation_config!r}",
+        )
         for name in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size"):
             value = getattr(self, name)
             _require(isinstance(value, int) and value >= 1, name, f"must be an integer >= 1, got {value!r}")

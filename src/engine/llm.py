@@ -58,8 +58,13 @@ class LLM:
         *,
         use_tqdm: bool = True,
     ) -> list[RequestOutput]:
-        """Reply to each conversation with the model's chat template."""
-        token_lists = [self.engine._info.apply_chat_template(list(c)) for c in conversations]
+        """Reply to each conversation with the model's chat template.
+
+        As `Engine.chat`: the template writes its special tokens and no others are added (text
+        prompts to `generate` get the tokenizer's own, e.g. a Llama BOS); a malformed
+        conversation raises InvalidRequestError.
+        """
+        token_lists = [self.engine._chat_token_ids(list(c)) for c in conversations]
         return self.generate(token_lists, params, use_tqdm=use_tqdm)
 
     async def _generate_all(

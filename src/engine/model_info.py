@@ -1,12 +1,28 @@
-"""What the engine side needs to know about a model: path, tokenizer, limits, chat template."""
+"""What the engine side needs to know about a model: path, tokenizer, limits, chat template,
+EOS ids and default sampling settings (generation_config.json)."""
 
 from __future__ import annotations
 
+import json
 import pathlib
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from shardline.engine.config import ConfigError, EngineConfig
+from shardline.engine.errors import InvalidRequestError
+from shardline.engine.request import SamplingParams
+
+GENERATION_CONFIG_FILE = "generation_config.json"
+# generation_config.json key -> SamplingParams field (the keys vLLM takes as defaults)
+_GENERATION_DEFAULT_KEYS = {
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "top_k": "top_k",
+    "min_p": "min_p",
+    "repetition_penalty": "repetition_penalty",
+    "max_new_tokens": "max_tokens",
+}
 
 
 @dataclass(frozen=True)
@@ -18,15 +34,27 @@ class ModelInfo:
     tokenizer: Any
     max_model_len: int
     vocab_size: int
-    eos_token_id: int | None
+    eos_token_ids: frozenset[int]
+    """Every id that ends a request (unless it asks ignore_eos): config.json's eos_token_id,
+    the tokenizer's EOS and generation_config.json's eos_token_id (an int or a list)."""
     hf_config: Any
+    generation_defaults: Mapping[str, Any] = field(default_factory=dict)
+    """SamplingParams defaults from generation_config.json, by field name (max_new_tokens as
+    max_tokens); fill the fields a request leaves out (`SamplingParams.with_model_defaults`)."""
 
     def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]:
-        """Token ids of `messages` formatted by the model's chat template, ready for a reply."""
-        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        if isinstance(ids, dict) or hasattr(ids, "keys"):  # BatchEncoding in newer transformers
-            ids = ids["input_ids"]
-        return [int(t) for t in ids]
+        """Token ids of `messages` formatted by the model's chat template, ready for a reply.
+
+        The template writes its own special tokens (BOS included), so the text is encoded
+        without the tokenizer's: a Llama tokenizer would otherwise add a second BOS.
+        """
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return [int(t) for t in self.tokenizer.encode(text, add_special_tokens=False)]
+
+    def encode_prompt(self, prompt: str) -> list[int]:
+        """Token ids of a text prompt, with the special tokens the tokenizer itself adds (as
+        vLLM does): a Llama tokenizer's BOS, nothing for one that defines none (SmolLM2)."""
+        return [int(t) for t in self.tokenizer.encode(prompt)]
 
 
 def load_model_info(config: EngineConfig) -> ModelInfo:
@@ -43,11 +71,12 @@ def load_model_info(config: EngineConfig) -> ModelInfo:
     hf = model_config.hf_config
     check_parallel_sizes(config, hf)
     tokenizer = AutoTokenizer.from_pretrained(str(path))
-    eos = getattr(hf, "eos_token_id", None)
-    if isinstance(eos, list):
-        eos = eos[0] if eos else None
-    if eos is None:
-        eos = tokenizer.eos_token_id
+    generation, generation_file = read_generation_config(config.generation_config, path)
+    eos_ids = {
+        *_token_ids(getattr(hf, "eos_token_id", None)),
+        *_token_ids(getattr(tokenizer, "eos_token_id", None)),
+        *_token_ids(generation.get("eos_token_id")),
+    }
     name = config.model if not pathlib.Path(config.model).exists() else path.name
     return ModelInfo(
         name=name,
@@ -55,9 +84,68 @@ def load_model_info(config: EngineConfig) -> ModelInfo:
         tokenizer=tokenizer,
         max_model_len=model_config.max_model_len,
         vocab_size=int(hf.vocab_size),
-        eos_token_id=eos,
+        eos_token_ids=frozenset(eos_ids),
         hf_config=hf,
+        generation_defaults=generation_defaults(generation, source=str(generation_file)),
     )
+
+
+def read_generation_config(
+    setting: str, model_path: pathlib.Path
+) -> tuple[dict[str, Any], pathlib.Path | None]:
+    """The generation_config.json that `EngineConfig.generation_config` names: (its values,
+    the file read).
+
+    "auto": the model directory's file, or nothing when it has none; "vllm"/"none": nothing;
+    anything else: a folder holding the file (or the file itself), which must exist.
+    """
+    if setting in ("vllm", "none"):
+        return {}, None
+    if setting == "auto":
+        if not model_path.is_dir() or not (model_path / GENERATION_CONFIG_FILE).is_file():
+            return {}, None
+        file = model_path / GENERATION_CONFIG_FILE
+    else:
+        file = pathlib.Path(setting).expanduser()
+        if file.is_dir():
+            file = file / GENERATION_CONFIG_FILE
+        if not file.is_file():
+            raise ConfigError(
+                "generation_config",
+                f"{setting!r} is not 'auto', 'vllm', 'none' or a folder holding {GENERATION_CONFIG_FILE}",
+            )
+    try:
+        values = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ConfigError("generation_config", f"cannot read {str(file)!r}: {exc}") from exc
+    if not isinstance(values, dict):
+        raise ConfigError("generation_config", f"{str(file)!r} is not a JSON object")
+    return values, file
+
+
+def generation_defaults(generation: Mapping[str, Any], *, source: str = GENERATION_CONFIG_FILE) -> dict[str, Any]:
+    """The SamplingParams defaults a generation_config holds, checked as SamplingParams checks
+    a request's values (a bad one is refused at start, naming the file's key).
+
+    Like vLLM, `do_sample` is not read: a temperature the file gives applies as it stands.
+    """
+    defaults = {
+        name: generation[key]
+        for key, name in _GENERATION_DEFAULT_KEYS.items()
+        if generation.get(key) is not None
+    }
+    try:
+        SamplingParams(**defaults)
+    except InvalidRequestError as exc:
+        key = next((k for k, n in _GENERATION_DEFAULT_KEYS.items() if n == exc.field), exc.field)
+        raise ConfigError("generation_config", f"{source} has a bad {key}: {exc.message}") from exc
+    return defaults
+
+
+def _token_ids(value: Any) -> list[int]:
+    """An eos_token_id entry (an int, a list of ints, or None) as a list of ids."""
+    items = value if isinstance(value, list | tuple) else [value]
+    return [int(t) for t in items if isinstance(t, int) and not isinstance(t, bool) and t >= 0]
 
 
 def check_parallel_sizes(config: EngineConfig, hf_config: Any) -> None:

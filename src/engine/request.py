@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
 from enum import Enum, StrEnum
+from types import MappingProxyType
 from typing import Any
 
 from shardline.engine.errors import InvalidRequestError, PromptTooLongError
@@ -44,7 +45,15 @@ def _check_range(field: str, value: Any, low: float, high: float) -> None:
         raise InvalidRequestError(field, f"must be a number in [{low}, {high}], got {value!r}")
 
 
-@dataclass(frozen=True, slots=True)
+# The fields a model's generation_config.json may give a default to (vLLM's list, with HF's
+# max_new_tokens as max_tokens), each with the built-in default that applies when neither the
+# request nor the model sets it.
+BUILTIN_DEFAULTS: Mapping[str, Any] = MappingProxyType(
+    {"max_tokens": 16, "temperature": 1.0, "top_k": -1, "top_p": 1.0, "min_p": 0.0, "repetition_penalty": 1.0}
+)
+
+
+@dataclass(frozen=True, slots=True, init=False)
 class SamplingParams:
     """How to sample one request; validated on construction.
 
@@ -52,26 +61,80 @@ class SamplingParams:
     token's logprob plus the top k (0..20); `timeout` (seconds) bounds the whole request.
     `stop` / `stop_token_ids` accept a list (or, for `stop`, a single string) and are stored
     as tuples so the object stays hashable and immutable.
+
+    `max_tokens`, `temperature`, `top_k`, `top_p`, `min_p` and `repetition_penalty` left out
+    (or None) are the model's to choose: when the request is submitted they take the values of
+    the model's generation_config.json (`EngineConfig.generation_config`), else the built-in
+    ones (`BUILTIN_DEFAULTS`: 16, 1.0, -1, 1.0, 0.0, 1.0). Until then they read as the
+    built-in values, and `model_default_fields` names them. A value given explicitly always
+    wins. (`dataclasses.replace` passes every field, so its copy has them all explicit.)
     """
 
-    max_tokens: int = 16
-    temperature: float = 1.0
-    top_k: int = -1
-    top_p: float = 1.0
-    min_p: float = 0.0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    stop_token_ids: tuple[int, ...] = ()
-    ignore_eos: bool = False
-    logprobs: int | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    repetition_penalty: float = 1.0
-    n: int = 1
-    skip_special_tokens: bool = True
-    timeout: float | None = None
+    max_tokens: int
+    temperature: float
+    top_k: int
+    top_p: float
+    min_p: float
+    seed: int | None
+    stop: tuple[str, ...]
+    stop_token_ids: tuple[int, ...]
+    ignore_eos: bool
+    logprobs: int | None
+    presence_penalty: float
+    frequency_penalty: float
+    repetition_penalty: float
+    n: int
+    skip_special_tokens: bool
+    timeout: float | None
+    model_default_fields: frozenset[str] = field(init=False, repr=False)
 
-    def __post_init__(self) -> None:
+    def __init__(
+        self,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        min_p: float | None = None,
+        seed: int | None = None,
+        stop: str | Sequence[str] | None = (),
+        stop_token_ids: Sequence[int] | None = (),
+        ignore_eos: bool = False,
+        logprobs: int | None = None,
+        presence_penalty: float = 0.0,
+        frequency_penalty: float = 0.0,
+        repetition_penalty: float | None = None,
+        n: int = 1,
+        skip_special_tokens: bool = True,
+        timeout: float | None = None,
+    ) -> None:
+        set_ = object.__setattr__  # frozen
+        left_out = []
+        for name, value in (
+            ("max_tokens", max_tokens),
+            ("temperature", temperature),
+            ("top_k", top_k),
+            ("top_p", top_p),
+            ("min_p", min_p),
+            ("repetition_penalty", repetition_penalty),
+        ):
+            if value is None:
+                left_out.append(name)
+                value = BUILTIN_DEFAULTS[name]
+            set_(self, name, value)
+        set_(self, "model_default_fields", frozenset(left_out))
+        set_(self, "seed", seed)
+        set_(self, "stop", stop)
+        set_(self, "stop_token_ids", stop_token_ids)
+        set_(self, "ignore_eos", ignore_eos)
+        set_(self, "logprobs", logprobs)
+        set_(self, "presence_penalty", presence_penalty)
+        set_(self, "frequency_penalty", frequency_penalty)
+        set_(self, "n", n)
+        set_(self, "skip_special_tokens", skip_special_tokens)
+        set_(self, "timeout", timeout)
+        self._validate()
+
+    def _validate(self) -> None:
         # Normalize container fields first so the checks below see tuples.
         stop: Any = self.stop
         if isinstance(stop, str):
@@ -139,6 +202,28 @@ class SamplingParams:
             raise InvalidRequestError(
                 "timeout", f"must be None or a number of seconds > 0, got {self.timeout!r}"
             )
+
+    def with_model_defaults(
+        self, defaults: Mapping[str, Any], *, max_tokens_cap: int | None = None
+    ) -> SamplingParams:
+        """These parameters with every field left to the model taken from `defaults` (the
+        model's generation_config values by SamplingParams name); explicit values stay.
+
+        A `max_tokens` the request left out is also capped at `max_tokens_cap` (the context
+        left after the prompt), as vLLM's server caps its default: the caller asked for no
+        particular length, so the request ends at the context's end instead of being refused.
+        """
+        unset = self.model_default_fields
+        chosen = {name: defaults[name] for name in unset if defaults.get(name) is not None}
+        if "max_tokens" in unset and max_tokens_cap is not None:
+            if chosen.get("max_tokens", self.max_tokens) > max_tokens_cap:
+                chosen["max_tokens"] = max(1, max_tokens_cap)
+        if not chosen:
+            return self
+        kwargs: dict[str, Any] = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in unset}
+        del kwargs["model_default_fields"]
+        kwargs.update(chosen)
+        return SamplingParams(**kwargs)
 
     @property
     def greedy(self) -> bool:
@@ -222,7 +307,7 @@ class Request:
         "request_id",
         "prompt_token_ids",
         "sampling_params",
-        "eos_token_id",
+        "eos_token_ids",
         "arrival_time",
         "output_token_ids",
         "num_computed_tokens",
@@ -239,13 +324,16 @@ class Request:
         request_id: str,
         prompt_token_ids: Sequence[int],
         sampling_params: SamplingParams,
-        eos_token_id: int | None,
+        eos_token_ids: Iterable[int] = (),
         arrival_time: float | None = None,
     ) -> None:
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
         self.sampling_params = sampling_params
-        self.eos_token_id = eos_token_id
+        # Every id that ends the request (unless ignore_eos): the model's EOS ids. A frozenset,
+        # shared by the engine's requests (frozenset(a frozenset) is that same object), so the
+        # scheduler's per-token check is one hash lookup.
+        self.eos_token_ids = frozenset(eos_token_ids)
         self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
         self.output_token_ids: list[int] = []
         self.num_computed_tokens = 0

@@ -415,7 +415,7 @@ class Scheduler:
 
     def _stop_reason(self, request: Request, token_id: int) -> FinishReason | None:
         params = request.sampling_params
-        if not params.ignore_eos and token_id == request.eos_token_id:
+        if not params.ignore_eos and token_id in request.eos_token_ids:
             return FinishReason.STOP
         if token_id in params.stop_token_ids:
             return FinishReason.STOP

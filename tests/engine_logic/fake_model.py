@@ -11,6 +11,7 @@ reference computed straight from the token list.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 from shardline.engine.scheduler import SchedulerOutput
@@ -33,7 +34,7 @@ def reference_generate(
     prompt: list[int],
     max_tokens: int,
     vocab_size: int,
-    eos_token_id: int | None,
+    eos_token_ids: Collection[int],
     ignore_eos: bool,
     stop_token_ids: tuple[int, ...] = (),
 ) -> list[int]:
@@ -45,7 +46,7 @@ def reference_generate(
     while len(output) < max_tokens:
         token = next_token(value, vocab_size)
         output.append(token)
-        if (not ignore_eos and token == eos_token_id) or token in stop_token_ids:
+        if (not ignore_eos and token in eos_token_ids) or token in stop_token_ids:
             break
         value = kv_value(value, token)
     return output

@@ -15,7 +15,7 @@ VOCAB = 50
 
 def make_request(req_id: str, prompt: list[int], max_tokens: int = 5, **kw: object) -> Request:
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, **kw)  # type: ignore[arg-type]
-    return Request(req_id, prompt, params, eos_token_id=None, arrival_time=0.0)
+    return Request(req_id, prompt, params, arrival_time=0.0)
 
 
 def run_to_completion(scheduler: Scheduler, worker: FakeWorker, max_steps: int = 500) -> None:
@@ -118,7 +118,7 @@ def test_preempted_request_resumes_with_the_same_tokens() -> None:
     assert requests["b"].num_preemptions > 0 and requests["a"].num_preemptions == 0
     for key, request in requests.items():
         assert request.finish_reason is FinishReason.LENGTH
-        assert request.output_token_ids == reference_generate(prompts[key], 6, VOCAB, None, True)
+        assert request.output_token_ids == reference_generate(prompts[key], 6, VOCAB, (), True)
     assert kv.num_free_blocks == 6
 
 
@@ -140,7 +140,7 @@ def test_prefix_caching_saves_prompt_computation() -> None:
     assert second.num_cached_tokens == 20
     assert scheduler.stats.prefix_cache_hit_tokens == 20
     assert scheduler.stats.prompt_tokens_computed - computed_before == 1
-    assert second.output_token_ids == reference_generate(shared + [40], 5, VOCAB, None, True)
+    assert second.output_token_ids == reference_generate(shared + [40], 5, VOCAB, (), True)
 
 
 def test_stop_conditions() -> None:
@@ -151,15 +151,17 @@ def test_stop_conditions() -> None:
     scheduler = Scheduler(config, kv)
     worker = FakeWorker(32, 4, VOCAB)
     prompt = [3, 1, 4, 1, 5]
-    expected = reference_generate(prompt, 7, VOCAB, None, True)
+    expected = reference_generate(prompt, 7, VOCAB, (), True)
     eos = expected[2]
     cases = {
-        "eos": Request("eos", prompt, SamplingParams(max_tokens=7), eos_token_id=eos),
-        "ignore": Request("ignore", prompt, SamplingParams(max_tokens=7, ignore_eos=True), eos),
+        "eos": Request("eos", prompt, SamplingParams(max_tokens=7), eos_token_ids={eos}),
+        "ignore": Request("ignore", prompt, SamplingParams(max_tokens=7, ignore_eos=True), {eos}),
         "stop_id": Request(
-            "stop_id", prompt, SamplingParams(max_tokens=7, stop_token_ids=[expected[1]]), None
+            "stop_id", prompt, SamplingParams(max_tokens=7, stop_token_ids=[expected[1]])
         ),
-        "length": Request("length", prompt, SamplingParams(max_tokens=4), None),
+        "length": Request("length", prompt, SamplingParams(max_tokens=4)),
+        # Several EOS ids (a generation_config.json list): whichever comes first ends it.
+        "eos_list": Request("eos_list", prompt, SamplingParams(max_tokens=7), frozenset({VOCAB + 1, eos})),
     }
     for request in cases.values():
         scheduler.add_request(request)
@@ -172,6 +174,8 @@ def test_stop_conditions() -> None:
     assert cases["stop_id"].output_token_ids == expected[: expected.index(expected[1]) + 1]
     assert cases["length"].finish_reason is FinishReason.LENGTH
     assert cases["length"].num_output_tokens == 4
+    assert cases["eos_list"].finish_reason is FinishReason.STOP
+    assert cases["eos_list"].output_token_ids == cases["eos"].output_token_ids
 
 
 def test_abort_between_schedule_and_update() -> None:

@@ -151,7 +151,7 @@ def test_unknown_stop_token_id() -> None:
 
 
 def test_request_token_accounting() -> None:
-    request = Request("r", [5, 6, 7], SamplingParams(), eos_token_id=2, arrival_time=1.0)
+    request = Request("r", [5, 6, 7], SamplingParams(), eos_token_ids=[2], arrival_time=1.0)
     request.output_token_ids += [8, 9]
     assert request.all_token_ids == [5, 6, 7, 8, 9]
     assert (request.num_prompt_tokens, request.num_output_tokens, request.num_tokens) == (3, 2, 5)

@@ -120,7 +120,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         )
         req_id = f"req-{self.next_id}"
         self.next_id += 1
-        request = Request(req_id, prompt, params, eos_token_id=EOS, arrival_time=self.next_id)
+        request = Request(req_id, prompt, params, eos_token_ids={EOS}, arrival_time=self.next_id)
         self.scheduler.add_request(request)
         self.requests[req_id] = request
 
@@ -229,7 +229,7 @@ class SchedulerMachine(RuleBasedStateMachine):
             request.prompt_token_ids,
             params.max_tokens,
             VOCAB,
-            request.eos_token_id,
+            request.eos_token_ids,
             params.ignore_eos,
             params.stop_token_ids,
         )

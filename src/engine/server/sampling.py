@@ -101,7 +101,7 @@ def count_prompt_tokens(tokenizer: Any, prompt: str | Sequence[int] | list[dict[
                 ids = ids["input_ids"]
             return len(ids)
         if isinstance(prompt, str):
-            return len(tokenizer.encode(prompt, add_special_tokens=False))
+            return len(tokenizer.encode(prompt))  # with the tokenizer's special tokens, as the engine
         return len(prompt)
     except Exception:
         return None
