@@ -1,10 +1,15 @@
-"""The README's quick-start commands are the ones CI runs and the first ends in `shardline serve`."""
+"""The README's quick-start commands are the ones CI runs and the first ends in `shardline serve`;
+its embedding example is a script that runs as written."""
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import pathlib
+import re
 import shlex
+import subprocess
+import sys
 from types import ModuleType
 
 import pytest
@@ -68,3 +73,43 @@ def test_readme_serve_command_answers_a_chat_request(tmp_path: pathlib.Path) -> 
         assert reply.choices[0].message.content
         assert reply.usage is not None and 0 < reply.usage.completion_tokens <= 16
         assert server.stop() == 0
+
+
+EMBEDDING_HEADING = "## Embedding the engine"
+
+
+def readme_embedding_script() -> str:
+    """The README's embedding example: the first ```python block after its heading."""
+    text = (ROOT / "README.md").read_text()
+    assert f"\n{EMBEDDING_HEADING}\n" in text, f"README.md has no {EMBEDDING_HEADING!r} section"
+    section = text.split(f"\n{EMBEDDING_HEADING}\n", 1)[1]
+    match = re.search(r"^```python\n(.*?)^```$", section, re.DOTALL | re.MULTILINE)
+    assert match is not None, f"no ```python block after {EMBEDDING_HEADING!r}"
+    return match.group(1)
+
+
+def test_readme_embedding_example_is_a_whole_script() -> None:
+    """Imports, an `async def main()`, `asyncio.run(main())`; it streams `generate` and `chat`."""
+    tree = ast.parse(readme_embedding_script())
+    imports = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import | ast.ImportFrom)
+               for alias in node.names}
+    assert {"asyncio", "Engine", "EngineConfig", "SamplingParams"} <= imports
+    assert any(isinstance(node, ast.AsyncFunctionDef) and node.name == "main" for node in tree.body)
+    assert ast.unparse(tree.body[-1]) == "asyncio.run(main())"
+    calls = {ast.unparse(node.func) for node in ast.walk(tree) if isinstance(node, ast.Call)}
+    assert {"engine.generate", "engine.chat"} <= calls
+
+
+def test_readme_embedding_example_runs(tmp_path: pathlib.Path) -> None:
+    """Run as written (`python embed.py`, no `__main__` guard): both parts print text."""
+    script = tmp_path / "embed.py"
+    script.write_text(readme_embedding_script())
+    proc = subprocess.run(
+        [sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=280
+    )
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-4000:]}"
+    assert "Completion:" in proc.stdout and "Chat:" in proc.stdout, proc.stdout
+    completion = proc.stdout.split("Completion:", 1)[1].split("Chat:", 1)[0]
+    chat = proc.stdout.split("Chat:", 1)[1]
+    assert completion.strip(), f"the generate part printed nothing: {proc.stdout!r}"
+    assert chat.strip(), f"the chat part printed nothing: {proc.stdout!r}"
