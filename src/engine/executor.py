@@ -2,7 +2,8 @@
 
 The executor is the EngineCore's only view of the workers:
 
-    start(task_group)  spawn ranks (processes, or one thread for `inproc`), wait for WorkerReady
+    start(task_group)  start ranks (`python -m shardline.worker` processes, or one thread for
+                       `inproc`), wait for WorkerReady
     execute(step)      broadcast one ExecuteStep, await the output rank's StepResult
     shutdown()         Shutdown -> wait -> terminate -> kill; idempotent
 
@@ -10,6 +11,10 @@ Health: a worker is dead when its process (or thread) is gone, when it reports W
 when nothing (heartbeat or result) arrives from it for `worker_timeout` seconds. Any of these
 sets `failure` and the `failed` event, and `execute` raises `WorkerFailure`, so the EngineCore
 notices within the timeout whether or not a step is in flight, and decides whether to restart.
+The failure names its cause: a rank killed by a signal at once ("killed by SIGKILL"); a rank
+that exited with an error status is given `_EXIT_GRACE` seconds for its own WorkerError (sent
+just before it exits) to be read, so the caller sees the worker's error text, not only the
+status; survivors' errors about a dead peer (a broken collective) name the peer.
 The executor's background tasks end by themselves once it fails or shuts down, so a new
 executor can be started in the same task group.
 
@@ -22,14 +27,11 @@ authenticated TCP (`mixed` channels); torch.distributed meets at `rendezvous_hos
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import multiprocessing
 import os
 import socket
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -53,10 +55,12 @@ from shardline.transport.messages import (
     WorkerError,
     WorkerReady,
 )
+from shardline.worker.launch import WorkerProcess, describe_exit, launch_worker, reap_workers
 
 logger = logging.getLogger("shardline.executor")
 
 _MONITOR_PERIOD = 0.1
+_EXIT_GRACE = 0.5  # a rank that exited with an error status: time for its WorkerError to arrive
 
 
 class WorkerFailure(EngineDeadError):
@@ -77,21 +81,9 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 class _Handle(Protocol):
-    """A running rank: a process or a thread."""
+    """A running rank: a worker process (`WorkerProcess`), a thread, or a rank on another node."""
 
     def is_alive(self) -> bool: ...
-
-
-@dataclass
-class _ProcessHandle:
-    process: multiprocessing.process.BaseProcess
-    pid: int | None
-
-    def is_alive(self) -> bool:
-        try:
-            return self.process.is_alive()
-        except ValueError:  # closed after a reap
-            return False
 
 
 @dataclass
@@ -129,6 +121,8 @@ class Executor:
         self._failure: WorkerFailure | None = None
         self._failed = anyio.Event()
         self._pending: dict[int, asyncio.Future[StepResult | None]] = {}
+        self._errors: dict[int, WorkerError] = {}  # each rank's first WorkerError
+        self._exited_at: dict[int, float] = {}  # when the monitor first saw a rank gone
         self._closed = False
         self._shutdown_lock = anyio.Lock()
         self._nodes: NodeServer | None = None
@@ -271,28 +265,21 @@ class Executor:
         ).to_dict()
 
     def _launch(self, rank: int, worker_config: dict[str, Any]) -> _Handle:
-        from shardline.worker.main import Worker, run_worker
-
         if self.config.transport == "inproc":
+            from shardline.worker.main import Worker
+
             worker = Worker(worker_config)
             thread = threading.Thread(target=worker.run, name=f"shardline-worker-{rank}", daemon=True)
             thread.start()
             return _ThreadHandle(thread)
-        ctx = multiprocessing.get_context("spawn")
-        process = ctx.Process(
-            target=run_worker,
-            args=(worker_config,),
-            name=f"shardline-worker-dp{self.dp_rank}-r{rank}",
-            daemon=True,
-        )
-        with _worker_environment():
-            process.start()
-        return _ProcessHandle(process, process.pid)
+        process = launch_worker(worker_config)
+        logger.debug("started rank %d (dp %d) as pid %d", rank, self.dp_rank, process.pid)
+        return process
 
     @property
     def worker_pids(self) -> list[int]:
         """PIDs of worker processes (empty for the in-process worker)."""
-        return [h.pid for h in self._handles.values() if isinstance(h, _ProcessHandle) and h.pid is not None]
+        return [h.pid for h in self._handles.values() if isinstance(h, WorkerProcess)]
 
     # ----------------------------------------------------------------- steps
     async def execute(self, step: ExecuteStep) -> StepResult:
@@ -339,7 +326,12 @@ class Executor:
             except (TransportBroken, TransportClosed) as exc:
                 if self._closed:
                     return
-                self._fail(WorkerFailure(None, f"channel broken: {exc}"))
+                # Nothing more can arrive: a dead rank is the cause, without waiting for it.
+                dead = self._dead_cause(time.monotonic(), grace=False)
+                if dead is not None:
+                    self._fail(WorkerFailure(*dead))
+                else:
+                    self._fail(WorkerFailure(None, f"channel broken: {exc}"))
                 return
             self._on_message(rank, msg)
 
@@ -358,13 +350,16 @@ class Executor:
                 self._all_ready.set()
         elif isinstance(msg, WorkerError):
             logger.error("worker rank %d failed (%s): %s\n%s", msg.rank, msg.kind, msg.message, msg.traceback)
-            dead = [r for r, h in self._handles.items() if not h.is_alive()]
-            if dead:
-                # A peer's death surfaces first as a collective error on the survivors:
-                # name the rank that actually died.
-                self._fail(WorkerFailure(dead[0], "process exited"))
-            else:
-                self._fail(WorkerFailure(msg.rank, f"{msg.kind}: {msg.message}"))
+            self._errors.setdefault(msg.rank, msg)
+            # A peer's death surfaces first as a collective error on the survivors: name the
+            # rank that actually died (or, while a peer that exited with an error status may
+            # still have its own report on the way, let the monitor decide after the grace).
+            now = time.monotonic()
+            dead = self._dead_cause(now, exclude=msg.rank)
+            if dead is not None:
+                self._fail(WorkerFailure(*dead))
+            elif not any(self._gone(r) for r in self._handles if r != msg.rank):
+                self._fail(WorkerFailure(msg.rank, _error_text(msg)))
         else:
             logger.warning("unexpected %s from rank %d", type(msg).__name__, rank)
 
@@ -375,13 +370,50 @@ class Executor:
             if self._closed:
                 return
             now = time.monotonic()
-            for rank, handle in self._handles.items():
-                if not handle.is_alive():
-                    self._fail(WorkerFailure(rank, "process exited"))
-                elif self._all_ready.is_set() and now - self._last_seen.get(rank, now) > self.config.worker_timeout:
-                    self._fail(WorkerFailure(rank, f"no heartbeat for {self.config.worker_timeout:.1f} s"))
+            dead = self._dead_cause(now)
+            if dead is not None:
+                self._fail(WorkerFailure(*dead))
+            if self._all_ready.is_set():
+                for rank, handle in self._handles.items():
+                    if handle.is_alive() and now - self._last_seen.get(rank, now) > self.config.worker_timeout:
+                        self._fail(WorkerFailure(rank, f"no heartbeat for {self.config.worker_timeout:.1f} s"))
             if self._failure is not None:
                 return
+
+    def _gone(self, rank: int) -> bool:
+        return not self._handles[rank].is_alive()
+
+    def _dead_cause(
+        self, now: float, *, exclude: int | None = None, grace: bool = True
+    ) -> tuple[int, str] | None:
+        """(rank, reason) for a rank that is gone, or None: none is, or every one that is may
+        still have its own WorkerError on the way (`grace`). A rank killed by a signal wins."""
+        causes: list[tuple[bool, int, str]] = []
+        for rank, handle in self._handles.items():
+            if rank == exclude or handle.is_alive():
+                continue
+            killed, reason = self._exit_reason(rank, handle)
+            error = self._errors.get(rank)
+            if not killed and error is not None:
+                reason = _error_text(error)  # its own report: what the caller should read
+            elif not killed and grace:
+                first = self._exited_at.setdefault(rank, now)
+                if now - first < _EXIT_GRACE:
+                    continue
+            causes.append((not killed, rank, reason))
+        if not causes:
+            return None
+        _, rank, reason = min(causes)
+        return rank, reason
+
+    def _exit_reason(self, rank: int, handle: _Handle) -> tuple[bool, str]:
+        """(killed by a signal, how the gone rank ended) as far as this process can tell."""
+        if isinstance(handle, WorkerProcess):
+            code = handle.returncode
+            return code is not None and code < 0, describe_exit(code)
+        if isinstance(handle, _RemoteHandle):
+            return handle.nodes.exit_reason(rank)
+        return False, "worker thread exited"
 
     def _fail(self, failure: WorkerFailure) -> None:
         if self._failure is None and not self._closed:
@@ -426,53 +458,15 @@ class Executor:
                     await self._channels.aclose()
 
 
-@contextlib.contextmanager
-def _worker_environment() -> Iterator[None]:
-    """Environment a spawned worker starts with (its OpenMP runtime reads it at load).
-
-    OpenMP's default spin-waiting makes torch's intra-op threads burn the cores they share
-    with the engine's own process and other workers; on a busy 2-core machine a 32-row GEMM
-    measured 15x slower with 2 spinning threads than with 1. PASSIVE waiters sleep instead.
-    A bounded spin (e.g. `OMP_WAIT_POLICY=ACTIVE GOMP_SPINCOUNT=20000`) measured 21% faster on
-    an idle 2-core machine but 37% slower with one core busy (benchmarks/RESULTS.md section 1),
-    so it is the user's choice: a wait policy or spin count the user set wins.
-    """
-    added = "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ
-    if added:
-        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
-    try:
-        yield
-    finally:
-        if added:
-            os.environ.pop("OMP_WAIT_POLICY", None)
+def _error_text(error: WorkerError) -> str:
+    return f"{error.kind}: {error.message}"
 
 
 def _reap(handles: list[_Handle], grace: float) -> None:
     """Join every rank within `grace` seconds, then terminate, then kill (blocking)."""
     deadline = time.monotonic() + grace
     for handle in handles:
-        remaining = max(0.0, deadline - time.monotonic())
-        if isinstance(handle, _ProcessHandle):
-            handle.process.join(remaining)
-        elif isinstance(handle, _ThreadHandle):
-            handle.thread.join(remaining)
-    for step in (_terminate, _kill):
-        live = [h for h in handles if isinstance(h, _ProcessHandle) and h.process.is_alive()]
-        if not live:
-            break
-        for handle in live:
-            step(handle)
-        for handle in live:
-            handle.process.join(2.0)
-    for handle in handles:
-        if isinstance(handle, _ProcessHandle) and not handle.process.is_alive():
-            handle.process.close()
-
-
-def _terminate(handle: _ProcessHandle) -> None:
-    handle.process.terminate()
-
-
-def _kill(handle: _ProcessHandle) -> None:
-    handle.process.kill()
-
+        if isinstance(handle, _ThreadHandle):
+            handle.thread.join(max(0.0, deadline - time.monotonic()))
+    processes = [h for h in handles if isinstance(h, WorkerProcess)]
+    reap_workers(processes, max(0.0, deadline - time.monotonic()))

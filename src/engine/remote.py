@@ -12,13 +12,18 @@ Agent <-> head protocol, on one TCP connection to HEAD_HOST:HEAD_PORT::
     agent -> head   Hello(rank=node_rank, world_size=nproc, pid)
     head  -> agent  InitWorker(config) per rank of that node (WorkerConfig dicts)
     agent -> head   Heartbeat(rank=node_rank, seq)                        every 0.5 s
-    agent -> head   WorkerError(rank, "ProcessExited", ...)               a local rank died
+    agent -> head   WorkerError(rank, "ProcessExited"|"ProcessKilled", ...)  a local rank died
     head  -> agent  Shutdown                                              stop the ranks, exit 0
 
-The ranks themselves attach their channels to the head over authenticated TCP (the address in
-their config) and join torch.distributed at the head's rendezvous store. A head that closes
-the connection without Shutdown (its worker group failed and is being restarted) or that
-vanishes makes the agent kill its ranks and reconnect, for a new generation of the group.
+The agent starts each rank as the program `python -m shardline.worker` through
+`shardline.worker.launch.launch_worker` (as the head's executor does; the config goes to the
+rank's stdin). The ranks themselves attach their channels to the head over authenticated TCP
+(the address in their config) and join torch.distributed at the head's rendezvous store.
+A rank killed by a signal fails the head's group at once; one that exited with an error status
+is judged by the head's executor, which first gives the rank's own WorkerError (sent over its
+channel just before it exits) a moment to arrive. A head that closes the connection without
+Shutdown (its worker group failed and is being restarted) or that vanishes makes the agent
+stop its ranks and reconnect, for a new generation of the group.
 The claimed node rank is only trusted after authentication; a wrong token fails the head's
 start at once (naming the node) instead of waiting for the start-up timeout.
 """
@@ -28,7 +33,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-import multiprocessing
 import os
 import signal
 import socket
@@ -50,6 +54,7 @@ from shardline.transport.messages import (
     decode,
     encode,
 )
+from shardline.worker.launch import WorkerProcess, describe_exit, launch_worker, reap_workers
 
 log = logging.getLogger("shardline.remote")
 
@@ -73,7 +78,7 @@ class NodeServer:
         self._fail = fail
         self._sock: socket.socket | None = None
         self._links: dict[int, tcp.TcpTransport] = {}
-        self._dead: set[int] = set()
+        self._dead: dict[int, tuple[bool, str]] = {}  # rank -> (killed by a signal, how it ended)
         self._closing = False
         self.address = ""
 
@@ -93,6 +98,10 @@ class NodeServer:
     def rank_alive(self, rank: int) -> bool:
         """False once the rank's agent reported it dead or the agent itself went away."""
         return rank not in self._dead
+
+    def exit_reason(self, rank: int) -> tuple[bool, str]:
+        """For a rank that is not alive: (killed by a signal, how it ended, naming its node)."""
+        return self._dead.get(rank, (False, "process exited"))
 
     async def serve(self, configs: dict[int, list[dict[str, Any]]]) -> None:
         """Accept agents until every node has its ranks, then watch them (in tasks)."""
@@ -197,15 +206,18 @@ class NodeServer:
                 self._lost(node, f"node {node}'s agent went away: {exc}")
                 return
             if isinstance(msg, WorkerError):
-                self._dead.add(msg.rank)
-                self._fail(msg.rank, f"{msg.message} (node {node})")
+                killed = msg.kind == "ProcessKilled"
+                self._dead[msg.rank] = (killed, f"{msg.message} (node {node})")
+                if killed:  # else the executor's monitor decides (the rank's own report may come)
+                    self._fail(msg.rank, f"{msg.message} (node {node})")
             elif not isinstance(msg, Heartbeat):
                 log.warning("unexpected %s from node %d's agent", type(msg).__name__, node)
 
     def _lost(self, node: int, reason: str) -> None:
         if self._closing:
             return
-        self._dead.update(self.node_ranks[node])
+        for rank in self.node_ranks[node]:
+            self._dead.setdefault(rank, (False, reason))
         self._fail(None, reason)
 
     async def aclose(self, *, stop_agents: bool, grace: float = 5.0) -> None:
@@ -255,12 +267,11 @@ class _Agent:
 
     def __init__(self, link: tcp.TcpTransport, node_rank: int) -> None:
         self.link, self.node_rank = link, node_rank
-        self.ranks: dict[int, multiprocessing.process.BaseProcess] = {}
+        self.ranks: dict[int, WorkerProcess] = {}
         self.reported: set[int] = set()
 
     def run(self) -> bool:
         """Serve until the head says Shutdown (True) or goes away (False)."""
-        ctx = multiprocessing.get_context("spawn")
         next_beat, seq = 0.0, 0
         while True:
             now = time.monotonic()
@@ -274,14 +285,9 @@ class _Agent:
             except TimeoutError:
                 continue
             if isinstance(msg, InitWorker):
-                from shardline.worker.main import run_worker
-
                 config = {**msg.config, "parent_pid": os.getpid()}  # the ranks watch us
                 rank = int(config["rank"])
-                process = ctx.Process(
-                    target=run_worker, args=(config,), name=f"shardline-worker-r{rank}", daemon=True
-                )
-                process.start()
+                process = launch_worker(config)
                 self.ranks[rank] = process
                 log.info("node %d: started rank %d (pid %s)", self.node_rank, rank, process.pid)
             elif isinstance(msg, Shutdown):
@@ -289,25 +295,20 @@ class _Agent:
 
     def _report_dead(self) -> None:
         for rank, process in self.ranks.items():
-            if rank not in self.reported and process.exitcode is not None:
+            code = process.returncode
+            if rank not in self.reported and code is not None:
                 self.reported.add(rank)
-                message = f"process exited with status {process.exitcode}"
+                message = describe_exit(code)
+                kind = "ProcessKilled" if code < 0 else "ProcessExited"
                 log.error("node %d: rank %d %s", self.node_rank, rank, message)
                 self.link.send_frame_blocking(
-                    encode(
-                        WorkerError(rank=rank, kind="ProcessExited", message=message, traceback="")
-                    )
+                    encode(WorkerError(rank=rank, kind=kind, message=message, traceback=""))
                 )
 
     def stop(self, grace: float) -> None:
-        """Give the ranks `grace` seconds to exit (they got Shutdown on their channels), then kill."""
-        deadline = time.monotonic() + grace
-        for process in self.ranks.values():
-            process.join(max(0.0, deadline - time.monotonic()))
-        for process in self.ranks.values():
-            if process.is_alive():
-                process.kill()
-                process.join(5.0)
+        """Give the ranks `grace` seconds to exit (they got Shutdown on their channels), then
+        terminate and kill them."""
+        reap_workers(list(self.ranks.values()), grace)
         self.link.close()
 
 
@@ -330,9 +331,7 @@ def run_node_agent(
         raise ValueError(f"node rank {node_rank}: node 0 is the head; agents run nodes 1, 2, ...")
     key = token.encode() if isinstance(token, str) else token
     nproc = nproc or os.cpu_count() or 1
-    # Like the head's executor: sleeping OpenMP waiters, so ranks do not spin on shared cores
-    # (the agent itself runs no torch work; a value the user set wins).
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # Ranks start with sleeping OpenMP waiters unless the user chose (`launch_worker`).
     while True:
         deadline = time.monotonic() + connect_timeout
         while True:

@@ -1,4 +1,4 @@
-"""Worker entry: one rank's life from spawn to exit.
+"""Worker entry: one rank's life from start to exit.
 
 Message order on the wire, per rank::
 
@@ -9,11 +9,13 @@ Message order on the wire, per rank::
     engine -> workers  Shutdown                              clean exit, status 0
     worker -> engine   WorkerError(rank, kind, message, tb)  on any failure, then exit status 1
 
-``run_worker(config_dict)`` is the spawned process's target. ``Worker(config).run()`` also runs
-in a thread of the engine's process (single rank, ``inproc`` channels): then there is no
-torch.distributed group and nothing process-global (threads, logging handlers) is changed
-unless asked. A worker never hangs on a dead engine: receives time out to check the parent,
-and in its own process the heartbeat thread exits the process if the parent disappears.
+``run_worker(config_dict)`` is what the worker program (``python -m shardline.worker``,
+started by ``shardline.worker.launch.launch_worker`` with its config on stdin) runs.
+``Worker(config).run()`` also runs in a thread of the engine's process (single rank,
+``inproc`` channels): then there is no torch.distributed group and nothing process-global
+(threads, logging handlers) is changed unless asked. A worker never hangs on a dead engine:
+receives time out to check the parent, and in its own process the heartbeat thread exits the
+process if the parent disappears.
 """
 
 from __future__ import annotations
@@ -106,11 +108,12 @@ class Worker:
         try:
             if self.own_process or cfg.num_threads is not None:
                 torch.set_num_threads(cfg.torch_threads)
-            import_plugins(cfg.plugins)
-            ModelRegistry.register_specs(cfg.model_specs)
             self._channels = connect_worker_channels(cfg.channels_address, cfg.rank)
             self._channels.send(Hello(rank=cfg.rank, world_size=cfg.world_size, pid=os.getpid()))
             self._start_heartbeat()
+            # After connecting, so that a plugin that fails to import is reported (WorkerError).
+            import_plugins(cfg.plugins)
+            ModelRegistry.register_specs(cfg.model_specs)
             runner = self._load()
             self._channels.send(WorkerReady(rank=cfg.rank, num_kv_blocks=runner.num_kv_blocks))
             self.log.info("ready with %d KV blocks", runner.num_kv_blocks)
@@ -240,7 +243,7 @@ class Worker:
                 profiling.dump(self.config.rank)
                 return
             elif isinstance(msg, InitWorker):
-                self.log.debug("ignoring InitWorker: the config came with the spawn")
+                self.log.debug("ignoring InitWorker: the config came at start")
             else:
                 raise RuntimeError(f"worker cannot handle a {type(msg).__name__} message")
 
@@ -344,7 +347,8 @@ def _report_bad_config(config: Any, rank: int, exc: Exception) -> None:
 
 
 def run_worker(config: dict[str, Any]) -> None:
-    """Spawned-process target: run one rank and exit with its status (0 = clean Shutdown)."""
+    """The worker program's body: run one rank and exit with its status (0 = clean Shutdown,
+    1 = a failure reported as WorkerError, 2 = a config it cannot use)."""
     rank = config.get("rank", -1) if isinstance(config, dict) else -1
     # Ctrl-C reaches the whole foreground process group; the engine decides when workers stop
     # (Shutdown, or its death noticed through the parent check), so a worker ignores SIGINT.

@@ -1,4 +1,4 @@
-"""The OpenMP environment spawned workers start with: PASSIVE unless the user chose."""
+"""The OpenMP environment worker programs start with: PASSIVE unless the user chose."""
 
 from __future__ import annotations
 
@@ -6,14 +6,16 @@ import os
 
 import pytest
 
-from shardline.engine.executor import _worker_environment
+from shardline.worker.launch import worker_environment
 
 
-def test_passive_by_default_and_restored(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_passive_by_default_without_touching_ours(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
     monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
-    with _worker_environment():
-        assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    monkeypatch.setenv("SHARDLINE_TEST_MARKER", "kept")
+    env = worker_environment()
+    assert env["OMP_WAIT_POLICY"] == "PASSIVE"
+    assert env["SHARDLINE_TEST_MARKER"] == "kept"
     assert "OMP_WAIT_POLICY" not in os.environ
 
 
@@ -22,7 +24,11 @@ def test_a_users_choice_wins(monkeypatch: pytest.MonkeyPatch, name: str, value: 
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
     monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
     monkeypatch.setenv(name, value)
-    with _worker_environment():
-        assert os.environ[name] == value
-        assert name == "OMP_WAIT_POLICY" or "OMP_WAIT_POLICY" not in os.environ
-    assert os.environ[name] == value
+    env = worker_environment()
+    assert env[name] == value
+    assert name == "OMP_WAIT_POLICY" or "OMP_WAIT_POLICY" not in env
+
+
+def test_a_given_environment_is_the_base() -> None:
+    assert worker_environment({"A": "1"}) == {"A": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+    assert worker_environment({"GOMP_SPINCOUNT": "0"}) == {"GOMP_SPINCOUNT": "0"}

@@ -79,7 +79,10 @@ async def test_two_nodes_same_tokens_as_one(
     config = _two_nodes(tiny_llama_dir, topology, token, worker_start_timeout=120.0)
     agent = agents.start(f"{topology.head_host}:{config.head_port}", token, 1)
     async with await Engine.start(config) as engine:
-        assert engine._cores[0].executor.worker_pids  # rank 0 runs here, on shared memory
+        (head_rank,) = engine._cores[0].executor.worker_pids  # rank 0 runs here, on shared memory
+        # Both nodes start their ranks through the same launcher: the worker program.
+        assert psutil.Process(head_rank).cmdline()[-2:] == ["-m", "shardline.worker"]
+        assert len(_rank_pids(agent.pid)) == 1
         assert await _generate(engine) == reference
     log = await anyio.to_thread.run_sync(agents.wait, agent)
     assert agent.returncode == 0, log
@@ -134,11 +137,11 @@ def test_inconsistent_node_split_is_refused_naming_numbers(tiny_llama_dir: pathl
 
 
 def _rank_pids(agent_pid: int) -> list[int]:
-    """The worker ranks an agent spawned (multiprocessing children, not its resource tracker)."""
+    """The worker ranks an agent started: `python -m shardline.worker` programs, as the head's."""
     return [
         child.pid
         for child in psutil.Process(agent_pid).children(recursive=True)
-        if "--multiprocessing-fork" in " ".join(child.cmdline())
+        if child.cmdline()[-2:] == ["-m", "shardline.worker"]
     ]
 
 
