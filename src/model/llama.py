@@ -228,6 +228,7 @@ class LlamaForCausalLM(nn.Module):
     """Llama / SmolLM2 (and, via subclasses, Mistral and Qwen2) causal LM, TP/PP aware."""
 
     supports_lazy_weights = True  # load_weights accepts lazy checkpoint slices
+    supports_skip_weights = True  # load_weights leaves meta parameters alone (loader.load_model)
     qkv_bias_default = False
 
     def __init__(self, model_config: ModelConfig, parallel_context: ParallelContext) -> None:
@@ -285,6 +286,9 @@ class LlamaForCausalLM(nn.Module):
             if param is None:
                 raise CheckpointError(f"unexpected tensor {name!r} in checkpoint "
                                       f"(no parameter {param_name!r} in {type(self).__name__})")
+            if param.is_meta:  # skipped: its packed copy comes from the cache (model/packed_cache.py)
+                needed.pop((param_name, shard_id), None)
+                continue
             try:
                 loader = getattr(param, "weight_loader", default_weight_loader)
                 loader(param, tensor, shard_id)

@@ -13,7 +13,7 @@ import os
 import pathlib
 import re
 import struct
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
@@ -158,18 +158,33 @@ def read_safetensors_header(handle: BinaryIO, file: str) -> dict[str, tuple[torc
 
 
 def load_model(model_config: ModelConfig, parallel_context: ParallelContext,
-               stats: LoadStats | None = None) -> nn.Module:
-    """Build `model_config.architecture` for this rank, load its shards, move to device, eval."""
+               stats: LoadStats | None = None, skip_weights: Collection[str] = ()) -> nn.Module:
+    """Build `model_config.architecture` for this rank, load its shards, move to device, eval.
+
+    `skip_weights`: parameter names whose values are not needed (a packed copy of them comes
+    from elsewhere): on a model that declares `supports_skip_weights`, they become meta tensors
+    of their shape and are never read; other models load everything."""
     stats = stats if stats is not None else LoadStats()
     builder = ModelRegistry.resolve(model_config.architecture)
     with parallel_context.device:
         model = builder(model_config, parallel_context)
     check_model_interface(model, model_config.architecture)
+    skipping = bool(skip_weights) and bool(getattr(model, "supports_skip_weights", False))
+    if skipping:
+        if parallel_context.device.type != "cpu":
+            raise ValueError("skip_weights is for CPU models (packed weights)")
+        for name in skip_weights:
+            module_name, _, attr = name.rpartition(".")
+            module = model.get_submodule(module_name)
+            param = getattr(module, attr)
+            setattr(module, attr, nn.Parameter(torch.empty(param.shape, dtype=param.dtype, device="meta"),
+                                               requires_grad=False))
     lazy_ok = bool(getattr(model, "supports_lazy_weights", False))
     with torch.no_grad():
         model.load_weights(iter_weights(model_config, stats, lazy=lazy_ok))
     if isinstance(model, nn.Module):
-        model.to(parallel_context.device).eval()
+        # Built on the device already; `to` would try to copy the skipped (meta) weights.
+        (model if skipping else model.to(parallel_context.device)).eval()
     return model
 
 

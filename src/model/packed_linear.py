@@ -224,17 +224,45 @@ def pack_blocks(blocks: IntegerBlocks, out: torch.Tensor | None = None) -> torch
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
            packed: torch.Tensor | None) -> torch.Tensor:
-    """`F.linear(x, weight, bias)`, through the packed copy of `weight` when there is one and
-    `x` has a decode-sized number of rows."""
+    """`F.linear(x, weight, bias)`, through the packed copy of `weight` when there is one.
+
+    Up to MAX_ROWS rows take the kernel at once. Longer inputs (prefill chunks) keep F.linear
+    while the float32 weight is there; once `drop_float32_weights` has replaced it by its shape
+    alone (a meta tensor), they run through the kernel MAX_ROWS rows at a time."""
+    if packed is None or x.dtype != torch.float32 or x.device.type != "cpu":
+        return F.linear(x, weight, bias)
+    if x.dim() != 2:
+        flat = linear(x.reshape(-1, x.shape[-1]), weight, bias, packed)
+        return flat.view(*x.shape[:-1], flat.shape[-1])
     rows = x.shape[0]
-    if (packed is None or not 1 <= rows <= MAX_ROWS or x.dim() != 2
-            or x.dtype != torch.float32 or x.device.type != "cpu"):
+    if rows > MAX_ROWS and not weight.is_meta:
         return F.linear(x, weight, bias)
     if x.stride(1) != 1:
         x = x.contiguous()
     out = x.new_empty(rows, weight.shape[0])
-    torch.ops.shardline.packed_gemm(out, x, packed, bias)
+    for start in range(0, rows, MAX_ROWS):
+        stop = min(rows, start + MAX_ROWS)
+        torch.ops.shardline.packed_gemm(out[start:stop], x[start:stop], packed, bias)
     return out
+
+
+def drop_float32_weights(model: nn.Module) -> int:
+    """Replace the float32 weight of every packed layer by a meta tensor of its shape (the
+    packed copy then serves every input size); returns the bytes let go. A weight shared with
+    another module (a tied LM head's, which is the embedding) stays."""
+    owners: dict[int, int] = {}
+    for _, param in model.named_parameters(remove_duplicate=False):
+        owners[id(param)] = owners.get(id(param), 0) + 1
+    freed = 0
+    for m in model.modules():
+        weight = getattr(m, "weight", None)
+        if getattr(m, "packed_weight", None) is None or not isinstance(weight, nn.Parameter) \
+                or weight.is_meta or owners.get(id(weight), 0) > 1:
+            continue
+        freed += weight.numel() * weight.element_size()
+        m.weight = nn.Parameter(torch.empty(weight.shape, dtype=weight.dtype, device="meta"),
+                                requires_grad=False)
+    return freed
 
 
 def _packable(weight: Any) -> bool:
@@ -286,3 +314,48 @@ def pack_linear_weights(model: nn.Module) -> int:
             m.packed_weight = pack_weight(m.weight.detach(), out.view(torch.float32))
         offset += nbytes
     return added
+
+
+def load_packed_model(model_config: Any, parallel_context: Any) -> tuple[nn.Module, dict[str, Any]]:
+    """`loader.load_model` for a CPU float32 rank, with its linear weights packed and their
+    float32 copies let go; returns the model and what happened, for the start-up log:
+    `{"packed": bytes, "freed": bytes, "cached": bool, "blocks": n, "weights": n}`.
+
+    The packed bytes come from `model.packed_cache` when an entry for this rank exists (the
+    float32 weights of those layers are then never read); otherwise the weights load, are
+    packed, and the entry is written for the next start."""
+    from shardline.model.loader import load_model
+    from shardline.model.packed_cache import PackedCache
+
+    info: dict[str, Any] = {"packed": 0, "freed": 0, "cached": False, "blocks": 0, "weights": 0}
+    mode = env_choice(ENV, MODES)
+    usable = (mode != "off" and parallel_context.device.type == "cpu"
+              and model_config.dtype == torch.float32)
+    if usable:
+        paged_decode.check_spin_setting()
+        usable = paged_decode.KERNEL.load()  # logs why, once, where it cannot build
+    cache = index = None
+    if usable:
+        cache = PackedCache.for_rank(
+            model_config.path, architecture=model_config.architecture, dtype=model_config.dtype,
+            tp=(parallel_context.tp_rank, parallel_context.tp_size),
+            pp=(parallel_context.pp_rank, parallel_context.pp_size), mode=mode)
+        index = cache.lookup() if cache is not None else None
+    skip = PackedCache.weight_names(index) if index is not None else set()
+    model = load_model(model_config, parallel_context, skip_weights=skip)
+    if cache is not None and index is not None:
+        loaded = cache.load(model, index)
+        if loaded is not None:
+            info.update(packed=loaded, cached=True)
+        elif skip:  # the entry did not fit after all: load the skipped weights too
+            model = load_model(model_config, parallel_context)
+    if usable and not info["cached"]:
+        info["packed"] = pack_linear_weights(model)
+        if info["packed"] and cache is not None:
+            cache.save(model)
+    if info["packed"]:
+        weights = [w for m in model.modules() if isinstance(w := getattr(m, "packed_weight", None), torch.Tensor)]
+        info["weights"] = len(weights)
+        info["blocks"] = sum(holds_integer_blocks(w) for w in weights)
+        info["freed"] = drop_float32_weights(model)
+    return model, info

@@ -45,3 +45,19 @@ def retain_freed_memory() -> bool:
     return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)) and bool(
         mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES)
     )
+
+
+def release_free_memory() -> bool:
+    """Hand the heap's free pages back to the kernel now (`malloc_trim(0)`), e.g. once start-up
+    let go of weights it no longer needs; the raised trim threshold would keep them otherwise.
+    True where glibc did it."""
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return False
+    try:
+        trim = ctypes.CDLL(name).malloc_trim
+    except (OSError, AttributeError):
+        return False
+    trim.argtypes = (ctypes.c_size_t,)
+    trim.restype = ctypes.c_int
+    return bool(trim(0))
