@@ -252,6 +252,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--hf-batch-size", type=int, default=16)
     parser.add_argument("--rate", type=float, default=1.0, help="requests/s for the latency run (0 = skip)")
     parser.add_argument("--transport", default="shm")
+    parser.add_argument("--kv-cache-memory-bytes", type=int, default=2 << 30,
+                        help="KV cache for the run (default 2 GiB, room for the whole 64-request "
+                             "workload, as a user serving it would configure; the engine's own "
+                             "default is sized for one full-length sequence)")
     parser.add_argument("--tensor-parallel-size", type=int, default=1)
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--repeat", type=int, default=1,
@@ -284,7 +288,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
     cfg = EngineConfig(model=model_dir, transport=args.transport, tensor_parallel_size=args.tensor_parallel_size,
                        max_model_len=1024, device=args.device, dtype=dtype, cuda_graphs=not args.enforce_eager,
-                       async_scheduling=not args.no_async_scheduling)
+                       async_scheduling=not args.no_async_scheduling,
+                       kv_cache_memory_bytes=args.kv_cache_memory_bytes if args.device == "cpu" else None)
     print(f"workload: {len(work.prompts)} requests, prompt tokens {min(map(len, work.prompts))}..{max(map(len, work.prompts))} "
           f"(mean {statistics.mean(map(len, work.prompts)):.0f}), useful output tokens {work.useful_tokens}")
     machine = platform.processor() or platform.machine()

@@ -39,11 +39,17 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-model-len", type=int, default=None, metavar="N",
                    help="context length (default: the model's)")
     g.add_argument("--max-num-seqs", type=int, default=None, metavar="N",
-                   help="sequences in a batch (default: 128 for serve; 1 for generate, whose KV "
-                        "cache is then sized, and committed at start-up, for its one request)")
+                   help="sequences in a batch (default: 128 for serve; 1 for generate)")
     g.add_argument("--max-num-batched-tokens", type=int, default=2048, metavar="N")
     g.add_argument("--num-kv-blocks", type=int, default=None, metavar="N",
                    help="fixed KV-cache size in blocks (default: from the memory budget)")
+    g.add_argument("--kv-cache-memory-bytes", type=_byte_size, default=None, metavar="BYTES",
+                   help="KV-cache budget per worker, e.g. 2G or 512M (default on CPU: one "
+                        "max-model-len sequence, at least 256M; on CUDA see "
+                        "--gpu-memory-utilization)")
+    g.add_argument("--gpu-memory-utilization", type=float, default=0.9, metavar="F",
+                   help="on CUDA, the share of each GPU's memory a worker may use; the KV cache "
+                        "gets what the weights leave (default: 0.9)")
     g.add_argument("--block-size", type=int, default=16, metavar="N")
     g.add_argument("--no-prefix-caching", action="store_true", help="disable prefix caching")
     g.add_argument("--enforce-eager", action="store_true",
@@ -55,6 +61,22 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-worker-restarts", type=int, default=3, metavar="N",
                    help="times a failed worker group is restarted before the engine gives up "
                         "(0 = fail fast; default: 3)")
+
+
+_BYTE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def _byte_size(text: str) -> int:
+    """`512M`, `2G`, `1.5G` or a plain byte count (binary units, an optional trailing B/iB)."""
+    value = text.strip().upper().removesuffix("IB").removesuffix("B")
+    unit = value[-1:] if value[-1:] in _BYTE_UNITS else ""
+    try:
+        number = float(value[: len(value) - len(unit)])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a byte size: {text!r} (e.g. 512M, 2G)") from None
+    if number <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
+    return int(number * _BYTE_UNITS[unit])
 
 
 def _engine_config(args: argparse.Namespace, **extra: Any) -> EngineConfig:
@@ -71,6 +93,8 @@ def _engine_config(args: argparse.Namespace, **extra: Any) -> EngineConfig:
         max_num_seqs=default_num_seqs if args.max_num_seqs is None else args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         num_kv_blocks=args.num_kv_blocks,
+        kv_cache_memory_bytes=args.kv_cache_memory_bytes,
+        gpu_memory_utilization=args.gpu_memory_utilization,
         block_size=args.block_size,
         enable_prefix_caching=not args.no_prefix_caching,
         cuda_graphs=not args.enforce_eager,
@@ -209,13 +233,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return agent_main(arguments[1:])
     args = _build_parser().parse_args(arguments)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
+    from shardline import log
+
+    level = logging.DEBUG if args.verbose else logging.INFO
     if args.command == "generate" and not args.verbose:
-        logging.getLogger().setLevel(logging.WARNING)  # keep the terminal for the answer
+        level = logging.WARNING  # keep the terminal for the answer (the workers' logs too)
+    log.configure(level, "engine")
     try:
         if args.command == "serve":
             return _cmd_serve(args)

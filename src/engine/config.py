@@ -54,7 +54,15 @@ class EngineConfig:
     num_kv_blocks: int | None = None
     """Fixed KV pool size; default: as many as `kv_cache_memory_bytes` holds."""
     kv_cache_memory_bytes: int | None = None
-    """KV budget per worker (CPU); default 1 GiB on CPU, 90% of free memory on CUDA."""
+    """KV-cache bytes per worker. Default on CPU: room for one sequence of `max_model_len`
+    tokens, at least 256 MiB (for the default model 360 MiB, which keeps engine and worker
+    within ~1 GiB), never more than a quarter of the available RAM, and never more blocks than
+    `max_num_seqs` full-length sequences use. Default on CUDA: see `gpu_memory_utilization`.
+    The pages are committed in the background once the workers are ready."""
+    gpu_memory_utilization: float = 0.9
+    """On CUDA, the share of each GPU's memory a worker may use (as vLLM's
+    `--gpu-memory-utilization`): the KV cache gets what this leaves after the weights (and
+    whatever else already uses the device). Ignored when `kv_cache_memory_bytes` is set."""
     max_model_len: int | None = None
     max_num_seqs: int = 128
     max_num_batched_tokens: int = 2048
@@ -126,6 +134,11 @@ class EngineConfig:
             self.kv_cache_memory_bytes is None or self.kv_cache_memory_bytes > 0,
             "kv_cache_memory_bytes",
             f"must be > 0, got {self.kv_cache_memory_bytes}",
+        )
+        _require(
+            isinstance(self.gpu_memory_utilization, int | float) and 0 < self.gpu_memory_utilization <= 1,
+            "gpu_memory_utilization",
+            f"must be in (0, 1], got {self.gpu_memory_utilization!r}",
         )
         _require(self.max_model_len is None or self.max_model_len >= 2, "max_model_len", f"must be >= 2, got {self.max_model_len}")
         _require(self.max_num_seqs >= 1, "max_num_seqs", f"must be >= 1, got {self.max_num_seqs}")

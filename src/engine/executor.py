@@ -252,6 +252,7 @@ class Executor:
             block_size=cfg.block_size,
             num_kv_blocks=cfg.num_kv_blocks,
             kv_cache_memory_bytes=cfg.kv_cache_memory_bytes,
+            gpu_memory_utilization=cfg.gpu_memory_utilization,
             max_model_len=cfg.max_model_len,
             max_num_batched_tokens=cfg.max_num_batched_tokens,
             max_num_seqs=cfg.max_num_seqs,

@@ -71,7 +71,8 @@ class LLM:
         self, prompts: list[Any], params: list[SamplingParams], use_tqdm: bool
     ) -> list[RequestOutput]:
         results: list[RequestOutput | None] = [None] * len(prompts)
-        bar = tqdm(total=len(prompts), desc="generating", unit="req", disable=not use_tqdm)
+        # disable=None: tqdm draws only where stderr is a terminal.
+        bar = tqdm(total=len(prompts), desc="generating", unit="req", disable=None if use_tqdm else True)
 
         async def one(index: int) -> None:
             async for out in self.engine.generate(prompts[index], params[index]):

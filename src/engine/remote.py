@@ -406,11 +406,9 @@ def agent_main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--head must be HOST:PORT, got {args.head!r}")
     if args.node_rank < 1:
         parser.error(f"--node-rank must be >= 1 (node 0 is the head), got {args.node_rank}")
-    logging.basicConfig(
-        level=os.environ.get("SHARDLINE_LOG_LEVEL", "INFO").upper(),
-        stream=sys.stderr,
-        format=f"%(asctime)s shardline-agent[node {args.node_rank}] %(levelname)s %(message)s",
-    )
+    from shardline import log
+
+    log.configure(log.level_from_env(), f"agent {args.node_rank}")
     # SIGTERM -> SystemExit, so the finally blocks stop the local ranks.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     return run_node_agent(

@@ -121,3 +121,27 @@ def huge_page_zeros(
         except OSError:  # EINVAL before Linux 5.14: pages fault in on first touch instead
             pass
     return raw[skip : skip + nbytes].view(dtype).view(shape)
+
+
+def populate_in_background(tensors: list[torch.Tensor], name: str = "shardline-populate") -> threading.Thread | None:
+    """Commit the pages of `tensors` (each from `huge_page_zeros`) on one background thread,
+    64 MiB at a time, so that a caller can serve while its KV cache is committed (a page a step
+    touches first is simply faulted in by that step). Returns the thread, or None where the
+    kernel has no MADV_POPULATE_WRITE to offer (the pages then stay lazy)."""
+    madvise = _libc_madvise()
+    if madvise is None or not tensors:
+        return None
+    chunk = 64 << 20
+    page = mmap.PAGESIZE
+
+    def run() -> None:
+        for t in tensors:
+            start = t.data_ptr() // page * page
+            end = t.data_ptr() + t.numel() * t.element_size()
+            for a in range(start, end, chunk):
+                if madvise(a, min(chunk, end - a), MADV_POPULATE_WRITE) != 0:
+                    return  # EINVAL before Linux 5.14, or the tensors are gone: stay lazy
+
+    thread = threading.Thread(target=run, name=name, daemon=True)
+    thread.start()
+    return thread

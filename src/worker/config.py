@@ -14,9 +14,9 @@ class WorkerConfig:
 
     ``rank = pp_rank * tp_size + tp_rank`` inside one DP replica's worker group.
     ``dist_backend`` None picks gloo on CPU and nccl on CUDA. ``num_kv_blocks`` None sizes the
-    KV cache from ``kv_cache_memory_bytes`` (None: a default budget on CPU, a fraction of the
-    free memory after loading on CUDA). ``num_threads`` None gives each rank
-    ``cpu_count // world_size`` torch threads (at least 1). ``plugins`` are ``"module:function"``
+    KV cache from ``kv_cache_memory_bytes`` (None: one full-length sequence but at least
+    256 MiB on CPU; on CUDA what ``gpu_memory_utilization`` of the device leaves after
+    loading). ``num_threads`` None gives each rank ``cpu_count // world_size`` torch threads (at least 1). ``plugins`` are ``"module:function"``
     names imported and called before loading, so registrations made by the user's code
     (``ModelRegistry.register_model``) exist in the worker process too.
     """
@@ -37,6 +37,7 @@ class WorkerConfig:
     block_size: int = 16
     num_kv_blocks: int | None = None
     kv_cache_memory_bytes: int | None = None
+    gpu_memory_utilization: float = 0.9
     max_model_len: int | None = None
     max_num_batched_tokens: int = 2048
     max_num_seqs: int = 128

@@ -8,6 +8,7 @@ after PP). Block ids are shared by every rank, so all ranks use the minimum bloc
 from __future__ import annotations
 
 import math
+import threading
 
 import psutil
 import torch
@@ -15,13 +16,14 @@ import torch.distributed as dist
 from torch import nn
 
 from shardline.model.attention import Attention
-from shardline.model.memory import huge_page_zeros
+from shardline.model.memory import huge_page_zeros, populate_in_background
 
-# Without an explicit budget: on CPU a share of the available RAM (capped), on CUDA a share
-# of the memory still free after loading the weights (the rest is for activations/logits).
-CPU_DEFAULT_FRACTION = 0.25
-CPU_DEFAULT_CAP_BYTES = 4 << 30
-CUDA_FREE_FRACTION = 0.8
+# Without an explicit budget: on CPU enough for one sequence of max_model_len tokens, and at
+# least CPU_DEFAULT_BYTES (so the default model, weights, KV and both processes stay within
+# ~1 GiB); on CUDA what `gpu_memory_utilization` of the device leaves after the weights.
+CPU_DEFAULT_BYTES = 256 << 20
+CPU_MAX_FRACTION = 0.25  # of the available RAM, shared by the local workers: a default never passes it
+DEFAULT_GPU_MEMORY_UTILIZATION = 0.9
 # Never more blocks than every sequence at full length (plus slack) could ever use.
 MAX_BLOCKS_ABSOLUTE = 1 << 20
 
@@ -39,19 +41,28 @@ def bytes_per_block(layers: list[Attention], block_size: int, dtype: torch.dtype
     )
 
 
-def memory_budget(device: torch.device, local_world_size: int, explicit: int | None) -> int:
-    """Bytes this rank may spend on its KV cache."""
+def memory_budget(device: torch.device, local_world_size: int, explicit: int | None, *,
+                  one_sequence: int = 0, gpu_memory_utilization: float = DEFAULT_GPU_MEMORY_UTILIZATION) -> int:
+    """Bytes this rank may spend on its KV cache: `explicit` when given; on CUDA the share of
+    the device's memory `gpu_memory_utilization` allows minus what is in use after loading
+    (as vLLM's `--gpu-memory-utilization`); on CPU `one_sequence` (the bytes of one full-length
+    sequence) but at least CPU_DEFAULT_BYTES, capped at a quarter of the available RAM."""
     if explicit is not None:
         if explicit <= 0:
             raise ValueError(f"kv_cache_memory_bytes must be positive, got {explicit}")
         return explicit
     if device.type == "cuda":
-        free, _total = torch.cuda.mem_get_info(device)
-        return int(free * CUDA_FREE_FRACTION)
+        free, total = torch.cuda.mem_get_info(device)
+        budget = int(total * gpu_memory_utilization) - (total - free)
+        if budget <= 0:
+            raise ValueError(
+                f"gpu_memory_utilization={gpu_memory_utilization} leaves no memory for the KV cache: "
+                f"{(total - free) / 2**30:.1f} of {total / 2**30:.1f} GiB are in use after loading"
+            )
+        return budget
     available = psutil.virtual_memory().available
-    return min(
-        CPU_DEFAULT_CAP_BYTES, int(available * CPU_DEFAULT_FRACTION) // max(1, local_world_size)
-    )
+    cap = int(available * CPU_MAX_FRACTION) // max(1, local_world_size)
+    return min(max(CPU_DEFAULT_BYTES, one_sequence), cap)
 
 
 def determine_num_blocks(
@@ -65,6 +76,7 @@ def determine_num_blocks(
     max_model_len: int,
     max_num_seqs: int,
     local_world_size: int = 1,
+    gpu_memory_utilization: float = DEFAULT_GPU_MEMORY_UTILIZATION,
 ) -> int:
     """This rank's block count: the configured one, or what the budget holds (capped)."""
     if num_kv_blocks is not None:
@@ -75,12 +87,14 @@ def determine_num_blocks(
     per_block = bytes_per_block(layers, block_size, dtype)
     if per_block == 0:  # a stage without attention layers (not expected): no constraint here
         return MAX_BLOCKS_ABSOLUTE
-    budget = memory_budget(device, local_world_size, kv_cache_memory_bytes)
+    one_sequence = math.ceil(max_model_len / block_size) * per_block
+    budget = memory_budget(device, local_world_size, kv_cache_memory_bytes, one_sequence=one_sequence,
+                           gpu_memory_utilization=gpu_memory_utilization)
     num_blocks = budget // per_block
     if num_blocks < 1:
         raise ValueError(
             f"KV cache budget of {budget} bytes holds no block of {per_block} bytes; "
-            "raise kv_cache_memory_bytes or lower block_size"
+            "raise kv_cache_memory_bytes (or gpu_memory_utilization) or lower block_size"
         )
     useful = max_num_seqs * math.ceil(max_model_len / block_size) + max_num_seqs
     return int(min(num_blocks, useful, MAX_BLOCKS_ABSOLUTE))
@@ -98,18 +112,29 @@ def agree_num_blocks(num_blocks: int, device: torch.device) -> int:
 
 
 def allocate_kv_cache(
-    model: nn.Module, num_blocks: int, *, block_size: int, dtype: torch.dtype, device: torch.device
+    model: nn.Module, num_blocks: int, *, block_size: int, dtype: torch.dtype, device: torch.device,
+    populate: bool = True,
 ) -> int:
-    """Give each local Attention layer its cache tensor; returns the bytes allocated."""
+    """Give each local Attention layer its cache tensor; returns the bytes allocated.
+
+    On CPU `populate` commits every page now; False leaves that to `commit_kv_cache`, which a
+    worker runs in the background once it is ready."""
     total = 0
     for layer in attention_layers(model):
         shape = (num_blocks, 2, block_size, layer.num_kv_heads, layer.head_dim)
         if device.type == "cpu":
             # Huge pages spare decode attention's stream the TLB; populated now, because a
             # page first touched inside a step costs that step a fault (model/memory.py).
-            cache = huge_page_zeros(shape, dtype, populate=True)
+            cache = huge_page_zeros(shape, dtype, populate=populate)
         else:
             cache = torch.zeros(shape, dtype=dtype, device=device)
         layer.kv_cache = cache
         total += cache.numel() * cache.element_size()
     return total
+
+
+def commit_kv_cache(model: nn.Module) -> threading.Thread | None:
+    """Commit the CPU KV cache's pages on a background thread (see `allocate_kv_cache`)."""
+    caches = [layer.kv_cache for layer in attention_layers(model)
+              if layer.kv_cache.device.type == "cpu" and layer.kv_cache.numel()]
+    return populate_in_background(caches, name="shardline-kv-commit")

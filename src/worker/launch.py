@@ -82,7 +82,8 @@ _launched: weakref.WeakSet[WorkerProcess] = weakref.WeakSet()
 
 def worker_environment(base: Mapping[str, str] | None = None) -> dict[str, str]:
     """The environment a worker starts with: `base` (default: ours) plus OMP_WAIT_POLICY=PASSIVE
-    unless a wait policy or spin count is set there (its OpenMP runtime reads it at load).
+    unless a wait policy or spin count is set there (its OpenMP runtime reads it at load), and
+    SHARDLINE_LOG_LEVEL.
 
     OpenMP's default spin-waiting makes torch's intra-op threads burn the cores they share
     with the engine's own process and other workers; on a busy 2-core machine a 32-row GEMM
@@ -91,9 +92,14 @@ def worker_environment(base: Mapping[str, str] | None = None) -> dict[str, str]:
     an idle 2-core machine but 37% slower with one core busy (benchmarks/RESULTS.md section 1),
     so it is the user's choice: a wait policy or spin count the user set wins.
     """
+    from shardline import log
+
     env = dict(os.environ if base is None else base)
     if "OMP_WAIT_POLICY" not in env and "GOMP_SPINCOUNT" not in env:
         env["OMP_WAIT_POLICY"] = "PASSIVE"
+    # The rank logs at this process's level (`-v` reaches it; an embedding application's
+    # level for its `shardline` logger does too).
+    env.setdefault(log.ENV, log.worker_level())
     return env
 
 

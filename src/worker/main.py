@@ -49,6 +49,7 @@ from shardline.transport.messages import (
 )
 from shardline.worker.config import WorkerConfig
 from shardline.worker.heap import retain_freed_memory
+from shardline.worker.kv_cache import commit_kv_cache
 
 logger = logging.getLogger("shardline.worker")
 
@@ -116,6 +117,7 @@ class Worker:
             ModelRegistry.register_specs(cfg.model_specs)
             runner = self._load()
             self._channels.send(WorkerReady(rank=cfg.rank, num_kv_blocks=runner.num_kv_blocks))
+            commit_kv_cache(runner.model)  # in the background: ready first, pages committed after
             self.log.info("ready with %d KV blocks", runner.num_kv_blocks)
             self._serve(runner)
             return 0
@@ -131,7 +133,8 @@ class Worker:
     def _load(self) -> Any:
         from shardline.model.config import ModelConfig
         from shardline.model.loader import load_model
-        from shardline.model.packed_linear import holds_integer_blocks, pack_linear_weights
+        from shardline.model.packed_linear import load_packed_model
+        from shardline.worker.heap import release_free_memory
         from shardline.worker.kv_cache import agree_num_blocks, determine_num_blocks
         from shardline.worker.model_runner import ModelRunner
 
@@ -147,13 +150,21 @@ class Worker:
             architecture=cfg.model_arch,
             max_model_len=cfg.max_model_len,
         )
-        model = load_model(model_config, parallel_context)
-        packed = pack_linear_weights(model)  # before the KV cache is sized: the copy counts
-        if packed:
-            weights = [w for m in model.modules() if isinstance(w := getattr(m, "packed_weight", None), torch.Tensor)]
-            blocks = sum(holds_integer_blocks(w) for w in weights)
-            self.log.info("packed %.1f MiB of linear weights for the decode GEMM (%d of %d as "
-                          "integer blocks)", packed / 2**20, blocks, len(weights))
+        started = time.monotonic()
+        if device.type == "cpu":
+            # Packed before the KV cache is sized, so the copy counts against memory.
+            model, packing = load_packed_model(model_config, parallel_context)
+        else:
+            model, packing = load_model(model_config, parallel_context), {"packed": 0}
+        if packing["packed"]:
+            if packing["freed"]:
+                release_free_memory()
+            self.log.info(
+                "packed linear weights: %.1f MiB (%d of %d as integer blocks), %s; float32 "
+                "copies let go: %.1f MiB", packing["packed"] / 2**20, packing["blocks"],
+                packing["weights"], "read from the packed-weight cache" if packing["cached"]
+                else "packed now and cached for the next start", packing["freed"] / 2**20)
+        self.log.info("weights ready in %.2f s", time.monotonic() - started)
         local_blocks = determine_num_blocks(
             model,
             block_size=cfg.block_size,
@@ -161,6 +172,7 @@ class Worker:
             device=device,
             num_kv_blocks=cfg.num_kv_blocks,
             kv_cache_memory_bytes=cfg.kv_cache_memory_bytes,
+            gpu_memory_utilization=cfg.gpu_memory_utilization,
             max_model_len=model_config.max_model_len,
             max_num_seqs=cfg.max_num_seqs,
             local_world_size=cfg.world_size,
@@ -177,7 +189,9 @@ class Worker:
         )
         # CUDA graphs pad decode batches into one extra block that no request is ever given.
         use_graphs = cfg.cuda_graphs and device.type == "cuda" and cfg.world_size == 1
-        allocated = runner.initialize_kv_cache(num_blocks, scratch_blocks=1 if use_graphs else 0)
+        # CPU pages are committed in the background once the rank is ready (`_commit_kv`).
+        allocated = runner.initialize_kv_cache(num_blocks, scratch_blocks=1 if use_graphs else 0,
+                                               populate=False)
         if use_graphs:
             from shardline.worker.cuda_graphs import CudaGraphDecoder
 
@@ -317,16 +331,9 @@ class Worker:
 
 
 def _configure_process_logging(rank: int) -> None:
-    level = os.environ.get("SHARDLINE_LOG_LEVEL", "INFO").upper()
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(
-        logging.Formatter(
-            f"%(asctime)s shardline-worker[{rank} pid %(process)d] %(levelname)s %(message)s"
-        )
-    )
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level)
+    from shardline import log
+
+    log.configure(log.level_from_env(), f"worker {rank}")
 
 
 def _report_bad_config(config: Any, rank: int, exc: Exception) -> None:

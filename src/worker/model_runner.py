@@ -137,14 +137,15 @@ class ModelRunner:
             self.pipeline = PipelineLink(pc, hidden_size=hidden_size, dtype=dtype)
 
     # ----------------------------------------------------------------- set-up
-    def initialize_kv_cache(self, num_blocks: int, scratch_blocks: int = 0) -> int:
+    def initialize_kv_cache(self, num_blocks: int, scratch_blocks: int = 0, populate: bool = True) -> int:
         """Allocate ``num_blocks`` blocks in every local attention layer, plus ``scratch_blocks``
         after them that the engine never hands out (ids ``num_blocks``...; CUDA graphs pad
-        into one); returns bytes."""
+        into one); returns bytes. ``populate=False`` leaves committing CPU pages to the caller
+        (`worker.kv_cache.commit_kv_cache`)."""
         self.num_kv_blocks = num_blocks
         allocated = allocate_kv_cache(
             self.model, num_blocks + scratch_blocks, block_size=self.block_size, dtype=self.dtype,
-            device=self.device,
+            device=self.device, populate=populate,
         )
         # Build or load the CPU decode-attention kernel now, not in the first request's step.
         kernel_enabled(self.device, self.dtype)

@@ -158,6 +158,7 @@ def serve(config: EngineConfig, options: ServeOptions) -> int:
         host=options.host,
         port=options.port,
         log_level=options.log_level,
+        log_config=None,  # uvicorn's records go to the root logger, in shardline's one format
         access_log=options.access_log,
         lifespan="on",
         ws="none",
