@@ -27,7 +27,7 @@ from shardline.engine.detokenizer import IncrementalDetokenizer
 from shardline.engine.errors import EngineDeadError, EngineOverloadedError, InvalidRequestError
 from shardline.engine.executor import Executor
 from shardline.engine.kv_cache import KVCacheManager
-from shardline.engine.model_info import ModelInfo, load_model_info
+from shardline.engine.model_info import ModelInfo, ModelLocation, load_model_info, locate_model
 from shardline.engine.output_stream import END_OF_STREAM, OutputStream
 from shardline.engine.request import Request, RequestOutput, SamplingParams, validate_request
 from shardline.engine.scheduler import Scheduler, SchedulerConfig
@@ -38,9 +38,10 @@ logger = logging.getLogger("shardline.engine")
 class Engine:
     """An LLM inference engine living in the caller's event loop. Build with `Engine.start`."""
 
-    def __init__(self, config: EngineConfig, info: ModelInfo) -> None:
+    def __init__(self, config: EngineConfig, location: ModelLocation) -> None:
         self.config = config
-        self._info = info
+        self._location = location
+        self._info: ModelInfo = None  # type: ignore[assignment]  # set by `start` before it returns
         self._cores: list[EngineCore] = []
         self._supervisor: asyncio.Task[None] | None = None
         self._closed = False
@@ -55,8 +56,8 @@ class Engine:
         """
         _require_asyncio()
         config = config or EngineConfig()
-        info = await anyio.to_thread.run_sync(load_model_info, config)
-        engine = cls(config, info)
+        location = await anyio.to_thread.run_sync(locate_model, config)
+        engine = cls(config, location)
         loop = asyncio.get_running_loop()
         ready: asyncio.Future[None] = loop.create_future()
         engine._supervisor = asyncio.create_task(engine._supervise(ready), name="shardline-engine")
@@ -64,6 +65,8 @@ class Engine:
         # also reporting it as "never retrieved" when nobody awaits the engine's death.
         engine._supervisor.add_done_callback(lambda t: t.cancelled() or t.exception())
         try:
+            # The tokenizer loads here while the workers start (they need only the location).
+            engine._info = await anyio.to_thread.run_sync(load_model_info, config, location)
             await asyncio.shield(ready)
         except BaseException:
             await engine.aclose()
@@ -76,7 +79,7 @@ class Engine:
             async with anyio.create_task_group() as tg:
                 for dp_rank in range(self.config.data_parallel_size):
                     core = EngineCore(
-                        functools.partial(Executor, self.config, str(self._info.path), dp_rank=dp_rank),
+                        functools.partial(Executor, self.config, str(self._location.path), dp_rank=dp_rank),
                         self._make_scheduler,
                         name=f"core{dp_rank}",
                         max_restarts=self.config.max_worker_restarts,
@@ -89,13 +92,13 @@ class Engine:
                     tg.start_soon(core.run)
                 logger.info(
                     "engine ready: model=%s tp=%d pp=%d dp=%d transport=%s kv_blocks=%s max_model_len=%d",
-                    self._info.name,
+                    self._location.name,
                     self.config.tensor_parallel_size,
                     self.config.pipeline_parallel_size,
                     self.config.data_parallel_size,
                     self.config.transport,
                     [c.executor.num_kv_blocks for c in self._cores],
-                    self._info.max_model_len,
+                    self._location.max_model_len,
                 )
                 ready.set_result(None)
         except BaseException as exc:
@@ -118,7 +121,7 @@ class Engine:
             SchedulerConfig(
                 max_num_seqs=cfg.max_num_seqs,
                 max_num_batched_tokens=cfg.max_num_batched_tokens,
-                max_model_len=self._info.max_model_len,
+                max_model_len=self._location.max_model_len,
                 block_size=cfg.block_size,
                 enable_prefix_caching=cfg.enable_prefix_caching,
                 workers_keep_sampled=cfg.pipeline_parallel_size == 1,

@@ -57,10 +57,23 @@ class ModelInfo:
         return [int(t) for t in self.tokenizer.encode(prompt)]
 
 
-def load_model_info(config: EngineConfig) -> ModelInfo:
-    """Resolve (fetching the default model on first use) and describe `config.model` (blocking)."""
-    from transformers import AutoTokenizer
+@dataclass(frozen=True)
+class ModelLocation:
+    """Where a model is and what its config.json says: all that starting its workers needs
+    (`locate_model`, quick once the model is cached); `load_model_info` adds the tokenizer."""
 
+    name: str
+    path: pathlib.Path
+    model_config: Any  # shardline.model.config.ModelConfig
+
+    @property
+    def max_model_len(self) -> int:
+        return int(self.model_config.max_model_len)
+
+
+def locate_model(config: EngineConfig) -> ModelLocation:
+    """Resolve `config.model` (fetching the default model on first use), read its config and
+    refuse sharding it cannot take (blocking)."""
     from shardline.model.config import ModelConfig
     from shardline.model.fetch import resolve_model_path
 
@@ -68,21 +81,30 @@ def load_model_info(config: EngineConfig) -> ModelInfo:
     model_config = ModelConfig.from_path(
         str(path), architecture=config.model_arch, max_model_len=config.max_model_len
     )
-    hf = model_config.hf_config
-    check_parallel_sizes(config, hf)
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    check_parallel_sizes(config, model_config.hf_config)
+    name = config.model if not pathlib.Path(config.model).exists() else path.name
+    return ModelLocation(name=name, path=path, model_config=model_config)
+
+
+def load_model_info(config: EngineConfig, location: ModelLocation | None = None) -> ModelInfo:
+    """Describe `config.model` for the engine: tokenizer, EOS ids, generation defaults
+    (blocking; `Engine.start` runs it while the workers load)."""
+    from shardline.engine.tokenizer import load_tokenizer
+
+    location = location or locate_model(config)
+    path, hf = location.path, location.model_config.hf_config
+    tokenizer = load_tokenizer(path)
     generation, generation_file = read_generation_config(config.generation_config, path)
     eos_ids = {
         *_token_ids(getattr(hf, "eos_token_id", None)),
         *_token_ids(getattr(tokenizer, "eos_token_id", None)),
         *_token_ids(generation.get("eos_token_id")),
     }
-    name = config.model if not pathlib.Path(config.model).exists() else path.name
     return ModelInfo(
-        name=name,
+        name=location.name,
         path=path,
         tokenizer=tokenizer,
-        max_model_len=model_config.max_model_len,
+        max_model_len=location.max_model_len,
         vocab_size=int(hf.vocab_size),
         eos_token_ids=frozenset(eos_ids),
         hf_config=hf,

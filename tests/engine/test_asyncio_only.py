@@ -19,7 +19,7 @@ def test_engine_start_under_trio_says_it_needs_asyncio(
     def must_not_load(*args: object) -> None:
         raise AssertionError("Engine.start began loading the model under trio")
 
-    monkeypatch.setattr(shardline.engine.api, "load_model_info", must_not_load)
+    monkeypatch.setattr(shardline.engine.api, "locate_model", must_not_load)
 
     async def main() -> None:
         await Engine.start(EngineConfig(model=str(tiny_llama_dir), transport="inproc"))

@@ -1,0 +1,237 @@
+"""The engine's tokenizer: the `tokenizers` library and the model's chat template, without
+importing transformers.
+
+Importing transformers and loading a tokenizer through `AutoTokenizer` took 2.3-4.3 s and
+~290 MB of the engine process on a 2-core machine (benchmarks/RESULTS.md, start-up); the Rust
+tokenizer it wraps loads in 0.13 s. `load_tokenizer` gives a `FastTokenizer` wherever it is
+known to produce transformers' results: a `tokenizer.json` and a `tokenizer_class` of
+transformers' generic fast-tokenizer family (`FAST_CLASSES`), whose encoding is the Rust
+tokenizer's (its post-processor adds the special tokens, e.g. a BOS; transformers' generic
+class ignores `add_bos_token` in tokenizer_config.json, and so does this), and whose chat template is rendered the way transformers renders it
+(a sandboxed jinja2 environment with the same options, filters and globals; the special tokens
+and `chat_template_kwargs` reach the template). Anything else (no tokenizer.json, a
+model-specific class, a GGUF-only model) loads with transformers' `AutoTokenizer`, as before;
+`SHARDLINE_TOKENIZER=transformers` forces that. tests/engine_logic/test_tokenizer.py compares
+the two on encodings, decodings and chat templates.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import pathlib
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+from typing import Any
+
+ENV = "SHARDLINE_TOKENIZER"
+# transformers' classes that are its generic fast tokenizer (TokenizersBackend) with nothing of
+# their own on the encode/decode path.
+FAST_CLASSES = frozenset({
+    "TokenizersBackend", "PreTrainedTokenizerFast", "GPT2Tokenizer", "GPT2TokenizerFast",
+    "Qwen2Tokenizer", "Qwen2TokenizerFast",
+})
+SPECIAL_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token",
+                 "mask_token")
+
+
+def _token_text(value: Any) -> str | None:
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+class FastTokenizer:
+    """A transformers-compatible subset of a fast tokenizer: `encode`, `decode`,
+    `convert_ids_to_tokens`, `convert_tokens_to_ids`, `apply_chat_template`, the special
+    tokens and their ids, `vocab_size`, `len()`. `backend` is the `tokenizers.Tokenizer`."""
+
+    def __init__(self, backend: Any, config: dict[str, Any], name_or_path: str = "") -> None:
+        self.backend = backend
+        self._tokenizer = backend  # where transformers keeps it (engine.detokenizer looks there)
+        self.name_or_path = name_or_path
+        self.init_kwargs = config
+        self.chat_template: str | None = config.get("chat_template") if isinstance(
+            config.get("chat_template"), str) else None
+        self.model_max_length = int(config.get("model_max_length") or 0) or None
+        self.clean_up_tokenization_spaces = bool(config.get("clean_up_tokenization_spaces", False))
+        for name in SPECIAL_NAMES:
+            setattr(self, name, _token_text(config.get(name)))
+        extra = config.get("extra_special_tokens") or config.get("additional_special_tokens") or []
+        self.additional_special_tokens = [t for t in map(_token_text, extra) if t is not None] \
+            if isinstance(extra, list) else []
+
+    # ------------------------------------------------------------------ special tokens
+    @property
+    def all_special_tokens(self) -> list[str]:
+        named = [t for name in SPECIAL_NAMES if (t := getattr(self, name)) is not None]
+        return list(dict.fromkeys(named + self.additional_special_tokens))
+
+    @property
+    def all_special_ids(self) -> list[int]:
+        return [i for i in self.convert_tokens_to_ids(self.all_special_tokens) if i is not None]
+
+    @property
+    def special_tokens_map(self) -> dict[str, str]:
+        return {name: t for name in SPECIAL_NAMES if (t := getattr(self, name)) is not None}
+
+    def __getattr__(self, name: str) -> Any:  # bos_token_id, eos_token_id, pad_token_id, ...
+        if name.endswith("_token_id") and name[: -len("_id")] in SPECIAL_NAMES:
+            token = getattr(self, name[: -len("_id")])
+            return None if token is None else self.backend.token_to_id(token)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.backend.get_vocab_size(with_added_tokens=False))
+
+    def __len__(self) -> int:
+        return int(self.backend.get_vocab_size(with_added_tokens=True))
+
+    def get_vocab(self) -> dict[str, int]:
+        return dict(self.backend.get_vocab(with_added_tokens=True))
+
+    # ------------------------------------------------------------------ encode / decode
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(self.backend.encode(text, add_special_tokens=add_special_tokens).ids)
+
+    def __call__(self, text: str, add_special_tokens: bool = True) -> dict[str, list[int]]:
+        return {"input_ids": self.encode(text, add_special_tokens=add_special_tokens)}
+
+    def decode(self, ids: int | Sequence[int], skip_special_tokens: bool = False) -> str:
+        if isinstance(ids, int):
+            ids = [ids]
+        text = str(self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens))
+        return _clean_up_spaces(text) if self.clean_up_tokenization_spaces else text
+
+    def convert_ids_to_tokens(self, ids: int | Sequence[int]) -> Any:
+        if isinstance(ids, int):
+            return self.backend.id_to_token(ids)
+        return [self.backend.id_to_token(i) for i in ids]
+
+    def convert_tokens_to_ids(self, tokens: str | Iterable[str]) -> Any:
+        if isinstance(tokens, str):
+            return self.backend.token_to_id(tokens)
+        return [self.backend.token_to_id(t) for t in tokens]
+
+    # ------------------------------------------------------------------ chat
+    def apply_chat_template(self, conversation: list[dict[str, Any]], *, tools: list[dict[str, Any]] | None = None,
+                            documents: list[dict[str, Any]] | None = None, chat_template: str | None = None,
+                            add_generation_prompt: bool = False, tokenize: bool = True,
+                            **kwargs: Any) -> Any:
+        """transformers' `apply_chat_template` for one conversation: the text, or its token ids
+        (encoded without special tokens: the template writes its own)."""
+        template = chat_template or self.chat_template
+        if template is None:
+            raise ValueError("the tokenizer has no chat template; pass one (--chat-template) or "
+                             "send a text prompt instead")
+        text = _compile(template).render(
+            messages=conversation, tools=tools, documents=documents,
+            add_generation_prompt=add_generation_prompt, **{**self.special_tokens_map, **kwargs})
+        return self.encode(text, add_special_tokens=False) if tokenize else text
+
+
+def _clean_up_spaces(text: str) -> str:
+    """transformers' `clean_up_tokenization`."""
+    for a, b in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
+                 (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
+        text = text.replace(a, b)
+    return text
+
+
+@functools.lru_cache(maxsize=16)
+def _compile(template: str) -> Any:
+    """The template compiled as transformers compiles chat templates (same environment options,
+    filters, globals and the `generation` tag, rendered as its body)."""
+    import jinja2
+    import jinja2.ext
+    import jinja2.nodes
+    import jinja2.utils
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class Generation(jinja2.ext.Extension):
+        tags = {"generation"}
+
+        def parse(self, parser: Any) -> Any:
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(["name:endgeneration"], drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+        def _body(self, caller: Any) -> str:
+            return str(caller())
+
+    def raise_exception(message: str) -> None:
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x: Any, ensure_ascii: bool = False, indent: Any = None, separators: Any = None,
+               sort_keys: bool = False) -> str:
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    class TemplateDict:
+        def __call__(self, *args: Any, **kwargs: Any) -> dict[Any, Any]:
+            return dict(*args, **kwargs)
+
+        def fromkeys(self, *args: Any, **kwargs: Any) -> dict[Any, Any]:
+            return dict.fromkeys(*args, **kwargs)
+
+    class TemplateNamespace(jinja2.utils.Namespace):
+        def __init__(*args: Any, **kwargs: Any) -> None:
+            self, args = args[0], args[1:]
+            attrs = dict(*args, **kwargs)
+            for name in attrs:
+                TemplateNamespace._check_name(name)
+            jinja2.utils.Namespace.__init__(self, attrs)
+
+        def __setitem__(self, name: str, value: Any) -> None:
+            TemplateNamespace._check_name(name)
+            jinja2.utils.Namespace.__setitem__(self, name, value)
+
+        @staticmethod
+        def _check_name(name: Any) -> None:
+            if isinstance(name, str) and name.startswith("_"):
+                raise jinja2.exceptions.SecurityError(
+                    f"chat templates cannot store underscore-prefixed attributes on a namespace: {name!r}")
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[Generation, jinja2.ext.loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    env.globals["dict"] = TemplateDict()
+    env.globals["namespace"] = TemplateNamespace
+    return env.from_string(template)
+
+
+def fast_tokenizer_config(path: pathlib.Path) -> dict[str, Any] | None:
+    """tokenizer_config.json (with the chat template from chat_template.jinja/.json if there is
+    one) when `FastTokenizer` can stand in for transformers on this model, else None."""
+    if os.environ.get(ENV, "auto") == "transformers" or not (path / "tokenizer.json").is_file():
+        return None
+    try:
+        config = json.loads((path / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(config, dict) or config.get("tokenizer_class") not in FAST_CLASSES:
+        return None
+    if not isinstance(config.get("chat_template"), str):
+        jinja = path / "chat_template.jinja"
+        if jinja.is_file():
+            config["chat_template"] = jinja.read_text(encoding="utf-8")
+        elif config.get("chat_template") is not None:
+            return None  # several named templates: transformers picks among them
+    return config
+
+
+def load_tokenizer(path: str | os.PathLike[str]) -> Any:
+    """A `FastTokenizer` where it matches transformers (see the module docstring), else
+    transformers' `AutoTokenizer.from_pretrained(path)`."""
+    root = pathlib.Path(path)
+    config = fast_tokenizer_config(root) if root.is_dir() else None
+    if config is None:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(root))
+    from tokenizers import Tokenizer
+
+    return FastTokenizer(Tokenizer.from_file(str(root / "tokenizer.json")), config, str(root))
