@@ -156,9 +156,13 @@ class PackedCache:
                         f.write(memoryview(t.contiguous().view(torch.uint8).reshape(-1).numpy()))  # type: ignore[arg-type]
                 (tmp / INDEX).write_text(json.dumps(index))
                 tmp.chmod(0o755)
+                if self.directory.exists():  # a damaged entry: set it aside, then swap
+                    old = self.directory.with_name(f".{self.directory.name}.{os.getpid()}.old")
+                    os.replace(self.directory, old)
+                    shutil.rmtree(old, ignore_errors=True)
                 try:
                     os.replace(tmp, self.directory)
-                except OSError:  # another rank or process wrote it first: theirs is as good
+                except OSError:  # another process wrote it meanwhile: theirs is as good
                     pass
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
