@@ -31,12 +31,13 @@ def _cfg(path: pathlib.Path, **kw: object) -> EngineConfig:
 
 
 async def test_tensor_parallel_shards_of_gguf_weights_keep_the_same_tokens(
-        tmp_path: pathlib.Path, capfd: pytest.CaptureFixture[str]) -> None:
+        tmp_path: pathlib.Path, capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     """GGUF-quantized weights pack as integer blocks; TP=2 shards them (row-parallel layers
     along K, 32-aligned here), and each rank's shards still pack so: the same greedy tokens as
     one process, which the float32 panels give too."""
     from support.tiny_models import make_tiny_model_dir, quantize_checkpoint
 
+    monkeypatch.setenv("SHARDLINE_LOG_LEVEL", "INFO")  # the workers' INFO lines below
     path = make_tiny_model_dir(tmp_path / "q", arch="LlamaForCausalLM")
     assert quantize_checkpoint(path) > 0
     prompts = _prompts(4)
