@@ -84,7 +84,7 @@ class EngineConfig:
     max_worker_restarts: int = 3
     """Times a failed worker group is restarted (requests recompute); 0 = fail fast."""
     restart_backoff: float = 0.5
-    """Seconds before the first restart; doubles for each further one."""
+    """The first restart is immediate; each further one waits this long, doubling."""
     num_threads: int | None = None
     async_scheduling: bool = True
     """Schedule step N+1 while step N runs on the workers (its sampled tokens are fed in by the

@@ -94,6 +94,7 @@ def load_model_info(config: EngineConfig, location: ModelLocation | None = None)
     location = location or locate_model(config)
     path, hf = location.path, location.model_config.hf_config
     tokenizer = load_tokenizer(path)
+    _compile_chat_template(tokenizer)
     generation, generation_file = read_generation_config(config.generation_config, path)
     eos_ids = {
         *_token_ids(getattr(hf, "eos_token_id", None)),
@@ -110,6 +111,16 @@ def load_model_info(config: EngineConfig, location: ModelLocation | None = None)
         hf_config=hf,
         generation_defaults=generation_defaults(generation, source=str(generation_file)),
     )
+
+
+def _compile_chat_template(tokenizer: Any) -> None:
+    """Render the chat template once now (it compiles on first use: ~50 ms of the first chat
+    request otherwise), while the workers start. A template that fails here fails again, with
+    its error, on the request that meets it."""
+    try:
+        tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False)
+    except Exception:  # noqa: BLE001 - see the docstring
+        pass
 
 
 def read_generation_config(

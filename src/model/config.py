@@ -8,7 +8,10 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any, ClassVar
 
-import torch
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 # GGUF files name a model family, not a transformers class.
 GGUF_ARCHITECTURES = {
@@ -16,27 +19,35 @@ GGUF_ARCHITECTURES = {
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
 }
+# dtype names -> torch attribute names (torch is imported only when a dtype is asked for: the
+# engine's process reads model configs too, and never needs torch)
 _DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "half": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
+    "float32": "float32",
+    "fp32": "float32",
+    "float16": "float16",
+    "fp16": "float16",
+    "half": "float16",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
 }
+
+
+def _dtype_name(dtype: torch.dtype | str | None) -> str:
+    """The canonical name of a dtype or dtype name; None means float32 (the CPU default)."""
+    if dtype is None or dtype == "auto":
+        return "float32"
+    text = str(dtype).lower().removeprefix("torch.")
+    try:
+        return _DTYPES[text]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}; known: {', '.join(sorted(_DTYPES))}") from None
 
 
 def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
     """torch dtype from a dtype or its name; None means float32 (the CPU default)."""
-    if dtype is None or dtype == "auto":
-        return torch.float32
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    try:
-        return _DTYPES[dtype.lower().removeprefix("torch.")]
-    except KeyError:
-        raise ValueError(f"unknown dtype {dtype!r}; known: {', '.join(sorted(_DTYPES))}") from None
+    import torch
+
+    return getattr(torch, _dtype_name(dtype))  # type: ignore[no-any-return]
 
 
 @dataclass(frozen=True)
@@ -46,9 +57,13 @@ class ModelConfig:
     path: str
     hf_config: Any
     architecture: str
-    dtype: torch.dtype
+    dtype_name: str
     max_model_len: int
     gguf_file: str | None = None  # set when the weights come from a GGUF file
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return parse_dtype(self.dtype_name)
 
     @classmethod
     def from_path(
@@ -93,7 +108,7 @@ class ModelConfig:
             path=str(root),
             hf_config=hf_config,
             architecture=arch,
-            dtype=parse_dtype(dtype),
+            dtype_name=_dtype_name(dtype),
             max_model_len=max_model_len,
             gguf_file=str(gguf_file) if gguf_file else None,
         )
