@@ -372,7 +372,10 @@ class EngineCore:
         )
         assert self._task_group is not None
         await self.executor.shutdown()
-        await anyio.sleep(self.restart_backoff * 2 ** (self.num_restarts - 1))
+        # The first restart is immediate (a lone crash costs callers only the new workers'
+        # start-up); repeated failures back off: restart_backoff, doubling.
+        if self.num_restarts > 1:
+            await anyio.sleep(self.restart_backoff * 2 ** (self.num_restarts - 2))
         self.executor = self._executor_factory()
         await self.executor.start(self._task_group)
         # The new workers hold no KV and no request state: every live request recomputes
