@@ -9,6 +9,7 @@ full tensors. GGUF files are dequantized tensor by tensor with the `gguf` packag
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import pathlib
 import re
@@ -301,3 +302,34 @@ def iter_gguf(path: str, hf_config: Any, stats: LoadStats) -> Iterator[tuple[str
         if not data.flags.writeable or not data.flags.c_contiguous:
             data = np.array(data, copy=True, order="C")  # F32 tensors are views of the mapping
         yield hf_name, torch.from_numpy(data)
+
+
+def map_embedding(model: nn.Module, model_config: ModelConfig, parallel_context: ParallelContext) -> int:
+    """Point a single-rank CPU model's token embedding at its bytes in the safetensors file
+    (a private, copy-on-write mapping) instead of a copy in memory; returns the bytes mapped
+    (0 where it does not apply: GGUF, tensor parallelism, another dtype, no such tensor).
+
+    A lookup reads only its tokens' rows, so memory holds the rows prompts use rather than the
+    whole table (SmolLM2: 113 MB). A tied LM head shares the parameter and keeps its own packed
+    copy for the GEMM; without one, the head reads the mapping whole each step."""
+    embed = getattr(getattr(model, "model", None), "embed_tokens", None)
+    weight = getattr(embed, "weight", None)
+    if (model_config.gguf_file or parallel_context.tp_size != 1 or parallel_context.device.type != "cpu"
+            or not isinstance(weight, torch.Tensor) or weight.is_meta):
+        return 0
+    name = "model.embed_tokens.weight"
+    for file in safetensors_files(pathlib.Path(model_config.path)):
+        with open(file, "rb", buffering=0) as handle:
+            entry = read_safetensors_header(handle, str(file)).get(name)
+        if entry is None:
+            continue
+        dtype, shape, offset = entry
+        if dtype != weight.dtype or tuple(shape) != tuple(weight.shape) or offset % weight.element_size():
+            return 0
+        with open(file, "rb") as handle:
+            mapping = mmap.mmap(handle.fileno(), 0, flags=mmap.MAP_PRIVATE,
+                                prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        mapped = torch.frombuffer(mapping, dtype=dtype, count=weight.numel(), offset=offset).view(shape)
+        weight.data = mapped  # the same Parameter: a tied head sees it too
+        return weight.numel() * weight.element_size()
+    return 0

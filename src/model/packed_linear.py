@@ -318,16 +318,17 @@ def pack_linear_weights(model: nn.Module) -> int:
 
 def load_packed_model(model_config: Any, parallel_context: Any) -> tuple[nn.Module, dict[str, Any]]:
     """`loader.load_model` for a CPU float32 rank, with its linear weights packed and their
-    float32 copies let go; returns the model and what happened, for the start-up log:
-    `{"packed": bytes, "freed": bytes, "cached": bool, "blocks": n, "weights": n}`.
+    float32 copies let go, and its token embedding mapped from the checkpoint
+    (`loader.map_embedding`); returns the model and what happened, for the start-up log:
+    `{"packed": bytes, "freed": bytes, "cached": bool, "blocks": n, "weights": n, "mapped": bytes}`.
 
     The packed bytes come from `model.packed_cache` when an entry for this rank exists (the
     float32 weights of those layers are then never read); otherwise the weights load, are
     packed, and the entry is written for the next start."""
-    from shardline.model.loader import load_model
+    from shardline.model.loader import load_model, map_embedding
     from shardline.model.packed_cache import PackedCache
 
-    info: dict[str, Any] = {"packed": 0, "freed": 0, "cached": False, "blocks": 0, "weights": 0}
+    info: dict[str, Any] = {"packed": 0, "freed": 0, "cached": False, "blocks": 0, "weights": 0, "mapped": 0}
     mode = env_choice(ENV, MODES)
     usable = (mode != "off" and parallel_context.device.type == "cpu"
               and model_config.dtype == torch.float32)
@@ -353,6 +354,8 @@ def load_packed_model(model_config: Any, parallel_context: Any) -> tuple[nn.Modu
         info["packed"] = pack_linear_weights(model)
         if info["packed"] and cache is not None:
             cache.save(model)
+    if usable:
+        info["mapped"] = map_embedding(model, model_config, parallel_context)
     if info["packed"]:
         weights = [w for m in model.modules() if isinstance(w := getattr(m, "packed_weight", None), torch.Tensor)]
         info["weights"] = len(weights)

@@ -157,13 +157,16 @@ class Worker:
         else:
             model, packing = load_model(model_config, parallel_context), {"packed": 0}
         if packing["packed"]:
-            if packing["freed"]:
+            if packing["freed"] or packing["mapped"]:
                 release_free_memory()
             self.log.info(
                 "packed linear weights: %.1f MiB (%d of %d as integer blocks), %s; float32 "
                 "copies let go: %.1f MiB", packing["packed"] / 2**20, packing["blocks"],
                 packing["weights"], "read from the packed-weight cache" if packing["cached"]
                 else "packed now and cached for the next start", packing["freed"] / 2**20)
+        if packing.get("mapped"):
+            self.log.info("token embedding mapped from the checkpoint: %.1f MiB, rows read as used",
+                          packing["mapped"] / 2**20)
         self.log.info("weights ready in %.2f s", time.monotonic() - started)
         local_blocks = determine_num_blocks(
             model,

@@ -56,6 +56,10 @@ def test_a_cached_start_computes_what_packing_afresh_does(tmp_path: pathlib.Path
 
     first, info = packed_linear.load_packed_model(config, ParallelContext.single())
     assert info["packed"] > 0 and not info["cached"] and info["freed"] > 0
+    # The token embedding is the checkpoint's bytes, mapped (a tied head shares it).
+    embedding = first.model.embed_tokens.weight
+    assert info["mapped"] == embedding.numel() * 4
+    assert not embedding.untyped_storage().resizable()  # a mapping, not an allocation of ours
     assert len(list((home / "packed").iterdir())) == 1
     # Every packed layer's float32 weight is gone, except the tied head's (the embedding).
     for m in _packed_layers(first):
@@ -131,6 +135,6 @@ def test_with_packing_off_nothing_is_dropped(tmp_path: pathlib.Path, home: pathl
     monkeypatch.setenv(packed_linear.ENV, "off")
     config = ModelConfig.from_path(_dir(tmp_path, tied=False))
     model, info = packed_linear.load_packed_model(config, ParallelContext.single())
-    assert info == {"packed": 0, "freed": 0, "cached": False, "blocks": 0, "weights": 0}
+    assert info == {"packed": 0, "freed": 0, "cached": False, "blocks": 0, "weights": 0, "mapped": 0}
     assert not any(p.is_meta for p in model.parameters())
     assert not (home / "packed").exists()
