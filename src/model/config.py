@@ -6,9 +6,7 @@ import json
 import pathlib
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Any, ClassVar
-
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:
     import torch
