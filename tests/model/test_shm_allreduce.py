@@ -106,6 +106,27 @@ def _mapped_shm_names() -> list[str]:
                    for line in maps if "/dev/shm/shardline_" in line})  # fmt: skip
 
 
+OBJECT_COLLECTIVES = ("all_gather_object", "broadcast_object_list", "gather_object",
+                      "scatter_object_list", "send_object_list", "recv_object_list",
+                      "broadcast_object")  # fmt: skip
+
+
+def _forbid_object_collectives() -> None:
+    """Make torch.distributed's object collectives, and the pickling under them, raise here."""
+    import torch.distributed as dist
+    import torch.distributed.distributed_c10d as c10d
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("a torch.distributed object collective (pickle) was used")
+
+    for name in OBJECT_COLLECTIVES:
+        for module in (dist, c10d):
+            if hasattr(module, name):
+                setattr(module, name, refuse)
+    c10d._object_to_tensor = refuse  # type: ignore[assignment]
+    c10d._tensor_to_object = refuse  # type: ignore[assignment]
+
+
 def _rank_main(spec_path: str, rank: int) -> None:
     from shardline.model.parallel import all_gather, all_reduce
     from shardline.model.parallel.shm_comm import setup_tp_comm
@@ -113,6 +134,8 @@ def _rank_main(spec_path: str, rank: int) -> None:
 
     spec = json.loads(pathlib.Path(spec_path).read_text())
     world = spec["world_size"]
+    if spec.get("forbid_pickle"):
+        _forbid_object_collectives()
     ctx = init_distributed(rank=rank, world_size=world, tp_size=world, pp_size=1,
                            init_method=spec["init_method"], backend="gloo", device="cpu",
                            timeout_s=60)  # fmt: skip
@@ -248,6 +271,65 @@ def test_shm_collectives_match_gloo(tmp_path: pathlib.Path, world: int) -> None:
         assert r["backend"] == "shm" and r["has_comm"]
     _assert_matches_gloo([r["collectives"] for r in results], world)
     _assert_matches_gloo([r["small_slots"] for r in results], world)
+
+
+@pytest.mark.parametrize(("world", "mode"), [(2, "auto"), (3, "shm"), (2, "gloo")])
+def test_set_up_pickles_nothing(tmp_path: pathlib.Path, world: int, mode: str) -> None:
+    """Every torch.distributed object collective (they pickle) raises in these ranks, yet the
+    set-up (modes and hosts, rank 0's address, errors, auto's timed decision) goes through: it
+    exchanges msgpack bytes as uint8 tensors. Auto on two ranks takes every exchange there is."""
+    results = _spawn(tmp_path, world, ["small_slots"] if mode == "shm" else [], [mode] * world,
+                     forbid_pickle=True)  # fmt: skip
+    backends = {r["backend"] for r in results}
+    assert len(backends) == 1, backends
+    assert backends == {"shm"} if mode == "shm" else backends <= {"shm", "gloo"}
+    if mode == "gloo":
+        assert backends == {"gloo"}
+    assert all(r["has_comm"] == (r["backend"] == "shm") for r in results)
+    if mode == "shm":  # a second communicator, built after init, the same way
+        _assert_matches_gloo([r["small_slots"] for r in results], world)
+
+
+def test_set_up_messages_are_typed() -> None:
+    """What a rank receives in the set-up is decoded into the expected shape or refused."""
+    from shardline.model.parallel import shm_comm
+
+    def enc(value: Any) -> bytes:
+        return shm_comm._encode(value)
+
+    assert shm_comm._decode(enc(["auto", "h"]), "x", shm_comm._check_mode_and_host) == ["auto", "h"]
+    assert shm_comm._decode(enc(["/a", 2, 64]), "x", shm_comm._check_address) == ["/a", 2, 64]
+    assert shm_comm._decode(enc([True, 1.0, 2.0]), "x", shm_comm._check_decision) == [True, 1.0, 2.0]
+    for raw, check in [
+        (enc(["nccl", "h"]), shm_comm._check_mode_and_host),
+        (enc({"name": "/a"}), shm_comm._check_address),
+        (enc(["/a", "2", 64]), shm_comm._check_address),
+        (enc([1, 1.0, 2.0]), shm_comm._check_decision),
+        (enc(7), shm_comm._check_error),
+        (b"\xc1", shm_comm._check_error),  # never valid msgpack
+        (b"\x80\x04K\x01.", shm_comm._check_error),  # a pickle: not msgpack of a str or nil
+    ]:
+        with pytest.raises(RuntimeError, match="malformed what in the shm set-up"):
+            shm_comm._decode(raw, "what", check)
+
+
+def test_host_key_separates_host_ids_not_network_namespaces(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Same boot, /dev/shm and pid namespace: one key; SHARDLINE_HOST_ID splits it."""
+    from shardline.model.parallel.shm_comm import ENV_HOST_ID, host_key
+
+    monkeypatch.delenv(ENV_HOST_ID, raising=False)
+    plain = host_key()
+    boot = pathlib.Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    shm = os.stat("/dev/shm")
+    assert boot in plain and f"{shm.st_dev}:{shm.st_ino}" in plain
+    assert os.readlink("/proc/self/ns/pid") in plain
+    assert os.readlink("/proc/self/ns/net") not in plain
+    monkeypatch.setenv(ENV_HOST_ID, "node-a")
+    node_a = host_key()
+    monkeypatch.setenv(ENV_HOST_ID, "node-b")
+    assert len({plain, node_a, host_key()}) == 3
 
 
 def test_forced_gloo_routes_through_torch_distributed(tmp_path: pathlib.Path) -> None:

@@ -102,9 +102,11 @@ class Agents:
         self.log_dir = log_dir
         self.procs: dict[subprocess.Popen[bytes], pathlib.Path] = {}
 
-    def start(self, head: str, token: str, node_rank: int) -> subprocess.Popen[bytes]:
-        """`agent_main` (what `shardline worker` runs) on node 1."""
-        env = dict(os.environ, SHARDLINE_LOG_LEVEL="INFO")
+    def start(
+        self, head: str, token: str, node_rank: int, env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
+        """`agent_main` (what `shardline worker` runs) on node 1; `env` is added to ours."""
+        env = dict(os.environ, SHARDLINE_LOG_LEVEL="INFO", **(env or {}))
         if self.topology.node_ifname:
             env["GLOO_SOCKET_IFNAME"] = self.topology.node_ifname
         main = "import sys; from shardline.engine.remote import agent_main; sys.exit(agent_main())"

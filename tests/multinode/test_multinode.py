@@ -87,7 +87,44 @@ async def test_two_nodes_same_tokens_as_one(
     log = await anyio.to_thread.run_sync(agents.wait, agent)
     assert agent.returncode == 0, log
     assert "started rank 1" in log and "shutdown requested" in log, log
+    # One machine, one /dev/shm and pid namespace (node 1's own network namespace does not
+    # change that): the ranks count as one host, so auto mode timed shm against gloo.
+    assert "TP collectives over" in log and "(auto: median" in log, log
     assert all(len(t) == PARAMS.max_tokens for t in reference)
+    assert not _our_shm()
+
+
+async def test_two_hosts_take_the_cross_host_path_with_the_same_tokens(
+    tiny_llama_dir: pathlib.Path,
+    preferred_topology: Topology,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: pathlib.Path,
+) -> None:
+    """SHARDLINE_HOST_ID differs between the nodes, so the same-host check sees two hosts and
+    the TP collectives go over gloo between the nodes (the path separate machines take),
+    whatever SHARDLINE_TP_ALLREDUCE asks for short of shm: single-node greedy tokens."""
+    async with await Engine.start(_cfg(tiny_llama_dir, transport="inproc")) as engine:
+        reference = await _generate(engine)
+    topology = preferred_topology
+    if topology.head_ifname:
+        monkeypatch.setenv("GLOO_SOCKET_IFNAME", topology.head_ifname)
+    monkeypatch.setenv("SHARDLINE_TP_ALLREDUCE", "auto")  # would pick shm on one host
+    monkeypatch.setenv("SHARDLINE_HOST_ID", "node-0")  # the head's rank inherits it
+    monkeypatch.setenv("SHARDLINE_LOG_LEVEL", "INFO")
+    agents = Agents(topology, tmp_path)
+    token = secrets.token_hex(16)
+    config = _two_nodes(tiny_llama_dir, topology, token, worker_start_timeout=120.0)
+    try:
+        agent = agents.start(f"{topology.head_host}:{config.head_port}", token, 1,
+                             env={"SHARDLINE_HOST_ID": "node-1"})  # fmt: skip
+        async with await Engine.start(config) as engine:
+            assert await _generate(engine) == reference
+        log = await anyio.to_thread.run_sync(agents.wait, agent)
+    finally:
+        agents.stop()
+    assert agent.returncode == 0, log
+    assert "TP collectives over gloo: the 2 TP ranks are on 2 hosts" in log, log
+    assert "(auto: median" not in log and "shared memory" not in log, log
     assert not _our_shm()
 
 

@@ -27,10 +27,22 @@ Names are ``/shardline_<creator pid>_<random>`` + ``_seg`` / ``_r<rank>`` (mode 
 scheme :func:`transport.shm_ring.sweep_stale` recognises. Rank 0 unlinks them as soon as every
 rank has attached (open mappings and semaphores stay valid), so a SIGKILLed rank leaves
 nothing behind after set-up; a kill during set-up leaves names that the next sweep removes.
-Close (at :func:`close_all`, from ``destroy_distributed``) or the finalizer unmaps the rest.
+Close (at :func:`close_all`, from ``destroy_distributed``) or the finalizer unmaps the rest;
+a worker whose engine vanished unlinks what is still named (:func:`unlink_all`).
 
 :func:`setup_tp_comm` decides per TP group whether to use this or torch.distributed:
-``SHARDLINE_TP_ALLREDUCE=auto|shm|gloo`` (default auto: time both, TP rank 0 decides).
+``SHARDLINE_TP_ALLREDUCE=auto|shm|gloo`` (default auto: time both, TP rank 0 decides). Ranks
+may share memory when their :func:`host_key` is equal: the same kernel boot, the same /dev/shm
+(filesystem and directory) and the same pid namespace (a peer's death is seen by its pid). A
+network namespace is not part of it: ranks in separate network namespaces of one machine (as
+the two "nodes" of tests/multinode, or containers with their own network but the host's
+/dev/shm and pids) really do share /dev/shm, so they use it. ``SHARDLINE_HOST_ID``, where set,
+is added to the key: ranks whose values differ are treated as on different hosts (gloo), which
+is how tests/multinode runs the cross-host path on one machine.
+
+The set-up exchanges (modes and host keys, rank 0's address, errors, the auto decision) are
+msgpack bytes sent as uint8 tensors with torch.distributed's all_gather / broadcast, decoded
+into the expected types; nothing is pickled (no ``*_object`` collectives).
 """
 
 from __future__ import annotations
@@ -48,6 +60,7 @@ import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import msgpack
 import posix_ipc
 import torch
 import torch.distributed as dist
@@ -67,6 +80,7 @@ from shardline.transport.shm_ring import (
 logger = logging.getLogger("shardline.model.parallel")
 
 ENV_MODE = "SHARDLINE_TP_ALLREDUCE"
+ENV_HOST_ID = "SHARDLINE_HOST_ID"
 MODES = ("auto", "shm", "gloo")
 DEFAULT_SLOT_BYTES = 2 << 20  # per rank per buffer: TP=2 maps 8 MiB
 MAGIC = int.from_bytes(b"SHRDTP01", "little")
@@ -174,7 +188,7 @@ class ShmCommunicator:
 
     @property
     def address(self) -> dict[str, Any]:
-        """What the other ranks need to :meth:`attach` (pickle-able)."""
+        """What the other ranks need to :meth:`attach` (msgpack-able)."""
         return {"name": self.base, "world_size": self.world_size, "slot_bytes": self.slot_bytes}
 
     @property
@@ -291,6 +305,16 @@ def close_all() -> None:
         comm.close()
 
 
+def unlink_all() -> None:
+    """Unlink the names every communicator of this process still owns, mapping nothing away.
+
+    For a worker whose engine is gone and that is about to exit (possibly from another thread
+    while this one is inside a collective): only the names go, the mappings stay valid.
+    """
+    for comm in list(_live):
+        comm.unlink()
+
+
 # --------------------------------------------------------------------- choosing per TP group
 def requested_mode() -> str:
     """`SHARDLINE_TP_ALLREDUCE` (auto, shm or gloo; default auto)."""
@@ -310,16 +334,18 @@ def setup_tp_comm(
     Collective over `tp_group`: every rank calls it. Returns (communicator or None, backend
     name: "shm", or torch.distributed's backend of the group). TP rank 0's
     `SHARDLINE_TP_ALLREDUCE` decides for the group; shm needs a CPU device and every TP rank on
-    this host. In auto mode both are timed on a decode-sized tensor and TP rank 0 picks the
-    faster; a forced ``shm`` that cannot be had raises on every rank.
+    this host (one :func:`host_key`). In auto mode both are timed on a decode-sized tensor and
+    TP rank 0 picks the faster; a forced ``shm`` that cannot be had raises on every rank.
     """
     fallback = str(dist.get_backend(tp_group))
     if tp_size == 1 or device.type != "cpu":
         if tp_size > 1 and requested_mode() == "shm":
             raise RuntimeError(f"{ENV_MODE}=shm needs a CPU device (this rank has {device})")
         return None, fallback
-    seen: list[Any] = [None] * tp_size
-    dist.all_gather_object(seen, (requested_mode(), _host_key()), group=tp_group)
+    seen = [
+        _decode(raw, f"TP rank {r}'s mode and host", _check_mode_and_host)
+        for r, raw in enumerate(_all_gather_bytes(_encode([requested_mode(), host_key()]), tp_group))
+    ]
     mode = seen[0][0]
     if any(m != mode for m, _ in seen) and tp_rank == 0:
         logger.warning("TP ranks disagree on %s (%s); TP rank 0's %r decides",
@@ -327,7 +353,11 @@ def setup_tp_comm(
     hosts = {host for _, host in seen}
     if mode == "shm" and len(hosts) > 1:
         raise RuntimeError(f"{ENV_MODE}=shm needs every TP rank on one host, not {sorted(hosts)}")
-    if mode == "gloo" or len(hosts) > 1:
+    if len(hosts) > 1:
+        logger.info("TP collectives over %s: the %d TP ranks are on %d hosts", fallback,
+                    tp_size, len(hosts))  # fmt: skip
+        return None, fallback
+    if mode == "gloo":
         return None, fallback
     comm = _build(tp_group, tp_rank, tp_size, timeout_s, slot_bytes, required=mode == "shm")
     if comm is None:
@@ -345,12 +375,91 @@ def setup_tp_comm(
     return None, fallback
 
 
-def _host_key() -> str:
-    """This machine's name and boot: ranks that share both can share /dev/shm."""
+def host_key() -> str:
+    """What ranks that can share POSIX shared memory have in common (see the module doc):
+    the kernel's boot id, /dev/shm's device and inode, the pid namespace, and
+    ``SHARDLINE_HOST_ID`` where set. The host name is not part of it (a container may have its
+    own and still the host's /dev/shm); it stands in for the boot id only where that is
+    unreadable."""
     boot = ""
     with contextlib.suppress(OSError):
         boot = pathlib.Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    return f"{socket.gethostname()}/{boot}"
+    shm = pid_ns = ""
+    with contextlib.suppress(OSError):
+        info = os.stat("/dev/shm")
+        shm = f"{info.st_dev}:{info.st_ino}"
+    with contextlib.suppress(OSError):
+        pid_ns = os.readlink("/proc/self/ns/pid")
+    key = f"{boot or socket.gethostname()}/shm {shm}/{pid_ns}"
+    host_id = os.environ.get(ENV_HOST_ID, "").strip()
+    return f"{key}/id {host_id}" if host_id else key
+
+
+# --------------------------------------------------------------------- typed set-up exchange
+def _encode(value: Any) -> bytes:
+    return msgpack.packb(value, use_bin_type=True)  # type: ignore[no-any-return]
+
+
+def _decode(raw: bytes, what: str, check: Callable[[Any], bool]) -> Any:
+    """`raw` unpacked, if `check` accepts it; else a RuntimeError naming `what`."""
+    try:
+        value = msgpack.unpackb(raw, raw=False, strict_map_key=True)
+    except (ValueError, msgpack.UnpackException) as exc:
+        raise RuntimeError(f"malformed {what} in the shm set-up: {exc}") from None
+    if not check(value):
+        raise RuntimeError(f"malformed {what} in the shm set-up: {value!r}")
+    return value
+
+
+def _check_mode_and_host(value: Any) -> bool:
+    return (isinstance(value, list) and len(value) == 2 and value[0] in MODES
+            and isinstance(value[1], str))  # fmt: skip
+
+
+def _check_address(value: Any) -> bool:
+    return value is None or (
+        isinstance(value, list) and len(value) == 3 and isinstance(value[0], str)
+        and all(type(v) is int for v in value[1:])
+    )  # fmt: skip
+
+
+def _check_error(value: Any) -> bool:
+    return value is None or isinstance(value, str)
+
+
+def _check_decision(value: Any) -> bool:
+    return (isinstance(value, list) and len(value) == 3 and isinstance(value[0], bool)
+            and all(isinstance(v, float) for v in value[1:]))  # fmt: skip
+
+
+def _bytes_tensor(payload: bytes, size: int) -> torch.Tensor:
+    tensor = torch.zeros(max(size, 1), dtype=torch.uint8)
+    if payload:
+        tensor[: len(payload)] = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+    return tensor
+
+
+def _all_gather_bytes(payload: bytes, group: Any) -> list[bytes]:
+    """Every rank's `payload`, in group rank order: the lengths (int64), then the bytes padded
+    to the longest, both with torch.distributed's tensor all_gather."""
+    n = dist.get_world_size(group)
+    sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(n)]
+    dist.all_gather(sizes, torch.tensor([len(payload)], dtype=torch.int64), group=group)
+    lengths = [int(size.item()) for size in sizes]
+    longest = max(lengths)
+    parts = [torch.zeros(max(longest, 1), dtype=torch.uint8) for _ in range(n)]
+    dist.all_gather(parts, _bytes_tensor(payload, longest), group=group)
+    return [part[:length].numpy().tobytes() for part, length in zip(parts, lengths, strict=True)]
+
+
+def _broadcast_bytes(payload: bytes | None, group: Any) -> bytes:
+    """Group rank 0's `payload` (other ranks pass None): its length, then its bytes."""
+    size = torch.tensor([len(payload or b"")], dtype=torch.int64)
+    dist.broadcast(size, group=group, group_src=0)
+    length = int(size.item())
+    data = _bytes_tensor(payload or b"", length)
+    dist.broadcast(data, group=group, group_src=0)
+    return data[:length].numpy().tobytes()
 
 
 def _build(
@@ -359,21 +468,25 @@ def _build(
     """Rank 0 creates, the others attach, rank 0 unlinks; None on every rank if any failed."""
     comm: ShmCommunicator | None = None
     error: str | None = None
-    address: list[Any] = [None]
+    sent: list[Any] | None = None
     if tp_rank == 0:
         try:
             comm = ShmCommunicator.create(tp_size, slot_bytes, timeout_s)
-            address[0] = comm.address
+            sent = [comm.base, comm.world_size, comm.slot_bytes]
         except (OSError, ValueError, posix_ipc.Error, TransportBroken) as exc:
             error = f"TP rank 0 could not create the shm segment: {exc}"
-    dist.broadcast_object_list(address, group=tp_group, group_src=0)
-    if tp_rank != 0 and address[0] is not None:
+    raw = _broadcast_bytes(_encode(sent) if tp_rank == 0 else None, tp_group)
+    got = _decode(raw, "address from TP rank 0", _check_address)
+    if tp_rank != 0 and got is not None:
+        address = {"name": got[0], "world_size": got[1], "slot_bytes": got[2]}
         try:
-            comm = ShmCommunicator.attach(address[0], tp_rank, timeout_s)
+            comm = ShmCommunicator.attach(address, tp_rank, timeout_s)
         except (OSError, ValueError, posix_ipc.Error, TransportBroken) as exc:
-            error = f"TP rank {tp_rank} could not attach shm segment {address[0]['name']}: {exc}"
-    errors: list[Any] = [None] * tp_size
-    dist.all_gather_object(errors, error, group=tp_group)  # also: every rank has attached
+            error = f"TP rank {tp_rank} could not attach shm segment {got[0]}: {exc}"
+    errors = [  # also: every rank has attached
+        _decode(raw, f"TP rank {r}'s set-up result", _check_error)
+        for r, raw in enumerate(_all_gather_bytes(_encode(error), tp_group))
+    ]
     if comm is not None:
         comm.unlink()
     failures = [e for e in errors if e]
@@ -402,7 +515,7 @@ def _probe(comm: ShmCommunicator, tp_group: Any, tp_rank: int) -> tuple[bool, tu
 
     gloo_s = median_s(lambda: dist.all_reduce(tensor, group=tp_group))
     shm_s = median_s(lambda: comm.all_reduce(tensor))
-    decision: list[Any] = [(shm_s < gloo_s, (gloo_s, shm_s)) if tp_rank == 0 else None]
-    dist.broadcast_object_list(decision, group=tp_group, group_src=0)
-    use_shm, timings = decision[0]
-    return bool(use_shm), (float(timings[0]), float(timings[1]))
+    ours = _encode([shm_s < gloo_s, gloo_s, shm_s]) if tp_rank == 0 else None
+    use_shm, gloo_s, shm_s = _decode(_broadcast_bytes(ours, tp_group), "decision of TP rank 0",
+                                     _check_decision)  # fmt: skip
+    return use_shm, (gloo_s, shm_s)
