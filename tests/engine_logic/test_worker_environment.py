@@ -30,5 +30,6 @@ def test_a_users_choice_wins(monkeypatch: pytest.MonkeyPatch, name: str, value: 
 
 
 def test_a_given_environment_is_the_base() -> None:
-    assert worker_environment({"A": "1"}) == {"A": "1", "OMP_WAIT_POLICY": "PASSIVE"}
-    assert worker_environment({"GOMP_SPINCOUNT": "0"}) == {"GOMP_SPINCOUNT": "0"}
+    level = {"SHARDLINE_LOG_LEVEL": "INFO"}  # given here; tests/engine_logic/test_log.py covers its default
+    assert worker_environment({"A": "1", **level}) == {"A": "1", "OMP_WAIT_POLICY": "PASSIVE", **level}
+    assert worker_environment({"GOMP_SPINCOUNT": "0", **level}) == {"GOMP_SPINCOUNT": "0", **level}

@@ -76,9 +76,9 @@ async def wait_idle(base_url: str, deadline_s: float = 30.0) -> dict[str, float]
 
 
 def worker_processes(server: ServerProcess) -> list[psutil.Process]:
-    """The engine's worker processes: spawned children of the server (not the resource tracker)."""
+    """The engine's worker processes: the server's children running `python -m shardline.worker`."""
     children = psutil.Process(server.proc.pid).children(recursive=True)
-    return [c for c in children if any("spawn_main" in part for part in c.cmdline())]
+    return [c for c in children if c.cmdline()[-2:] == ["-m", "shardline.worker"]]
 
 
 def listening_ports(pid: int) -> set[int]:
