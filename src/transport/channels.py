@@ -6,6 +6,8 @@ Per kind:
 * ``shm``: one broadcast ring (engine -> all ranks) and one ring per rank (rank -> engine).
   `send_to(rank)` travels on the broadcast ring too, tagged with its target, so a worker sees
   broadcasts and its own messages in exactly the order the engine sent them; other ranks skip it.
+  The engine creates (and on close unlinks) every ring; a worker whose engine was killed
+  unlinks their names itself (`WorkerChannels.unlink_shm_names`).
 * ``tcp``: one authenticated connection per rank; a broadcast is N sends.
 * ``mixed`` (``shm`` with ``tcp_ranks``, for runs across nodes): ranks on the engine's node use
   the shm rings (reader index = position in ``shm_ranks``), the others (``tcp_ranks``, on other
@@ -32,7 +34,7 @@ from shardline.transport import inproc, shm, tcp
 from shardline.transport.base import AsyncResource, Frame, Transport
 from shardline.transport.errors import TransportBroken, TransportClosed, TransportError
 from shardline.transport.messages import Hello, Message, decode, encode
-from shardline.transport.shm_ring import Ring
+from shardline.transport.shm_ring import Ring, ring_names, unlink_names
 
 Kind = Literal["inproc", "shm", "tcp", "mixed"]
 _TO_ALL = 0xFFFFFFFF
@@ -328,11 +330,28 @@ def _open_mixed(
 class WorkerChannels:
     """A worker's end, for a plain (non-async) loop or thread."""
 
-    def __init__(self, rank: int, link: Transport, broadcast: shm.RingReader | None) -> None:
+    def __init__(
+        self,
+        rank: int,
+        link: Transport,
+        broadcast: shm.RingReader | None,
+        shm_names: Collection[str] = (),
+    ) -> None:
         self.rank = rank
         self._link = link  # sends to the engine (and, for inproc/tcp, receives too)
         self._broadcast = broadcast
         self._send_lock = threading.Lock()
+        self._shm_names = list(shm_names)  # the engine's rings, by name (see unlink_shm_names)
+
+    def unlink_shm_names(self) -> list[str]:
+        """Unlink the engine's shared-memory names this worker knows: the broadcast ring and
+        every shm rank's result ring (segments and semaphores). Only for a worker whose engine
+        is gone: the engine created them and would unlink them on close, but a SIGKILLed one
+        cannot. Mappings stay valid; names already gone are skipped. Idempotent (thread-safe:
+        it only removes names). Returns the names it tried."""
+        names, self._shm_names = self._shm_names, []
+        unlink_names(names)
+        return names
 
     def recv(self, timeout: float | None = None) -> Message:
         """The next broadcast or send_to(rank) message; TimeoutError after `timeout` s."""
@@ -368,6 +387,7 @@ def connect_worker_channels(
         raise ValueError(f"rank {rank} out of range for {num_workers} workers")
     broadcast: shm.RingReader | None = None
     link: Transport
+    names: list[str] = []
     if kind == "inproc":
         ends = _inproc_registry.get(str(address.get("name")), {})
         if rank not in ends:
@@ -376,6 +396,8 @@ def connect_worker_channels(
     elif kind == "shm" or (kind == "mixed" and rank in address["shm_ranks"]):
         max_size = int(address["max_message_size"])
         index = address["shm_ranks"].index(rank) if kind == "mixed" else rank
+        for ring_address in [address["broadcast"], *address["results"]]:
+            names += ring_names(ring_address)
         broadcast = shm.RingReader(
             Ring.attach(address["broadcast"]), index, max_message_size=max_size
         )
@@ -394,7 +416,7 @@ def connect_worker_channels(
         link = tcp.connect_blocking(address, address.get("token"), timeout)
     else:
         raise ValueError(f"unknown transport kind {kind!r} in channel address")
-    channels = WorkerChannels(rank, link, broadcast)
+    channels = WorkerChannels(rank, link, broadcast, names)
     try:
         channels.send(Hello(rank=rank, world_size=num_workers, pid=os.getpid()))
     except BaseException:

@@ -36,7 +36,8 @@ semaphore in ``POLL_INTERVAL`` slices; between slices check the peer's state wor
 (a SIGKILLed peer is reported as ``TransportBroken`` within ~0.1 s). Closing an end sets its
 state to closed and posts the peer's semaphores once to wake it. Names are
 ``/shardline_<creator pid>_<random>`` (+ ``_d<i>``/``_s<i>`` for semaphores), mode 0600; the
-creator unlinks them on close and in a ``weakref.finalize``; :func:`sweep_stale` removes names
+creator unlinks them on close and in a ``weakref.finalize``; a process that outlives a killed
+creator can unlink them by address (:func:`ring_names`); :func:`sweep_stale` removes names
 whose creator pid no longer exists.
 """
 
@@ -157,6 +158,14 @@ def unlink_names(names: list[str]) -> None:
                 posix_ipc.unlink_shared_memory(name)
             else:
                 posix_ipc.unlink_semaphore(name)
+
+
+def ring_names(address: dict[str, Any]) -> list[str]:
+    """Every name of the ring at `address` (a :attr:`Ring.address`): its segment and each
+    reader's two semaphores, as :func:`unlink_names` takes them. For a process that knows a
+    ring by its address and must unlink it because the creator died (a worker's engine)."""
+    base, nreaders = str(address["name"]), int(address["nreaders"])
+    return [base + "_seg"] + [f"{base}_{kind}{i}" for i in range(nreaders) for kind in "ds"]
 
 
 def map_segment(base: str, size: int, *, create: bool) -> mmap.mmap:

@@ -15,7 +15,9 @@ started by ``shardline.worker.launch.launch_worker`` with its config on stdin) r
 ``inproc`` channels): then there is no torch.distributed group and nothing process-global
 (threads, logging handlers) is changed unless asked. A worker never hangs on a dead engine:
 receives time out to check the parent, and in its own process the heartbeat thread exits the
-process if the parent disappears.
+process if the parent disappears. A rank whose parent (the engine) is gone unlinks the
+shared-memory names it knows before it exits, the engine's rings and the TP communicator's
+(`_unlink_orphaned_names`): the engine created them and can no longer remove them.
 """
 
 from __future__ import annotations
@@ -248,6 +250,7 @@ class Worker:
             except TimeoutError:
                 if self._parent_gone():
                     self.log.warning("parent process %s is gone; exiting", self.config.parent_pid)
+                    self._unlink_orphaned_names()
                     return
                 continue
             if isinstance(msg, ExecuteStep):
@@ -290,6 +293,7 @@ class Worker:
                 orphaned_since = orphaned_since or now
                 if now - orphaned_since > ORPHAN_GRACE_SECONDS:
                     self.log.error("parent process gone while busy; exiting")
+                    self._unlink_orphaned_names()  # os._exit runs no finalizer or `_close`
                     os._exit(1)
             seq += 1
             try:
@@ -313,7 +317,31 @@ class Worker:
         except Exception as send_exc:  # the engine may be gone already; the exit code says it
             self.log.error("could not report the failure: %s", send_exc)
 
+    def _unlink_orphaned_names(self) -> None:
+        """The engine is gone: unlink the shared-memory names this rank knows, the engine's
+        channel rings (segments and semaphores) and the TP shm communicator's while it still
+        owns any, so nothing stays in /dev/shm even if shardline never starts again. Only
+        names go (mappings stay valid), so it is safe from the heartbeat thread while the main
+        thread is busy; idempotent."""
+        channels = self._channels
+        unlink = getattr(channels, "unlink_shm_names", None)
+        if unlink is not None:
+            try:
+                names = unlink()
+                if names:
+                    self.log.info("unlinked the dead engine's %d shared-memory names", len(names))
+            except Exception as exc:  # best effort: the next start's sweep removes the rest
+                self.log.warning("could not unlink the engine's shared memory: %s", exc)
+        shm_comm = sys.modules.get("shardline.model.parallel.shm_comm")
+        if shm_comm is not None:
+            try:
+                shm_comm.unlink_all()
+            except Exception as exc:
+                self.log.warning("could not unlink the TP communicator's names: %s", exc)
+
     def _close(self) -> None:
+        if self.own_process and self._parent_gone():  # every exit path of an orphan passes here
+            self._unlink_orphaned_names()
         self._stop.set()
         if self._heartbeat is not None and self._heartbeat is not threading.current_thread():
             self._heartbeat.join(timeout=5)
