@@ -234,12 +234,13 @@ class KVCacheManager:
         """Raise AssertionError naming the first violated invariant (DESIGN.md section 5).
 
         `live_requests` are the requests that should hold blocks right now (running ones);
-        a table held by any other request id counts as a leak.
+        a table held by any other request id counts as a leak. Read-only: it changes no state
+        of the manager or of a request (hashes are recomputed from the tokens, never extended),
+        so checking cannot mask a bug in the incremental hashing.
         """
         live = {r.request_id: r for r in live_requests}
         bs = self.block_size
-        free_ids = list(self._free)
-        free_set = set(free_ids)
+        free_set = set(self._free)
         holders: dict[int, list[tuple[str, int]]] = {}
         for req_id, table in self._tables.items():
             if len(set(table)) != len(table):
@@ -247,9 +248,10 @@ class KVCacheManager:
             for position, block_id in enumerate(table):
                 holders.setdefault(block_id, []).append((req_id, position))
 
-        # 1. free + in use = total; no duplicate in the free list.
-        if len(free_set) != len(free_ids):
-            raise AssertionError("inv1: a block id appears twice in the free list")
+        # 1. free + in use = total: no block is both free and in a table, none is neither.
+        both = sorted(free_set & holders.keys())
+        if both:
+            raise AssertionError(f"inv1: blocks {both} are in the free list and in a table")
         if len(free_set) + len(holders) != self.num_blocks:
             raise AssertionError(
                 f"inv1: free {len(free_set)} + in use {len(holders)} != total {self.num_blocks}"
@@ -267,13 +269,20 @@ class KVCacheManager:
                 raise AssertionError(
                     f"inv3: block {block_id} ref_cnt {refs}, in free list: {block_id in free_set}"
                 )
-        # 4. cache map and block hashes agree both ways.
-        for block_hash, block_id in self._cached.items():
-            if self._block_hash[block_id] != block_hash:
-                raise AssertionError(f"inv4: cache map entry for block {block_id} is stale")
+        # 4. cache map and block hashes agree both ways: every cached hash is held by exactly
+        # one block, the one the map names, and every hash a block holds is in the map.
+        hash_holders: dict[bytes, list[int]] = {}
         for block_id, held_hash in enumerate(self._block_hash):
-            if held_hash is not None and self._cached.get(held_hash) != block_id:
-                raise AssertionError(f"inv4: block {block_id} holds a hash not in the cache map")
+            if held_hash is not None:
+                hash_holders.setdefault(held_hash, []).append(block_id)
+        for block_hash, blocks in hash_holders.items():
+            if len(blocks) > 1:
+                raise AssertionError(f"inv4: blocks {blocks} hold the same hash")
+            if self._cached.get(block_hash) != blocks[0]:
+                raise AssertionError(f"inv4: block {blocks[0]} holds a hash not in the cache map")
+        for block_hash, block_id in self._cached.items():
+            if hash_holders.get(block_hash) != [block_id]:
+                raise AssertionError(f"inv4: cache map entry for block {block_id} is stale")
         # 5. table length = ceil(tokens with KV / block size); 6. nothing else holds blocks.
         for req_id, table in self._tables.items():
             request = live.get(req_id)
@@ -285,6 +294,20 @@ class KVCacheManager:
                     f"inv5: request {req_id} has {request.num_computed_tokens} tokens with KV "
                     f"but {len(table)} blocks (expected {expected})"
                 )
+        # The incremental hash chain of every live request is the chain of its tokens,
+        # recomputed here from scratch for all its full blocks.
+        chains: dict[str, list[bytes]] = {}
+        for req_id, request in live.items():
+            tokens = request.all_token_ids
+            chain = chains[req_id] = _hash_chain(tokens, bs)
+            hashes = request.block_hashes
+            if len(hashes) > len(chain):
+                raise AssertionError(
+                    f"inv7: request {req_id} has {len(hashes)} block hashes "
+                    f"for {len(tokens)} tokens"
+                )
+            if hashes != chain[: len(hashes)]:
+                raise AssertionError(f"inv7: block hashes of request {req_id} do not match its tokens")
         # 7. shared blocks sit at the same position behind equal token prefixes.
         for block_id, owners in holders.items():
             first_id, first_pos = owners[0]
@@ -299,7 +322,15 @@ class KVCacheManager:
             # A cached block's content must be what its hash says (guards a stale hash).
             held = self._block_hash[block_id]
             if held is not None:
-                owner = live[first_id]
-                self._update_hashes(owner, (first_pos + 1) * bs)
-                if owner.block_hashes[first_pos] != held:
+                chain = chains[first_id]
+                if len(chain) <= first_pos or chain[first_pos] != held:
                     raise AssertionError(f"inv7: block {block_id} hash does not match its tokens")
+
+
+def _hash_chain(token_ids: list[int], block_size: int) -> list[bytes]:
+    """The hashes of every full block of `token_ids`, computed from scratch."""
+    chain: list[bytes] = []
+    for index in range(len(token_ids) // block_size):
+        block = token_ids[index * block_size : (index + 1) * block_size]
+        chain.append(hash_block(chain[-1] if chain else None, block))
+    return chain
