@@ -41,6 +41,9 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-seqs", type=int, default=None, metavar="N",
                    help="sequences in a batch (default: 128 for serve; 1 for generate)")
     g.add_argument("--max-num-batched-tokens", type=int, default=2048, metavar="N")
+    g.add_argument("--long-prefill-token-threshold", type=int, default=0, metavar="N",
+                   help="while others run or wait, a prefill chunk takes at most N tokens of a "
+                        "step (default 0: a quarter of --max-num-batched-tokens)")
     g.add_argument("--num-kv-blocks", type=int, default=None, metavar="N",
                    help="fixed KV-cache size in blocks (default: from the memory budget)")
     g.add_argument("--kv-cache-memory-bytes", type=_byte_size, default=None, metavar="BYTES",
@@ -92,6 +95,7 @@ def _engine_config(args: argparse.Namespace, **extra: Any) -> EngineConfig:
         max_model_len=args.max_model_len,
         max_num_seqs=default_num_seqs if args.max_num_seqs is None else args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
+        long_prefill_token_threshold=args.long_prefill_token_threshold,
         num_kv_blocks=args.num_kv_blocks,
         kv_cache_memory_bytes=args.kv_cache_memory_bytes,
         gpu_memory_utilization=args.gpu_memory_utilization,
@@ -154,7 +158,8 @@ def _build_parser() -> argparse.ArgumentParser:
                                        "(try `shardline bench NAME --help`). Available: "
                                        + (", ".join(names) or "none found"))
     bench.add_argument("name", metavar="NAME", help="one of: " + (", ".join(names) or "none found"))
-    bench.add_argument("args", nargs=argparse.REMAINDER, help="passed to the script")
+    script_args = bench.add_argument("args", nargs=argparse.REMAINDER, help="passed to the script")
+    script_args.required = False  # argparse counts a REMAINDER positional as required; only NAME is
     return parser
 
 

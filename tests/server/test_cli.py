@@ -78,6 +78,28 @@ def test_bench_runs_the_named_script_with_its_arguments(
     assert "nope" in err and "echo" in err
 
 
+def test_bench_without_a_name_asks_for_the_name_only(capsys: pytest.CaptureFixture[str]) -> None:
+    """`shardline bench` alone: NAME is required, the script's arguments are not."""
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["bench"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "the following arguments are required: NAME" in err, err
+    assert "args" not in err.splitlines()[-1], err
+
+
+def test_bench_name_alone_runs_the_script_without_arguments(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    record = tmp_path / "args.json"
+    (tmp_path / "echo.py").write_text(
+        f"import json, sys\nopen({str(record)!r}, 'w').write(json.dumps(sys.argv[1:]))\n"
+    )
+    monkeypatch.setattr(cli, "BENCHMARKS_DIR", tmp_path)
+    assert cli.main(["bench", "echo"]) == 0
+    assert json.loads(record.read_text()) == []
+
+
 def test_bench_help_lists_the_real_benchmarks(capsys: pytest.CaptureFixture[str]) -> None:
     names = sorted(p.stem for p in cli.BENCHMARKS_DIR.glob("*.py") if not p.stem.startswith("_"))
     assert names, "benchmarks/ has scripts"
