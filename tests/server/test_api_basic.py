@@ -109,6 +109,29 @@ async def test_chat_stream_format_and_usage(client: httpx.AsyncClient) -> None:
     assert all(c["choices"][0]["finish_reason"] is None for c in content_chunks[:-1])
 
 
+@pytest.mark.parametrize("logprobs", [False, True])
+async def test_chat_stream_deltas_leave_out_the_role_after_the_first(
+    client: httpx.AsyncClient, logprobs: bool
+) -> None:
+    """As OpenAI: the first delta is {"role": "assistant", "content": ""}, later ones carry
+    no `role` key at all (not `"role": null`); the chunks' other None fields stay null."""
+    body = {"messages": MESSAGES, "max_tokens": 5, "stream": True, "logprobs": logprobs}
+    chunks = parse_sse((await client.post(CHAT, json=body)).text)[:-1]
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    later = [c["choices"][0] for c in chunks[1:]]
+    assert len(later) == 5
+    for choice in later:
+        assert set(choice["delta"]) == {"content"}, choice
+        assert set(choice) == {"index", "delta", "logprobs", "finish_reason"}, choice
+    assert all(c["usage"] is None for c in chunks)  # still present, as null
+    if not logprobs:
+        assert all(choice["logprobs"] is None for choice in later)
+    # A non-streamed response keeps its shape (null fields included).
+    whole = (await client.post(CHAT, json={**body, "stream": False})).json()
+    assert whole["choices"][0]["message"] == {"role": "assistant", "content": expected_text(5)}
+    assert "logprobs" in whole["choices"][0]
+
+
 async def test_stream_without_include_usage_has_no_usage_chunk(client: httpx.AsyncClient) -> None:
     response = await client.post(COMPLETIONS, json={"prompt": "x", "max_tokens": 4, "stream": True})
     events = parse_sse(response.text)

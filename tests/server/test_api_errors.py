@@ -73,11 +73,68 @@ async def test_over_long_prompt_is_400_context_length_exceeded(
     prompt = "x" * (fake_engine.max_model_len + 10)
     response = await client.post(COMPLETIONS, json={"prompt": prompt, "max_tokens": 4, "stream": stream})
     assert_openai_error(response, 400, param="prompt", code="context_length_exceeded")
-    # Prompt fits but prompt + max_tokens does not.
-    response = await client.post(COMPLETIONS, json={"prompt": "x" * 200, "max_tokens": 100})
-    error = assert_openai_error(response, 400, param="prompt", code="context_length_exceeded")
-    assert "max_tokens" in error["message"]
+    # Prompt fits but prompt + max_tokens does not: max_tokens is what is wrong.
+    response = await client.post(COMPLETIONS, json={"prompt": "x" * 200, "max_tokens": 100, "stream": stream})
+    error = assert_openai_error(response, 400, param="max_tokens", code="context_length_exceeded")
+    assert error["message"].startswith("invalid max_tokens: ") and "at most 56" in error["message"], error
     await assert_still_serves(client)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize(
+    ("overrides", "param"),
+    [
+        ({"max_tokens": 300}, "max_tokens"),
+        ({"max_tokens": 4, "max_completion_tokens": 300}, "max_completion_tokens"),
+        ({"messages": [{"role": "user", "content": "x" * 300}], "max_tokens": 4}, "messages"),
+        ({"messages": [{"role": "user", "content": "x" * 300}], "max_tokens": None}, "messages"),
+    ],
+    ids=["max_tokens", "max_completion_tokens", "long-messages", "long-messages-no-limit"],
+)
+async def test_chat_over_the_context_names_the_field_at_fault(
+    client: httpx.AsyncClient, stream: bool, overrides: dict[str, object], param: str
+) -> None:
+    """A chat request whose prompt fits but whose token limit does not names that limit (not
+    "prompt"); one whose messages alone are too long names `messages`."""
+    body = {k: v for k, v in {**GOOD_CHAT, **overrides, "stream": stream}.items() if v is not None}
+    response = await client.post(CHAT, json=body)
+    error = assert_openai_error(response, 400, type="invalid_request_error", param=param,
+                                code="context_length_exceeded")  # fmt: skip
+    assert error["message"].startswith(f"invalid {param}: "), error
+    if param.startswith("max_"):
+        assert f"lower {param} to at most" in error["message"], error
+    await assert_still_serves(client)
+
+
+JSON_BODY = b'{"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}'
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    [None, "text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x",
+     "application/octet-stream"],
+)  # fmt: skip
+async def test_a_body_without_a_json_content_type_is_refused_as_not_json(
+    client: httpx.AsyncClient, content_type: str | None
+) -> None:
+    """JSON bytes under another (or no) Content-Type: FastAPI does not read them as JSON; the
+    answer says the body must be JSON, not pydantic's "Input should be a valid dictionary"."""
+    headers = {"content-type": content_type} if content_type else {}
+    response = await client.post(CHAT, content=JSON_BODY, headers=headers)
+    error = assert_openai_error(response, 400, type="invalid_request_error", param=None,
+                                code="invalid_content_type")  # fmt: skip
+    assert error["message"].startswith("the request body must be JSON (Content-Type: application/json)")
+    assert (content_type or "no Content-Type") in error["message"], error
+    assert "valid dictionary" not in error["message"]
+    await assert_still_serves(client)
+
+
+@pytest.mark.parametrize("content_type", ["application/json; charset=utf-8", "application/merge-patch+json"])
+async def test_json_content_types_with_parameters_or_suffixes_are_read(
+    client: httpx.AsyncClient, content_type: str
+) -> None:
+    response = await client.post(CHAT, content=JSON_BODY, headers={"content-type": content_type})
+    assert response.status_code == 200, response.text
 
 
 @pytest.mark.parametrize(

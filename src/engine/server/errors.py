@@ -99,8 +99,19 @@ def _loc_to_param(loc: Sequence[Any]) -> str | None:
     return ".".join(parts) or None
 
 
-def validation_error(exc: RequestValidationError) -> APIError:
-    """FastAPI's 422 as OpenAI's 400, naming the first offending field."""
+NOT_JSON_MESSAGE = "the request body must be JSON (Content-Type: application/json)"
+
+
+def validation_error(exc: RequestValidationError, content_type: str | None = None) -> APIError:
+    """FastAPI's 422 as OpenAI's 400, naming the first offending field.
+
+    A body FastAPI did not read as JSON (it keeps the raw bytes when the Content-Type is not
+    `application/json` or `application/*+json`, or missing) is refused as such, instead of
+    with pydantic's "Input should be a valid dictionary"; `content_type` is the request's.
+    """
+    if isinstance(exc.body, bytes | bytearray) and exc.body:
+        got = f"got Content-Type: {content_type}" if content_type else "the request has no Content-Type"
+        return APIError(400, f"{NOT_JSON_MESSAGE}; {got}", code="invalid_content_type")
     errors = list(exc.errors())
     if not errors:
         return APIError(400, "invalid request body", code="invalid_value")
@@ -124,7 +135,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def on_validation_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)  # registered for this type only
-        return validation_error(exc).response()
+        return validation_error(exc, request.headers.get("content-type")).response()
 
     async def on_http_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)  # registered for this type only

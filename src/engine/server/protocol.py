@@ -9,9 +9,9 @@ valid requests); `SamplingParams` stays the authority and checks them again.
 from __future__ import annotations
 
 import time
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
 
 FinishReason = str
 """The engine's finish reason: "stop", "length", "abort" or "error"."""
@@ -166,10 +166,19 @@ class ChatCompletionResponse(BaseModel):
 
 
 class ChatDelta(BaseModel):
-    """What one streamed chunk adds to the assistant message."""
+    """What one streamed chunk adds to the assistant message.
+
+    Fields that are None are left out of the JSON, as OpenAI does: the first chunk carries
+    `role`, the others only `content` (no `"role": null`). Only the delta drops them; every
+    other response keeps its None fields as null.
+    """
 
     role: Literal["assistant"] | None = None
     content: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _without_none(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return {key: value for key, value in handler(self).items() if value is not None}
 
 
 class ChatChunkChoice(BaseModel):

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from shardline.engine.errors import InvalidRequestError
+from shardline.engine.errors import InvalidRequestError, PromptTooLongError
 from shardline.engine.request import SamplingParams, TokenLogprob
 from shardline.engine.server.errors import APIError
 from shardline.engine.server.protocol import (
@@ -86,6 +86,38 @@ def build_sampling_params(
     except InvalidRequestError as exc:
         renamed = {"max_tokens": max_tokens_field, "logprobs": logprobs_field}
         raise APIError(400, str(exc), param=renamed.get(exc.field, exc.field), code="invalid_value") from exc
+
+
+def max_tokens_field(req: ChatCompletionRequest | CompletionRequest) -> str | None:
+    """The field the request set its token limit with (`max_completion_tokens` wins on chat, as
+    in `build_sampling_params`), or None when it left the limit to the context's end."""
+    if isinstance(req, ChatCompletionRequest) and req.max_completion_tokens is not None:
+        return "max_completion_tokens"
+    return "max_tokens" if req.max_tokens is not None else None
+
+
+def context_length_error(
+    exc: PromptTooLongError,
+    *,
+    prompt_field: str,
+    limit_field: str | None,
+    num_prompt_tokens: int | None,
+    max_model_len: int,
+) -> APIError:
+    """The engine's context-length refusal as a 400 naming the field at fault.
+
+    The engine only knows "the prompt"; here the request is known. When the prompt fits and
+    the request set a token limit (`limit_field`), the limit is what is too large (the engine
+    refuses prompt + max_tokens over max_model_len); otherwise the prompt is, named as the
+    request names it (`prompt_field`: `messages` on chat, `prompt` on completions).
+    """
+    prompt_fits = num_prompt_tokens is not None and num_prompt_tokens < max_model_len
+    if limit_field is not None and prompt_fits:
+        message = exc.message.replace("max_tokens", limit_field)
+        return APIError(400, f"invalid {limit_field}: {message}", param=limit_field,
+                        code="context_length_exceeded")  # fmt: skip
+    return APIError(400, f"invalid {prompt_field}: {exc.message}", param=prompt_field,
+                    code="context_length_exceeded")  # fmt: skip
 
 
 def count_prompt_tokens(tokenizer: Any, prompt: str | Sequence[int] | list[dict[str, str]], *, chat: bool) -> int | None:

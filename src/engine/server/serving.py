@@ -8,17 +8,19 @@ final `data: {"error": ...}` event.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 from typing import Any
 
 import anyio
 from starlette.requests import Request
 from starlette.responses import Response
 
+from shardline.engine.errors import PromptTooLongError
 from shardline.engine.request import RequestOutput
 from shardline.engine.server.engine_protocol import EngineLike
 from shardline.engine.server.errors import APIError, api_error_from
@@ -44,8 +46,10 @@ from shardline.engine.server.sampling import (
     check_completion_request,
     completion_logprobs,
     completion_prompt,
+    context_length_error,
     count_prompt_tokens,
     delta_logprobs,
+    max_tokens_field,
 )
 from shardline.engine.server.streaming import EventStreamResponse, sse, unless_disconnected
 
@@ -139,19 +143,20 @@ class OpenAIServing:
                                          finish_reason=out.finish_reason if out.finished else None))
 
         first_events = [chunk(ChatChunkChoice(delta=ChatDelta(role="assistant", content="")))]
-        if not req.stream:
-            final, entries = await self._collect(outputs, request_id, request)
-            logprobs = ChatLogprobs(content=chat_logprobs(tokenizer, entries).content) if want_logprobs else None
-            return _json_response(ChatCompletionResponse(
-                id=request_id, created=created, model=self.served_model_name,
-                choices=[ChatChoice(message=AssistantMessage(content=final.text), logprobs=logprobs,
-                                    finish_reason=final.finish_reason)],
-                usage=usage_of(final),
-            ))
-        return await self._stream(
-            outputs, request_id, request, first_events, content_chunk,
-            usage_chunk=(lambda out: chunk(None, usage_of(out))) if include_usage else None,
-        )
+        with self._naming_the_field(req, "messages", num_prompt):
+            if not req.stream:
+                final, entries = await self._collect(outputs, request_id, request)
+                logprobs = ChatLogprobs(content=chat_logprobs(tokenizer, entries).content) if want_logprobs else None
+                return _json_response(ChatCompletionResponse(
+                    id=request_id, created=created, model=self.served_model_name,
+                    choices=[ChatChoice(message=AssistantMessage(content=final.text), logprobs=logprobs,
+                                        finish_reason=final.finish_reason)],
+                    usage=usage_of(final),
+                ))
+            return await self._stream(
+                outputs, request_id, request, first_events, content_chunk,
+                usage_chunk=(lambda out: chunk(None, usage_of(out))) if include_usage else None,
+            )
 
     # ------------------------------------------------------------------ completions
     async def completion(self, req: CompletionRequest, request: Request) -> Response:
@@ -185,22 +190,38 @@ class OpenAIServing:
             return chunk([CompletionChoice(text=out.delta, logprobs=logprobs,
                                            finish_reason=out.finish_reason if out.finished else None)])
 
-        if not req.stream:
-            final, entries = await self._collect(outputs, request_id, request)
-            logprobs: CompletionLogprobs | None = None
-            if want_logprobs:
-                logprobs = completion_logprobs(tokenizer, entries, text_offset=0)
-            return _json_response(CompletionResponse(
-                id=request_id, created=created, model=self.served_model_name,
-                choices=[CompletionChoice(text=final.text, logprobs=logprobs, finish_reason=final.finish_reason)],
-                usage=usage_of(final),
-            ))
-        return await self._stream(
-            outputs, request_id, request, [], text_chunk,
-            usage_chunk=(lambda out: chunk([], usage_of(out))) if include_usage else None,
-        )
+        with self._naming_the_field(req, "prompt", num_prompt):
+            if not req.stream:
+                final, entries = await self._collect(outputs, request_id, request)
+                logprobs: CompletionLogprobs | None = None
+                if want_logprobs:
+                    logprobs = completion_logprobs(tokenizer, entries, text_offset=0)
+                return _json_response(CompletionResponse(
+                    id=request_id, created=created, model=self.served_model_name,
+                    choices=[CompletionChoice(text=final.text, logprobs=logprobs, finish_reason=final.finish_reason)],
+                    usage=usage_of(final),
+                ))
+            return await self._stream(
+                outputs, request_id, request, [], text_chunk,
+                usage_chunk=(lambda out: chunk([], usage_of(out))) if include_usage else None,
+            )
 
     # ------------------------------------------------------------------ shared
+    @contextlib.contextmanager
+    def _naming_the_field(
+        self, req: ChatCompletionRequest | CompletionRequest, prompt_field: str, num_prompt: int | None
+    ) -> Iterator[None]:
+        """The engine's PromptTooLongError (raised before the first output, so before any
+        event is sent) as a 400 naming the request field at fault: the token limit when the
+        prompt fits, else the prompt (`prompt_field`)."""
+        try:
+            yield
+        except PromptTooLongError as exc:
+            raise context_length_error(
+                exc, prompt_field=prompt_field, limit_field=max_tokens_field(req),
+                num_prompt_tokens=num_prompt, max_model_len=self.engine.max_model_len,
+            ) from exc
+
     async def _release(self, request_id: str, outputs: AsyncIterator[RequestOutput], *, abort: bool) -> None:
         """Close the request's output stream (aborting it first if unfinished).
 
