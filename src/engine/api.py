@@ -126,6 +126,7 @@ class Engine:
                 enable_prefix_caching=cfg.enable_prefix_caching,
                 workers_keep_sampled=cfg.pipeline_parallel_size == 1,
                 async_scheduling=cfg.async_scheduling and cfg.pipeline_parallel_size == 1,
+                long_prefill_token_threshold=cfg.long_prefill_token_threshold,
             ),
             kv,
         )

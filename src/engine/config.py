@@ -66,6 +66,10 @@ class EngineConfig:
     max_model_len: int | None = None
     max_num_seqs: int = 128
     max_num_batched_tokens: int = 2048
+    long_prefill_token_threshold: int = 0
+    """While other requests run or wait, one request's prefill chunk takes at most this many
+    tokens of a step (as vLLM's --long-prefill-token-threshold); 0 = a quarter of
+    max_num_batched_tokens. A request alone takes the whole budget."""
     enable_prefix_caching: bool = True
     max_waiting_requests: int = 4096
     seed: int = 0
@@ -127,6 +131,11 @@ class EngineConfig:
             "transport",
             f"'inproc' runs one in-process worker; tensor_parallel_size x pipeline_parallel_size = "
             f"{self.world_size} needs 'shm' or 'tcp'",
+        )
+        _require(
+            isinstance(self.long_prefill_token_threshold, int) and self.long_prefill_token_threshold >= 0,
+            "long_prefill_token_threshold",
+            f"must be an integer >= 0, got {self.long_prefill_token_threshold!r}",
         )
         _require(self.block_size in (1, 2, 4, 8, 16, 32, 64, 128), "block_size", f"must be a power of two <= 128, got {self.block_size}")
         _require(self.num_kv_blocks is None or self.num_kv_blocks >= 1, "num_kv_blocks", f"must be >= 1, got {self.num_kv_blocks}")

@@ -48,6 +48,10 @@ class SchedulerConfig:
     pipeline stages: every TP rank samples), so sampled tokens are never sent back to them."""
     async_scheduling: bool = False
     """Schedule the next step while the current one runs (needs workers_keep_sampled)."""
+    long_prefill_token_threshold: int = 0
+    """While other requests run or wait, a prefill chunk takes at most this many tokens of a
+    step (0: max_num_batched_tokens // 4), so a long prompt leaves room in every step for
+    the others' decodes and short prefills; alone, it takes the whole budget."""
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "block_size"):
@@ -55,6 +59,13 @@ class SchedulerConfig:
                 raise ValueError(f"SchedulerConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.async_scheduling and not self.workers_keep_sampled:
             raise ValueError("async_scheduling needs workers that keep their sampled tokens")
+        if self.long_prefill_token_threshold < 0:
+            raise ValueError("SchedulerConfig.long_prefill_token_threshold must be >= 0")
+
+    @property
+    def prefill_chunk_cap(self) -> int:
+        """The largest prefill chunk of one request while others are running or waiting."""
+        return self.long_prefill_token_threshold or max(1, self.max_num_batched_tokens // 4)
 
 
 @dataclass
@@ -217,8 +228,11 @@ class Scheduler:
         self._next_step_id += 1
         self._finished_to_report = []
 
-        # 1) Running requests: a decode token or the next prefill chunk each.
+        # 1) Running requests: a decode token or the next prefill chunk each. With others
+        # running or waiting, a prefill chunk is capped, so one long prompt cannot take every
+        # step's whole budget while short requests wait behind it.
         placeholders = self._placeholders
+        cap = self.config.prefill_chunk_cap if len(self._running) + len(self._waiting) > 1 else budget
         index = 0
         while index < len(self._running) and budget > 0:
             request = self._running[index]
@@ -228,6 +242,8 @@ class Scheduler:
                 index += 1  # the step in flight samples its last token
                 continue
             num_new = min(num_tokens + pending - request.num_computed_tokens, budget)
+            if num_new > 1:
+                num_new = min(num_new, cap)
             if num_new <= 0:
                 # Its sampled token has not come back yet (a step still in flight).
                 index += 1
@@ -249,7 +265,7 @@ class Scheduler:
         ):
             request = self._waiting[0]
             computed_blocks, num_cached = self.kv_cache.get_computed_blocks(request)
-            num_new = min(request.num_tokens - num_cached, budget)
+            num_new = min(request.num_tokens - num_cached, budget, cap)
             new_blocks = self.kv_cache.allocate_slots(request, num_new, computed_blocks)
             if new_blocks is None:
                 break  # first come, first served: nobody overtakes the head of the queue
