@@ -24,7 +24,12 @@ import anyio
 from shardline.engine.config import EngineConfig
 from shardline.engine.core import EngineCore, EngineStats
 from shardline.engine.detokenizer import IncrementalDetokenizer
-from shardline.engine.errors import EngineDeadError, EngineOverloadedError, InvalidRequestError
+from shardline.engine.errors import (
+    EngineDeadError,
+    EngineOverloadedError,
+    InvalidRequestError,
+    PromptTooLongError,
+)
 from shardline.engine.executor import Executor
 from shardline.engine.kv_cache import KVCacheManager
 from shardline.engine.model_info import ModelInfo, ModelLocation, load_model_info, locate_model
@@ -200,7 +205,8 @@ class Engine:
         Nothing happens until the first `__anext__`: bad input raises there, as it would from
         an async generator.
         """
-        return RequestOutputs(self, functools.partial(self._tokenize, prompt), params, request_id)
+        size = len(prompt) if isinstance(prompt, str) else 0
+        return RequestOutputs(self, functools.partial(self._tokenize, prompt), params, request_id, size)
 
     def chat(
         self,
@@ -209,7 +215,9 @@ class Engine:
         request_id: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Stream the assistant's reply to `messages`, formatted with the model's chat template."""
-        return RequestOutputs(self, functools.partial(self._chat_token_ids, messages), params, request_id)
+        size = sum(len(m["content"]) for m in messages if isinstance(m, dict) and isinstance(m.get("content"), str)) \
+            if isinstance(messages, list) else 0
+        return RequestOutputs(self, functools.partial(self._chat_token_ids, messages), params, request_id, size)
 
     def _chat_token_ids(self, messages: list[dict[str, str]]) -> list[int]:
         if not isinstance(messages, list) or not messages:
@@ -217,6 +225,7 @@ class Engine:
         for message in messages:
             if not isinstance(message, dict) or not isinstance(message.get("role"), str) or not isinstance(message.get("content"), str):
                 raise InvalidRequestError("messages", f"each message needs string 'role' and 'content', got {message!r}")
+        self._check_prompt_chars(sum(len(m["content"]) for m in messages))
         try:
             return self._info.apply_chat_template(messages)
         except Exception as exc:  # jinja errors on odd roles, etc.
@@ -227,8 +236,19 @@ class Engine:
         for core in self._cores:
             core.abort(request_id)
 
+    def _check_prompt_chars(self, chars: int) -> None:
+        """Refuse a text that cannot fit from its length alone, before tokenizing it: no token
+        of the model spans more than `max_token_chars` characters."""
+        limit = self._info.max_model_len * self._info.max_token_chars
+        if chars > limit:
+            raise PromptTooLongError(
+                f"the prompt has {chars} characters; at most {self._info.max_model_len} tokens fit "
+                f"(max_model_len) and no token of this model spans more than "
+                f"{self._info.max_token_chars} characters")
+
     def _tokenize(self, prompt: str | Sequence[int]) -> list[int]:
         if isinstance(prompt, str):
+            self._check_prompt_chars(len(prompt))
             return self._info.encode_prompt(prompt)
         items: list[object] = list(prompt) if isinstance(prompt, Sequence) else [prompt]
         token_ids = [t for t in items if isinstance(t, int) and not isinstance(t, bool)]
@@ -263,6 +283,9 @@ class Engine:
         return core, request.request_id, core.submit(request, detokenizer)
 
 
+TOKENIZE_OFF_LOOP_CHARS = 16_384  # text prompts longer than this are tokenized on a thread
+
+
 class RequestOutputs:
     """One request's outputs, as `Engine.generate` and `Engine.chat` return them.
 
@@ -278,7 +301,8 @@ class RequestOutputs:
     * A stream that ends without a finished output raises EngineDeadError.
     """
 
-    __slots__ = ("_engine", "_prepare", "_params", "_request_id", "_core", "_rid", "_stream", "_loop", "_finished", "_done")
+    __slots__ = ("_engine", "_prepare", "_params", "_request_id", "_core", "_rid", "_stream", "_loop", "_finished",
+                 "_done", "_size")
 
     def __init__(
         self,
@@ -286,7 +310,9 @@ class RequestOutputs:
         prepare: Callable[[], list[int]],
         params: SamplingParams | None,
         request_id: str | None,
+        size: int = 0,
     ) -> None:
+        self._size = size  # characters of text to tokenize: large ones are tokenized off the loop
         self._engine: Engine | None = engine
         self._prepare: Callable[[], list[int]] | None = prepare
         self._params = params
@@ -304,6 +330,8 @@ class RequestOutputs:
     async def __anext__(self) -> RequestOutput:
         stream = self._stream
         if stream is None:
+            if self._size > TOKENIZE_OFF_LOOP_CHARS:
+                await self._prepare_in_thread()
             stream = self._start()
         elif self._done:
             raise StopAsyncIteration
@@ -321,6 +349,19 @@ class RequestOutputs:
                 raise EngineDeadError("engine stopped before the request finished")
             raise StopAsyncIteration
         raise item
+
+    async def _prepare_in_thread(self) -> None:
+        """Tokenize a large prompt on a worker thread (the event loop keeps serving); `_start`
+        then submits the ids."""
+        prepare = self._prepare
+        if prepare is None:
+            return
+        try:
+            token_ids = await anyio.to_thread.run_sync(prepare)
+        except BaseException:
+            self._engine = self._prepare = None  # one try, like a generator that raised
+            raise
+        self._prepare = lambda: token_ids
 
     def _start(self) -> OutputStream:
         engine, prepare = self._engine, self._prepare

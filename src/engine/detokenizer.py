@@ -6,12 +6,15 @@ vLLM, we decode a short window of tokens twice -- `[prefix_offset, read_offset)`
 emitted) and `[prefix_offset, end)` -- and emit the difference, but only once the decoded
 tail no longer ends in U+FFFD (an incomplete UTF-8 sequence).
 
-Stop strings: the decoded text is scanned for each stop string; text that could still be the
-beginning of one is held back, so what is emitted never contains (part of) a stop string.
+Stop strings: the decoded text runs once through an Aho-Corasick automaton of the request's
+stop strings (`StopMatcher`); the request stops at the first one completed, and text that
+could still be the beginning of one is held back, so what is emitted never contains (part of)
+a stop string.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -65,6 +68,72 @@ def fast_decoder(tokenizer: Any) -> Any:
     return tokenizer
 
 
+class StopMatcher:
+    """Every stop string of a request in one Aho-Corasick automaton over characters.
+
+    Fed the decoded text a character at a time (each character once, O(1) amortised), its
+    state says both whether a stop string ends here (`match[state]`: the longest one that
+    does) and how much of the text's tail could still begin one (`depth[state]`: the text to
+    hold back). The former scan searched for every stop string and tried every tail length
+    against every stop at each token, k x L^2 work per token (issue 20). Built once per set of
+    stop strings (`stop_matcher` caches them) in time linear in their total length, which
+    `SamplingParams` bounds.
+    """
+
+    __slots__ = ("goto", "fail", "depth", "match")
+
+    def __init__(self, stops: tuple[str, ...]) -> None:
+        goto: list[dict[str, int]] = [{}]
+        depth = [0]
+        match = [0]
+        for stop in stops:
+            state = 0
+            for ch in stop:
+                nxt = goto[state].get(ch)
+                if nxt is None:
+                    nxt = len(goto)
+                    goto[state][ch] = nxt
+                    goto.append({})
+                    depth.append(depth[state] + 1)
+                    match.append(0)
+                state = nxt
+            match[state] = len(stop)
+        fail = [0] * len(goto)
+        queue = list(goto[0].values())
+        head = 0
+        while head < len(queue):  # breadth first: a state's failure link is shallower
+            state = queue[head]
+            head += 1
+            for ch, nxt in goto[state].items():
+                queue.append(nxt)
+                f = fail[state]
+                while f and ch not in goto[f]:
+                    f = fail[f]
+                target = goto[f].get(ch, 0)
+                fail[nxt] = target if target != nxt else 0
+                if not match[nxt]:
+                    match[nxt] = match[fail[nxt]]
+        self.goto, self.fail, self.depth, self.match = goto, fail, depth, match
+
+    def feed(self, state: int, text: str) -> tuple[int, int]:
+        """Run `text` from `state`: (state after it, end offset in `text` of the first stop
+        string completed, or -1). The stop that ends there is `match[state]` characters long."""
+        goto, fail, match = self.goto, self.fail, self.match
+        for offset, ch in enumerate(text):
+            while state and ch not in goto[state]:
+                state = fail[state]
+            state = goto[state].get(ch, 0)
+            if match[state]:
+                return state, offset + 1
+        return state, -1
+
+
+@functools.lru_cache(maxsize=256)
+def stop_matcher(stops: tuple[str, ...]) -> StopMatcher:
+    """The automaton for a set of stop strings (requests often share theirs)."""
+    return StopMatcher(stops)
+
+
 class IncrementalDetokenizer:
     """Turns a stream of token ids into text deltas, honouring stop strings.
 
@@ -83,6 +152,9 @@ class IncrementalDetokenizer:
         self._tokenizer: _Decoder = fast_decoder(tokenizer)
         self._skip_special_tokens = skip_special_tokens
         self._stop = tuple(s for s in stop if s)
+        self._matcher = stop_matcher(self._stop) if self._stop else None
+        self._state = 0  # the matcher's state after `_decoded[:_scanned]`
+        self._scanned = 0
         context = list(prompt_token_ids[-_PROMPT_CONTEXT_TOKENS:])
         self._tokens: list[int] = context
         self._prefix_offset = 0
@@ -132,35 +204,26 @@ class IncrementalDetokenizer:
 
     def _emit(self) -> tuple[str, bool]:
         emitted = len(self.text)
-        if self._stop:
-            # A stop string cannot start inside the emitted text (that part was never a
-            # possible stop prefix), so searching from `emitted` finds the earliest one.
-            hits = [(self._decoded.find(s, emitted), s) for s in self._stop]
-            found = [(pos, s) for pos, s in hits if pos >= 0]
-            if found:
-                pos, stop = min(found)
+        matcher = self._matcher
+        if matcher is not None:
+            # Only characters not yet scanned go through the automaton; a stop string cannot
+            # start inside the emitted text (what could begin one is held back).
+            state, end = matcher.feed(self._state, self._decoded[self._scanned :])
+            if end >= 0:
+                stop_end = self._scanned + end
+                pos = stop_end - matcher.match[state]
                 delta = self._decoded[emitted:pos]
                 self.text += delta
                 self.stopped = True
-                self.stop_string = stop
+                self.stop_string = self._decoded[pos:stop_end]
                 return delta, True
-            end = len(self._decoded) - self._held_back_length(emitted)
+            self._state, self._scanned = state, len(self._decoded)
+            end = max(emitted, len(self._decoded) - matcher.depth[state])
         else:
             end = len(self._decoded)
         delta = self._decoded[emitted:end]
         self.text += delta
         return delta, False
-
-    def _held_back_length(self, emitted: int) -> int:
-        """Length of the longest tail of the unemitted text that begins some stop string."""
-        pending = self._decoded[emitted:]
-        longest = 0
-        for stop in self._stop:
-            for length in range(min(len(stop) - 1, len(pending)), longest, -1):
-                if pending.endswith(stop[:length]):
-                    longest = length
-                    break
-        return longest
 
     def flush(self) -> str:
         """Emit whatever is held back (the request finished for a reason other than a stop

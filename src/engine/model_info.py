@@ -38,6 +38,9 @@ class ModelInfo:
     """Every id that ends a request (unless it asks ignore_eos): config.json's eos_token_id,
     the tokenizer's EOS and generation_config.json's eos_token_id (an int or a list)."""
     hf_config: Any
+    max_token_chars: int = 1 << 20
+    """The most characters one token of the vocabulary spans (a text longer than
+    max_model_len times this cannot fit, whatever its tokens)."""
     generation_defaults: Mapping[str, Any] = field(default_factory=dict)
     """SamplingParams defaults from generation_config.json, by field name (max_new_tokens as
     max_tokens); fill the fields a request leaves out (`SamplingParams.with_model_defaults`)."""
@@ -110,7 +113,17 @@ def load_model_info(config: EngineConfig, location: ModelLocation | None = None)
         eos_token_ids=frozenset(eos_ids),
         hf_config=hf,
         generation_defaults=generation_defaults(generation, source=str(generation_file)),
+        max_token_chars=_max_token_chars(tokenizer),
     )
+
+
+def _max_token_chars(tokenizer: Any) -> int:
+    """An upper bound on the characters one token decodes to: its longest vocabulary entry
+    (byte-level and SentencePiece vocabularies write at least one symbol per byte)."""
+    try:
+        return max(1, max(len(token) for token in tokenizer.get_vocab()))
+    except Exception:  # noqa: BLE001 - no vocabulary to read: no bound from it
+        return 1 << 20
 
 
 def _compile_chat_template(tokenizer: Any) -> None:

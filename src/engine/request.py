@@ -22,6 +22,12 @@ from shardline.transport.messages import SamplingOptions
 MAX_LOGPROBS = 20
 
 
+# Stop strings are matched by one automaton per request (engine/detokenizer.py), built in time
+# linear in their total length; these bound what one request can make the event loop do.
+MAX_STOP_STRINGS = 64
+MAX_STOP_STRING_CHARS = 512
+
+
 class FinishReason(StrEnum):
     """Why a request stopped producing tokens (the wire/user form is the string value)."""
 
@@ -142,7 +148,13 @@ class SamplingParams:
         if stop is None:
             stop = ()
         if not isinstance(stop, Sequence) or not all(isinstance(s, str) and s for s in stop):
-            raise InvalidRequestError("stop", f"must be a list of non-empty strings, got {stop!r}")
+            raise InvalidRequestError("stop", f"must be a list of non-empty strings, got {stop!r:.200}")
+        if len(stop) > MAX_STOP_STRINGS:
+            raise InvalidRequestError("stop", f"at most {MAX_STOP_STRINGS} stop strings, got {len(stop)}")
+        longest = max((len(s) for s in stop), default=0)
+        if longest > MAX_STOP_STRING_CHARS:
+            raise InvalidRequestError(
+                "stop", f"a stop string may be at most {MAX_STOP_STRING_CHARS} characters, got one of {longest}")
         object.__setattr__(self, "stop", tuple(stop))
 
         stop_ids: Any = self.stop_token_ids
