@@ -91,13 +91,15 @@ def new_base_name() -> str:
 
 
 def sweep_stale() -> list[str]:
-    """Unlink shared-memory names of this library whose creator process is gone."""
+    """Unlink shared-memory names of this library whose creator process is gone and that
+    belong to this user (another user's entries are theirs to clean, even for root)."""
     removed = []
     pattern = re.compile(r"^(sem\.)?" + NAME_PREFIX + r"(\d+)_")
+    uid = os.geteuid()
     with contextlib.suppress(OSError):
         for entry in os.listdir("/dev/shm"):
             match = pattern.match(entry)
-            if match and not psutil.pid_exists(int(match.group(2))):
+            if match and not psutil.pid_exists(int(match.group(2))) and _owned_by(entry, uid):
                 with contextlib.suppress(OSError, posix_ipc.Error):
                     if match.group(1):
                         posix_ipc.unlink_semaphore("/" + entry[len("sem.") :])
@@ -105,6 +107,13 @@ def sweep_stale() -> list[str]:
                         posix_ipc.unlink_shared_memory("/" + entry)
                     removed.append(entry)
     return removed
+
+
+def _owned_by(entry: str, uid: int) -> bool:
+    try:
+        return os.stat(os.path.join("/dev/shm", entry)).st_uid == uid
+    except OSError:
+        return False
 
 
 class _Handles:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import multiprocessing
+import contextlib
 import os
 import signal
 import stat
@@ -165,3 +166,29 @@ def test_frames_at_the_slot_boundary_round_trip_whatever_their_type(kind: type) 
     finally:
         writer.close()
         reader.close()
+
+
+def test_sweep_leaves_other_users_entries_alone() -> None:
+    """A stale-looking name that another user owns is theirs (issue 20 item 9): root too
+    leaves it; the same name owned by us is swept."""
+    from shardline.transport.shm_ring import NAME_PREFIX
+
+    dead_pid = 2**22 + 12345  # above Linux's default pid_max: no such process
+    ours = f"{NAME_PREFIX}{dead_pid}_ours_test"
+    theirs = f"{NAME_PREFIX}{dead_pid}_theirs_test"
+    for name in (ours, theirs):
+        with open(f"/dev/shm/{name}", "wb") as f:
+            f.write(b"x")
+    try:
+        if os.geteuid() == 0:
+            os.chown(f"/dev/shm/{theirs}", 12345, 12345)
+        else:  # not root: another user's entry cannot be made here; ours is still swept
+            os.unlink(f"/dev/shm/{theirs}")
+        removed = sweep_stale()
+        assert ours in removed and not os.path.exists(f"/dev/shm/{ours}")
+        if os.geteuid() == 0:
+            assert theirs not in removed and os.path.exists(f"/dev/shm/{theirs}")
+    finally:
+        for name in (ours, theirs):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(f"/dev/shm/{name}")
