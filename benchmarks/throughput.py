@@ -11,6 +11,16 @@ asked for. Useful tokens = the sum of each request's max_tokens (padding is not 
   caller's environment says (libgomp's default spins between parallel regions; what a user who
   sets nothing gets), `PASSIVE` sleeps (better on a busy machine). The ratio is taken against
   the fastest, so shardline is compared with transformers at its best on this machine.
+* Both sides get the same warm-up before the clock starts: one greedy 4-token request on the
+  first prompt (after the engine's start / the model's load).
+* Both sides' useful and generated tokens/s are printed. Every row of a transformers batch
+  generates as many tokens as the batch's longest request, so it generates more tokens than it
+  is credited with (~1.68x for the standard 64-request workload); that factor is printed beside
+  the ratio. shardline generates exactly the useful tokens.
+* Both sides are greedy on every request, so their outputs are compared: the number of
+  requests whose tokens differ and the first differing positions. transformers is run with
+  `min_new_tokens` (so each row generates its full length), which forbids EOS; shardline's
+  `ignore_eos` does not, so each request is compared up to shardline's first EOS token.
 * latency: shardline under a steady Poisson request rate: time to first token and inter-token
   latency percentiles.
 
@@ -97,14 +107,19 @@ def pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))]
 
 
+WARMUP_TOKENS = 4  # both sides: one greedy request of this many tokens on the first prompt
+
+
 async def run_shardline(cfg: Any, work: Workload) -> dict[str, Any]:
     from shardline.engine import Engine, SamplingParams
 
     async with await Engine.start(cfg) as engine:
-        # Warm-up: one short request so start-up costs are not counted.
-        async for _ in engine.generate(work.prompts[0], SamplingParams(max_tokens=4, temperature=0.0)):
+        # Warm-up: one short request so start-up costs are not counted (run_hf does the same).
+        warmup = SamplingParams(max_tokens=WARMUP_TOKENS, temperature=0.0)
+        async for _ in engine.generate(work.prompts[0], warmup):
             pass
         produced = 0
+        outputs: list[list[int]] = [[] for _ in work.prompts]
 
         async def one(i: int) -> None:
             nonlocal produced
@@ -112,12 +127,16 @@ async def run_shardline(cfg: Any, work: Workload) -> dict[str, Any]:
             async for out in engine.generate(work.prompts[i], params):
                 if out.finished:
                     produced += out.num_output_tokens
+                    outputs[i] = list(out.token_ids)
 
         start = time.perf_counter()
         await asyncio.gather(*(one(i) for i in range(len(work.prompts))))
         elapsed = time.perf_counter() - start
         stats = engine.stats()
-    return {"seconds": elapsed, "tokens": produced, "tokens_per_s": produced / elapsed, "steps": stats.num_steps}
+        eos = sorted(engine.eos_token_ids)
+    return {"seconds": elapsed, "tokens": work.useful_tokens, "tokens_per_s": work.useful_tokens / elapsed,
+            "generated_tokens": produced, "generated_tokens_per_s": produced / elapsed,
+            "steps": stats.num_steps, "outputs": outputs, "eos_token_ids": eos}
 
 
 async def run_latency(cfg: Any, work: Workload, rate: float, seed: int = 1) -> dict[str, Any]:
@@ -168,6 +187,14 @@ def run_hf(model_dir: str, work: Workload, batch_size: int, device: str = "cpu",
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).to(device).eval()
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    with torch.inference_mode():  # the same warm-up as run_shardline's, before the clock starts
+        warm = torch.tensor([work.prompts[0]], device=device)
+        model.generate(warm, attention_mask=torch.ones_like(warm), max_new_tokens=WARMUP_TOKENS,
+                       do_sample=False, pad_token_id=pad)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    generated = 0
+    outputs: list[list[int]] = []
     start = time.perf_counter()
     with torch.inference_mode():
         for b in range(0, len(work.prompts), batch_size):
@@ -179,11 +206,33 @@ def run_hf(model_dir: str, work: Workload, batch_size: int, device: str = "cpu",
                 ids[row, longest - len(prompt) :] = torch.tensor(prompt)
                 mask[row, longest - len(prompt) :] = 1
             new = max(work.max_tokens[b : b + batch_size])
-            model.generate(ids.to(device), attention_mask=mask.to(device), max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=pad)
+            out = model.generate(ids.to(device), attention_mask=mask.to(device), max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=pad)
+            generated += len(batch) * new  # every row runs to the batch's longest request
+            for row in range(len(batch)):
+                outputs.append(out[row, longest : longest + work.max_tokens[b + row]].tolist())
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
-    return {"seconds": elapsed, "tokens": work.useful_tokens, "tokens_per_s": work.useful_tokens / elapsed}
+    return {"seconds": elapsed, "tokens": work.useful_tokens, "tokens_per_s": work.useful_tokens / elapsed,
+            "generated_tokens": generated, "generated_tokens_per_s": generated / elapsed, "outputs": outputs}
+
+
+def compare_greedy(ours: list[list[int]], theirs: list[list[int]], eos_ids: list[int]) -> dict[str, Any]:
+    """Both sides' greedy outputs, request by request, up to shardline's first EOS token (past
+    it transformers' min_new_tokens forbids EOS, shardline's ignore_eos does not): how many
+    requests differ, and where each first differs."""
+    eos = set(eos_ids)
+    first_diffs: list[int] = []
+    compared = cut_at_eos = 0
+    for mine, hers in zip(ours, theirs, strict=True):
+        stop = next((j for j, token in enumerate(mine) if token in eos), len(mine))
+        cut_at_eos += stop < len(mine)
+        compared += stop
+        diff = next((j for j in range(stop) if j >= len(hers) or mine[j] != hers[j]), None)
+        if diff is not None:
+            first_diffs.append(diff)
+    return {"requests": len(ours), "tokens_compared": compared, "requests_cut_at_eos": cut_at_eos,
+            "mismatched_requests": len(first_diffs), "first_differing_positions": sorted(first_diffs)}
 
 
 @contextlib.contextmanager
@@ -214,8 +263,11 @@ def measure_round(args: Any, cfg: Any, model_dir: str, work: Workload, dtype: st
     result: dict[str, Any] = {}
     if args.repeat > 1:
         print(f"-- round {index + 1} of {args.repeat}")
-    result["shardline"] = asyncio.run(run_shardline(cfg, work))
-    print(f"shardline : {result['shardline']['tokens_per_s']:8.1f} useful tok/s  ({result['shardline']['seconds']:.1f} s)")
+    ours = asyncio.run(run_shardline(cfg, work))
+    our_outputs, eos_ids = ours.pop("outputs"), ours.pop("eos_token_ids")
+    result["shardline"] = ours
+    print(f"shardline : {ours['tokens_per_s']:8.1f} useful tok/s, {ours['generated_tokens_per_s']:8.1f} generated "
+          f"tok/s  ({ours['seconds']:.1f} s)")
     if args.device == "cpu":
         # The floor: the workload's FLOPs at the float32 GEMM rate measured now, with the
         # worker's thread count, right after the run (the same machine load).
@@ -232,16 +284,31 @@ def measure_round(args: Any, cfg: Any, model_dir: str, work: Workload, dtype: st
               f"{floor:.1f} s; shardline runs at {100 * floor / result['shardline']['seconds']:.0f}% of it")
     if not args.skip_hf:
         runs = {}
+        hf_outputs = {}
         for policy in args.hf_omp_policies.split(","):
             runs[policy] = run_hf_isolated(policy, model_dir, work, args.hf_batch_size, args.device, dtype)
-            print(f"hf batch{args.hf_batch_size:<3}: {runs[policy]['tokens_per_s']:8.1f} useful tok/s  "
+            hf_outputs[policy] = runs[policy].pop("outputs")
+            print(f"hf batch{args.hf_batch_size:<3}: {runs[policy]['tokens_per_s']:8.1f} useful tok/s, "
+                  f"{runs[policy]['generated_tokens_per_s']:8.1f} generated tok/s  "
                   f"({runs[policy]['seconds']:.1f} s, OMP_WAIT_POLICY {policy})")
         best = max(runs, key=lambda policy: runs[policy]["tokens_per_s"])
         result["hf_generate"] = {**runs[best], "omp_wait_policy": best}
         result["hf_generate_by_omp_policy"] = runs
         ratio = result["shardline"]["tokens_per_s"] / result["hf_generate"]["tokens_per_s"]
+        padding = result["hf_generate"]["generated_tokens"] / work.useful_tokens
         result["ratio"] = ratio
-        print(f"ratio     : {ratio:8.2f}x (against transformers' fastest, OMP_WAIT_POLICY {best})")
+        result["hf_generated_over_useful"] = padding
+        print(f"ratio     : {ratio:8.2f}x useful tok/s (against transformers' fastest, OMP_WAIT_POLICY {best}); "
+              f"transformers generated {padding:.2f}x the tokens it is credited with (each row of a batch "
+              f"runs to the batch's longest request); generated tok/s ratio "
+              f"{result['shardline']['generated_tokens_per_s'] / result['hf_generate']['generated_tokens_per_s']:.2f}x")
+        greedy = compare_greedy(our_outputs, hf_outputs[best], eos_ids)
+        result["greedy_comparison"] = greedy
+        where = ", ".join(map(str, greedy["first_differing_positions"][:20]))
+        print(f"greedy    : {greedy['mismatched_requests']} of {greedy['requests']} requests differ"
+              + (f" (first differing positions: {where})" if where else "")
+              + f"; {greedy['tokens_compared']} tokens compared, {greedy['requests_cut_at_eos']} requests "
+              f"compared only up to shardline's first EOS (transformers' min_new_tokens forbids EOS)")
     return result
 
 
