@@ -8,7 +8,11 @@ Shapes (SmolLM2-135M-Instruct, float32, one process):
 
 The floor is the step's FLOPs (2 x multiply-adds of every linear layer and the attention
 score/value products, plus the LM head for the tokens that need logits) divided by the
-float32 matmul rate measured on this machine with a large square GEMM.
+float32 matmul rate measured on this machine with a large square GEMM. The weight-read floor
+is the weight bytes one step streams divided by the measured copy bandwidth: each packed
+layer's packed weight (integer blocks or float32 panels; its float32 copy is not read), every
+float32 weight still read in full (norms, biases, an unpacked LM head), and one embedding row
+per token (a lookup reads only its tokens' rows), as `step_weight_bytes` counts them.
 
     python benchmarks/model_bench.py [--context 128] [--iters 10] [--threads 1] [--markdown PATH]
 
@@ -105,6 +109,32 @@ def step_flops(cfg: Any, num_tokens: int, context: int, num_logits: int, causal_
         attended = num_tokens * (context + 1)
     attention = 4 * heads * head_dim * attended * layers
     return linear + attention + 2 * hidden * cfg.vocab_size * num_logits
+
+
+def step_weight_bytes(model: torch.nn.Module) -> dict[str, int]:
+    """What one step reads of the model's weights: `packed` (every layer's packed weight, read
+    instead of its float32 weight), `float32` (every other parameter read in full: norms,
+    biases, an unpacked LM head; a tied weight once) and `embedding_row` (bytes of one row of an
+    embedding table, read once per token: a lookup does not stream the table)."""
+    from shardline.model.parallel.embedding import ParallelLMHead, VocabParallelEmbedding
+
+    packed = float32 = row = 0
+    counted: set[int] = set()
+    for module in model.modules():
+        packed_weight = getattr(module, "packed_weight", None)
+        if isinstance(packed_weight, torch.Tensor):
+            packed += packed_weight.numel() * packed_weight.element_size()
+        lookup = isinstance(module, VocabParallelEmbedding) and not isinstance(module, ParallelLMHead)
+        for name, param in module.named_parameters(recurse=False):
+            if name == "weight" and lookup:
+                row += param.shape[-1] * param.element_size()
+                continue
+            if (name == "weight" and isinstance(packed_weight, torch.Tensor)) or param.is_meta \
+                    or id(param) in counted:
+                continue
+            counted.add(id(param))
+            float32 += param.numel() * param.element_size()
+    return {"packed": packed, "float32": float32, "embedding_row": row}
 
 
 class Ours:
@@ -387,20 +417,21 @@ def main() -> None:
     max_tokens = max(max(DECODE_BATCHES) * (args.context + BLOCK_SIZE), PREFILL_TOKENS + BLOCK_SIZE)
     ours, theirs = Ours(path, max_tokens), Transformers(path)
     cfg = ours.config.hf_config
-    weight_bytes = sum(p.numel() * p.element_size() for p in ours.model.parameters())
-    memory_floor_s = weight_bytes / bandwidth  # every step streams every weight once
-    shapes: list[tuple[str, Callable[[Any], Callable[[], Any]], float]] = []
+    read = step_weight_bytes(ours.model)
+    weight_bytes = read["packed"] + read["float32"]  # every step streams these once
+    shapes: list[tuple[str, Callable[[Any], Callable[[], Any]], float, int]] = []
     for batch in DECODE_BATCHES:
         shapes.append((f"decode x{batch} (ctx {args.context})",
                        lambda m, b=batch: m.prepare_decode(b, args.context),
-                       step_flops(cfg, batch, args.context, batch, causal_prefill=False)))
+                       step_flops(cfg, batch, args.context, batch, causal_prefill=False), batch))
     shapes.append((f"prefill {PREFILL_TOKENS}", lambda m: m.prepare_prefill(PREFILL_TOKENS),
-                   step_flops(cfg, PREFILL_TOKENS, 0, 1, causal_prefill=True)))
+                   step_flops(cfg, PREFILL_TOKENS, 0, 1, causal_prefill=True), PREFILL_TOKENS))
 
     rows = []
-    for name, prepare, flops in shapes:
+    for name, prepare, flops, tokens in shapes:
         ours_s, theirs_s = timed_pair(prepare(ours), prepare(theirs), args.iters)
         floor_s = flops / rate
+        memory_floor_s = (weight_bytes + tokens * read["embedding_row"]) / bandwidth
         rows.append({"shape": name, "shardline_ms": ours_s * 1e3, "transformers_ms": theirs_s * 1e3,
                      "speedup_vs_transformers": theirs_s / ours_s, "gemm_floor_ms": floor_s * 1e3,
                      "shardline_over_gemm_floor": ours_s / floor_s,
@@ -420,13 +451,15 @@ def main() -> None:
     machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
                f"torch {torch.__version__} ({torch.get_num_threads()} threads), "
                f"measured float32 GEMM rate {rate / 1e9:.1f} GFLOP/s, copy bandwidth "
-               f"{bandwidth / 1e9:.1f} GB/s, weights {weight_bytes / 1e6:.0f} MB")
+               f"{bandwidth / 1e9:.1f} GB/s, weights read per step {weight_bytes / 1e6:.0f} MB "
+               f"(packed {read['packed'] / 1e6:.0f} MB + float32 {read['float32'] / 1e6:.1f} MB, "
+               f"plus {read['embedding_row']} B of embedding per token)")
     table = "\n".join(lines)
     print(machine)
     print(table)
     (out_dir / "model_bench.json").write_text(json.dumps(
         {"machine": machine, "gemm_flops_per_s": rate, "copy_bytes_per_s": bandwidth,
-         "context": args.context, "rows": rows}, indent=2))
+         "weight_read_bytes": read, "context": args.context, "rows": rows}, indent=2))
     if args.markdown:
         args.markdown.write_text(f"{machine}\n\n{table}\n")
 
