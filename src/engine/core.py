@@ -47,6 +47,10 @@ logger = logging.getLogger("shardline.core")
 LATENCY_SAMPLES = 4096
 """Time-to-first-token and inter-token samples kept per replica (the most recent ones)."""
 
+_InFlight = deque[tuple[SchedulerOutput, asyncio.Future[StepResult], anyio.CancelScope]]
+"""Steps sent and not yet applied, oldest first: the step, its result to come, its task's scope."""
+
+
 @dataclass
 class _Submit:
     request: Request
@@ -216,7 +220,11 @@ class EngineCore:
         """
         timer = self._timer
         pending: list[RequestUpdate] | None = None  # an applied step's updates, not yet published
-        in_flight: deque[tuple[SchedulerOutput, asyncio.Future[StepResult]]] = deque()
+        in_flight: _InFlight = deque()
+        task_group = self._task_group
+        if task_group is None:
+            raise RuntimeError("EngineCore.run before start")
+        loop = asyncio.get_running_loop()
         try:
             while True:
                 max_in_flight = 2 if self.scheduler.config.async_scheduling else 1
@@ -246,7 +254,12 @@ class EngineCore:
                         timer.lap("build ExecuteStep")
                         if timer.enabled:
                             timer.measure_encode(message)
-                        in_flight.append((output, asyncio.ensure_future(self.executor.execute(message))))
+                        # The step runs as a task of the engine's task group (it must go out
+                        # while this loop goes on); its result comes back through `reply`.
+                        reply: asyncio.Future[StepResult] = loop.create_future()
+                        scope = anyio.CancelScope()
+                        task_group.start_soon(self._execute, self.executor, message, reply, scope)
+                        in_flight.append((output, reply, scope))
                         sent = True
                 # 3) publish the last step's outputs while the workers run.
                 if pending is not None:
@@ -262,14 +275,16 @@ class EngineCore:
                     continue
                 if sent and len(in_flight) < max_in_flight:
                     continue  # schedule the next step before waiting for this one
-                # 4) wait for the oldest step in flight and apply its result.
-                output, future = in_flight.popleft()
+                # 4) wait for the oldest step in flight and apply its result (it stays in
+                # `in_flight` until then, so that a cancellation here stops its task too).
+                output, future, _ = in_flight[0]
                 try:
                     result = await future
                 except WorkerFailure as failure:
                     self._drop_in_flight(in_flight)
                     await self._recover(failure)
                     continue
+                in_flight.popleft()
                 timer.lap_execute()
                 logprobs = None
                 if result.logprobs is not None:
@@ -289,11 +304,31 @@ class EngineCore:
             await self.aclose()
 
     @staticmethod
-    def _drop_in_flight(in_flight: deque[tuple[SchedulerOutput, asyncio.Future[StepResult]]]) -> None:
-        """Forget steps whose results will not be applied (a failure, shutdown)."""
-        for _, future in in_flight:
-            future.cancel()
-            future.add_done_callback(lambda f: f.cancelled() or f.exception())
+    async def _execute(
+        executor: Executor, message: ExecuteStep, reply: asyncio.Future[StepResult], scope: anyio.CancelScope
+    ) -> None:
+        """Run one step on the workers; its result, or the error it failed with, goes to `reply`.
+
+        A task of the engine's task group that never fails it: a worker failure is the loop's
+        to handle (`reply` raises it there), not a reason to cancel the engine's other tasks.
+        """
+        with scope:
+            try:
+                result = await executor.execute(message)
+            except Exception as exc:
+                if not reply.done():  # (done: dropped, the loop no longer waits for it)
+                    reply.set_exception(exc)
+                return
+            if not reply.done():
+                reply.set_result(result)
+
+    @staticmethod
+    def _drop_in_flight(in_flight: _InFlight) -> None:
+        """Forget steps whose results will not be applied (a failure, shutdown): stop their tasks."""
+        for _, reply, scope in in_flight:
+            if not reply.cancel() and not reply.cancelled():
+                reply.exception()  # already failed: retrieved, so asyncio does not report it
+            scope.cancel()
         in_flight.clear()
 
     def _publish_now(self, updates: list[RequestUpdate]) -> list[RequestUpdate] | None:
