@@ -36,8 +36,14 @@ async def test_greedy_matches_hf_generate(
         got = await _generate_all(engine, PROMPTS, GREEDY)
         assert got == hf_greedy
         stats = engine.stats()
-        assert stats.num_kv_blocks_used == 0 or stats.num_kv_blocks_used <= stats.num_kv_blocks_total
         assert stats.requests_finished.get("length") == len(PROMPTS)
+        # Every request has finished, so no block is in use: the prefix cache keeps the blocks
+        # it cached, but as free blocks (reusable, evicted when needed), never as used ones.
+        kv = engine._cores[0].scheduler.kv_cache
+        assert stats.num_kv_blocks_used == 0
+        assert kv.num_free_blocks == stats.num_kv_blocks_total
+        assert kv.num_cached_blocks > 0, "the prompts' full blocks were meant to stay cached"
+        kv.check_invariants([])
 
 
 async def test_preemption_chunked_prefill_keep_tokens(
