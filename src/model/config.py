@@ -35,6 +35,8 @@ def _dtype_name(dtype: torch.dtype | str | None) -> str:
     if dtype is None or dtype == "auto":
         return "float32"
     text = str(dtype).lower().removeprefix("torch.")
+    if not isinstance(dtype, str):  # a torch.dtype: any of them, as it is
+        return text
     try:
         return _DTYPES[text]
     except KeyError:
@@ -45,7 +47,7 @@ def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
     """torch dtype from a dtype or its name; None means float32 (the CPU default)."""
     import torch
 
-    return getattr(torch, _dtype_name(dtype))  # type: ignore[no-any-return]
+    return dtype if isinstance(dtype, torch.dtype) else getattr(torch, _dtype_name(dtype))  # type: ignore[no-any-return]
 
 
 @dataclass(frozen=True)
@@ -61,7 +63,9 @@ class ModelConfig:
 
     @property
     def dtype(self) -> torch.dtype:
-        return parse_dtype(self.dtype_name)
+        import torch
+
+        return getattr(torch, self.dtype_name)  # type: ignore[no-any-return]
 
     @classmethod
     def from_path(
