@@ -7,13 +7,20 @@ needs (rank, size, group, device) from the `ParallelContext` it is handed. Outsi
 Within one data-parallel replica the workers form one torch.distributed world of
 `tp_size * pp_size` ranks, laid out as ``rank = pp_rank * tp_size + tp_rank``: the ranks of one
 pipeline stage form a TP group, the ranks holding the same TP shard form a PP group.
+
+Rendezvous: for a ``tcp://HOST:PORT`` init method, rank 0 runs torch.distributed's TCPStore
+on a socket it binds to HOST itself (`rendezvous_store`), so the store listens on that address
+only; torch's own `init_method` path binds it to every interface (``*:PORT``), whatever HOST
+says. The store has no authentication of its own: see docs/SECURITY.md.
 """
 
 from __future__ import annotations
 
+import socket
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlparse
 
 import torch
 import torch.distributed as dist
@@ -85,6 +92,43 @@ class ParallelContext:
         return self.pp_rank == self.pp_size - 1
 
 
+def rendezvous_store(
+    init_method: str, rank: int, world_size: int, timeout: timedelta
+) -> Any | None:
+    """torch.distributed's store for a ``tcp://HOST:PORT`` init method, listening on HOST only
+    (rank 0 serves it, the others connect); None for any other init method (torch handles it).
+
+    torch's TCPStore binds its server to every interface when it opens the port itself, so
+    rank 0 binds the listening socket to HOST and hands torch the descriptor
+    (`master_listen_fd`, served by torch's libuv backend)."""
+    url = urlparse(init_method)
+    if url.scheme != "tcp" or not url.hostname or url.port is None:
+        return None
+    host, port = url.hostname, url.port
+    if rank != 0:
+        return dist.TCPStore(host, port, world_size, False, timeout, use_libuv=True)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        listener = socket.create_server((host, port), family=family, backlog=128)
+    except OSError as exc:
+        raise RuntimeError(f"cannot bind the torch.distributed store to {host}:{port}: {exc}") from exc
+    try:
+        store = dist.TCPStore(
+            host,
+            port,
+            world_size,
+            True,
+            timeout,
+            master_listen_fd=listener.fileno(),
+            use_libuv=True,
+        )
+    except BaseException:
+        listener.close()
+        raise
+    listener.detach()  # the store's server owns the descriptor now
+    return store
+
+
 def init_distributed(
     *,
     rank: int,
@@ -120,13 +164,16 @@ def init_distributed(
         backend = "nccl" if device.type == "cuda" else "gloo"
     if dist.is_initialized():
         raise RuntimeError("torch.distributed is already initialized in this process")
-    dist.init_process_group(
-        backend=backend,
-        init_method=init_method,
-        rank=rank,
-        world_size=world_size,
-        timeout=timedelta(seconds=timeout_s),
-    )
+    timeout = timedelta(seconds=timeout_s)
+    store = rendezvous_store(init_method, rank, world_size, timeout)
+    if store is None:
+        dist.init_process_group(
+            backend=backend, init_method=init_method, rank=rank, world_size=world_size, timeout=timeout
+        )
+    else:
+        dist.init_process_group(
+            backend=backend, store=store, rank=rank, world_size=world_size, timeout=timeout
+        )
     tp_rank, pp_rank = rank % tp_size, rank // tp_size
     tp_group = pp_group = None
     # Every rank creates every group, in the same order, as new_group requires.
