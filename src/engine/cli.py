@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import pathlib
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from typing import Any
 from shardline.engine.config import ConfigError, EngineConfig
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
+API_KEY_ENV = "SHARDLINE_API_KEY"
 BENCHMARKS_DIR = pathlib.Path(__file__).resolve().parents[2] / "benchmarks"
 
 
@@ -124,7 +126,11 @@ def _build_parser() -> argparse.ArgumentParser:
     http.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
     http.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     http.add_argument("--api-key", default=None,
-                      help="require 'Authorization: Bearer KEY' on /v1 routes (default: none)")
+                      help="require 'Authorization: Bearer KEY' on /v1 routes (default: none). Prefer "
+                           f"${API_KEY_ENV} or --api-key-file: a command line is visible to every "
+                           "user of the machine through `ps`")
+    http.add_argument("--api-key-file", default=None, metavar="PATH",
+                      help="read the API key from this file's first line")
     http.add_argument("--served-model-name", default=None, metavar="NAME",
                       help="model name clients send (default: the model's name)")
     http.add_argument("--max-body-bytes", type=int, default=None, metavar="N",
@@ -169,13 +175,37 @@ def _benchmark_names() -> list[str]:
     return sorted(p.stem for p in BENCHMARKS_DIR.glob("*.py") if not p.stem.startswith("_"))
 
 
+def _api_key(args: argparse.Namespace) -> str | None:
+    """The API key: --api-key, else --api-key-file's first line, else $SHARDLINE_API_KEY (which
+    is then dropped from the environment, so the workers do not inherit it)."""
+    if args.api_key and args.api_key_file:
+        raise ConfigError("api_key", "give --api-key or --api-key-file, not both")
+    key = args.api_key
+    if args.api_key:
+        logging.getLogger("shardline.cli").warning(
+            "--api-key is visible to every user of this machine (`ps`); use $%s or --api-key-file",
+            API_KEY_ENV,
+        )
+    elif args.api_key_file:
+        try:
+            with open(args.api_key_file, encoding="utf-8") as f:
+                key = f.readline().strip()
+        except OSError as exc:
+            raise ConfigError("api_key", f"cannot read --api-key-file {args.api_key_file}: {exc}") from exc
+        if not key:
+            raise ConfigError("api_key", f"--api-key-file {args.api_key_file} is empty")
+    env_key = os.environ.pop(API_KEY_ENV, None)
+    return key or env_key or None
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     from shardline.engine.server.launch import ServeOptions, serve
     from shardline.engine.server.middleware import DEFAULT_MAX_BODY_BYTES
 
+    api_key = _api_key(args)
     config = _engine_config(args, served_model_name=args.served_model_name)
     options = ServeOptions(
-        host=args.host, port=args.port, api_key=args.api_key, served_model_name=args.served_model_name,
+        host=args.host, port=args.port, api_key=api_key, served_model_name=args.served_model_name,
         max_body_bytes=args.max_body_bytes or DEFAULT_MAX_BODY_BYTES, access_log=args.access_log,
         log_level="debug" if args.verbose else "info",
     )
