@@ -113,6 +113,15 @@ class EngineConfig:
     """Port node agents connect to; required (1-65535) when nodes > 1."""
     dist_master_addr: str | None = None
     """torch.distributed rendezvous host; default head_host when nodes > 1, else 127.0.0.1."""
+    tls_certfile: str | None = None
+    """With `tls_keyfile` and `tls_ca_certs` (all three or none; nodes > 1 only): mutual TLS
+    for the links between nodes (agents and the other nodes' ranks' channels). The head's
+    certificate (PEM); every node's agent gets `--tls-certfile/--tls-keyfile/--tls-ca` with
+    its own certificate signed by the same CA."""
+    tls_keyfile: str | None = None
+    """The private key of `tls_certfile` (PEM)."""
+    tls_ca_certs: str | None = None
+    """The CA (PEM) that signed every node's certificate; peers must present one it signed."""
 
     def __post_init__(self) -> None:
         _require(bool(self.model), "model", "must name a model or a directory")
@@ -167,6 +176,7 @@ class EngineConfig:
         _require(self.restart_backoff >= 0, "restart_backoff", f"must be >= 0, got {self.restart_backoff}")
         _require(self.worker_start_timeout > 0, "worker_start_timeout", f"must be > 0, got {self.worker_start_timeout}")
         self._validate_nodes()
+        self._validate_tls()
 
     def _validate_nodes(self) -> None:
         """Multi-node fields: the node split must add up to TP x PP, and agents need a way in."""
@@ -206,6 +216,16 @@ class EngineConfig:
         _require(self.data_parallel_size == 1, "data_parallel_size", f"multi-node runs support one replica, got {self.data_parallel_size}")
         _require(1 <= self.head_port <= 65535, "head_port", f"nodes = {self.nodes} needs the port the agents connect to, got {self.head_port}")
         _require(bool(self.tcp_token), "tcp_token", f"nodes = {self.nodes} needs the shared token the agents were given")
+
+    def _validate_tls(self) -> None:
+        """TLS files: all three or none, and only where there are links between nodes."""
+        names = ("tls_certfile", "tls_keyfile", "tls_ca_certs")
+        given = [name for name in names if getattr(self, name)]
+        if not given:
+            return
+        missing = [name for name in names if name not in given]
+        _require(not missing, missing[0] if missing else names[0], f"TLS needs all of {', '.join(names)}; {', '.join(given)} given without {', '.join(missing)}")
+        _require(self.nodes > 1, given[0], f"TLS protects the links between nodes; nodes = {self.nodes} has none")
 
     @cached_property
     def node_ranks(self) -> tuple[int, ...]:

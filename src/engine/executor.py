@@ -21,7 +21,10 @@ executor can be started in the same task group.
 Multi-node (`nodes > 1`): this process is node 0; node K's ranks are started by its agent
 (`engine.remote`), which connects to `head_host:head_port` and gets their WorkerConfigs as
 InitWorker messages. Ranks on this node keep shared memory, the others attach over
-authenticated TCP (`mixed` channels); torch.distributed meets at `rendezvous_host`.
+authenticated TCP (`mixed` channels); torch.distributed meets at `rendezvous_host`, where rank
+0's store listens on that address only (`model.parallel_context`). The configs sent to other
+nodes hold no token and no TLS paths: each agent adds its own. With `tls_certfile`,
+`tls_keyfile` and `tls_ca_certs` the agents' link and the remote ranks' channels use mutual TLS.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ from shardline.engine.remote import NodeServer
 from shardline.model.registry import ModelRegistry
 from shardline.transport import EngineChannels, open_engine_channels
 from shardline.transport.base import TransportBroken, TransportClosed
+from shardline.transport.channels import without_tcp_secrets
 from shardline.transport.errors import TransportError
 from shardline.transport.messages import (
     ExecuteStep,
@@ -55,6 +59,7 @@ from shardline.transport.messages import (
     WorkerError,
     WorkerReady,
 )
+from shardline.transport.tcp import TlsConfig
 from shardline.worker.launch import WorkerProcess, describe_exit, launch_worker, reap_workers
 
 logger = logging.getLogger("shardline.executor")
@@ -146,12 +151,14 @@ class Executor:
         first_remote = cfg.node_ranks[0]
         remote = list(range(first_remote, cfg.world_size))
         channel_host = cfg.head_host if remote else "127.0.0.1"
+        tls = _tls_config(cfg) if remote else None
         self._channels = await open_engine_channels(
             cfg.transport,
             cfg.world_size,
             host=channel_host,
             token=token if cfg.transport == "tcp" or remote else None,
             tcp_ranks=remote if cfg.transport == "shm" else (),
+            tls=tls,
         )
         rendezvous = cfg.rendezvous_host
         init_method = f"tcp://{rendezvous}:{free_port(rendezvous)}"
@@ -159,7 +166,7 @@ class Executor:
         for rank in range(first_remote):
             self._handles[rank] = self._launch(rank, configs[rank])
         if remote:
-            self._start_nodes(task_group, token, configs)
+            self._start_nodes(task_group, token, configs, tls)
         task_group.start_soon(self._monitor_loop)
         with anyio.move_on_after(cfg.worker_start_timeout) as scope:
             await self._until_failed(self._channels.wait_connected(float("inf")))
@@ -173,9 +180,14 @@ class Executor:
         self._last_seen = dict.fromkeys(self._handles, now)
 
     def _start_nodes(
-        self, task_group: anyio.abc.TaskGroup, token: bytes, configs: dict[int, dict[str, Any]]
+        self,
+        task_group: anyio.abc.TaskGroup,
+        token: bytes,
+        configs: dict[int, dict[str, Any]],
+        tls: TlsConfig | None,
     ) -> None:
-        """Listen for the other nodes' agents; they get their ranks' configs when they call."""
+        """Listen for the other nodes' agents; they get their ranks' configs when they call
+        (without the token: each agent gives its ranks its own)."""
         cfg = self.config
         node_ranks: dict[int, list[int]] = {}
         first = cfg.node_ranks[0]
@@ -186,30 +198,28 @@ class Executor:
         def fail(rank: int | None, reason: str) -> None:
             self._fail(WorkerFailure(rank, reason))
 
-        self._nodes = NodeServer(node_ranks, token, fail)
         try:
+            self._nodes = NodeServer(node_ranks, token, fail, tls)
             self._nodes.listen(cfg.head_host, cfg.head_port)
-        except OSError as exc:
+        except (OSError, ValueError) as exc:  # ValueError: TLS files that do not load
             raise WorkerFailure(None, str(exc)) from exc
         for ranks in node_ranks.values():
             for rank in ranks:
                 self._handles[rank] = _RemoteHandle(self._nodes, rank)
-        by_node = {node: [configs[r] for r in ranks] for node, ranks in node_ranks.items()}
+        by_node = {
+            node: [
+                {**configs[r], "channels_address": without_tcp_secrets(configs[r]["channels_address"])}
+                for r in ranks
+            ]
+            for node, ranks in node_ranks.items()
+        }
         task_group.start_soon(self._nodes.serve, by_node)
 
     def _start_timeout(self) -> WorkerFailure:
         """The start-up error: which nodes never called in, else which ranks are not ready."""
         timeout = self.config.worker_start_timeout
-        missing_nodes = self._nodes.missing() if self._nodes is not None else []
-        if missing_nodes:
-            assert self._nodes is not None
-            ranks = [r for n in missing_nodes for r in self._nodes.node_ranks[n]]
-            return WorkerFailure(
-                None,
-                f"node(s) {missing_nodes} (ranks {ranks}) did not connect to {self._nodes.address} "
-                f"within {timeout:.0f} s; run `shardline worker --head {self._nodes.address} "
-                f"--token ... --node-rank K` on each",
-            )
+        if self._nodes is not None and self._nodes.missing():
+            return WorkerFailure(None, self._nodes.missing_report(timeout))
         missing = sorted(set(range(self.config.world_size)) - set(self._ready))
         return WorkerFailure(None, f"ranks {missing} not ready after {timeout:.0f} s")
 
@@ -457,6 +467,14 @@ class Executor:
                 await anyio.to_thread.run_sync(_reap, list(self._handles.values()), grace)
                 if self._channels is not None:
                     await self._channels.aclose()
+
+
+def _tls_config(cfg: EngineConfig) -> TlsConfig | None:
+    """The head's TLS files for node links, or None."""
+    if not cfg.tls_certfile:
+        return None
+    assert cfg.tls_keyfile and cfg.tls_ca_certs  # EngineConfig checks all-or-none
+    return TlsConfig(cfg.tls_certfile, cfg.tls_keyfile, cfg.tls_ca_certs)
 
 
 def _error_text(error: WorkerError) -> str:

@@ -2,15 +2,24 @@
 
 Node 0 (the head) runs the Engine and its own ranks; every other node K runs::
 
-    shardline worker --head HEAD_HOST:HEAD_PORT --token TOKEN --node-rank K [--nproc N]
+    SHARDLINE_TOKEN=TOKEN shardline worker --head HEAD_HOST:HEAD_PORT --node-rank K [--nproc N]
+        [--tls-certfile CERT --tls-keyfile KEY --tls-ca CA]
+
+(`--token-file PATH` works too; `--token TOKEN` as well, but a command line is visible to every
+user of the machine through `ps`.)
 
 Agent <-> head protocol, on one TCP connection to HEAD_HOST:HEAD_PORT::
 
-    agent -> head   b"SHRDNODE" + node_rank (u32, big-endian)  in the clear, so that the head
-                                                                can say which node failed auth
-    both            the HMAC handshake of `transport.tcp` on the shared token
+    both            with TLS configured (EngineConfig.tls_*, --tls-*): a mutual TLS handshake,
+                    everything below then runs inside it
+    agent -> head   b"SHRDNODE" + node_rank (u32, big-endian)  before authentication, so that
+                                                                the head can say which node
+                                                                failed it
+    both            the HMAC handshake of `transport.tcp` on the shared token; from here on
+                    every frame carries a sequence number and an HMAC tag (session key)
     agent -> head   Hello(rank=node_rank, world_size=nproc, pid)
-    head  -> agent  InitWorker(config) per rank of that node (WorkerConfig dicts)
+    head  -> agent  InitWorker(config) per rank of that node (WorkerConfig dicts, without the
+                    token or TLS paths: the agent adds its own, `with_tcp_secrets`)
     agent -> head   Heartbeat(rank=node_rank, seq)                        every 0.5 s
     agent -> head   WorkerError(rank, "ProcessExited"|"ProcessKilled", ...)  a local rank died
     head  -> agent  Shutdown                                              stop the ranks, exit 0
@@ -24,8 +33,12 @@ is judged by the head's executor, which first gives the rank's own WorkerError (
 channel just before it exits) a moment to arrive. A head that closes the connection without
 Shutdown (its worker group failed and is being restarted) or that vanishes makes the agent
 stop its ranks and reconnect, for a new generation of the group.
-The claimed node rank is only trusted after authentication; a wrong token fails the head's
-start at once (naming the node) instead of waiting for the start-up timeout.
+The claimed node rank is only trusted after authentication. A peer that fails it (wrong
+token, garbage, silence, a failed TLS handshake) is logged and dropped, and the head keeps
+waiting for the real node until its start-up deadline (`worker_start_timeout`): one stray or
+hostile connection cannot fail the start. If the node never authenticates, the deadline's
+error names it and says what the peers that claimed to be it did (e.g. presented a wrong
+token). An agent whose token the head refuses exits with status 3 at once.
 """
 
 from __future__ import annotations
@@ -36,6 +49,7 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -44,6 +58,7 @@ from typing import Any
 import anyio
 
 from shardline.transport import tcp
+from shardline.transport.channels import with_tcp_secrets
 from shardline.transport.errors import AuthenticationError, TransportError
 from shardline.transport.messages import (
     Heartbeat,
@@ -72,10 +87,19 @@ FailFn = Callable[[int | None, str], None]
 class NodeServer:
     """The head's end: accepts node agents, hands out their ranks' configs, watches them."""
 
-    def __init__(self, node_ranks: dict[int, list[int]], token: bytes, fail: FailFn) -> None:
+    def __init__(
+        self,
+        node_ranks: dict[int, list[int]],
+        token: bytes,
+        fail: FailFn,
+        tls: tcp.TlsConfig | None = None,
+    ) -> None:
         self.node_ranks = node_ranks  # node -> the global ranks it runs (node 0 excluded)
         self.token = token
         self._fail = fail
+        self._tls = tls.server_context() if tls is not None else None  # ValueError: bad files
+        # node claimed (None: unknown, before the announcement) -> how its peers failed
+        self._refusals: dict[int | None, list[str]] = {}
         self._sock: socket.socket | None = None
         self._links: dict[int, tcp.TcpTransport] = {}
         self._dead: dict[int, tuple[bool, str]] = {}  # rank -> (killed by a signal, how it ended)
@@ -89,11 +113,44 @@ class NodeServer:
         except OSError as exc:
             raise OSError(f"cannot listen for node agents on {host}:{port}: {exc}") from exc
         self._sock.setblocking(False)
-        self.address = f"{host}:{port}"
+        self.address = f"{host}:{self._sock.getsockname()[1]}"  # port 0: the one it got
 
     def missing(self) -> list[int]:
         """Nodes whose agent has not connected (yet)."""
         return sorted(set(self.node_ranks) - set(self._links))
+
+    def refusals(self, node: int | None) -> list[str]:
+        """How the peers that claimed to be `node` (None: that never said) failed to
+        authenticate, one line each."""
+        return list(self._refusals.get(node, ()))
+
+    def missing_report(self, timeout: float) -> str:
+        """The start-up deadline's error: which nodes never authenticated, and why the peers
+        that claimed to be them were refused."""
+        missing = self.missing()
+        ranks = [r for n in missing for r in self.node_ranks[n]]
+        text = (
+            f"node(s) {missing} (ranks {ranks}) did not connect to {self.address} within "
+            f"{timeout:.0f} s"
+        )
+        why = [line for n in [*missing, None] for line in self._refusals.get(n, ())]
+        if any("wrong token" in line for line in why):
+            text += " (a peer presented a wrong token: does its agent have the head's tcp_token?)"
+        if why:
+            text += "; refused: " + "; ".join(why[:5]) + (" ..." if len(why) > 5 else "")
+        else:
+            text += (
+                f"; run `SHARDLINE_TOKEN=... shardline worker --head {self.address} "
+                "--node-rank K` on each"
+            )
+        return text
+
+    def _refuse(self, node: int | None, peer: str, why: str) -> None:
+        """Log and remember a peer that failed authentication; the start goes on."""
+        who = f"node {node}" if node is not None else "a node"
+        line = f"a peer at {peer} claiming to be {who} {why}"
+        self._refusals.setdefault(node, []).append(line)
+        log.warning("%s; dropped it, still waiting for the real one", line)
 
     def rank_alive(self, rank: int) -> bool:
         """False once the rank's agent reported it dead or the agent itself went away."""
@@ -125,11 +182,7 @@ class NodeServer:
     async def _admit(
         self, sock: socket.socket, peer: str, configs: dict[int, list[dict[str, Any]]]
     ) -> None:
-        try:
-            admitted = await self._authenticate(sock, peer)
-        except BaseException:  # cancelled mid-handshake (the head is going away): no fd leak
-            sock.close()
-            raise
+        admitted = await self._authenticate(sock, peer)
         if admitted is None:
             return
         node, link = admitted
@@ -147,26 +200,43 @@ class NodeServer:
     async def _authenticate(
         self, sock: socket.socket, peer: str
     ) -> tuple[int, tcp.TcpTransport] | None:
-        """Node announcement, HMAC handshake, Hello: the node and its link, or None (refused,
-        logged; a wrong token or a node that does not fit fails the start, naming it)."""
+        """TLS (if configured), node announcement, HMAC handshake, Hello: the node and its
+        link, or None. A peer that fails authentication is logged and dropped (the start goes
+        on: see `_refuse`); an authenticated node that does not fit the run fails it."""
         sock.setblocking(False)
         try:
-            with anyio.fail_after(tcp.HANDSHAKE_TIMEOUT):
-                prefix = await tcp.recv_exact(sock, _PREFIX, "closed before announcing its node")
-        except (OSError, TimeoutError, ConnectionError) as exc:
-            log.warning("node agent from %s: no node announcement (%s); dropped", peer, exc)
+            if self._tls is not None:
+                try:
+                    sock = await tcp.tls_accept(sock, self._tls)
+                except AuthenticationError as exc:
+                    self._refuse(None, peer, f"failed the TLS handshake ({exc})")
+                    return None
+            try:
+                with anyio.fail_after(tcp.HANDSHAKE_TIMEOUT):
+                    prefix = await tcp.recv_exact(sock, _PREFIX, "closed before announcing its node")
+            except (OSError, TimeoutError, ConnectionError) as exc:
+                log.warning("node agent from %s: no node announcement (%s); dropped", peer, exc)
+                sock.close()
+                return None
+            if not prefix.startswith(NODE_MAGIC):
+                log.warning("a client from %s is not a shardline node agent; dropped", peer)
+                sock.close()
+                return None
+            node = int.from_bytes(prefix[len(NODE_MAGIC) :], "big")
+            try:
+                session = await tcp.server_authenticate(sock, self.token)
+            except tcp.WrongToken:
+                sock.close()
+                self._refuse(node, peer, "failed authentication: it presented a wrong token")
+                return None
+            except AuthenticationError as exc:
+                sock.close()
+                self._refuse(node, peer, f"failed authentication: {exc}")
+                return None
+        except BaseException:  # cancelled mid-handshake (the head is going away): no fd leak
             sock.close()
-            return None
-        if not prefix.startswith(NODE_MAGIC):
-            log.warning("a client from %s is not a shardline node agent; dropped", peer)
-            sock.close()
-            return None
-        node = int.from_bytes(prefix[len(NODE_MAGIC) :], "big")
-        if not await tcp.server_handshake(sock, self.token):
-            sock.close()
-            self._fail(None, f"node {node} (agent at {peer}) failed authentication: wrong --token?")
-            return None
-        link = tcp.TcpTransport(sock, max_message_size=tcp.DEFAULT_MAX_MESSAGE_SIZE)
+            raise
+        link = tcp.TcpTransport(sock, max_message_size=tcp.DEFAULT_MAX_MESSAGE_SIZE, session=session)
         try:
             with anyio.fail_after(tcp.HANDSHAKE_TIMEOUT):
                 hello = decode(await link.recv_frame())
@@ -176,6 +246,9 @@ class NodeServer:
             log.warning("node %d agent at %s: bad greeting (%s); dropped", node, peer, exc)
             await link.aclose()
             return None
+        except BaseException:
+            await link.aclose()
+            raise
         if node not in self.node_ranks:
             await link.aclose()
             self._fail(
@@ -246,27 +319,42 @@ class NodeServer:
 
 
 def connect_to_head(
-    head: str, token: bytes, node_rank: int, timeout: float = 10.0
+    head: str,
+    token: bytes,
+    node_rank: int,
+    timeout: float = 10.0,
+    *,
+    tls: ssl.SSLContext | tcp.TlsConfig | None = None,
 ) -> tcp.TcpTransport:
-    """Announce `node_rank`, authenticate, return the link (blocking).
+    """(TLS handshake,) announce `node_rank`, authenticate, return the link (blocking).
 
-    Raises `AuthenticationError` (wrong token), `OSError` (head not reachable)."""
+    Raises `AuthenticationError` (wrong token, TLS refused), `OSError` (head not reachable)."""
     host, _, port = head.rpartition(":")
     sock = socket.create_connection((host.strip("[]"), int(port)), timeout=timeout)
+    if tls is not None:
+        context = tls.client_context() if isinstance(tls, tcp.TlsConfig) else tls
+        sock = tcp.tls_connect(sock, context, timeout)
     try:
         sock.sendall(NODE_MAGIC + node_rank.to_bytes(4, "big"))
-        tcp.client_handshake(sock, token, timeout)
+        session = tcp.client_handshake(sock, token, timeout)
     except BaseException:
         sock.close()
         raise
-    return tcp.TcpTransport(sock, max_message_size=tcp.DEFAULT_MAX_MESSAGE_SIZE)
+    return tcp.TcpTransport(sock, max_message_size=tcp.DEFAULT_MAX_MESSAGE_SIZE, session=session)
 
 
 class _Agent:
     """One generation: the ranks the head gave us on one connection."""
 
-    def __init__(self, link: tcp.TcpTransport, node_rank: int) -> None:
+    def __init__(
+        self,
+        link: tcp.TcpTransport,
+        node_rank: int,
+        token: bytes,
+        tls: tcp.TlsConfig | None = None,
+    ) -> None:
         self.link, self.node_rank = link, node_rank
+        self._token, self._tls = token, tls  # what our ranks attach to the head's channels with
         self.ranks: dict[int, WorkerProcess] = {}
         self.reported: set[int] = set()
 
@@ -285,7 +373,14 @@ class _Agent:
             except TimeoutError:
                 continue
             if isinstance(msg, InitWorker):
-                config = {**msg.config, "parent_pid": os.getpid()}  # the ranks watch us
+                config = {
+                    **msg.config,
+                    "parent_pid": os.getpid(),  # the ranks watch us
+                    # The head never sends the token: the ranks get ours, on their stdin.
+                    "channels_address": with_tcp_secrets(
+                        dict(msg.config["channels_address"]), self._token, self._tls
+                    ),
+                }
                 rank = int(config["rank"])
                 process = launch_worker(config)
                 self.ranks[rank] = process
@@ -320,23 +415,27 @@ def run_node_agent(
     nproc: int | None = None,
     connect_timeout: float = 60.0,
     grace: float = 5.0,
+    tls: tcp.TlsConfig | None = None,
 ) -> int:
     """Run node `node_rank`'s agent until the head says Shutdown; returns the exit status.
 
     Connects (retrying for `connect_timeout` seconds, also after the head hung up to restart
     its worker group), then serves one generation of ranks at a time. Exit status 0 after
-    Shutdown, 1 if the head stays unreachable, 3 if the head refused our token.
+    Shutdown, 1 if the head stays unreachable, 3 if the head refused our token (or the TLS
+    handshake failed). With `tls` the link to the head and our ranks' channels use mutual TLS.
     """
     if node_rank < 1:
         raise ValueError(f"node rank {node_rank}: node 0 is the head; agents run nodes 1, 2, ...")
     key = token.encode() if isinstance(token, str) else token
+    tls = tls.absolute() if tls is not None else None  # the ranks get these paths
+    context = tls.client_context() if tls is not None else None  # ValueError: bad files
     nproc = nproc or os.cpu_count() or 1
     # Ranks start with sleeping OpenMP waiters unless the user chose (`launch_worker`).
     while True:
         deadline = time.monotonic() + connect_timeout
         while True:
             try:
-                link = connect_to_head(head, key, node_rank)
+                link = connect_to_head(head, key, node_rank, tls=context)
                 break
             except AuthenticationError as exc:
                 log.error("node %d: the head at %s refused us: %s", node_rank, head, exc)
@@ -353,7 +452,7 @@ def run_node_agent(
                     return EXIT_UNREACHABLE
                 time.sleep(0.5)
         log.info("node %d: connected to head %s", node_rank, head)
-        agent = _Agent(link, node_rank)
+        agent = _Agent(link, node_rank, key, tls)
         told_to_exit = False
         try:
             link.send_frame_blocking(
@@ -369,18 +468,43 @@ def run_node_agent(
             return EXIT_OK
 
 
+TOKEN_ENV = "SHARDLINE_TOKEN"
+
+
+def read_secret_file(path: str, what: str) -> str:
+    """The secret in `path` (its first line, surrounding whitespace dropped); ValueError if
+    the file cannot be read or holds nothing."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            secret = f.readline().strip()
+    except OSError as exc:
+        raise ValueError(f"cannot read the {what} file {path}: {exc}") from exc
+    if not secret:
+        raise ValueError(f"the {what} file {path} is empty")
+    return secret
+
+
 def agent_main(argv: Sequence[str] | None = None) -> int:
     """`shardline worker ...`: parse arguments, run the agent, return its exit status."""
     parser = argparse.ArgumentParser(
-        prog="shardline worker", description="Run one non-head node's ranks."
+        prog="shardline worker",
+        description="Run one non-head node's ranks. Give the shared token through "
+        f"${TOKEN_ENV} or --token-file: a command line (--token) is visible to every user of "
+        "the machine through `ps`.",
     )
     parser.add_argument(
         "--head", required=True, metavar="HOST:PORT", help="the head's agent address"
     )
     parser.add_argument(
         "--token",
-        default=os.environ.get("SHARDLINE_TOKEN"),
-        help="shared secret (or $SHARDLINE_TOKEN)",
+        default=None,
+        help=f"shared secret; prefer ${TOKEN_ENV} or --token-file (flags are visible in `ps`)",
+    )
+    parser.add_argument(
+        "--token-file",
+        default=None,
+        metavar="PATH",
+        help="read the shared secret from this file's first line",
     )
     parser.add_argument(
         "--node-rank", type=int, required=True, metavar="K", help="this node's index, >= 1"
@@ -399,24 +523,56 @@ def agent_main(argv: Sequence[str] | None = None) -> int:
         metavar="S",
         help="keep trying to reach the head this long",
     )
+    tls = parser.add_argument_group(
+        "TLS", "mutual TLS for the link to the head and this node's ranks' channels (all three, "
+        "matching the head's EngineConfig tls_certfile/tls_keyfile/tls_ca_certs)"
+    )
+    tls.add_argument("--tls-certfile", metavar="PEM", help="this node's certificate")
+    tls.add_argument("--tls-keyfile", metavar="PEM", help="its private key")
+    tls.add_argument("--tls-ca", metavar="PEM", help="the CA that signed every node's certificate")
     args = parser.parse_args(argv)
-    if not args.token:
-        parser.error("--token (or $SHARDLINE_TOKEN) is required")
+    if args.token and args.token_file:
+        parser.error("give --token or --token-file, not both")
+    token = args.token
+    if args.token_file:
+        try:
+            token = read_secret_file(args.token_file, "token")
+        except ValueError as exc:
+            parser.error(str(exc))
+    token = token or os.environ.get(TOKEN_ENV)
+    if not token:
+        parser.error(f"the shared token is required: ${TOKEN_ENV}, --token-file or --token")
+    os.environ.pop(TOKEN_ENV, None)  # our ranks get the token on their stdin, not inherited
+    tls_files = [args.tls_certfile, args.tls_keyfile, args.tls_ca]
+    if any(tls_files) and not all(tls_files):
+        parser.error("TLS needs all three of --tls-certfile, --tls-keyfile and --tls-ca")
+    tls_config = tcp.TlsConfig(*tls_files) if all(tls_files) else None
     if ":" not in args.head:
         parser.error(f"--head must be HOST:PORT, got {args.head!r}")
     if args.node_rank < 1:
         parser.error(f"--node-rank must be >= 1 (node 0 is the head), got {args.node_rank}")
-    from shardline import log
+    from shardline import log as shardline_log
 
-    log.configure(log.level_from_env(), f"agent {args.node_rank}")
+    shardline_log.configure(shardline_log.level_from_env(), f"agent {args.node_rank}")
+    if args.token:
+        log.warning(
+            "--token is visible to every user of this machine (`ps`); use $%s or --token-file",
+            TOKEN_ENV,
+        )
+    if tls_config is not None:
+        try:
+            tls_config.client_context()
+        except ValueError as exc:
+            parser.error(str(exc))
     # SIGTERM -> SystemExit, so the finally blocks stop the local ranks.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     return run_node_agent(
         args.head,
-        args.token,
+        token,
         args.node_rank,
         nproc=args.nproc,
         connect_timeout=args.connect_timeout,
+        tls=tls_config,
     )
 
 

@@ -215,11 +215,15 @@ async def open_engine_channels(
     token: bytes | None = None,
     max_message_size: int = 256 << 20,
     tcp_ranks: Collection[int] = (),
+    tls: tcp.TlsConfig | None = None,
 ) -> EngineChannels:
     """Create the engine's end of the channels; pass `.address` to every worker.
 
     With kind ``shm``, `tcp_ranks` (ranks on other machines) attach over authenticated TCP on
-    `host`:`port` instead, the rest over shared memory: the ``mixed`` kind.
+    `host`:`port` instead, the rest over shared memory: the ``mixed`` kind. With `tls` the TCP
+    listener takes peers inside mutual TLS only. The address holds the token (and this end's
+    TLS file paths) for ranks of this machine; strip them (`without_tcp_secrets`) before it
+    travels to another one, whose launcher adds its own (`with_tcp_secrets`).
     """
     if num_workers < 1:
         raise ValueError(f"num_workers must be >= 1, got {num_workers}")
@@ -232,7 +236,13 @@ async def open_engine_channels(
         kind = "tcp"  # nobody left on shared memory
     if kind == "shm" and remote:
         return _open_mixed(
-            num_workers, remote, common_max=max_message_size, host=host, port=port, token=token
+            num_workers,
+            remote,
+            common_max=max_message_size,
+            host=host,
+            port=port,
+            token=token,
+            tls=tls,
         )
     common: dict[str, Any] = {
         "kind": kind,
@@ -256,7 +266,7 @@ async def open_engine_channels(
     if kind == "tcp":
         channels = EngineChannels(kind, num_workers, dict(common))
         channels.address.update(
-            _add_tcp(channels, range(num_workers), host, port, token, max_message_size)
+            _add_tcp(channels, range(num_workers), host, port, token, max_message_size, tls)
         )
         return channels
     raise ValueError(f"unknown transport kind {kind!r}; expected inproc, shm or tcp")
@@ -289,13 +299,53 @@ def _add_tcp(
     port: int,
     token: bytes | None,
     max_message_size: int,
+    tls: tcp.TlsConfig | None = None,
 ) -> dict[str, Any]:
-    """Listen for `ranks` on host:port; returns the address part they connect with."""
+    """Listen for `ranks` on host:port; returns the address part they connect with (with the
+    secrets a rank of this machine needs: see `with_tcp_secrets`)."""
     token = token or secrets.token_bytes(32)
-    listener = tcp.TcpListener(token, host=host, port=port, max_message_size=max_message_size)
+    listener = tcp.TcpListener(
+        token, host=host, port=port, max_message_size=max_message_size, tls=tls
+    )
     channels._listener = listener
     channels._tcp_ranks = set(ranks)
-    return {**listener.address, "token": token}
+    return _secrets_added(listener.address, token, tls)
+
+
+_TCP_SECRETS = ("token", "tls_files")
+
+
+def _secrets_added(
+    part: dict[str, Any], token: bytes, tls: tcp.TlsConfig | None
+) -> dict[str, Any]:
+    out = {k: v for k, v in part.items() if k not in _TCP_SECRETS}
+    out["token"] = token
+    if tls is not None:
+        out["tls_files"] = tls.absolute().to_dict()
+    return out
+
+
+def without_tcp_secrets(address: dict[str, Any]) -> dict[str, Any]:
+    """The channel address without the token and TLS file paths (for a rank on another
+    machine: its node agent adds its own, `with_tcp_secrets`). Other kinds pass unchanged."""
+    if address.get("kind") == "tcp":
+        return {k: v for k, v in address.items() if k not in _TCP_SECRETS}
+    if address.get("kind") == "mixed":
+        part = {k: v for k, v in address["tcp"].items() if k not in _TCP_SECRETS}
+        return {**address, "tcp": part}
+    return address
+
+
+def with_tcp_secrets(
+    address: dict[str, Any], token: bytes, tls: tcp.TlsConfig | None
+) -> dict[str, Any]:
+    """The channel address with this machine's token (and TLS files) for its tcp part: what a
+    node agent hands the ranks it starts (their stdin), so the token never crosses the wire."""
+    if address.get("kind") == "tcp":
+        return _secrets_added(address, token, tls)
+    if address.get("kind") == "mixed":
+        return {**address, "tcp": _secrets_added(address["tcp"], token, tls)}
+    return address
 
 
 def _open_mixed(
@@ -306,6 +356,7 @@ def _open_mixed(
     host: str,
     port: int,
     token: bytes | None,
+    tls: tcp.TlsConfig | None,
 ) -> EngineChannels:
     local = [rank for rank in range(num_workers) if rank not in set(remote)]
     address: dict[str, Any] = {
@@ -317,7 +368,7 @@ def _open_mixed(
     channels = EngineChannels("mixed", num_workers, address)
     try:
         _add_shm(channels, local, common_max)
-        address["tcp"] = _add_tcp(channels, remote, host, port, token, common_max)
+        address["tcp"] = _add_tcp(channels, remote, host, port, token, common_max, tls)
     except BaseException:
         if channels._broadcast is not None:
             channels._broadcast.close()
@@ -410,10 +461,8 @@ def connect_worker_channels(
         except BaseException:
             broadcast.close()
             raise
-    elif kind == "mixed":
-        link = tcp.connect_blocking(address["tcp"], address["tcp"].get("token"), timeout)
-    elif kind == "tcp":
-        link = tcp.connect_blocking(address, address.get("token"), timeout)
+    elif kind in ("mixed", "tcp"):
+        link = _connect_tcp(address["tcp"] if kind == "mixed" else address, timeout)
     else:
         raise ValueError(f"unknown transport kind {kind!r} in channel address")
     channels = WorkerChannels(rank, link, broadcast, names)
@@ -425,9 +474,19 @@ def connect_worker_channels(
     return channels
 
 
+def _connect_tcp(part: dict[str, Any], timeout: float) -> tcp.TcpTransport:
+    """A rank's link to the engine's listener, with the token (and TLS files) its launcher
+    put in the address."""
+    files = part.get("tls_files")
+    tls = tcp.TlsConfig.from_dict(files) if files else None
+    return tcp.connect_blocking(part, part.get("token"), timeout, tls=tls)
+
+
 __all__ = [
     "EngineChannels",
     "WorkerChannels",
     "connect_worker_channels",
     "open_engine_channels",
+    "with_tcp_secrets",
+    "without_tcp_secrets",
 ]

@@ -11,7 +11,7 @@ import shutil
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 
 @dataclasses.dataclass
@@ -103,15 +103,34 @@ class Agents:
         self.procs: dict[subprocess.Popen[bytes], pathlib.Path] = {}
 
     def start(
-        self, head: str, token: str, node_rank: int, env: dict[str, str] | None = None
+        self,
+        head: str,
+        token: str,
+        node_rank: int,
+        env: dict[str, str] | None = None,
+        *,
+        token_via: str = "env",
+        extra: Sequence[str] = (),
     ) -> subprocess.Popen[bytes]:
-        """`agent_main` (what `shardline worker` runs) on node 1; `env` is added to ours."""
+        """`agent_main` (what `shardline worker` runs) on node 1; `env` is added to ours.
+        The token goes through $SHARDLINE_TOKEN (`token_via` "env", the recommended way),
+        a --token-file ("file") or --token ("flag"); `extra` are more agent arguments."""
         env = dict(os.environ, SHARDLINE_LOG_LEVEL="INFO", **(env or {}))
+        env.pop("SHARDLINE_TOKEN", None)
         if self.topology.node_ifname:
             env["GLOO_SOCKET_IFNAME"] = self.topology.node_ifname
         main = "import sys; from shardline.engine.remote import agent_main; sys.exit(agent_main())"
         cmd = [*self.topology.prefix, sys.executable, "-c", main, "--head", head]
-        cmd += ["--token", token, "--node-rank", str(node_rank), "--nproc", "1"]
+        cmd += ["--node-rank", str(node_rank), "--nproc", "1", *extra]
+        if token_via == "env":
+            env["SHARDLINE_TOKEN"] = token
+        elif token_via == "file":
+            token_file = self.log_dir / f"token-{len(self.procs)}"
+            token_file.write_text(token + "\n")
+            token_file.chmod(0o600)
+            cmd += ["--token-file", str(token_file)]
+        else:
+            cmd += ["--token", token]
         log = self.log_dir / f"agent-{len(self.procs)}.log"
         with log.open("wb") as out:
             proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)

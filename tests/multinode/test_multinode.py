@@ -131,10 +131,16 @@ async def test_two_hosts_take_the_cross_host_path_with_the_same_tokens(
 async def test_wrong_token_is_refused_and_named(
     tiny_llama_dir: pathlib.Path, topology: Topology, agents: Agents
 ) -> None:
-    config = _two_nodes(tiny_llama_dir, topology, secrets.token_hex(16), worker_start_timeout=60.0)
-    agent = agents.start(f"{topology.head_host}:{config.head_port}", "not-the-token", 1)
+    """The head waits for node 1 until its deadline (a peer failing authentication does not
+    fail the start: it might be a stray or hostile one), then names the node and the wrong
+    token; the agent itself exits at once with status 3."""
+    config = _two_nodes(tiny_llama_dir, topology, secrets.token_hex(16), worker_start_timeout=8.0)
+    agent = agents.start(
+        f"{topology.head_host}:{config.head_port}", "not-the-token", 1, token_via="flag"
+    )
     message = await _start_error(config)
-    assert "node 1 " in message and "failed authentication" in message, message
+    assert "node(s) [1] (ranks [1]) did not connect" in message, message
+    assert "node 1 failed authentication: it presented a wrong token" in message, message
     log = await anyio.to_thread.run_sync(agents.wait, agent)
     assert agent.returncode == 3, log  # the agent gives up: a token does not fix itself
     assert "refused" in log, log
