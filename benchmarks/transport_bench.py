@@ -7,18 +7,29 @@ while blocked for 5 s, and the Python cost of one shm write + read with nothing 
 Prints a table with ratios against the baselines and writes JSON to
 benchmarks/out/transport.json.
 
-    .venv/bin/python benchmarks/transport_bench.py [--quick]
+What tcp's per-frame integrity check costs: the row `tcp-nomac` is the same tcp link with the
+frame tags switched off on both ends after the handshake (plain ``[u32 length][payload]``
+frames, as before tags existed; never used outside this benchmark), `tcp-tls` the link inside
+mutual TLS (certificates made with the `openssl` command; skipped without it), and the
+in-process cost of tagging plus checking one frame (HMAC-SHA256) is printed per size.
+
+    .venv/bin/python benchmarks/transport_bench.py [--quick] [--kinds tcp,tcp-nomac]
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import hmac
 import json
 import multiprocessing
 import os
 import platform
+import shutil
 import socket
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Protocol
@@ -122,17 +133,60 @@ def child_loop(link: Link) -> None:
     link.close()
 
 
+def untagged(link: tcp.TcpTransport) -> tcp.TcpTransport:
+    """The same authenticated connection without frame tags (both ends must do this)."""
+    return tcp.TcpTransport(link._sock, max_message_size=link.max_message_size, session=None)
+
+
 def child_main(kind: str, arg: Any) -> None:
     link: Link
     if kind == "shm":
         link = TransportLink(shm.connect(arg))
     elif kind == "tcp":
         link = TransportLink(tcp.connect_blocking(arg, TOKEN))
+    elif kind == "tcp-nomac":
+        link = TransportLink(untagged(tcp.connect_blocking(arg, TOKEN)))
+    elif kind == "tcp-tls":
+        address, tls = arg
+        link = TransportLink(tcp.connect_blocking(address, TOKEN, tls=tls))
     elif kind == "mp.Queue":
         link = QueueLink(arg[1], arg[0])
     else:
         link = SocketLink(arg)
     child_loop(link)
+
+
+def make_tls(folder: Path) -> tuple[tcp.TlsConfig, tcp.TlsConfig] | None:
+    """A CA and two certificates it signed (server, client), or None without `openssl`."""
+    if shutil.which("openssl") is None:
+        return None
+
+    def run(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=folder, check=True, capture_output=True)
+
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    run("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "1",
+        "-subj", "/CN=bench-ca", "-addext", "basicConstraints=critical,CA:TRUE",
+        "-addext", "keyUsage=critical,keyCertSign,cRLSign")  # fmt: skip
+    (folder / "leaf.ext").write_text(
+        "basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\n"
+        "extendedKeyUsage=serverAuth,clientAuth\n"
+    )
+    ends = []
+    for name in ("server", "client"):
+        run("req", *ec, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}")
+        run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+            "-CAcreateserial", "-out", f"{name}.pem", "-days", "1", "-extfile", "leaf.ext")  # fmt: skip
+        ends.append(tcp.TlsConfig(*(str(folder / f) for f in (f"{name}.pem", f"{name}.key", "ca.pem"))))
+    return ends[0], ends[1]
+
+
+_TLS_DIRS: list[tempfile.TemporaryDirectory[str]] = []  # removed when the benchmark exits
+
+
+def tls_dir() -> Path:
+    _TLS_DIRS.append(tempfile.TemporaryDirectory(prefix="shardline-bench-tls-"))
+    return Path(_TLS_DIRS[-1].name)
 
 
 def start(kind: str) -> tuple[Link, Any, list[Any]]:
@@ -142,9 +196,11 @@ def start(kind: str) -> tuple[Link, Any, list[Any]]:
         process = SPAWN.Process(target=child_main, args=(kind, address))
         process.start()
         return TransportLink(ours), process, []
-    if kind == "tcp":
-        listener = tcp.TcpListener(TOKEN)
-        process = SPAWN.Process(target=child_main, args=(kind, listener.address))
+    if kind.startswith("tcp"):
+        tls = make_tls(tls_dir()) if kind == "tcp-tls" else None
+        listener = tcp.TcpListener(TOKEN, tls=tls[0] if tls else None)
+        arg = (listener.address, tls[1]) if tls else listener.address
+        process = SPAWN.Process(target=child_main, args=(kind, arg))
         process.start()
 
         async def accept() -> Any:
@@ -153,7 +209,8 @@ def start(kind: str) -> tuple[Link, Any, list[Any]]:
             finally:
                 await listener.aclose()
 
-        return TransportLink(anyio.run(accept)), process, []
+        link = anyio.run(accept)
+        return TransportLink(untagged(link) if kind == "tcp-nomac" else link), process, []
     if kind == "mp.Queue":
         to_child, from_child = SPAWN.Queue(), SPAWN.Queue()
         process = SPAWN.Process(target=child_main, args=(kind, (to_child, from_child)))
@@ -254,12 +311,42 @@ def shm_python_cost(iterations: int = 20_000) -> float:
         writer.close()
 
 
+def hmac_cost(size: int) -> float:
+    """Microseconds to tag one frame of `size` bytes and check it on the other end, as
+    `transport.tcp` does (HMAC-SHA256 under the session key: copy the keyed state, feed the
+    header and the payload, digest; twice), in one process."""
+    key, payload = os.urandom(32), os.urandom(size)
+    send, recv = hmac.new(key, b"C", hashlib.sha256), hmac.new(key, b"C", hashlib.sha256)
+    iterations = max(5, min(20_000, (256 << 20) // max(size, 1) // 4))
+    started = time.perf_counter()
+    for seq in range(iterations):
+        header = size.to_bytes(4, "big") + seq.to_bytes(8, "big")
+        mac = send.copy()
+        mac.update(header)
+        mac.update(payload)
+        tag = mac.digest()
+        check = recv.copy()
+        check.update(header)
+        check.update(payload)
+        assert hmac.compare_digest(check.digest(), tag)
+    return (time.perf_counter() - started) / iterations * 1e6
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a tenth of the iterations")
     parser.add_argument("--out", default="benchmarks/out/transport.json")
+    parser.add_argument(
+        "--kinds",
+        default="shm,tcp,tcp-nomac,tcp-tls,mp.Queue,socketpair",
+        help="comma-separated rows (mp.Queue and socketpair, the baselines, are always run)",
+    )
     args = parser.parse_args()
-    kinds = ["shm", "tcp", "mp.Queue", "socketpair"]
+    kinds = [k for k in args.kinds.split(",") if k not in ("mp.Queue", "socketpair")]
+    if "tcp-tls" in kinds and shutil.which("openssl") is None:
+        print("no openssl command: skipping tcp-tls", file=sys.stderr)
+        kinds.remove("tcp-tls")
+    kinds += ["mp.Queue", "socketpair"]
     results = {}
     for kind in kinds:
         print(f"measuring {kind} ...", file=sys.stderr, flush=True)
@@ -288,6 +375,19 @@ def main() -> None:
             )
     python_us = min(shm_python_cost() for _ in range(3))
     print(f"\nshm write + read of 64 B in one process (the ring code's Python, no waits): {python_us:.2f} us")
+    tag_us = {size: min(hmac_cost(size) for _ in range(3)) for size in SIZES}
+    print("\ntcp frame tag + check (HMAC-SHA256, one process, both ends' work):")
+    for size in SIZES:
+        print(f"  {human(size):>7} {tag_us[size]:>10.1f} us  ({size / tag_us[size] / 1e3:.2f} GB/s)")
+    if "tcp" in results and "tcp-nomac" in results:
+        print("\ntcp with frame tags vs without (tcp / tcp-nomac):")
+        for size in SIZES:
+            rt = results["tcp"]["round_trip"][size]["p50_us"]
+            rt0 = results["tcp-nomac"]["round_trip"][size]["p50_us"]
+            tp = results["tcp"]["throughput"][size]["GB_per_s"]
+            tp0 = results["tcp-nomac"]["throughput"][size]["GB_per_s"]
+            print(f"  {human(size):>7} round trip p50 {rt0:.1f} -> {rt:.1f} us ({rt - rt0:+.1f}),"
+                  f" one-way {tp0:.2f} -> {tp:.2f} GB/s ({(tp / tp0 - 1) * 100:+.0f}%)")
     print(f"\nidle blocked reader over {IDLE_SECONDS:.0f} s (% of one core):")
     for kind in kinds:
         print(f"  {kind:<11} {results[kind]['idle_cpu_percent_of_core']:.3f}%")
@@ -301,11 +401,14 @@ def main() -> None:
                 "quick": args.quick,
                 "results": results,
                 "shm_python_us_per_write_read": python_us,
+                "tcp_tag_and_check_us": tag_us,
             },
             indent=2,
         )
     )
     print(f"\nwrote {out}")
+    if "shm" not in results:
+        return
     ratio = base_q["round_trip"][64]["p50_us"] / results["shm"]["round_trip"][64]["p50_us"]
     print(
         f"targets: shm 64 B round trip {ratio:.1f}x faster than mp.Queue (>= 10x), "
