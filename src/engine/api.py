@@ -169,6 +169,13 @@ class Engine:
         return self._info.max_model_len
 
     @property
+    def max_prompt_chars(self) -> int:
+        """The most characters a text prompt (or the contents of a chat) can have and still
+        fit: max_model_len times the longest vocabulary entry. A longer text is refused from
+        its length, unread (no token spans more characters than that)."""
+        return self._info.max_model_len * self._info.max_token_chars
+
+    @property
     def generation_defaults(self) -> dict[str, Any]:
         """The model's default sampling settings (generation_config.json, by SamplingParams
         field), which fill the fields a request leaves out; {} with generation_config="none"."""

@@ -84,6 +84,28 @@ def _byte_size(text: str) -> int:
     return int(number * _BYTE_UNITS[unit])
 
 
+def _positive_float(text: str) -> float:
+    """A number of seconds > 0 (a finite one)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    """A whole number >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
+    return value
+
+
 def _engine_config(args: argparse.Namespace, **extra: Any) -> EngineConfig:
     default_num_seqs = 1 if args.command == "generate" else EngineConfig.max_num_seqs
     return EngineConfig(
@@ -135,6 +157,15 @@ def _build_parser() -> argparse.ArgumentParser:
                       help="model name clients send (default: the model's name)")
     http.add_argument("--max-body-bytes", type=int, default=None, metavar="N",
                       help="largest request body accepted (default: 4 MiB)")
+    http.add_argument("--http-header-timeout", type=_positive_float, default=10.0, metavar="S",
+                      help="seconds a client has to send a request's headers, from connecting or from "
+                           "the previous response; then 408 and the connection is closed (default: 10)")
+    http.add_argument("--http-body-timeout", type=_positive_float, default=30.0, metavar="S",
+                      help="seconds a client has to send a whole request body once its headers are in; "
+                           "then 408 and the connection is closed (default: 30)")
+    http.add_argument("--max-connections", type=_positive_int, default=1024, metavar="N",
+                      help="open HTTP connections at most; one more is answered 503 and closed "
+                           "(default: 1024; keep it under the open-file limit, `ulimit -n`)")
     http.add_argument("--access-log", action="store_true", help="log every HTTP request")
 
     gen = sub.add_parser("generate", help="answer one prompt in the terminal (streams tokens)",
@@ -206,7 +237,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     config = _engine_config(args, served_model_name=args.served_model_name)
     options = ServeOptions(
         host=args.host, port=args.port, api_key=api_key, served_model_name=args.served_model_name,
-        max_body_bytes=args.max_body_bytes or DEFAULT_MAX_BODY_BYTES, access_log=args.access_log,
+        max_body_bytes=args.max_body_bytes or DEFAULT_MAX_BODY_BYTES, header_timeout_s=args.http_header_timeout,
+        body_timeout_s=args.http_body_timeout, max_connections=args.max_connections, access_log=args.access_log,
         log_level="debug" if args.verbose else "info",
     )
     return serve(config, options)

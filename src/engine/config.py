@@ -103,7 +103,7 @@ class EngineConfig:
     """Shared secret for the tcp transport and node agents; default: a random one per engine."""
     nodes: int = 1
     """Machines one replica's ranks span. Node 0 is the head (this process); every other node K
-    runs `shardline worker --head HEAD_HOST:HEAD_PORT --token TCP_TOKEN --node-rank K`."""
+    runs `SHARDLINE_TOKEN=TCP_TOKEN shardline worker --head HEAD_HOST:HEAD_PORT --node-rank K`."""
     ranks_per_node: tuple[int, ...] | None = None
     """Ranks on each node, node 0 first (consecutive ranks, node 0 the lowest); default: an
     even split of world_size."""

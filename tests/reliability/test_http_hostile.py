@@ -366,7 +366,7 @@ async def test_prompts_of_only_special_tokens(hostile: Hostile) -> None:
     ("max_completion_tokens", 10**18, 400), ("seed", 2**64, 400), ("seed", -(2**70), 400), ("top_k", 2**64, 400),
     ("top_k", 10**30, 400), ("logprobs", 10**9, 400), ("temperature", float("inf"), 400),
     ("seed", -5, 200), ("seed", 2**63 - 1, 200), ("temperature", 1e308, 200), ("top_k", 2**40, 200),
-    ("stop", ["x"] * 5000, 200),
+    ("stop", ["x"] * 5000, 400), ("stop", ["x" * 513], 400), ("stop", ["x" * 512] * 64, 200),
 ])  # fmt: skip
 async def test_absurd_parameters(hostile: Hostile, name: str, value: Any, expect: int) -> None:
     """Out of range: a 400 naming the field. Merely extreme but servable: an answer."""

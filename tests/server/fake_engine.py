@@ -74,6 +74,12 @@ class FakeEngine:
         self.closed = False
 
     @property
+    def max_prompt_chars(self) -> int:
+        """As Engine's: a character is at least one byte, one token each here, so a text
+        longer than max_model_len characters cannot fit."""
+        return self.max_model_len
+
+    @property
     def is_dead(self) -> bool:
         return self._dead
 

@@ -27,7 +27,8 @@ def test_help_everywhere(argv: list[str], capsys: pytest.CaptureFixture[str]) ->
         for flag in ("--model", "--host", "--port", "--tensor-parallel-size", "--pipeline-parallel-size",
                      "--data-parallel-size", "--transport", "--api-key", "--max-model-len", "--max-num-seqs",
                      "--max-num-batched-tokens", "--num-kv-blocks", "--served-model-name",
-                     "--no-prefix-caching", "--device"):
+                     "--no-prefix-caching", "--device", "--http-header-timeout", "--http-body-timeout",
+                     "--max-connections"):
             assert flag in out, flag
 
 

@@ -18,8 +18,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shardline.engine.server.engine_protocol import EngineLike
 from shardline.engine.server.errors import APIError, install_error_handlers
+from shardline.engine.server.http_limits import DEFAULT_BODY_TIMEOUT_S
 from shardline.engine.server.metrics import CONTENT_TYPE, ServerMetrics
-from shardline.engine.server.middleware import DEFAULT_MAX_BODY_BYTES, GatekeeperMiddleware
+from shardline.engine.server.middleware import (
+    DEFAULT_MAX_BODY_BYTES,
+    GatekeeperMiddleware,
+    api_key_bytes,
+)
 from shardline.engine.server.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -40,6 +45,7 @@ _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         (400, "Invalid parameters, malformed body, or a prompt over the context length"),
         (401, "Missing or wrong API key"),
         (404, "Unknown model"),
+        (408, "The request body did not arrive in time"),
         (413, "Request body too large"),
         (429, "Engine overloaded; retry later"),
         (503, "Engine not running"),
@@ -75,18 +81,25 @@ def build_app(
     served_model_name: str,
     api_key: str | None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    body_timeout_s: float | None = DEFAULT_BODY_TIMEOUT_S,
     lifespan: Callable[[FastAPI], AbstractAsyncContextManager[None]] | None = None,
     engine_getter: Callable[[], EngineLike] | None = None,
 ) -> FastAPI:
     """The HTTP app serving `engine` under the name `served_model_name`.
 
-    `api_key` (if set) is required as `Authorization: Bearer <key>` on every `/v1` route.
+    `api_key` (if set) is required as `Authorization: Bearer <key>` on every `/v1` route,
+    the key's UTF-8 bytes (ValueError here for a key that has none). A request body must
+    arrive within `body_timeout_s` of its headers (408 otherwise; None: no limit).
     `engine_getter`, when given, is asked for the engine on each request instead (the serve
     command starts the engine inside the app's `lifespan`, after the app exists); `engine` is
     then ignored and may be None.
     """
     if engine is None and engine_getter is None:
         raise ValueError("build_app needs an engine or an engine_getter")
+    # Refuse settings now: the middleware is built at the first request.
+    api_key_bytes(api_key)
+    if body_timeout_s is not None and not body_timeout_s > 0:
+        raise ValueError(f"body_timeout_s must be > 0, got {body_timeout_s}")
     metrics = ServerMetrics()
     app = FastAPI(
         title="shardline",
@@ -142,7 +155,7 @@ def build_app(
 
     api_paths = frozenset({"/v1/models", "/v1/chat/completions", "/v1/completions"})
     app.add_middleware(GatekeeperMiddleware, api_key=api_key, max_body_bytes=max_body_bytes,
-                       public_paths=PUBLIC_PATHS)
+                       public_paths=PUBLIC_PATHS, body_timeout_s=body_timeout_s)
     app.add_middleware(_CountResponses, metrics=metrics, paths=api_paths)
     return app
 

@@ -25,6 +25,12 @@ class EngineLike(Protocol):
     def max_model_len(self) -> int: ...
 
     @property
+    def max_prompt_chars(self) -> int:
+        """Characters past which a text prompt (or a chat's contents) cannot fit the context:
+        the server refuses such a text from its length, before tokenizing it."""
+        ...
+
+    @property
     def is_dead(self) -> bool: ...
 
     def generate(

@@ -14,6 +14,7 @@ import logging
 import signal
 from collections.abc import AsyncIterator, Generator
 from dataclasses import dataclass
+from typing import Literal
 
 import anyio
 import uvicorn
@@ -22,6 +23,12 @@ from fastapi import FastAPI
 from shardline.engine.config import EngineConfig
 from shardline.engine.server.app import build_app
 from shardline.engine.server.engine_protocol import EngineLike
+from shardline.engine.server.http_limits import (
+    DEFAULT_BODY_TIMEOUT_S,
+    DEFAULT_HEADER_TIMEOUT_S,
+    DEFAULT_MAX_CONNECTIONS,
+    guarded_h11_protocol,
+)
 from shardline.engine.server.middleware import DEFAULT_MAX_BODY_BYTES
 
 log = logging.getLogger("shardline.serve")
@@ -42,6 +49,13 @@ class ServeOptions:
     api_key: str | None = None
     served_model_name: str | None = None
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S
+    """A request's headers must be in this many seconds after connecting (or after the
+    previous response, on a kept-alive connection); else 408 and close."""
+    body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S
+    """A request's whole body must be in this many seconds after its headers; else 408."""
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    """Open HTTP connections at most; one more is answered 503 and closed."""
     access_log: bool = False
     log_level: str = "info"
 
@@ -131,6 +145,7 @@ def build_server_app(config: EngineConfig, options: ServeOptions, holder: _Holde
         served_model_name=served_name_for(config),
         api_key=options.api_key,
         max_body_bytes=options.max_body_bytes,
+        body_timeout_s=options.body_timeout_s,
         lifespan=lifespan,
         engine_getter=holder.get,
     )
@@ -149,22 +164,52 @@ async def _watch_engine(engine: EngineLike, holder: _Holder) -> None:
         holder.server.should_exit = True
 
 
-def serve(config: EngineConfig, options: ServeOptions) -> int:
-    """Run the server until SIGINT/SIGTERM (returns 0) or a fatal engine error (returns 1)."""
-    holder = _Holder()
-    app = build_server_app(config, options, holder)
-    uv_config = uvicorn.Config(
+def uvicorn_config(app: FastAPI, options: ServeOptions, *, lifespan: Literal["on", "off"] = "on") -> uvicorn.Config:
+    """uvicorn's settings for `app`: h11 with the header timeout and connection cap of
+    `options` (`http_limits`), no websockets, a bounded graceful shutdown."""
+    return uvicorn.Config(
         app,
         host=options.host,
         port=options.port,
         log_level=options.log_level,
         log_config=None,  # uvicorn's records go to the root logger, in shardline's one format
         access_log=options.access_log,
-        lifespan="on",
+        lifespan=lifespan,
         ws="none",
+        http=guarded_h11_protocol(header_timeout_s=options.header_timeout_s,
+                                  max_connections=options.max_connections),
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
     )
-    server = _Server(uv_config)
+
+
+FD_HEADROOM = 256  # descriptors beyond the HTTP connections: workers' pipes, shared memory, logs
+
+
+def _raise_fd_limit(max_connections: int) -> None:
+    """Raise the soft open-file limit towards the hard one so `max_connections` connections fit
+    (a server out of descriptors cannot even accept a health check); warn if they cannot."""
+    try:
+        import resource
+    except ImportError:  # not POSIX
+        return
+    needed = max_connections + FD_HEADROOM
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        log.warning("the open-file limit (%d) leaves too few descriptors for --max-connections %d; "
+                    "raise `ulimit -n` or lower --max-connections", soft, max_connections)
+
+
+def serve(config: EngineConfig, options: ServeOptions) -> int:
+    """Run the server until SIGINT/SIGTERM (returns 0) or a fatal engine error (returns 1)."""
+    _raise_fd_limit(options.max_connections)
+    holder = _Holder()
+    app = build_server_app(config, options, holder)
+    server = _Server(uvicorn_config(app, options))
     holder.server = server
     try:
         server.run()

@@ -1,4 +1,4 @@
-"""Gatekeeping before any handler runs: the API key, then the body size.
+"""Gatekeeping before any handler runs: the API key, then the body's size and deadline.
 
 A pure ASGI middleware (not `BaseHTTPMiddleware`) so streaming responses and client
 disconnects pass through untouched.
@@ -9,9 +9,11 @@ from __future__ import annotations
 import hmac
 from collections.abc import Iterable
 
+import anyio
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shardline.engine.server.errors import APIError
+from shardline.engine.server.http_limits import DEFAULT_BODY_TIMEOUT_S
 
 DEFAULT_MAX_BODY_BYTES = 4 << 20
 """4 MiB: far more than any prompt the context length admits, far less than memory."""
@@ -20,12 +22,25 @@ DRAIN_LIMIT_BYTES = 64 << 20
 one is answered at once and the connection closed."""
 
 
+def api_key_bytes(api_key: str | None) -> bytes | None:
+    """The key as clients must send it: its UTF-8 encoding (ValueError if it has none, e.g. a
+    lone surrogate from an environment variable that was not UTF-8)."""
+    if api_key is None:
+        return None
+    try:
+        return api_key.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"the API key is not valid text (it must be UTF-8): {exc}") from None
+
+
 class GatekeeperMiddleware:
-    """Refuse requests without the API key (401) or with a body over `max_body_bytes` (413).
+    """Refuse requests without the API key (401), with a body over `max_body_bytes` (413), or
+    whose body does not arrive within `body_timeout_s` of its headers (408; None: no limit).
 
     Paths in `public_paths` (health checks, metrics scrapes) need no key. The body is read
     here, up to the limit, and replayed to the app; after it, `receive` is the server's own,
-    so the app still sees `http.disconnect` when the client goes away.
+    so the app still sees `http.disconnect` when the client goes away (the deadline covers
+    the body only, never a response's time).
     """
 
     def __init__(
@@ -35,11 +50,16 @@ class GatekeeperMiddleware:
         api_key: str | None,
         max_body_bytes: int,
         public_paths: Iterable[str] = (),
+        body_timeout_s: float | None = DEFAULT_BODY_TIMEOUT_S,
     ) -> None:
         if max_body_bytes < 1:
             raise ValueError(f"max_body_bytes must be >= 1, got {max_body_bytes}")
+        if body_timeout_s is not None and not body_timeout_s > 0:
+            raise ValueError(f"body_timeout_s must be > 0, got {body_timeout_s}")
+        self.body_timeout_s = body_timeout_s
         self.app = app
         self.api_key = api_key
+        self._api_key_bytes = api_key_bytes(api_key)
         self.max_body_bytes = max_body_bytes
         self.public_paths = frozenset(public_paths)
 
@@ -57,25 +77,37 @@ class GatekeeperMiddleware:
                 await error.response(headers={"WWW-Authenticate": "Bearer"})(scope, receive, send)
                 return
         declared = _content_length(scope)
-        if declared is not None and declared > self.max_body_bytes:
-            if declared <= DRAIN_LIMIT_BYTES:
-                await _drain(receive)
-            await self._too_large(scope, receive, send)
+        too_large = declared is not None and declared > self.max_body_bytes
+        body: bytes | None = None
+        more_messages: list[Message] = []
+        with anyio.move_on_after(self.body_timeout_s) as deadline:
+            if too_large:
+                if declared is not None and declared <= DRAIN_LIMIT_BYTES:
+                    await _drain(receive)
+            else:
+                body, more_messages = await self._read_body(receive)
+        if deadline.cancelled_caught:
+            await self._too_slow(scope, receive, send)
             return
-        body, more_messages = await self._read_body(receive)
         if body is None:
             await self._too_large(scope, receive, send)
             return
         await self.app(scope, _replay(body, more_messages, receive), send)
 
     def _authorized(self, scope: Scope) -> bool:
-        assert self.api_key is not None
+        """The first Authorization header is `Bearer <key>`, the key as UTF-8 bytes.
+
+        Header values are bytes on the wire; they are compared as bytes, never decoded, so a
+        key is accepted in exactly one encoding: a non-ASCII key sent as latin-1 (or any other
+        encoding than UTF-8), or a value that is not UTF-8 at all, is refused.
+        """
+        assert self._api_key_bytes is not None
         for name, value in scope.get("headers", ()):
             if name == b"authorization":
-                scheme, _, token = value.decode("latin-1").partition(" ")
-                if scheme.lower() != "bearer":
+                scheme, _, token = bytes(value).partition(b" ")
+                if scheme.lower() != b"bearer":
                     return False
-                return hmac.compare_digest(token.strip().encode(), self.api_key.encode())
+                return hmac.compare_digest(token.strip(b" \t"), self._api_key_bytes)
         return False
 
     async def _read_body(self, receive: Receive) -> tuple[bytes | None, list[Message]]:
@@ -104,6 +136,14 @@ class GatekeeperMiddleware:
             code="request_too_large",
         )
         # Close the connection: the rest of the body is not worth reading.
+        await error.response(headers={"Connection": "close"})(scope, receive, send)
+
+    async def _too_slow(self, scope: Scope, receive: Receive, send: Send) -> None:
+        error = APIError(
+            408,
+            f"the request body did not arrive within {self.body_timeout_s:g} s of its headers",
+            code="request_timeout",
+        )
         await error.response(headers={"Connection": "close"})(scope, receive, send)
 
 

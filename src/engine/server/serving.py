@@ -9,11 +9,12 @@ final `data: {"error": ...}` event.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import anyio
@@ -44,10 +45,11 @@ from shardline.engine.server.sampling import (
     build_sampling_params,
     chat_logprobs,
     check_completion_request,
+    check_prompt_size,
     completion_logprobs,
     completion_prompt,
     context_length_error,
-    count_prompt_tokens,
+    count_prompt_tokens_off_loop,
     delta_logprobs,
     max_tokens_field,
 )
@@ -118,7 +120,10 @@ class OpenAIServing:
         """`POST /v1/chat/completions`."""
         self.check_model(req.model)
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
-        num_prompt = count_prompt_tokens(self.engine.tokenizer, messages, chat=True)
+        self._check_size(messages, "messages")
+        count = functools.partial(count_prompt_tokens_off_loop, self.engine.tokenizer, messages, chat=True)
+        # Only a request without a token limit needs its prompt's length here (the default).
+        num_prompt = await count() if max_tokens_field(req) is None else None
         params = build_sampling_params(req, num_prompt_tokens=num_prompt, max_model_len=self.engine.max_model_len)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
@@ -143,7 +148,7 @@ class OpenAIServing:
                                          finish_reason=out.finish_reason if out.finished else None))
 
         first_events = [chunk(ChatChunkChoice(delta=ChatDelta(role="assistant", content="")))]
-        with self._naming_the_field(req, "messages", num_prompt):
+        async with self._naming_the_field(req, "messages", num_prompt, count):
             if not req.stream:
                 final, entries = await self._collect(outputs, request_id, request)
                 logprobs = ChatLogprobs(content=chat_logprobs(tokenizer, entries).content) if want_logprobs else None
@@ -164,7 +169,9 @@ class OpenAIServing:
         self.check_model(req.model)
         check_completion_request(req)
         prompt = completion_prompt(req)
-        num_prompt = count_prompt_tokens(self.engine.tokenizer, prompt, chat=False)
+        self._check_size(prompt, "prompt")
+        count = functools.partial(count_prompt_tokens_off_loop, self.engine.tokenizer, prompt, chat=False)
+        num_prompt = await count() if max_tokens_field(req) is None else None
         params = build_sampling_params(req, num_prompt_tokens=num_prompt, max_model_len=self.engine.max_model_len)
         request_id = f"cmpl-{uuid.uuid4().hex}"
         created = int(time.time())
@@ -190,7 +197,7 @@ class OpenAIServing:
             return chunk([CompletionChoice(text=out.delta, logprobs=logprobs,
                                            finish_reason=out.finish_reason if out.finished else None)])
 
-        with self._naming_the_field(req, "prompt", num_prompt):
+        async with self._naming_the_field(req, "prompt", num_prompt, count):
             if not req.stream:
                 final, entries = await self._collect(outputs, request_id, request)
                 logprobs: CompletionLogprobs | None = None
@@ -207,16 +214,25 @@ class OpenAIServing:
             )
 
     # ------------------------------------------------------------------ shared
-    @contextlib.contextmanager
-    def _naming_the_field(
-        self, req: ChatCompletionRequest | CompletionRequest, prompt_field: str, num_prompt: int | None
-    ) -> Iterator[None]:
+    def _check_size(self, prompt: str | list[int] | list[dict[str, str]], field: str) -> None:
+        """400 for a prompt too large to fit, told from its size before anything reads it."""
+        check_prompt_size(prompt, field=field, max_model_len=self.engine.max_model_len,
+                          max_prompt_chars=self.engine.max_prompt_chars)
+
+    @contextlib.asynccontextmanager
+    async def _naming_the_field(
+        self, req: ChatCompletionRequest | CompletionRequest, prompt_field: str, num_prompt: int | None,
+        count: Callable[[], Awaitable[int | None]],
+    ) -> AsyncIterator[None]:
         """The engine's PromptTooLongError (raised before the first output, so before any
         event is sent) as a 400 naming the request field at fault: the token limit when the
-        prompt fits, else the prompt (`prompt_field`)."""
+        prompt fits, else the prompt (`prompt_field`). `count` measures the prompt if that
+        was not needed before (`num_prompt` None)."""
         try:
             yield
         except PromptTooLongError as exc:
+            if num_prompt is None:
+                num_prompt = await count()
             raise context_length_error(
                 exc, prompt_field=prompt_field, limit_field=max_tokens_field(req),
                 num_prompt_tokens=num_prompt, max_model_len=self.engine.max_model_len,
