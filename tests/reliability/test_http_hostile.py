@@ -37,10 +37,11 @@ from reliability.http_support import (
 )
 from server.e2e_support import shardline_executable
 from server.process import ServerProcess, server_process
+from shardline.transport import tcp
 
 MAX_BODY = 64 * 1024
 JSON = {"content-type": "application/json"}
-MAGIC_LEN = 8 + 32  # b"SHRDLNT1" + the server's nonce (transport.tcp)
+MAGIC_LEN = len(tcp.MAGIC) + tcp.NONCE_SIZE  # the server's greeting: magic + its nonce (transport.tcp)
 # Descriptors the server may hold after the module beyond what it held once it had answered
 # its first request: lazily opened ones (e.g. a worker thread's), never one per request.
 FD_GROWTH_ALLOWED = 8
@@ -89,7 +90,7 @@ def _attack_one(port: int, payload: bytes, out: dict[str, tuple[bool, bool, floa
         return
     except OSError:
         closed = True  # reset by the server: also a drop
-    out[name] = (got.startswith(b"SHRDLNT1") and len(got) == MAGIC_LEN, closed, time.monotonic() - started)
+    out[name] = (got.startswith(tcp.MAGIC) and len(got) == MAGIC_LEN, closed, time.monotonic() - started)
 
 
 def _attack_transport_port(server: ServerProcess, attack: TransportAttack) -> None:

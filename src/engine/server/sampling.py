@@ -23,7 +23,6 @@ from shardline.engine.server.protocol import (
     CompletionRequest,
     TopLogprob,
 )
-from shardline.engine.tokenizer import FastTokenizer
 
 _PASSTHROUGH = (
     "temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty",
@@ -175,29 +174,18 @@ def count_prompt_tokens(tokenizer: Any, prompt: str | Sequence[int] | list[dict[
     through `count_prompt_tokens_off_loop`.
     """
     try:
-        if chat and isinstance(tokenizer, FastTokenizer) and isinstance(prompt, list):
-            text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
-            return _fast_encode_len(tokenizer, text, add_special_tokens=False)  # the template writes them
         if chat:
             ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
             if hasattr(ids, "keys"):  # BatchEncoding in newer transformers
                 ids = ids["input_ids"]
             return len(ids)
         if isinstance(prompt, str):
-            # With the tokenizer's special tokens, as the engine.
-            if isinstance(tokenizer, FastTokenizer):
-                return _fast_encode_len(tokenizer, prompt, add_special_tokens=True)
+            # With the tokenizer's special tokens, as the engine. (shardline's FastTokenizer
+            # encodes through the Rust batch call, which lets go of the GIL on a thread.)
             return len(tokenizer.encode(prompt))
         return len(prompt)
     except Exception:
         return None
-
-
-def _fast_encode_len(tokenizer: FastTokenizer, text: str, *, add_special_tokens: bool) -> int:
-    """`len(tokenizer.encode(text, add_special_tokens))` through the Rust encoder's batch call,
-    which lets go of the GIL while it works; its single `encode` holds it, so a thread
-    encoding 660k characters (under SmolLM2's size bound) froze the event loop 1.4 s."""
-    return len(tokenizer.backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids)
 
 
 def _token_text(tokenizer: Any, token_id: int) -> str:
