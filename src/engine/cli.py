@@ -44,8 +44,8 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
                    help="sequences in a batch (default: 128 for serve; 1 for generate)")
     g.add_argument("--max-num-batched-tokens", type=int, default=2048, metavar="N")
     g.add_argument("--long-prefill-token-threshold", type=int, default=0, metavar="N",
-                   help="while others run or wait, a prefill chunk takes at most N tokens of a "
-                        "step (default 0: a quarter of --max-num-batched-tokens)")
+                   help="a prefill chunk takes at most N tokens of a step, leaving room for other "
+                        "requests (default 0: a quarter of --max-num-batched-tokens)")
     g.add_argument("--num-kv-blocks", type=int, default=None, metavar="N",
                    help="fixed KV-cache size in blocks (default: from the memory budget)")
     g.add_argument("--kv-cache-memory-bytes", type=_byte_size, default=None, metavar="BYTES",

@@ -49,9 +49,9 @@ class SchedulerConfig:
     async_scheduling: bool = False
     """Schedule the next step while the current one runs (needs workers_keep_sampled)."""
     long_prefill_token_threshold: int = 0
-    """While other requests run or wait, a prefill chunk takes at most this many tokens of a
-    step (0: max_num_batched_tokens // 4), so a long prompt leaves room in every step for
-    the others' decodes and short prefills; alone, it takes the whole budget."""
+    """A prefill chunk takes at most this many tokens of a step (0: max_num_batched_tokens //
+    4), so a long prompt leaves room in every step for other requests' decodes and prefills,
+    including those that arrive while its chunks are in flight."""
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "block_size"):
@@ -64,7 +64,7 @@ class SchedulerConfig:
 
     @property
     def prefill_chunk_cap(self) -> int:
-        """The largest prefill chunk of one request while others are running or waiting."""
+        """The largest prefill chunk of one request in one step."""
         return self.long_prefill_token_threshold or max(1, self.max_num_batched_tokens // 4)
 
 
@@ -228,11 +228,11 @@ class Scheduler:
         self._next_step_id += 1
         self._finished_to_report = []
 
-        # 1) Running requests: a decode token or the next prefill chunk each. With others
-        # running or waiting, a prefill chunk is capped, so one long prompt cannot take every
-        # step's whole budget while short requests wait behind it.
+        # 1) Running requests: a decode token or the next prefill chunk each. A prefill chunk
+        # is capped, so one long prompt cannot take every step's whole budget while short
+        # requests wait behind it (nor the two steps in flight when one arrives).
         placeholders = self._placeholders
-        cap = self.config.prefill_chunk_cap if len(self._running) + len(self._waiting) > 1 else budget
+        cap = self.config.prefill_chunk_cap
         index = 0
         while index < len(self._running) and budget > 0:
             request = self._running[index]

@@ -68,7 +68,8 @@ def test_prefix_hit_never_covers_the_whole_prompt_and_lru_evicts_tail_first() ->
 
 def test_chunked_prefill_samples_only_after_the_last_chunk() -> None:
     config = SchedulerConfig(
-        max_num_seqs=4, max_num_batched_tokens=4, max_model_len=64, block_size=4
+        max_num_seqs=4, max_num_batched_tokens=4, max_model_len=64, block_size=4,
+        long_prefill_token_threshold=4,  # chunks by the step budget here (the cap: test_prefill_fairness)
     )
     kv = KVCacheManager(16, 4)
     scheduler = Scheduler(config, kv)
