@@ -52,9 +52,8 @@ def asgi_client(app: FastAPI, headers: dict[str, str] | None = None) -> httpx.As
 
 
 @asynccontextmanager
-async def uvicorn_server(app: FastAPI) -> AsyncIterator[str]:
-    """Serve `app` with uvicorn in this event loop on a free port; yields the base URL."""
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", ws="none", lifespan="off")
+async def running_uvicorn(config: uvicorn.Config) -> AsyncIterator[tuple[uvicorn.Server, int]]:
+    """Run a uvicorn server for `config` in this event loop; yields it and its port."""
     server = uvicorn.Server(config)
     async with anyio.create_task_group() as tg:
         tg.start_soon(server.serve)
@@ -63,9 +62,17 @@ async def uvicorn_server(app: FastAPI) -> AsyncIterator[str]:
                 await anyio.sleep(0.01)
         port = server.servers[0].sockets[0].getsockname()[1]
         try:
-            yield f"http://127.0.0.1:{port}"
+            yield server, port
         finally:
             server.should_exit = True
+
+
+@asynccontextmanager
+async def uvicorn_server(app: FastAPI) -> AsyncIterator[str]:
+    """Serve `app` with uvicorn in this event loop on a free port; yields the base URL."""
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", ws="none", lifespan="off")
+    async with running_uvicorn(config) as (_, port):
+        yield f"http://127.0.0.1:{port}"
 
 
 def check_response(response: Any) -> None:

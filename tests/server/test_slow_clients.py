@@ -25,6 +25,7 @@ from anyio.abc import SocketStream
 
 from server.conftest import MODEL
 from server.fake_engine import FakeEngine, expected_text
+from server.helpers import running_uvicorn
 from server.process import fake_serve_command, server_process
 from shardline.engine import cli
 from shardline.engine.server import build_app
@@ -54,17 +55,8 @@ async def serving(*, header_timeout_s: float = TIMEOUT_S, body_timeout_s: float 
                     body_timeout_s=body_timeout_s)
     options = ServeOptions(host="127.0.0.1", port=0, header_timeout_s=header_timeout_s,
                            body_timeout_s=body_timeout_s, max_connections=max_connections, log_level="warning")
-    server = uvicorn.Server(uvicorn_config(app, options, lifespan="off"))
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(server.serve)
-        with anyio.fail_after(30):
-            while not server.started:  # noqa: ASYNC110 - uvicorn exposes a flag, not an event
-                await anyio.sleep(0.01)
-        port = server.servers[0].sockets[0].getsockname()[1]
-        try:
-            yield Served(f"http://127.0.0.1:{port}", port, server)
-        finally:
-            server.should_exit = True
+    async with running_uvicorn(uvicorn_config(app, options, lifespan="off")) as (server, port):
+        yield Served(f"http://127.0.0.1:{port}", port, server)
 
 
 async def read_until_closed(stream: SocketStream, *, pace: bytes = b"", every_s: float = 0.25) -> bytes:
