@@ -12,10 +12,12 @@ from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
+import anyio
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from shardline import __version__
 from shardline.engine.server.engine_protocol import EngineLike
 from shardline.engine.server.errors import APIError, install_error_handlers
 from shardline.engine.server.http_limits import DEFAULT_BODY_TIMEOUT_S
@@ -30,10 +32,15 @@ from shardline.engine.server.protocol import (
     ChatCompletionResponse,
     CompletionRequest,
     CompletionResponse,
+    DetokenizeRequest,
+    DetokenizeResponse,
     ErrorResponse,
     ModelCard,
     ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
 )
+from shardline.engine.server.sampling import TOKENIZE_OFF_LOOP_CHARS
 from shardline.engine.server.serving import OpenAIServing
 from shardline.engine.server.streaming import ClientGone
 
@@ -143,6 +150,72 @@ def build_app(
         """The one model this server serves."""
         return ModelList(data=[ModelCard(id=served_model_name, max_model_len=current_engine().max_model_len)])
 
+    def check_model(name: str | None) -> None:
+        if name is not None and name != served_model_name:
+            raise APIError(404, f"The model '{name}' does not exist; this server serves '{served_model_name}'",
+                           param="model", code="model_not_found")
+
+    @app.get("/v1/models/{model_id:path}", response_model=ModelCard, responses={401: _ERROR_RESPONSES[401], 404: {}})
+    async def retrieve_model(model_id: str) -> ModelCard:
+        """One model (the official client's `models.retrieve`): this server's, or 404."""
+        check_model(model_id)
+        return ModelCard(id=served_model_name, max_model_len=current_engine().max_model_len)
+
+    @app.get("/version")
+    async def version() -> dict[str, str]:
+        """The server's shardline version."""
+        return {"version": __version__}
+
+    @app.get("/ping", responses={503: _ERROR_RESPONSES[503]})
+    async def ping() -> Response:
+        """`/health` under the name load balancers (and vLLM's SageMaker route) probe."""
+        return await health()
+
+    @app.post("/tokenize", response_model=TokenizeResponse, responses=_ERROR_RESPONSES)
+    async def tokenize(body: TokenizeRequest) -> TokenizeResponse:
+        """The token ids the engine would see for a text `prompt` or chat `messages`."""
+        check_model(body.model)
+        if (body.prompt is None) == (body.messages is None):
+            raise APIError(400, "give exactly one of 'prompt' and 'messages'", param="prompt")
+        eng = current_engine()
+        text = body.prompt if body.prompt is not None else "".join(
+            str(m.get("content", "")) for m in body.messages or [])
+        if len(text) > eng.max_prompt_chars:
+            raise APIError(400, f"the input has {len(text)} characters; more than this model's context "
+                           f"can hold ({eng.max_prompt_chars})", param="messages" if body.messages else "prompt",
+                           code="context_length_exceeded")
+        tokenizer = eng.tokenizer
+
+        def run() -> list[int]:
+            if body.prompt is not None:
+                return [int(t) for t in tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)]
+            ids = tokenizer.apply_chat_template(body.messages, add_generation_prompt=body.add_generation_prompt,
+                                                tokenize=True)
+            return [int(t) for t in (ids["input_ids"] if hasattr(ids, "keys") else ids)]
+
+        try:
+            tokens = await anyio.to_thread.run_sync(run) if len(text) > TOKENIZE_OFF_LOOP_CHARS else run()
+        except APIError:
+            raise
+        except Exception as exc:  # a chat template's own error, odd roles...
+            raise APIError(400, f"cannot tokenize: {exc}", param="messages" if body.messages else "prompt") from exc
+        return TokenizeResponse(count=len(tokens), max_model_len=eng.max_model_len, tokens=tokens)
+
+    @app.post("/detokenize", response_model=DetokenizeResponse, responses=_ERROR_RESPONSES)
+    async def detokenize(body: DetokenizeRequest) -> DetokenizeResponse:
+        """The text of token ids."""
+        check_model(body.model)
+        eng = current_engine()
+        vocab = len(eng.tokenizer) if hasattr(eng.tokenizer, "__len__") else getattr(eng.tokenizer, "vocab_size", None)
+        bad = [t for t in body.tokens if t < 0 or (vocab is not None and t >= vocab)]
+        if bad:
+            raise APIError(400, f"token ids outside the vocabulary (0..{vocab}): {bad[:5]}", param="tokens")
+        if len(body.tokens) > TOKENIZE_OFF_LOOP_CHARS:
+            text = await anyio.to_thread.run_sync(eng.tokenizer.decode, body.tokens)
+        else:
+            text = eng.tokenizer.decode(body.tokens)
+        return DetokenizeResponse(prompt=text)
+
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=_ERROR_RESPONSES)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         """Chat completion; `stream: true` answers with server-sent events."""
@@ -153,7 +226,7 @@ def build_app(
         """Text completion; `stream: true` answers with server-sent events."""
         return await serving().completion(body, request)
 
-    api_paths = frozenset({"/v1/models", "/v1/chat/completions", "/v1/completions"})
+    api_paths = frozenset({"/v1/models", "/v1/chat/completions", "/v1/completions", "/tokenize", "/detokenize"})
     app.add_middleware(GatekeeperMiddleware, api_key=api_key, max_body_bytes=max_body_bytes,
                        public_paths=PUBLIC_PATHS, body_timeout_s=body_timeout_s)
     app.add_middleware(_CountResponses, metrics=metrics, paths=api_paths)

@@ -238,6 +238,38 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
+class TokenizeRequest(BaseModel):
+    """`POST /tokenize` (vLLM's shape): a text `prompt`, or chat `messages` formatted by the
+    model's template."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[dict[str, Any]] | None = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+
+
+class DetokenizeRequest(BaseModel):
+    """`POST /detokenize` (vLLM's shape)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
+    tokens: list[int]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
 class ErrorInfo(BaseModel):
     """The inside of an OpenAI error body."""
 
