@@ -32,7 +32,13 @@ class StreamOptions(_Body):
 
 
 class _SamplingFields(_Body):
-    """The sampling fields shared by both endpoints (vLLM's extras included)."""
+    """The sampling fields shared by both endpoints (vLLM's extras included).
+
+    Fields not declared here are kept (`model_extra`) so that `sampling.check_other_fields`
+    can refuse the ones OpenAI or vLLM define and shardline does not honour yet, accept
+    OpenAI's metadata-only ones, and log the rest once: nothing is dropped without a word."""
+
+    model_config = ConfigDict(extra="allow")
 
     model: str | None = Field(default=None, description="Served model name; default: the only one.")
     max_tokens: int | None = Field(default=None, ge=1)
@@ -49,6 +55,9 @@ class _SamplingFields(_Body):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    ignore_eos: bool | None = Field(default=None, description="vLLM: keep going past EOS tokens")
+    stop_token_ids: list[TokenId] | None = Field(default=None, description="vLLM: ids that end the answer")
+    skip_special_tokens: bool | None = Field(default=None, description="vLLM: leave special tokens out of the text")
 
 
 class TextContentPart(_Body):

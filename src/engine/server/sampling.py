@@ -7,6 +7,7 @@ fills the defaults an OpenAI client expects, and refuses what shardline does not
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -24,10 +25,52 @@ from shardline.engine.server.protocol import (
     TopLogprob,
 )
 
+logger = logging.getLogger("shardline.serve")
+
 _PASSTHROUGH = (
     "temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty",
-    "frequency_penalty", "repetition_penalty",
+    "frequency_penalty", "repetition_penalty", "ignore_eos", "stop_token_ids", "skip_special_tokens",
 )  # fmt: skip
+
+# Fields OpenAI's chat/completions API or vLLM's extensions define that shardline does not
+# honour yet: a request that asks for one of them (a value other than "nothing") gets a 400
+# naming it, never a 200 with behaviour it did not ask for.
+UNSUPPORTED_FIELDS = frozenset({
+    "logit_bias", "min_tokens", "response_format", "tools", "tool_choice", "functions", "function_call",
+    "prompt_logprobs", "include_stop_str_in_output", "guided_json", "guided_regex", "guided_choice",
+    "guided_grammar", "guided_decoding_backend", "guided_whitespace_pattern", "structured_outputs",
+    "use_beam_search", "length_penalty", "truncate_prompt_tokens", "allowed_token_ids", "bad_words",
+    "audio", "modalities", "prediction", "reasoning_effort", "web_search_options", "logits_processors",
+    "chat_template", "chat_template_kwargs", "add_generation_prompt", "continue_final_message",
+    "documents", "mm_processor_kwargs", "priority", "return_tokens_as_token_ids",
+    "spaces_between_special_tokens", "add_special_tokens", "echo", "kv_transfer_params",
+    "vllm_xargs", "cache_salt", "thinking", "top_a", "typical_p", "n_probs",
+})  # fmt: skip
+# The value of each that asks for nothing beyond the default (accepted).
+_NOTHING_ASKED: dict[str, Any] = {
+    "add_generation_prompt": True, "spaces_between_special_tokens": True, "priority": 0,
+    "response_format": {"type": "text"}, "tool_choice": "none", "typical_p": 1.0,
+}
+# OpenAI's metadata for its own service: accepted, no effect on the answer.
+METADATA_FIELDS = frozenset({"user", "store", "metadata", "service_tier", "parallel_tool_calls"})
+_logged_unknown: set[str] = set()
+
+
+def check_other_fields(req: ChatCompletionRequest | CompletionRequest) -> None:
+    """Refuse a field shardline does not honour (400 `unsupported_parameter` naming it);
+    accept metadata; log once, as vLLM does, a field that neither OpenAI nor vLLM defines."""
+    for name, value in (req.model_extra or {}).items():
+        if name in METADATA_FIELDS:
+            continue
+        if name in UNSUPPORTED_FIELDS:
+            default = _NOTHING_ASKED.get(name, None)
+            if value is None or value == default or (default is None and value in (False, 0, "", [], {})):
+                continue
+            raise APIError(400, f"'{name}' is not supported by this server (yet); leave it out",
+                           param=name, code="unsupported_parameter")
+        if name not in _logged_unknown:
+            _logged_unknown.add(name)
+            logger.warning("ignoring request field %r: neither OpenAI nor vLLM defines it", name)
 
 
 def completion_prompt(req: CompletionRequest) -> str | list[int]:
@@ -63,6 +106,7 @@ def build_sampling_params(
     Without `max_tokens` the request may run to the end of the context (as OpenAI and vLLM
     do), so the prompt's length, when known, sets the default.
     """
+    check_other_fields(req)
     if req.n != 1:
         raise APIError(400, f"only n=1 is supported (one choice per request), got n={req.n}", param="n", code="unsupported_value")
     kwargs: dict[str, Any] = {name: getattr(req, name) for name in _PASSTHROUGH if getattr(req, name) is not None}
