@@ -241,9 +241,7 @@ class Scheduler:
             if pending and self._at_limit(request, pending):
                 index += 1  # the step in flight samples its last token
                 continue
-            num_new = min(num_tokens + pending - request.num_computed_tokens, budget)
-            if num_new > 1:
-                num_new = min(num_new, cap)
+            num_new = min(num_tokens + pending - request.num_computed_tokens, budget, cap)
             if num_new <= 0:
                 # Its sampled token has not come back yet (a step still in flight).
                 index += 1

@@ -321,12 +321,11 @@ def map_embedding(model: nn.Module, model_config: ModelConfig, parallel_context:
     for file in safetensors_files(pathlib.Path(model_config.path)):
         with open(file, "rb", buffering=0) as handle:
             entry = read_safetensors_header(handle, str(file)).get(name)
-        if entry is None:
-            continue
-        dtype, shape, offset = entry
-        if dtype != weight.dtype or tuple(shape) != tuple(weight.shape) or offset % weight.element_size():
-            return 0
-        with open(file, "rb") as handle:
+            if entry is None:
+                continue
+            dtype, shape, offset = entry
+            if dtype != weight.dtype or tuple(shape) != tuple(weight.shape) or offset % weight.element_size():
+                return 0
             mapping = mmap.mmap(handle.fileno(), 0, flags=mmap.MAP_PRIVATE,
                                 prot=mmap.PROT_READ | mmap.PROT_WRITE)
         mapped = torch.frombuffer(mapping, dtype=dtype, count=weight.numel(), offset=offset).view(shape)

@@ -128,9 +128,9 @@ class PackedCache:
 
     def save(self, model: nn.Module) -> None:
         """Write every packed weight of `model` (best effort: a failure is logged, not raised)."""
-        owners: dict[int, int] = {}
-        for _, param in model.named_parameters(remove_duplicate=False):
-            owners[id(param)] = owners.get(id(param), 0) + 1
+        from shardline.model.packed_linear import shared_parameter_ids
+
+        shared = shared_parameter_ids(model)
         layers: dict[str, Any] = {}
         offset = 0
         tensors = []
@@ -141,7 +141,7 @@ class PackedCache:
             nbytes = packed.numel() * packed.element_size()
             layers[name] = {"dtype": str(packed.dtype).removeprefix("torch."), "shape": list(packed.shape),
                             "offset": offset, "nbytes": nbytes,
-                            "shared": owners.get(id(getattr(m, "weight", None)), 0) > 1}
+                            "shared": id(getattr(m, "weight", None)) in shared}
             tensors.append(packed)
             offset += nbytes
         if not layers:

@@ -246,18 +246,25 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     return out
 
 
+def shared_parameter_ids(model: nn.Module) -> set[int]:
+    """ids of the parameters more than one module holds (a tied LM head's weight)."""
+    seen: set[int] = set()
+    shared: set[int] = set()
+    for _, param in model.named_parameters(remove_duplicate=False):
+        (shared if id(param) in seen else seen).add(id(param))
+    return shared
+
+
 def drop_float32_weights(model: nn.Module) -> int:
     """Replace the float32 weight of every packed layer by a meta tensor of its shape (the
     packed copy then serves every input size); returns the bytes let go. A weight shared with
     another module (a tied LM head's, which is the embedding) stays."""
-    owners: dict[int, int] = {}
-    for _, param in model.named_parameters(remove_duplicate=False):
-        owners[id(param)] = owners.get(id(param), 0) + 1
+    shared = shared_parameter_ids(model)
     freed = 0
     for m in model.modules():
         weight = getattr(m, "weight", None)
         if getattr(m, "packed_weight", None) is None or not isinstance(weight, nn.Parameter) \
-                or weight.is_meta or owners.get(id(weight), 0) > 1:
+                or weight.is_meta or id(weight) in shared:
             continue
         freed += weight.numel() * weight.element_size()
         m.weight = nn.Parameter(torch.empty(weight.shape, dtype=weight.dtype, device="meta"),
