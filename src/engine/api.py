@@ -16,7 +16,7 @@ import asyncio
 import functools
 import logging
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any
 
 import anyio
@@ -217,16 +217,25 @@ class Engine:
 
     def chat(
         self,
-        messages: list[dict[str, str]],
+        messages: list[dict[str, Any]],
         params: SamplingParams | None = None,
         request_id: str | None = None,
+        *,
+        chat_template_kwargs: Mapping[str, Any] | None = None,
     ) -> AsyncIterator[RequestOutput]:
-        """Stream the assistant's reply to `messages`, formatted with the model's chat template."""
+        """Stream the assistant's reply to `messages`, formatted with the model's chat template.
+
+        `chat_template_kwargs` (vLLM's) reach the template as variables; they may also set
+        `add_generation_prompt` (default true) and `continue_final_message`. Messages may carry
+        the keys the template reads besides `role` and `content` (`tool_calls`, `tool_call_id`,
+        `name`)."""
         size = sum(len(m["content"]) for m in messages if isinstance(m, dict) and isinstance(m.get("content"), str)) \
             if isinstance(messages, list) else 0
-        return RequestOutputs(self, functools.partial(self._chat_token_ids, messages), params, request_id, size)
+        return RequestOutputs(self, functools.partial(self._chat_token_ids, messages, chat_template_kwargs), params, request_id, size)
 
-    def _chat_token_ids(self, messages: list[dict[str, str]]) -> list[int]:
+    def _chat_token_ids(
+        self, messages: list[dict[str, Any]], chat_template_kwargs: Mapping[str, Any] | None = None
+    ) -> list[int]:
         if not isinstance(messages, list) or not messages:
             raise InvalidRequestError("messages", "must be a non-empty list of {role, content}")
         for message in messages:
@@ -234,7 +243,9 @@ class Engine:
                 raise InvalidRequestError("messages", f"each message needs string 'role' and 'content', got {message!r}")
         self._check_prompt_chars(sum(len(m["content"]) for m in messages))
         try:
-            return self._info.apply_chat_template(messages)
+            return self._info.apply_chat_template(messages, chat_template_kwargs)
+        except InvalidRequestError:  # chat_template_kwargs refused, by name
+            raise
         except Exception as exc:  # jinja errors on odd roles, etc.
             raise InvalidRequestError("messages", f"chat template failed: {exc}") from exc
 

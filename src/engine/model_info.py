@@ -45,19 +45,62 @@ class ModelInfo:
     """SamplingParams defaults from generation_config.json, by field name (max_new_tokens as
     max_tokens); fill the fields a request leaves out (`SamplingParams.with_model_defaults`)."""
 
-    def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]:
+    def apply_chat_template(
+        self, messages: list[dict[str, Any]], template_kwargs: Mapping[str, Any] | None = None
+    ) -> list[int]:
         """Token ids of `messages` formatted by the model's chat template, ready for a reply.
 
         The template writes its own special tokens (BOS included), so the text is encoded
         without the tokenizer's: a Llama tokenizer would otherwise add a second BOS.
+        `template_kwargs` (vLLM's `chat_template_kwargs`, checked by
+        `check_chat_template_kwargs`) reach the template as variables, and may set
+        `add_generation_prompt` (default True) or `continue_final_message`.
         """
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        options = chat_template_options(template_kwargs)
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, **options)
         return [int(t) for t in self.tokenizer.encode(text, add_special_tokens=False)]
 
     def encode_prompt(self, prompt: str) -> list[int]:
         """Token ids of a text prompt, with the special tokens the tokenizer itself adds (as
         vLLM does): a Llama tokenizer's BOS, nothing for one that defines none (SmolLM2)."""
         return [int(t) for t in self.tokenizer.encode(prompt)]
+
+
+# apply_chat_template's own parameters: not template variables, so chat_template_kwargs may not
+# set them (add_generation_prompt and continue_final_message it may, as in vLLM).
+RESERVED_TEMPLATE_KWARGS = frozenset({
+    "conversation", "messages", "tools", "documents", "chat_template", "tokenize", "padding", "truncation",
+    "max_length", "return_tensors", "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs",
+    "sanitize_control_tokens",
+})  # fmt: skip
+
+
+def check_chat_template_kwargs(template_kwargs: Any) -> None:
+    """Refuse `chat_template_kwargs` that are not a mapping of template variables
+    (InvalidRequestError naming the field)."""
+    if template_kwargs is None:
+        return
+    if not isinstance(template_kwargs, Mapping) or not all(isinstance(k, str) for k in template_kwargs):
+        raise InvalidRequestError("chat_template_kwargs", f"must be an object of template variables, got "
+                                  f"{template_kwargs!r:.200}")
+    reserved = sorted(RESERVED_TEMPLATE_KWARGS.intersection(template_kwargs))
+    if reserved:
+        raise InvalidRequestError("chat_template_kwargs", f"may not set {', '.join(map(repr, reserved))}: a "
+                                  "parameter of the template renderer, not a template variable")
+    for name in ("add_generation_prompt", "continue_final_message"):
+        if not isinstance(template_kwargs.get(name, False), bool):
+            raise InvalidRequestError("chat_template_kwargs", f"{name} must be true or false, got "
+                                      f"{template_kwargs[name]!r:.200}")
+
+
+def chat_template_options(template_kwargs: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The keyword arguments of `tokenizer.apply_chat_template` for a reply: the generation
+    prompt on, unless `template_kwargs` (checked here) say otherwise."""
+    check_chat_template_kwargs(template_kwargs)
+    options: dict[str, Any] = {"add_generation_prompt": True, **(template_kwargs or {})}
+    if options.get("continue_final_message") and "add_generation_prompt" not in (template_kwargs or {}):
+        options["add_generation_prompt"] = False  # vLLM's continue_final_message implies no new turn
+    return options
 
 
 @dataclass(frozen=True)

@@ -120,18 +120,67 @@ class FastTokenizer:
     # ------------------------------------------------------------------ chat
     def apply_chat_template(self, conversation: list[dict[str, Any]], *, tools: list[dict[str, Any]] | None = None,
                             documents: list[dict[str, Any]] | None = None, chat_template: str | None = None,
-                            add_generation_prompt: bool = False, tokenize: bool = True,
-                            **kwargs: Any) -> Any:
+                            add_generation_prompt: bool = False, continue_final_message: bool = False,
+                            tokenize: bool = True, **kwargs: Any) -> Any:
         """transformers' `apply_chat_template` for one conversation: the text, or its token ids
-        (encoded without special tokens: the template writes its own)."""
+        (encoded without special tokens: the template writes its own). Keys whose value is None
+        are left out of each message, as transformers does; `kwargs` (vLLM's
+        `chat_template_kwargs`) reach the template as variables; `continue_final_message` leaves
+        the last message open, cut where its text ends, as transformers cuts it."""
         template = chat_template or self.chat_template
         if template is None:
             raise ValueError("the tokenizer has no chat template; pass one (--chat-template) or "
                              "send a text prompt instead")
+        if continue_final_message and add_generation_prompt:
+            raise ValueError("continue_final_message and add_generation_prompt are not compatible: "
+                             "continue_final_message continues the final message, add_generation_prompt "
+                             "starts a new assistant message")
+        messages = [{key: value for key, value in m.items() if value is not None} for m in conversation]
+        final = _tag_final_message(messages, template) if continue_final_message else None
         text = _compile(template).render(
-            messages=conversation, tools=tools, documents=documents,
+            messages=messages, tools=tools, documents=documents,
             add_generation_prompt=add_generation_prompt, **{**self.special_tokens_map, **kwargs})
+        if final is not None:
+            text = _cut_at_tag(text, final)
         return self.encode(text, add_special_tokens=False) if tokenize else text
+
+
+_CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "  # transformers' marker for continue_final_message
+
+
+def _tag_final_message(messages: list[dict[str, Any]], template: str) -> str:
+    """Mark where the last message's text ends (transformers' way: a tag appended to it, found
+    in the rendered text afterwards); returns the message's text."""
+    if not messages:
+        raise ValueError("continue_final_message is set but the conversation is empty!")
+    last = messages[-1] = dict(messages[-1])
+    final = last.get("content")
+    if final is None:
+        raise ValueError('continue_final_message is set but the final message has no "content" to continue!')
+    if "content" not in template:
+        raise ValueError('continue_final_message is set to "content" but this is not an accepted field in the '
+                         "chat_template")
+    if isinstance(final, list | tuple):
+        blocks = last["content"] = [dict(block) for block in final]
+        for block in reversed(blocks):
+            if "text" in block:
+                final = block["text"]
+                block["text"] = block["text"] + _CONTINUE_TAG
+                return str(final)
+        raise ValueError("continue_final_message is set but we could not find any text to continue in the final "
+                         "message!")
+    last["content"] = final + _CONTINUE_TAG
+    return str(final)
+
+
+def _cut_at_tag(rendered: str, final: str) -> str:
+    if final.strip() not in rendered or _CONTINUE_TAG.strip() not in rendered:
+        raise ValueError("continue_final_message is set but the final message does not appear in the chat after "
+                         "applying the chat template (the template changes or drops part of it)")
+    at = rendered.rindex(_CONTINUE_TAG.strip())
+    if rendered[at : at + len(_CONTINUE_TAG)] == _CONTINUE_TAG:
+        return rendered[:at]
+    return rendered[:at].rstrip()
 
 
 def _clean_up_spaces(text: str) -> str:
