@@ -13,9 +13,12 @@ Cancelling the task that consumes `generate` aborts the request and frees its KV
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import uuid
+import weakref
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any
 
@@ -34,7 +37,13 @@ from shardline.engine.executor import Executor
 from shardline.engine.kv_cache import KVCacheManager
 from shardline.engine.model_info import ModelInfo, ModelLocation, load_model_info, locate_model
 from shardline.engine.output_stream import END_OF_STREAM, OutputStream
-from shardline.engine.request import Request, RequestOutput, SamplingParams, validate_request
+from shardline.engine.request import (
+    FinishReason,
+    Request,
+    RequestOutput,
+    SamplingParams,
+    validate_request,
+)
 from shardline.engine.scheduler import Scheduler, SchedulerConfig
 
 logger = logging.getLogger("shardline.engine")
@@ -51,6 +60,9 @@ class Engine:
         self._supervisor: asyncio.Task[None] | None = None
         self._closed = False
         self._death: BaseException | None = None
+        # Requests with n > 1 by the caller's id, so that `abort(id)` reaches every choice
+        # (weakly: a dropped iterator is collected, and its __del__ aborts its choices).
+        self._parallel: weakref.WeakValueDictionary[str, ParallelRequestOutputs] = weakref.WeakValueDictionary()
 
     # ------------------------------------------------------------------ lifecycle
     @classmethod
@@ -209,11 +221,13 @@ class Engine:
     ) -> AsyncIterator[RequestOutput]:
         """Stream outputs for one prompt (text or token ids); the last has `finished=True`.
 
+        With `params.n` > 1 the outputs of every choice come interleaved, each with its
+        `index`, and the iteration ends once each choice yielded its finished output.
         Nothing happens until the first `__anext__`: bad input raises there, as it would from
         an async generator.
         """
         size = len(prompt) if isinstance(prompt, str) else 0
-        return RequestOutputs(self, functools.partial(self._tokenize, prompt), params, request_id, size)
+        return self._outputs(functools.partial(self._tokenize, prompt), params, request_id, size)
 
     def chat(
         self,
@@ -231,7 +245,14 @@ class Engine:
         `name`)."""
         size = sum(len(m["content"]) for m in messages if isinstance(m, dict) and isinstance(m.get("content"), str)) \
             if isinstance(messages, list) else 0
-        return RequestOutputs(self, functools.partial(self._chat_token_ids, messages, chat_template_kwargs), params, request_id, size)
+        return self._outputs(functools.partial(self._chat_token_ids, messages, chat_template_kwargs), params, request_id, size)
+
+    def _outputs(
+        self, prepare: Callable[[], list[int]], params: SamplingParams | None, request_id: str | None, size: int
+    ) -> AsyncIterator[RequestOutput]:
+        if params is not None and params.n > 1:
+            return ParallelRequestOutputs(self, prepare, params, request_id, size)
+        return RequestOutputs(self, prepare, params, request_id, size)
 
     def _chat_token_ids(
         self, messages: list[dict[str, Any]], chat_template_kwargs: Mapping[str, Any] | None = None
@@ -250,7 +271,11 @@ class Engine:
             raise InvalidRequestError("messages", f"chat template failed: {exc}") from exc
 
     async def abort(self, request_id: str) -> None:
-        """Abort a request by id; its stream ends with finish_reason 'abort'."""
+        """Abort a request by id (every choice of one with n > 1); its stream ends with
+        finish_reason 'abort'."""
+        parallel = self._parallel.get(request_id)
+        if parallel is not None:
+            parallel.abort()
         for core in self._cores:
             core.abort(request_id)
 
@@ -276,6 +301,13 @@ class Engine:
 
     def _submit(self, token_ids: list[int], params: SamplingParams, request_id: str | None) -> tuple[EngineCore, str, OutputStream]:
         """Validate and queue one request on the least busy replica; returns where it went."""
+        core, params = self._admit(token_ids, params)
+        request_id = request_id or uuid.uuid4().hex
+        return core, request_id, self._enqueue(core, token_ids, params, request_id)
+
+    def _admit(self, token_ids: list[int], params: SamplingParams) -> tuple[EngineCore, SamplingParams]:
+        """Validate a request (all its `params.n` choices) and choose the least busy replica
+        for it; returns the replica and the parameters with the model's defaults filled in."""
         if self.is_dead:
             raise EngineDeadError("engine is not running")
         max_model_len = self._info.max_model_len
@@ -285,42 +317,40 @@ class Engine:
         validate_request(token_ids, params, max_model_len=max_model_len, vocab_size=self._info.vocab_size)
         _check_wire_ints(params)
         core = min(self._cores, key=lambda c: c.num_unfinished)
-        if core.num_unfinished >= self.config.max_waiting_requests:
+        if core.num_unfinished + params.n > self.config.max_waiting_requests:
+            choices = f"; this request's n={params.n} choices do not fit" if params.n > 1 else ""
             raise EngineOverloadedError(
-                f"{core.num_unfinished} requests already queued (max_waiting_requests={self.config.max_waiting_requests})"
+                f"{core.num_unfinished} requests already queued (max_waiting_requests="
+                f"{self.config.max_waiting_requests}){choices}"
             )
+        return core, params
+
+    def _enqueue(self, core: EngineCore, token_ids: list[int], params: SamplingParams, request_id: str) -> OutputStream:
+        """Queue one admitted request (one choice) on `core`; returns its output stream."""
         request = Request(
-            request_id=request_id or uuid.uuid4().hex,
+            request_id=request_id,
             prompt_token_ids=token_ids,
             sampling_params=params,
             eos_token_ids=self._info.eos_token_ids,
         )
         detokenizer = IncrementalDetokenizer(
-            self._info.tokenizer, token_ids, skip_special_tokens=params.skip_special_tokens, stop=params.stop
+            self._info.tokenizer,
+            token_ids,
+            skip_special_tokens=params.skip_special_tokens,
+            stop=params.stop,
+            include_stop_str_in_output=params.include_stop_str_in_output,
         )
-        return core, request.request_id, core.submit(request, detokenizer)
+        return core.submit(request, detokenizer)
 
 
 TOKENIZE_OFF_LOOP_CHARS = 16_384  # text prompts longer than this are tokenized on a thread
 
 
-class RequestOutputs:
-    """One request's outputs, as `Engine.generate` and `Engine.chat` return them.
+class _LazyOutputs:
+    """What both kinds of outputs share: the prompt is prepared (tokenized, validated) and the
+    request submitted on the first `__anext__`, in one try, like an async generator's body."""
 
-    It behaves as the async generator it replaces (`async for item in stream: yield item`
-    inside try/finally), one object and one coroutine per output instead of two generator
-    layers, a stream coroutine and a `receive` coroutine: this runs once per token of every
-    streaming request.
-
-    * The request is validated and submitted on the first `__anext__`; bad input raises there.
-    * An error from the engine is raised to the caller; the iteration then ends.
-    * Anything raised while waiting (the caller's task cancelled) aborts the request, frees
-      its KV blocks, and ends the iteration; so do `aclose()` and dropping the iterator early.
-    * A stream that ends without a finished output raises EngineDeadError.
-    """
-
-    __slots__ = ("_engine", "_prepare", "_params", "_request_id", "_core", "_rid", "_stream", "_loop", "_finished",
-                 "_done", "_size")
+    __slots__ = ("_engine", "_prepare", "_params", "_request_id", "_loop", "_size")
 
     def __init__(
         self,
@@ -335,10 +365,57 @@ class RequestOutputs:
         self._prepare: Callable[[], list[int]] | None = prepare
         self._params = params
         self._request_id = request_id
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._init_state()
+
+    def _init_state(self) -> None:
+        """Set the subclass's own attributes (called by `__init__`)."""
+
+    async def _prepare_in_thread(self) -> None:
+        """Tokenize a large prompt on a worker thread (the event loop keeps serving); `_start`
+        then submits the ids."""
+        prepare = self._prepare
+        if prepare is None:
+            return
+        try:
+            token_ids = await anyio.to_thread.run_sync(prepare)
+        except BaseException:
+            self._engine = self._prepare = None  # one try, like a generator that raised
+            raise
+        self._prepare = lambda: token_ids
+
+    def _claim(self) -> tuple[Engine, list[int], SamplingParams]:
+        """The engine, prompt ids and parameters to submit, once; StopAsyncIteration after a
+        start that failed or a close."""
+        engine, prepare = self._engine, self._prepare
+        if engine is None or prepare is None:  # started before, and that failed or was closed
+            raise StopAsyncIteration
+        self._engine = self._prepare = None  # one try, like a generator that raised
+        self._loop = asyncio.get_running_loop()
+        return engine, prepare(), self._params or SamplingParams()
+
+
+class RequestOutputs(_LazyOutputs):
+    """One request's outputs, as `Engine.generate` and `Engine.chat` return them.
+
+    It behaves as the async generator it replaces (`async for item in stream: yield item`
+    inside try/finally), one object and one coroutine per output instead of two generator
+    layers, a stream coroutine and a `receive` coroutine: this runs once per token of every
+    streaming request.
+
+    * The request is validated and submitted on the first `__anext__`; bad input raises there.
+    * An error from the engine is raised to the caller; the iteration then ends.
+    * Anything raised while waiting (the caller's task cancelled) aborts the request, frees
+      its KV blocks, and ends the iteration; so do `aclose()` and dropping the iterator early.
+    * A stream that ends without a finished output raises EngineDeadError.
+    """
+
+    __slots__ = ("_core", "_rid", "_stream", "_finished", "_done")
+
+    def _init_state(self) -> None:
         self._core: EngineCore | None = None
         self._rid = ""
         self._stream: OutputStream | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._finished = False
         self._done = False
 
@@ -368,27 +445,9 @@ class RequestOutputs:
             raise StopAsyncIteration
         raise item
 
-    async def _prepare_in_thread(self) -> None:
-        """Tokenize a large prompt on a worker thread (the event loop keeps serving); `_start`
-        then submits the ids."""
-        prepare = self._prepare
-        if prepare is None:
-            return
-        try:
-            token_ids = await anyio.to_thread.run_sync(prepare)
-        except BaseException:
-            self._engine = self._prepare = None  # one try, like a generator that raised
-            raise
-        self._prepare = lambda: token_ids
-
     def _start(self) -> OutputStream:
-        engine, prepare = self._engine, self._prepare
-        if engine is None or prepare is None:  # started before, and that failed or was closed
-            raise StopAsyncIteration
-        self._engine = self._prepare = None  # one try, like a generator that raised
-        params = self._params or SamplingParams()
-        self._loop = asyncio.get_running_loop()
-        self._core, self._rid, self._stream = engine._submit(prepare(), params, self._request_id)
+        engine, token_ids, params = self._claim()
+        self._core, self._rid, self._stream = engine._submit(token_ids, params, self._request_id)
         return self._stream
 
     def _close(self) -> None:
@@ -415,6 +474,176 @@ class RequestOutputs:
             pass
 
 
+class ParallelRequestOutputs(_LazyOutputs):
+    """The outputs of a request with `n` > 1 choices, interleaved, as one iterator.
+
+    Each choice is a request of its own in the engine (id f"{request_id}-{i}", n=1, seed
+    `seed + i` when the request has a seed); its outputs come with `index` i and the
+    caller's `request_id`. Choice 0 is submitted first; the others once its first output
+    arrived: its prompt's K/V are computed by then and its full blocks are in the prefix
+    cache, so every other choice reuses them and computes only the prompt's last, partial
+    block (as SGLang does; vLLM submits all at once and shares nothing until a block is
+    computed). The iteration ends once every choice yielded its finished output. Leaving
+    early, an error, cancellation and `Engine.abort(request_id)` abort every choice; a choice
+    not started when the request is aborted still ends, with finish_reason "abort".
+    """
+
+    __slots__ = ("_owner", "_core", "_parent_id", "_token_ids", "_choices", "_streams", "_waits", "_ready",
+                 "_finished", "_started_all", "_aborted", "_done", "__weakref__")
+
+    def _init_state(self) -> None:
+        self._owner: Engine | None = None  # the engine, from the start until the end
+        self._core: EngineCore | None = None
+        self._parent_id = ""
+        self._token_ids: list[int] = []
+        self._choices: list[SamplingParams] = []  # each choice's parameters (n=1)
+        self._streams: dict[int, OutputStream] = {}  # started choices that did not finish
+        self._waits: dict[int, asyncio.Future[Any]] = {}  # each one's next item
+        self._ready: deque[RequestOutput | BaseException] = deque()
+        self._finished: set[int] = set()
+        self._started_all = False
+        self._aborted = False
+        self._done = False
+
+    def __aiter__(self) -> ParallelRequestOutputs:
+        return self
+
+    def _child_id(self, index: int) -> str:
+        return f"{self._parent_id}-{index}"
+
+    async def __anext__(self) -> RequestOutput:
+        if self._done:
+            raise StopAsyncIteration
+        if self._core is None:
+            if self._size > TOKENIZE_OFF_LOOP_CHARS:
+                await self._prepare_in_thread()
+            self._start()
+        while not self._ready:
+            if not self._waits:
+                self._close()
+                raise StopAsyncIteration
+            if not any(future.done() for future in self._waits.values()):
+                try:
+                    await asyncio.wait(self._waits.values(), return_when=asyncio.FIRST_COMPLETED)
+                except BaseException:
+                    self._close()  # cancelled while waiting: every choice is aborted
+                    raise
+            for index, future in list(self._waits.items()):
+                if future.done():
+                    self._take(index, future.result())
+        item = self._ready.popleft()
+        if isinstance(item, BaseException):
+            self._close()
+            raise item
+        return item
+
+    def _start(self) -> None:
+        engine, token_ids, params = self._claim()
+        core, params = engine._admit(token_ids, params)
+        parent_id = self._request_id or uuid.uuid4().hex
+        if parent_id in engine._parallel:
+            raise InvalidRequestError("request_id", f"request id {parent_id!r} is already in use")
+        self._core, self._parent_id, self._token_ids = core, parent_id, token_ids
+        self._choices = [
+            dataclasses.replace(params, n=1, seed=None if params.seed is None else params.seed + index)
+            for index in range(params.n)
+        ]
+        engine._parallel[parent_id] = self
+        self._owner = engine
+        self._submit_choice(engine, 0)
+
+    def _submit_choice(self, engine: Engine, index: int) -> None:
+        assert self._core is not None
+        stream = engine._enqueue(self._core, self._token_ids, self._choices[index], self._child_id(index))
+        self._streams[index] = stream
+        self._waits[index] = stream.next_future()
+
+    def _take(self, index: int, item: Any) -> None:
+        """Handle choice `index`'s next item: queue it for the caller, wait for the next one."""
+        del self._waits[index]
+        stream = self._streams[index]
+        if type(item) is RequestOutput:
+            item.request_id, item.index = self._parent_id, index
+            self._ready.append(item)
+            if item.finished:
+                self._finished.add(index)
+                del self._streams[index]
+                stream.close_receiver()
+            else:
+                self._waits[index] = stream.next_future()
+            if not self._started_all:
+                self._start_others(aborted=self._aborted or item.finish_reason == FinishReason.ABORT.value)
+            return
+        del self._streams[index]
+        if item is END_OF_STREAM:
+            item = EngineDeadError("engine stopped before the request finished")
+        self._ready.append(item)
+
+    def _start_others(self, *, aborted: bool) -> None:
+        """Choice 0's prompt is computed: start every other choice (or end each with "abort")."""
+        self._started_all = True
+        owner = self._owner
+        for index in range(1, len(self._choices)):
+            if aborted or owner is None:
+                self._finished.add(index)
+                self._ready.append(
+                    RequestOutput(self._parent_id, "", "", [], [], None, True, FinishReason.ABORT.value,
+                                  len(self._token_ids), 0, index=index)
+                )
+                continue
+            try:
+                self._submit_choice(owner, index)
+            except EngineDeadError as exc:
+                self._ready.append(exc)
+                return
+
+    def abort(self) -> None:
+        """`Engine.abort` of this request: every choice started is aborted, the rest end so."""
+        self._aborted = True
+        core = self._core
+        if core is not None:
+            for index in self._streams:
+                core.abort(self._child_id(index))
+
+    def _close(self) -> None:
+        """The generator's `finally`: close our ends; abort every choice that did not finish."""
+        if self._done:
+            return
+        self._done = True
+        self._ready.clear()
+        for future in self._waits.values():
+            future.cancel()  # so that closing its stream does not set an error nobody reads
+        self._waits.clear()
+        owner, self._owner = self._owner, None
+        if owner is not None and owner._parallel.get(self._parent_id) is self:
+            del owner._parallel[self._parent_id]
+        if self._core is not None:
+            _release_choices(self._core, self._unfinished())
+        self._streams.clear()
+
+    def _unfinished(self) -> list[tuple[OutputStream, str]]:
+        return [(stream, self._child_id(index)) for index, stream in self._streams.items()]
+
+    async def aclose(self) -> None:
+        """Stop reading: abort every choice that did not finish (idempotent)."""
+        self._engine = self._prepare = None
+        self._close()
+
+    def __del__(self) -> None:
+        # Dropped mid-stream without aclose: as RequestOutputs.__del__, for every choice.
+        if self._done or self._core is None or self._loop is None or not self._streams:
+            return
+        try:
+            self._loop.call_soon_threadsafe(_release_choices, self._core, self._unfinished())
+        except RuntimeError:  # the loop is closed: nothing left to abort
+            pass
+
+
+def _release_choices(core: EngineCore, choices: list[tuple[OutputStream, str]]) -> None:
+    for stream, request_id in choices:
+        _release(stream, core, request_id, abort=True)
+
+
 def _release(stream: OutputStream, core: EngineCore, request_id: str, abort: bool) -> None:
     stream.close_receiver()
     if abort:
@@ -434,6 +663,10 @@ def _check_wire_ints(params: SamplingParams) -> None:
         value = getattr(params, name, None)
         if isinstance(value, int) and value not in _INT64:
             raise InvalidRequestError(name, f"must fit in a signed 64-bit integer, got {value}")
+    if params.seed is not None and params.seed + params.n - 1 not in _INT64:
+        raise InvalidRequestError(
+            "seed", f"choice i of n samples with seed + i: seed + n - 1 must fit in a signed 64-bit integer, "
+            f"got seed={params.seed}, n={params.n}")
 
 
 def _require_asyncio() -> None:

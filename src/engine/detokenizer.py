@@ -9,7 +9,9 @@ tail no longer ends in U+FFFD (an incomplete UTF-8 sequence).
 Stop strings: the decoded text runs once through an Aho-Corasick automaton of the request's
 stop strings (`StopMatcher`); the request stops at the first one completed, and text that
 could still be the beginning of one is held back, so what is emitted never contains (part of)
-a stop string.
+a stop string. With `include_stop_str_in_output` (vLLM's option) the text instead ends with the
+stop string that ended it; nothing is held back then (what is emitted before the stop is a
+prefix of that text either way), and nothing decoded after the stop string is emitted.
 """
 
 from __future__ import annotations
@@ -148,10 +150,12 @@ class IncrementalDetokenizer:
         *,
         skip_special_tokens: bool = True,
         stop: Sequence[str] = (),
+        include_stop_str_in_output: bool = False,
     ) -> None:
         self._tokenizer: _Decoder = fast_decoder(tokenizer)
         self._skip_special_tokens = skip_special_tokens
         self._stop = tuple(s for s in stop if s)
+        self._include_stop = include_stop_str_in_output
         self._matcher = stop_matcher(self._stop) if self._stop else None
         self._state = 0  # the matcher's state after `_decoded[:_scanned]`
         self._scanned = 0
@@ -212,13 +216,15 @@ class IncrementalDetokenizer:
             if end >= 0:
                 stop_end = self._scanned + end
                 pos = stop_end - matcher.match[state]
-                delta = self._decoded[emitted:pos]
+                delta = self._decoded[emitted : stop_end if self._include_stop else pos]
                 self.text += delta
                 self.stopped = True
                 self.stop_string = self._decoded[pos:stop_end]
                 return delta, True
             self._state, self._scanned = state, len(self._decoded)
-            end = max(emitted, len(self._decoded) - matcher.depth[state])
+            end = len(self._decoded)
+            if not self._include_stop:  # hold back what could begin a stop string
+                end = max(emitted, end - matcher.depth[state])
         else:
             end = len(self._decoded)
         delta = self._decoded[emitted:end]

@@ -3,12 +3,16 @@
     llm = LLM(EngineConfig(model="smollm2-135m-instruct"))
     outputs = llm.generate(["Hello", "Why is the sky blue?"], SamplingParams(max_tokens=32))
     llm.close()
+
+Each prompt gives one `GenerateResult`: the request's final `RequestOutput` (choice 0's),
+whose `outputs` lists the final output of every choice (`SamplingParams.n`), by index.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from contextlib import ExitStack
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import anyio
@@ -18,6 +22,20 @@ from tqdm import tqdm
 from shardline.engine.api import Engine
 from shardline.engine.config import EngineConfig
 from shardline.engine.request import RequestOutput, SamplingParams
+
+
+@dataclass(slots=True)
+class GenerateResult(RequestOutput):
+    """What `LLM.generate` returns for one prompt: choice 0's final output (its fields, so
+    `.text`, `.token_ids` and `.finish_reason` read as with n=1) plus `outputs`, the final
+    output of every choice (`SamplingParams.n` of them) by `index`, as vLLM's `.outputs`."""
+
+    outputs: list[RequestOutput] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, finals: list[RequestOutput]) -> GenerateResult:
+        first = finals[0]
+        return cls(**{f.name: getattr(first, f.name) for f in fields(RequestOutput)}, outputs=finals)
 
 
 class LLM:
@@ -40,8 +58,9 @@ class LLM:
         params: SamplingParams | Sequence[SamplingParams] | None = None,
         *,
         use_tqdm: bool = True,
-    ) -> list[RequestOutput]:
-        """Generate for every prompt (continuously batched); outputs in the prompts' order."""
+    ) -> list[GenerateResult]:
+        """Generate for every prompt (continuously batched); one result per prompt, in the
+        prompts' order, holding every choice's final output (`GenerateResult.outputs`)."""
         prompt_list: list[Any] = [prompts] if isinstance(prompts, str) else list(prompts)
         if params is None or isinstance(params, SamplingParams):
             param_list = [params or SamplingParams()] * len(prompt_list)
@@ -57,7 +76,7 @@ class LLM:
         params: SamplingParams | None = None,
         *,
         use_tqdm: bool = True,
-    ) -> list[RequestOutput]:
+    ) -> list[GenerateResult]:
         """Reply to each conversation with the model's chat template.
 
         As `Engine.chat`: the template writes its special tokens and no others are added (text
@@ -69,14 +88,16 @@ class LLM:
 
     async def _generate_all(
         self, prompts: list[Any], params: list[SamplingParams], use_tqdm: bool
-    ) -> list[RequestOutput]:
-        results: list[RequestOutput | None] = [None] * len(prompts)
+    ) -> list[GenerateResult]:
+        results: list[GenerateResult | None] = [None] * len(prompts)
         # disable=None: tqdm draws only where stderr is a terminal.
         bar = tqdm(total=len(prompts), desc="generating", unit="req", disable=None if use_tqdm else True)
 
         async def one(index: int) -> None:
+            finals: dict[int, RequestOutput] = {}
             async for out in self.engine.generate(prompts[index], params[index]):
-                results[index] = out
+                finals[out.index] = out  # each choice's last output is its finished one
+            results[index] = GenerateResult.of([finals[i] for i in sorted(finals)])
             bar.update(1)
 
         try:

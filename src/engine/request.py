@@ -20,6 +20,7 @@ from shardline.engine.errors import InvalidRequestError, PromptTooLongError
 from shardline.transport.messages import SamplingOptions
 
 MAX_LOGPROBS = 20
+MAX_N = 128  # choices per request (`n`), OpenAI's bound
 
 
 # Stop strings are matched by one automaton per request (engine/detokenizer.py), built in time
@@ -68,6 +69,11 @@ class SamplingParams:
     `stop` / `stop_token_ids` accept a list (or, for `stop`, a single string) and are stored
     as tuples so the object stays hashable and immutable.
 
+    `n` (1..MAX_N) asks for that many choices of the one prompt: `Engine.generate` yields
+    every choice's outputs, each with its `RequestOutput.index`; with a `seed`, choice i
+    samples with `seed + i`. `include_stop_str_in_output` keeps the stop string that ended
+    the request at the end of its text (vLLM's option; by default it is cut off).
+
     `max_tokens`, `temperature`, `top_k`, `top_p`, `min_p` and `repetition_penalty` left out
     (or None) are the model's to choose: when the request is submitted they take the values of
     the model's generation_config.json (`EngineConfig.generation_config`), else the built-in
@@ -91,6 +97,7 @@ class SamplingParams:
     repetition_penalty: float
     n: int
     skip_special_tokens: bool
+    include_stop_str_in_output: bool
     timeout: float | None
     model_default_fields: frozenset[str] = field(init=False, repr=False)
 
@@ -111,6 +118,7 @@ class SamplingParams:
         repetition_penalty: float | None = None,
         n: int = 1,
         skip_special_tokens: bool = True,
+        include_stop_str_in_output: bool = False,
         timeout: float | None = None,
     ) -> None:
         set_ = object.__setattr__  # frozen
@@ -137,6 +145,7 @@ class SamplingParams:
         set_(self, "frequency_penalty", frequency_penalty)
         set_(self, "n", n)
         set_(self, "skip_special_tokens", skip_special_tokens)
+        set_(self, "include_stop_str_in_output", include_stop_str_in_output)
         set_(self, "timeout", timeout)
         self._validate()
 
@@ -202,14 +211,13 @@ class SamplingParams:
             raise InvalidRequestError(
                 "repetition_penalty", f"must be a number > 0, got {self.repetition_penalty!r}"
             )
-        if self.n != 1 or not _is_int(self.n):
+        if not _is_int(self.n) or not 1 <= self.n <= MAX_N:
             raise InvalidRequestError(
-                "n", f"only n=1 is supported (one completion per request), got {self.n!r}"
+                "n", f"must be an integer in [1, {MAX_N}] (choices per request), got {self.n!r}"
             )
-        if not isinstance(self.skip_special_tokens, bool):
-            raise InvalidRequestError(
-                "skip_special_tokens", f"must be a bool, got {self.skip_special_tokens!r}"
-            )
+        for name in ("skip_special_tokens", "include_stop_str_in_output"):
+            if not isinstance(getattr(self, name), bool):
+                raise InvalidRequestError(name, f"must be a bool, got {getattr(self, name)!r}")
         if self.timeout is not None and (not _is_number(self.timeout) or self.timeout <= 0):
             raise InvalidRequestError(
                 "timeout", f"must be None or a number of seconds > 0, got {self.timeout!r}"
@@ -414,7 +422,9 @@ class TokenLogprob:
 class RequestOutput:
     """One streamed update of a request: the new text/tokens and the cumulative ones.
 
-    Slotted: one is built per token of every streaming request.
+    `index` is the choice this update belongs to (0..n-1 for `SamplingParams.n`; 0 for n=1);
+    `request_id` is the caller's request id for every choice. Slotted: one is built per token
+    of every streaming request.
     """
 
     request_id: str
@@ -428,3 +438,4 @@ class RequestOutput:
     num_prompt_tokens: int
     num_output_tokens: int
     error: str | None = None
+    index: int = 0

@@ -83,6 +83,52 @@ def test_stop_string_is_cut_and_never_emitted(tokenizer: Tokenizer, stop: str) -
     assert detok.flush() == ""
 
 
+@pytest.mark.parametrize("stop", ["STOP", "S", "end ###", "\n\n", "界。"])
+def test_include_stop_str_in_output_keeps_the_stop_string(tokenizer: Tokenizer, stop: str) -> None:
+    before = "first part 你好 "
+    text = before + stop + " after the stop " + stop
+    detok = IncrementalDetokenizer(tokenizer, [], stop=[stop, "never-appears"], include_stop_str_in_output=True)
+    deltas, stopped = stream(detok, tokenizer.encode(text).ids)
+    assert stopped and detok.stop_string == stop
+    assert detok.text == before + stop  # up to the end of the first occurrence, nothing after
+    assert "".join(deltas) == detok.text
+    assert detok.flush() == ""
+
+
+def test_include_stop_str_in_output_holds_nothing_back(tokenizer: Tokenizer) -> None:
+    """What could begin a stop string is emitted at once: with the stop kept in the text,
+    what came before is a prefix of the final text whether or not the stop completes."""
+    detok = IncrementalDetokenizer(tokenizer, [], stop=["STOP!"], include_stop_str_in_output=True)
+    deltas, stopped = stream(detok, tokenizer.encode("go STO").ids)
+    assert not stopped and "".join(deltas) == "go STO"
+    delta, stopped = detok.update(tokenizer.encode("P! then more").ids)
+    assert stopped and "".join(deltas) + delta == detok.text == "go STOP!"
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    text=st.text(alphabet="ab 你好🙂éSTOP\n.", min_size=0, max_size=40),
+    stops=st.lists(st.text(alphabet="ab 你好🙂éSTOP\n.", min_size=1, max_size=4), min_size=1, max_size=3),
+    include=st.booleans(),
+)
+def test_stop_strings_cut_where_a_scan_of_the_whole_text_cuts(
+    tokenizer: Tokenizer, text: str, stops: list[str], include: bool
+) -> None:
+    ids = tokenizer.encode(text).ids
+    full = tokenizer.decode(ids)
+    # The first stop string to be completed (the earliest end; the longest one ending there).
+    ends = [(full.index(s) + len(s), -len(s)) for s in stops if s in full]
+    detok = IncrementalDetokenizer(tokenizer, [], stop=stops, include_stop_str_in_output=include)
+    deltas, stopped = stream(detok, ids)
+    if not ends:
+        assert not stopped
+        assert "".join(deltas) + detok.flush() == full
+        return
+    end, minus_length = min(ends)
+    assert stopped
+    assert "".join(deltas) == detok.text == (full[:end] if include else full[: end + minus_length])
+
+
 def test_stop_prefix_is_held_back_then_released(tokenizer: Tokenizer) -> None:
     detok = IncrementalDetokenizer(tokenizer, [], stop=["STOP!"])
     emitted = ""
@@ -167,6 +213,7 @@ def _batch_requests(draw: st.DrawFn) -> list[dict[str, object]]:
             "eos_at": draw(st.none() | st.integers(0, 10)),
             "chunk": draw(st.integers(1, 3)),
             "decode_only": draw(st.booleans()),
+            "include_stop": draw(st.booleans()),
         }
         for _ in range(count)
     ]
@@ -183,7 +230,8 @@ def _run_batch(tokenizer: Tokenizer, requests: list[dict[str, object]], batched:
         streams.append([ids[i : i + chunk] for i in range(0, len(ids), chunk)])
         decoder = _DecodeOnly(tokenizer) if req["decode_only"] else tokenizer
         prompt = tokenizer.encode(str(req["prompt"])).ids
-        detoks.append(IncrementalDetokenizer(decoder, prompt, skip_special_tokens=bool(req["skip"]), stop=req["stop"]))  # type: ignore[arg-type]
+        detoks.append(IncrementalDetokenizer(decoder, prompt, skip_special_tokens=bool(req["skip"]), stop=req["stop"],  # type: ignore[arg-type]
+                                             include_stop_str_in_output=bool(req.get("include_stop"))))
     steps = max(len(s) for s in streams)
     results: list[list[tuple[str, bool]]] = []
     for step in range(steps):

@@ -45,9 +45,11 @@ from shardline.transport.messages import SamplingOptions
         ("frequency_penalty", 3),
         ("repetition_penalty", 0),
         ("repetition_penalty", -1.0),
-        ("n", 2),
+        ("n", 129),
         ("n", 0),
+        ("n", 2.0),
         ("skip_special_tokens", "yes"),
+        ("include_stop_str_in_output", 1),
         ("timeout", 0),
         ("timeout", -1.0),
     ],
@@ -60,9 +62,10 @@ def test_each_bad_parameter_names_its_field(field: str, value: Any) -> None:
     assert isinstance(info.value, ValueError) and isinstance(info.value, ShardlineError)
 
 
-def test_n_error_says_only_one_is_supported() -> None:
-    with pytest.raises(InvalidRequestError, match="only n=1"):
-        SamplingParams(n=3)
+def test_n_error_names_the_bound() -> None:
+    assert SamplingParams(n=3).n == 3
+    with pytest.raises(InvalidRequestError, match=r"n.*\[1, 128\]"):
+        SamplingParams(n=129)
 
 
 def test_lists_are_normalized_to_tuples() -> None:
