@@ -189,6 +189,16 @@ async def test_abort_and_cancel_end_every_choice_and_free_every_block(
         assert len(_final_tokens(await _choices(engine, SamplingParams(n=2, max_tokens=3)))) == 2
 
 
+async def test_every_choice_runs_on_the_replica_of_choice_0(tiny_llama_dir: pathlib.Path) -> None:
+    """With data parallelism the choices stay together: routing each to the least busy
+    replica would send choice 1 to the idle one, which has nothing cached."""
+    params = SamplingParams(n=3, temperature=1.0, seed=3, max_tokens=6, ignore_eos=True)
+    async with await Engine.start(_cfg(tiny_llama_dir, data_parallel_size=2)) as engine:
+        await _choices(engine, params)
+        per_core = [(s.prompt_tokens, s.prefix_cache_hit_tokens) for s in engine.per_core_stats()]
+        assert sorted(per_core) == [(0, 0), (3 * len(PROMPT), 2 * FULL_BLOCK_TOKENS)]
+
+
 @pytest.mark.parametrize("n", [0, -1, MAX_N + 1, 2.0, True, "2"])
 def test_bad_n_is_refused_naming_n(n: object) -> None:
     with pytest.raises(InvalidRequestError) as err:
