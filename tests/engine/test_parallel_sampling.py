@@ -216,6 +216,9 @@ async def test_refused_requests_leave_the_engine_serving(tiny_llama_dir: pathlib
         # A context overflow is refused once, for the whole request.
         with pytest.raises(PromptTooLongError):
             await _choices(engine, SamplingParams(n=3, max_tokens=250))
+        # A long text is tokenized off the event loop (here refused from its length there).
+        with pytest.raises(PromptTooLongError):
+            await _choices(engine, SamplingParams(n=2, max_tokens=2), prompt="x" * 20_000)
         # The same id twice at once is refused (its choices' ids would collide).
         running = engine.generate(
             PROMPT, SamplingParams(n=2, max_tokens=50, ignore_eos=True), request_id="dup"
