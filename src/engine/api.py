@@ -45,6 +45,7 @@ from shardline.engine.request import (
     validate_request,
 )
 from shardline.engine.scheduler import Scheduler, SchedulerConfig
+from shardline.engine.stats_logger import StatsLogger
 
 logger = logging.getLogger("shardline.engine")
 
@@ -117,6 +118,10 @@ class Engine:
                     [c.executor.num_kv_blocks for c in self._cores],
                     self._location.max_model_len,
                 )
+                if self.config.log_stats_interval > 0:  # the periodic stats line (engine.stats_logger)
+                    stats_logger = StatsLogger(self.per_core_stats, self.config.log_stats_interval,
+                                               gpu=self.config.device.startswith("cuda"))
+                    tg.start_soon(stats_logger.run, name="shardline-stats-logger")
                 ready.set_result(None)
         except BaseException as exc:
             self._death = exc

@@ -124,6 +124,10 @@ class EngineConfig:
     """The private key of `tls_certfile` (PEM)."""
     tls_ca_certs: str | None = None
     """The CA (PEM) that signed every node's certificate; peers must present one it signed."""
+    log_stats_interval: float = 10.0
+    """Seconds between the stats lines logged while the engine is busy (throughput, running and
+    waiting requests, KV-cache usage, prefix-cache hit rate; engine.stats_logger); 0 turns them
+    off (vLLM's --disable-log-stats)."""
 
     def __post_init__(self) -> None:
         _require(bool(self.model), "model", "must name a model or a directory")
@@ -179,6 +183,8 @@ class EngineConfig:
         _require(self.worker_start_timeout > 0, "worker_start_timeout", f"must be > 0, got {self.worker_start_timeout}")
         self._validate_nodes()
         self._validate_tls()
+        _require(isinstance(self.log_stats_interval, int | float) and self.log_stats_interval >= 0,
+                 "log_stats_interval", f"must be a number of seconds >= 0 (0: off), got {self.log_stats_interval!r}")
 
     def _validate_nodes(self) -> None:
         """Multi-node fields: the node split must add up to TP x PP, and agents need a way in."""

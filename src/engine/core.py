@@ -32,6 +32,7 @@ from shardline.engine.errors import EngineDeadError, InvalidRequestError
 from shardline.engine.executor import Executor, WorkerFailure
 from shardline.engine.output_stream import OutputStream
 from shardline.engine.request import FinishReason, Request, RequestOutput, TokenLogprob
+from shardline.engine.request_metrics import HistogramCounts, RequestMetrics
 from shardline.engine.scheduler import RequestUpdate, Scheduler, SchedulerOutput
 from shardline.engine.step_timer import StepTimer
 from shardline.transport.messages import (
@@ -75,6 +76,7 @@ class _Live:
     arrival: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
     last_token_at: float | None = None
+    scheduled_at: float | None = None  # its first step was built (request_metrics)
 
 
 @dataclass
@@ -96,6 +98,9 @@ class EngineStats:
     # The most recent LATENCY_SAMPLES samples per replica since the last drain.
     ttft_seconds: list[float] = field(default_factory=list)
     itl_seconds: list[float] = field(default_factory=list)
+    # Cumulative, by metric name (engine.request_metrics); prefix-cache lookups in tokens.
+    histograms: dict[str, HistogramCounts] = field(default_factory=dict)
+    prefix_cache_queries: int = 0
 
     def merge(self, other: EngineStats) -> None:
         """Add another replica's snapshot: counters sum, per-reason counts add, samples extend."""
@@ -136,6 +141,7 @@ class EngineCore:
         self.num_restarts = 0
         self.executor: Executor = executor_factory()
         self.scheduler: Scheduler = scheduler_factory(1)  # replaced in start() once blocks are known
+        self.request_metrics = RequestMetrics(self.scheduler.config.max_model_len)
         self._task_group: anyio.abc.TaskGroup | None = None
         self._inbox_send, self._inbox = anyio.create_memory_object_stream[_Submit | _Abort](math.inf)
         self._live: dict[str, _Live] = {}
@@ -201,6 +207,8 @@ class EngineCore:
             requests_finished=dict(self._finished),
             ttft_seconds=list(self._ttft),
             itl_seconds=list(self._itl),
+            histograms=self.request_metrics.snapshot(),
+            prefix_cache_queries=sched.stats.prefix_cache_queries,
         )
         if drain_latencies:
             self._ttft.clear()
@@ -461,6 +469,7 @@ class EngineCore:
 
     def _to_message(self, output: SchedulerOutput) -> ExecuteStep:
         self._step_id += 1
+        self._note_scheduled(output)
         return ExecuteStep(
             step_id=output.step_id,
             # The scheduler's lists are fresh per step and encoded before the next one, so
@@ -507,6 +516,7 @@ class EngineCore:
         finish_reason = update.finish_reason
         if new_token_ids:
             self._generation_tokens += len(new_token_ids)
+            self.request_metrics.on_tokens(now, live.request.arrival_time, live.last_token_at)
             if live.first_token_at is None:
                 live.first_token_at = now
                 self._ttft.append(now - live.arrival)
@@ -534,9 +544,30 @@ class EngineCore:
         logprobs: list[TokenLogprob] | None,
     ) -> None:
         self._finished[reason] += 1
+        self._observe_finished(live)
         self._send(live, delta, new_token_ids, logprobs, finished=True, reason=reason)
         live.stream.close()
         del self._live[live.request.request_id]
+
+    # ------------------------------------------------------------ request_metrics (histograms)
+    def _note_scheduled(self, output: SchedulerOutput) -> None:
+        now = time.monotonic()
+        for new in output.scheduled_new:
+            live = self._live.get(new.req_id)
+            if live is not None and live.scheduled_at is None:
+                live.scheduled_at = now
+        self.request_metrics.on_step(output.total_num_scheduled_tokens)
+
+    def _observe_finished(self, live: _Live) -> None:
+        request = live.request
+        params = request.sampling_params
+        self.request_metrics.on_finished(
+            time.monotonic(), arrival=request.arrival_time, queued=live.arrival, scheduled=live.scheduled_at,
+            first_token=live.first_token_at, last_token=live.last_token_at,
+            num_prompt_tokens=request.num_prompt_tokens, num_generation_tokens=request.num_output_tokens,
+            # The request's own max_tokens, not one filled in from the model's defaults (as vLLM).
+            max_tokens=None if "max_tokens" in getattr(params, "model_default_fields", ()) else params.max_tokens,
+        )
 
     def _send(
         self,

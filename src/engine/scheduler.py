@@ -129,6 +129,7 @@ class SchedulerStats:
 
     num_preemptions: int = 0
     prefix_cache_hit_tokens: int = 0
+    prefix_cache_queries: int = 0  # tokens looked up in the prefix cache (the hits' denominator)
     prompt_tokens_computed: int = 0
     tokens_computed: int = 0
 
@@ -270,6 +271,8 @@ class Scheduler:
             self._waiting.popleft()
             self._running.append(request)
             self.stats.prefix_cache_hit_tokens += num_cached
+            if self.config.enable_prefix_caching:
+                self.stats.prefix_cache_queries += request.num_tokens
             request.num_computed_tokens = num_cached
             if request.num_tokens_sent == 0:
                 request.num_cached_tokens = num_cached

@@ -17,13 +17,13 @@ pytestmark = pytest.mark.slow
 
 
 def _metrics(server: ServerProcess) -> dict[str, float]:
-    """Unlabelled view of /metrics: sample name (+ finish_reason) -> value."""
+    """Unlabelled view of /metrics (one replica): sample name (+ "/" finished_reason) -> value."""
     out: dict[str, float] = {}
     for family in text_string_to_metric_families(httpx.get(server.base_url + "/metrics").text):
         for sample in family.samples:
             key = sample.name
-            if "finish_reason" in sample.labels:
-                key += ":" + sample.labels["finish_reason"]
+            if "finished_reason" in sample.labels:
+                key += "/" + sample.labels["finished_reason"]
             out[key] = sample.value
     return out
 
@@ -38,10 +38,10 @@ def _wait_for(predicate: object, deadline_s: float, what: str) -> None:
 
 
 def test_disconnect_mid_stream_frees_kv_blocks(real_server: ServerProcess) -> None:
-    _wait_for(lambda: _metrics(real_server)["shardline_kv_cache_blocks_used"] == 0, 60, "an idle engine")
+    _wait_for(lambda: _metrics(real_server)["shardline:kv_cache_blocks_used"] == 0, 60, "an idle engine")
     before = _metrics(real_server)
-    assert before["shardline_kv_cache_blocks_total"] > 0
-    aborted_before = before.get("shardline_requests_total:abort", 0)
+    assert before["shardline:kv_cache_blocks_total"] > 0
+    aborted_before = before.get("shardline:request_success_total/abort", 0)
     # Long enough to be running still when /metrics is read after 3 events, however fast the
     # engine decodes (100 tokens were once enough; at ~25 ms a token on 2 cores they were not).
     body = {"prompt": "Once upon a time", "max_tokens": 400, "temperature": 0, "stream": True}
@@ -60,13 +60,13 @@ def test_disconnect_mid_stream_frees_kv_blocks(real_server: ServerProcess) -> No
                     break
             during = _metrics(real_server)
             seen = f"events {events}; metrics {during}; server log:\n{real_server.log()[-4000:]}"
-            assert during["shardline_kv_cache_blocks_used"] > 0, seen
-            assert during["shardline_num_requests_running"] == 1, seen
+            assert during["shardline:kv_cache_blocks_used"] > 0, seen
+            assert during["shardline:num_requests_running"] == 1, seen
         # The connection is closed here, long before the request would finish.
-    _wait_for(lambda: _metrics(real_server)["shardline_kv_cache_blocks_used"] == 0, 30, "KV blocks freed")
+    _wait_for(lambda: _metrics(real_server)["shardline:kv_cache_blocks_used"] == 0, 30, "KV blocks freed")
     after = _metrics(real_server)
-    assert after["shardline_num_requests_running"] == 0
-    assert after["shardline_requests_total:abort"] == aborted_before + 1
+    assert after["shardline:num_requests_running"] == 0
+    assert after["shardline:request_success_total/abort"] == aborted_before + 1
 
 
 FUZZ_MAX_TOKENS = 4

@@ -21,7 +21,7 @@ from shardline import __version__
 from shardline.engine.server.engine_protocol import EngineLike
 from shardline.engine.server.errors import APIError, install_error_handlers
 from shardline.engine.server.http_limits import DEFAULT_BODY_TIMEOUT_S
-from shardline.engine.server.metrics import CONTENT_TYPE, ServerMetrics
+from shardline.engine.server.metrics import ServerMetrics
 from shardline.engine.server.middleware import (
     DEFAULT_MAX_BODY_BYTES,
     GatekeeperMiddleware,
@@ -107,7 +107,7 @@ def build_app(
     api_key_bytes(api_key)
     if body_timeout_s is not None and not body_timeout_s > 0:
         raise ValueError(f"body_timeout_s must be > 0, got {body_timeout_s}")
-    metrics = ServerMetrics()
+    metrics = ServerMetrics(lambda: current_engine(), model_name=served_model_name)
     app = FastAPI(
         title="shardline",
         summary="OpenAI-compatible API of a shardline engine",
@@ -124,7 +124,7 @@ def build_app(
         return engine
 
     def serving() -> OpenAIServing:
-        return OpenAIServing(current_engine(), served_model_name=served_model_name, metrics=metrics)
+        return OpenAIServing(current_engine(), served_model_name=served_model_name)
 
     async def on_client_gone(request: Request, exc: Exception) -> Response:
         # Nobody is listening; 499 (nginx's "client closed request") shows up in the metrics.
@@ -139,11 +139,12 @@ def build_app(
             return APIError(503, "engine is not running", code="engine_dead").response()
         return JSONResponse({"status": "ok"})
 
-    @app.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE: {}}}})
-    async def metrics_endpoint() -> Response:
-        """Prometheus text format: engine counters and gauges, server latency histograms."""
-        text = metrics.render(current_engine().stats(), model_name=served_model_name)
-        return Response(text, media_type=CONTENT_TYPE)
+    @app.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
+    async def metrics_endpoint(request: Request) -> Response:
+        """Prometheus metrics under vLLM's names (`shardline:` for `vllm:`; docs/METRICS.md), process metrics
+        included; the format the scraper's Accept header asks for (text, or OpenMetrics)."""
+        body, content_type = metrics.render(request.headers.get("accept"))
+        return Response(body, media_type=content_type)
 
     @app.get("/v1/models", response_model=ModelList, responses={401: _ERROR_RESPONSES[401]})
     async def list_models() -> ModelList:

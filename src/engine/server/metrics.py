@@ -1,145 +1,195 @@
-"""`GET /metrics`: the Prometheus text exposition format (version 0.0.4), written by hand.
+"""`GET /metrics` through prometheus_client, under vLLM V1's metric names (`vllm:` -> `shardline:`).
 
-Counters and gauges the engine already keeps are read from `engine.stats()` at scrape time;
-latencies only the server sees (time to first token, inter-token latency, end-to-end) are
-histograms kept here. Writing the ~100 lines of format avoids a runtime dependency.
+Each app has its own `CollectorRegistry` (several apps in one process never collide, nothing
+goes to prometheus_client's global registry) holding:
+
+* the process, platform and GC collectors (`process_*`, `python_*`), as vLLM's server has;
+* `EngineCollector`, which reads the engine's statistics at scrape time, one series per data-
+  parallel replica (`engine="0"`, ...): gauges, counters and the per-request histograms the
+  engine core keeps (`engine.request_metrics`). The engine's counters are cumulative, so they
+  are exported as prometheus_client metric families built at collect time (its documented way
+  to mirror counts kept elsewhere), not as `Counter` objects that would have to be re-counted;
+* `shardline:http_responses_total`, a `Counter` the HTTP layer increments itself.
+
+docs/METRICS.md maps every name to vLLM's and lists what vLLM has that shardline does not.
 """
 
 from __future__ import annotations
 
-import math
-from bisect import bisect_left
-from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-PREFIX = "shardline_"
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    GCCollector,
+    PlatformCollector,
+    ProcessCollector,
+)
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.registry import Collector
 
-TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
-ITL_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0)
-E2E_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0)
+from shardline.engine.request import FinishReason
+
+PREFIX = "shardline:"
+
+# Histogram name (without the prefix) -> help text; the engine core fills them
+# (engine.request_metrics), names and buckets as vLLM's.
+HISTOGRAMS: dict[str, str] = {
+    "time_to_first_token_seconds": "Histogram of time to first token in seconds.",
+    "inter_token_latency_seconds": "Histogram of inter-token latency in seconds.",
+    "e2e_request_latency_seconds": "Histogram of e2e request latency in seconds.",
+    "request_queue_time_seconds": "Histogram of time spent in WAITING phase for request.",
+    "request_inference_time_seconds": "Histogram of time spent in RUNNING phase for request.",
+    "request_prefill_time_seconds": "Histogram of time spent in PREFILL phase for request.",
+    "request_decode_time_seconds": "Histogram of time spent in DECODE phase for request.",
+    "request_time_per_output_token_seconds": "Histogram of time_per_output_token_seconds per request.",
+    "request_prompt_tokens": "Number of prefill tokens processed.",
+    "request_generation_tokens": "Number of generation tokens processed.",
+    "request_params_max_tokens": "Histogram of the max_tokens request parameter.",
+    "iteration_tokens_total": "Histogram of number of tokens per engine_step.",
+}
+
+# Counter (EngineStats attribute, name without prefix and `_total`, help).
+COUNTERS: tuple[tuple[str, str, str], ...] = (
+    ("prompt_tokens", "prompt_tokens", "Number of prefill tokens processed."),
+    ("generation_tokens", "generation_tokens", "Number of generation tokens processed."),
+    ("num_preemptions", "num_preemptions", "Cumulative number of preemption from the engine."),
+    (
+        "prefix_cache_queries",
+        "prefix_cache_queries",
+        "Prefix cache queries, in terms of number of queried tokens.",
+    ),
+    (
+        "prefix_cache_hit_tokens",
+        "prefix_cache_hits",
+        "Prefix cache hits, in terms of number of cached tokens.",
+    ),
+    (
+        "num_restarts",
+        "worker_restarts",
+        "Times this replica's worker group failed and was restarted.",
+    ),
+)
+
+# Gauge (EngineStats attribute, name without prefix, help).
+GAUGES: tuple[tuple[str, str, str], ...] = (
+    ("num_running", "num_requests_running", "Number of requests in model execution batches."),
+    ("num_waiting", "num_requests_waiting", "Number of requests waiting to be processed."),
+    ("kv_cache_usage", "kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage."),
+    ("num_kv_blocks_used", "kv_cache_blocks_used", "KV-cache blocks in use."),
+    ("num_kv_blocks_total", "kv_cache_blocks_total", "KV-cache blocks in the pool."),
+)
+
+LABELS = ("model_name", "engine")
 
 
-class Histogram:
-    """Cumulative-bucket histogram (Prometheus semantics: `le` buckets plus +Inf)."""
+def replica_stats(engine: Any) -> list[Any]:
+    """One statistics snapshot per data-parallel replica (engine index order)."""
+    per_core = getattr(engine, "per_core_stats", None)
+    return list(per_core()) if callable(per_core) else [engine.stats()]
 
-    def __init__(self, name: str, help_text: str, buckets: Sequence[float]) -> None:
-        self.name = name
-        self.help_text = help_text
-        self.bounds = tuple(sorted(buckets))
-        self.counts = [0] * (len(self.bounds) + 1)  # last slot: above every bound
-        self.sum = 0.0
-        self.count = 0
 
-    def observe(self, value: float, times: int = 1) -> None:
-        """Record `value` (seconds) `times` times."""
-        if times <= 0 or math.isnan(value):
-            return
-        self.counts[bisect_left(self.bounds, value)] += times
-        self.sum += value * times
-        self.count += times
+class EngineCollector(Collector):
+    """The engine's statistics as Prometheus families, read at each scrape."""
 
-    def render(self) -> list[str]:
-        lines = [f"# HELP {self.name} {self.help_text}", f"# TYPE {self.name} histogram"]
-        cumulative = 0
-        for bound, n in zip(self.bounds, self.counts, strict=False):
-            cumulative += n
-            lines.append(f'{self.name}_bucket{{le="{_num(bound)}"}} {cumulative}')
-        lines.append(f'{self.name}_bucket{{le="+Inf"}} {self.count}')
-        lines.append(f"{self.name}_sum {_num(self.sum)}")
-        lines.append(f"{self.name}_count {self.count}")
-        return lines
+    def __init__(self, engine_getter: Callable[[], Any], model_name: str) -> None:
+        self.engine_getter = engine_getter
+        self.model_name = model_name
+
+    def collect(self) -> Iterator[Metric]:
+        engine = self.engine_getter()
+        replicas = replica_stats(engine)
+        labels = [[self.model_name, str(index)] for index in range(len(replicas))]
+        for attr, name, help_text in GAUGES:
+            gauge = GaugeMetricFamily(PREFIX + name, help_text, labels=LABELS)
+            for values, stats in zip(labels, replicas, strict=True):
+                gauge.add_metric(values, float(getattr(stats, attr)))
+            yield gauge
+        for attr, name, help_text in COUNTERS:
+            counter = CounterMetricFamily(PREFIX + name, help_text, labels=LABELS)
+            for values, stats in zip(labels, replicas, strict=True):
+                counter.add_metric(values, float(getattr(stats, attr)))
+            yield counter
+        success = CounterMetricFamily(
+            PREFIX + "request_success",
+            "Count of successfully processed requests.",
+            labels=(*LABELS, "finished_reason"),
+        )
+        for values, stats in zip(labels, replicas, strict=True):
+            finished: Mapping[str, int] = stats.requests_finished
+            for reason in sorted({r.value for r in FinishReason} | set(finished)):
+                success.add_metric([*values, reason], float(finished.get(reason, 0)))
+        yield success
+        yield from self._histograms(labels, replicas)
+        yield from self._cache_config(engine, labels, replicas)
+
+    def _histograms(self, labels: Sequence[list[str]], replicas: Sequence[Any]) -> Iterator[Metric]:
+        for name, help_text in HISTOGRAMS.items():
+            family: HistogramMetricFamily | None = None
+            for values, stats in zip(labels, replicas, strict=True):
+                counts = getattr(stats, "histograms", {}).get(name)
+                if counts is None:  # an engine that does not measure it exports nothing
+                    continue
+                if family is None:
+                    family = HistogramMetricFamily(PREFIX + name, help_text, labels=LABELS)
+                buckets = [(_le(bound), float(n)) for bound, n in counts.cumulative()]
+                family.add_metric(values, buckets, sum_value=counts.sum)
+            if family is not None:
+                yield family
+
+    def _cache_config(
+        self, engine: Any, labels: Sequence[list[str]], replicas: Sequence[Any]
+    ) -> Iterable[Metric]:
+        """vLLM's info-style gauge (always 1): the KV cache's settings as labels."""
+        config = getattr(engine, "config", None)
+        settings = {
+            "block_size": getattr(config, "block_size", None),
+            "enable_prefix_caching": getattr(config, "enable_prefix_caching", None),
+            "gpu_memory_utilization": getattr(config, "gpu_memory_utilization", None),
+        }
+        known = {key: str(value) for key, value in settings.items() if value is not None}
+        info = GaugeMetricFamily(
+            PREFIX + "cache_config_info",
+            "Information of the LLMEngine CacheConfig",
+            labels=(*LABELS, *known, "num_gpu_blocks"),
+        )
+        for values, stats in zip(labels, replicas, strict=True):
+            info.add_metric([*values, *known.values(), str(stats.num_kv_blocks_total)], 1.0)
+        return [info]
+
+
+def _le(bound: float) -> str:
+    return "+Inf" if bound == float("inf") else repr(float(bound))
 
 
 class ServerMetrics:
-    """What the HTTP layer measures itself, plus rendering of the engine's statistics."""
+    """One app's registry: process collectors, the engine's collector, the HTTP counter."""
 
-    def __init__(self) -> None:
-        self.time_to_first_token = Histogram(
-            PREFIX + "time_to_first_token_seconds",
-            "Time from receiving a request to its first generated token.",
-            TTFT_BUCKETS,
+    def __init__(self, engine_getter: Callable[[], Any], *, model_name: str) -> None:
+        self.registry = CollectorRegistry()
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        GCCollector(registry=self.registry)
+        self.registry.register(EngineCollector(engine_getter, model_name))
+        self.http_responses = Counter(
+            PREFIX + "http_responses",
+            "API responses by path and status code.",
+            ("path", "status"),
+            registry=self.registry,
         )
-        self.inter_token_latency = Histogram(
-            PREFIX + "inter_token_latency_seconds",
-            "Time between consecutive generated tokens of a request.",
-            ITL_BUCKETS,
-        )
-        self.e2e_latency = Histogram(
-            PREFIX + "e2e_request_latency_seconds",
-            "Time from receiving a request to its last token.",
-            E2E_BUCKETS,
-        )
-        self.http_responses: Counter[tuple[str, int]] = Counter()
 
     def count_response(self, path: str, status_code: int) -> None:
         """Count one answered request of an API endpoint."""
-        self.http_responses[(path, status_code)] += 1
+        self.http_responses.labels(path, str(status_code)).inc()
 
-    def render(self, stats: Any, *, model_name: str) -> str:
-        """The whole exposition: engine statistics (`EngineStats`) and the server's own."""
-        out: list[str] = []
-        model = {"model_name": model_name}
-        finished: Mapping[str, int] = getattr(stats, "requests_finished", {}) or {}
-        out += _family(
-            PREFIX + "requests_total", "counter", "Finished requests by finish reason.",
-            [({**model, "finish_reason": reason}, n) for reason, n in sorted(finished.items())],
-        )
-        for name, attr, kind, help_text in (
-            ("prompt_tokens_total", "prompt_tokens", "counter", "Prompt tokens processed."),
-            ("generation_tokens_total", "generation_tokens", "counter", "Tokens generated."),
-            ("prefix_cache_hit_tokens_total", "prefix_cache_hit_tokens", "counter",
-             "Prompt tokens whose KV came from the prefix cache."),
-            ("num_preemptions_total", "num_preemptions", "counter", "Requests preempted (recompute)."),
-            ("num_requests_running", "num_running", "gauge", "Requests in the running batch."),
-            ("num_requests_waiting", "num_waiting", "gauge", "Requests waiting to be scheduled."),
-            ("kv_cache_blocks_used", "num_kv_blocks_used", "gauge", "KV-cache blocks in use."),
-            ("kv_cache_blocks_total", "num_kv_blocks_total", "gauge", "KV-cache blocks in the pool."),
-        ):
-            out += _family(PREFIX + name, kind, help_text, [(model, getattr(stats, attr, 0))])
-        used = getattr(stats, "num_kv_blocks_used", 0)
-        total = getattr(stats, "num_kv_blocks_total", 0)
-        out += _family(
-            PREFIX + "kv_cache_usage_ratio", "gauge", "Fraction of KV-cache blocks in use (0..1).",
-            [(model, used / total if total else 0.0)],
-        )
-        out += self.time_to_first_token.render()
-        out += self.inter_token_latency.render()
-        out += self.e2e_latency.render()
-        out += _family(
-            PREFIX + "http_responses_total", "counter", "API responses by path and status code.",
-            [({"path": path, "status": str(code)}, n)
-             for (path, code), n in sorted(self.http_responses.items())],
-        )
-        return "\n".join(out) + "\n"
-
-
-def _family(
-    name: str, kind: str, help_text: str, samples: Iterable[tuple[Mapping[str, str], float]]
-) -> list[str]:
-    lines = [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
-    for labels, value in samples:
-        lines.append(f"{name}{_labels(labels)} {_num(value)}")
-    return lines
-
-
-def _labels(labels: Mapping[str, str]) -> str:
-    if not labels:
-        return ""
-    body = ",".join(f'{key}="{_escape(str(value))}"' for key, value in labels.items())
-    return "{" + body + "}"
-
-
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-
-
-def _num(value: float) -> str:
-    if isinstance(value, bool):
-        return str(int(value))
-    if isinstance(value, int):
-        return str(value)
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    return repr(float(value))
+    def render(self, accept: str | None) -> tuple[bytes, str]:
+        """The exposition in the format the scraper's Accept header asks for, and its content type."""
+        encoder, content_type = choose_encoder(accept or "")
+        return encoder(self.registry), content_type

@@ -25,7 +25,6 @@ from shardline.engine.errors import PromptTooLongError
 from shardline.engine.request import RequestOutput
 from shardline.engine.server.engine_protocol import EngineLike
 from shardline.engine.server.errors import APIError, api_error_from
-from shardline.engine.server.metrics import ServerMetrics
 from shardline.engine.server.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -61,28 +60,6 @@ log = logging.getLogger("shardline.server")
 ChunkBuilder = Callable[[RequestOutput], str | None]
 
 
-class LatencyTracker:
-    """Feeds one request's time to first token and inter-token gaps into the histograms."""
-
-    def __init__(self, metrics: ServerMetrics) -> None:
-        self.metrics = metrics
-        self.arrival = time.monotonic()
-        self.last_token_at: float | None = None
-
-    def on_output(self, out: RequestOutput) -> None:
-        now = time.monotonic()
-        num_new = len(out.delta_token_ids)
-        if num_new:
-            if self.last_token_at is None:
-                self.metrics.time_to_first_token.observe(now - self.arrival)
-                num_new -= 1  # tokens after the first in this output count as gaps
-            else:
-                self.metrics.inter_token_latency.observe((now - self.last_token_at) / num_new, num_new)
-            self.last_token_at = now
-        if out.finished:
-            self.metrics.e2e_latency.observe(now - self.arrival)
-
-
 def usage_of(out: RequestOutput) -> UsageInfo:
     """Token counts of a request from its latest output."""
     return UsageInfo(
@@ -100,10 +77,9 @@ def _json_response(body: Any) -> Response:
 class OpenAIServing:
     """Runs chat and completion requests on an engine for the HTTP routes."""
 
-    def __init__(self, engine: EngineLike, *, served_model_name: str, metrics: ServerMetrics) -> None:
+    def __init__(self, engine: EngineLike, *, served_model_name: str) -> None:
         self.engine = engine
         self.served_model_name = served_model_name
-        self.metrics = metrics
 
     def check_model(self, model: str | None) -> None:
         """404 unless `model` is absent or names the served model."""
@@ -257,13 +233,11 @@ class OpenAIServing:
         self, outputs: AsyncIterator[RequestOutput], request_id: str, request: Request
     ) -> tuple[RequestOutput, list[Any]]:
         """Run a request to the end; returns its last output and every logprob entry."""
-        tracker = LatencyTracker(self.metrics)
         entries: list[Any] = []
 
         async def run() -> RequestOutput:
             last: RequestOutput | None = None
             async for out in outputs:
-                tracker.on_output(out)
                 entries.extend(delta_logprobs(out.logprobs, len(out.delta_token_ids)))
                 last = out
                 if out.finished:
@@ -293,7 +267,6 @@ class OpenAIServing:
         *,
         usage_chunk: ChunkBuilder | None,
     ) -> Response:
-        tracker = LatencyTracker(self.metrics)
         try:
             first = await unless_disconnected(request, outputs.__anext__)
         except StopAsyncIteration:
@@ -309,7 +282,6 @@ class OpenAIServing:
                     yield sse(event)
                 out = first
                 while True:
-                    tracker.on_output(out)
                     chunk_json = build(out)
                     if chunk_json is not None:
                         yield sse(chunk_json)
