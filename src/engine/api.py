@@ -35,7 +35,13 @@ from shardline.engine.errors import (
 )
 from shardline.engine.executor import Executor
 from shardline.engine.kv_cache import KVCacheManager
-from shardline.engine.model_info import ModelInfo, ModelLocation, load_model_info, locate_model
+from shardline.engine.model_info import (
+    ModelInfo,
+    ModelLocation,
+    check_logprobs_cap,
+    load_model_info,
+    locate_model,
+)
 from shardline.engine.output_stream import END_OF_STREAM, OutputStream
 from shardline.engine.request import (
     FinishReason,
@@ -179,7 +185,7 @@ class Engine:
 
     @property
     def model_name(self) -> str:
-        return self.config.served_model_name or self._info.name
+        return (self.config.served_model_names or (self._info.name,))[0]
 
     @property
     def max_model_len(self) -> int:
@@ -320,6 +326,7 @@ class Engine:
             self._info.generation_defaults, max_tokens_cap=max_model_len - len(token_ids)
         )
         validate_request(token_ids, params, max_model_len=max_model_len, vocab_size=self._info.vocab_size)
+        check_logprobs_cap(params, max_logprobs=self.config.max_logprobs, vocab_size=self._info.vocab_size)
         _check_wire_ints(params)
         core = min(self._cores, key=lambda c: c.num_unfinished)
         if core.num_unfinished + params.n > self.config.max_waiting_requests:

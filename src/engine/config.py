@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import pathlib
+import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Literal
@@ -12,6 +15,12 @@ from shardline.engine.errors import InvalidRequestError
 TransportKind = Literal["shm", "tcp", "inproc"]
 _TRANSPORTS = ("shm", "tcp", "inproc")
 _DEVICES = ("cpu", "cuda")
+DEVICE_CHOICES = ("auto", "cpu", "cuda")
+# --dtype values (vLLM's) -> the torch dtype's name; "auto" is resolved by `torch_dtype_name`.
+DTYPES = {"auto": "auto", "float32": "float32", "float": "float32", "bfloat16": "bfloat16",
+          "float16": "float16", "half": "float16"}
+_CHECKPOINT_HALF_DTYPES = ("bfloat16", "float16")
+JINJA_MARKS = ("{", "}", "\n")  # as vLLM: a --chat-template with one of these may be the text itself
 
 
 class ConfigError(InvalidRequestError):
@@ -27,7 +36,8 @@ def _require(condition: bool, name: str, message: str) -> None:
 class EngineConfig:
     """How to run an engine: which model, how it is sharded, how big its batches and cache are.
 
-    Validation happens here, without I/O; checks that need the model (heads divisible by the
+    Validation happens here (without I/O, but for whether a `chat_template` that is not jinja
+    text names a file, and `device="auto"` looking for CUDA); checks that need the model (heads divisible by the
     tensor-parallel size, layers by the pipeline size) happen in `Engine.start`.
     """
 
@@ -35,22 +45,41 @@ class EngineConfig:
     """Name of a known model (fetched on first use) or a local Hugging Face directory."""
     model_arch: str | None = None
     """Architecture override; default is `architectures[0]` from the model's config.json."""
-    served_model_name: str | None = None
+    served_model_name: str | tuple[str, ...] | None = None
+    """The name(s) clients use for the model: the first is the one responses report, and a
+    request naming any of them is served; default: the model's name (its directory's name)."""
     generation_config: str = "auto"
-    """Where requests' default sampling settings and extra EOS ids come from (as vLLM's
-    `--generation-config`): "auto" reads the model directory's generation_config.json (its
-    temperature, top_p, top_k, min_p, repetition_penalty and max_new_tokens become defaults for
-    the SamplingParams fields a request leaves out; every id in its eos_token_id ends a
-    request); "vllm" or "none" ignores the file (built-in defaults, EOS from config.json and the
-    tokenizer); any other value is a folder holding a generation_config.json."""
+    """Where requests' default sampling settings come from (as vLLM's --generation-config):
+    "auto" reads the model directory's generation_config.json (its temperature, top_p, top_k,
+    min_p, repetition_penalty and max_new_tokens become defaults for the SamplingParams fields
+    a request leaves out); "vllm" ignores those defaults (built-in ones apply); any other value
+    is a folder holding a generation_config.json to read instead. Every id in the file's
+    eos_token_id ends a request with "auto" and "vllm" alike (the model's file) and with a
+    folder (that file); "none" ignores the file altogether."""
+    chat_template: str | None = None
+    """A chat template that replaces the tokenizer's: a file holding one, or the jinja text
+    itself (as vLLM's --chat-template); default: the tokenizer's own."""
     tensor_parallel_size: int = 1
+    """Worker processes one replica's layers are split across (tensor parallelism)."""
     pipeline_parallel_size: int = 1
+    """Pipeline stages one replica's layers are split into."""
     data_parallel_size: int = 1
+    """Independent replicas of the model, each with its own workers; requests go to the least
+    busy one."""
     transport: TransportKind = "shm"
+    """How the engine talks to its workers: shared memory, tcp, or one in-process worker."""
     device: str = "cpu"
-    dtype: str | None = None
-    """Weights and activations dtype; default float32 on CPU, bfloat16 on CUDA."""
+    """"cpu", "cuda" (or "cuda:N"), or "auto": CUDA when a CUDA device and a CUDA build of torch
+    are present, else the CPU (resolved when the config is built)."""
+    dtype: str | None = "auto"
+    """Weights and activations dtype (as vLLM's --dtype): "auto" is float32 on the CPU and, on
+    CUDA, the checkpoint's bfloat16 or float16 (bfloat16 for a float32 checkpoint); or float32
+    (float), bfloat16, float16 (half). None means "auto"."""
+    max_logprobs: int = 20
+    """The most log-probabilities a request may ask for per token (logprobs, top_logprobs,
+    prompt_logprobs; as vLLM's --max-logprobs); -1: no cap but the vocabulary."""
     block_size: int = 16
+    """Tokens per KV-cache block (a power of two up to 128)."""
     num_kv_blocks: int | None = None
     """Fixed KV pool size; default: as many as `kv_cache_memory_bytes` holds."""
     kv_cache_memory_bytes: int | None = None
@@ -64,8 +93,11 @@ class EngineConfig:
     `--gpu-memory-utilization`): the KV cache gets what this leaves after the weights (and
     whatever else already uses the device). Ignored when `kv_cache_memory_bytes` is set."""
     max_model_len: int | None = None
+    """Context length: prompt plus generated tokens; default: the model's."""
     max_num_seqs: int = 128
+    """Sequences in one batch at most."""
     max_num_batched_tokens: int = 2048
+    """Tokens one step computes at most (prefill chunks and decodes together)."""
     long_prefill_token_threshold: int = 0
     """One request's prefill chunk takes at most this many tokens of a step (as vLLM's
     --long-prefill-token-threshold); 0 = a quarter of max_num_batched_tokens. A long prompt
@@ -73,12 +105,18 @@ class EngineConfig:
     chunks are in flight; alone, an 8,000-token prefill measured no slower in 512-token chunks
     than in 2,048-token ones (benchmarks/RESULTS.md section 14)."""
     enable_prefix_caching: bool = True
+    """Reuse the KV blocks of a prompt prefix an earlier request computed."""
     max_waiting_requests: int = 4096
+    """Unfinished requests the engine holds; beyond it new ones are refused (HTTP 429)
+    instead of queueing without bound."""
     seed: int = 0
+    """Seed of the workers' random state (requests with their own seed use theirs)."""
     plugins: tuple[str, ...] = field(default_factory=tuple)
     """"module:function" names imported in every worker before the model loads (registrations)."""
     worker_start_timeout: float = 300.0
+    """Seconds the workers have to load the model and report ready."""
     heartbeat_interval: float = 0.5
+    """Seconds between a worker's heartbeats (below worker_timeout)."""
     worker_timeout: float = 2.0
     """A worker that sends nothing (no heartbeat, no result) for this long is declared dead."""
     freeze_gc: bool = True
@@ -92,6 +130,7 @@ class EngineConfig:
     restart_backoff: float = 0.5
     """The first restart is immediate; each further one waits this long, doubling."""
     num_threads: int | None = None
+    """torch threads per worker; default: CPU cores divided among the local workers."""
     async_scheduling: bool = True
     """Schedule step N+1 while step N runs on the workers (its sampled tokens are fed in by the
     workers, which keep them); the same tokens as scheduling after each step. Replicas without
@@ -100,7 +139,6 @@ class EngineConfig:
     cuda_graphs: bool = True
     """On CUDA, replay captured CUDA graphs for decode batches (single-rank workers); False runs
     every step eagerly (as vLLM's enforce_eager). No effect on CPU."""
-    """torch threads per worker; default: CPU cores divided among the local workers."""
     tcp_token: str | None = None
     """Shared secret for the tcp transport and node agents; default: a random one per engine."""
     nodes: int = 1
@@ -131,6 +169,7 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         _require(bool(self.model), "model", "must name a model or a directory")
+        self._normalize()
         _require(
             isinstance(self.generation_config, str) and bool(self.generation_config),
             "generation_config",
@@ -140,7 +179,7 @@ class EngineConfig:
             value = getattr(self, name)
             _require(isinstance(value, int) and value >= 1, name, f"must be an integer >= 1, got {value!r}")
         _require(self.transport in _TRANSPORTS, "transport", f"must be one of {_TRANSPORTS}, got {self.transport!r}")
-        _require(self.device.split(":")[0] in _DEVICES, "device", f"must be 'cpu' or 'cuda', got {self.device!r}")
+        _require(self.device.split(":")[0] in _DEVICES, "device", f"must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
         _require(
             self.transport != "inproc" or self.world_size == 1,
             "transport",
@@ -185,6 +224,49 @@ class EngineConfig:
         self._validate_tls()
         _require(isinstance(self.log_stats_interval, int | float) and self.log_stats_interval >= 0,
                  "log_stats_interval", f"must be a number of seconds >= 0 (0: off), got {self.log_stats_interval!r}")
+
+    def _normalize(self) -> None:
+        """Settings with more than one spelling, in their one form (the dataclass is frozen,
+        so this is the one place they change): served names as a tuple, dtype by its torch
+        name ("auto" stays), device "auto" resolved."""
+        names = self.served_model_name
+        if names is not None and not isinstance(names, str):
+            names = tuple(names) if isinstance(names, Sequence) else names
+            _require(isinstance(names, tuple) and bool(names), "served_model_name",
+                     f"must be a name or a non-empty list of names, got {self.served_model_name!r}")
+            object.__setattr__(self, "served_model_name", names)
+        _require(all(isinstance(n, str) and n.strip() for n in self.served_model_names), "served_model_name",
+                 f"every name must be a non-empty string, got {self.served_model_name!r}")
+        dtype = "auto" if self.dtype is None else self.dtype
+        _require(isinstance(dtype, str) and dtype in DTYPES, "dtype",
+                 f"must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        object.__setattr__(self, "dtype", DTYPES[dtype])
+        _require(isinstance(self.device, str), "device", f"must be one of {', '.join(DEVICE_CHOICES)}, got {self.device!r}")
+        if self.device == "auto":
+            object.__setattr__(self, "device", "cuda" if cuda_available() else "cpu")
+        _require(
+            isinstance(self.max_logprobs, int) and not isinstance(self.max_logprobs, bool) and self.max_logprobs >= -1,
+            "max_logprobs",
+            f"must be an integer >= 0, or -1 for no cap, got {self.max_logprobs!r}",
+        )
+        if self.chat_template is not None:
+            _require(isinstance(self.chat_template, str) and bool(self.chat_template.strip()), "chat_template",
+                     f"must be a file or a jinja template, got {self.chat_template!r}")
+            _require(
+                pathlib.Path(self.chat_template).expanduser().is_file()
+                or any(mark in self.chat_template for mark in JINJA_MARKS),
+                "chat_template",
+                f"{self.chat_template!r} is neither a file nor a jinja template (no {{, }} or newline in it)",
+            )
+
+    @property
+    def served_model_names(self) -> tuple[str, ...]:
+        """Every name clients may use for the model, the reported one first (empty: the
+        model's own name)."""
+        names = self.served_model_name
+        if names is None:
+            return ()
+        return (names,) if isinstance(names, str) else tuple(names)
 
     def _validate_nodes(self) -> None:
         """Multi-node fields: the node split must add up to TP x PP, and agents need a way in."""
@@ -261,9 +343,18 @@ class EngineConfig:
 
     @cached_property
     def torch_dtype_name(self) -> str:
-        if self.dtype is not None:
-            return self.dtype
-        return "bfloat16" if self.device.startswith("cuda") else "float32"
+        """The workers' dtype: `dtype`, or for "auto" float32 on the CPU and on CUDA the
+        checkpoint's half dtype (its config.json's torch_dtype; bfloat16 for a float32 one, as
+        vLLM). Reads config.json once for "auto" on CUDA; the engine asks only after it
+        located the model."""
+        if self.dtype not in (None, "auto"):
+            return str(self.dtype)
+        if not self.device.startswith("cuda"):
+            return "float32"
+        from shardline.engine.model_info import checkpoint_dtype
+
+        found = checkpoint_dtype(self.model)
+        return found if found in _CHECKPOINT_HALF_DTYPES else "bfloat16"
 
     @cached_property
     def threads_per_worker(self) -> int:
@@ -271,3 +362,23 @@ class EngineConfig:
             return max(1, self.num_threads)
         workers = self.node_ranks[0] * self.data_parallel_size  # the ranks on this machine
         return max(1, (os.cpu_count() or 1) // workers)
+
+
+def cuda_available() -> bool:
+    """Whether the workers could run on CUDA: a CUDA device, and a torch built for CUDA that
+    sees it. Without an NVIDIA driver it answers at once; with one it asks torch (in this
+    process if torch is already imported, else in a short child process: the engine's own
+    process never imports torch, which costs seconds and ~300 MB)."""
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        return bool(torch.cuda.is_available())
+    if not pathlib.Path("/proc/driver/nvidia/version").exists() and not any(pathlib.Path("/dev").glob("nvidia[0-9]*")):
+        return False
+    import subprocess
+
+    try:
+        probe = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.is_available())"],
+                               capture_output=True, text=True, timeout=120, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return probe.stdout.strip() == "True"

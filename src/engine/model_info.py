@@ -123,10 +123,16 @@ def locate_model(config: EngineConfig) -> ModelLocation:
     from shardline.model.config import ModelConfig
     from shardline.model.fetch import resolve_model_path
 
-    path = resolve_model_path(config.model)
-    model_config = ModelConfig.from_path(
-        str(path), architecture=config.model_arch, max_model_len=config.max_model_len
-    )
+    try:
+        path = resolve_model_path(config.model)
+        model_config = ModelConfig.from_path(
+            str(path), architecture=config.model_arch, max_model_len=config.max_model_len
+        )
+    except ConfigError:
+        raise
+    except (OSError, ValueError) as exc:  # no such model, no config.json, a context too long...
+        field = "max_model_len" if str(exc).startswith("max_model_len") else "model"
+        raise ConfigError(field, str(exc)) from exc
     check_parallel_sizes(config, model_config.hf_config)
     name = config.model if not pathlib.Path(config.model).exists() else path.name
     return ModelLocation(name=name, path=path, model_config=model_config)
@@ -139,9 +145,11 @@ def load_model_info(config: EngineConfig, location: ModelLocation | None = None)
 
     location = location or locate_model(config)
     path, hf = location.path, location.model_config.hf_config
-    tokenizer = load_tokenizer(path)
+    tokenizer = load_tokenizer(path, chat_template=config.chat_template)
     _compile_chat_template(tokenizer)
     generation, generation_file = read_generation_config(config.generation_config, path)
+    # "vllm" keeps the model's EOS ids (as vLLM does) and drops only its sampling defaults.
+    defaults = {} if config.generation_config == "vllm" else generation_defaults(generation, source=str(generation_file))
     eos_ids = {
         *_token_ids(getattr(hf, "eos_token_id", None)),
         *_token_ids(getattr(tokenizer, "eos_token_id", None)),
@@ -155,9 +163,26 @@ def load_model_info(config: EngineConfig, location: ModelLocation | None = None)
         vocab_size=int(hf.vocab_size),
         eos_token_ids=frozenset(eos_ids),
         hf_config=hf,
-        generation_defaults=generation_defaults(generation, source=str(generation_file)),
+        generation_defaults=defaults,
         max_token_chars=_max_token_chars(tokenizer),
     )
+
+
+def check_model_config(config: EngineConfig) -> ModelLocation:
+    """Every check of `config` that reads the model but starts nothing: its path and
+    config.json (sharding, max_model_len), the generation config, the chat template and the
+    dtype. `shardline serve` runs it before the server starts, so a mistake is a ConfigError
+    naming the setting (one line, exit 2) rather than a failed start. Blocking."""
+    from shardline.engine.tokenizer import read_chat_template
+
+    location = locate_model(config)
+    generation, generation_file = read_generation_config(config.generation_config, location.path)
+    if config.generation_config != "vllm":
+        generation_defaults(generation, source=str(generation_file))
+    if config.chat_template is not None:
+        read_chat_template(config.chat_template)
+    _ = config.torch_dtype_name  # "auto" on CUDA reads the checkpoint's dtype
+    return location
 
 
 def _max_token_chars(tokenizer: Any) -> int:
@@ -185,12 +210,13 @@ def read_generation_config(
     """The generation_config.json that `EngineConfig.generation_config` names: (its values,
     the file read).
 
-    "auto": the model directory's file, or nothing when it has none; "vllm"/"none": nothing;
-    anything else: a folder holding the file (or the file itself), which must exist.
+    "auto" and "vllm": the model directory's file, or nothing when it has none (with "vllm"
+    the caller takes only its EOS ids); "none": nothing; anything else: a folder holding the
+    file (or the file itself), which must exist.
     """
-    if setting in ("vllm", "none"):
+    if setting == "none":
         return {}, None
-    if setting == "auto":
+    if setting in ("auto", "vllm"):
         if not model_path.is_dir() or not (model_path / GENERATION_CONFIG_FILE).is_file():
             return {}, None
         file = model_path / GENERATION_CONFIG_FILE
@@ -229,6 +255,29 @@ def generation_defaults(generation: Mapping[str, Any], *, source: str = GENERATI
         key = next((k for k, n in _GENERATION_DEFAULT_KEYS.items() if n == exc.field), exc.field)
         raise ConfigError("generation_config", f"{source} has a bad {key}: {exc.message}") from exc
     return defaults
+
+
+def checkpoint_dtype(model: str) -> str | None:
+    """The dtype a checkpoint's config.json names (`torch_dtype`, or `dtype` as newer
+    transformers writes it), by its torch name; None when it names none."""
+    from shardline.model.config import ModelConfig
+    from shardline.model.fetch import resolve_model_path
+
+    hf = ModelConfig.from_path(str(resolve_model_path(model))).hf_config
+    value = getattr(hf, "torch_dtype", None) or getattr(hf, "dtype", None)
+    return str(value).removeprefix("torch.") if isinstance(value, str) and value else None
+
+
+def check_logprobs_cap(params: SamplingParams, *, max_logprobs: int, vocab_size: int) -> None:
+    """Refuse a request asking for more log-probabilities per token than the engine's
+    `max_logprobs` (-1: the vocabulary) allows, naming the field."""
+    cap = vocab_size if max_logprobs == -1 else min(max_logprobs, vocab_size)
+    for name in ("logprobs", "prompt_logprobs"):
+        value = getattr(params, name, None)
+        if isinstance(value, int) and value > cap:
+            raise InvalidRequestError(
+                name, f"at most {cap} log-probabilities per token (the server's --max-logprobs), got {value}"
+            )
 
 
 def _token_ids(value: Any) -> list[int]:

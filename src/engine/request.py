@@ -19,7 +19,7 @@ from typing import Any
 from shardline.engine.errors import InvalidRequestError, PromptTooLongError
 from shardline.transport.messages import SamplingOptions
 
-MAX_LOGPROBS = 20
+MAX_LOGPROBS = 20  # the default cap (EngineConfig.max_logprobs); the engine enforces its own
 MAX_N = 128  # choices per request (`n`), OpenAI's bound
 
 
@@ -199,11 +199,11 @@ class SamplingParams:
         if not isinstance(self.ignore_eos, bool):
             raise InvalidRequestError("ignore_eos", f"must be a bool, got {self.ignore_eos!r}")
         if self.logprobs is not None and (
-            not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS
+            not _is_int(self.logprobs) or self.logprobs < 0
         ):
             raise InvalidRequestError(
                 "logprobs",
-                f"must be None or an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}",
+                f"must be None or an integer >= 0 (at most the engine's max_logprobs), got {self.logprobs!r}",
             )
         _check_range("presence_penalty", self.presence_penalty, -2.0, 2.0)
         _check_range("frequency_penalty", self.frequency_penalty, -2.0, 2.0)

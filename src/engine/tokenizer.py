@@ -254,9 +254,10 @@ def _compile(template: str) -> Any:
     return env.from_string(template)
 
 
-def fast_tokenizer_config(path: pathlib.Path) -> dict[str, Any] | None:
+def fast_tokenizer_config(path: pathlib.Path, chat_template: str | None = None) -> dict[str, Any] | None:
     """tokenizer_config.json (with the chat template from chat_template.jinja/.json if there is
-    one) when `FastTokenizer` can stand in for transformers on this model, else None."""
+    one, or `chat_template`'s text when given) when `FastTokenizer` can stand in for
+    transformers on this model, else None."""
     if os.environ.get(ENV, "auto") == "transformers" or not (path / "tokenizer.json").is_file():
         return None
     try:
@@ -265,6 +266,8 @@ def fast_tokenizer_config(path: pathlib.Path) -> dict[str, Any] | None:
         return None
     if not isinstance(config, dict) or config.get("tokenizer_class") not in FAST_CLASSES:
         return None
+    if chat_template is not None:
+        config["chat_template"] = chat_template
     if not isinstance(config.get("chat_template"), str):
         jinja = path / "chat_template.jinja"
         if jinja.is_file():
@@ -274,15 +277,33 @@ def fast_tokenizer_config(path: pathlib.Path) -> dict[str, Any] | None:
     return config
 
 
-def load_tokenizer(path: str | os.PathLike[str]) -> Any:
+def read_chat_template(value: str) -> str:
+    """A --chat-template value as template text (as vLLM reads it): the file it names, else
+    the value itself when it looks like jinja (has a brace or a newline)."""
+    from shardline.engine.config import JINJA_MARKS, ConfigError
+
+    try:
+        return pathlib.Path(value).expanduser().read_text(encoding="utf-8")
+    except (OSError, ValueError) as exc:
+        if any(mark in value for mark in JINJA_MARKS):
+            return value
+        raise ConfigError("chat_template", f"{value!r} looks like a file, but it cannot be read: {exc}") from exc
+
+
+def load_tokenizer(path: str | os.PathLike[str], chat_template: str | None = None) -> Any:
     """A `FastTokenizer` where it matches transformers (see the module docstring), else
-    transformers' `AutoTokenizer.from_pretrained(path)`."""
+    transformers' `AutoTokenizer.from_pretrained(path)`. `chat_template` (a file or the jinja
+    text, `read_chat_template`) replaces the tokenizer's own template."""
     root = pathlib.Path(path)
-    config = fast_tokenizer_config(root) if root.is_dir() else None
+    template = None if chat_template is None else read_chat_template(chat_template)
+    config = fast_tokenizer_config(root, template) if root.is_dir() else None
     if config is None:
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(str(root))
+        tokenizer = AutoTokenizer.from_pretrained(str(root))
+        if template is not None:
+            tokenizer.chat_template = template
+        return tokenizer
     from tokenizers import Tokenizer
 
     return FastTokenizer(Tokenizer.from_file(str(root / "tokenizer.json")), config, str(root))

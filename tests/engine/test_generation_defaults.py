@@ -3,7 +3,7 @@
 A tiny random model (in-process worker, no processes) whose generation_config.json lists two
 EOS ids and its own sampling defaults: a request stops on either id, fields a request leaves
 out take the model's values, an explicit value wins, and `EngineConfig.generation_config`
-chooses the file ("auto", "none"/"vllm", or a folder).
+chooses the file ("auto", "vllm" (its EOS ids only), "none", or a folder).
 """
 
 from __future__ import annotations
@@ -125,14 +125,19 @@ async def test_generation_config_none_and_a_folder(
 ) -> None:
     path, greedy, k = model_and_greedy
     second_eos = greedy[k]
-    # The model's file would stop at the second EOS; "none" and "vllm" ignore it.
+    # The model's file would stop at the second EOS and give max_tokens 3: "none" ignores it,
+    # "vllm" keeps its EOS ids but not its sampling defaults (as vLLM).
     _write_generation_config(path, eos_token_id=[ENDOFTEXT, second_eos], max_new_tokens=3)
-    for setting in ("none", "vllm"):
-        async with await Engine.start(_cfg(path, generation_config=setting)) as engine:
-            assert engine.eos_token_ids == {ENDOFTEXT}
-            assert engine.generation_defaults == {}
-            tokens, _ = await _run(engine, SamplingParams(max_tokens=k + 2, temperature=0.0))
-            assert tokens[: k + 2] == greedy[: k + 2]
+    async with await Engine.start(_cfg(path, generation_config="none")) as engine:
+        assert engine.eos_token_ids == {ENDOFTEXT}
+        assert engine.generation_defaults == {}
+        tokens, _ = await _run(engine, SamplingParams(max_tokens=k + 2, temperature=0.0))
+        assert tokens[: k + 2] == greedy[: k + 2]
+    async with await Engine.start(_cfg(path, generation_config="vllm")) as engine:
+        assert engine.eos_token_ids == {ENDOFTEXT, second_eos}
+        assert engine.generation_defaults == {}
+        tokens, reason = await _run(engine, SamplingParams(max_tokens=k + 2, temperature=0.0))
+        assert tokens == greedy[: k + 1] and reason == "stop"
     # A folder of its own wins over the model's file.
     folder = tmp_path / "override"
     folder.mkdir()

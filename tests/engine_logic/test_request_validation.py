@@ -39,7 +39,7 @@ from shardline.transport.messages import SamplingOptions
         ("stop_token_ids", "abc"),
         ("ignore_eos", 1),
         ("logprobs", -1),
-        ("logprobs", 21),
+        ("logprobs", 1.5),  # the upper cap is the engine's (EngineConfig.max_logprobs): test_cli_vllm
         ("presence_penalty", 2.5),
         ("presence_penalty", -2.5),
         ("frequency_penalty", 3),

@@ -14,6 +14,7 @@ import sys
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 from server.fake_engine import FakeEngine  # noqa: E402
+from shardline.engine import model_info  # noqa: E402
 from shardline.engine.api import Engine  # noqa: E402
 from shardline.engine.cli import main  # noqa: E402
 from shardline.engine.errors import EngineDeadError  # noqa: E402
@@ -30,6 +31,8 @@ async def _fake_start(config: object = None) -> FakeEngine:
 
 
 Engine.start = _fake_start  # type: ignore[method-assign,assignment]
+# No model to check before the server starts (the fake engine needs none).
+model_info.check_model_config = lambda config: None  # type: ignore[assignment,return-value]
 
 if __name__ == "__main__":
     sys.exit(main(["serve", *sys.argv[1:]]))

@@ -8,13 +8,15 @@ command does so in the app's lifespan, see `engine.server.launch`).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shardline import __version__
@@ -82,25 +84,48 @@ class _CountResponses:
         await self.app(scope, receive, counting_send)
 
 
+@dataclass(frozen=True)
+class CORSSettings:
+    """Cross-origin requests (as vLLM's --allowed-origins, --allowed-methods, --allowed-headers,
+    --allow-credentials): browsers on these origins may call the API; "*" allows any."""
+
+    allowed_origins: tuple[str, ...]
+    allowed_methods: tuple[str, ...] = ("*",)
+    allowed_headers: tuple[str, ...] = ("*",)
+    allow_credentials: bool = False
+
+
+DEFAULT_MAX_LOGPROBS = 20
+
+
 def build_app(
     engine: EngineLike | None,
     *,
-    served_model_name: str,
+    served_model_name: str | Sequence[str],
     api_key: str | None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     body_timeout_s: float | None = DEFAULT_BODY_TIMEOUT_S,
     lifespan: Callable[[FastAPI], AbstractAsyncContextManager[None]] | None = None,
     engine_getter: Callable[[], EngineLike] | None = None,
+    max_logprobs: int = DEFAULT_MAX_LOGPROBS,
+    cors: CORSSettings | None = None,
 ) -> FastAPI:
-    """The HTTP app serving `engine` under the name `served_model_name`.
+    """The HTTP app serving `engine` under the name `served_model_name` (or names: the first
+    is the one responses report, /v1/models lists them all, a request may name any).
 
     `api_key` (if set) is required as `Authorization: Bearer <key>` on every `/v1` route,
     the key's UTF-8 bytes (ValueError here for a key that has none). A request body must
     arrive within `body_timeout_s` of its headers (408 otherwise; None: no limit).
     `engine_getter`, when given, is asked for the engine on each request instead (the serve
     command starts the engine inside the app's `lifespan`, after the app exists); `engine` is
-    then ignored and may be None.
+    then ignored and may be None. A request asking for more log-probabilities per token than
+    `max_logprobs` (-1: no cap here; the engine caps at the vocabulary) gets a 400 naming its
+    field. `cors` (default: none) answers browsers' cross-origin requests and preflights.
     """
+    served_model_names = (served_model_name,) if isinstance(served_model_name, str) else tuple(served_model_name)
+    if not served_model_names:
+        raise ValueError("build_app needs at least one served model name")
+    served_model_name = served_model_names[0]
     if engine is None and engine_getter is None:
         raise ValueError("build_app needs an engine or an engine_getter")
     # Refuse settings now: the middleware is built at the first request.
@@ -124,7 +149,7 @@ def build_app(
         return engine
 
     def serving() -> OpenAIServing:
-        return OpenAIServing(current_engine(), served_model_name=served_model_name)
+        return OpenAIServing(current_engine(), served_model_name=served_model_names)
 
     async def on_client_gone(request: Request, exc: Exception) -> Response:
         # Nobody is listening; 499 (nginx's "client closed request") shows up in the metrics.
@@ -148,19 +173,30 @@ def build_app(
 
     @app.get("/v1/models", response_model=ModelList, responses={401: _ERROR_RESPONSES[401]})
     async def list_models() -> ModelList:
-        """The one model this server serves."""
-        return ModelList(data=[ModelCard(id=served_model_name, max_model_len=current_engine().max_model_len)])
+        """The model this server serves, once under each of its names."""
+        max_model_len = current_engine().max_model_len
+        return ModelList(data=[ModelCard(id=name, max_model_len=max_model_len) for name in served_model_names])
 
     def check_model(name: str | None) -> None:
-        if name is not None and name != served_model_name:
-            raise APIError(404, f"The model '{name}' does not exist; this server serves '{served_model_name}'",
+        if name is not None and name not in served_model_names:
+            served = "', '".join(served_model_names)
+            raise APIError(404, f"The model '{name}' does not exist; this server serves '{served}'",
                            param="model", code="model_not_found")
+
+    def check_logprobs(body: ChatCompletionRequest | CompletionRequest) -> None:
+        if max_logprobs < 0:
+            return
+        for name in ("logprobs", "top_logprobs", "prompt_logprobs"):
+            value = getattr(body, name, None)
+            if isinstance(value, int) and not isinstance(value, bool) and value > max_logprobs:
+                raise APIError(400, f"{name} may be at most {max_logprobs} (the server's --max-logprobs), got {value}",
+                               param=name, code="invalid_value")
 
     @app.get("/v1/models/{model_id:path}", response_model=ModelCard, responses={401: _ERROR_RESPONSES[401], 404: {}})
     async def retrieve_model(model_id: str) -> ModelCard:
         """One model (the official client's `models.retrieve`): this server's, or 404."""
         check_model(model_id)
-        return ModelCard(id=served_model_name, max_model_len=current_engine().max_model_len)
+        return ModelCard(id=model_id, max_model_len=current_engine().max_model_len)
 
     @app.get("/version")
     async def version() -> dict[str, str]:
@@ -220,16 +256,22 @@ def build_app(
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=_ERROR_RESPONSES)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         """Chat completion; `stream: true` answers with server-sent events."""
+        check_logprobs(body)
         return await serving().chat(body, request)
 
     @app.post("/v1/completions", response_model=CompletionResponse, responses=_ERROR_RESPONSES)
     async def completions(body: CompletionRequest, request: Request) -> Response:
         """Text completion; `stream: true` answers with server-sent events."""
+        check_logprobs(body)
         return await serving().completion(body, request)
 
     api_paths = frozenset({"/v1/models", "/v1/chat/completions", "/v1/completions", "/tokenize", "/detokenize"})
     app.add_middleware(GatekeeperMiddleware, api_key=api_key, max_body_bytes=max_body_bytes,
                        public_paths=PUBLIC_PATHS, body_timeout_s=body_timeout_s)
     app.add_middleware(_CountResponses, metrics=metrics, paths=api_paths)
+    if cors is not None:  # outermost: a preflight carries no API key and is answered here
+        app.add_middleware(CORSMiddleware, allow_origins=list(cors.allowed_origins),
+                           allow_methods=list(cors.allowed_methods), allow_headers=list(cors.allowed_headers),
+                           allow_credentials=cors.allow_credentials)
     return app
 

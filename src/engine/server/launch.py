@@ -21,7 +21,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from shardline.engine.config import EngineConfig
-from shardline.engine.server.app import build_app
+from shardline.engine.server.app import CORSSettings, build_app
 from shardline.engine.server.engine_protocol import EngineLike
 from shardline.engine.server.http_limits import (
     DEFAULT_BODY_TIMEOUT_S,
@@ -47,7 +47,6 @@ class ServeOptions:
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: str | None = None
-    served_model_name: str | None = None
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S
     """A request's headers must be in this many seconds after connecting (or after the
@@ -58,6 +57,9 @@ class ServeOptions:
     """Open HTTP connections at most; one more is answered 503 and closed."""
     access_log: bool = False
     log_level: str = "info"
+    """uvicorn's log level (--uvicorn-log-level)."""
+    cors: CORSSettings | None = None
+    """Cross-origin requests allowed (--allowed-origins ...); None: no CORS headers."""
 
 
 class _Server(uvicorn.Server):
@@ -96,14 +98,15 @@ class _Holder:
         return self.engine
 
 
-def served_name_for(config: EngineConfig) -> str:
-    """The name clients use: --served-model-name, else the model's name or directory name."""
+def served_names_for(config: EngineConfig) -> tuple[str, ...]:
+    """The names clients use, the reported one first: --served-model-name's, else the model's
+    name or directory name."""
     import pathlib
 
-    if config.served_model_name:
-        return config.served_model_name
+    if config.served_model_names:
+        return config.served_model_names
     path = pathlib.Path(config.model)
-    return path.resolve().name if path.exists() else config.model
+    return (path.resolve().name if path.exists() else config.model,)
 
 
 def build_server_app(config: EngineConfig, options: ServeOptions, holder: _Holder) -> FastAPI:
@@ -122,12 +125,13 @@ def build_server_app(config: EngineConfig, options: ServeOptions, holder: _Holde
         stats = engine.stats()
         log.info(
             "model %s (max_model_len %d) | tensor-parallel %d, pipeline-parallel %d, data-parallel %d, "
-            "transport %s, device %s | KV cache %d blocks x %d tokens",
+            "transport %s, device %s, dtype %s | KV cache %d blocks x %d tokens",
             engine.model_name, engine.max_model_len, config.tensor_parallel_size,
             config.pipeline_parallel_size, config.data_parallel_size, config.transport, config.device,
+            config.torch_dtype_name,
             stats.num_kv_blocks_total, config.block_size,
         )
-        log.info("serving %r on http://%s:%d (OpenAI API under /v1)%s", served_name_for(config),
+        log.info("serving %s on http://%s:%d (OpenAI API under /v1)%s", " = ".join(map(repr, served_names_for(config))),
                  options.host, options.port, "; API key required" if options.api_key else "")
         try:
             async with anyio.create_task_group() as tg:
@@ -142,12 +146,14 @@ def build_server_app(config: EngineConfig, options: ServeOptions, holder: _Holde
 
     return build_app(
         None,
-        served_model_name=served_name_for(config),
+        served_model_name=served_names_for(config),
         api_key=options.api_key,
         max_body_bytes=options.max_body_bytes,
         body_timeout_s=options.body_timeout_s,
         lifespan=lifespan,
         engine_getter=holder.get,
+        max_logprobs=config.max_logprobs,
+        cors=options.cors,
     )
 
 

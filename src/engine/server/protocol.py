@@ -88,7 +88,7 @@ class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
-    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    top_logprobs: int | None = Field(default=None, ge=0)  # the cap: --max-logprobs
 
 
 class CompletionRequest(_SamplingFields):
@@ -97,7 +97,7 @@ class CompletionRequest(_SamplingFields):
     prompt: NonEmptyStr | list[TokenId] | list[str] | list[list[TokenId]] = Field(
         description="one prompt: text or token ids (a one-element list is accepted too)"
     )
-    logprobs: int | None = Field(default=None, ge=0, le=20)
+    logprobs: int | None = Field(default=None, ge=0)  # the cap: --max-logprobs
     echo: Literal[False] = Field(default=False, description="not supported")
     best_of: Literal[1] | None = Field(default=None, description="only 1 is supported")
     suffix: Literal[""] | None = Field(default=None, description="not supported")

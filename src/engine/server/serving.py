@@ -14,7 +14,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import anyio
@@ -77,16 +77,18 @@ def _json_response(body: Any) -> Response:
 class OpenAIServing:
     """Runs chat and completion requests on an engine for the HTTP routes."""
 
-    def __init__(self, engine: EngineLike, *, served_model_name: str) -> None:
+    def __init__(self, engine: EngineLike, *, served_model_name: str | Sequence[str]) -> None:
         self.engine = engine
-        self.served_model_name = served_model_name
+        # Every name a request may use; responses report the first (--served-model-name A B).
+        self.served_model_names = (served_model_name,) if isinstance(served_model_name, str) else tuple(served_model_name)
+        self.served_model_name = self.served_model_names[0]
 
     def check_model(self, model: str | None) -> None:
-        """404 unless `model` is absent or names the served model."""
-        if model is not None and model != self.served_model_name:
+        """404 unless `model` is absent or names the served model (any of its names)."""
+        if model is not None and model not in self.served_model_names:
             raise APIError(
                 404,
-                f"model {model!r} does not exist; this server serves {self.served_model_name!r}",
+                f"model {model!r} does not exist; this server serves {', '.join(map(repr, self.served_model_names))}",
                 param="model",
                 code="model_not_found",
             )
