@@ -39,6 +39,7 @@ from shardline.transport.messages import (
     CachedRequest,
     ExecuteStep,
     NewRequest,
+    PromptLogprobs,
     SampleLogprobs,
     StepResult,
 )
@@ -73,6 +74,9 @@ class _Live:
     detokenizer: IncrementalDetokenizer
     stream: OutputStream
     want_logprobs: bool
+    # SamplingParams.prompt_logprobs: the entries gathered so far ([None] for the first prompt
+    # token, then one per position the workers scored); None once sent (or not asked for).
+    prompt_logprobs: list[TokenLogprob | None] | None = None
     arrival: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
     last_token_at: float | None = None
@@ -294,6 +298,8 @@ class EngineCore:
                     continue
                 in_flight.popleft()
                 timer.lap_execute()
+                if result.prompt_logprobs:
+                    self._add_prompt_logprobs(result.prompt_logprobs)
                 logprobs = None
                 if result.logprobs is not None:
                     logprobs = dict(zip(result.req_ids, result.logprobs, strict=True))
@@ -454,7 +460,11 @@ class EngineCore:
                 command.stream.close()
                 return
             self._live[request.request_id] = _Live(
-                request, command.detokenizer, command.stream, request.sampling_params.logprobs is not None
+                request,
+                command.detokenizer,
+                command.stream,
+                request.sampling_params.logprobs is not None,
+                [None] if request.sampling_params.prompt_logprobs is not None else None,
             )
             self._prompt_tokens += request.num_prompt_tokens
             timeout = request.sampling_params.timeout
@@ -479,7 +489,7 @@ class EngineCore:
                 NewRequest(
                     r.req_id,
                     r.prompt_token_ids,
-                    r.sampling_params.to_options(),
+                    r.sampling_params.to_options(eos_token_ids=r.eos_token_ids, num_output_tokens=r.num_output_tokens),
                     r.block_ids,
                     r.num_computed_tokens,
                     r.num_scheduled_tokens,
@@ -499,6 +509,25 @@ class EngineCore:
             ],
             finished_ids=output.finished_ids,
         )
+
+    def _add_prompt_logprobs(self, results: list[PromptLogprobs]) -> None:
+        """Gather a step's prompt logprobs by position: a position already held (a chunk
+        recomputed after a worker restart) is not added again."""
+        for item in results:
+            live = self._live.get(item.req_id)
+            if live is None or live.prompt_logprobs is None:
+                continue
+            gathered = live.prompt_logprobs
+            prompt = live.request.prompt_token_ids
+            if item.first_position > len(gathered):  # cannot happen: the workers score in order
+                logger.error("%s: prompt logprobs of %r from position %d, %d expected",
+                             self.name, item.req_id, item.first_position, len(gathered))
+                continue
+            end = min(item.first_position + len(item.entries), len(prompt))
+            for position in range(len(gathered), end):
+                entry = item.entries[position - item.first_position]
+                top = list(zip(entry.top_token_ids, entry.top_logprobs, strict=True))
+                gathered.append(TokenLogprob(prompt[position], entry.logprob, top, entry.rank))
 
     def _publish_all(self, updates: list[RequestUpdate]) -> None:
         """Detokenize every update of a step in one batch, then publish each in order."""
@@ -580,6 +609,9 @@ class EngineCore:
         reason: str | None,
     ) -> None:
         request = live.request
+        prompt_logprobs = None
+        if live.prompt_logprobs is not None and new_token_ids:  # the first output with tokens
+            prompt_logprobs, live.prompt_logprobs = live.prompt_logprobs, None
         # Positional, in field order (this runs once per token of every stream).
         out = RequestOutput(
             request.request_id,
@@ -592,6 +624,7 @@ class EngineCore:
             reason,
             len(request.prompt_token_ids),
             len(request.output_token_ids),
+            prompt_logprobs=prompt_logprobs,
         )
         try:
             live.stream.send_nowait(out)
@@ -626,5 +659,6 @@ def _convert_logprobs(token_ids: list[int], entries: list[Any] | None) -> list[T
     out = []
     for token_id, entry in zip(token_ids, entries, strict=False):
         if isinstance(entry, SampleLogprobs):
-            out.append(TokenLogprob(token_id, entry.logprob, list(zip(entry.top_token_ids, entry.top_logprobs, strict=True))))
+            top = list(zip(entry.top_token_ids, entry.top_logprobs, strict=True))
+            out.append(TokenLogprob(token_id, entry.logprob, top, entry.rank))
     return out

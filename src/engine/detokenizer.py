@@ -151,6 +151,7 @@ class IncrementalDetokenizer:
         skip_special_tokens: bool = True,
         stop: Sequence[str] = (),
         include_stop_str_in_output: bool = False,
+        min_tokens: int = 0,
     ) -> None:
         self._tokenizer: _Decoder = fast_decoder(tokenizer)
         self._skip_special_tokens = skip_special_tokens
@@ -160,6 +161,10 @@ class IncrementalDetokenizer:
         self._state = 0  # the matcher's state after `_decoded[:_scanned]`
         self._scanned = 0
         context = list(prompt_token_ids[-_PROMPT_CONTEXT_TOKENS:])
+        # SamplingParams.min_tokens: as vLLM, a stop string ends the request only in text of
+        # the tokens after the min_tokens-th (the generated tokens are _tokens past the context).
+        self._min_tokens = min_tokens
+        self._num_context = len(context)
         self._tokens: list[int] = context
         self._prefix_offset = 0
         self._read_offset = len(context)
@@ -202,9 +207,19 @@ class IncrementalDetokenizer:
         """
         if self.stopped:
             return "", True
+        split = self._min_tokens_split(len(new_token_ids))
+        if split:  # the tokens up to min_tokens first: no stop string can end in their text
+            early, _ = self.update(new_token_ids[:split])
+            delta, stopped = self.update(new_token_ids[split:])
+            return early + delta, stopped
         self._tokens.extend(new_token_ids)
         self._decoded += self._decode_new_tokens()
         return self._emit()
+
+    def _min_tokens_split(self, count: int) -> int:
+        """How many of `count` new tokens complete min_tokens when the rest go past it (else 0)."""
+        done = len(self._tokens) - self._num_context
+        return self._min_tokens - done if self._stop and done < self._min_tokens < done + count else 0
 
     def _emit(self) -> tuple[str, bool]:
         emitted = len(self.text)
@@ -212,7 +227,13 @@ class IncrementalDetokenizer:
         if matcher is not None:
             # Only characters not yet scanned go through the automaton; a stop string cannot
             # start inside the emitted text (what could begin one is held back).
-            state, end = matcher.feed(self._state, self._decoded[self._scanned :])
+            text = self._decoded[self._scanned :]
+            state, end = matcher.feed(self._state, text)
+            if end >= 0 and len(self._tokens) - self._num_context <= self._min_tokens:
+                skipped = 0  # too early for stop strings: scan on past each one
+                while end >= 0:
+                    skipped += end
+                    state, end = matcher.feed(state, text[skipped:])
             if end >= 0:
                 stop_end = self._scanned + end
                 pos = stop_end - matcher.match[state]
@@ -356,7 +377,7 @@ def _update_batch_general(
     for index, detok in enumerate(detokenizers):
         if detok.stopped:
             results[index] = ("", True)
-        elif hasattr(detok._tokenizer, "decode_batch"):
+        elif hasattr(detok._tokenizer, "decode_batch") and not detok._min_tokens_split(len(new_token_ids[index])):
             groups.setdefault((id(detok._tokenizer), detok._skip_special_tokens), []).append(index)
         else:
             results[index] = detok.update(new_token_ids[index])

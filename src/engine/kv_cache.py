@@ -110,9 +110,11 @@ class KVCacheManager:
     def get_computed_blocks(self, request: Request) -> tuple[list[int], int]:
         """The longest cached full-block prefix of the request and how many tokens it covers.
 
-        Never the whole token list: the last token must be computed to get logits.
+        Never the whole token list: the last token must be computed to get logits. Nothing
+        for a request that asks for its prompt's logprobs: every prompt position must be
+        computed to score them (as vLLM).
         """
-        if not self.enable_prefix_caching:
+        if not self.enable_prefix_caching or request.sampling_params.prompt_logprobs is not None:
             return [], 0
         usable_tokens = request.num_tokens - 1
         self._update_hashes(request, usable_tokens)

@@ -9,6 +9,7 @@ the scheduler; `RequestOutput` is what `Engine.generate` yields.
 from __future__ import annotations
 
 import math
+import re
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
@@ -27,6 +28,11 @@ MAX_N = 128  # choices per request (`n`), OpenAI's bound
 # linear in their total length; these bound what one request can make the event loop do.
 MAX_STOP_STRINGS = 64
 MAX_STOP_STRING_CHARS = 512
+
+# logit_bias: OpenAI's range for a bias; the number of entries one request may carry (OpenAI
+# documents none; each entry costs the sampler one scatter element per step).
+LOGIT_BIAS_LIMIT = 100.0
+MAX_LOGIT_BIAS_ENTRIES = 1024
 
 
 class FinishReason(StrEnum):
@@ -50,6 +56,47 @@ def _is_number(value: Any) -> bool:
 def _check_range(field: str, value: Any, low: float, high: float) -> None:
     if not _is_number(value) or not low <= value <= high:
         raise InvalidRequestError(field, f"must be a number in [{low}, {high}], got {value!r}")
+
+
+def _logit_bias_key(key: Any) -> int:
+    """A logit_bias key as a token id: an int, or a string of decimal digits (JSON keys)."""
+    if _is_int(key):
+        token_id = key
+    elif isinstance(key, str) and re.fullmatch(r"-?[0-9]{1,18}", key):
+        token_id = int(key)
+    else:
+        raise InvalidRequestError("logit_bias", f"keys must be token ids (integers), got {key!r:.50}")
+    if token_id < 0:
+        raise InvalidRequestError("logit_bias", f"token ids must be >= 0, got {token_id}")
+    return int(token_id)
+
+
+def _normalize_logit_bias(value: Any) -> tuple[tuple[int, float], ...]:
+    """`{token_id: bias}` (or (id, bias) pairs, as stored) as sorted, checked (id, bias) pairs."""
+    if value is None:
+        return ()
+    if isinstance(value, Mapping):
+        items = list(value.items())
+    elif isinstance(value, tuple | list) and all(isinstance(p, tuple | list) and len(p) == 2 for p in value):
+        items = [tuple(p) for p in value]
+    else:
+        raise InvalidRequestError("logit_bias", f"must be a mapping {{token_id: bias}}, got {value!r:.200}")
+    if len(items) > MAX_LOGIT_BIAS_ENTRIES:
+        raise InvalidRequestError(
+            "logit_bias", f"at most {MAX_LOGIT_BIAS_ENTRIES} entries, got {len(items)}"
+        )
+    pairs: dict[int, float] = {}
+    for key, bias in items:
+        token_id = _logit_bias_key(key)
+        if not _is_number(bias) or not -LOGIT_BIAS_LIMIT <= bias <= LOGIT_BIAS_LIMIT:
+            raise InvalidRequestError(
+                "logit_bias",
+                f"the bias of token {token_id} must be a number in [-100, 100], got {bias!r:.50}",
+            )
+        if token_id in pairs:
+            raise InvalidRequestError("logit_bias", f"token id {token_id} is given twice")
+        pairs[token_id] = float(bias)
+    return tuple(sorted(pairs.items()))
 
 
 # The fields a model's generation_config.json may give a default to (vLLM's list, with HF's
@@ -80,6 +127,19 @@ class SamplingParams:
     ones (`BUILTIN_DEFAULTS`: 16, 1.0, -1, 1.0, 0.0, 1.0). Until then they read as the
     built-in values, and `model_default_fields` names them. A value given explicitly always
     wins. (`dataclasses.replace` passes every field, so its copy has them all explicit.)
+
+    `logit_bias` ({token_id: bias}, bias in [-100, 100], at most MAX_LOGIT_BIAS_ENTRIES
+    entries; int-like string keys such as "50256" are accepted, as JSON gives them) is added
+    to the model's logits before penalties, temperature and sampling: -100 in effect bans a
+    token, +100 in effect forces it. It is stored as `(token_id, bias)` pairs sorted by id.
+    `min_tokens` k: until k tokens were generated, no EOS id (the model's, whatever
+    `ignore_eos`) and no `stop_token_ids` can be sampled (their logits are -inf), and stop
+    strings end the request only in text of the tokens after the k-th (as vLLM).
+    `prompt_logprobs` k (0..the engine's max_logprobs, 20 by default): the first output carries `RequestOutput.prompt_logprobs`,
+    each prompt token's logprob given the tokens before it plus the top k (the first prompt
+    token's entry is None); such a request takes no prefix-cache hits (as vLLM). Every logprob
+    returned (`logprobs`, `prompt_logprobs`) is of the model's raw distribution, before
+    `logit_bias`, `min_tokens`, penalties and temperature (vLLM's default).
     """
 
     max_tokens: int
@@ -99,6 +159,9 @@ class SamplingParams:
     skip_special_tokens: bool
     include_stop_str_in_output: bool
     timeout: float | None
+    logit_bias: tuple[tuple[int, float], ...]
+    min_tokens: int
+    prompt_logprobs: int | None
     model_default_fields: frozenset[str] = field(init=False, repr=False)
 
     def __init__(
@@ -120,6 +183,9 @@ class SamplingParams:
         skip_special_tokens: bool = True,
         include_stop_str_in_output: bool = False,
         timeout: float | None = None,
+        logit_bias: Mapping[int | str, float] | Iterable[tuple[int, float]] | None = None,
+        min_tokens: int = 0,
+        prompt_logprobs: int | None = None,
     ) -> None:
         set_ = object.__setattr__  # frozen
         left_out = []
@@ -147,6 +213,9 @@ class SamplingParams:
         set_(self, "skip_special_tokens", skip_special_tokens)
         set_(self, "include_stop_str_in_output", include_stop_str_in_output)
         set_(self, "timeout", timeout)
+        set_(self, "logit_bias", logit_bias)
+        set_(self, "min_tokens", min_tokens)
+        set_(self, "prompt_logprobs", prompt_logprobs)
         self._validate()
 
     def _validate(self) -> None:
@@ -222,6 +291,22 @@ class SamplingParams:
             raise InvalidRequestError(
                 "timeout", f"must be None or a number of seconds > 0, got {self.timeout!r}"
             )
+        object.__setattr__(self, "logit_bias", _normalize_logit_bias(self.logit_bias))
+        if not _is_int(self.min_tokens) or self.min_tokens < 0:
+            raise InvalidRequestError("min_tokens", f"must be an integer >= 0, got {self.min_tokens!r}")
+        # A max_tokens left to the model is checked once it is chosen (with_model_defaults
+        # builds the final parameters through this same check).
+        if "max_tokens" not in self.model_default_fields and self.min_tokens > self.max_tokens:
+            raise InvalidRequestError(
+                "min_tokens", f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})"
+            )
+        if self.prompt_logprobs is not None and (
+            not _is_int(self.prompt_logprobs) or self.prompt_logprobs < 0
+        ):
+            raise InvalidRequestError(
+                "prompt_logprobs",
+                f"must be None or an integer >= 0 (at most the engine's max_logprobs), got {self.prompt_logprobs!r}",
+            )
 
     def with_model_defaults(
         self, defaults: Mapping[str, Any], *, max_tokens_cap: int | None = None
@@ -250,8 +335,19 @@ class SamplingParams:
         """True when sampling is argmax (temperature 0)."""
         return self.temperature == 0
 
-    def to_options(self) -> SamplingOptions:
-        """The subset of these parameters the workers need to sample (INTERFACES.md section 1)."""
+    def to_options(
+        self, *, eos_token_ids: Iterable[int] = (), num_output_tokens: int = 0
+    ) -> SamplingOptions:
+        """The subset of these parameters the workers need to sample (INTERFACES.md section 1).
+
+        `eos_token_ids` are the model's (masked with `stop_token_ids` while `min_tokens` is not
+        reached); `num_output_tokens` counts generated tokens the workers receive as part of the
+        prompt (a request sent again in full after a worker restart): `min_tokens` counts from
+        there, and the prompt's logprobs, already returned with the first output, are not asked
+        again.
+        """
+        min_tokens = max(0, self.min_tokens - num_output_tokens)
+        stop_ids = sorted({*eos_token_ids, *self.stop_token_ids}) if min_tokens else []
         return SamplingOptions(
             temperature=float(self.temperature),
             top_k=self.top_k if self.top_k > 0 else -1,
@@ -262,6 +358,11 @@ class SamplingParams:
             frequency_penalty=float(self.frequency_penalty),
             repetition_penalty=float(self.repetition_penalty),
             num_logprobs=self.logprobs,
+            logit_bias_ids=[token_id for token_id, _ in self.logit_bias],
+            logit_bias_values=[bias for _, bias in self.logit_bias],
+            min_tokens=min_tokens,
+            min_tokens_stop_ids=stop_ids,
+            prompt_logprobs=self.prompt_logprobs if num_output_tokens == 0 else None,
         )
 
 
@@ -301,6 +402,16 @@ def validate_request(
             raise InvalidRequestError(
                 "stop_token_ids",
                 f"token id {token_id} is outside the vocabulary [0, {vocab_size})",
+            )
+    if params.min_tokens > params.max_tokens:  # (max_tokens as the model's defaults chose it)
+        raise InvalidRequestError(
+            "min_tokens",
+            f"min_tokens ({params.min_tokens}) must not exceed max_tokens ({params.max_tokens})",
+        )
+    for token_id, _ in params.logit_bias:
+        if token_id >= vocab_size:
+            raise InvalidRequestError(
+                "logit_bias", f"token id {token_id} is outside the vocabulary [0, {vocab_size})"
             )
 
 
@@ -411,11 +522,13 @@ class Request:
 
 @dataclass
 class TokenLogprob:
-    """The logprob of a generated token and the top alternatives as (token_id, logprob)."""
+    """The logprob of a generated token and the top alternatives as (token_id, logprob);
+    `rank`: the token's 1-based rank in the distribution (tokens with a logprob >= its own)."""
 
     token_id: int
     logprob: float
     top: list[tuple[int, float]]
+    rank: int | None = None
 
 
 @dataclass(slots=True)
@@ -438,4 +551,7 @@ class RequestOutput:
     num_prompt_tokens: int
     num_output_tokens: int
     error: str | None = None
+    # The prompt's logprobs (SamplingParams.prompt_logprobs): one entry per prompt token, None
+    # for the first; on the first output that carries tokens, None on the others.
+    prompt_logprobs: list[TokenLogprob | None] | None = None
     index: int = 0

@@ -78,6 +78,8 @@ class NewRequestData:
     block_ids: list[int]
     num_computed_tokens: int
     num_scheduled_tokens: int
+    eos_token_ids: frozenset[int] = frozenset()
+    num_output_tokens: int = 0  # generated tokens included in prompt_token_ids (after a restart)
 
 
 @dataclass
@@ -329,6 +331,8 @@ class Scheduler:
                 block_ids=list(block_ids),
                 num_computed_tokens=start,
                 num_scheduled_tokens=num_new,
+                eos_token_ids=request.eos_token_ids,
+                num_output_tokens=request.num_output_tokens,
             )
         )
         # Every token so far travels now; later output tokens follow as diffs.
@@ -432,10 +436,13 @@ class Scheduler:
 
     def _stop_reason(self, request: Request, token_id: int) -> FinishReason | None:
         params = request.sampling_params
-        if not params.ignore_eos and token_id in request.eos_token_ids:
-            return FinishReason.STOP
-        if token_id in params.stop_token_ids:
-            return FinishReason.STOP
+        # Before min_tokens no stop id can end the request (the sampler does not pick them
+        # then either; this also holds for an id the logits do not cover).
+        if request.num_output_tokens > params.min_tokens:
+            if not params.ignore_eos and token_id in request.eos_token_ids:
+                return FinishReason.STOP
+            if token_id in params.stop_token_ids:
+                return FinishReason.STOP
         if request.num_output_tokens >= params.max_tokens:
             return FinishReason.LENGTH
         if request.num_tokens >= self.config.max_model_len:

@@ -38,6 +38,10 @@ class SamplingOptions:
 
     ``top_k = -1`` means off; ``temperature == 0`` means greedy; ``num_logprobs`` None means no
     logprobs, ``k >= 0`` means the sampled token's logprob plus the top k.
+    ``logit_bias_ids[i]`` gets ``logit_bias_values[i]`` added to its logit. While fewer than
+    ``min_tokens`` tokens were sampled after the request's token list as sent in its
+    NewRequest, ``min_tokens_stop_ids`` cannot be sampled. ``prompt_logprobs`` k: the step
+    results carry each prompt token's logprob plus the top k (``PromptLogprobs``).
     """
 
     temperature: float
@@ -49,6 +53,11 @@ class SamplingOptions:
     frequency_penalty: float
     repetition_penalty: float
     num_logprobs: int | None
+    logit_bias_ids: list[int] = dataclasses.field(default_factory=list)
+    logit_bias_values: list[float] = dataclasses.field(default_factory=list)
+    min_tokens: int = 0
+    min_tokens_stop_ids: list[int] = dataclasses.field(default_factory=list)
+    prompt_logprobs: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,11 +86,23 @@ class CachedRequest:
 
 @dataclass(frozen=True, slots=True)
 class SampleLogprobs:
-    """The sampled token's logprob and the top-k alternatives."""
+    """The sampled token's logprob and the top-k alternatives; ``rank`` is the token's 1-based
+    rank in the distribution (how many tokens have a logprob >= its own, as vLLM counts)."""
 
     logprob: float
     top_token_ids: list[int]
     top_logprobs: list[float]
+    rank: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PromptLogprobs:
+    """Logprobs of prompt tokens ``first_position, first_position + 1, ...`` of one request,
+    each given the tokens before it (a prefill chunk's positions score the next token)."""
+
+    req_id: str
+    first_position: int
+    entries: list[SampleLogprobs]
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,6 +234,7 @@ class StepResult:
     req_ids: list[str]
     sampled_token_ids: list[int]
     logprobs: list[SampleLogprobs | None] | None
+    prompt_logprobs: list[PromptLogprobs] = dataclasses.field(default_factory=list)
 
 
 Message = Union[
@@ -224,6 +246,7 @@ RECORD_TYPES: tuple[type, ...] = (
     NewRequest,
     CachedRequest,
     SampleLogprobs,
+    PromptLogprobs,
     TensorPayload,
 )
 MESSAGES_BY_TAG: dict[int, type] = {cls.TAG: cls for cls in MESSAGE_TYPES}  # type: ignore[attr-defined]

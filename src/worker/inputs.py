@@ -72,6 +72,10 @@ class RequestState:
     num_computed_tokens: int
     sampling: RequestSamplingState | None = None  # only on the rank that samples
     num_output_tokens: int = field(default=0)
+    # prompt_logprobs k (last pipeline stage only), and the next prompt position to score:
+    # positions before it were reported already (a recomputed chunk does not report again).
+    prompt_logprobs: int | None = None
+    prompt_logprobs_next: int = 1
 
     def append_tokens(self, token_ids: Sequence[int]) -> None:
         """Tokens the engine sampled in earlier steps, in order."""

@@ -7,6 +7,9 @@ One step, as the engine sends it (docs/INTERFACES.md section 1):
     3) flatten the scheduled chunks into tensors and run ``model.forward``
     4) on the last pipeline stage compute logits for the requests that sample (every TP rank:
        the vocab gather is a collective); the output rank samples and returns a StepResult
+    5) for requests that asked for prompt logprobs, also the logits of their prompt positions
+       in this step's chunk (each scores the prompt token after it; the last position of a
+       chunk scores the first token of the next chunk); the output rank reports them
 
 Step order is ``new_requests`` then ``cached_requests``, as listed in the message; the
 StepResult lists the sampling requests in that order.
@@ -30,6 +33,7 @@ from shardline.transport.messages import (
     CachedRequest,
     ExecuteStep,
     NewRequest,
+    PromptLogprobs,
     SampleLogprobs,
     StepResult,
     decode,
@@ -44,9 +48,17 @@ from shardline.worker.inputs import (
 )
 from shardline.worker.kv_cache import allocate_kv_cache
 from shardline.worker.pipeline import PipelineLink
-from shardline.worker.sampler import RequestSamplingState, derive_seed, sample
+from shardline.worker.sampler import (
+    RequestSamplingState,
+    derive_seed,
+    prompt_token_logprobs,
+    sample,
+)
 
 logger = logging.getLogger(__name__)
+
+PROMPT_LOGITS_ROWS = 256
+"""Prompt positions whose logits are computed at once (bounds the [rows, vocab] logits)."""
 
 
 class _RunnerTimer:
@@ -128,6 +140,9 @@ class ModelRunner:
         self.keep_sampled_tokens = keep_sampled_tokens
         self.samples = self.is_output_rank or (keep_sampled_tokens and self.is_last_stage)
         self.requests: dict[str, RequestState] = {}
+        # Requests whose prompt positions still need scoring (prompt_logprobs): a step without
+        # any costs one truth test.
+        self._prompt_logprobs_pending: set[str] = set()
         self._timer = _RunnerTimer.from_env(f"worker-pp{pc.pp_rank}-tp{pc.tp_rank}")
         self.num_kv_blocks = 0
         self.pipeline: PipelineLink | None = None
@@ -168,6 +183,7 @@ class ModelRunner:
         # 1) drop finished requests
         for req_id in step.finished_ids:
             self.requests.pop(req_id, None)
+            self._prompt_logprobs_pending.discard(req_id)
         # 2) apply the diffs
         chunks = [self._add_request(new) for new in step.new_requests]
         chunks += [self._update_request(cached) for cached in step.cached_requests]
@@ -183,9 +199,15 @@ class ModelRunner:
             hidden = self._forward(inputs)
             for chunk in chunks:
                 chunk.state.num_computed_tokens = chunk.num_computed + chunk.num_scheduled
+            if not self.is_last_stage:
+                return None
+            # 5) (before sampling, in the same order on every TP rank: logits are collective)
+            prompt_logprobs: list[PromptLogprobs] = []
+            if self._prompt_logprobs_pending:
+                prompt_logprobs = self._prompt_logprobs(chunks, inputs.attn.query_start_loc_cpu, hidden)
             # 4) logits and sampling
-            if not self.is_last_stage or not inputs.sample_states:
-                return self._result(step.step_id, [], None) if self.is_output_rank else None
+            if not inputs.sample_states:
+                return self._result(step.step_id, [], None, None, prompt_logprobs) if self.is_output_rank else None
             logits = self.model.compute_logits(hidden[inputs.sample_indices])
             if timer:
                 timer.lap("forward + logits")
@@ -203,7 +225,57 @@ class ModelRunner:
             timer.lap("sample")
         if not self.is_output_rank:
             return None
-        return self._result(step.step_id, [s.req_id for s in states], out.token_ids, out.logprobs)
+        return self._result(step.step_id, [s.req_id for s in states], out.token_ids, out.logprobs, prompt_logprobs)
+
+    def _prompt_logprobs(self, chunks: list[ScheduledChunk], query_starts: list[int], hidden: Any) -> list[PromptLogprobs]:
+        """Score the prompt positions of this step's chunks for requests that asked.
+
+        The row of position q (hidden[query_starts[i] + q - start]) predicts token q + 1; a chunk
+        covering [start, end) scores prompt tokens max(start + 1, next) .. min(end, P - 1).
+        """
+        rows: list[int] = []
+        targets: list[int] = []
+        spans: list[tuple[RequestState, int, int]] = []  # (state, first position, count)
+        for index, chunk in enumerate(chunks):
+            state = chunk.state
+            if state.req_id not in self._prompt_logprobs_pending:
+                continue
+            start, end = chunk.num_computed, chunk.num_computed + chunk.num_scheduled
+            first = max(start + 1, state.prompt_logprobs_next)
+            last = min(end, state.num_prompt_tokens - 1)
+            if last >= state.prompt_logprobs_next:
+                state.prompt_logprobs_next = last + 1
+            if state.prompt_logprobs_next >= state.num_prompt_tokens:
+                self._prompt_logprobs_pending.discard(state.req_id)
+            if first > last:
+                continue
+            base = query_starts[index] - start
+            rows.extend(range(base + first - 1, base + last))
+            targets.extend(state.token_ids[first : last + 1])
+            spans.append((state, first, last + 1 - first))
+        if not rows:
+            return []
+        entries = []
+        row_index = torch.tensor(rows, dtype=torch.int64, device=hidden.device)
+        target_ids = torch.tensor(targets, dtype=torch.int64, device=hidden.device)
+        num_top = max(s.prompt_logprobs or 0 for s, _, _ in spans)
+        for begin in range(0, len(rows), PROMPT_LOGITS_ROWS):
+            piece = slice(begin, begin + PROMPT_LOGITS_ROWS)
+            logits = self.model.compute_logits(hidden[row_index[piece]])
+            if self.is_output_rank:
+                entries.extend(prompt_token_logprobs(logits, target_ids[piece], num_top))
+        if not self.is_output_rank:
+            return []
+        out = []
+        offset = 0
+        for state, first, count in spans:
+            k = state.prompt_logprobs or 0
+            part = entries[offset : offset + count]
+            if k < num_top:
+                part = [SampleLogprobs(e.logprob, e.top_token_ids[:k], e.top_logprobs[:k], e.rank) for e in part]
+            out.append(PromptLogprobs(state.req_id, first, part))
+            offset += count
+        return out
 
     def _forward(self, inputs: StepInputs) -> Any:
         if self.pipeline is None:
@@ -222,9 +294,11 @@ class ModelRunner:
         req_ids: list[str],
         token_ids: list[int] | None,
         logprobs: list[SampleLogprobs | None] | None = None,
+        prompt_logprobs: list[PromptLogprobs] | None = None,
     ) -> StepResult:
         return StepResult(
-            step_id=step_id, req_ids=req_ids, sampled_token_ids=token_ids or [], logprobs=logprobs
+            step_id=step_id, req_ids=req_ids, sampled_token_ids=token_ids or [], logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs or [],
         )
 
     def _add_request(self, new: NewRequest) -> ScheduledChunk:
@@ -248,6 +322,10 @@ class ModelRunner:
             sampling=sampling,
         )
         self.requests[new.req_id] = state
+        self._prompt_logprobs_pending.discard(new.req_id)
+        if new.sampling.prompt_logprobs is not None and self.is_last_stage and len(new.prompt_token_ids) > 1:
+            state.prompt_logprobs = new.sampling.prompt_logprobs
+            self._prompt_logprobs_pending.add(new.req_id)
         return ScheduledChunk(state, new.num_computed_tokens, new.num_scheduled_tokens)
 
     def _update_request(self, cached: CachedRequest) -> ScheduledChunk:

@@ -1,8 +1,14 @@
 """Turn logits into tokens: penalties, temperature, top-k / top-p / min-p, seeds, logprobs.
 
-Order of operations (as vLLM V1): logprobs are taken from the raw logits; then repetition,
-frequency and presence penalties; then temperature; then min-p, top-k and top-p (over the
-top-k renormalised distribution); then one draw per row.
+Order of operations (as vLLM V1): logprobs are taken from the raw logits; then the logits
+processors that can change an argmax, `logit_bias` (added) and `min_tokens` (the stop ids at
+-inf until enough tokens were sampled); then repetition, frequency and presence penalties; then
+temperature; then min-p, top-k and top-p (over the top-k renormalised distribution); then one
+draw per row. A batch whose requests use none of these options costs nothing for them: the
+all-greedy batch still goes straight to the row argmax.
+
+Prompt logprobs (`prompt_token_logprobs`) come from the logits of a prefill's positions, each
+scoring the token after it, from the raw distribution as well.
 
 Randomness is counter-based: the token at position ``n`` of a request is drawn with the uniform
 number ``splitmix64(seed, n)``, inverted through that row's own CDF (``worker/draw.py``). A
@@ -14,6 +20,7 @@ depends on how many draws came before. Everything else is vectorised over the ba
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -55,6 +62,21 @@ def has_penalties(options: SamplingOptions) -> bool:
     )
 
 
+class _Edit:
+    """Values to add to some logits of a row: ids and values as device tensors."""
+
+    def __init__(self, ids: list[int], values: list[float], device: torch.device) -> None:
+        self.ids = torch.tensor(ids, dtype=torch.int64, device=device)
+        self.values = torch.tensor(values, dtype=torch.float32, device=device)
+        self.max_id = max(ids)
+
+    def within(self, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.max_id < vocab_size:
+            return self.ids, self.values
+        keep = self.ids < vocab_size  # e.g. an EOS id past a model's logits
+        return self.ids[keep], self.values[keep]
+
+
 class RequestSamplingState:
     """What the sampler keeps per request: options, seed, position and penalty bookkeeping.
 
@@ -77,6 +99,16 @@ class RequestSamplingState:
         self.num_tokens = len(prompt_token_ids)  # position of the next token to sample
         self.is_random = not is_greedy(options)
         self.needs_penalties = has_penalties(options)
+        # logit_bias and min_tokens: (ids, values) on the device, built once per request.
+        self.num_prompt_tokens = len(prompt_token_ids)
+        self._bias: _Edit | None = None
+        if options.logit_bias_ids:
+            self._bias = _Edit(options.logit_bias_ids, options.logit_bias_values, device)
+        self._stop_mask: _Edit | None = None
+        if options.min_tokens > 0 and options.min_tokens_stop_ids:
+            ids = options.min_tokens_stop_ids
+            self._stop_mask = _Edit(ids, [-math.inf] * len(ids), device)
+        self.has_processors = self._bias is not None or self._stop_mask is not None
         # Tokens not yet folded into the tensors (the vocab size is only known at sampling).
         self._pending_prompt: list[int] = list(prompt_token_ids) if self.needs_penalties else []
         self._pending_output: list[int] = []
@@ -88,6 +120,20 @@ class RequestSamplingState:
         self.num_tokens += len(token_ids)
         if self.needs_penalties:
             self._pending_output.extend(token_ids)
+
+    def logit_edits(self, vocab_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(ids, values) to add to this request's logits now: its logit_bias, and -inf on the
+        min_tokens stop ids while fewer than `min_tokens` tokens were sampled. Ids outside the
+        logits (a stop id past a padded vocabulary) are dropped."""
+        edits = []
+        if self._bias is not None:
+            edits.append(self._bias.within(vocab_size))
+        if (
+            self._stop_mask is not None
+            and self.num_tokens - self.num_prompt_tokens < self.options.min_tokens
+        ):
+            edits.append(self._stop_mask.within(vocab_size))
+        return edits
 
     def next_uniform(self) -> float:
         """The uniform number in [0, 1) for the token at the current position."""
@@ -126,7 +172,8 @@ class SamplerOutput:
 def sample(logits: torch.Tensor, states: Sequence[RequestSamplingState],
            with_logprobs: bool = True) -> SamplerOutput:
     """Sample one token per row of ``logits`` [N, V] using each row's request state;
-    ``with_logprobs=False`` skips the logprobs requests ask for (a rank that does not report)."""
+    ``with_logprobs=False`` skips the logprobs requests ask for (a rank that does not report).
+    ``logits`` may be changed in place (logit_bias, min_tokens)."""
     if logits.dim() != 2 or logits.shape[0] != len(states):
         raise ValueError(
             f"logits shape {tuple(logits.shape)} does not match {len(states)} requests"
@@ -138,9 +185,12 @@ def sample(logits: torch.Tensor, states: Sequence[RequestSamplingState],
     want_logprobs = with_logprobs and any(o.num_logprobs is not None for o in options)
     raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
     any_penalties = any(s.needs_penalties for s in states)
-    if all(is_greedy(o) for o in options) and not any_penalties and raw_logprobs is None:
+    any_processors = any(s.has_processors for s in states)
+    if all(is_greedy(o) for o in options) and not (any_penalties or any_processors or raw_logprobs is not None):
         return SamplerOutput(token_ids=greedy_tokens(logits).tolist(), logprobs=None)
 
+    if any_processors:
+        logits = apply_logit_edits(logits, states)
     if any_penalties:
         logits = apply_penalties(logits, states)
     token_ids = _draw(logits, states)
@@ -148,6 +198,31 @@ def sample(logits: torch.Tensor, states: Sequence[RequestSamplingState],
         _gather_logprobs(raw_logprobs, token_ids, options) if raw_logprobs is not None else None
     )
     return SamplerOutput(token_ids=token_ids.tolist(), logprobs=logprobs)
+
+
+def apply_logit_edits(logits: torch.Tensor, states: Sequence[RequestSamplingState]) -> torch.Tensor:
+    """Logits with every row's logit_bias added and its min_tokens stop ids at -inf: one
+    scatter-add over the batch (in place)."""
+    vocab_size = logits.shape[1]
+    rows: list[int] = []
+    ids: list[torch.Tensor] = []
+    values: list[torch.Tensor] = []
+    for row, state in enumerate(states):
+        if not state.has_processors:
+            continue
+        for edit_ids, edit_values in state.logit_edits(vocab_size):
+            rows.extend([row] * edit_ids.shape[0])
+            ids.append(edit_ids)
+            values.append(edit_values)
+    if not rows:
+        return logits
+    # (The row index is built in Python: torch.repeat_interleave on CPU wakes OpenMP threads
+    # that then spin against the fused argmax's threads: a 128 x 49152 batch with 16 biased
+    # rows took 7.0 ms (median) instead of 1.1 ms on 2 cores; built here, 1.1 ms.)
+    row_index = torch.tensor(rows, dtype=torch.int64).to(logits.device, non_blocking=True)
+    # accumulate: a bias and a -inf on one id add up to -inf, in either order.
+    logits.index_put_((row_index, torch.cat(ids)), torch.cat(values), accumulate=True)
+    return logits
 
 
 def apply_penalties(logits: torch.Tensor, states: Sequence[RequestSamplingState]) -> torch.Tensor:
@@ -206,24 +281,34 @@ def _draw(logits: torch.Tensor, states: Sequence[RequestSamplingState]) -> torch
 def _gather_logprobs(
     raw_logprobs: torch.Tensor, token_ids: torch.Tensor, options: list[SamplingOptions]
 ) -> list[SampleLogprobs | None]:
-    sampled = raw_logprobs.gather(1, token_ids.unsqueeze(1)).squeeze(1).tolist()
-    max_k = max((o.num_logprobs or 0) for o in options)
+    entries = _logprob_entries(raw_logprobs, token_ids, [o.num_logprobs or 0 for o in options])
+    return [None if o.num_logprobs is None else e for o, e in zip(options, entries, strict=True)]
+
+
+def _logprob_entries(logprobs: torch.Tensor, token_ids: torch.Tensor, num_top: list[int]) -> list[SampleLogprobs]:
+    """Row i: the logprob of `token_ids[i]`, its rank, and the row's top `num_top[i]`."""
+    chosen_column = logprobs.gather(1, token_ids.unsqueeze(1))
+    chosen = chosen_column.squeeze(1).tolist()
+    ranks = (logprobs >= chosen_column).sum(dim=1).tolist()
+    max_k = max(num_top, default=0)
     top_values: list[list[float]] = []
     top_ids: list[list[int]] = []
     if max_k > 0:
-        values, ids = raw_logprobs.topk(min(max_k, raw_logprobs.shape[1]), dim=-1)
+        values, ids = logprobs.topk(min(max_k, logprobs.shape[1]), dim=-1)
         top_values, top_ids = values.tolist(), ids.tolist()
-    out: list[SampleLogprobs | None] = []
-    for row, opt in enumerate(options):
-        if opt.num_logprobs is None:
-            out.append(None)
-            continue
-        k = opt.num_logprobs
-        out.append(
-            SampleLogprobs(
-                logprob=sampled[row],
-                top_token_ids=top_ids[row][:k] if k else [],
-                top_logprobs=top_values[row][:k] if k else [],
-            )
+    return [
+        SampleLogprobs(
+            logprob=chosen[row],
+            top_token_ids=top_ids[row][:k] if k else [],
+            top_logprobs=top_values[row][:k] if k else [],
+            rank=ranks[row],
         )
-    return out
+        for row, k in enumerate(num_top)
+    ]
+
+
+def prompt_token_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, num_top: int) -> list[SampleLogprobs]:
+    """For rows of `logits` [M, V] (positions of a prompt), the raw logprob of the token that
+    follows each position (`token_ids` [M]) plus the row's top `num_top`."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    return _logprob_entries(logprobs, token_ids, [num_top] * logits.shape[0])

@@ -20,6 +20,7 @@ from shardline.transport.messages import (
     Hello,
     InitWorker,
     NewRequest,
+    PromptLogprobs,
     SampleLogprobs,
     SamplingOptions,
     Shutdown,
@@ -46,10 +47,16 @@ sampling = st.builds(
     floats,
     floats,
     st.none() | i64,
+    ints,
+    st.lists(floats, max_size=5),
+    i64,
+    ints,
+    st.none() | i64,
 )
 new_request = st.builds(NewRequest, texts, ints, sampling, ints, i64, i64)
 cached_request = st.builds(CachedRequest, texts, ints, ints, i64, i64, st.booleans())
-logprobs = st.builds(SampleLogprobs, floats, ints, st.lists(floats, max_size=5))
+logprobs = st.builds(SampleLogprobs, floats, ints, st.lists(floats, max_size=5), st.none() | i64)
+prompt_logprobs = st.builds(PromptLogprobs, texts, i64, st.lists(logprobs, max_size=3))
 msgpack_values = st.recursive(
     st.none() | st.booleans() | i64 | floats | texts | st.binary(max_size=20),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(texts, inner, max_size=4),
@@ -75,6 +82,7 @@ messages = st.one_of(
         st.lists(texts, max_size=3),
         ints,
         st.none() | st.lists(st.none() | logprobs, max_size=3),
+        st.lists(prompt_logprobs, max_size=2),
     ),
 )
 
@@ -148,18 +156,18 @@ def test_mutated_encodings_never_raise_anything_else(msg: object, data: st.DataO
             [
                 7,
                 1,
-                [["r", [1, "2"], [1.0, -1, 1.0, 0.0, None, 0.0, 0.0, 1.0, None], [], 0, 1]],
+                [["r", [1, "2"], [1.0, -1, 1.0, 0.0, None, 0.0, 0.0, 1.0, None, [], [], 0, [], None], [], 0, 1]],
                 [],
                 [],
             ],
             r"ExecuteStep.new_requests\[0\].prompt_token_ids\[1\]: expected int, got str",
         ),
         (
-            [7, 1, [["r", [1], [1.0, "k", 1.0, 0.0, None, 0.0, 0.0, 1.0, None], [], 0, 1]], [], []],
+            [7, 1, [["r", [1], [1.0, "k", 1.0, 0.0, None, 0.0, 0.0, 1.0, None, [], [], 0, [], None], [], 0, 1]], [], []],
             r"ExecuteStep.new_requests\[0\].sampling.top_k: expected int, got str",
         ),
         (
-            [8, 1, ["a"], [2], [[0.5, [1], "x"]]],
+            [8, 1, ["a"], [2], [[0.5, [1], "x", None]], []],
             r"StepResult.logprobs\[0\].top_logprobs: expected list, got str",
         ),
     ],
@@ -177,10 +185,10 @@ def test_non_array_and_trailing_bytes_are_refused() -> None:
 
 
 def test_float_fields_accept_integers_from_other_peers() -> None:
-    wire = [8, 1, ["a"], [2], [[-1, [3], [0]]]]
+    wire = [8, 1, ["a"], [2], [[-1, [3], [0], 1]], []]
     msg = decode(msgpack.packb(wire))
     assert isinstance(msg, StepResult) and msg.logprobs is not None
-    assert msg.logprobs[0] == SampleLogprobs(-1.0, [3], [0.0])
+    assert msg.logprobs[0] == SampleLogprobs(-1.0, [3], [0.0], 1)
     assert type(msg.logprobs[0].logprob) is float
 
 
