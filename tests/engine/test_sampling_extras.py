@@ -6,6 +6,7 @@ import pathlib
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import pytest
 import torch
 
@@ -133,22 +134,26 @@ async def test_prompt_logprobs_equal_transformers_over_several_chunks(tiny_llama
         assert outs[0].prompt_logprobs == [None]
 
 
-async def test_tensor_parallel_reports_the_same(tiny_llama_dir: pathlib.Path) -> None:
+@pytest.mark.parametrize(("tp", "pp"), [(2, 1), (1, 2)])
+async def test_tensor_and_pipeline_parallel_report_the_same(tiny_llama_dir: pathlib.Path, tp: int, pp: int) -> None:
+    """Only the output rank reports; the other ranks still take part in the logits' collectives."""
     ids = [(i * 13 + 5) % 250 for i in range(30)]
-    params = greedy(max_tokens=4, prompt_logprobs=2, logit_bias={66: 3.0}, min_tokens=2)
+    params = greedy(max_tokens=4, prompt_logprobs=2, logit_bias={66: 3.0}, min_tokens=2, logprobs=1)
     results = []
-    for tp in (1, 2):
-        cfg = _cfg(tiny_llama_dir, tensor_parallel_size=tp, transport="shm", long_prefill_token_threshold=8)
+    for sizes in ((1, 1), (tp, pp)):
+        cfg = _cfg(tiny_llama_dir, tensor_parallel_size=sizes[0], pipeline_parallel_size=sizes[1], transport="shm",
+                   long_prefill_token_threshold=8)
         async with await Engine.start(cfg) as engine:
             results.append(await _outputs(engine, ids, params))
-    (one, two) = results
-    assert one[-1].token_ids == two[-1].token_ids
-    first, second = one[0].prompt_logprobs, two[0].prompt_logprobs
+    (one, split) = results
+    assert one[-1].token_ids == split[-1].token_ids
+    first, second = one[0].prompt_logprobs, split[0].prompt_logprobs
     assert first is not None and second is not None and len(first) == len(second) == len(ids)
     for a, b in zip(first[1:], second[1:], strict=True):
         assert a is not None and b is not None
         assert a.logprob == pytest.approx(b.logprob, abs=1e-4)
         assert [t for t, _ in a.top] == [t for t, _ in b.top]
+    assert [out.prompt_logprobs for out in split[1:]] == [None] * (len(split) - 1)
 
 
 @pytest.mark.parametrize(
@@ -229,3 +234,64 @@ async def test_min_tokens_with_a_stop_string(tiny_llama_dir: pathlib.Path) -> No
         assert early[-1].text == "" and len(early[-1].token_ids) == 1 and early[-1].finish_reason == "stop"
         late = await _outputs(engine, PROMPT, greedy(max_tokens=8, logit_bias={x: 100}, stop=["x"], min_tokens=3))
         assert late[-1].text == "xxx" and len(late[-1].token_ids) == 4 and late[-1].finish_reason == "stop"
+
+
+async def test_a_worker_restart_keeps_min_tokens_and_prompt_logprobs(tiny_llama_dir: pathlib.Path) -> None:
+    """A worker killed mid-prefill of a prompt_logprobs request and after 4 tokens of a
+    min_tokens request: the new workers recompute both, the prompt's logprobs come out once each
+    (equal to an undisturbed run's), and min_tokens counts the tokens generated before the crash."""
+    import os
+    import signal
+
+    long_ids = [(i * 29 + 3) % 250 for i in range(240)]
+    logprob_params = greedy(max_tokens=2, prompt_logprobs=1)
+    eos_params = SamplingParams(max_tokens=20, temperature=0.0, logit_bias={EOS: 100.0}, min_tokens=12)
+    cfg = _cfg(tiny_llama_dir, transport="shm", long_prefill_token_threshold=4, restart_backoff=0.0)
+    async with await Engine.start(cfg) as engine:
+        reference = await _outputs(engine, long_ids, logprob_params)
+    async with await Engine.start(cfg) as engine:
+        core = engine._cores[0]
+        killed: list[str] = []
+
+        def kill(reason: str) -> None:
+            if not killed:
+                killed.append(reason)
+                os.kill(core.executor.worker_pids[0], signal.SIGKILL)
+
+        async def min_tokens_request() -> list[RequestOutput]:
+            outs = []
+            async for out in engine.generate(PROMPT, eos_params):
+                outs.append(out)
+                if out.num_output_tokens >= 4:
+                    kill("min_tokens")
+            return outs
+
+        async def prompt_logprobs_request() -> list[RequestOutput]:
+            async def watch() -> None:  # kill once a third of the prompt was scored
+                while not killed:
+                    live = next(iter(core._live.values()), None)
+                    if live is not None and live.prompt_logprobs and len(live.prompt_logprobs) > 80:
+                        kill("prompt_logprobs")
+                    await anyio.lowlevel.checkpoint()
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(watch)
+                outs = await _outputs(engine, long_ids, logprob_params)
+                tg.cancel_scope.cancel()
+            return outs
+
+        outs = await prompt_logprobs_request()
+        assert killed == ["prompt_logprobs"] and engine.stats().num_restarts == 1
+        assert outs[-1].token_ids == reference[-1].token_ids
+        got, want = outs[0].prompt_logprobs, reference[0].prompt_logprobs
+        assert got is not None and want is not None and len(got) == len(want) == len(long_ids)
+        for a, b in zip(got[1:], want[1:], strict=True):
+            assert a is not None and b is not None
+            assert (a.token_id, [t for t, _ in a.top]) == (b.token_id, [t for t, _ in b.top])
+            assert a.logprob == pytest.approx(b.logprob, abs=1e-4)
+
+        killed.clear()
+        outs = await min_tokens_request()
+        assert killed == ["min_tokens"] and engine.stats().num_restarts == 2
+        tokens = outs[-1].token_ids
+        assert len(tokens) == 13 and EOS not in tokens[:12] and tokens[12] == EOS, tokens
