@@ -36,6 +36,7 @@ class References:
 
     completions: dict[str, tuple[str, int]]  # prompt -> (text, completion tokens)
     chats: list[tuple[str, int]]
+    token_ids: dict[str, list[int]]  # prompt -> the greedy completion's token ids
 
 
 def engine_references() -> References:
@@ -48,16 +49,18 @@ def engine_references() -> References:
         config = EngineConfig(max_model_len=MAX_MODEL_LEN, max_num_seqs=8)
         completions: dict[str, tuple[str, int]] = {}
         chats: list[tuple[str, int]] = []
+        token_ids: dict[str, list[int]] = {}
         async with await Engine.start(config) as engine:
             for prompt in PROMPTS:
                 async for out in engine.generate(prompt, params):
                     if out.finished:
                         completions[prompt] = (out.text, out.num_output_tokens)
+                        token_ids[prompt] = list(out.token_ids)
             for messages in CHATS:
                 async for out in engine.chat(messages, params):
                     if out.finished:
                         chats.append((out.text, out.num_output_tokens))
-        return References(completions, chats)
+        return References(completions, chats, token_ids)
 
     return anyio.run(run)
 

@@ -9,12 +9,16 @@ server only; end-to-end tests use the real engine.
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 from shardline.engine.core import EngineStats
 from shardline.engine.errors import EngineDeadError, EngineOverloadedError, InvalidRequestError
+from shardline.engine.model_info import chat_template_options
 from shardline.engine.request import RequestOutput, SamplingParams, TokenLogprob, validate_request
 
 CONTINUATION = "The quick brown fox jumps over the lazy dog. "
@@ -22,23 +26,36 @@ BLOCK_SIZE = 4
 
 
 class ByteTokenizer:
-    """One token per UTF-8 byte; a tiny chat template in the shape of ChatML."""
+    """One token per UTF-8 byte; a tiny chat template in the shape of ChatML that shows what a
+    real one reads: tool calls, tool call ids, template variables (`chat_template_kwargs`),
+    and the open last message of `continue_final_message`."""
 
     vocab_size = 256
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         return list(text.encode("utf-8"))
 
-    def decode(self, token_ids: Sequence[int]) -> str:
+    def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         return bytes(token_ids).decode("utf-8", errors="replace")
 
-    def apply_chat_template(
-        self, messages: list[dict[str, str]], add_generation_prompt: bool = True, tokenize: bool = True
-    ) -> list[int]:
-        text = "".join(f"<{m['role']}>{m['content']}\n" for m in messages)
+    def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                    continue_final_message: bool = False, **variables: Any) -> str:
+        text = "".join(f"[{name}={value}]" for name, value in sorted(variables.items()))
+        for i, m in enumerate(messages):
+            text += f"<{m['role']}>{m['content']}"
+            for call in m.get("tool_calls", ()):
+                text += f"<call {call['function']['name']}({json.dumps(call['function']['arguments'])})>"
+            if "tool_call_id" in m:
+                text += f"<for {m['tool_call_id']}>"
+            if not (continue_final_message and i == len(messages) - 1):
+                text += "\n"
         if add_generation_prompt:
             text += "<assistant>"
-        return self.encode(text)
+        return text
+
+    def apply_chat_template(self, messages: list[dict[str, Any]], tokenize: bool = True, **options: Any) -> Any:
+        text = self.render_chat(messages, **options)
+        return self.encode(text) if tokenize else text
 
 
 def expected_text(max_tokens: int, stop: Sequence[str] = ()) -> str:
@@ -71,6 +88,8 @@ class FakeEngine:
         self.aborted_ids: list[str] = []
         self.stats_data = EngineStats(num_kv_blocks_total=num_kv_blocks)
         self.last_params: SamplingParams | None = None
+        self.params_seen: list[SamplingParams] = []  # every request's, in submission order
+        self.last_chat_template_kwargs: Mapping[str, Any] | None = None
         self.closed = False
 
     @property
@@ -119,68 +138,104 @@ class FakeEngine:
             yield out
 
     async def chat(
-        self, messages: list[dict[str, str]], params: SamplingParams | None = None, request_id: str | None = None
+        self, messages: list[dict[str, Any]], params: SamplingParams | None = None, request_id: str | None = None,
+        *, chat_template_kwargs: Mapping[str, Any] | None = None,
     ) -> AsyncIterator[RequestOutput]:
-        token_ids = self.tokenizer.apply_chat_template(messages)
+        self.last_chat_template_kwargs = chat_template_kwargs
+        token_ids = self.tokenizer.apply_chat_template(messages, **chat_template_options(chat_template_kwargs))
         async for out in self._run(token_ids, params or SamplingParams(), request_id or uuid.uuid4().hex):
             yield out
 
     async def _run(self, prompt_ids: list[int], params: SamplingParams, request_id: str) -> AsyncIterator[RequestOutput]:
+        """The choices of `params.n`, one character each per step, interleaved as the engine
+        interleaves them (each output carries its `index`); choice j starts j characters into
+        CONTINUATION, so choices differ and choice 0 is `expected_text`."""
         if self._dead:
             raise EngineDeadError("engine is not running")
         validate_request(prompt_ids, params, max_model_len=self.max_model_len, vocab_size=ByteTokenizer.vocab_size)
         if len(self._live) >= self.max_running:
             raise EngineOverloadedError(f"{len(self._live)} requests already running")
         self.last_params = params
+        self.params_seen.append(params)
         self._live[request_id] = len(prompt_ids)
         self.stats_data.prompt_tokens += len(prompt_ids)
-        text = ""
-        token_ids: list[int] = []
-        reason: str | None = None
+        choices = [_Choice(index=j) for j in range(params.n)]
+        prompt_logprobs = self._prompt_logprobs(prompt_ids, params.prompt_logprobs)
         try:
-            while reason is None:
+            while live := [c for c in choices if c.reason is None]:
                 if self.token_delay:
                     await asyncio.sleep(self.token_delay)
                 else:
                     await asyncio.sleep(0)
                 if self._dead:
                     raise EngineDeadError("engine died while generating")
-                if request_id in self._aborted:
-                    reason = "abort"
-                    yield self._output(request_id, "", text, [], token_ids, None, reason, prompt_ids)
-                    return
-                char = CONTINUATION[len(token_ids) % len(CONTINUATION)]
-                token_id = ord(char)
-                token_ids.append(token_id)
-                self._live[request_id] += 1
-                self.stats_data.generation_tokens += 1
-                delta = char
-                candidate = text + char
-                for s in params.stop:
-                    if s in candidate:
-                        delta = candidate[: candidate.index(s)][len(text):]
-                        candidate = candidate[: candidate.index(s)]
-                        reason = "stop"
-                        break
-                text = candidate
-                if reason is None and len(token_ids) >= params.max_tokens:
-                    reason = "length"
-                logprobs = None
-                if params.logprobs is not None:
-                    top = [(token_id, -0.5), *[(ord("a") + i, -1.0 - i) for i in range(params.logprobs)]][: params.logprobs]
-                    logprobs = [TokenLogprob(token_id=token_id, logprob=-0.5, top=top)]
-                yield self._output(request_id, delta, text, [token_id], token_ids, logprobs, reason, prompt_ids)
+                for choice in live:
+                    if request_id in self._aborted:
+                        choice.reason = "abort"
+                        yield self._output(request_id, "", choice, [], None, prompt_ids)
+                        continue
+                    yield self._step(request_id, choice, params, prompt_ids,
+                                     prompt_logprobs if not choice.token_ids else None)
         finally:
             self._live.pop(request_id, None)
             self._aborted.discard(request_id)
-            final = reason or "abort"
-            self.stats_data.requests_finished[final] = self.stats_data.requests_finished.get(final, 0) + 1
+            for choice in choices:
+                final = choice.reason or "abort"
+                self.stats_data.requests_finished[final] = self.stats_data.requests_finished.get(final, 0) + 1
+
+    def _step(self, request_id: str, choice: _Choice, params: SamplingParams, prompt_ids: list[int],
+              prompt_logprobs: list[TokenLogprob | None] | None) -> RequestOutput:
+        char = CONTINUATION[(len(choice.token_ids) + choice.index) % len(CONTINUATION)]
+        token_id = ord(char)
+        choice.token_ids.append(token_id)
+        self._live[request_id] += 1
+        self.stats_data.generation_tokens += 1
+        candidate = choice.text + char
+        delta = char
+        if len(choice.token_ids) > params.min_tokens:  # no stop string before min_tokens (vLLM)
+            for s in params.stop:
+                at = candidate.find(s, max(0, len(choice.text) - len(s) + 1))  # in the new text only
+                if at >= 0:
+                    candidate = candidate[: at + (len(s) if params.include_stop_str_in_output else 0)]
+                    delta = candidate[len(choice.text):]
+                    choice.reason = "stop"
+                    break
+        choice.text = candidate
+        if choice.reason is None and len(choice.token_ids) >= params.max_tokens:
+            choice.reason = "length"
+        logprobs = None
+        if params.logprobs is not None:
+            top = [(token_id, -0.5), *[(ord("a") + i, -1.0 - i) for i in range(params.logprobs)]][: params.logprobs]
+            logprobs = [TokenLogprob(token_id=token_id, logprob=-0.5, top=top)]
+        out = self._output(request_id, delta, choice, [token_id], logprobs, prompt_ids)
+        out.prompt_logprobs = prompt_logprobs
+        return out
 
     @staticmethod
-    def _output(request_id: str, delta: str, text: str, delta_ids: list[int], token_ids: list[int],
-                logprobs: list[TokenLogprob] | None, reason: str | None, prompt_ids: list[int]) -> RequestOutput:
+    def _prompt_logprobs(prompt_ids: list[int], k: int | None) -> list[TokenLogprob | None] | None:
+        """Made-up prompt logprobs in the engine's shape: None first, then the prompt token at
+        -1.0 and the top k (ids 97, 98, ... at -0.25, -0.5, ...)."""
+        if k is None:
+            return None
+        return [None, *(TokenLogprob(token_id=t, logprob=-1.0, top=[(97 + i, -0.25 * (i + 1)) for i in range(k)])
+                        for t in prompt_ids[1:])]
+
+    @staticmethod
+    def _output(request_id: str, delta: str, choice: _Choice, delta_ids: list[int],
+                logprobs: list[TokenLogprob] | None, prompt_ids: list[int]) -> RequestOutput:
         return RequestOutput(
-            request_id=request_id, delta=delta, text=text, delta_token_ids=delta_ids,
-            token_ids=list(token_ids), logprobs=logprobs, finished=reason is not None,
-            finish_reason=reason, num_prompt_tokens=len(prompt_ids), num_output_tokens=len(token_ids),
+            request_id=request_id, delta=delta, text=choice.text, delta_token_ids=delta_ids,
+            token_ids=list(choice.token_ids), logprobs=logprobs, finished=choice.reason is not None,
+            finish_reason=choice.reason, num_prompt_tokens=len(prompt_ids), num_output_tokens=len(choice.token_ids),
+            index=choice.index,
         )
+
+
+@dataclass
+class _Choice:
+    """One choice of a fake request."""
+
+    index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    reason: str | None = None

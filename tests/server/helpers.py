@@ -12,6 +12,14 @@ import httpx
 import uvicorn
 from fastapi import FastAPI
 
+# A conversation with a tool call (null content, JSON arguments) and the tool's answer.
+TOOL_CONVERSATION: list[dict[str, Any]] = [
+    {"role": "user", "content": "Weather in Oslo?"},
+    {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "weather", "arguments": '{"city": "Oslo"}'}}]},
+    {"role": "tool", "tool_call_id": "call_1", "content": "-3 C"},
+]
+
 
 def assert_openai_error(
     response: httpx.Response, status: int, *, type: str | None = None, param: str | None = ..., code: str | None = ...

@@ -6,7 +6,7 @@ dependencies and lets tests drive it with an in-process double.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any, Protocol
 
 from shardline.engine.request import RequestOutput, SamplingParams
@@ -38,7 +38,8 @@ class EngineLike(Protocol):
     ) -> AsyncIterator[RequestOutput]: ...
 
     def chat(
-        self, messages: list[dict[str, str]], params: SamplingParams | None = None, request_id: str | None = None
+        self, messages: list[dict[str, Any]], params: SamplingParams | None = None, request_id: str | None = None,
+        *, chat_template_kwargs: Mapping[str, Any] | None = None,
     ) -> AsyncIterator[RequestOutput]: ...
 
     async def abort(self, request_id: str) -> None: ...

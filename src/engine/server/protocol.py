@@ -1,9 +1,10 @@
 """OpenAI wire format: the request bodies the server accepts and the bodies it answers with.
 
-Only the fields shardline acts on are declared; unknown fields are ignored (as OpenAI's own
-server does for fields a model does not use). The ranges below mirror `SamplingParams`'s own
-checks so the OpenAPI schema documents them (and a schema-driven client or fuzzer produces
-valid requests); `SamplingParams` stays the authority and checks them again.
+The fields shardline acts on are declared; the others are kept aside for
+`sampling.check_other_fields` (refused by name when OpenAI or vLLM define them, else logged
+once). The ranges below mirror `SamplingParams`'s own checks so the OpenAPI schema documents
+them (and a schema-driven client or fuzzer produces valid requests); `SamplingParams` stays the
+authority and checks them again.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import time
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
+
+from shardline.engine.request import LOGIT_BIAS_LIMIT, MAX_N
 
 FinishReason = str
 """The engine's finish reason: "stop", "length", "abort" or "error"."""
@@ -51,35 +54,56 @@ class _SamplingFields(_Body):
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     repetition_penalty: float | None = Field(default=None, gt=0, allow_inf_nan=False)
-    n: Literal[1] = Field(default=1, description="only 1 is supported")
+    n: int = Field(default=1, ge=1, le=MAX_N, description="choices to generate; they share the prompt's KV blocks")
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
     ignore_eos: bool | None = Field(default=None, description="vLLM: keep going past EOS tokens")
     stop_token_ids: list[TokenId] | None = Field(default=None, description="vLLM: ids that end the answer")
     skip_special_tokens: bool | None = Field(default=None, description="vLLM: leave special tokens out of the text")
+    logit_bias: dict[str, Annotated[float, Field(ge=-LOGIT_BIAS_LIMIT, le=LOGIT_BIAS_LIMIT)]] | None = Field(
+        default=None, description="token id (a string of digits) -> bias added to its logit, in [-100, 100]"
+    )
+    min_tokens: int = Field(default=0, ge=0, description="vLLM: no EOS, stop id or stop string before this many tokens")
+    include_stop_str_in_output: bool = Field(default=False, description="vLLM: keep the stop string that ended the text")
+    prompt_logprobs: int | None = Field(
+        default=None, ge=0, description="vLLM: logprobs of the prompt's tokens and the top k at each (not when streaming)"
+    )
 
 
-class TextContentPart(_Body):
-    """One `{"type": "text", "text": ...}` part of a message's content."""
+class ContentPart(_Body):
+    """One part of a message's content: `{"type": "text", "text": ...}` is read (and an
+    assistant's `refusal` part); other types are refused by `messages.message_text`."""
 
-    type: Literal["text"]
-    text: str
+    model_config = ConfigDict(extra="allow")
+
+    type: str
+    text: str | None = None
+    refusal: str | None = None
+
+
+class ToolCallFunction(_Body):
+    name: str
+    arguments: str | dict[str, Any] | None = Field(default=None, description="JSON text, as OpenAI sends it")
+
+
+class ToolCall(_Body):
+    """A tool call an assistant message made (shown to the chat template)."""
+
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
 
 
 class ChatMessage(_Body):
-    """One message of a conversation."""
+    """One message of a conversation; `messages.template_messages` turns it into what the chat
+    template reads."""
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextContentPart] | None = None
-
-    def text(self) -> str:
-        """The message's content as one string (text parts joined)."""
-        if self.content is None:
-            return ""
-        if isinstance(self.content, str):
-            return self.content
-        return "".join(part.text for part in self.content)
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+    tool_calls: list[ToolCall] | None = Field(default=None, description="assistant: the calls it made")
+    tool_call_id: str | None = Field(default=None, description="tool: the call this message answers")
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -87,6 +111,11 @@ class ChatCompletionRequest(_SamplingFields):
 
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
+    parallel_tool_calls: bool | None = Field(default=None, description="accepted; tools are not supported yet")
+    echo: bool = Field(default=False, description="vLLM: start the reply with the last message if it has the reply's role")
+    add_generation_prompt: bool | None = Field(default=None, description="vLLM: open an assistant turn (default true)")
+    continue_final_message: bool = Field(default=False, description="vLLM: continue the last message, left open")
+    chat_template_kwargs: dict[str, Any] | None = Field(default=None, description="vLLM: variables for the chat template")
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0)  # the cap: --max-logprobs
 
@@ -95,11 +124,12 @@ class CompletionRequest(_SamplingFields):
     """Body of `POST /v1/completions`."""
 
     prompt: NonEmptyStr | list[TokenId] | list[str] | list[list[TokenId]] = Field(
-        description="one prompt: text or token ids (a one-element list is accepted too)"
+        description="a prompt (text or token ids) or a list of them; choice i*n+j answers prompt i"
     )
+    max_tokens: int | None = Field(default=None, ge=0, description="0 only with echo: score the prompt")
     logprobs: int | None = Field(default=None, ge=0)  # the cap: --max-logprobs
-    echo: Literal[False] = Field(default=False, description="not supported")
-    best_of: Literal[1] | None = Field(default=None, description="only 1 is supported")
+    echo: bool = Field(default=False, description="the prompt before each completion (with logprobs: its logprobs first)")
+    best_of: int | None = Field(default=None, ge=1, le=MAX_N, description="only equal to n is supported")
     suffix: Literal[""] | None = Field(default=None, description="not supported")
 
 
@@ -139,12 +169,32 @@ class ChatLogprobs(BaseModel):
 
 
 class CompletionLogprobs(BaseModel):
-    """`choices[i].logprobs` of a completion response (the legacy, column-wise format)."""
+    """`choices[i].logprobs` of a completion response (the legacy, column-wise format). With
+    `echo` the prompt's tokens come first; the very first has no logprob (null)."""
 
     tokens: list[str] = Field(default_factory=list)
-    token_logprobs: list[float] = Field(default_factory=list)
-    top_logprobs: list[dict[str, float]] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
     text_offset: list[int] = Field(default_factory=list)
+
+
+class PromptLogprob(BaseModel):
+    """vLLM's `Logprob`: one token of a prompt position (the prompt's own or a top one)."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+PromptLogprobs = list[dict[str, PromptLogprob] | None]
+"""vLLM's `prompt_logprobs`: per prompt token, None for the first, else token id -> logprob."""
+
+
+class _WithPromptLogprobs(BaseModel):
+    """A response part with vLLM's `prompt_logprobs`, left out of the JSON unless asked for
+    (every other None field stays null, as OpenAI writes them)."""
+
+    prompt_logprobs: PromptLogprobs | None = Field(default=None, exclude_if=lambda value: value is None)
 
 
 class AssistantMessage(BaseModel):
@@ -163,7 +213,7 @@ class ChatChoice(BaseModel):
     finish_reason: FinishReason | None
 
 
-class ChatCompletionResponse(BaseModel):
+class ChatCompletionResponse(_WithPromptLogprobs):
     """Body answered by `POST /v1/chat/completions` without streaming."""
 
     id: str
@@ -210,7 +260,7 @@ class ChatCompletionChunk(BaseModel):
     usage: UsageInfo | None = None
 
 
-class CompletionChoice(BaseModel):
+class CompletionChoice(_WithPromptLogprobs):
     """One choice of a completion response or streamed chunk."""
 
     index: int = 0

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import anyio
 
 from shardline.engine.errors import InvalidRequestError, PromptTooLongError
+from shardline.engine.model_info import chat_template_options
 from shardline.engine.request import SamplingParams, TokenLogprob
 from shardline.engine.server.errors import APIError
 from shardline.engine.server.protocol import (
@@ -22,37 +23,43 @@ from shardline.engine.server.protocol import (
     ChatTokenLogprob,
     CompletionLogprobs,
     CompletionRequest,
+    PromptLogprob,
+    PromptLogprobs,
     TopLogprob,
 )
 
 logger = logging.getLogger("shardline.serve")
 
 _PASSTHROUGH = (
-    "temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty",
-    "frequency_penalty", "repetition_penalty", "ignore_eos", "stop_token_ids", "skip_special_tokens",
+    "temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty", "frequency_penalty",
+    "repetition_penalty", "ignore_eos", "stop_token_ids", "skip_special_tokens", "n", "logit_bias",
+    "min_tokens", "include_stop_str_in_output", "prompt_logprobs",
 )  # fmt: skip
+
+MAX_PROMPTS = 1024
+"""Prompts in one completions request (vLLM's default VLLM_MAX_COMPLETION_PROMPTS)."""
+MAX_CHOICES = 1024
+"""Choices in one request: prompts times `n` (each is a request in the engine's queue)."""
 
 # Fields OpenAI's chat/completions API or vLLM's extensions define that shardline does not
 # honour yet: a request that asks for one of them (a value other than "nothing") gets a 400
 # naming it, never a 200 with behaviour it did not ask for.
 UNSUPPORTED_FIELDS = frozenset({
-    "logit_bias", "min_tokens", "response_format", "tools", "tool_choice", "functions", "function_call",
-    "prompt_logprobs", "include_stop_str_in_output", "guided_json", "guided_regex", "guided_choice",
-    "guided_grammar", "guided_decoding_backend", "guided_whitespace_pattern", "structured_outputs",
-    "use_beam_search", "length_penalty", "truncate_prompt_tokens", "allowed_token_ids", "bad_words",
-    "audio", "modalities", "prediction", "reasoning_effort", "web_search_options", "logits_processors",
-    "chat_template", "chat_template_kwargs", "add_generation_prompt", "continue_final_message",
-    "documents", "mm_processor_kwargs", "priority", "return_tokens_as_token_ids",
-    "spaces_between_special_tokens", "add_special_tokens", "echo", "kv_transfer_params",
+    "response_format", "tools", "tool_choice", "functions", "function_call", "guided_json", "guided_regex",
+    "guided_choice", "guided_grammar", "guided_decoding_backend", "guided_whitespace_pattern",
+    "structured_outputs", "use_beam_search", "length_penalty", "truncate_prompt_tokens", "allowed_token_ids",
+    "bad_words", "audio", "modalities", "prediction", "reasoning_effort", "web_search_options",
+    "logits_processors", "chat_template", "documents", "mm_processor_kwargs", "priority",
+    "return_tokens_as_token_ids", "spaces_between_special_tokens", "add_special_tokens", "kv_transfer_params",
     "vllm_xargs", "cache_salt", "thinking", "top_a", "typical_p", "n_probs",
 })  # fmt: skip
 # The value of each that asks for nothing beyond the default (accepted).
 _NOTHING_ASKED: dict[str, Any] = {
-    "add_generation_prompt": True, "spaces_between_special_tokens": True, "priority": 0,
-    "response_format": {"type": "text"}, "tool_choice": "none", "typical_p": 1.0,
+    "spaces_between_special_tokens": True, "priority": 0, "response_format": {"type": "text"},
+    "tool_choice": "none", "typical_p": 1.0,
 }
 # OpenAI's metadata for its own service: accepted, no effect on the answer.
-METADATA_FIELDS = frozenset({"user", "store", "metadata", "service_tier", "parallel_tool_calls"})
+METADATA_FIELDS = frozenset({"user", "store", "metadata", "service_tier"})
 _logged_unknown: set[str] = set()
 
 
@@ -73,29 +80,35 @@ def check_other_fields(req: ChatCompletionRequest | CompletionRequest) -> None:
             logger.warning("ignoring request field %r: neither OpenAI nor vLLM defines it", name)
 
 
-def completion_prompt(req: CompletionRequest) -> str | list[int]:
-    """The one prompt of a completion request (a string or token ids)."""
+def completion_prompts(req: CompletionRequest) -> list[str | list[int]]:
+    """The prompts of a completion request (strings or token-id lists): one, or a list of them
+    (at most MAX_PROMPTS, and MAX_CHOICES choices with `n`)."""
     prompt: Any = req.prompt
-    if isinstance(prompt, list) and prompt and isinstance(prompt[0], str | list):
-        if len(prompt) != 1:
-            raise APIError(
-                400,
-                f"batched prompts are not supported (got {len(prompt)}); send one request per prompt",
-                param="prompt",
-                code="unsupported_value",
-            )
-        prompt = prompt[0]
-    return prompt  # type: ignore[no-any-return]
+    prompts = prompt if isinstance(prompt, list) and prompt and isinstance(prompt[0], str | list) else [prompt]
+    if len(prompts) > MAX_PROMPTS:
+        raise APIError(400, f"the prompt list has {len(prompts)} prompts, more than {MAX_PROMPTS}; send them in "
+                       "several requests", param="prompt", code="invalid_value")  # fmt: skip
+    check_choices(len(prompts), req.n)
+    return prompts
+
+
+def check_choices(num_prompts: int, n: int) -> None:
+    """Refuse a request with more than MAX_CHOICES choices (prompts times n): 400 naming `n`."""
+    if num_prompts * n > MAX_CHOICES:
+        raise APIError(400, f"{num_prompts} prompts times n={n} is {num_prompts * n} choices, more than "
+                       f"{MAX_CHOICES} in one request", param="n", code="invalid_value")  # fmt: skip
 
 
 def check_completion_request(req: CompletionRequest) -> None:
     """Refuse the completion options shardline does not implement (400, naming the field)."""
-    if req.echo:
-        raise APIError(400, "echo=true is not supported", param="echo", code="unsupported_value")
     if req.suffix:
         raise APIError(400, "suffix is not supported", param="suffix", code="unsupported_value")
-    if req.best_of not in (None, 1):
-        raise APIError(400, f"only best_of=1 is supported, got {req.best_of}", param="best_of", code="unsupported_value")
+    if req.max_tokens == 0 and not req.echo:
+        raise APIError(400, "max_tokens must be at least 1 (0 only with echo=true, to score the prompt)",
+                       param="max_tokens", code="invalid_value")  # fmt: skip
+    if req.best_of is not None and req.best_of != req.n:
+        raise APIError(400, f"best_of={req.best_of} with n={req.n}: only best_of equal to n is supported (no "
+                       "ranking of extra candidates)", param="best_of", code="unsupported_value")  # fmt: skip
 
 
 def build_sampling_params(
@@ -107,8 +120,9 @@ def build_sampling_params(
     do), so the prompt's length, when known, sets the default.
     """
     check_other_fields(req)
-    if req.n != 1:
-        raise APIError(400, f"only n=1 is supported (one choice per request), got n={req.n}", param="n", code="unsupported_value")
+    if req.prompt_logprobs is not None and req.stream:
+        raise APIError(400, "prompt_logprobs are not available when streaming (stream=true)",
+                       param="prompt_logprobs", code="invalid_value")  # fmt: skip
     kwargs: dict[str, Any] = {name: getattr(req, name) for name in _PASSTHROUGH if getattr(req, name) is not None}
     if req.stop is not None:
         kwargs["stop"] = [req.stop] if isinstance(req.stop, str) else req.stop
@@ -125,6 +139,8 @@ def build_sampling_params(
             raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs", code="invalid_value")
     elif req.logprobs is not None:
         kwargs["logprobs"] = req.logprobs
+        if req.echo and req.prompt_logprobs is None:
+            kwargs["prompt_logprobs"] = req.logprobs  # the echoed prompt's logprobs come first (vLLM)
     if max_tokens is None:
         max_tokens = max(1, max_model_len - (num_prompt_tokens or 0))
     kwargs["max_tokens"] = max_tokens
@@ -132,6 +148,8 @@ def build_sampling_params(
         return SamplingParams(**kwargs)
     except InvalidRequestError as exc:
         renamed = {"max_tokens": max_tokens_field, "logprobs": logprobs_field}
+        if req.prompt_logprobs is None:
+            renamed["prompt_logprobs"] = logprobs_field  # set from logprobs for echo
         raise APIError(400, str(exc), param=renamed.get(exc.field, exc.field), code="invalid_value") from exc
 
 
@@ -172,7 +190,7 @@ TOKENIZE_OFF_LOOP_CHARS = 16_384
 the event loop keeps serving meanwhile (the engine's own threshold, `engine.api`)."""
 
 
-def prompt_chars(prompt: str | Sequence[int] | list[dict[str, str]]) -> int:
+def prompt_chars(prompt: str | Sequence[int] | list[dict[str, Any]]) -> int:
     """Characters of text in a prompt: the string's, or the messages' contents'; 0 for ids."""
     if isinstance(prompt, str):
         return len(prompt)
@@ -180,7 +198,7 @@ def prompt_chars(prompt: str | Sequence[int] | list[dict[str, str]]) -> int:
 
 
 def check_prompt_size(
-    prompt: str | Sequence[int] | list[dict[str, str]], *, field: str, max_model_len: int, max_prompt_chars: int
+    prompt: str | Sequence[int] | list[dict[str, Any]], *, field: str, max_model_len: int, max_prompt_chars: int
 ) -> None:
     """Refuse a prompt that cannot fit from its size alone, before anything reads it (400,
     naming `field`): more characters than `max_prompt_chars`, or more token ids than
@@ -200,16 +218,21 @@ def check_prompt_size(
 
 
 async def count_prompt_tokens_off_loop(
-    tokenizer: Any, prompt: str | Sequence[int] | list[dict[str, str]], *, chat: bool
+    tokenizer: Any, prompt: str | Sequence[int] | list[dict[str, Any]], *, chat: bool,
+    template_kwargs: Mapping[str, Any] | None = None,
 ) -> int | None:
     """`count_prompt_tokens`, on a worker thread when the prompt is long enough to hold the
     event loop (over TOKENIZE_OFF_LOOP_CHARS characters)."""
+    count = functools.partial(count_prompt_tokens, tokenizer, prompt, chat=chat, template_kwargs=template_kwargs)
     if prompt_chars(prompt) > TOKENIZE_OFF_LOOP_CHARS:
-        return await anyio.to_thread.run_sync(functools.partial(count_prompt_tokens, tokenizer, prompt, chat=chat))
-    return count_prompt_tokens(tokenizer, prompt, chat=chat)
+        return await anyio.to_thread.run_sync(count)
+    return count()
 
 
-def count_prompt_tokens(tokenizer: Any, prompt: str | Sequence[int] | list[dict[str, str]], *, chat: bool) -> int | None:
+def count_prompt_tokens(
+    tokenizer: Any, prompt: str | Sequence[int] | list[dict[str, Any]], *, chat: bool,
+    template_kwargs: Mapping[str, Any] | None = None,
+) -> int | None:
     """Prompt length as the engine will see it, or None when it cannot be told here.
 
     Used for the default `max_tokens` and to name the field of a context-length error; a
@@ -219,7 +242,7 @@ def count_prompt_tokens(tokenizer: Any, prompt: str | Sequence[int] | list[dict[
     """
     try:
         if chat:
-            ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
+            ids = tokenizer.apply_chat_template(prompt, tokenize=True, **chat_template_options(template_kwargs))
             if hasattr(ids, "keys"):  # BatchEncoding in newer transformers
                 ids = ids["input_ids"]
             return len(ids)
@@ -263,15 +286,45 @@ def chat_logprobs(tokenizer: Any, entries: list[TokenLogprob]) -> ChatLogprobs:
     return ChatLogprobs(content=content)
 
 
-def completion_logprobs(tokenizer: Any, entries: list[TokenLogprob], *, text_offset: int) -> CompletionLogprobs:
-    """Logprobs in the legacy completions format (parallel lists); offsets start at `text_offset`."""
+def completion_logprobs(
+    tokenizer: Any, entries: list[TokenLogprob], *, text_offset: int,
+    prompt: tuple[Sequence[int], Sequence[TokenLogprob | None]] | None = None,
+) -> CompletionLogprobs:
+    """Logprobs in the legacy completions format (parallel lists); the generated tokens' offsets
+    start at `text_offset`. `prompt` (echo): the prompt's ids and logprobs, listed first from
+    offset 0; its first token has none (null), as in vLLM."""
     result = CompletionLogprobs()
-    offset = text_offset
-    for entry in entries:
-        text = _token_text(tokenizer, entry.token_id)
+    items: list[tuple[int, TokenLogprob | None, int | None]] = []
+    if prompt is not None:
+        items.extend((tid, entry, None) for tid, entry in zip(*prompt, strict=True))
+    items.extend((entry.token_id, entry, text_offset if i == 0 else None) for i, entry in enumerate(entries))
+    offset = 0
+    for token_id, entry, start in items:
+        offset = offset if start is None else start
+        text = _token_text(tokenizer, token_id)
         result.tokens.append(text)
-        result.token_logprobs.append(entry.logprob)
-        result.top_logprobs.append({_token_text(tokenizer, tid): lp for tid, lp in entry.top})
+        result.token_logprobs.append(None if entry is None else entry.logprob)
+        result.top_logprobs.append(None if entry is None else {_token_text(tokenizer, t): lp for t, lp in entry.top})
         result.text_offset.append(offset)
         offset += len(text)
+    return result
+
+
+def prompt_logprobs_json(tokenizer: Any, entries: Sequence[TokenLogprob | None]) -> PromptLogprobs:
+    """vLLM's `prompt_logprobs`: per prompt token None (the first) or {token id: {logprob, rank,
+    decoded_token}} holding the prompt's own token and the top ones; a top token's rank is its
+    place (1 = most likely), the prompt token's the engine's `rank` when it gives one, else its
+    place among the top ones, else null."""
+    result: PromptLogprobs = []
+    for entry in entries:
+        if entry is None:
+            result.append(None)
+            continue
+        places = {tid: place for place, (tid, _) in enumerate(entry.top, start=1)}
+        rank = getattr(entry, "rank", None) or places.get(entry.token_id)
+        position = {str(entry.token_id): PromptLogprob(logprob=entry.logprob, rank=rank,
+                                                      decoded_token=_token_text(tokenizer, entry.token_id))}
+        for place, (tid, lp) in enumerate(entry.top, start=1):
+            position.setdefault(str(tid), PromptLogprob(logprob=lp, rank=place, decoded_token=_token_text(tokenizer, tid)))
+        result.append(position)
     return result
