@@ -114,10 +114,6 @@ class ChoiceOutputs:
             if task is not None and task.done() and not task.cancelled():
                 task.exception()
 
-    @property
-    def finished(self) -> bool:
-        return all(run.remaining <= 0 for run in self.runs)
-
     def __aiter__(self) -> ChoiceOutputs:
         return self
 

@@ -70,8 +70,7 @@ ChunkBuilder = Callable[[int, RequestOutput, bool], str | None]
 class Collected:
     """Every choice of a request run to the end: its last output and its logprob entries."""
 
-    def __init__(self, stream: ChoiceOutputs) -> None:
-        self.stream = stream
+    def __init__(self) -> None:
         self.finals: dict[int, RequestOutput] = {}
         self.entries: dict[int, list[TokenLogprob]] = {}
 
@@ -318,7 +317,7 @@ class OpenAIServing:
 
     async def _collect(self, stream: ChoiceOutputs, request: Request) -> Collected:
         """Run every choice to the end."""
-        result = Collected(stream)
+        result = Collected()
 
         async def run() -> Collected:
             for choice, out in await stream.start():
