@@ -20,6 +20,8 @@ ASKING = {  # a value that asks for something, per field shardline does not hono
     "tool_choice": "required", "guided_json": {"type": "object"}, "guided_regex": "a+", "guided_choice": ["a"],
     "structured_outputs": {"json": {}}, "use_beam_search": True, "bad_words": ["x"], "allowed_token_ids": [1],
     "chat_template": "{{ 1 }}", "priority": 3, "reasoning_effort": "low", "documents": [{"text": "x"}],
+    "verbosity": "low", "request_id": "my-id", "return_token_ids": True, "thinking_token_budget": 10,
+    "include_reasoning": False, "logprob_token_ids": [5],
 }
 
 
@@ -36,7 +38,9 @@ async def test_a_field_not_honoured_yet_is_refused_by_name(client: httpx.AsyncCl
     ("logit_bias", None), ("logit_bias", {}), ("tools", []), ("response_format", {"type": "text"}),
     ("tool_choice", "none"), ("add_generation_prompt", True), ("min_tokens", 0),
     ("user", "u-1"), ("store", True), ("metadata", {"k": "v"}), ("service_tier", "auto"),
-    ("parallel_tool_calls", True), ("parallel_tool_calls", False),
+    ("parallel_tool_calls", True), ("parallel_tool_calls", False), ("prompt_cache_key", "k-1"),
+    ("safety_identifier", "s-1"), ("session_id", "chat-9"), ("include_reasoning", True),
+    ("thinking_token_budget", -1),
 ])
 async def test_asking_nothing_and_metadata_are_accepted(client: httpx.AsyncClient, field: str, value: object) -> None:
     r = await client.post("/v1/chat/completions", json={**CHAT, field: value})

@@ -51,15 +51,22 @@ UNSUPPORTED_FIELDS = frozenset({
     "bad_words", "audio", "modalities", "prediction", "reasoning_effort", "web_search_options",
     "logits_processors", "chat_template", "documents", "mm_processor_kwargs", "priority",
     "return_tokens_as_token_ids", "spaces_between_special_tokens", "add_special_tokens", "kv_transfer_params",
-    "vllm_xargs", "cache_salt", "thinking", "top_a", "typical_p", "n_probs",
+    "vllm_xargs", "cache_salt", "thinking", "top_a", "typical_p", "n_probs", "verbosity", "request_id",
+    "return_token_ids", "truncation_side", "logprob_token_ids", "thinking_token_budget", "include_reasoning",
+    "watermarking", "repetition_detection", "stream_interval", "prompt_embeds", "media_io_kwargs",
+    "ec_transfer_params", "return_token_offsets", "return_mm_kwargs", "routed_experts_prompt_start",
+    "return_prompt_text",
 })  # fmt: skip
 # The value of each that asks for nothing beyond the default (accepted).
 _NOTHING_ASKED: dict[str, Any] = {
     "spaces_between_special_tokens": True, "priority": 0, "response_format": {"type": "text"},
-    "tool_choice": "none", "typical_p": 1.0,
+    "tool_choice": "none", "typical_p": 1.0, "include_reasoning": True, "thinking_token_budget": -1,
+    "return_mm_kwargs": True,
 }
 # OpenAI's metadata for its own service: accepted, no effect on the answer.
-METADATA_FIELDS = frozenset({"user", "store", "metadata", "service_tier"})
+# (vLLM's session_id is a routing hint of the same kind.)
+METADATA_FIELDS = frozenset({"user", "store", "metadata", "service_tier", "prompt_cache_key", "safety_identifier",
+                             "session_id"})
 _logged_unknown: set[str] = set()
 
 
