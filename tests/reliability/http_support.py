@@ -60,7 +60,7 @@ def scrape(base_url: str) -> dict[str, float]:
     return out
 
 
-IDLE_KEYS = ("shardline_kv_cache_blocks_used", "shardline_num_requests_running", "shardline_num_requests_waiting")
+IDLE_KEYS = ("shardline:kv_cache_blocks_used", "shardline:num_requests_running", "shardline:num_requests_waiting")
 
 
 async def wait_idle(base_url: str, deadline_s: float = 30.0) -> dict[str, float]:

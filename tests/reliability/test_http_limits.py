@@ -32,7 +32,7 @@ MAX_WAITING = 4
 
 def _held(base_url: str) -> tuple[float, float]:
     metrics = scrape(base_url)
-    return metrics["shardline_num_requests_running"], metrics["shardline_num_requests_waiting"]
+    return metrics["shardline:num_requests_running"], metrics["shardline:num_requests_waiting"]
 
 
 LONG_BODY: dict[str, Any] = {"prompt": "Once upon a time", "max_tokens": 230, "temperature": 0}
@@ -95,8 +95,8 @@ async def test_full_queue_answers_429_then_serves(tiny_llama_dir: pathlib.Path, 
                     tg.start_soon(served)
             assert results == [before] * MAX_WAITING
             metrics = scrape(server.base_url)
-            assert metrics["shardline_http_responses_total:429:/v1/completions"] == 16
-            assert metrics["shardline_http_responses_total:429:/v1/chat/completions"] == 16
+            assert metrics["shardline:http_responses_total:429:/v1/completions"] == 16
+            assert metrics["shardline:http_responses_total:429:/v1/chat/completions"] == 16
         stop_cleanly(server)
 
 

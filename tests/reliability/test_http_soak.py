@@ -116,9 +116,9 @@ async def run_soak(tiny_dir: pathlib.Path, tmp_path: pathlib.Path, duration_s: f
         assert answered >= CLIENTS, f"only {answered} answers in {duration_s} s"
         summary = check_growth(warm, end)
         metrics = await wait_idle(server.base_url)
-        assert not {k for k in metrics if k.startswith("shardline_http_responses_total:5")}
+        assert not {k for k in metrics if k.startswith("shardline:http_responses_total:5")}
         ok = sum(v for k, v in scrape(server.base_url).items()
-                 if k.startswith("shardline_http_responses_total:200"))
+                 if k.startswith("shardline:http_responses_total:200"))
         assert ok >= answered + 1
         async with httpx.AsyncClient(base_url=server.base_url, timeout=60) as client:
             assert await reference_text(client) == before

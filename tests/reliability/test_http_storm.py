@@ -159,10 +159,10 @@ async def test_cancellation_storm_leaves_nothing_behind(tiny_llama_dir: pathlib.
             assert outcomes["finished"] >= NUM_REQUESTS // 10, outcomes
 
             metrics = await wait_idle(server.base_url, deadline_s=30)
-            aborted = metrics.get("shardline_requests_total:abort", 0)
+            aborted = metrics.get("shardline:request_success_total:abort", 0)
             assert aborted >= NUM_REQUESTS // 10, f"only {aborted} aborts seen by the engine: {outcomes}"
             server_errors = {k: v for k, v in metrics.items()
-                             if k.startswith("shardline_http_responses_total:5")}
+                             if k.startswith("shardline:http_responses_total:5")}
             assert not server_errors, server_errors
 
             after = await reference_text(client)
@@ -171,7 +171,7 @@ async def test_cancellation_storm_leaves_nothing_behind(tiny_llama_dir: pathlib.
             assert chat_after["choices"][0]["message"] == chat_before["choices"][0]["message"]
             # Stays idle: nothing was left queued to wake up later.
             metrics = await wait_idle(server.base_url, deadline_s=5)
-            assert metrics["shardline_kv_cache_blocks_used"] == 0
+            assert metrics["shardline:kv_cache_blocks_used"] == 0
         print(f"storm: {NUM_REQUESTS} requests in {storm_s:.1f} s: {dict(outcomes)}; engine aborts {aborted:.0f}")
         stop_cleanly(server)
         assert_no_server_errors(server.log())
