@@ -17,7 +17,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 @pytest.mark.slow
 def test_the_wheel_holds_shardline_only(tmp_path: pathlib.Path) -> None:
     """Built from the repository (as pip would), its top level is `shardline` (plus metadata),
-    and every package folder of src/ and the kernels' sources are inside."""
+    and every package folder of src/, the kernels' sources and the chat page's files are inside."""
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
                     "-w", str(tmp_path), str(ROOT)], check=True, capture_output=True, timeout=600)
     (wheel,) = tmp_path.glob("shardline-*.whl")
@@ -30,6 +30,8 @@ def test_the_wheel_holds_shardline_only(tmp_path: pathlib.Path) -> None:
         assert f"{prefix}__init__.py" in names, package
     assert "shardline/worker/__main__.py" in names
     assert any(n.startswith("shardline/model/csrc/") and n.endswith(".cpp") for n in names)
+    for name in ("index.html", "chat.css", "chat.js"):  # the chat page at / (engine/server/ui.py)
+        assert f"shardline/engine/server/static/{name}" in names, name
     entry = next(n for n in names if n.endswith("entry_points.txt"))
     assert "shardline = shardline.engine.cli:main" in zipfile.ZipFile(wheel).read(entry).decode()
 

@@ -162,6 +162,9 @@ def _build_parser() -> argparse.ArgumentParser:
                       help="with --allowed-origins: the request headers allowed (default: '*')")
     http.add_argument("--allow-credentials", action="store_true",
                       help="with --allowed-origins: allow credentials (cookies, Authorization) cross-origin")
+    http.add_argument("--no-ui", dest="ui", action="store_false",
+                      help="do not serve the chat page at / (then 404, as vLLM; default: served, open "
+                           "without the API key, which the page asks for)")
 
     gen = sub.add_parser("generate", help="answer one prompt in the terminal (streams tokens)",
                          description="Start an engine, stream one answer to stdout, exit.")
@@ -256,7 +259,7 @@ def _cmd_serve(args: argparse.Namespace, log_level: str) -> int:
         host=args.host, port=args.port, api_key=api_key,
         max_body_bytes=args.max_body_bytes or DEFAULT_MAX_BODY_BYTES, header_timeout_s=args.http_header_timeout,
         body_timeout_s=args.http_body_timeout, max_connections=args.max_connections, access_log=args.access_log,
-        log_level=args.uvicorn_log_level or log_level, cors=_cors(args),
+        log_level=args.uvicorn_log_level or log_level, cors=_cors(args), ui=args.ui,
     )
     # What reads the model (its path, config.json, generation_config.json, the chat template,
     # the dtype) is checked before the server starts: a mistake is one line and exit 2.

@@ -45,6 +45,7 @@ from shardline.engine.server.protocol import (
 from shardline.engine.server.sampling import TOKENIZE_OFF_LOOP_CHARS
 from shardline.engine.server.serving import OpenAIServing
 from shardline.engine.server.streaming import ClientGone
+from shardline.engine.server.ui import UI_PATHS, install_ui
 
 PUBLIC_PATHS = ("/health", "/metrics", "/docs", "/openapi.json", "/docs/oauth2-redirect", "/redoc")
 
@@ -109,6 +110,7 @@ def build_app(
     engine_getter: Callable[[], EngineLike] | None = None,
     max_logprobs: int = DEFAULT_MAX_LOGPROBS,
     cors: CORSSettings | None = None,
+    ui: bool = True,
 ) -> FastAPI:
     """The HTTP app serving `engine` under the name `served_model_name` (or names: the first
     is the one responses report, /v1/models lists them all, a request may name any).
@@ -121,6 +123,8 @@ def build_app(
     then ignored and may be None. A request asking for more log-probabilities per token than
     `max_logprobs` (-1: no cap here; the engine caps at the vocabulary) gets a 400 naming its
     field. `cors` (default: none) answers browsers' cross-origin requests and preflights.
+    `ui` serves the chat page at `/` (engine.server.ui; open without the key, which the page
+    asks for); False: `/` is 404, as vLLM's.
     """
     served_model_names = (served_model_name,) if isinstance(served_model_name, str) else tuple(served_model_name)
     if not served_model_names:
@@ -266,8 +270,10 @@ def build_app(
         return await serving().completion(body, request)
 
     api_paths = frozenset({"/v1/models", "/v1/chat/completions", "/v1/completions", "/tokenize", "/detokenize"})
+    if ui:
+        install_ui(app)
     app.add_middleware(GatekeeperMiddleware, api_key=api_key, max_body_bytes=max_body_bytes,
-                       public_paths=PUBLIC_PATHS, body_timeout_s=body_timeout_s)
+                       public_paths=PUBLIC_PATHS + (UI_PATHS if ui else ()), body_timeout_s=body_timeout_s)
     app.add_middleware(_CountResponses, metrics=metrics, paths=api_paths)
     if cors is not None:  # outermost: a preflight carries no API key and is answered here
         app.add_middleware(CORSMiddleware, allow_origins=list(cors.allowed_origins),

@@ -60,6 +60,8 @@ class ServeOptions:
     """uvicorn's log level (--uvicorn-log-level)."""
     cors: CORSSettings | None = None
     """Cross-origin requests allowed (--allowed-origins ...); None: no CORS headers."""
+    ui: bool = True
+    """The chat page at `/` (--no-ui: off, `/` is 404)."""
 
 
 class _Server(uvicorn.Server):
@@ -154,6 +156,7 @@ def build_server_app(config: EngineConfig, options: ServeOptions, holder: _Holde
         engine_getter=holder.get,
         max_logprobs=config.max_logprobs,
         cors=options.cors,
+        ui=options.ui,
     )
 
 
