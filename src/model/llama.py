@@ -162,7 +162,7 @@ class LlamaModel(nn.Module):
         for layer in layers:
             attn, mlp = layer.self_attn, layer.mlp
             linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
-            if any(m.packed_weight is None for m in linears) or attn.attn.kv_cache.numel() == 0:
+            if any(not isinstance(m.packed_weight, torch.Tensor) for m in linears) or attn.attn.kv_cache.numel() == 0:
                 return None
             norms += [layer.input_layernorm.weight, layer.post_attention_layernorm.weight]
             packed += [m.packed_weight for m in linears]

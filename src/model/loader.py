@@ -3,7 +3,7 @@
 Hugging Face safetensors (one file, or shards with `model.safetensors.index.json`) are read
 lazily: each tensor is handed to the model as a `LazySlice`, and a parameter's weight loader
 reads only the rows/columns of its own shard from disk, so a TP rank never materializes the
-full tensors. GGUF files are dequantized tensor by tensor with the `gguf` package.
+full tensors. GGUF tensors come as `gguf_weights.GGUFTensor` views of the file's blocks.
 """
 
 from __future__ import annotations
@@ -183,6 +183,10 @@ def load_model(model_config: ModelConfig, parallel_context: ParallelContext,
     lazy_ok = bool(getattr(model, "supports_lazy_weights", False))
     with torch.no_grad():
         model.load_weights(iter_weights(model_config, stats, lazy=lazy_ok))
+        if model_config.gguf_file and isinstance(model, nn.Module):
+            from shardline.model.gguf_weights import finish_gguf_load
+
+            skipping = finish_gguf_load(model) > 0 or skipping  # GGUF layers hold meta weights
     if isinstance(model, nn.Module):
         # Built on the device already; `to` would try to copy the skipped (meta) weights.
         (model if skipping else model.to(parallel_context.device)).eval()
@@ -272,12 +276,16 @@ def _unpermute_rope_rows(weights: np.ndarray, num_heads: int) -> np.ndarray:
     return shaped.swapaxes(2, 1).reshape(weights.shape)
 
 
-def iter_gguf(path: str, hf_config: Any, stats: LoadStats) -> Iterator[tuple[str, torch.Tensor]]:
-    """Dequantized float32 tensors of a GGUF file under Hugging Face names."""
+def iter_gguf(path: str, hf_config: Any, stats: LoadStats) -> Iterator[tuple[str, Any]]:
+    """A GGUF file's tensors under Hugging Face names: each 2-D one as a `GGUFTensor` (its
+    blocks, a view of a copy-on-write mapping of the file; q/k rows read and reordered), 1-D
+    ones (norms, biases) as float32."""
     import gguf
 
+    from shardline.model.gguf_weights import GGUFTensor, read_rows
+
     try:
-        reader = gguf.GGUFReader(path)
+        reader = gguf.GGUFReader(path, "c")
         arch_field = reader.fields.get("general.architecture")
         arch = arch_field.contents() if arch_field is not None else "llama"
     except Exception as exc:  # the reader raises ValueError/struct/numpy errors on bad bytes
@@ -288,19 +296,27 @@ def iter_gguf(path: str, hf_config: Any, stats: LoadStats) -> Iterator[tuple[str
         hf_name = gguf_to_hf_name(tensor.name)
         if hf_name is None:
             continue
+        dims = [int(d) for d in reversed(tensor.shape.tolist())]
+        stats.num_tensors += 1
+        if len(dims) == 2:
+            shape = (dims[0], dims[1])
+            permute = arch == "llama" and hf_name.endswith(("q_proj.weight", "k_proj.weight"))
+            if permute:
+                heads = num_heads if "q_proj" in hf_name else num_kv_heads
+                order = _unpermute_rope_rows(np.arange(shape[0]), heads)
+                out = read_rows(path, tensor.name, int(tensor.tensor_type), shape, int(tensor.data_offset), order)
+            else:
+                raw = np.asarray(tensor.data).view(np.uint8).reshape(shape[0], -1)
+                out = GGUFTensor(tensor.name, int(tensor.tensor_type), shape, torch.from_numpy(raw))
+            stats.bytes_read += out.nbytes
+            yield hf_name, out
+            continue
         try:
             data = gguf.dequantize(tensor.data, tensor.tensor_type)
-            data = np.asarray(data, dtype=np.float32).reshape(
-                [int(d) for d in reversed(tensor.shape.tolist())]
-            )
+            data = np.array(data, dtype=np.float32, copy=True).reshape(dims)
         except Exception as exc:
             raise CheckpointError(f"corrupt GGUF tensor {tensor.name!r} in {path!r}: {exc}") from exc
-        if arch == "llama" and hf_name.endswith(("q_proj.weight", "k_proj.weight")):
-            data = _unpermute_rope_rows(data, num_heads if "q_proj" in hf_name else num_kv_heads)
-        stats.num_tensors += 1
         stats.bytes_read += data.nbytes
-        if not data.flags.writeable or not data.flags.c_contiguous:
-            data = np.array(data, copy=True, order="C")  # F32 tensors are views of the mapping
         yield hf_name, torch.from_numpy(data)
 
 

@@ -41,6 +41,7 @@ from torch import nn
 
 from shardline.model import paged_decode
 from shardline.model.env import env_choice
+from shardline.model.gguf_weights import GGUFLinearWeight
 from shardline.model.memory import huge_page_zeros
 
 logger = logging.getLogger(__name__)
@@ -223,12 +224,18 @@ def pack_blocks(blocks: IntegerBlocks, out: torch.Tensor | None = None) -> torch
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-           packed: torch.Tensor | None) -> torch.Tensor:
+           packed: Any) -> torch.Tensor:
     """`F.linear(x, weight, bias)`, through the packed copy of `weight` when there is one.
 
     Up to MAX_ROWS rows take the kernel at once. Longer inputs (prefill chunks) keep F.linear
     while the float32 weight is there; once `drop_float32_weights` has replaced it by its shape
-    alone (a meta tensor), they run through the kernel MAX_ROWS rows at a time."""
+    alone (a meta tensor), they run through the kernel MAX_ROWS rows at a time. A GGUF weight
+    (`gguf_weights.GGUFLinearWeight`) runs its own kernel for any number of rows."""
+    if isinstance(packed, GGUFLinearWeight) and x.dtype == torch.float32 and x.device.type == "cpu":
+        if x.dim() != 2:
+            flat = packed.matmul(x.reshape(-1, x.shape[-1]), bias)
+            return flat.view(*x.shape[:-1], flat.shape[-1])
+        return packed.matmul(x, bias)
     if packed is None or x.dtype != torch.float32 or x.device.type != "cpu":
         return F.linear(x, weight, bias)
     if x.dim() != 2:
@@ -343,7 +350,7 @@ def load_packed_model(model_config: Any, parallel_context: Any) -> tuple[nn.Modu
         paged_decode.check_spin_setting()
         usable = paged_decode.KERNEL.load()  # logs why, once, where it cannot build
     cache = index = None
-    if usable:
+    if usable and not model_config.gguf_file:  # GGUF weights stay in the file's blocks
         cache = PackedCache.for_rank(
             model_config.path, architecture=model_config.architecture, dtype=model_config.dtype,
             tp=(parallel_context.tp_rank, parallel_context.tp_size),
@@ -363,6 +370,9 @@ def load_packed_model(model_config: Any, parallel_context: Any) -> tuple[nn.Modu
             cache.save(model)
     if usable:
         info["mapped"] = map_embedding(model, model_config, parallel_context)
+    gguf = [w for m in model.modules() if isinstance(w := getattr(m, "packed_weight", None), GGUFLinearWeight)]
+    info["gguf_layers"] = len(gguf)
+    info["gguf_bytes"] = sum(w.nbytes for w in gguf)
     if info["packed"]:
         weights = [w for m in model.modules() if isinstance(w := getattr(m, "packed_weight", None), torch.Tensor)]
         info["weights"] = len(weights)

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from shardline.model.gguf_weights import embedding as gguf_embedding
+from shardline.model.gguf_weights import gguf_layer_ok
 from shardline.model.packed_linear import linear
 from shardline.model.parallel.collectives import all_gather, all_reduce
 from shardline.model.parallel.utils import ShardShapeError, copy_checked, read_narrow, shape_of
@@ -36,6 +38,8 @@ class VocabParallelEmbedding(nn.Module):
             requires_grad=False,
         )
         self.weight.weight_loader = self.weight_loader  # type: ignore[attr-defined]
+        # This rank's rows of a GGUF table kept in their blocks (model.gguf_weights), or None.
+        self.gguf_weight: Any = None
 
     def weight_loader(self, param: nn.Parameter, loaded: Any, shard_id: Any = None) -> None:
         shape = shape_of(loaded)
@@ -44,6 +48,9 @@ class VocabParallelEmbedding(nn.Module):
                 f"expected shape {[self.num_embeddings, self.embedding_dim]}, got {list(shape)}"
             )
         rows = self.vocab_end - self.vocab_start
+        if rows > 0 and gguf_layer_ok(param, loaded):
+            self.gguf_weight = read_narrow(loaded, 0, self.vocab_start, rows)
+            return
         with torch.no_grad():
             param.data.zero_()
         if rows > 0:
@@ -51,11 +58,13 @@ class VocabParallelEmbedding(nn.Module):
                          read_narrow(loaded, 0, self.vocab_start, rows))
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        lookup = F.embedding if self.gguf_weight is None else gguf_embedding
+        table: Any = self.weight if self.gguf_weight is None else self.gguf_weight
         if self.ctx.tp_size == 1:
-            return F.embedding(input_ids, self.weight)
+            return lookup(input_ids, table)
         in_shard = (input_ids >= self.vocab_start) & (input_ids < self.vocab_end)
         local_ids = torch.where(in_shard, input_ids - self.vocab_start, 0)
-        out = F.embedding(local_ids, self.weight) * in_shard.unsqueeze(-1).to(self.weight.dtype)
+        out = lookup(local_ids, table) * in_shard.unsqueeze(-1).to(self.weight.dtype)
         return all_reduce(out, self.ctx)
 
 
@@ -72,8 +81,9 @@ class ParallelLMHead(VocabParallelEmbedding):
             self.bias.weight_loader = self._bias_loader  # type: ignore[union-attr,attr-defined]
         else:
             self.register_parameter("bias", None)
-        # The panel-packed copy of `weight` on CPU float32 (model.packed_linear), or None.
-        self.packed_weight: torch.Tensor | None = None
+        # The panel-packed copy of `weight` on CPU float32 (model.packed_linear), its GGUF
+        # blocks (model.gguf_weights.GGUFLinearWeight), or None.
+        self.packed_weight: Any = None
 
     def _bias_loader(self, param: nn.Parameter, loaded: Any, shard_id: Any = None) -> None:
         rows = self.vocab_end - self.vocab_start

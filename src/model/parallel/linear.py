@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from shardline.model.gguf_weights import add_part, gguf_layer_ok
 from shardline.model.packed_linear import linear
 from shardline.model.parallel.collectives import all_gather, all_reduce
 from shardline.model.parallel.utils import (
@@ -49,11 +50,20 @@ class LinearBase(nn.Module):
             self.bias.weight_loader = self.weight_loader  # type: ignore[union-attr,attr-defined]
         else:
             self.register_parameter("bias", None)
-        # The panel-packed copy of `weight` on CPU float32 (model.packed_linear), or None.
-        self.packed_weight: torch.Tensor | None = None
+        # The panel-packed copy of `weight` on CPU float32 (model.packed_linear), its GGUF
+        # blocks (model.gguf_weights.GGUFLinearWeight), or None.
+        self.packed_weight: Any = None
 
     def weight_loader(self, param: nn.Parameter, loaded: Any, shard_id: Any = None) -> None:
         raise NotImplementedError
+
+    def _store(self, param: nn.Parameter, offset: int, shard: Any) -> None:
+        """Rows `[offset, offset + len(shard))` of `param` are `shard`: kept in its GGUF form
+        where this layer runs GGUF weights (model.gguf_weights), else copied."""
+        if param.dim() == 2 and gguf_layer_ok(param, shard):
+            add_part(self, param, offset, shard)
+        else:
+            copy_checked(param.data.narrow(0, offset, shape_of(shard)[0]) if param.dim() else param.data, shard)
 
 
 class ReplicatedLinear(LinearBase):
@@ -64,7 +74,8 @@ class ReplicatedLinear(LinearBase):
         super().__init__(input_size, output_size, bias, ctx, dtype)
 
     def weight_loader(self, param: nn.Parameter, loaded: Any, shard_id: Any = None) -> None:
-        copy_checked(param.data, read(loaded))
+        check_full_shape(loaded, tuple(param.shape))
+        self._store(param, 0, loaded)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias, self.packed_weight)
@@ -82,7 +93,7 @@ class ColumnParallelLinear(LinearBase):
     def weight_loader(self, param: nn.Parameter, loaded: Any, shard_id: Any = None) -> None:
         size = param.shape[0]
         check_full_shape(loaded, (size * self.tp_size, *param.shape[1:]))
-        copy_checked(param.data, read_narrow(loaded, 0, self.tp_rank * size, size))
+        self._store(param, 0, read_narrow(loaded, 0, self.tp_rank * size, size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = linear(x, self.weight, self.bias, self.packed_weight)
@@ -105,8 +116,7 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         size = self.output_sizes[shard_id] // self.tp_size
         offset = sum(self.output_sizes[:shard_id]) // self.tp_size
         check_full_shape(loaded, (self.output_sizes[shard_id], *param.shape[1:]))
-        copy_checked(param.data.narrow(0, offset, size),
-                     read_narrow(loaded, 0, self.tp_rank * size, size))
+        self._store(param, offset, read_narrow(loaded, 0, self.tp_rank * size, size))
 
 
 class QKVParallelLinear(ColumnParallelLinear):
@@ -158,7 +168,7 @@ class QKVParallelLinear(ColumnParallelLinear):
         else:
             raise ValueError(f"shard_id must be 'q', 'k' or 'v', got {shard_id!r}")
         check_full_shape(loaded, (expected_rows, *param.shape[1:]))
-        copy_checked(param.data.narrow(0, offset, size), read_narrow(loaded, 0, start, size))
+        self._store(param, offset, read_narrow(loaded, 0, start, size))
 
 
 class RowParallelLinear(LinearBase):
@@ -176,7 +186,7 @@ class RowParallelLinear(LinearBase):
             return
         size = param.shape[1]
         check_full_shape(loaded, (param.shape[0], size * self.tp_size))
-        copy_checked(param.data, read_narrow(loaded, 1, self.tp_rank * size, size))
+        self._store(param, 0, read_narrow(loaded, 1, self.tp_rank * size, size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = linear(x, self.weight, None, self.packed_weight)

@@ -55,7 +55,10 @@ def read_narrow(loaded: Any, dim: int, start: int, length: int) -> torch.Tensor:
 
 
 def copy_checked(dst: torch.Tensor, src: torch.Tensor) -> None:
-    """`dst.copy_(src)` after checking the shapes agree (no silent broadcasting)."""
+    """`dst.copy_(src)` after checking the shapes agree (no silent broadcasting); a lazy `src`
+    (a GGUF tensor's blocks) is read first."""
+    if not isinstance(src, torch.Tensor):
+        src = src.materialize()
     if tuple(dst.shape) != tuple(src.shape):
         raise ShardShapeError(f"expected shape {list(dst.shape)}, got {list(src.shape)}")
     with torch.no_grad():
