@@ -283,6 +283,7 @@ def test_chat_page_against_the_real_server(
             ),
         )
         assert last_answer(driver)["text"]
+        wait_for("the page's running count", lambda: text_of(driver, "st-running") == "0")
         screenshot = os.environ.get("SHARDLINE_UI_SCREENSHOT")
         driver.find_element("id", "toggle-settings").click()  # closed again for the picture
         assert driver.get_screenshot_as_file(screenshot or str(tmp_path / "ui.png"))

@@ -420,6 +420,7 @@
       view.render();
       state.controller = null;
       setBusy(false);
+      refreshStatus(); // the engine's counts without this request, not 1.5 s later
     }
     if (finish !== "error") {
       const parts = [`${tokens !== null ? tokens : chunks} tokens`];
