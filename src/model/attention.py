@@ -13,6 +13,11 @@ this layer's block tensor at `slot_mapping` (`block_id * block_size + offset`). 
   `model.paged_decode`, which reads each sequence's K/V straight from its blocks; otherwise (and
   with `SHARDLINE_CPU_ATTENTION=sdpa`, or where the kernel cannot be built) one gather of all
   their blocks into a padded tensor and one masked SDPA.
+
+A layer with a sliding window (Mistral, Gemma's local layers) or attention-logit soft-capping
+(Gemma 2) attends request by request over the blocks its window reaches: blocks wholly before
+the window are never read (the engine may have given them to another request), and the scores
+are capped before the mask and softmax, as transformers' eager attention does.
 """
 
 from __future__ import annotations
@@ -159,8 +164,13 @@ class Attention(nn.Module):
     one-shot scoring need.
     """
 
-    def __init__(self, num_heads: int, head_dim: int, scale: float, num_kv_heads: int) -> None:
+    def __init__(self, num_heads: int, head_dim: int, scale: float, num_kv_heads: int,
+                 sliding_window: int | None = None, logit_softcap: float | None = None) -> None:
         super().__init__()
+        if sliding_window is not None and sliding_window < 1:
+            raise ValueError(f"sliding_window={sliding_window} must be >= 1")
+        self.sliding_window = sliding_window
+        self.logit_softcap = logit_softcap or None
         if num_heads % num_kv_heads != 0:
             raise ValueError(f"num_heads={num_heads} is not a multiple of num_kv_heads={num_kv_heads}")
         self.num_heads = num_heads
@@ -183,6 +193,9 @@ class Attention(nn.Module):
         if has_cache:
             self._store_kv(k, v, attn)
         out = torch.empty_like(q)
+        if self.sliding_window is not None or self.logit_softcap is not None:
+            self._attend_windowed(q, k, v, out, attn, has_cache)
+            return out.view(num_tokens, self.num_heads * self.head_dim)
         if has_cache and attn.max_query_len == 1 and num_tokens == attn.num_seqs:
             # Decode-only batch: no per-request Python work at all.
             self._attend_decode(q, out, attn, None)
@@ -306,6 +319,58 @@ class Attention(nn.Module):
         key_pos = torch.arange(seq_len, device=q.device)
         mask = key_pos[None, :] <= query_pos[:, None]  # [Lq, Lk], True = may attend
         return self._sdpa(q.transpose(0, 1), key, value, mask, False).transpose(0, 1)
+
+    def window_start(self, first_query_pos: int) -> int:
+        """The first key position a query at `first_query_pos` (or later) may see."""
+        if self.sliding_window is None:
+            return 0
+        return max(0, first_query_pos - self.sliding_window + 1)
+
+    def _attend_windowed(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                         attn: AttentionMetadata, has_cache: bool) -> None:
+        """Each request over the keys its window reaches (from the cache's blocks, those before
+        the window never gathered), scores soft-capped when the layer caps them."""
+        starts, seq_lens = attn.query_start_loc_cpu, attn.seq_lens_cpu
+        for i, seq_len in enumerate(seq_lens):
+            start, end = starts[i], starts[i + 1]
+            if end == start:
+                continue
+            context_len = seq_len - (end - start)
+            if has_cache:
+                block_size = self.kv_cache.shape[2]
+                first_block = self.window_start(context_len) // block_size
+                num_blocks = -(-seq_len // block_size)
+                key, value = self._gather(attn.block_tables[i, first_block:num_blocks].long(),
+                                          seq_len - first_block * block_size)
+                key_start = first_block * block_size
+            elif context_len == 0:
+                key, value = k[start:end].transpose(0, 1), v[start:end].transpose(0, 1)
+                key_start = 0
+            else:
+                raise RuntimeError(
+                    "a request with cached context needs a KV cache, but this layer's kv_cache is unset"
+                )
+            query_pos = torch.arange(context_len, seq_len, device=q.device)
+            key_pos = torch.arange(key_start, seq_len, device=q.device)
+            mask = key_pos[None, :] <= query_pos[:, None]
+            if self.sliding_window is not None:
+                mask &= key_pos[None, :] > query_pos[:, None] - self.sliding_window
+            out[start:end] = self._masked_attention(q[start:end].transpose(0, 1), key, value,
+                                                    mask).transpose(0, 1)
+
+    def _masked_attention(self, q: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                          mask: torch.Tensor) -> torch.Tensor:
+        """q `[heads, Lq, D]`, key/value `[kv_heads, Lk, D]`, mask `[Lq, Lk]` (True = attend)."""
+        if self.logit_softcap is None:
+            return self._sdpa(q, key, value, mask, False)
+        group = self.num_heads // self.num_kv_heads
+        key = key.repeat_interleave(group, dim=0)
+        value = value.repeat_interleave(group, dim=0)
+        scores = torch.matmul(q, key.transpose(-1, -2)) * self.scale
+        scores = torch.tanh(scores / self.logit_softcap) * self.logit_softcap
+        scores = scores.masked_fill(~mask, float("-inf"))
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        return torch.matmul(probs, value)
 
     def _attend_decode(self, q: torch.Tensor, out: torch.Tensor, attn: AttentionMetadata,
                        seqs: list[int] | None) -> None:

@@ -95,11 +95,10 @@ class ModelConfig:
             gguf_file = ggufs[0]
         hf_config = _read_gguf_config(gguf_file) if gguf_file else _read_hf_config(root)
         arch = architecture or _architecture_of(hf_config)
+        # Sliding-window layers attend over their window (model/attention.py): the model's
+        # whole length is usable.
         limit = getattr(hf_config, "max_position_embeddings", None) or 2048
-        window = getattr(hf_config, "sliding_window", None)
-        if window and getattr(hf_config, "use_sliding_window", True):
-            # Attention here is full; beyond the window it would differ from the model's.
-            limit = min(limit, int(window))
+        check_supported_config(hf_config)
         if max_model_len is None:
             max_model_len = int(limit)
         elif max_model_len < 1 or max_model_len > limit:
@@ -216,6 +215,129 @@ def _read_gguf_config(gguf_file: pathlib.Path) -> HFConfig:
     if missing:
         raise CheckpointError(f"GGUF file {str(gguf_file)!r} lacks metadata for {missing}")
     return HFConfig(**values)
+
+
+# -- what the model code reads from a config, checked here without torch (the engine's process
+# refuses an unsupported setting before any worker starts) -------------------------------------
+
+FULL_ATTENTION = "full_attention"
+SLIDING_ATTENTION = "sliding_attention"
+
+
+def layer_types(hf_config: Any) -> list[str]:
+    """Each decoder layer's attention kind, `full_attention` or `sliding_attention`.
+
+    transformers 5 configs list them (`layer_types`); older ones say it through
+    `sliding_window_pattern` (Gemma 3: every n-th layer global), Gemma 2's alternation, or
+    `use_sliding_window` + `max_window_layers` (Mistral, Qwen2: every layer from that index).
+    """
+    num_layers = int(hf_config.num_hidden_layers)
+    listed = getattr(hf_config, "layer_types", None)
+    if listed:
+        if len(listed) != num_layers or any(t not in (FULL_ATTENTION, SLIDING_ATTENTION) for t in listed):
+            raise ValueError(f"layer_types={listed!r} must name {FULL_ATTENTION!r} or "
+                             f"{SLIDING_ATTENTION!r} for each of the {num_layers} layers")
+        return list(listed)
+    window = getattr(hf_config, "sliding_window", None)
+    model_type = getattr(hf_config, "model_type", "")
+    if not window:
+        return [FULL_ATTENTION] * num_layers
+    if model_type in ("gemma3", "gemma3_text"):
+        pattern = int(getattr(hf_config, "sliding_window_pattern", None) or 6)
+        return [SLIDING_ATTENTION if (i + 1) % pattern else FULL_ATTENTION for i in range(num_layers)]
+    if model_type == "gemma2":
+        return [SLIDING_ATTENTION if (i + 1) % 2 else FULL_ATTENTION for i in range(num_layers)]
+    if not getattr(hf_config, "use_sliding_window", True):
+        return [FULL_ATTENTION] * num_layers
+    first = int(getattr(hf_config, "max_window_layers", None) or 0) if model_type.startswith("qwen") else 0
+    return [SLIDING_ATTENTION if i >= first else FULL_ATTENTION for i in range(num_layers)]
+
+
+def sliding_windows(hf_config: Any) -> list[int | None]:
+    """Each layer's sliding window in tokens (a query sees itself and the window - 1 before
+    it, as transformers masks), None for a global layer."""
+    window = getattr(hf_config, "sliding_window", None)
+    return [int(window) if kind == SLIDING_ATTENTION and window else None
+            for kind in layer_types(hf_config)]
+
+
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "dynamic", "longrope")
+
+
+def rope_parameters(hf_config: Any, layer_type: str | None = None) -> dict[str, Any]:
+    """The checkpoint's rope settings as one dict with `rope_type` and `rope_theta` (for the
+    layers of `layer_type` where they differ by layer kind, as Gemma 3's do).
+
+    Reads transformers 5's `rope_parameters` (flat, or one dict per layer kind) and the older
+    `rope_theta` + `rope_scaling` (+ Gemma 3's `rope_local_base_freq` for sliding layers).
+    """
+    params = getattr(hf_config, "rope_parameters", None)
+    if isinstance(params, dict) and params and all(isinstance(v, dict) for v in params.values()):
+        params = params.get(layer_type or FULL_ATTENTION) or params.get(FULL_ATTENTION)
+    local_base = getattr(hf_config, "rope_local_base_freq", None)
+    if isinstance(params, dict) and "rope_theta" in params:
+        out = dict(params)
+    elif layer_type == SLIDING_ATTENTION and local_base is not None:
+        out = {"rope_type": "default", "rope_theta": local_base}
+    else:
+        out = dict(getattr(hf_config, "rope_scaling", None) or {})
+        out["rope_theta"] = getattr(hf_config, "rope_theta", None) or 10000.0
+    out["rope_type"] = out.get("rope_type") or out.get("type") or "default"
+    if out.get("original_max_position_embeddings") is None:
+        out["original_max_position_embeddings"] = (
+            getattr(hf_config, "original_max_position_embeddings", None)
+            or getattr(hf_config, "max_position_embeddings", None))
+    out.setdefault("max_position_embeddings", getattr(hf_config, "max_position_embeddings", None))
+    return out
+
+
+def check_rope_parameters(params: dict[str, Any], where: str = "rope_scaling") -> None:
+    """Refuse (ValueError naming key and value) rope settings this module cannot reproduce."""
+    rope_type = params.get("rope_type")
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise ValueError(f"{where}.rope_type={rope_type!r} is not supported; supported: "
+                         f"{', '.join(SUPPORTED_ROPE_TYPES)}")
+    partial = params.get("partial_rotary_factor", 1.0)
+    if partial not in (None, 1, 1.0):
+        raise ValueError(f"{where}.partial_rotary_factor={partial!r} is not supported (only 1.0)")
+    required = {"linear": ("factor",), "dynamic": ("factor",),
+                "llama3": ("factor", "low_freq_factor", "high_freq_factor"),
+                "yarn": ("factor",), "longrope": ("long_factor", "short_factor")}
+    for key in required.get(rope_type, ()):
+        if params.get(key) is None:
+            raise ValueError(f"{where}.{key} is required for rope_type={rope_type!r}")
+    if rope_type in ("yarn", "longrope", "dynamic") and not params.get("original_max_position_embeddings"):
+        raise ValueError(f"{where}.original_max_position_embeddings is required for "
+                         f"rope_type={rope_type!r}")
+
+
+def num_experts_of(hf_config: Any) -> int:
+    """How many routed experts each MoE layer has (0 for a dense model): `num_experts`
+    (Qwen's config.json) or `num_local_experts` (Mixtral's, and transformers 5's for both)."""
+    return int(getattr(hf_config, "num_experts", None) or getattr(hf_config, "num_local_experts", None) or 0)
+
+
+def check_expert_split(num_experts: int, ep_size: int) -> None:
+    """ValueError naming the numbers when `num_experts` cannot be spread over `ep_size` ranks."""
+    if ep_size > num_experts or num_experts % ep_size:
+        raise ValueError(
+            f"expert parallelism over {ep_size} ranks cannot split num_experts={num_experts} "
+            f"evenly ({num_experts} % {ep_size} = {num_experts % ep_size}); use a "
+            f"tensor_parallel_size that divides {num_experts}, or no expert parallelism"
+        )
+
+
+def check_supported_config(hf_config: Any) -> None:
+    """ValueError naming the config key and value when a setting cannot be run as the model
+    defines it (an unknown rope type, partial rotary, a malformed `layer_types`)."""
+    kinds = set(layer_types(hf_config))
+    for kind in sorted(kinds):
+        params = rope_parameters(hf_config, kind)
+        where = "rope_parameters" if getattr(hf_config, "rope_parameters", None) else "rope_scaling"
+        check_rope_parameters(params, where)
+    partial = getattr(hf_config, "partial_rotary_factor", None)
+    if partial not in (None, 1, 1.0):
+        raise ValueError(f"partial_rotary_factor={partial!r} is not supported (only 1.0)")
 
 
 def _architecture_of(hf_config: Any) -> str:

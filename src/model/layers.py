@@ -1,8 +1,11 @@
-"""Small building blocks of Llama-family decoders: RMSNorm, rotary embeddings, SwiGLU."""
+"""Small building blocks of the decoders: RMSNorm (and Gemma's), rotary embeddings (default,
+linear, llama3, yarn, dynamic NTK, longrope), the gated activations (SwiGLU, GeGLU), soft-capping
+and the per-layer attention kinds (full or sliding window) of a config."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -10,6 +13,34 @@ import torch.nn.functional as F
 from torch import nn
 
 from shardline.model import cpu_ops
+from shardline.model.config import (  # re-exported: the rope and layer-kind settings
+    FULL_ATTENTION,
+    SLIDING_ATTENTION,
+    SUPPORTED_ROPE_TYPES,
+    check_rope_parameters,
+    layer_types,
+    rope_parameters,
+    sliding_windows,
+)
+
+__all__ = [
+    "FULL_ATTENTION",
+    "SLIDING_ATTENTION",
+    "SUPPORTED_ROPE_TYPES",
+    "GemmaRMSNorm",
+    "GeluAndMul",
+    "RMSNorm",
+    "RotaryEmbedding",
+    "SiluAndMul",
+    "check_rope_parameters",
+    "gated_activation",
+    "layer_types",
+    "rope_frequencies",
+    "rope_inv_freq",
+    "rope_parameters",
+    "sliding_windows",
+    "soft_cap",
+]
 
 
 class RMSNorm(nn.Module):
@@ -42,6 +73,23 @@ class RMSNorm(nn.Module):
         return self._norm(residual), residual
 
 
+class GemmaRMSNorm(RMSNorm):
+    """Gemma's RMSNorm: the checkpoint stores `w` and the norm scales by `1 + w`.
+
+    The loader adds the 1 once, so the forward (and the fused CPU op) is plain RMSNorm; in
+    float32 `x * (1 + w)` rounds the same either way."""
+
+    def __init__(self, hidden_size: int, eps: float, dtype: torch.dtype | None = None) -> None:
+        super().__init__(hidden_size, eps, dtype)
+        self.weight.weight_loader = self.weight_loader  # type: ignore[attr-defined]
+
+    @staticmethod
+    def weight_loader(param: nn.Parameter, loaded: Any, shard_id: Any = None) -> None:
+        from shardline.model.parallel.utils import copy_checked, read
+
+        copy_checked(param.data, read(loaded).float().add(1.0).to(param.dtype))
+
+
 class SiluAndMul(nn.Module):
     """SwiGLU's gate: `silu(x[:, :d]) * x[:, d:]` for the merged gate/up projection."""
 
@@ -52,33 +100,98 @@ class SiluAndMul(nn.Module):
         return F.silu(gate) * up
 
 
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+class GeluAndMul(nn.Module):
+    """GeGLU's gate: `gelu(x[:, :d]) * x[:, d:]` (`approximate="tanh"` for gelu_pytorch_tanh)."""
+
+    def __init__(self, approximate: str = "none") -> None:
+        super().__init__()
+        self.approximate = approximate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = x.chunk(2, dim=-1)
+        return F.gelu(gate, approximate=self.approximate) * up
 
 
-def rope_parameters(hf_config: Any) -> dict[str, Any]:
-    """The checkpoint's rope settings as one dict with `rope_type` and `rope_theta`.
-
-    Reads both transformers 5's `rope_parameters` and the older `rope_theta` + `rope_scaling`.
-    """
-    params = getattr(hf_config, "rope_parameters", None)
-    if isinstance(params, dict) and "rope_theta" in params:
-        out = dict(params)
-    else:
-        out = dict(getattr(hf_config, "rope_scaling", None) or {})
-        out["rope_theta"] = getattr(hf_config, "rope_theta", None) or 10000.0
-    out["rope_type"] = out.get("rope_type") or out.get("type") or "default"
-    return out
+# config `hidden_act` / `hidden_activation` -> the gated activation over [gate | up]
+GATED_ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
+    "silu": SiluAndMul,
+    "swish": SiluAndMul,
+    "gelu": lambda: GeluAndMul("none"),
+    "gelu_pytorch_tanh": lambda: GeluAndMul("tanh"),
+    "gelu_new": lambda: GeluAndMul("tanh"),
+}
 
 
-def rope_inv_freq(head_dim: int, params: dict[str, Any], max_position: int) -> torch.Tensor:
-    """Inverse frequencies for `head_dim`, following transformers' rope initialisers."""
+def gated_activation(name: str) -> nn.Module:
+    """The `act(gate) * up` module for activation `name`; ValueError naming it otherwise."""
+    try:
+        return GATED_ACTIVATIONS[name]()
+    except KeyError:
+        raise ValueError(f"hidden_act={name!r} is not supported; supported: "
+                         f"{', '.join(sorted(GATED_ACTIVATIONS))}") from None
+
+
+def soft_cap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """`cap * tanh(x / cap)` (Gemma 2's logit soft-capping); `x` itself when cap is None."""
+    if not cap:
+        return x
+    return torch.tanh(x / cap) * cap
+
+
+def _default_inv_freq(head_dim: int, base: float) -> torch.Tensor:
+    return 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+
+
+def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def _yarn(head_dim: int, params: dict[str, Any]) -> tuple[torch.Tensor, float]:
+    """transformers' `_compute_yarn_parameters`: (inv_freq, attention factor)."""
+    base = float(params["rope_theta"])
+    original = int(params["original_max_position_embeddings"])
+    factor = float(params["factor"])
+    attention_factor = params.get("attention_factor")
+    if attention_factor is None:
+        mscale, mscale_all_dim = params.get("mscale"), params.get("mscale_all_dim")
+        attention_factor = (_yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all_dim)
+                            if mscale and mscale_all_dim else _yarn_mscale(factor))
+    beta_fast = params.get("beta_fast") or 32
+    beta_slow = params.get("beta_slow") or 1
+
+    def correction_dim(rotations: float) -> float:
+        return (head_dim * math.log(original / (rotations * 2 * math.pi))) / (2 * math.log(base))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if params.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    if low == high:
+        high += 0.001  # as transformers: no singular ramp
+    pos_freqs = base ** (torch.arange(0, head_dim, 2).float() / head_dim)
+    ramp = torch.clamp((torch.arange(head_dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    extrapolation = 1 - ramp
+    inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
+    return inv_freq, float(attention_factor)
+
+
+def rope_frequencies(head_dim: int, params: dict[str, Any],
+                     max_position: int) -> tuple[torch.Tensor, torch.Tensor | None, int, float]:
+    """(inverse frequencies, those of positions from `boundary` on or None, boundary,
+    attention factor on cos/sin), following transformers' rope initialisers.
+
+    `longrope` (Phi-3) and `dynamic` change frequencies past the pretraining length; transformers
+    switches every position of a sequence once it is longer, which a KV cache cannot follow, so
+    here (as in vLLM) a position's own index picks them: below `original_max_position_embeddings`
+    the short/default ones (where transformers agrees), from it on the long/scaled ones."""
+    check_rope_parameters(params)
     rope_type = params["rope_type"]
     base = float(params["rope_theta"])
-    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    inv_freq = _default_inv_freq(head_dim, base)
     if rope_type == "default":
-        return inv_freq
+        return inv_freq, None, max_position, 1.0
     if rope_type == "linear":
-        return inv_freq / float(params["factor"])
+        return inv_freq / float(params["factor"]), None, max_position, 1.0
     if rope_type == "llama3":
         factor = float(params["factor"])
         low_freq_factor = float(params["low_freq_factor"])
@@ -91,10 +204,30 @@ def rope_inv_freq(head_dim: int, params: dict[str, Any], max_position: int) -> t
         smooth = (old_context_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         is_medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
-        return torch.where(is_medium, smoothed, scaled)
-    raise NotImplementedError(
-        f"rope_type {rope_type!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
-    )
+        return torch.where(is_medium, smoothed, scaled), None, max_position, 1.0
+    if rope_type == "yarn":
+        yarn_freq, attention_factor = _yarn(head_dim, params)
+        return yarn_freq, None, max_position, attention_factor
+    original = int(params["original_max_position_embeddings"])
+    if rope_type == "dynamic":
+        factor = float(params["factor"])
+        length = max(max_position, original)
+        scaled_base = base * ((factor * length / original) - (factor - 1)) ** (head_dim / (head_dim - 2))
+        return inv_freq, _default_inv_freq(head_dim, scaled_base), original, 1.0
+    # longrope
+    long_factor = float(params.get("factor") or (params.get("max_position_embeddings") or original) / original)
+    attention = params.get("attention_factor")
+    if attention is None:
+        attention = 1.0 if long_factor <= 1.0 else math.sqrt(1 + math.log(long_factor) / math.log(original))
+    shape = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
+    short = 1.0 / (torch.tensor(params["short_factor"], dtype=torch.float32) * base**shape)
+    long = 1.0 / (torch.tensor(params["long_factor"], dtype=torch.float32) * base**shape)
+    return short, long, original, float(attention)
+
+
+def rope_inv_freq(head_dim: int, params: dict[str, Any], max_position: int) -> torch.Tensor:
+    """Inverse frequencies of the first positions (below any switch to long-context ones)."""
+    return rope_frequencies(head_dim, params, max_position)[0]
 
 
 class RotaryEmbedding(nn.Module):
@@ -104,13 +237,17 @@ class RotaryEmbedding(nn.Module):
                  dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         self.head_dim = head_dim
-        inv_freq = rope_inv_freq(head_dim, params, max_position)
+        inv_freq, long_inv_freq, boundary, attention_factor = rope_frequencies(head_dim, params,
+                                                                               max_position)
         freqs = torch.outer(torch.arange(max_position, dtype=torch.float32), inv_freq)
+        if long_inv_freq is not None and boundary < max_position:
+            freqs[boundary:] = torch.outer(torch.arange(boundary, max_position, dtype=torch.float32),
+                                           long_inv_freq)
         emb = torch.cat((freqs, freqs), dim=-1)
         self.cos_cache: torch.Tensor
         self.sin_cache: torch.Tensor
-        self.register_buffer("cos_cache", emb.cos().to(dtype), persistent=False)
-        self.register_buffer("sin_cache", emb.sin().to(dtype), persistent=False)
+        self.register_buffer("cos_cache", (emb.cos() * attention_factor).to(dtype), persistent=False)
+        self.register_buffer("sin_cache", (emb.sin() * attention_factor).to(dtype), persistent=False)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor,
                 k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -6,7 +6,9 @@ needs (rank, size, group, device) from the `ParallelContext` it is handed. Outsi
 
 Within one data-parallel replica the workers form one torch.distributed world of
 `tp_size * pp_size` ranks, laid out as ``rank = pp_rank * tp_size + tp_rank``: the ranks of one
-pipeline stage form a TP group, the ranks holding the same TP shard form a PP group.
+pipeline stage form a TP group, the ranks holding the same TP shard form a PP group. With expert
+parallelism the expert-parallel (EP) group is the TP group: a MoE layer's experts are spread
+over the ranks of the stage instead of each expert's weights being split (`model/moe.py`).
 
 Rendezvous: for a ``tcp://HOST:PORT`` init method, rank 0 runs torch.distributed's TCPStore
 on a socket it binds to HOST itself (`rendezvous_store`), so the store listens on that address
@@ -49,12 +51,17 @@ class ParallelContext:
     # ("gloo", "nccl"), or "none" for a group of one.
     tp_comm_backend: str = "none"
     tp_comm: ShmCommunicator | None = field(default=None, compare=False, repr=False)
+    # Expert parallelism: this rank's place in the EP group (the TP group when enabled).
+    ep_rank: int = 0
+    ep_size: int = 1
+    ep_group: ProcessGroup | None = None
 
     def __post_init__(self) -> None:
         for name, rank, size in (
             ("tp", self.tp_rank, self.tp_size),
             ("pp", self.pp_rank, self.pp_size),
             ("dp", self.dp_rank, self.dp_size),
+            ("ep", self.ep_rank, self.ep_size),
         ):
             if size < 1 or not 0 <= rank < size:
                 raise ValueError(f"{name}_rank={rank} is not a rank of {name}_size={size}")
@@ -82,6 +89,12 @@ class ParallelContext:
 
     def get_data_parallel_size(self) -> int:
         return self.dp_size
+
+    def get_expert_parallel_rank(self) -> int:
+        return self.ep_rank
+
+    def get_expert_parallel_world_size(self) -> int:
+        return self.ep_size
 
     @property
     def is_first_pp_rank(self) -> bool:
@@ -141,6 +154,7 @@ def init_distributed(
     backend: str | None = None,
     device: torch.device | str = "cpu",
     timeout_s: float = 120.0,
+    enable_expert_parallel: bool = False,
 ) -> ParallelContext:
     """Join this replica's torch.distributed world and build the TP and PP groups.
 
@@ -148,6 +162,7 @@ def init_distributed(
     call this with the same sizes; group creation is collective. On CPU, when every rank of a TP
     group is on this host, the group's collectives may go over shared memory instead
     (`SHARDLINE_TP_ALLREDUCE=auto|shm|gloo`, see `model.parallel.shm_comm.setup_tp_comm`).
+    `enable_expert_parallel` makes each TP group the expert-parallel group as well.
     """
     if tp_size < 1 or pp_size < 1:
         raise ValueError(f"tp_size={tp_size} and pp_size={pp_size} must both be >= 1")
@@ -201,6 +216,9 @@ def init_distributed(
         device=device,
         tp_comm_backend=tp_comm_backend,
         tp_comm=tp_comm,
+        ep_rank=tp_rank if enable_expert_parallel else 0,
+        ep_size=tp_size if enable_expert_parallel else 1,
+        ep_group=tp_group if enable_expert_parallel else None,
     )
 
 

@@ -27,6 +27,13 @@ class ModelRegistry:
         "LlamaForCausalLM": "shardline.model.llama:LlamaForCausalLM",
         "MistralForCausalLM": "shardline.model.llama:MistralForCausalLM",
         "Qwen2ForCausalLM": "shardline.model.llama:Qwen2ForCausalLM",
+        "Qwen3ForCausalLM": "shardline.model.qwen3:Qwen3ForCausalLM",
+        "Phi3ForCausalLM": "shardline.model.phi3:Phi3ForCausalLM",
+        "Gemma2ForCausalLM": "shardline.model.gemma2:Gemma2ForCausalLM",
+        "Gemma3ForCausalLM": "shardline.model.gemma3:Gemma3ForCausalLM",
+        "MixtralForCausalLM": "shardline.model.mixtral:MixtralForCausalLM",
+        "Qwen2MoeForCausalLM": "shardline.model.qwen2_moe:Qwen2MoeForCausalLM",
+        "Qwen3MoeForCausalLM": "shardline.model.qwen3_moe:Qwen3MoeForCausalLM",
     }
 
     @classmethod

@@ -41,12 +41,15 @@ def allocate_kv_cache(model: torch.nn.Module, num_blocks: int, block_size: int,
                                           module.head_dim, device=device)
 
 
-def run_scenario(model: Any, vocab_size: int, block_size: int = 4,
-                 device: str = "cpu") -> dict[str, torch.Tensor]:
+def run_scenario(model: Any, vocab_size: int, block_size: int = 4, device: str = "cpu",
+                 tokens: dict[str, list[int]] | None = None,
+                 steps: list[dict[str, int]] | None = None) -> dict[str, torch.Tensor]:
     """Logits of every position of every request, computed through the paged cache in the
-    mixed batches of SCENARIO_STEPS; {request: [num_tokens, vocab]}."""
-    tokens = scenario_tokens(vocab_size)
-    blocks_each = max(-(-n // block_size) for n in SCENARIO_LENGTHS.values())
+    mixed batches of `steps` (default SCENARIO_STEPS over `scenario_tokens`); {request:
+    [num_tokens, vocab]}."""
+    tokens = tokens or scenario_tokens(vocab_size)
+    steps = steps or SCENARIO_STEPS
+    blocks_each = max(-(-len(t) // block_size) for t in tokens.values())
     allocate_kv_cache(model, blocks_each * len(tokens) + 1, block_size, device)
     # Interleaved, non-contiguous block ids (block 0 unused, as a padding id would be).
     tables = {name: [1 + i + len(tokens) * j for j in reversed(range(blocks_each))]
@@ -54,7 +57,7 @@ def run_scenario(model: Any, vocab_size: int, block_size: int = 4,
     done = dict.fromkeys(tokens, 0)
     logits: dict[str, list[torch.Tensor]] = {name: [] for name in tokens}
     with torch.no_grad():
-        for step in SCENARIO_STEPS:
+        for step in steps:
             names = list(step)
             ids = [t for n in names for t in tokens[n][done[n]:done[n] + step[n]]]
             positions = [p for n in names for p in range(done[n], done[n] + step[n])]

@@ -7,7 +7,7 @@ import torch
 
 from shardline.model.attention import AttentionMetadata
 from shardline.model.config import ModelConfig
-from shardline.model.layers import RotaryEmbedding, rope_inv_freq, rope_parameters
+from shardline.model.layers import RotaryEmbedding, rope_frequencies, rope_inv_freq, rope_parameters
 from shardline.model.llama import LlamaForCausalLM, pp_layer_range
 from shardline.model.loader import iter_weights, load_model
 from shardline.model.parallel import (
@@ -105,8 +105,42 @@ def test_rope_settings_match_transformers():
     torch.testing.assert_close(got, want)
     params = rope_parameters(config)
     assert params["rope_type"] == "llama3" and params["rope_theta"] == 500000.0
-    with pytest.raises(NotImplementedError, match="rope_type 'yarn'"):
+    with pytest.raises(ValueError, match=r"rope_scaling.rope_type='mrope' is not supported"):
+        rope_inv_freq(16, {"rope_type": "mrope", "rope_theta": 1e4}, 256)
+    with pytest.raises(ValueError, match=r"rope_scaling.factor is required for rope_type='yarn'"):
         rope_inv_freq(16, {"rope_type": "yarn", "rope_theta": 1e4}, 256)
+
+
+@pytest.mark.parametrize("scaling", [
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64},
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "beta_fast": 16,
+     "mscale": 1.0, "mscale_all_dim": 0.5},
+    {"rope_type": "longrope", "original_max_position_embeddings": 64,
+     "short_factor": [1.0 + i / 10 for i in range(8)], "long_factor": [2.0 + i for i in range(8)]},
+    {"rope_type": "dynamic", "factor": 2.0},
+])
+def test_yarn_longrope_and_dynamic_rope_match_transformers(scaling):
+    """Frequencies and the cos/sin attention factor as transformers computes them: longrope's
+    short factors below the pretraining length and its long ones from it on; dynamic NTK is the
+    default rope within max_position_embeddings (where transformers does not rescale)."""
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    config = LlamaConfig(hidden_size=64, num_attention_heads=4, rope_theta=10000.0,
+                         rope_scaling=dict(scaling), max_position_embeddings=256)
+    params = rope_parameters(config)
+    kind = scaling["rope_type"]
+    want, want_factor = ROPE_INIT_FUNCTIONS[kind](config, "cpu")
+    freq, long_freq, boundary, factor = rope_frequencies(16, params, 256)
+    torch.testing.assert_close(freq, want)
+    assert factor == pytest.approx(want_factor)
+    rotary = RotaryEmbedding(16, 256, params)
+    torch.testing.assert_close(rotary.cos_cache[5, :8], torch.cos(5 * want) * want_factor)
+    if kind == "longrope":
+        long_want, _ = ROPE_INIT_FUNCTIONS[kind](config, "cpu", seq_len=65)
+        torch.testing.assert_close(long_freq, long_want)
+        assert boundary == 64
+        torch.testing.assert_close(rotary.cos_cache[100, :8], torch.cos(100 * long_want) * want_factor)
 
 
 def test_llama3_rope_model_matches_transformers(tmp_path):
