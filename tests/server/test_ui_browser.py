@@ -289,19 +289,69 @@ def test_chat_page_against_the_real_server(
         assert driver.get_screenshot_as_file(screenshot or str(tmp_path / "ui.png"))
 
 
-def test_the_page_asks_for_the_api_key(tmp_path: pathlib.Path) -> None:
-    """With --api-key (here from $SHARDLINE_API_KEY) the page loads without it, asks for it, says
-    when one is refused, and with the right one lists the model and chats; the key lives in the
-    tab's sessionStorage only. Runs against the server with the fake engine, so it is fast."""
-    with (
-        browser() as driver,
-        server_process(
-            fake_serve_command("--served-model-name", "keyed-model"),
-            tmp_path,
-            env={"SHARDLINE_API_KEY": "sk-browser"},
-        ) as server,
-    ):
+@pytest.fixture(scope="module")
+def keyed_fake_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """`shardline serve --api-key` (from $SHARDLINE_API_KEY) with the fake engine: fast."""
+    command = fake_serve_command("--served-model-name", "keyed-model")
+    tmp = tmp_path_factory.mktemp("ui")
+    with server_process(command, tmp, env={"SHARDLINE_API_KEY": "sk-browser"}) as server:
         server.wait_healthy(60)
+        yield server
+        assert server.stop() == 0
+
+
+def test_the_renderer_writes_markdown_and_never_html(keyed_fake_server: ServerProcess) -> None:
+    """The page's own renderer (and metrics parser), run in the browser: Markdown's subset
+    becomes markup; HTML, javascript: links and entities in the text stay text."""
+    with browser() as driver:
+        driver.get(keyed_fake_server.base_url + "/")
+        wait_for("the page's script", lambda: driver.execute_script("return !!window.shardline"))
+        assert_rendered_safely(driver)
+
+        def render(text: str) -> str:
+            return str(
+                driver.execute_script("return window.shardline.renderMarkdown(arguments[0])", text)
+            )
+
+        link = '<a href="https://e.com/x?a=1&amp;b=2" rel="noopener noreferrer nofollow" target="_blank">l</a>'
+        cases = {
+            "# Title": "<h1>Title</h1>",
+            "- a\n- b": "<ul><li>a</li><li>b</li></ul>",
+            "3. x\n4. y": '<ol start="3"><li>x</li><li>y</li></ol>',
+            "> q <b>": "<blockquote>q &lt;b&gt;</blockquote>",
+            "---": "<hr>",
+            "one\ntwo\n\nthree": "<p>one<br>two</p><p>three</p>",
+            "```py\nif a < b:\n    pass\n```\nafter": (
+                '<pre><span class="lang">py</span><code>if a &lt; b:\n    pass</code></pre><p>after</p>'
+            ),
+            "```js\nlet x = '<i>'": '<pre><span class="lang">js</span><code>let x = &#39;&lt;i&gt;&#39;</code></pre>',
+            "A **b** *i* `c <d>` [l](https://e.com/x?a=1&b=2) snake_case_name": (
+                f"<p>A <strong>b</strong> <em>i</em> <code>c &lt;d&gt;</code> {link} snake_case_name</p>"
+            ),
+            "[x](javascript:alert(1))": "<p>[x](javascript:alert(1))</p>",
+            "&amp; &lt;": "<p>&amp;amp; &amp;lt;</p>",
+        }
+        assert {text: render(text) for text in cases} == cases
+        metrics_text = (
+            "# HELP shardline:num_requests_running Number of requests.\n"
+            'shardline:num_requests_running{engine="0",model_name="m"} 2.0\n'
+            'shardline:num_requests_running{engine="1",model_name="m"} 1.0\n'
+            'shardline:kv_cache_usage_perc{engine="0",model_name="m"} 0.25\n'
+        )
+        parsed = driver.execute_script(
+            "return window.shardline.parseMetrics(arguments[0])", metrics_text
+        )
+        assert parsed == {
+            "shardline:num_requests_running": [2, 1],
+            "shardline:kv_cache_usage_perc": [0.25],
+        }
+
+
+def test_the_page_asks_for_the_api_key(keyed_fake_server: ServerProcess) -> None:
+    """With --api-key the page loads without it, asks for it, says when one is refused, and with
+    the right one lists the model and chats; the key lives in the tab's sessionStorage only."""
+    server = keyed_fake_server
+    with browser() as driver:
         driver.get(server.base_url + "/")
         wait_for(
             "the key dialog",
@@ -351,4 +401,3 @@ def test_the_page_asks_for_the_api_key(tmp_path: pathlib.Path) -> None:
                 last_answer(driver)["text"] == "The quick" and not last_answer(driver)["streaming"]
             ),
         )
-        assert server.stop() == 0
