@@ -132,4 +132,5 @@ def test_serve_flag_no_ui(tmp_path: pathlib.Path, flags: tuple[str, ...], page_s
             assert "<title>shardline</title>" in page.text
         assert_openai_error(httpx.get(server.base_url + "/v1/models"), 401)
         assert httpx.get(server.base_url + "/v1/models", headers=keyed).status_code == 200
+        assert ("(OpenAI API under /v1; chat page at /)" in server.log()) == (page_status == 200)
         assert server.stop() == 0

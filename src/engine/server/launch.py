@@ -133,8 +133,9 @@ def build_server_app(config: EngineConfig, options: ServeOptions, holder: _Holde
             config.torch_dtype_name,
             stats.num_kv_blocks_total, config.block_size,
         )
-        log.info("serving %s on http://%s:%d (OpenAI API under /v1)%s", " = ".join(map(repr, served_names_for(config))),
-                 options.host, options.port, "; API key required" if options.api_key else "")
+        log.info("serving %s on http://%s:%d (OpenAI API under /v1%s)%s", " = ".join(map(repr, served_names_for(config))),
+                 options.host, options.port, "; chat page at /" if options.ui else "",
+                 "; API key required" if options.api_key else "")
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(_watch_engine, engine, holder)
