@@ -283,9 +283,11 @@ async def test_missing_or_wrong_api_key_is_401(keyed_app: FastAPI, headers: dict
             assert_openai_error(response, 401, code="invalid_api_key")
             assert response.headers["www-authenticate"] == "Bearer"
         assert_openai_error(await client.get("/v1/models", headers=headers), 401)
-        # Health and metrics stay open for probes and scrapers.
+        # Health stays open for probes; metrics and the API docs need the key (a scraper sends it).
         assert (await client.get("/health")).status_code == 200
-        assert (await client.get("/metrics")).status_code == 200
+        for path in ("/metrics", "/docs", "/openapi.json", "/redoc", "/ping", "/version"):
+            assert_openai_error(await client.get(path), 401)
+        assert (await client.get("/metrics", headers={"Authorization": "Bearer sk-secret"})).status_code == 200
         response = await client.post(CHAT, json=GOOD_CHAT, headers={"Authorization": "Bearer sk-secret"})
         assert response.status_code == 200, response.text
         assert response.json()["choices"][0]["message"]["content"] == expected_text(4)

@@ -47,7 +47,10 @@ from shardline.engine.server.serving import OpenAIServing
 from shardline.engine.server.streaming import ClientGone
 from shardline.engine.server.ui import UI_PATHS, install_ui
 
-PUBLIC_PATHS = ("/health", "/metrics", "/docs", "/openapi.json", "/docs/oauth2-redirect", "/redoc")
+# With an API key set, only these (and the chat page's static files) answer without it: the
+# metrics and the API docs describe the deployment, so a scraper sends the key as a bearer token
+# (Prometheus: `authorization: {credentials: KEY}`).
+PUBLIC_PATHS = ("/health",)
 
 _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse, "description": text}
