@@ -16,6 +16,7 @@ import asyncio
 import dataclasses
 import functools
 import logging
+import threading
 import uuid
 import weakref
 from collections import deque
@@ -52,6 +53,12 @@ from shardline.engine.request import (
 )
 from shardline.engine.scheduler import Scheduler, SchedulerConfig
 from shardline.engine.stats_logger import StatsLogger
+from shardline.engine.structured_output import (
+    CompiledGrammar,
+    GrammarCompiler,
+    GrammarMatcher,
+    StructuredOutputSpec,
+)
 
 logger = logging.getLogger("shardline.engine")
 
@@ -70,6 +77,10 @@ class Engine:
         # Requests with n > 1 by the caller's id, so that `abort(id)` reaches every choice
         # (weakly: a dropped iterator is collected, and its __del__ aborts its choices).
         self._parallel: weakref.WeakValueDictionary[str, ParallelRequestOutputs] = weakref.WeakValueDictionary()
+        # Structured output: built on first use (llguidance's tokenizer set-up takes ~0.5 s,
+        # which an engine that never sees a grammar should not pay at start).
+        self._grammar_compiler: GrammarCompiler | None = None
+        self._grammar_compiler_lock = threading.Lock()
 
     # ------------------------------------------------------------------ lifecycle
     @classmethod
@@ -310,11 +321,43 @@ class Engine:
             return token_ids  # an empty list is reported by validate_request
         raise InvalidRequestError("prompt", "must be a string or a list of token ids")
 
-    def _submit(self, token_ids: list[int], params: SamplingParams, request_id: str | None) -> tuple[EngineCore, str, OutputStream]:
+    @property
+    def grammar_compiler(self) -> GrammarCompiler:
+        """The engine's structured-output compiler (built on first use, on the calling thread:
+        call it off the event loop, as `compile_grammar` does)."""
+        with self._grammar_compiler_lock:
+            if self._grammar_compiler is None:
+                info = self._info
+                try:
+                    self._grammar_compiler = GrammarCompiler(
+                        info.tokenizer, eos_token_ids=info.eos_token_ids, vocab_size=info.vocab_size
+                    )
+                except ValueError as exc:  # not a fast tokenizer, no EOS id, ...
+                    raise InvalidRequestError(
+                        "structured_output", f"structured output is not available for this model: {exc}"
+                    ) from exc
+            return self._grammar_compiler
+
+    async def compile_grammar(self, spec: StructuredOutputSpec) -> CompiledGrammar:
+        """Compile `spec` off the event loop (a cached grammar is taken at once): raises
+        InvalidRequestError naming `spec.field` for a grammar or schema feature that cannot be
+        enforced. `generate`/`chat` call it for `SamplingParams.structured_output` before
+        anything is scheduled; a server may call it earlier to answer a bad schema."""
+        compiler = self._grammar_compiler
+        if compiler is None:
+            compiler = await anyio.to_thread.run_sync(lambda: self.grammar_compiler)
+        cached = compiler.cached(spec)
+        if cached is not None:
+            return cached
+        return await anyio.to_thread.run_sync(compiler.compile, spec)
+
+    def _submit(
+        self, token_ids: list[int], params: SamplingParams, request_id: str | None, grammar: CompiledGrammar | None
+    ) -> tuple[EngineCore, str, OutputStream]:
         """Validate and queue one request on the least busy replica; returns where it went."""
         core, params = self._admit(token_ids, params)
         request_id = request_id or uuid.uuid4().hex
-        return core, request_id, self._enqueue(core, token_ids, params, request_id)
+        return core, request_id, self._enqueue(core, token_ids, params, request_id, grammar)
 
     def _admit(self, token_ids: list[int], params: SamplingParams) -> tuple[EngineCore, SamplingParams]:
         """Validate a request (all its `params.n` choices) and choose the least busy replica
@@ -337,14 +380,22 @@ class Engine:
             )
         return core, params
 
-    def _enqueue(self, core: EngineCore, token_ids: list[int], params: SamplingParams, request_id: str) -> OutputStream:
-        """Queue one admitted request (one choice) on `core`; returns its output stream."""
+    def _enqueue(
+        self, core: EngineCore, token_ids: list[int], params: SamplingParams, request_id: str,
+        grammar: CompiledGrammar | None,
+    ) -> OutputStream:
+        """Queue one admitted request (one choice) on `core`; returns its output stream. A
+        constrained request (`grammar`: its compiled structured_output) gets a matcher of its own."""
         request = Request(
             request_id=request_id,
             prompt_token_ids=token_ids,
             sampling_params=params,
             eos_token_ids=self._info.eos_token_ids,
         )
+        if params.structured_output is not None:
+            if grammar is None or grammar.spec != params.structured_output or self._grammar_compiler is None:
+                raise RuntimeError("a structured_output request was submitted without its compiled grammar")
+            request.grammar = GrammarMatcher(grammar, self._grammar_compiler)
         detokenizer = IncrementalDetokenizer(
             self._info.tokenizer,
             token_ids,
@@ -363,7 +414,7 @@ class _LazyOutputs:
     """What both kinds of outputs share: the prompt is prepared (tokenized, validated) and the
     request submitted on the first `__anext__`, in one try, like an async generator's body."""
 
-    __slots__ = ("_engine", "_prepare", "_params", "_request_id", "_loop", "_size")
+    __slots__ = ("_engine", "_prepare", "_params", "_request_id", "_loop", "_size", "_grammar")
 
     def __init__(
         self,
@@ -379,6 +430,7 @@ class _LazyOutputs:
         self._params = params
         self._request_id = request_id
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._grammar: CompiledGrammar | None = None
         self._init_state()
 
     def _init_state(self) -> None:
@@ -396,6 +448,18 @@ class _LazyOutputs:
             self._engine = self._prepare = None  # one try, like a generator that raised
             raise
         self._prepare = lambda: token_ids
+
+    async def _compile_grammar(self) -> None:
+        """Compile the request's structured_output off the loop, before anything is submitted
+        (a grammar that cannot be enforced raises here, naming its field)."""
+        engine, params = self._engine, self._params
+        if engine is None or params is None or params.structured_output is None:
+            return
+        try:
+            self._grammar = await engine.compile_grammar(params.structured_output)
+        except BaseException:
+            self._engine = self._prepare = None  # one try, like a generator that raised
+            raise
 
     def _claim(self) -> tuple[Engine, list[int], SamplingParams]:
         """The engine, prompt ids and parameters to submit, once; StopAsyncIteration after a
@@ -438,6 +502,7 @@ class RequestOutputs(_LazyOutputs):
     async def __anext__(self) -> RequestOutput:
         stream = self._stream
         if stream is None:
+            await self._compile_grammar()
             if self._size > TOKENIZE_OFF_LOOP_CHARS:
                 await self._prepare_in_thread()
             stream = self._start()
@@ -460,7 +525,7 @@ class RequestOutputs(_LazyOutputs):
 
     def _start(self) -> OutputStream:
         engine, token_ids, params = self._claim()
-        self._core, self._rid, self._stream = engine._submit(token_ids, params, self._request_id)
+        self._core, self._rid, self._stream = engine._submit(token_ids, params, self._request_id, self._grammar)
         return self._stream
 
     def _close(self) -> None:
@@ -528,6 +593,7 @@ class ParallelRequestOutputs(_LazyOutputs):
         if self._done:
             raise StopAsyncIteration
         if self._core is None:
+            await self._compile_grammar()
             if self._size > TOKENIZE_OFF_LOOP_CHARS:
                 await self._prepare_in_thread()
             self._start()
@@ -567,7 +633,7 @@ class ParallelRequestOutputs(_LazyOutputs):
 
     def _submit_choice(self, engine: Engine, index: int) -> None:
         assert self._core is not None
-        stream = engine._enqueue(self._core, self._token_ids, self._choices[index], self._child_id(index))
+        stream = engine._enqueue(self._core, self._token_ids, self._choices[index], self._child_id(index), self._grammar)
         self._streams[index] = stream
         self._waits[index] = stream.next_future()
 

@@ -35,6 +35,7 @@ from shardline.engine.request import FinishReason, Request, RequestOutput, Token
 from shardline.engine.request_metrics import HistogramCounts, RequestMetrics
 from shardline.engine.scheduler import RequestUpdate, Scheduler, SchedulerOutput
 from shardline.engine.step_timer import StepTimer
+from shardline.engine.structured_output import GrammarStateError, allocate_bitmask
 from shardline.transport.messages import (
     CachedRequest,
     ExecuteStep,
@@ -42,6 +43,7 @@ from shardline.transport.messages import (
     PromptLogprobs,
     SampleLogprobs,
     StepResult,
+    TensorPayload,
 )
 
 logger = logging.getLogger("shardline.core")
@@ -125,6 +127,15 @@ class EngineStats:
 
 class EngineCore:
     """One replica's actor loop: scheduler + KV manager + executor."""
+
+    one_step_while_constrained = True
+    """Structured output with async scheduling. A constrained request's mask needs its previous
+    token, so it never runs in a step sent while that token is in flight (the scheduler sees to
+    it). True (the default): the core keeps one step in flight while any constrained request is
+    live, so every request runs in every step and waits for the engine between steps (async
+    scheduling measured neutral on CPU: RESULTS.md section 10). False: two steps stay in flight;
+    the free requests run in every step, a constrained one in every other (half its speed).
+    benchmarks/structured_output_throughput.py measures both (RESULTS.md section 15)."""
 
     def __init__(
         self,
@@ -240,6 +251,8 @@ class EngineCore:
         try:
             while True:
                 max_in_flight = 2 if self.scheduler.config.async_scheduling else 1
+                if self.one_step_while_constrained and self.scheduler.num_constrained:
+                    max_in_flight = 1
                 # 1) drain inputs; sleep on the inbox only when there is nothing to run.
                 if pending is not None and self.executor.failure is not None:
                     pending = self._publish_now(pending)
@@ -480,6 +493,7 @@ class EngineCore:
     def _to_message(self, output: SchedulerOutput) -> ExecuteStep:
         self._step_id += 1
         self._note_scheduled(output)
+        bitmask = self._fill_bitmasks(output.structured_ids) if output.structured_ids else None
         return ExecuteStep(
             step_id=output.step_id,
             # The scheduler's lists are fresh per step and encoded before the next one, so
@@ -508,7 +522,37 @@ class EngineCore:
                 for r in output.scheduled_cached
             ],
             finished_ids=output.finished_ids,
+            bitmask_req_ids=output.structured_ids,
+            bitmask=bitmask,
         )
+
+    def _fill_bitmasks(self, req_ids: list[str]) -> TensorPayload:
+        """The token masks of this step's constrained requests, one int32 row each (the layout
+        of engine/structured_output.py). Every token before the one sampled now has been applied
+        to each matcher (the scheduler sees to it). A matcher that fails ends its request with
+        an error; its row allows everything and the token the step samples for it is dropped."""
+        rows: Any = None
+        failed: list[tuple[str, str]] = []
+        for index, req_id in enumerate(req_ids):
+            request = self.scheduler.get_request(req_id)
+            grammar = None if request is None else request.grammar
+            if grammar is None:  # cannot happen: the scheduler lists live constrained requests
+                raise RuntimeError(f"step lists {req_id!r} as constrained but it has no grammar")
+            if rows is None:
+                rows = allocate_bitmask(len(req_ids), grammar.vocab_size)
+            try:
+                grammar.fill_bitmask(rows[index])
+            except GrammarStateError as exc:
+                rows[index] = -1
+                failed.append((req_id, str(exc)))
+        for req_id, error in failed:
+            logger.error("%s: request %r: %s", self.name, req_id, error)
+            live = self._live.get(req_id)
+            self.scheduler.finish_requests([req_id], FinishReason.ERROR)
+            if live is not None:
+                self._finish(live, FinishReason.ERROR.value, live.detokenizer.flush(), [], None, error=error)
+        self._timer.lap("fill token masks")
+        return TensorPayload.from_numpy(rows)
 
     def _add_prompt_logprobs(self, results: list[PromptLogprobs]) -> None:
         """Gather a step's prompt logprobs by position: a position already held (a chunk
@@ -559,7 +603,7 @@ class EngineCore:
         if finish_reason is not None:
             if not stop_hit:
                 delta += live.detokenizer.flush()
-            self._finish(live, finish_reason.value, delta, new_token_ids, logprobs)
+            self._finish(live, finish_reason.value, delta, new_token_ids, logprobs, error=update.error)
             return
         if delta or new_token_ids:
             self._send(live, delta, new_token_ids, logprobs, finished=False, reason=None)
@@ -571,10 +615,12 @@ class EngineCore:
         delta: str,
         new_token_ids: list[int],
         logprobs: list[TokenLogprob] | None,
+        *,
+        error: str | None = None,
     ) -> None:
         self._finished[reason] += 1
         self._observe_finished(live)
-        self._send(live, delta, new_token_ids, logprobs, finished=True, reason=reason)
+        self._send(live, delta, new_token_ids, logprobs, finished=True, reason=reason, error=error)
         live.stream.close()
         del self._live[live.request.request_id]
 
@@ -607,6 +653,7 @@ class EngineCore:
         *,
         finished: bool,
         reason: str | None,
+        error: str | None = None,
     ) -> None:
         request = live.request
         prompt_logprobs = None
@@ -624,6 +671,7 @@ class EngineCore:
             reason,
             len(request.prompt_token_ids),
             len(request.output_token_ids),
+            error,
             prompt_logprobs=prompt_logprobs,
         )
         try:

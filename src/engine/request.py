@@ -18,6 +18,7 @@ from types import MappingProxyType
 from typing import Any
 
 from shardline.engine.errors import InvalidRequestError, PromptTooLongError
+from shardline.engine.structured_output import GrammarMatcher, StructuredOutputSpec
 from shardline.transport.messages import SamplingOptions
 
 MAX_LOGPROBS = 20  # the default cap (EngineConfig.max_logprobs); the engine enforces its own
@@ -140,6 +141,14 @@ class SamplingParams:
     token's entry is None); such a request takes no prefix-cache hits (as vLLM). Every logprob
     returned (`logprobs`, `prompt_logprobs`) is of the model's raw distribution, before
     `logit_bias`, `min_tokens`, penalties and temperature (vLLM's default).
+
+    `structured_output` (a `structured_output.StructuredOutputSpec`: a JSON schema, any JSON
+    object, a regex, a choice or a grammar) constrains every sampled token to the grammar
+    (docs/STRUCTURED_OUTPUT.md): tokens it forbids get -inf before `logit_bias`, penalties and
+    sampling; an EOS id is allowed exactly when the output so far is complete; once the grammar
+    can take nothing more the request ends with finish_reason "stop" (with `ignore_eos` too).
+    The engine compiles it when the request is submitted (`InvalidRequestError` naming
+    `spec.field` for a grammar it cannot enforce). Logprobs stay those of the raw distribution.
     """
 
     max_tokens: int
@@ -162,6 +171,7 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...]
     min_tokens: int
     prompt_logprobs: int | None
+    structured_output: StructuredOutputSpec | None
     model_default_fields: frozenset[str] = field(init=False, repr=False)
 
     def __init__(
@@ -186,6 +196,7 @@ class SamplingParams:
         logit_bias: Mapping[int | str, float] | Iterable[tuple[int, float]] | None = None,
         min_tokens: int = 0,
         prompt_logprobs: int | None = None,
+        structured_output: StructuredOutputSpec | None = None,
     ) -> None:
         set_ = object.__setattr__  # frozen
         left_out = []
@@ -216,6 +227,7 @@ class SamplingParams:
         set_(self, "logit_bias", logit_bias)
         set_(self, "min_tokens", min_tokens)
         set_(self, "prompt_logprobs", prompt_logprobs)
+        set_(self, "structured_output", structured_output)
         self._validate()
 
     def _validate(self) -> None:
@@ -306,6 +318,11 @@ class SamplingParams:
             raise InvalidRequestError(
                 "prompt_logprobs",
                 f"must be None or an integer >= 0 (at most the engine's max_logprobs), got {self.prompt_logprobs!r}",
+            )
+        if self.structured_output is not None and not isinstance(self.structured_output, StructuredOutputSpec):
+            raise InvalidRequestError(
+                "structured_output",
+                f"must be a StructuredOutputSpec or None, got {type(self.structured_output).__name__}",
             )
 
     def with_model_defaults(
@@ -448,6 +465,7 @@ class Request:
         "num_preemptions",
         "num_tokens_sent",
         "block_hashes",
+        "grammar",
     )
 
     def __init__(
@@ -474,6 +492,9 @@ class Request:
         self.num_preemptions = 0
         self.num_tokens_sent = 0
         self.block_hashes: list[bytes] = []
+        # SamplingParams.structured_output's matcher (engine-side; advanced by the scheduler as
+        # sampled tokens are applied, never by a recompute).
+        self.grammar: GrammarMatcher | None = None
 
     @property
     def all_token_ids(self) -> list[int]:

@@ -20,10 +20,20 @@ result arrives the placeholder becomes the token; the workers already have it, s
 sent back to them. A request is not scheduled past its `max_tokens` or the context limit on
 placeholders; one that stops on EOS or a stop string wastes at most the one step in flight,
 whose token is then dropped.
+
+Structured output (`SamplingParams.structured_output`): a constrained request carries its
+grammar matcher (`Request.grammar`). The mask of its next token depends on every token before
+it, so it is never scheduled while a token of it is still a placeholder (it waits out the step
+in flight: its row sits out the overlapped step, the free requests do not wait). Each step lists
+the constrained requests that sample in it (`SchedulerOutput.structured_ids`; the engine core
+fills their masks); `update_from_output` advances the matcher with each sampled token: a grammar
+that can take nothing more finishes the request with "stop" (whatever `ignore_eos`), a token the
+grammar refuses (the mask forbade it: a bug) finishes it with "error".
 """
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -32,6 +42,9 @@ from typing import Any
 from shardline.engine.errors import PromptTooLongError
 from shardline.engine.kv_cache import KVCacheManager
 from shardline.engine.request import FinishReason, Request, RequestStatus, SamplingParams
+from shardline.engine.structured_output import GrammarMatcher, GrammarStateError
+
+logger = logging.getLogger("shardline.scheduler")
 
 
 @dataclass(frozen=True)
@@ -108,6 +121,9 @@ class SchedulerOutput:
     # num_computed_tokens of each scheduled request once this step has run (internal use:
     # what update_from_output may register in the prefix cache).
     computed_after: dict[str, int] = field(default_factory=dict)
+    # Constrained requests (Request.grammar) that sample in this step, in step order: their
+    # token masks go out with the step.
+    structured_ids: list[str] = field(default_factory=list)
 
     @property
     def is_empty(self) -> bool:
@@ -123,6 +139,7 @@ class RequestUpdate:
     new_token_ids: list[int]
     new_logprobs: list[Any] | None
     finish_reason: FinishReason | None
+    error: str | None = None  # why, when finish_reason is ERROR
 
 
 @dataclass
@@ -155,6 +172,7 @@ class Scheduler:
         self._next_step_id = 0
         # Async scheduling: request id -> sampled tokens scheduled but not yet returned.
         self._placeholders: dict[str, int] = {}
+        self.num_constrained = 0  # live requests with a grammar (Request.grammar)
 
     # -- queries -------------------------------------------------------------------------------
 
@@ -215,6 +233,8 @@ class Scheduler:
         request.status = RequestStatus.WAITING
         self._requests[request.request_id] = request
         self._waiting.append(request)
+        if request.grammar is not None:
+            self.num_constrained += 1
 
     def schedule(self) -> SchedulerOutput:
         """Choose the next step's requests and token counts and reserve their KV slots."""
@@ -241,8 +261,10 @@ class Scheduler:
             request = self._running[index]
             num_tokens = request.num_tokens
             pending = placeholders.get(request.request_id, 0) if placeholders else 0
-            if pending and self._at_limit(request, pending):
-                index += 1  # the step in flight samples its last token
+            if pending and (request.grammar is not None or self._at_limit(request, pending)):
+                # The step in flight samples its last token; or the request is constrained
+                # and its next mask needs the token that step samples.
+                index += 1
                 continue
             num_new = min(num_tokens + pending - request.num_computed_tokens, budget, cap)
             if num_new <= 0:
@@ -380,6 +402,10 @@ class Scheduler:
             pending = self._placeholders.get(req_id, 0)
             if end == request.num_tokens + pending:  # this step samples: hold its token's place
                 self._placeholders[req_id] = pending + 1
+                if request.grammar is not None:  # (never with a placeholder pending: see schedule)
+                    out.structured_ids.append(req_id)
+        elif request.grammar is not None and end == request.num_tokens:
+            out.structured_ids.append(request.request_id)
         out.num_scheduled_tokens[request.request_id] = num_new
         out.computed_after[request.request_id] = end
         stats = self.stats
@@ -422,8 +448,18 @@ class Scheduler:
                     placeholders[req_id] = pending - 1
             if keep_sampled:
                 request.num_tokens_sent += 1  # the worker appended it itself
+            grammar = request.grammar
+            if grammar is not None:
+                error = _advance(grammar, token_id)
+                if error is not None:
+                    logger.error("request %r: %s", req_id, error)
+                    updates.append(RequestUpdate(request, [], None, FinishReason.ERROR, error))
+                    self._finish(request, FinishReason.ERROR)
+                    continue
             request.output_token_ids.append(token_id)
             reason = self._stop_reason(request, token_id)
+            if grammar is not None and grammar.is_finished():
+                reason = FinishReason.STOP  # the output is complete (also with ignore_eos)
             token_logprobs = None if logprobs is None else logprobs.get(req_id)
             updates.append(
                 RequestUpdate(
@@ -466,6 +502,10 @@ class Scheduler:
             fresh._waiting.append(request)
         fresh.stats = self.stats
         fresh._next_step_id = self._next_step_id
+        # Matchers stay on their requests, where every applied token left them: a recompute
+        # computes those tokens again but samples none of them, so nothing re-advances.
+        fresh.num_constrained = self.num_constrained
+        self.num_constrained = 0
         self._requests.clear()
         self._running.clear()
         self._waiting.clear()
@@ -493,9 +533,22 @@ class Scheduler:
             self._waiting.remove(request)
         self.kv_cache.free(request.request_id)
         self._placeholders.pop(request.request_id, None)
+        if request.grammar is not None:
+            self.num_constrained -= 1
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason
         del self._requests[request.request_id]
         if request.num_tokens_sent > 0:
             # Only the workers that know a request need to drop it.
             self._finished_to_report.append(request.request_id)
+
+
+def _advance(grammar: GrammarMatcher, token_id: int) -> str | None:
+    """Advance a request's grammar over its sampled token; an error message when it cannot
+    (the mask allowed a token the grammar refuses, or the matcher failed): never raises."""
+    try:
+        if grammar.accept((token_id,)):
+            return None
+        return f"structured output: the grammar refused sampled token {token_id}"
+    except GrammarStateError as exc:
+        return str(exc)

@@ -426,15 +426,22 @@ class GrammarCompiler:
         self.hits = 0
         self.misses = 0
 
-    def compile(self, spec: StructuredOutputSpec) -> CompiledGrammar:
-        """The compiled grammar for `spec` (cached). Raises InvalidRequestError naming
-        `spec.field` when the grammar is invalid or uses what llguidance cannot enforce."""
+    def cached(self, spec: StructuredOutputSpec) -> CompiledGrammar | None:
+        """The compiled grammar for `spec` if the cache holds it (counts as a hit), else None:
+        what an event loop may ask without compiling."""
         with self._lock:
             hit = self._cache.get(spec)
             if hit is not None:
                 self._cache.move_to_end(spec)
                 self.hits += 1
-                return hit
+            return hit
+
+    def compile(self, spec: StructuredOutputSpec) -> CompiledGrammar:
+        """The compiled grammar for `spec` (cached). Raises InvalidRequestError naming
+        `spec.field` when the grammar is invalid or uses what llguidance cannot enforce."""
+        hit = self.cached(spec)
+        if hit is not None:
+            return hit
         import llguidance
 
         try:

@@ -216,13 +216,19 @@ class WorkerError:
 
 @dataclass(frozen=True, slots=True)
 class ExecuteStep:
-    """Engine -> workers: run one step (diffs only; see docs/INTERFACES.md section 1)."""
+    """Engine -> workers: run one step (diffs only; see docs/INTERFACES.md section 1).
+
+    ``bitmask_req_ids`` are the constrained requests (structured output) that sample in this
+    step; row i of ``bitmask`` (int32 [len(bitmask_req_ids), ceil(vocab / 32)]) is the token mask
+    of ``bitmask_req_ids[i]``: bit j of word w set = token 32 * w + j may be sampled."""
 
     TAG: ClassVar[int] = 7
     step_id: int
     new_requests: list[NewRequest]
     cached_requests: list[CachedRequest]
     finished_ids: list[str]
+    bitmask_req_ids: list[str] = dataclasses.field(default_factory=list)
+    bitmask: TensorPayload | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,7 +6,9 @@ One step, as the engine sends it (docs/INTERFACES.md section 1):
     2) add ``new_requests``; apply ``cached_requests`` diffs (new tokens, new blocks, resumed)
     3) flatten the scheduled chunks into tensors and run ``model.forward``
     4) on the last pipeline stage compute logits for the requests that sample (every TP rank:
-       the vocab gather is a collective); the output rank samples and returns a StepResult
+       the vocab gather is a collective); the output rank samples and returns a StepResult;
+       constrained requests (``bitmask_req_ids``) sample under their token masks on every
+       sampling rank
     5) for requests that asked for prompt logprobs, also the logits of their prompt positions
        in this step's chunk (each scores the prompt token after it; the last position of a
        chunk scores the first token of the next chunk); the output rank reports them
@@ -50,6 +52,7 @@ from shardline.worker.kv_cache import allocate_kv_cache
 from shardline.worker.pipeline import PipelineLink
 from shardline.worker.sampler import (
     RequestSamplingState,
+    TokenMasks,
     derive_seed,
     prompt_token_logprobs,
     sample,
@@ -217,7 +220,13 @@ class ModelRunner:
             sampling = [s.sampling for s in states]
             if any(s is None for s in sampling):  # impossible on a sampling rank; fail loudly
                 raise RuntimeError("a sampling request has no sampler state on a sampling rank")
-            out = sample(logits, [s for s in sampling if s is not None], with_logprobs=self.is_output_rank)
+            masks = None
+            if step.bitmask_req_ids:  # structured output: the same masks on every sampling rank
+                if step.bitmask is None:
+                    raise ValueError("ExecuteStep lists bitmask_req_ids without a bitmask")
+                masks = TokenMasks.for_batch(step.bitmask_req_ids, step.bitmask.to_numpy(), [s.req_id for s in states])
+            out = sample(logits, [s for s in sampling if s is not None], with_logprobs=self.is_output_rank,
+                         masks=masks)
             if self.keep_sampled_tokens:
                 for state, token_id in zip(states, out.token_ids, strict=True):
                     state.append_tokens((token_id,))

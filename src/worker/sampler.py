@@ -1,11 +1,12 @@
 """Turn logits into tokens: penalties, temperature, top-k / top-p / min-p, seeds, logprobs.
 
-Order of operations (as vLLM V1): logprobs are taken from the raw logits; then the logits
+Order of operations (as vLLM V1): logprobs are taken from the raw logits; then the token masks
+of constrained requests (structured output: tokens the grammar forbids get -inf); then the logits
 processors that can change an argmax, `logit_bias` (added) and `min_tokens` (the stop ids at
 -inf until enough tokens were sampled); then repetition, frequency and presence penalties; then
 temperature; then min-p, top-k and top-p (over the top-k renormalised distribution); then one
 draw per row. A batch whose requests use none of these options costs nothing for them: the
-all-greedy batch still goes straight to the row argmax.
+all-greedy batch without masks still goes straight to the row argmax.
 
 Prompt logprobs (`prompt_token_logprobs`) come from the logits of a prefill's positions, each
 scoring the token after it, from the raw distribution as well.
@@ -24,6 +25,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from shardline.model import cpu_ops
@@ -162,6 +164,44 @@ class RequestSamplingState:
 
 
 @dataclass(frozen=True)
+class TokenMasks:
+    """Token masks of some rows of a batch (structured output): `words[i]` is the int32 bitmask
+    of row `rows[i]`, bit j of word w set = token 32 * w + j allowed (engine/structured_output.py)."""
+
+    rows: list[int]
+    words: np.ndarray  # int32 [len(rows), ceil(vocab / 32)]
+
+    @classmethod
+    def for_batch(cls, req_ids: Sequence[str], words: np.ndarray, batch_req_ids: Sequence[str]) -> TokenMasks:
+        """The masks of a step (`req_ids[i]` has row `words[i]`) placed on the rows of the batch
+        that samples (`batch_req_ids`). Every masked request must sample in the batch: the engine
+        and the workers agree on who samples, and an unconstrained draw must never happen."""
+        if words.ndim != 2 or words.dtype != np.int32 or words.shape[0] != len(req_ids):
+            raise ValueError(f"token masks of shape {words.shape} ({words.dtype}) for {len(req_ids)} requests")
+        position = {req_id: row for row, req_id in enumerate(batch_req_ids)}
+        missing = [r for r in req_ids if r not in position]
+        if missing:
+            raise RuntimeError(f"token masks for requests that do not sample in this step: {missing[:4]}")
+        return cls([position[r] for r in req_ids], words)
+
+    def allowed(self, vocab_size: int, device: torch.device) -> torch.Tensor:
+        """bool [len(rows), vocab_size]: True where the token may be sampled (ids past the
+        masks' width are not allowed)."""
+        bits = np.unpackbits(np.ascontiguousarray(self.words).view(np.uint8), axis=1, bitorder="little")
+        if bits.shape[1] < vocab_size:
+            bits = np.pad(bits, ((0, 0), (0, vocab_size - bits.shape[1])))
+        return torch.from_numpy(np.ascontiguousarray(bits[:, :vocab_size])).to(device).bool()
+
+
+def apply_token_masks(logits: torch.Tensor, masks: TokenMasks) -> torch.Tensor:
+    """Logits with every token a row's mask forbids at -inf (in place)."""
+    rows = torch.tensor(masks.rows, dtype=torch.int64, device=logits.device)
+    allowed = masks.allowed(logits.shape[1], logits.device)
+    logits[rows] = logits[rows].masked_fill(~allowed, -math.inf)
+    return logits
+
+
+@dataclass(frozen=True)
 class SamplerOutput:
     """One sampled token per row, and the logprobs where a request asked for them."""
 
@@ -170,10 +210,11 @@ class SamplerOutput:
 
 
 def sample(logits: torch.Tensor, states: Sequence[RequestSamplingState],
-           with_logprobs: bool = True) -> SamplerOutput:
+           with_logprobs: bool = True, masks: TokenMasks | None = None) -> SamplerOutput:
     """Sample one token per row of ``logits`` [N, V] using each row's request state;
-    ``with_logprobs=False`` skips the logprobs requests ask for (a rank that does not report).
-    ``logits`` may be changed in place (logit_bias, min_tokens)."""
+    ``with_logprobs=False`` skips the logprobs requests ask for (a rank that does not report);
+    ``masks``: the token masks of constrained rows. ``logits`` may be changed in place
+    (token masks, logit_bias, min_tokens)."""
     if logits.dim() != 2 or logits.shape[0] != len(states):
         raise ValueError(
             f"logits shape {tuple(logits.shape)} does not match {len(states)} requests"
@@ -186,6 +227,8 @@ def sample(logits: torch.Tensor, states: Sequence[RequestSamplingState],
     raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
     any_penalties = any(s.needs_penalties for s in states)
     any_processors = any(s.has_processors for s in states)
+    if masks is not None and masks.rows:
+        logits = apply_token_masks(logits, masks)
     if all(is_greedy(o) for o in options) and not (any_penalties or any_processors or raw_logprobs is not None):
         return SamplerOutput(token_ids=greedy_tokens(logits).tolist(), logprobs=None)
 

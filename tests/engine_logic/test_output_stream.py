@@ -41,7 +41,9 @@ class _FakeEngine:
         self.stream = OutputStream()
         self.submitted: list[tuple[list[int], SamplingParams, str | None]] = []
 
-    def _submit(self, token_ids: list[int], params: SamplingParams, request_id: str | None) -> tuple[Any, str, OutputStream]:
+    def _submit(
+        self, token_ids: list[int], params: SamplingParams, request_id: str | None, grammar: Any = None
+    ) -> tuple[Any, str, OutputStream]:
         self.submitted.append((token_ids, params, request_id))
         return self.core, request_id or "generated", self.stream
 

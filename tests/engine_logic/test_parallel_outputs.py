@@ -47,7 +47,7 @@ class _FakeEngine:
         return self.core, params
 
     def _enqueue(
-        self, core: Any, token_ids: list[int], params: SamplingParams, request_id: str
+        self, core: Any, token_ids: list[int], params: SamplingParams, request_id: str, grammar: Any = None
     ) -> OutputStream:
         stream = self.streams[request_id] = OutputStream()
         self.params[request_id] = params

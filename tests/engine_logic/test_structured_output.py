@@ -32,19 +32,7 @@ from shardline.engine.structured_output import (
 )
 from support.json_schemas import COVERAGE_PROBES, SCHEMAS, WalkVocab, random_walk
 
-EOS = 2  # SmolLM2-Instruct's <|im_end|>
-
-
-@pytest.fixture(scope="module")
-def compiler(smollm2_dir: pathlib.Path) -> GrammarCompiler:
-    return GrammarCompiler((smollm2_dir / "tokenizer.json").read_text(), eos_token_ids=[EOS])
-
-
-@pytest.fixture(scope="module")
-def tokenizer(smollm2_dir: pathlib.Path) -> Any:
-    from tokenizers import Tokenizer
-
-    return Tokenizer.from_file(str(smollm2_dir / "tokenizer.json"))
+EOS = 2  # SmolLM2-Instruct's <|im_end|> (the `compiler` and `tokenizer` fixtures: conftest.py)
 
 
 @pytest.fixture(scope="module")

@@ -159,11 +159,13 @@ def test_mutated_encodings_never_raise_anything_else(msg: object, data: st.DataO
                 [["r", [1, "2"], [1.0, -1, 1.0, 0.0, None, 0.0, 0.0, 1.0, None, [], [], 0, [], None], [], 0, 1]],
                 [],
                 [],
+                [],
+                None,
             ],
             r"ExecuteStep.new_requests\[0\].prompt_token_ids\[1\]: expected int, got str",
         ),
         (
-            [7, 1, [["r", [1], [1.0, "k", 1.0, 0.0, None, 0.0, 0.0, 1.0, None, [], [], 0, [], None], [], 0, 1]], [], []],
+            [7, 1, [["r", [1], [1.0, "k", 1.0, 0.0, None, 0.0, 0.0, 1.0, None, [], [], 0, [], None], [], 0, 1]], [], [], [], None],
             r"ExecuteStep.new_requests\[0\].sampling.top_k: expected int, got str",
         ),
         (
