@@ -295,6 +295,8 @@ def load_tokenizer(path: str | os.PathLike[str], chat_template: str | None = Non
     transformers' `AutoTokenizer.from_pretrained(path)`. `chat_template` (a file or the jinja
     text, `read_chat_template`) replaces the tokenizer's own template."""
     root = pathlib.Path(path)
+    if root.suffix == ".gguf" and root.is_file():
+        root = gguf_tokenizer_dir(root)
     template = None if chat_template is None else read_chat_template(chat_template)
     config = fast_tokenizer_config(root, template) if root.is_dir() else None
     if config is None:
@@ -307,3 +309,34 @@ def load_tokenizer(path: str | os.PathLike[str], chat_template: str | None = Non
     from tokenizers import Tokenizer
 
     return FastTokenizer(Tokenizer.from_file(str(root / "tokenizer.json")), config, str(root))
+
+
+def gguf_tokenizer_dir(gguf_file: pathlib.Path) -> pathlib.Path:
+    """A folder with the tokenizer (tokenizer.json, tokenizer_config.json, the chat template)
+    that transformers builds from a bare GGUF file's metadata, converted once and cached under
+    `$SHARDLINE_HOME/gguf_tokenizers/<key>` (the key covers the file's path, size and
+    modification time), so a later start reads it without importing transformers."""
+    import hashlib
+
+    from shardline.model.fetch import shardline_home
+
+    st = gguf_file.stat()
+    key = hashlib.sha256(f"{gguf_file.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:32]
+    target = shardline_home() / "gguf_tokenizers" / key
+    if (target / "tokenizer_config.json").is_file():
+        return target
+    import tempfile
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    work = pathlib.Path(tempfile.mkdtemp(prefix=f".{key}.", dir=target.parent))
+    tokenizer.save_pretrained(str(work))
+    try:
+        os.replace(work, target)
+    except OSError:  # another process cached it meanwhile: theirs is as good
+        import shutil
+
+        shutil.rmtree(work, ignore_errors=True)
+    return target

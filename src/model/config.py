@@ -189,6 +189,10 @@ def _read_gguf_config(gguf_file: pathlib.Path) -> HFConfig:
         fields = {name: field.contents() for name, field in reader.fields.items()
                   if not name.startswith("tokenizer.ggml.")}
         tensor_names = {t.name for t in reader.tensors}
+        from shardline.model.gguf_weights import gguf_files
+
+        for part in gguf_files(gguf_file)[1:]:  # a split model's other parts hold tensors only
+            tensor_names |= {t.name for t in gguf.GGUFReader(part).tensors}
         vocab = reader.fields.get("tokenizer.ggml.tokens")
         vocab_size = len(vocab.data) if vocab is not None else None
     except Exception as exc:  # the reader raises assorted types on bad bytes

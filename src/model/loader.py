@@ -280,14 +280,20 @@ def iter_gguf(path: str, hf_config: Any, stats: LoadStats) -> Iterator[tuple[str
     """A GGUF file's tensors under Hugging Face names: each 2-D one as a `GGUFTensor` (its
     blocks, a view of a copy-on-write mapping of the file; q/k rows read and reordered), 1-D
     ones (norms, biases) as float32."""
+    from shardline.model.gguf_weights import gguf_files
+
+    arch = getattr(hf_config, "model_type", None) or "llama"
+    for file in gguf_files(path):  # the parts of a split model, in order
+        yield from _iter_gguf_file(file, arch, hf_config, stats)
+
+
+def _iter_gguf_file(path: str, arch: str, hf_config: Any, stats: LoadStats) -> Iterator[tuple[str, Any]]:
     import gguf
 
     from shardline.model.gguf_weights import GGUFTensor, read_rows
 
     try:
         reader = gguf.GGUFReader(path, "c")
-        arch_field = reader.fields.get("general.architecture")
-        arch = arch_field.contents() if arch_field is not None else "llama"
     except Exception as exc:  # the reader raises ValueError/struct/numpy errors on bad bytes
         raise CheckpointError(f"corrupt GGUF file {path!r}: {exc}") from exc
     num_heads = hf_config.num_attention_heads

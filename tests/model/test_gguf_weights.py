@@ -14,14 +14,13 @@ import pytest
 import torch
 
 from shardline.model import paged_decode
-from shardline.model.attention import AttentionMetadata
 from shardline.model.config import ModelConfig
 from shardline.model.errors import CheckpointError
 from shardline.model.gguf_weights import TYPES, GGUFLinearWeight, GGUFTensor
 from shardline.model.loader import load_model
 from shardline.model.parallel.utils import ShardShapeError
 from shardline.model.parallel_context import ParallelContext
-from support.gguf_models import ALL_TYPES, quantized_bytes, write_tiny_llama_gguf
+from support.gguf_models import ALL_TYPES, prefill_logits, quantized_bytes, write_tiny_llama_gguf
 
 pytestmark = pytest.mark.skipif(
     not paged_decode.KERNEL.load(), reason="the CPU kernels do not build here"
@@ -114,15 +113,6 @@ def test_tiny_llama_gguf_equals_transformers_on_the_same_file(type_name, tmp_pat
             seq_ref.append(int(ref(torch.tensor([seq_ref])).logits[0, -1].argmax()))
         seq.append(int(prefill_logits(model, seq)[-1].argmax()))
     assert seq == seq_ref
-
-
-def prefill_logits(model, ids: list[int]) -> torch.Tensor:
-    blocks = -(-len(ids) // 4)
-    attn = AttentionMetadata.build(
-        query_lens=[len(ids)], context_lens=[0], block_tables=[list(range(blocks))], block_size=4
-    )
-    with torch.no_grad():
-        return model.compute_logits(model(torch.tensor(ids), torch.arange(len(ids)), attn))
 
 
 def test_type_without_a_kernel_is_refused_naming_it_and_the_supported_types(tmp_path):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import pathlib
 
 import numpy as np
+import torch
 
 # Each type's float16 scale fields (byte offsets within a block) and the largest |scale
 # multiple| a value can reach, so d can be set for weights of about `target` in size.
@@ -154,3 +155,15 @@ def _add_tokenizer(writer: object, vocab: int, chat_template: str | None) -> Non
     writer.add_add_eos_token(False)  # type: ignore[attr-defined]
     if chat_template is not None:
         writer.add_chat_template(chat_template)  # type: ignore[attr-defined]
+
+
+def prefill_logits(model: object, ids: list[int]) -> torch.Tensor:
+    """Logits of one prefill of `ids` (no KV cache reuse)."""
+    from shardline.model.attention import AttentionMetadata
+
+    blocks = -(-len(ids) // 4)
+    attn = AttentionMetadata.build(
+        query_lens=[len(ids)], context_lens=[0], block_tables=[list(range(blocks))], block_size=4
+    )
+    with torch.no_grad():
+        return model.compute_logits(model(torch.tensor(ids), torch.arange(len(ids)), attn))
