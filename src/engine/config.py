@@ -66,6 +66,11 @@ class EngineConfig:
     data_parallel_size: int = 1
     """Independent replicas of the model, each with its own workers; requests go to the least
     busy one."""
+    enable_expert_parallel: bool = False
+    """Mixture-of-experts models: spread each MoE layer's experts over the tensor-parallel
+    ranks of a replica (each rank holds num_experts / tensor_parallel_size whole experts)
+    instead of splitting every expert's weights (vLLM's --enable-expert-parallel). The experts
+    must divide evenly; a dense model ignores it."""
     transport: TransportKind = "shm"
     """How the engine talks to its workers: shared memory, tcp, or one in-process worker."""
     device: str = "cpu"

@@ -271,6 +271,7 @@ class Executor:
             heartbeat_interval=cfg.heartbeat_interval,
             num_threads=cfg.threads_per_worker,
             cuda_graphs=cfg.cuda_graphs,
+            enable_expert_parallel=cfg.enable_expert_parallel,
             plugins=list(cfg.plugins),
             model_specs=ModelRegistry.specs(),
         ).to_dict()

@@ -301,9 +301,23 @@ def check_parallel_sizes(config: EngineConfig, hf_config: Any) -> None:
             "tensor_parallel_size",
             f"{tp} neither divides nor is a multiple of the model's {kv_heads} KV heads",
         )
+    check_expert_parallel(config, hf_config)
     layers = int(hf_config.num_hidden_layers)
     if config.pipeline_parallel_size > layers:
         raise ConfigError(
             "pipeline_parallel_size",
             f"{config.pipeline_parallel_size} stages for a model of {layers} layers",
         )
+
+
+def check_expert_parallel(config: EngineConfig, hf_config: Any) -> None:
+    """Expert parallelism (issue 24): a MoE model's experts must spread evenly over the TP
+    ranks; refused naming the numbers."""
+    from shardline.model.config import check_expert_split, num_experts_of
+
+    experts = num_experts_of(hf_config)
+    if config.enable_expert_parallel and experts:
+        try:
+            check_expert_split(experts, config.tensor_parallel_size)
+        except ValueError as exc:
+            raise ConfigError("enable_expert_parallel", str(exc)) from None

@@ -46,6 +46,8 @@ class WorkerConfig:
     heartbeat_interval: float = 1.0
     num_threads: int | None = None
     cuda_graphs: bool = True
+    enable_expert_parallel: bool = False
+    """MoE experts spread over the TP ranks (`EngineConfig.enable_expert_parallel`)."""
     plugins: list[str] = field(default_factory=list)
     model_specs: dict[str, str] = field(default_factory=dict)
     """The engine process's `ModelRegistry.specs()`: user registrations, replayed here."""

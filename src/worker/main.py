@@ -169,6 +169,9 @@ class Worker:
         if packing.get("mapped"):
             self.log.info("token embedding mapped from the checkpoint: %.1f MiB, rows read as used",
                           packing["mapped"] / 2**20)
+        if packing.get("gguf_layers"):
+            self.log.info("GGUF weights kept in the file's blocks (mapped, no float32 copy): %d layers, "
+                          "%.1f MiB", packing["gguf_layers"], packing["gguf_bytes"] / 2**20)
         self.log.info("weights ready in %.2f s", time.monotonic() - started)
         local_blocks = determine_num_blocks(
             model,
@@ -238,6 +241,7 @@ class Worker:
             init_method=cfg.dist_init_method,
             backend=cfg.dist_backend,
             device=device,
+            enable_expert_parallel=cfg.enable_expert_parallel,
         )
         self._distributed = True
         return context

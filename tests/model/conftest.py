@@ -43,12 +43,13 @@ def run_tp(tmp_path: pathlib.Path) -> Callable[..., dict[tuple[str, int], Any]]:
     procs: list[subprocess.Popen[bytes]] = []
 
     def run(world_size: int, jobs: list[dict[str, Any]], registry: dict[str, str] | None = None,
-            env: dict[str, str] | None = None, timeout: float = 240) -> dict[tuple[str, int], Any]:
+            env: dict[str, str] | None = None, timeout: float = 240,
+            enable_expert_parallel: bool = False) -> dict[tuple[str, int], Any]:
         out_dir = tmp_path / f"tp{world_size}-{len(procs)}"
         out_dir.mkdir()
         spec = {"world_size": world_size, "tp_size": world_size, "jobs": jobs,
                 "init_method": f"tcp://127.0.0.1:{free_port()}", "out_dir": str(out_dir),
-                "registry": registry or {}}
+                "registry": registry or {}, "enable_expert_parallel": enable_expert_parallel}
         spec_path = out_dir / "spec.json"
         spec_path.write_text(json.dumps(spec))
         child_env = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))

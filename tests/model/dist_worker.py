@@ -86,7 +86,8 @@ def main(spec_path: str, rank: int) -> None:
         spec = json.load(f)
     ctx = init_distributed(rank=rank, world_size=spec["world_size"], tp_size=spec["tp_size"],
                            pp_size=1, dp_rank=0, dp_size=1, init_method=spec["init_method"],
-                           backend="gloo", device="cpu", timeout_s=60)
+                           backend="gloo", device="cpu", timeout_s=60,
+                           enable_expert_parallel=spec.get("enable_expert_parallel", False))
     try:
         ModelRegistry.register_specs(spec.get("registry", {}))
         for job in spec["jobs"]:

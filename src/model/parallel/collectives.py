@@ -20,7 +20,7 @@ EP_COMM_ENV = "SHARDLINE_EP_COMM"
 # all-reduce of every rank's partial sums, or all-to-all of the rows each expert needs (then an
 # all-gather of each rank's tokens). benchmarks/moe_expert_parallel.py measures both; on gloo
 # and on the shared-memory all-reduce of one host the all-reduce is cheaper (RESULTS.md).
-EP_COMM_MODES = ("allreduce", "alltoall")
+EP_COMM_MODES = ("auto", "allreduce", "alltoall")
 
 
 def all_reduce(tensor: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
@@ -50,8 +50,10 @@ def all_gather(tensor: torch.Tensor, ctx: ParallelContext, dim: int = -1) -> tor
 
 
 def ep_comm_mode() -> str:
-    """How expert-parallel ranks combine their experts' outputs (`SHARDLINE_EP_COMM`)."""
-    return env_choice(EP_COMM_ENV, EP_COMM_MODES)
+    """How expert-parallel ranks combine their experts' outputs (`SHARDLINE_EP_COMM`; `auto`
+    is the all-reduce, the cheaper on gloo and on one host's shared memory)."""
+    mode = env_choice(EP_COMM_ENV, EP_COMM_MODES)
+    return "allreduce" if mode == "auto" else mode
 
 
 ExpertsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
