@@ -371,8 +371,10 @@ def load_packed_model(model_config: Any, parallel_context: Any) -> tuple[nn.Modu
     if usable:
         info["mapped"] = map_embedding(model, model_config, parallel_context)
     gguf = [w for m in model.modules() if isinstance(w := getattr(m, "packed_weight", None), GGUFLinearWeight)]
+    tables = [t for m in model.modules() if (t := getattr(m, "gguf_weight", None)) is not None]
+    blocks = {id(t.data): t.nbytes for w in gguf for _, t in w.parts} | {id(t.data): t.nbytes for t in tables}
     info["gguf_layers"] = len(gguf)
-    info["gguf_bytes"] = sum(w.nbytes for w in gguf)
+    info["gguf_bytes"] = sum(blocks.values())  # a tied head's table once
     if info["packed"]:
         weights = [w for m in model.modules() if isinstance(w := getattr(m, "packed_weight", None), torch.Tensor)]
         info["weights"] = len(weights)
