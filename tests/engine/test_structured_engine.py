@@ -116,8 +116,36 @@ async def test_json_schemas_validate_at_temperature_one(smollm2_dir: pathlib.Pat
 
 @pytest.mark.slow
 async def test_every_schema_validates_for_several_seeds(smollm2_dir: pathlib.Path) -> None:
+    """All 25 schemas x 4 seeds. At temperature 1.0 the 135M model sometimes rambles inside
+    what a schema leaves unbounded (a number's digits, a recursive tree, any object) until
+    max_tokens (measured: 9 of 100 on 2026-12-07): such an output cannot be parsed, but every
+    token of it is one the grammar accepts (a fresh matcher takes them all); every output that
+    ends with "stop" validates, and most do."""
+    outcomes: dict[str, int] = {"stop": 0, "length": 0}
+    failures: list[str] = []
     async with await Engine.start(_cfg(smollm2_dir)) as engine:
-        await _sweep(engine, [name for name, _ in SCHEMAS], seeds=(1, 2, 3, 4))
+
+        async def one(name: str, seed: int) -> None:
+            schema = SCHEMA_BY_NAME[name]
+            spec = StructuredOutputSpec.json(schema)
+            messages = _messages(name, schema)
+            out, streamed = await _final(engine.chat(messages, _params(spec, seed)))
+            outcomes[out.finish_reason] = outcomes.get(out.finish_reason, 0) + 1
+            try:
+                if out.finish_reason == "length":
+                    matcher = engine.grammar_compiler.matcher(spec)
+                    assert matcher.validate(out.token_ids) == len(out.token_ids), out.text
+                else:
+                    _check_json(name, out, streamed)
+            except (AssertionError, ValueError, jsonschema.ValidationError) as exc:
+                failures.append(f"{name} seed {seed}: {exc!s:.300}")
+
+        async with anyio.create_task_group() as tg:
+            for name, _ in SCHEMAS:
+                for seed in (1, 2, 3, 4):
+                    tg.start_soon(one, name, seed)
+    assert not failures, "\n".join(failures)
+    assert outcomes["stop"] >= 80, outcomes
 
 
 async def test_regex_choice_grammar_logprobs_and_mixed_batch(smollm2_dir: pathlib.Path) -> None:
