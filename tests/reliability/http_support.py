@@ -45,13 +45,13 @@ def stop_cleanly(server: ServerProcess) -> None:
 
 
 def scrape(base_url: str) -> dict[str, float]:
-    """/metrics as `name` -> value (labels other than finish_reason/status dropped)."""
+    """/metrics as `name` -> value (labels other than finished_reason/status/path dropped)."""
     text = httpx.get(base_url + "/metrics", timeout=10).text
     out: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             key = sample.name
-            for label in ("finish_reason", "status"):
+            for label in ("finished_reason", "status"):
                 if label in sample.labels:
                     key += f":{sample.labels[label]}"
             if "path" in sample.labels:
