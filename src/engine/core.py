@@ -579,7 +579,7 @@ class EngineCore:
         live_pairs = [(live, u) for live, u in pairs if live is not None]
         if not live_pairs:
             return
-        decoded = update_batch([live.detokenizer for live, _ in live_pairs], [u.new_token_ids for _, u in live_pairs])
+        decoded = update_batch([live.detokenizer for live, _ in live_pairs], [_text_ids(u) for _, u in live_pairs])
         now = time.monotonic()  # one timestamp per step: its tokens arrived together
         for (live, update), (delta, stop_hit) in zip(live_pairs, decoded, strict=True):
             self._publish(live, update, delta, stop_hit, now)
@@ -699,6 +699,23 @@ class EngineCore:
                 command.stream.send_nowait(error)
                 command.stream.close()
         self._inbox_send.close()
+
+
+def _text_ids(update: RequestUpdate) -> list[int]:
+    """The new ids whose text the answer shows. As vLLM, the stop token that ended a request
+    (an EOS id, unless ignore_eos, or a `stop_token_ids` entry) stays in `token_ids` but not
+    in the text, unless `include_stop_str_in_output`; a grammar that finished on another
+    token keeps it."""
+    ids = update.new_token_ids
+    if update.finish_reason is FinishReason.STOP and ids:
+        request = update.request
+        params = request.sampling_params
+        last = ids[-1]
+        if not params.include_stop_str_in_output and (
+            last in params.stop_token_ids or (not params.ignore_eos and last in request.eos_token_ids)
+        ):
+            return ids[:-1]
+    return ids
 
 
 def _convert_logprobs(token_ids: list[int], entries: list[Any] | None) -> list[TokenLogprob] | None:

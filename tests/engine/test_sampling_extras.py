@@ -295,3 +295,29 @@ async def test_a_worker_restart_keeps_min_tokens_and_prompt_logprobs(tiny_llama_
         assert killed == ["min_tokens"] and engine.stats().num_restarts == 2
         tokens = outs[-1].token_ids
         assert len(tokens) == 13 and EOS not in tokens[:12] and tokens[12] == EOS, tokens
+
+
+async def test_stop_token_text_left_out_unless_asked(tiny_llama_dir: pathlib.Path) -> None:
+    """As vLLM: the stop token that ends a request is in token_ids but not in the text, unless
+    include_stop_str_in_output; an EOS that ends it likewise (its text would be special anyway)."""
+    async with await Engine.start(_cfg(tiny_llama_dir)) as engine:
+        decode = engine.tokenizer.decode
+        letter = 66  # a one-byte token of the tiny byte-level tokenizer, forced by logit_bias
+        assert decode([letter]) == "B"
+        for include in (False, True):
+            params = greedy(logit_bias={letter: 100.0}, stop_token_ids=[letter], min_tokens=2,
+                            include_stop_str_in_output=include)
+            outs = await _outputs(engine, PROMPT, params)
+            final = outs[-1]
+            ids = final.token_ids  # min_tokens keeps the stop id out of the first two
+            assert final.finish_reason == "stop" and len(ids) == 3 and ids[-1] == letter
+            assert decode(ids) != decode(ids[:-1])
+            assert final.text == decode(ids if include else ids[:-1]), (include, final.text)
+            assert "".join(out.delta for out in outs) == final.text
+        # An EOS forced as the third token: in token_ids, not in the text.
+        outs = await _outputs(engine, PROMPT, SamplingParams(max_tokens=6, temperature=0.0, min_tokens=2,
+                                                             skip_special_tokens=False, logit_bias={EOS: 100.0}))
+        assert outs[-1].token_ids[-1] == EOS and outs[-1].finish_reason == "stop"
+        assert outs[-1].text == decode(outs[-1].token_ids[:-1], skip_special_tokens=False)
+        plain = await _tokens(engine, PROMPT, greedy())
+        assert await _tokens(engine, PROMPT, greedy()) == plain  # the next request is served as before
