@@ -258,16 +258,19 @@ class Engine:
         request_id: str | None = None,
         *,
         chat_template_kwargs: Mapping[str, Any] | None = None,
+        tools: list[dict[str, Any]] | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Stream the assistant's reply to `messages`, formatted with the model's chat template.
 
         `chat_template_kwargs` (vLLM's) reach the template as variables; they may also set
         `add_generation_prompt` (default true) and `continue_final_message`. Messages may carry
         the keys the template reads besides `role` and `content` (`tool_calls`, `tool_call_id`,
-        `name`)."""
+        `name`). `tools` (OpenAI's tool definitions) reach the template as `tools=`, as
+        transformers' `apply_chat_template` passes them."""
         size = sum(len(m["content"]) for m in messages if isinstance(m, dict) and isinstance(m.get("content"), str)) \
             if isinstance(messages, list) else 0
-        return self._outputs(functools.partial(self._chat_token_ids, messages, chat_template_kwargs), params, request_id, size)
+        prepare = functools.partial(self._chat_token_ids, messages, chat_template_kwargs, tools)
+        return self._outputs(prepare, params, request_id, size)
 
     def _outputs(
         self, prepare: Callable[[], list[int]], params: SamplingParams | None, request_id: str | None, size: int
@@ -277,7 +280,8 @@ class Engine:
         return RequestOutputs(self, prepare, params, request_id, size)
 
     def _chat_token_ids(
-        self, messages: list[dict[str, Any]], chat_template_kwargs: Mapping[str, Any] | None = None
+        self, messages: list[dict[str, Any]], chat_template_kwargs: Mapping[str, Any] | None = None,
+        tools: list[dict[str, Any]] | None = None,
     ) -> list[int]:
         if not isinstance(messages, list) or not messages:
             raise InvalidRequestError("messages", "must be a non-empty list of {role, content}")
@@ -286,7 +290,7 @@ class Engine:
                 raise InvalidRequestError("messages", f"each message needs string 'role' and 'content', got {message!r}")
         self._check_prompt_chars(sum(len(m["content"]) for m in messages))
         try:
-            return self._info.apply_chat_template(messages, chat_template_kwargs)
+            return self._info.apply_chat_template(messages, chat_template_kwargs, tools=tools)
         except InvalidRequestError:  # chat_template_kwargs refused, by name
             raise
         except Exception as exc:  # jinja errors on odd roles, etc.

@@ -165,6 +165,12 @@ def _build_parser() -> argparse.ArgumentParser:
     http.add_argument("--no-ui", dest="ui", action="store_false",
                       help="do not serve the chat page at / (then 404, as vLLM; default: served, open "
                            "without the API key, which the page asks for)")
+    http.add_argument("--tool-call-parser", default="hermes", choices=("hermes", "llama3_json"),
+                      help="how tool_choice='auto' answers are read for tool calls when the chat template "
+                           "renders the tools: hermes (<tool_call>{...}</tool_call>, default) or llama3_json; "
+                           "with a template that ignores tools the default tool prompt asks for hermes")
+    http.add_argument("--enable-auto-tool-choice", action="store_true",
+                      help="accepted for vLLM compatibility: tool_choice='auto' is always on")
 
     gen = sub.add_parser("generate", help="answer one prompt in the terminal (streams tokens)",
                          description="Start an engine, stream one answer to stdout, exit.")
@@ -260,6 +266,7 @@ def _cmd_serve(args: argparse.Namespace, log_level: str) -> int:
         max_body_bytes=args.max_body_bytes or DEFAULT_MAX_BODY_BYTES, header_timeout_s=args.http_header_timeout,
         body_timeout_s=args.http_body_timeout, max_connections=args.max_connections, access_log=args.access_log,
         log_level=args.uvicorn_log_level or log_level, cors=_cors(args), ui=args.ui,
+        tool_call_parser=args.tool_call_parser,
     )
     # What reads the model (its path, config.json, generation_config.json, the chat template,
     # the dtype) is checked before the server starts: a mistake is one line and exit 2.

@@ -46,7 +46,8 @@ class ModelInfo:
     max_tokens); fill the fields a request leaves out (`SamplingParams.with_model_defaults`)."""
 
     def apply_chat_template(
-        self, messages: list[dict[str, Any]], template_kwargs: Mapping[str, Any] | None = None
+        self, messages: list[dict[str, Any]], template_kwargs: Mapping[str, Any] | None = None,
+        tools: list[dict[str, Any]] | None = None,
     ) -> list[int]:
         """Token ids of `messages` formatted by the model's chat template, ready for a reply.
 
@@ -54,9 +55,12 @@ class ModelInfo:
         without the tokenizer's: a Llama tokenizer would otherwise add a second BOS.
         `template_kwargs` (vLLM's `chat_template_kwargs`, checked by
         `check_chat_template_kwargs`) reach the template as variables, and may set
-        `add_generation_prompt` (default True) or `continue_final_message`.
+        `add_generation_prompt` (default True) or `continue_final_message`. `tools` (OpenAI's
+        tool definitions) reach the template as transformers passes them (`tools=`).
         """
         options = chat_template_options(template_kwargs)
+        if tools is not None:
+            options["tools"] = tools
         text = self.tokenizer.apply_chat_template(messages, tokenize=False, **options)
         return [int(t) for t in self.tokenizer.encode(text, add_special_tokens=False)]
 

@@ -20,6 +20,7 @@ from shardline.engine.core import EngineStats
 from shardline.engine.errors import EngineDeadError, EngineOverloadedError, InvalidRequestError
 from shardline.engine.model_info import chat_template_options
 from shardline.engine.request import RequestOutput, SamplingParams, TokenLogprob, validate_request
+from shardline.engine.structured_output import GrammarCompiler, StructuredOutputSpec
 
 CONTINUATION = "The quick brown fox jumps over the lazy dog. "
 BLOCK_SIZE = 4
@@ -75,7 +76,7 @@ class FakeEngine:
     """
 
     def __init__(self, *, max_model_len: int = 256, num_kv_blocks: int = 64, token_delay: float = 0.0,
-                 max_running: int = 1000) -> None:
+                 max_running: int = 1000, grammar_compiler: GrammarCompiler | None = None) -> None:
         self.tokenizer = ByteTokenizer()
         self.model_name = "fake-model"
         self.max_model_len = max_model_len
@@ -90,7 +91,16 @@ class FakeEngine:
         self.last_params: SamplingParams | None = None
         self.params_seen: list[SamplingParams] = []  # every request's, in submission order
         self.last_chat_template_kwargs: Mapping[str, Any] | None = None
+        self.last_tools: list[dict[str, Any]] | None = None
+        self.last_messages: list[dict[str, Any]] | None = None
         self.closed = False
+        # `script`: what every choice writes instead of CONTINUATION, ending with "stop" once
+        # written (a test forcing the model's output, e.g. a tool call to parse).
+        self.script: str | None = None
+        # Compiles structured-output specs as the engine does (a real GrammarCompiler, on any
+        # tokenizer) when given; else `compile_grammar` only records them.
+        self.grammar_compiler = grammar_compiler
+        self.compiled: list[StructuredOutputSpec] = []
 
     @property
     def max_prompt_chars(self) -> int:
@@ -137,12 +147,23 @@ class FakeEngine:
         async for out in self._run(token_ids, params or SamplingParams(), request_id or uuid.uuid4().hex):
             yield out
 
+    async def compile_grammar(self, spec: StructuredOutputSpec) -> Any:
+        self.compiled.append(spec)
+        if self.grammar_compiler is None:
+            return None
+        return self.grammar_compiler.compile(spec)  # InvalidRequestError naming spec.field
+
     async def chat(
         self, messages: list[dict[str, Any]], params: SamplingParams | None = None, request_id: str | None = None,
-        *, chat_template_kwargs: Mapping[str, Any] | None = None,
+        *, chat_template_kwargs: Mapping[str, Any] | None = None, tools: list[dict[str, Any]] | None = None,
     ) -> AsyncIterator[RequestOutput]:
         self.last_chat_template_kwargs = chat_template_kwargs
-        token_ids = self.tokenizer.apply_chat_template(messages, **chat_template_options(chat_template_kwargs))
+        self.last_tools = tools
+        self.last_messages = messages
+        options = chat_template_options(chat_template_kwargs)
+        if tools is not None:
+            options["tools"] = tools
+        token_ids = self.tokenizer.apply_chat_template(messages, **options)
         async for out in self._run(token_ids, params or SamplingParams(), request_id or uuid.uuid4().hex):
             yield out
 
@@ -185,7 +206,10 @@ class FakeEngine:
 
     def _step(self, request_id: str, choice: _Choice, params: SamplingParams, prompt_ids: list[int],
               prompt_logprobs: list[TokenLogprob | None] | None) -> RequestOutput:
-        char = CONTINUATION[(len(choice.token_ids) + choice.index) % len(CONTINUATION)]
+        if self.script is not None:
+            char = self.script[len(choice.token_ids)]
+        else:
+            char = CONTINUATION[(len(choice.token_ids) + choice.index) % len(CONTINUATION)]
         token_id = ord(char)
         choice.token_ids.append(token_id)
         self._live[request_id] += 1
@@ -201,6 +225,8 @@ class FakeEngine:
                     choice.reason = "stop"
                     break
         choice.text = candidate
+        if choice.reason is None and self.script is not None and len(choice.token_ids) == len(self.script):
+            choice.reason = "stop"
         if choice.reason is None and len(choice.token_ids) >= params.max_tokens:
             choice.reason = "length"
         logprobs = None

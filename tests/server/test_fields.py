@@ -16,9 +16,7 @@ from shardline.engine.server.protocol import ChatCompletionRequest, CompletionRe
 
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
 ASKING = {  # a value that asks for something, per field shardline does not honour yet
-    "response_format": {"type": "json_object"}, "tools": [{"type": "function", "function": {"name": "f"}}],
-    "tool_choice": "required", "guided_json": {"type": "object"}, "guided_regex": "a+", "guided_choice": ["a"],
-    "structured_outputs": {"json": {}}, "use_beam_search": True, "bad_words": ["x"], "allowed_token_ids": [1],
+    "functions": [{"name": "f"}], "function_call": "auto", "use_beam_search": True, "bad_words": ["x"], "allowed_token_ids": [1],
     "chat_template": "{{ 1 }}", "priority": 3, "reasoning_effort": "low", "documents": [{"text": "x"}],
     "verbosity": "low", "request_id": "my-id", "return_token_ids": True, "thinking_token_budget": 10,
     "include_reasoning": False, "logprob_token_ids": [5],

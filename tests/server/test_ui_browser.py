@@ -9,6 +9,7 @@ is made so).
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import shutil
@@ -401,3 +402,46 @@ def test_the_page_asks_for_the_api_key(keyed_fake_server: ServerProcess) -> None
                 last_answer(driver)["text"] == "The quick" and not last_answer(driver)["streaming"]
             ),
         )
+
+
+def test_the_schema_box_sends_response_format(keyed_fake_server: ServerProcess) -> None:
+    """A JSON schema in the settings goes out as response_format json_schema; text that is not
+    a JSON object is shown as an error on the page and nothing is sent (the message is kept)."""
+    server = keyed_fake_server
+    with browser() as driver:
+        driver.get(server.base_url + "/")
+        driver.execute_script("sessionStorage.setItem('shardline.apiKey', 'sk-browser')")
+        driver.refresh()
+        wait_for("the model's name", lambda: text_of(driver, "st-model") == "keyed-model")
+        driver.execute_script("""
+            window.__sent = [];
+            const original = window.fetch;
+            window.fetch = (path, init) => {
+                if (String(path).endsWith('/v1/chat/completions')) window.__sent.push(JSON.parse(init.body));
+                return original(path, init);
+            };
+        """)
+        set_setting(driver, "set-max-tokens", "9")
+        set_setting(driver, "set-schema", '{"type": "object", oops}')
+        send(driver, "as json")
+        wait_for("the error", lambda: "not valid JSON" in text_of(driver, "error"))
+        assert driver.execute_script("return window.__sent.length") == 0
+        assert driver.execute_script("return document.getElementById('prompt').value") == "as json"
+        assert driver.execute_script("return document.querySelectorAll('.msg').length") == 0
+        set_setting(driver, "set-schema", "[1]")
+        send(driver, "as json")
+        wait_for("the error", lambda: "must be a JSON object" in text_of(driver, "error"))
+        schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+        set_setting(driver, "set-schema", json.dumps(schema))
+        send(driver, "as json")
+        wait_for("the answer", lambda: (a := last_answer(driver)) and not a["streaming"] and a["meta"])
+        sent = driver.execute_script("return window.__sent")
+        assert len(sent) == 1 and sent[0]["response_format"] == {
+            "type": "json_schema",
+            "json_schema": {"name": "schema", "schema": schema},
+        }
+        assert text_of(driver, "error") == ""
+        set_setting(driver, "set-schema", "  ")
+        send(driver, "free")
+        wait_for("the second request", lambda: driver.execute_script("return window.__sent.length") == 2)
+        assert "response_format" not in driver.execute_script("return window.__sent[1]")

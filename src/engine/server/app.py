@@ -45,7 +45,9 @@ from shardline.engine.server.protocol import (
 from shardline.engine.server.sampling import TOKENIZE_OFF_LOOP_CHARS
 from shardline.engine.server.serving import OpenAIServing
 from shardline.engine.server.streaming import ClientGone
+from shardline.engine.server.tools import DEFAULT_TOOL_CALL_PARSER
 from shardline.engine.server.ui import UI_PATHS, install_ui
+from shardline.engine.tool_parsers import get_tool_parser
 
 # With an API key set, only these (and the chat page's static files) answer without it: the
 # metrics and the API docs describe the deployment, so a scraper sends the key as a bearer token
@@ -114,6 +116,7 @@ def build_app(
     max_logprobs: int = DEFAULT_MAX_LOGPROBS,
     cors: CORSSettings | None = None,
     ui: bool = True,
+    tool_call_parser: str = DEFAULT_TOOL_CALL_PARSER,
 ) -> FastAPI:
     """The HTTP app serving `engine` under the name `served_model_name` (or names: the first
     is the one responses report, /v1/models lists them all, a request may name any).
@@ -127,8 +130,10 @@ def build_app(
     `max_logprobs` (-1: no cap here; the engine caps at the vocabulary) gets a 400 naming its
     field. `cors` (default: none) answers browsers' cross-origin requests and preflights.
     `ui` serves the chat page at `/` (engine.server.ui; open without the key, which the page
-    asks for); False: `/` is 404, as vLLM's.
+    asks for); False: `/` is 404, as vLLM's. `tool_call_parser` reads `tool_choice="auto"`
+    answers (`tool_parsers.TOOL_PARSERS`; ValueError here for an unknown name).
     """
+    get_tool_parser(tool_call_parser)
     served_model_names = (served_model_name,) if isinstance(served_model_name, str) else tuple(served_model_name)
     if not served_model_names:
         raise ValueError("build_app needs at least one served model name")
@@ -156,7 +161,7 @@ def build_app(
         return engine
 
     def serving() -> OpenAIServing:
-        return OpenAIServing(current_engine(), served_model_name=served_model_names)
+        return OpenAIServing(current_engine(), served_model_name=served_model_names, tool_call_parser=tool_call_parser)
 
     async def on_client_gone(request: Request, exc: Exception) -> Response:
         # Nobody is listening; 499 (nginx's "client closed request") shows up in the metrics.

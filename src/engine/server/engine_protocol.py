@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any, Protocol
 
 from shardline.engine.request import RequestOutput, SamplingParams
+from shardline.engine.structured_output import StructuredOutputSpec
 
 
 class EngineLike(Protocol):
@@ -39,8 +40,13 @@ class EngineLike(Protocol):
 
     def chat(
         self, messages: list[dict[str, Any]], params: SamplingParams | None = None, request_id: str | None = None,
-        *, chat_template_kwargs: Mapping[str, Any] | None = None,
+        *, chat_template_kwargs: Mapping[str, Any] | None = None, tools: list[dict[str, Any]] | None = None,
     ) -> AsyncIterator[RequestOutput]: ...
+
+    async def compile_grammar(self, spec: StructuredOutputSpec) -> Any:
+        """Compile a structured-output spec (cached); InvalidRequestError names its field when
+        the grammar cannot enforce it."""
+        ...
 
     async def abort(self, request_id: str) -> None: ...
 

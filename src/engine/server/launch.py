@@ -62,6 +62,8 @@ class ServeOptions:
     """Cross-origin requests allowed (--allowed-origins ...); None: no CORS headers."""
     ui: bool = True
     """The chat page at `/` (--no-ui: off, `/` is 404)."""
+    tool_call_parser: str = "hermes"
+    """The parser of `tool_choice="auto"` answers (--tool-call-parser)."""
 
 
 class _Server(uvicorn.Server):
@@ -158,6 +160,7 @@ def build_server_app(config: EngineConfig, options: ServeOptions, holder: _Holde
         max_logprobs=config.max_logprobs,
         cors=options.cors,
         ui=options.ui,
+        tool_call_parser=options.tool_call_parser,
     )
 
 

@@ -69,6 +69,21 @@ class _SamplingFields(_Body):
     prompt_logprobs: int | None = Field(
         default=None, ge=0, description="vLLM: logprobs of the prompt's tokens and the top k at each (not when streaming)"
     )
+    # Structured output (docs/STRUCTURED_OUTPUT.md): at most one of these; checked and mapped by
+    # `structured_output.spec_from_request`, compiled before the answer starts (a schema feature
+    # the grammar cannot enforce is a 400 naming the field).
+    response_format: dict[str, Any] | None = Field(
+        default=None, description='OpenAI: {"type": "text" | "json_object" | "json_schema", "json_schema": {...}}'
+    )
+    structured_outputs: dict[str, Any] | None = Field(
+        default=None, description="vLLM: one of json, regex, choice, grammar (Lark or GBNF), json_object"
+    )
+    guided_json: Any = Field(default=None, description="vLLM (older spelling): a JSON schema")
+    guided_regex: Any = Field(default=None, description="vLLM (older spelling): a regular expression")
+    guided_choice: Any = Field(default=None, description="vLLM (older spelling): a list of strings")
+    guided_grammar: Any = Field(default=None, description="vLLM (older spelling): a Lark or GBNF grammar")
+    guided_decoding_backend: Any = Field(default=None, description="vLLM: 'auto', 'guidance' or 'llguidance' only")
+    guided_whitespace_pattern: Any = Field(default=None, description="vLLM: whitespace regex of guided_json")
 
 
 class ContentPart(_Body):
@@ -111,7 +126,14 @@ class ChatCompletionRequest(_SamplingFields):
 
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
-    parallel_tool_calls: bool | None = Field(default=None, description="accepted; tools are not supported yet")
+    tools: list[dict[str, Any]] | None = Field(
+        default=None, description='OpenAI: [{"type": "function", "function": {"name", "description", "parameters"}}]'
+    )
+    tool_choice: Any = Field(
+        default=None,
+        description='"none", "auto" (default with tools), "required" or {"type": "function", "function": {"name"}}',
+    )
+    parallel_tool_calls: bool | None = Field(default=None, description="false: at most one tool call (default true)")
     echo: bool = Field(default=False, description="vLLM: start the reply with the last message if it has the reply's role")
     add_generation_prompt: bool | None = Field(default=None, description="vLLM: open an assistant turn (default true)")
     continue_final_message: bool = Field(default=False, description="vLLM: continue the last message, left open")
@@ -197,11 +219,26 @@ class _WithPromptLogprobs(BaseModel):
     prompt_logprobs: PromptLogprobs | None = Field(default=None, exclude_if=lambda value: value is None)
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # JSON text of an object
+
+
+class ResponseToolCall(BaseModel):
+    """A tool call the model made (`id` call_...)."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class AssistantMessage(BaseModel):
-    """The generated message of a chat choice."""
+    """The generated message of a chat choice; with tool calls its content is null unless the
+    model wrote text beside them (`tool_calls` is left out when there are none)."""
 
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ResponseToolCall] | None = Field(default=None, exclude_if=lambda value: value is None)
 
 
 class ChatChoice(BaseModel):
@@ -234,6 +271,9 @@ class ChatDelta(BaseModel):
 
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    """OpenAI's tool-call deltas: {"index", "id", "type", "function": {"name", "arguments"}}
+    first, then {"index", "function": {"arguments"}} fragments."""
 
     @model_serializer(mode="wrap")
     def _without_none(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:

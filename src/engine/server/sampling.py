@@ -27,6 +27,7 @@ from shardline.engine.server.protocol import (
     PromptLogprobs,
     TopLogprob,
 )
+from shardline.engine.structured_output import StructuredOutputSpec, spec_from_request
 
 logger = logging.getLogger("shardline.serve")
 
@@ -44,10 +45,9 @@ MAX_CHOICES = 1024
 # Fields OpenAI's chat/completions API or vLLM's extensions define that shardline does not
 # honour yet: a request that asks for one of them (a value other than "nothing") gets a 400
 # naming it, never a 200 with behaviour it did not ask for.
+# (`tools` and `tool_choice` are chat fields: declared there, refused here on completions.)
 UNSUPPORTED_FIELDS = frozenset({
-    "response_format", "tools", "tool_choice", "functions", "function_call", "guided_json", "guided_regex",
-    "guided_choice", "guided_grammar", "guided_decoding_backend", "guided_whitespace_pattern",
-    "structured_outputs", "use_beam_search", "length_penalty", "truncate_prompt_tokens", "allowed_token_ids",
+    "tools", "tool_choice", "functions", "function_call", "use_beam_search", "length_penalty", "truncate_prompt_tokens", "allowed_token_ids",
     "bad_words", "audio", "modalities", "prediction", "reasoning_effort", "web_search_options",
     "logits_processors", "chat_template", "documents", "mm_processor_kwargs", "priority",
     "return_tokens_as_token_ids", "spaces_between_special_tokens", "add_special_tokens", "kv_transfer_params",
@@ -59,8 +59,7 @@ UNSUPPORTED_FIELDS = frozenset({
 })  # fmt: skip
 # The value of each that asks for nothing beyond the default (accepted).
 _NOTHING_ASKED: dict[str, Any] = {
-    "spaces_between_special_tokens": True, "priority": 0, "response_format": {"type": "text"},
-    "tool_choice": "none", "typical_p": 1.0, "include_reasoning": True, "thinking_token_budget": -1,
+    "spaces_between_special_tokens": True, "priority": 0, "tool_choice": "none", "typical_p": 1.0, "include_reasoning": True, "thinking_token_budget": -1,
     "return_mm_kwargs": True,
 }
 # OpenAI's metadata for its own service: accepted, no effect on the answer.
@@ -118,13 +117,33 @@ def check_completion_request(req: CompletionRequest) -> None:
                        "ranking of extra candidates)", param="best_of", code="unsupported_value")  # fmt: skip
 
 
+STRUCTURED_OUTPUT_FIELDS = (
+    "response_format", "structured_outputs", "guided_json", "guided_regex", "guided_choice", "guided_grammar",
+    "guided_decoding_backend", "guided_whitespace_pattern",
+)  # fmt: skip
+
+
+def structured_output_spec(req: ChatCompletionRequest | CompletionRequest) -> StructuredOutputSpec | None:
+    """The structured output `req` asks for (OpenAI's `response_format`, vLLM's
+    `structured_outputs` or its older `guided_*` fields; two at once are refused), or None.
+    Only the fields' shapes are checked here: `Engine.compile_grammar` checks the schema or
+    grammar itself."""
+    body = {name: getattr(req, name) for name in STRUCTURED_OUTPUT_FIELDS}
+    try:
+        return spec_from_request(body)
+    except InvalidRequestError as exc:
+        raise APIError(400, str(exc), param=exc.field, code="invalid_value") from exc
+
+
 def build_sampling_params(
-    req: ChatCompletionRequest | CompletionRequest, *, num_prompt_tokens: int | None, max_model_len: int
+    req: ChatCompletionRequest | CompletionRequest, *, num_prompt_tokens: int | None, max_model_len: int,
+    structured_output: StructuredOutputSpec | None = None,
 ) -> SamplingParams:
     """The engine's parameters for `req`; InvalidRequestError names the HTTP field at fault.
 
     Without `max_tokens` the request may run to the end of the context (as OpenAI and vLLM
-    do), so the prompt's length, when known, sets the default.
+    do), so the prompt's length, when known, sets the default. `structured_output`: the
+    grammar its output must follow (from `structured_output_spec`, or a tool-call grammar).
     """
     check_other_fields(req)
     if req.prompt_logprobs is not None and req.stream:
@@ -151,6 +170,7 @@ def build_sampling_params(
     if max_tokens is None:
         max_tokens = max(1, max_model_len - (num_prompt_tokens or 0))
     kwargs["max_tokens"] = max_tokens
+    kwargs["structured_output"] = structured_output
     try:
         return SamplingParams(**kwargs)
     except InvalidRequestError as exc:
@@ -226,11 +246,12 @@ def check_prompt_size(
 
 async def count_prompt_tokens_off_loop(
     tokenizer: Any, prompt: str | Sequence[int] | list[dict[str, Any]], *, chat: bool,
-    template_kwargs: Mapping[str, Any] | None = None,
+    template_kwargs: Mapping[str, Any] | None = None, tools: list[dict[str, Any]] | None = None,
 ) -> int | None:
     """`count_prompt_tokens`, on a worker thread when the prompt is long enough to hold the
     event loop (over TOKENIZE_OFF_LOOP_CHARS characters)."""
-    count = functools.partial(count_prompt_tokens, tokenizer, prompt, chat=chat, template_kwargs=template_kwargs)
+    count = functools.partial(count_prompt_tokens, tokenizer, prompt, chat=chat, template_kwargs=template_kwargs,
+                              tools=tools)
     if prompt_chars(prompt) > TOKENIZE_OFF_LOOP_CHARS:
         return await anyio.to_thread.run_sync(count)
     return count()
@@ -238,7 +259,7 @@ async def count_prompt_tokens_off_loop(
 
 def count_prompt_tokens(
     tokenizer: Any, prompt: str | Sequence[int] | list[dict[str, Any]], *, chat: bool,
-    template_kwargs: Mapping[str, Any] | None = None,
+    template_kwargs: Mapping[str, Any] | None = None, tools: list[dict[str, Any]] | None = None,
 ) -> int | None:
     """Prompt length as the engine will see it, or None when it cannot be told here.
 
@@ -249,7 +270,10 @@ def count_prompt_tokens(
     """
     try:
         if chat:
-            ids = tokenizer.apply_chat_template(prompt, tokenize=True, **chat_template_options(template_kwargs))
+            options = chat_template_options(template_kwargs)
+            if tools is not None:
+                options["tools"] = tools
+            ids = tokenizer.apply_chat_template(prompt, tokenize=True, **options)
             if hasattr(ids, "keys"):  # BatchEncoding in newer transformers
                 ids = ids["input_ids"]
             return len(ids)

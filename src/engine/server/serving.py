@@ -43,6 +43,8 @@ from shardline.engine.server.protocol import (
     CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
+    FunctionCall,
+    ResponseToolCall,
     UsageInfo,
 )
 from shardline.engine.server.sampling import (
@@ -57,8 +59,17 @@ from shardline.engine.server.sampling import (
     delta_logprobs,
     max_tokens_field,
     prompt_logprobs_json,
+    structured_output_spec,
 )
 from shardline.engine.server.streaming import EventStreamResponse, sse, unless_disconnected
+from shardline.engine.server.tools import (
+    DEFAULT_TOOL_CALL_PARSER,
+    ToolCallOutput,
+    finish_reason_of,
+    message_parts,
+    plan_tools,
+)
+from shardline.engine.structured_output import StructuredOutputSpec
 
 log = logging.getLogger("shardline.server")
 
@@ -99,8 +110,12 @@ def _json_response(body: Any) -> Response:
 class OpenAIServing:
     """Runs chat and completion requests on an engine for the HTTP routes."""
 
-    def __init__(self, engine: EngineLike, *, served_model_name: str | Sequence[str]) -> None:
+    def __init__(
+        self, engine: EngineLike, *, served_model_name: str | Sequence[str],
+        tool_call_parser: str = DEFAULT_TOOL_CALL_PARSER,
+    ) -> None:
         self.engine = engine
+        self.tool_call_parser = tool_call_parser
         # Every name a request may use; responses report the first (--served-model-name A B).
         self.served_model_names = (served_model_name,) if isinstance(served_model_name, str) else tuple(served_model_name)
         self.served_model_name = self.served_model_names[0]
@@ -127,11 +142,19 @@ class OpenAIServing:
                            "continues the last message, the other starts a new one",
                            param="continue_final_message", code="invalid_value")  # fmt: skip
         self._check_size(messages, "messages")
+        structured = structured_output_spec(req)
+        plan = await plan_tools(req, messages, chat_template=getattr(self.engine.tokenizer, "chat_template", None),
+                                parser_name=self.tool_call_parser, structured=structured,
+                                compile_grammar=self.engine.compile_grammar)
+        messages = plan.messages
+        spec = plan.spec or structured
+        await self._compile(spec)
         count = functools.partial(count_prompt_tokens_off_loop, self.engine.tokenizer, messages, chat=True,
-                                  template_kwargs=kwargs)
+                                  template_kwargs=kwargs, tools=plan.tools)
         # Only a request without a token limit needs its prompt's length here (the default).
         num_prompt = await count() if max_tokens_field(req) is None else None
-        params = build_sampling_params(req, num_prompt_tokens=num_prompt, max_model_len=self.engine.max_model_len)
+        params = build_sampling_params(req, num_prompt_tokens=num_prompt, max_model_len=self.engine.max_model_len,
+                                       structured_output=spec)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         want_logprobs = req.logprobs
@@ -139,7 +162,9 @@ class OpenAIServing:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         echo = echo_text(messages, add_generation_prompt=options["add_generation_prompt"]) if req.echo else ""
         stream = self._choices([(request_id, self.engine.chat(messages, params, request_id,
-                                                              chat_template_kwargs=kwargs))], req.n)
+                                                              chat_template_kwargs=kwargs, tools=plan.tools))], req.n)
+        parser = plan.parser
+        tool_outputs: dict[int, ToolCallOutput] = {}
 
         def chunk(choices: list[ChatChunkChoice], usage: UsageInfo | None = None) -> str:
             return ChatCompletionChunk(
@@ -150,10 +175,29 @@ class OpenAIServing:
             logprobs = None
             if want_logprobs:
                 logprobs = chat_logprobs(tokenizer, delta_logprobs(out.logprobs, len(out.delta_token_ids)))
-            if not out.delta and not out.finished and not (logprobs and logprobs.content):
+            content: str | None = out.delta
+            tool_calls = None
+            finish_reason = out.finish_reason if out.finished else None
+            if parser is not None:
+                reader = tool_outputs.setdefault(choice, ToolCallOutput(parser.stream(), parallel=plan.parallel))
+                content, calls = reader.feed(out.delta, finished=out.finished)
+                tool_calls = calls or None
+                finish_reason = finish_reason_of(finish_reason, reader.num_calls)
+                if not content and tool_calls:
+                    content = None  # OpenAI's tool-call deltas carry no content
+            if not content and not tool_calls and not out.finished and not (logprobs and logprobs.content):
                 return None
-            return chunk([ChatChunkChoice(index=choice, delta=ChatDelta(content=out.delta), logprobs=logprobs,
-                                          finish_reason=out.finish_reason if out.finished else None)])
+            return chunk([ChatChunkChoice(index=choice, delta=ChatDelta(content=content, tool_calls=tool_calls),
+                                          logprobs=logprobs, finish_reason=finish_reason)])
+
+        def message(final: RequestOutput) -> tuple[AssistantMessage, str | None]:
+            if parser is None:
+                return AssistantMessage(content=echo + final.text), final.finish_reason
+            content, calls = message_parts(parser, final.text, parallel=plan.parallel)
+            tool_calls = [ResponseToolCall(id=c.id, function=FunctionCall(name=c.name, arguments=c.arguments))
+                          for c in calls]
+            return (AssistantMessage(content=content, tool_calls=tool_calls or None),
+                    finish_reason_of(final.finish_reason, len(calls)))
 
         # The role first, once per choice (with vLLM's echo as its content), as OpenAI does.
         first_events = [chunk([ChatChunkChoice(index=c, delta=ChatDelta(role="assistant", content=echo))])
@@ -162,9 +206,10 @@ class OpenAIServing:
             if not req.stream:
                 result = await self._collect(stream, request)
                 choices = [
-                    ChatChoice(index=c, message=AssistantMessage(content=echo + final.text), finish_reason=final.finish_reason,
+                    ChatChoice(index=c, message=msg, finish_reason=reason,
                                logprobs=chat_logprobs(tokenizer, entries) if want_logprobs else None)
                     for c, final, entries in result.choices()
+                    for msg, reason in [message(final)]
                 ]
                 prompt_logprobs = stream.runs[0].prompt_logprobs
                 return _json_response(ChatCompletionResponse(
@@ -191,6 +236,8 @@ class OpenAIServing:
         prompts = completion_prompts(req)
         for prompt in prompts:
             self._check_size(prompt, "prompt")
+        spec = structured_output_spec(req)
+        await self._compile(spec)
         tokenizer = self.engine.tokenizer
 
         def count(i: int) -> Awaitable[int | None]:
@@ -203,7 +250,8 @@ class OpenAIServing:
             num_prompt = await count(i) if max_tokens_field(req) is None else None
             if num_prompt not in params_of:
                 params_of[num_prompt] = build_sampling_params(req, num_prompt_tokens=num_prompt,
-                                                              max_model_len=self.engine.max_model_len)
+                                                              max_model_len=self.engine.max_model_len,
+                                                              structured_output=spec)
             rid = request_id if len(prompts) == 1 else f"{request_id}-{i}"
             engine_requests.append((rid, self.engine.generate(prompt, params_of[num_prompt], rid)))
         stream = self._choices(engine_requests, req.n)
@@ -268,6 +316,16 @@ class OpenAIServing:
             )
 
     # ------------------------------------------------------------------ shared
+    async def _compile(self, spec: StructuredOutputSpec | None) -> None:
+        """Compile a request's grammar before anything is submitted, so that a schema or grammar
+        the engine cannot enforce is a 400 naming its field (the engine caches it for the run)."""
+        if spec is None:
+            return
+        try:
+            await self.engine.compile_grammar(spec)
+        except InvalidRequestError as exc:
+            raise api_error_from(exc) from exc
+
     def _prompt_text(self, prompt: str | list[int]) -> str:
         """The prompt as `echo` shows it: the text itself, or its token ids decoded."""
         return prompt if isinstance(prompt, str) else str(self.engine.tokenizer.decode(prompt))

@@ -306,10 +306,27 @@
       top_p: number("set-top-p", Number),
       max_tokens: number("set-max-tokens", Number),
       seed: number("set-seed", Number),
+      schema: $("set-schema").value,
     };
   }
 
-  const SETTING_FIELDS = ["set-system", "set-temperature", "set-top-p", "set-max-tokens", "set-seed"];
+  // The schema box as response_format (null: none asked); throws naming the problem when the
+  // text is not a JSON object.
+  function responseFormat(text) {
+    if (!text.trim()) return null;
+    let schema;
+    try {
+      schema = JSON.parse(text);
+    } catch (err) {
+      throw new Error(`The JSON schema is not valid JSON: ${err.message}`);
+    }
+    if (schema === null || typeof schema !== "object" || Array.isArray(schema)) {
+      throw new Error("The JSON schema must be a JSON object");
+    }
+    return { type: "json_schema", json_schema: { name: "schema", schema } };
+  }
+
+  const SETTING_FIELDS = ["set-system", "set-temperature", "set-top-p", "set-max-tokens", "set-seed", "set-schema"];
 
   function loadSettings() {
     let saved = {};
@@ -338,6 +355,13 @@
     if (!state.model) return;
     showError("");
     const settings = readSettings();
+    let format;
+    try {
+      format = responseFormat(settings.schema);
+    } catch (err) {
+      showError(err.message); // nothing is sent
+      return false;
+    }
     const request = {
       model: state.model,
       messages: [
@@ -351,6 +375,7 @@
     for (const name of ["temperature", "top_p", "max_tokens", "seed"]) {
       if (settings[name] !== undefined) request[name] = settings[name];
     }
+    if (format) request.response_format = format;
     addMessage("user", text);
     const view = addMessage("assistant", "");
     view.box.classList.add("streaming");
@@ -452,7 +477,9 @@
       const text = $("prompt").value;
       if (!text.trim() || state.controller) return;
       $("prompt").value = "";
-      send(text);
+      send(text).then((sent) => {
+        if (sent === false) $("prompt").value = text; // refused here (a bad schema): keep the message
+      });
     });
     $("prompt").addEventListener("keydown", (event) => {
       if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
