@@ -390,3 +390,14 @@ def test_serve_takes_the_tool_flags(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(SystemExit) as info:
         cli.main(["serve", "--tool-call-parser", "mistral"])
     assert info.value.code == 2
+
+
+async def test_echo_leads_the_content_beside_tool_calls(
+    client: httpx.AsyncClient, fake_engine: FakeEngine
+) -> None:
+    fake_engine.script = HERMES
+    messages = [*ASK, {"role": "assistant", "content": "Sure. "}]
+    body = {"model": MODEL, "messages": messages, "tools": TOOLS, "echo": True, "max_tokens": 200}
+    choice = (await client.post("/v1/chat/completions", json=body)).json()["choices"][0]
+    assert choice["message"]["content"] == "Sure. Let me look."
+    assert choice["finish_reason"] == "tool_calls" and len(choice["message"]["tool_calls"]) == 1

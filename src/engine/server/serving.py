@@ -194,6 +194,8 @@ class OpenAIServing:
             if parser is None:
                 return AssistantMessage(content=echo + final.text), final.finish_reason
             content, calls = message_parts(parser, final.text, parallel=plan.parallel)
+            if echo:  # vLLM's echo leads the content, as it leads the stream
+                content = echo + (content or "")
             tool_calls = [ResponseToolCall(id=c.id, function=FunctionCall(name=c.name, arguments=c.arguments))
                           for c in calls]
             return (AssistantMessage(content=content, tool_calls=tool_calls or None),
