@@ -14,6 +14,8 @@ from shardline.engine.errors import InvalidRequestError
 
 TransportKind = Literal["shm", "tcp", "inproc"]
 _TRANSPORTS = ("shm", "tcp", "inproc")
+ExecutorBackend = Literal["mp", "ray"]
+_EXECUTOR_BACKENDS = ("mp", "ray")
 _DEVICES = ("cpu", "cuda")
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 # --dtype values (vLLM's) -> the torch dtype's name; "auto" is resolved by `torch_dtype_name`.
@@ -167,6 +169,14 @@ class EngineConfig:
     """The private key of `tls_certfile` (PEM)."""
     tls_ca_certs: str | None = None
     """The CA (PEM) that signed every node's certificate; peers must present one it signed."""
+    distributed_executor_backend: ExecutorBackend = "mp"
+    """How the ranks are placed and started (vLLM's --distributed-executor-backend): "mp",
+    worker processes of this machine (and node agents for `nodes` > 1); "ray", Ray actors
+    placed by a placement group per replica on a Ray cluster (docs/RAY.md; needs
+    `pip install 'shardline[ray]'`). Messages go over shardline's transports either way."""
+    ray_address: str | None = None
+    """With distributed_executor_backend = "ray": the cluster to join (ray.init's address,
+    e.g. "auto" or "ray://host:10001"); default $RAY_ADDRESS, else a new local cluster."""
     log_stats_interval: float = 10.0
     """Seconds between the stats lines logged while the engine is busy (throughput, running and
     waiting requests, KV-cache usage, prefix-cache hit rate; engine.stats_logger); 0 turns them
@@ -227,6 +237,7 @@ class EngineConfig:
         _require(self.worker_start_timeout > 0, "worker_start_timeout", f"must be > 0, got {self.worker_start_timeout}")
         self._validate_nodes()
         self._validate_tls()
+        self._validate_executor_backend()
         _require(isinstance(self.log_stats_interval, int | float) and self.log_stats_interval >= 0,
                  "log_stats_interval", f"must be a number of seconds >= 0 (0: off), got {self.log_stats_interval!r}")
 
@@ -322,6 +333,18 @@ class EngineConfig:
         _require(not missing, missing[0] if missing else names[0], f"TLS needs all of {', '.join(names)}; {', '.join(given)} given without {', '.join(missing)}")
         _require(self.nodes > 1, given[0], f"TLS protects the links between nodes; nodes = {self.nodes} has none")
 
+    def _validate_executor_backend(self) -> None:
+        """The ray backend: Ray installed, one node setting (Ray places the ranks)."""
+        backend = self.distributed_executor_backend
+        _require(backend in _EXECUTOR_BACKENDS, "distributed_executor_backend", f"must be one of {_EXECUTOR_BACKENDS}, got {backend!r}")
+        if backend == "mp":
+            _require(self.ray_address is None, "ray_address", "is for distributed_executor_backend = 'ray'")
+            return
+        _require(ray_installed(), "distributed_executor_backend",
+                 "'ray' needs Ray, which is not installed: pip install 'shardline[ray]'")
+        _require(self.nodes == 1, "nodes", f"Ray places the ranks on its nodes; nodes = {self.nodes} is for the 'mp' backend's agents")
+        _require(self.transport != "inproc", "transport", "'inproc' runs in this process; the 'ray' backend needs 'shm' or 'tcp'")
+
     @cached_property
     def node_ranks(self) -> tuple[int, ...]:
         """How many ranks each node runs, node 0 (the head) first."""
@@ -367,6 +390,15 @@ class EngineConfig:
             return max(1, self.num_threads)
         workers = self.node_ranks[0] * self.data_parallel_size  # the ranks on this machine
         return max(1, (os.cpu_count() or 1) // workers)
+
+
+def ray_installed() -> bool:
+    """Whether `import ray` would find Ray (without importing it: that takes a second)."""
+    if "ray" in sys.modules:
+        return sys.modules["ray"] is not None
+    import importlib.util
+
+    return importlib.util.find_spec("ray") is not None
 
 
 def cuda_available() -> bool:

@@ -36,7 +36,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
 import anyio.abc
@@ -61,6 +61,9 @@ from shardline.transport.messages import (
 )
 from shardline.transport.tcp import TlsConfig
 from shardline.worker.launch import WorkerProcess, describe_exit, launch_worker, reap_workers
+
+if TYPE_CHECKING:
+    from shardline.engine.ray_executor import RayRanks
 
 logger = logging.getLogger("shardline.executor")
 
@@ -131,6 +134,7 @@ class Executor:
         self._closed = False
         self._shutdown_lock = anyio.Lock()
         self._nodes: NodeServer | None = None
+        self._ray: RayRanks | None = None
 
     # ----------------------------------------------------------------- start-up
     async def start(self, task_group: anyio.abc.TaskGroup) -> None:
@@ -148,6 +152,26 @@ class Executor:
     async def _start(self, task_group: anyio.abc.TaskGroup) -> None:
         cfg = self.config
         token = (cfg.tcp_token or os.urandom(16).hex()).encode()
+        if cfg.distributed_executor_backend == "ray":
+            await self._start_ray(task_group, token)
+        else:
+            await self._start_mp(task_group, token)
+        task_group.start_soon(self._monitor_loop)
+        assert self._channels is not None
+        with anyio.move_on_after(cfg.worker_start_timeout) as scope:
+            await self._until_failed(self._channels.wait_connected(float("inf")))
+            task_group.start_soon(self._read_loop)
+            await self._wait_either(self._all_ready)
+        self._raise_if_failed()
+        if scope.cancelled_caught:
+            raise self._start_timeout()
+        self.num_kv_blocks = min(self._ready.values())
+        now = time.monotonic()
+        self._last_seen = dict.fromkeys(self._handles, now)
+
+    async def _start_mp(self, task_group: anyio.abc.TaskGroup, token: bytes) -> None:
+        """This machine's ranks as worker processes, other nodes' through their agents."""
+        cfg = self.config
         first_remote = cfg.node_ranks[0]
         remote = list(range(first_remote, cfg.world_size))
         channel_host = cfg.head_host if remote else "127.0.0.1"
@@ -167,17 +191,38 @@ class Executor:
             self._handles[rank] = self._launch(rank, configs[rank])
         if remote:
             self._start_nodes(task_group, token, configs, tls)
-        task_group.start_soon(self._monitor_loop)
-        with anyio.move_on_after(cfg.worker_start_timeout) as scope:
-            await self._until_failed(self._channels.wait_connected(float("inf")))
-            task_group.start_soon(self._read_loop)
-            await self._wait_either(self._all_ready)
-        self._raise_if_failed()
-        if scope.cancelled_caught:
-            raise self._start_timeout()
-        self.num_kv_blocks = min(self._ready.values())
-        now = time.monotonic()
-        self._last_seen = dict.fromkeys(self._handles, now)
+
+    async def _start_ray(self, task_group: anyio.abc.TaskGroup, token: bytes) -> None:
+        """Every rank as a Ray actor's worker program (`engine.ray_executor`): ranks on this
+        process's Ray node attach over shm, the others over TCP with the token handed to their
+        actor; torch.distributed meets at rank 0's node."""
+        from shardline.engine.ray_executor import RayRanks
+
+        cfg = self.config
+        self._ray = RayRanks(
+            cfg.world_size, self.dp_rank, num_cpus=cfg.num_threads or 1,
+            num_gpus=1 if cfg.device.startswith("cuda") else 0,
+        )
+        try:
+            await self._ray.place(cfg.ray_address, cfg.worker_start_timeout)
+        except TimeoutError as exc:
+            raise WorkerFailure(None, str(exc)) from exc
+        remote = self._ray.remote_ranks if cfg.transport == "shm" else list(range(cfg.world_size))
+        self._channels = await open_engine_channels(
+            cfg.transport,
+            cfg.world_size,
+            host=self._ray.engine_ip if remote else "127.0.0.1",
+            token=token if remote else None,
+            tcp_ranks=remote if cfg.transport == "shm" else (),
+        )
+        init_method = await self._ray.rendezvous()
+        for rank in range(cfg.world_size):
+            # The token goes as its own argument of the actor's call, never inside the config.
+            config = self._worker_config(rank, init_method)
+            config["channels_address"] = without_tcp_secrets(config["channels_address"])
+            handle = await self._ray.start(rank, config, token.decode() if remote else None)
+            self._handles[rank] = handle
+            task_group.start_soon(handle.watch)
 
     def _start_nodes(
         self,
@@ -290,8 +335,9 @@ class Executor:
 
     @property
     def worker_pids(self) -> list[int]:
-        """PIDs of worker processes (empty for the in-process worker)."""
-        return [h.pid for h in self._handles.values() if isinstance(h, WorkerProcess)]
+        """PIDs of worker processes (empty for the in-process worker; a Ray rank's pid is on
+        its own node)."""
+        return [pid for h in self._handles.values() if isinstance(pid := getattr(h, "pid", None), int)]
 
     # ----------------------------------------------------------------- steps
     async def execute(self, step: ExecuteStep) -> StepResult:
@@ -425,6 +471,9 @@ class Executor:
             return code is not None and code < 0, describe_exit(code)
         if isinstance(handle, _RemoteHandle):
             return handle.nodes.exit_reason(rank)
+        ray_reason = getattr(handle, "exit_reason", None)  # a Ray rank (engine.ray_executor)
+        if ray_reason is not None:
+            return ray_reason()  # type: ignore[no-any-return]
         return False, "worker thread exited"
 
     def _fail(self, failure: WorkerFailure) -> None:
@@ -465,6 +514,8 @@ class Executor:
                             pass
                 if self._nodes is not None:
                     await self._nodes.aclose(stop_agents=self._failure is None, grace=grace)
+                if self._ray is not None:
+                    await self._ray.aclose(grace)
                 await anyio.to_thread.run_sync(_reap, list(self._handles.values()), grace)
                 if self._channels is not None:
                     await self._channels.aclose()

@@ -1,0 +1,281 @@
+"""The `ray` executor backend on a two-node Ray cluster made on this machine
+(`ray.cluster_utils.Cluster`, one CPU per node: a replica's ranks that do not fit on the head
+node go to the other, over TCP). Slow: Ray's processes start in seconds each."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import anyio
+import psutil
+import pytest
+
+from shardline.engine import Engine, EngineConfig, SamplingParams, cli
+from shardline.engine.config import ConfigError
+from shardline.engine.executor import WorkerFailure
+from support.generation import generate_all
+from support.leaks import our_shm_entries
+from support.waiting import wait_until
+
+ray = pytest.importorskip(
+    "ray", reason="Ray is not installed: pip install 'shardline[ray]' (the test extra has it)"
+)
+from ray.cluster_utils import Cluster  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = ["hello world", "the quick brown fox", "abc", "a longer prompt that spans a few blocks"]
+PARAMS = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+_NODE = {"num_cpus": 1, "object_store_memory": 80 << 20}
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Cluster]:
+    """A head node and one more, one CPU each; this process is the driver, on the head."""
+    made = Cluster(initialize_head=True, head_node_args={**_NODE, "include_dashboard": False})
+    try:
+        made.add_node(**_NODE)
+        made.wait_for_nodes()
+        ray.init(address=made.address, logging_level="WARNING")
+        yield made
+    finally:
+        ray.shutdown()
+        made.shutdown()
+
+
+def _cfg(path: pathlib.Path, **kw: object) -> EngineConfig:
+    base: dict[str, object] = dict(
+        model=str(path), max_model_len=256, num_kv_blocks=64, block_size=4
+    )
+    base.update(kw)
+    return EngineConfig(**base)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def local_tokens(tiny_llama_dir: pathlib.Path) -> list[list[int]]:
+    """The greedy tokens of the local `mp` run with TP = 2."""
+
+    async def run() -> list[list[int]]:
+        async with await Engine.start(_cfg(tiny_llama_dir, tensor_parallel_size=2)) as engine:
+            return await generate_all(engine, PROMPTS, PARAMS)
+
+    return anyio.run(run)
+
+
+def _ray_ranks(engine: Engine) -> list[Any]:
+    """Every replica's RayRanks."""
+    return [core.executor._ray for core in engine._cores]
+
+
+def _our_shm() -> list[str]:
+    return [n for n in our_shm_entries() if f"shardline_{os.getpid()}_" in n]
+
+
+def _live_actors() -> list[str]:
+    """Actors of the cluster that are not dead (read from Ray's GCS; no dashboard needed)."""
+    from ray._private import state
+
+    return [actor_id for actor_id, info in state.actors().items() if info["State"] != "DEAD"]
+
+
+def _live_groups() -> list[str]:
+    return [
+        pg_id for pg_id, pg in ray.util.placement_group_table().items() if pg["state"] != "REMOVED"
+    ]
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    """The exceptions inside (nested) exception groups."""
+    leaves = [exc]
+    while any(hasattr(e, "exceptions") for e in leaves):
+        leaves = [x for e in leaves for x in getattr(e, "exceptions", [e])]
+    return leaves
+
+
+async def _assert_all_gone(pids: list[int]) -> None:
+    """After aclose(): no worker program, actor, placement group or shm name left."""
+    await wait_until(lambda: not any(psutil.pid_exists(p) for p in pids), deadline_s=30)
+    await wait_until(lambda: not _live_groups(), deadline_s=30)
+    await wait_until(lambda: not _live_actors(), deadline_s=30)
+    assert not _our_shm()
+
+
+def _worker_pids(engine: Engine) -> list[int]:
+    pids = [pid for core in engine._cores for pid in core.executor.worker_pids]
+    assert pids and all(psutil.pid_exists(p) for p in pids)
+    return pids
+
+
+def _ray_cfg(path: pathlib.Path, **kw: object) -> EngineConfig:
+    return _cfg(
+        path, **{"distributed_executor_backend": "ray", "worker_start_timeout": 120.0, **kw}
+    )
+
+
+async def _run_on_ray(
+    config: EngineConfig, prompts: list[str]
+) -> tuple[list[list[int]], list[list[bool]]]:
+    """Greedy tokens of `prompts` on Ray, and for each replica which ranks ran on another node
+    than the engine's; then checks that aclose() left nothing behind."""
+    async with await Engine.start(config) as engine:
+        replicas = _ray_ranks(engine)
+        away = [[h.node_id != r.engine_node_id for h in r.ranks.values()] for r in replicas]
+        tokens = await generate_all(engine, prompts, PARAMS)
+        pids = _worker_pids(engine)
+    await _assert_all_gone(pids)
+    return tokens, away
+
+
+async def test_tp2_across_two_ray_nodes_same_tokens_as_local(
+    cluster: Cluster, tiny_llama_dir: pathlib.Path, local_tokens: list[list[int]]
+) -> None:
+    tokens, away = await _run_on_ray(_ray_cfg(tiny_llama_dir, tensor_parallel_size=2), PROMPTS)
+    assert away == [[False, True]]  # rank 0 on the engine's node (shm), rank 1 on the other (TCP)
+    assert tokens == local_tokens
+
+
+async def test_pp2_across_two_ray_nodes_same_tokens_as_local(
+    cluster: Cluster, tiny_llama_dir: pathlib.Path
+) -> None:
+    async with await Engine.start(_cfg(tiny_llama_dir, pipeline_parallel_size=2)) as engine:
+        local = await generate_all(engine, PROMPTS, PARAMS)
+    tokens, away = await _run_on_ray(_ray_cfg(tiny_llama_dir, pipeline_parallel_size=2), PROMPTS)
+    assert away == [[False, True]]  # the second stage runs on the other node
+    assert tokens == local
+
+
+async def test_dp2_one_replica_per_ray_node(cluster: Cluster, tiny_llama_dir: pathlib.Path) -> None:
+    async with await Engine.start(_cfg(tiny_llama_dir)) as engine:
+        single = await generate_all(engine, PROMPTS, PARAMS)
+    tokens, away = await _run_on_ray(_ray_cfg(tiny_llama_dir, data_parallel_size=2), PROMPTS * 2)
+    assert sorted(away) == [[False], [True]]  # one replica on each node
+    assert tokens == single * 2
+
+
+async def test_killed_rank_actor_mid_stream_recovers_with_the_same_tokens(
+    cluster: Cluster, tiny_llama_dir: pathlib.Path, local_tokens: list[list[int]]
+) -> None:
+    config = _ray_cfg(
+        tiny_llama_dir, tensor_parallel_size=2, max_worker_restarts=1, restart_backoff=0.1
+    )
+    params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+    async with await Engine.start(config) as engine:
+        expected = await generate_all(engine, PROMPTS[:1], params)
+        (ranks,) = _ray_ranks(engine)
+        victim = ranks.ranks[1]
+        tokens: list[int] = []
+        async for out in engine.generate(PROMPTS[0], params):
+            tokens = out.token_ids
+            if len(tokens) >= 3 and engine.stats().num_restarts == 0 and victim.is_alive():
+                ray.kill(victim.actor)
+        assert [tokens] == expected
+        assert engine.stats().num_restarts == 1
+        assert "its Ray actor died" in victim.exit_reason()[1]
+        assert await generate_all(engine, PROMPTS[:1], params) == expected
+        pids = [victim.pid, *_worker_pids(engine)]
+    await _assert_all_gone(pids)
+
+
+async def test_unplaceable_replica_fails_with_a_clear_error_then_a_fitting_one_serves(
+    cluster: Cluster, tiny_llama_dir: pathlib.Path
+) -> None:
+    """A rank asking for 2 CPUs (num_threads = 2) on nodes of one CPU each: the placement group
+    never fits; the start fails naming it and leaves no placement group; the next engine serves."""
+    config = _cfg(
+        tiny_llama_dir, num_threads=2, distributed_executor_backend="ray", worker_start_timeout=3.0
+    )
+    with pytest.raises(BaseException) as caught:  # noqa: PT011 - unwrapped below
+        async with await Engine.start(config):
+            pass
+    leaves = _leaves(caught.value)
+    failures = [str(e) for e in leaves if isinstance(e, WorkerFailure)]
+    assert (
+        failures
+        and "Ray could not place replica 0's 1 ranks ({'CPU': 2.0} each) in 3 s" in failures[0]
+    ), leaves
+    await wait_until(lambda: not _live_groups(), deadline_s=30)
+    async with await Engine.start(
+        _cfg(tiny_llama_dir, distributed_executor_backend="ray")
+    ) as engine:
+        assert len((await generate_all(engine, PROMPTS[:1], PARAMS))[0]) == 10
+
+
+def test_ray_backend_without_ray_is_refused_in_one_line(
+    tiny_llama_dir: pathlib.Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` fails as where it is not installed
+    with pytest.raises(
+        ConfigError, match=r"distributed_executor_backend.*pip install 'shardline\[ray\]'"
+    ):
+        _cfg(tiny_llama_dir, distributed_executor_backend="ray")
+    assert (
+        cli.main(
+            [
+                "generate",
+                "hi",
+                "--model",
+                str(tiny_llama_dir),
+                "--distributed-executor-backend",
+                "ray",
+            ]
+        )
+        == 2
+    )
+    err = capsys.readouterr().err.strip()
+    assert "distributed_executor_backend" in err and "shardline[ray]" in err and "\n" not in err
+    # the mp backend is unaffected
+    _cfg(tiny_llama_dir)
+
+
+def test_ray_fields_are_refused_where_they_do_not_apply(tiny_llama_dir: pathlib.Path) -> None:
+    with pytest.raises(ConfigError, match="ray_address"):
+        _cfg(tiny_llama_dir, ray_address="auto")
+    with pytest.raises(ConfigError, match="distributed_executor_backend"):
+        _cfg(tiny_llama_dir, distributed_executor_backend="k8s")
+    with pytest.raises(ConfigError, match="transport"):
+        _cfg(tiny_llama_dir, distributed_executor_backend="ray", transport="inproc")
+    with pytest.raises(ConfigError, match="nodes"):
+        _cfg(
+            tiny_llama_dir,
+            distributed_executor_backend="ray",
+            tensor_parallel_size=2,
+            nodes=2,
+            head_port=1,
+            tcp_token="t",
+        )
+
+
+async def test_lost_node_whose_ranks_cannot_be_placed_again_fails_the_requests_clearly(
+    cluster: Cluster, tiny_llama_dir: pathlib.Path
+) -> None:
+    """The second node dies mid-stream: its rank's actor dies with it, the replica restarts,
+    and its placement group (2 CPUs, 1 left) cannot be made again: the stream fails naming
+    why, and the engine's aclose() leaves nothing behind. (Runs last: it adds a node back.)"""
+    config = _ray_cfg(
+        tiny_llama_dir,
+        tensor_parallel_size=2,
+        worker_start_timeout=20.0,
+        max_worker_restarts=1,
+        restart_backoff=0.1,
+    )
+    params = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
+    (other,) = [node for node in cluster.list_all_nodes() if node is not cluster.head_node]
+    try:
+        async with await Engine.start(config) as engine:
+            pids = _worker_pids(engine)
+            with pytest.raises(BaseException) as caught:  # noqa: PT011 - unwrapped below
+                async for out in engine.generate(PROMPTS[0], params):
+                    if len(out.token_ids) == 3:
+                        cluster.remove_node(other)
+            text = " | ".join(str(e) for e in _leaves(caught.value))
+            assert "Ray could not place replica 0's 2 ranks" in text, text
+        await _assert_all_gone(pids)
+    finally:
+        cluster.add_node(**_NODE)
+        cluster.wait_for_nodes()
