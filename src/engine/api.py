@@ -164,8 +164,10 @@ class Engine:
                 block_size=cfg.block_size,
                 enable_prefix_caching=cfg.enable_prefix_caching,
                 workers_keep_sampled=cfg.pipeline_parallel_size == 1,
-                async_scheduling=cfg.async_scheduling and cfg.pipeline_parallel_size == 1,
+                # (speculative decoding schedules after each step's result: not async)
+                async_scheduling=cfg.async_scheduling and cfg.pipeline_parallel_size == 1 and cfg.speculative is None,
                 long_prefill_token_threshold=cfg.long_prefill_token_threshold,
+                speculative=cfg.speculative,
             ),
             kv,
         )

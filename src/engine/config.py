@@ -8,9 +8,10 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Literal
+from typing import Any, Literal
 
 from shardline.engine.errors import InvalidRequestError
+from shardline.engine.speculative import SpeculativeConfig, SpeculativeConfigError
 
 TransportKind = Literal["shm", "tcp", "inproc"]
 _TRANSPORTS = ("shm", "tcp", "inproc")
@@ -181,6 +182,14 @@ class EngineConfig:
     """Seconds between the stats lines logged while the engine is busy (throughput, running and
     waiting requests, KV-cache usage, prefix-cache hit rate; engine.stats_logger); 0 turns them
     off (vLLM's --disable-log-stats)."""
+    speculative_config: str | dict[str, Any] | SpeculativeConfig | None = None
+    """Speculative decoding (as vLLM's --speculative-config, a JSON object): e.g.
+    {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 1}
+    drafts up to 4 tokens a decode step by prompt lookup and verifies them in one step (greedy
+    output unchanged; sampling keeps its distribution). Only method "ngram"; not with
+    pipeline_parallel_size > 1; turns async_scheduling off. Requests with structured output,
+    logit_bias, min_tokens, penalties, or top-k/top-p/min-p sampling decode without drafts.
+    Off by default (engine/speculative.py)."""
 
     def __post_init__(self) -> None:
         _require(bool(self.model), "model", "must name a model or a directory")
@@ -237,9 +246,29 @@ class EngineConfig:
         _require(self.worker_start_timeout > 0, "worker_start_timeout", f"must be > 0, got {self.worker_start_timeout}")
         self._validate_nodes()
         self._validate_tls()
+        self._validate_speculative()
         self._validate_executor_backend()
         _require(isinstance(self.log_stats_interval, int | float) and self.log_stats_interval >= 0,
                  "log_stats_interval", f"must be a number of seconds >= 0 (0: off), got {self.log_stats_interval!r}")
+
+    def _validate_speculative(self) -> None:
+        """`speculative_config` in its one form (a SpeculativeConfig), or a ConfigError naming it."""
+        if self.speculative_config is None:
+            return
+        try:
+            spec = SpeculativeConfig.parse(self.speculative_config)
+        except SpeculativeConfigError as exc:
+            raise ConfigError("speculative_config", str(exc)) from None
+        _require(self.pipeline_parallel_size == 1, "speculative_config",
+                 f"speculative decoding does not run with pipeline_parallel_size > 1 "
+                 f"(got {self.pipeline_parallel_size})")
+        object.__setattr__(self, "speculative_config", spec)
+
+    @property
+    def speculative(self) -> SpeculativeConfig | None:
+        """The speculative decoding settings, or None (off)."""
+        spec = self.speculative_config
+        return spec if isinstance(spec, SpeculativeConfig) else None
 
     def _normalize(self) -> None:
         """Settings with more than one spelling, in their one form (the dataclass is frozen,

@@ -107,6 +107,12 @@ class EngineStats:
     # Cumulative, by metric name (engine.request_metrics); prefix-cache lookups in tokens.
     histograms: dict[str, HistogramCounts] = field(default_factory=dict)
     prefix_cache_queries: int = 0
+    # Speculative decoding (vLLM's spec_decode counters; scheduler.SchedulerStats): verified
+    # drafts, draft tokens, accepted draft tokens, accepted drafts by position ({position: n}).
+    spec_num_drafts: int = 0
+    spec_num_draft_tokens: int = 0
+    spec_num_accepted_tokens: int = 0
+    spec_accepted_per_pos: dict[int, int] = field(default_factory=dict)
 
     def merge(self, other: EngineStats) -> None:
         """Add another replica's snapshot: counters sum, per-reason counts add, samples extend."""
@@ -224,6 +230,10 @@ class EngineCore:
             itl_seconds=list(self._itl),
             histograms=self.request_metrics.snapshot(),
             prefix_cache_queries=sched.stats.prefix_cache_queries,
+            spec_num_drafts=sched.stats.spec_num_drafts,
+            spec_num_draft_tokens=sched.stats.spec_num_draft_tokens,
+            spec_num_accepted_tokens=sched.stats.spec_num_accepted_tokens,
+            spec_accepted_per_pos=dict(enumerate(sched.stats.spec_accepted_per_pos)),
         )
         if drain_latencies:
             self._ttft.clear()
@@ -316,9 +326,12 @@ class EngineCore:
                 logprobs = None
                 if result.logprobs is not None:
                     logprobs = dict(zip(result.req_ids, result.logprobs, strict=True))
-                pending = self.scheduler.update_from_output(
-                    output, dict(zip(result.req_ids, result.sampled_token_ids, strict=True)), logprobs
-                )
+                if output.spec_token_ids:
+                    pending = self._apply_speculative(output, result, logprobs)
+                else:
+                    pending = self.scheduler.update_from_output(
+                        output, dict(zip(result.req_ids, result.sampled_token_ids, strict=True)), logprobs
+                    )
                 timer.lap("update_from_output")
                 timer.step_done()
         except BaseException as exc:
@@ -329,6 +342,17 @@ class EngineCore:
         finally:
             timer.dump()
             await self.aclose()
+
+    def _apply_speculative(
+        self, output: SchedulerOutput, result: StepResult, logprobs: dict[str, Any] | None
+    ) -> list[RequestUpdate]:
+        """update_from_output for a step that verified draft tokens (speculative decoding)."""
+        accepted = dict(zip(result.req_ids, result.spec_num_accepted, strict=True))
+        spec_logprobs = dict(zip(result.req_ids, result.spec_logprobs, strict=True)) if result.spec_logprobs else None
+        return self.scheduler.update_from_output(
+            output, dict(zip(result.req_ids, result.sampled_token_ids, strict=True)), logprobs,
+            spec_accepted=accepted, spec_logprobs=spec_logprobs,
+        )
 
     @staticmethod
     async def _execute(
@@ -524,6 +548,8 @@ class EngineCore:
             finished_ids=output.finished_ids,
             bitmask_req_ids=output.structured_ids,
             bitmask=bitmask,
+            spec_req_ids=list(output.spec_token_ids),
+            spec_token_ids=list(output.spec_token_ids.values()),
         )
 
     def _fill_bitmasks(self, req_ids: list[str]) -> TensorPayload:

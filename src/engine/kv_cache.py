@@ -230,6 +230,24 @@ class KVCacheManager:
         self._cached.clear()
         self._hashed_prefix.clear()
 
+    # -- speculative decoding (H14): rolling back rejected draft tokens' slots ------------------
+
+    def trim_to(self, request_id: str, num_tokens: int) -> list[int]:
+        """Drop the request's blocks past those `num_tokens` tokens need (the slots of rejected
+        draft tokens); returns the ids dropped. Those blocks hold no computed token the request
+        keeps, so none of them was hashed for the prefix cache by this request."""
+        table = self._tables.get(request_id)
+        keep = self.blocks_needed(num_tokens)
+        if not table or len(table) <= keep:
+            return []
+        dropped = table[keep:]
+        del table[keep:]
+        for block_id in reversed(dropped):
+            self._ref_cnt[block_id] -= 1
+            if self._ref_cnt[block_id] == 0:
+                self._free[block_id] = None
+        return dropped
+
     # -- checking ------------------------------------------------------------------------------
 
     def check_invariants(self, live_requests: Iterable[Request]) -> None:

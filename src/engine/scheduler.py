@@ -42,6 +42,7 @@ from typing import Any
 from shardline.engine.errors import PromptTooLongError
 from shardline.engine.kv_cache import KVCacheManager
 from shardline.engine.request import FinishReason, Request, RequestStatus, SamplingParams
+from shardline.engine.speculative import SpeculativeConfig, propose_ngram, speculates
 from shardline.engine.structured_output import GrammarMatcher, GrammarStateError
 
 logger = logging.getLogger("shardline.scheduler")
@@ -65,6 +66,10 @@ class SchedulerConfig:
     """A prefill chunk takes at most this many tokens of a step (0: max_num_batched_tokens //
     4), so a long prompt leaves room in every step for other requests' decodes and prefills,
     including those that arrive while its chunks are in flight."""
+    speculative: SpeculativeConfig | None = None
+    """Speculative decoding (engine/speculative.py): decode steps of requests that may
+    speculate carry n-gram draft tokens (`SchedulerOutput.spec_token_ids`). Not with
+    async_scheduling."""
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "block_size"):
@@ -74,6 +79,8 @@ class SchedulerConfig:
             raise ValueError("async_scheduling needs workers that keep their sampled tokens")
         if self.long_prefill_token_threshold < 0:
             raise ValueError("SchedulerConfig.long_prefill_token_threshold must be >= 0")
+        if self.speculative is not None and self.async_scheduling:
+            raise ValueError("speculative decoding does not run with async_scheduling")
 
     @property
     def prefill_chunk_cap(self) -> int:
@@ -124,6 +131,9 @@ class SchedulerOutput:
     # Constrained requests (Request.grammar) that sample in this step, in step order: their
     # token masks go out with the step.
     structured_ids: list[str] = field(default_factory=list)
+    # Speculative decoding: the draft tokens each speculating request's step verifies (its
+    # step computes its last token and these: 1 + len(drafts) tokens).
+    spec_token_ids: dict[str, list[int]] = field(default_factory=dict)
 
     @property
     def is_empty(self) -> bool:
@@ -151,6 +161,12 @@ class SchedulerStats:
     prefix_cache_queries: int = 0  # tokens looked up in the prefix cache (the hits' denominator)
     prompt_tokens_computed: int = 0
     tokens_computed: int = 0
+    # Speculative decoding (vLLM's spec_decode counters): verified steps of a request with
+    # drafts, draft tokens, accepted draft tokens, and accepted drafts by position (0-based).
+    spec_num_drafts: int = 0
+    spec_num_draft_tokens: int = 0
+    spec_num_accepted_tokens: int = 0
+    spec_accepted_per_pos: list[int] = field(default_factory=list)
 
 
 class Scheduler:
@@ -223,7 +239,7 @@ class Scheduler:
             request.num_prompt_tokens + request.sampling_params.max_tokens,
             self.config.max_model_len,
         )
-        needed = self.kv_cache.blocks_needed(max_tokens)
+        needed = self.kv_cache.blocks_to_hold(max_tokens, self.config.max_num_batched_tokens)
         if needed > self.kv_cache.num_blocks:
             raise PromptTooLongError(
                 f"the prompt plus max_tokens ({max_tokens} tokens) needs {needed} KV blocks but "
@@ -256,6 +272,7 @@ class Scheduler:
         # requests wait behind it (nor the two steps in flight when one arrives).
         placeholders = self._placeholders
         cap = self.config.prefill_chunk_cap
+        spec = self.config.speculative
         index = 0
         while index < len(self._running) and budget > 0:
             request = self._running[index]
@@ -271,7 +288,17 @@ class Scheduler:
                 # Its sampled token has not come back yet (a step still in flight).
                 index += 1
                 continue
-            new_blocks = self._allocate_or_preempt(request, num_new, out)
+            new_blocks = None
+            if spec is not None and num_new == 1 and budget > 1:
+                # Draft tokens only where their slots fit without preempting anyone.
+                drafts = self._propose(request, spec, budget - 1)
+                if drafts:
+                    new_blocks = self.kv_cache.allocate_slots(request, 1 + len(drafts))
+                    if new_blocks is not None:
+                        num_new += len(drafts)
+                        out.spec_token_ids[request.request_id] = drafts
+            if new_blocks is None:
+                new_blocks = self._allocate_or_preempt(request, num_new, out)
             if new_blocks is None:
                 break  # the request preempted itself; everything after it is gone too
             self._record_cached(request, num_new, new_blocks, out, resumed=False)
@@ -312,6 +339,20 @@ class Scheduler:
             self._finished_to_report = out.finished_ids
             out.finished_ids = []
         return out
+
+    def _propose(self, request: Request, spec: SpeculativeConfig, budget: int) -> list[int]:
+        """Draft tokens for a decode step of `request`, at most `budget`, never past its
+        max_tokens or the context limit (the step also samples one token of its own)."""
+        params = request.sampling_params
+        k = min(
+            spec.num_speculative_tokens,
+            budget,
+            params.max_tokens - request.num_output_tokens - 1,
+            self.config.max_model_len - request.num_tokens - 1,
+        )
+        if k < 1 or not speculates(params):
+            return []
+        return propose_ngram(request.all_token_ids, k, spec.prompt_lookup_min, spec.prompt_lookup_max)
 
     def _allocate_or_preempt(
         self, request: Request, num_new: int, out: SchedulerOutput
@@ -419,20 +460,30 @@ class Scheduler:
         out: SchedulerOutput,
         sampled: dict[str, int],
         logprobs: dict[str, Any] | None = None,
+        spec_accepted: dict[str, int] | None = None,
+        spec_logprobs: dict[str, list[Any]] | None = None,
     ) -> list[RequestUpdate]:
         """Apply a finished step: cache its full blocks, append sampled tokens, finish requests.
 
         Requests finished or preempted since `out` was scheduled are ignored, and so is a
         token for a request that should not have sampled (a partial prefill chunk).
+        Speculative decoding: `spec_accepted` holds how many of each request's draft tokens
+        (`out.spec_token_ids`) the workers accepted; `spec_logprobs` their logprobs entries.
         """
         updates: list[RequestUpdate] = []
         placeholders = self._placeholders
         keep_sampled = self.config.workers_keep_sampled
+        spec_tokens = out.spec_token_ids
         for req_id in out.num_scheduled_tokens:
             request = self._requests.get(req_id)
             if request is None:
                 continue
             computed_after = out.computed_after.get(req_id, request.num_computed_tokens)
+            drafts = spec_tokens.get(req_id) if spec_tokens else None
+            if drafts:
+                num_accepted = (spec_accepted or {}).get(req_id, 0)
+                computed_after = self._roll_back(request, drafts, num_accepted, computed_after)
+                computed_after -= num_accepted  # (compared with num_tokens before appending)
             if request.status is RequestStatus.RUNNING:
                 self.kv_cache.cache_full_blocks(request, computed_after)
             elif not placeholders.get(req_id):
@@ -441,6 +492,12 @@ class Scheduler:
                 continue
             token_id = sampled.get(req_id)
             if token_id is None or computed_after != request.num_tokens:
+                continue
+            if drafts:
+                accepted = drafts[:num_accepted]
+                entries = None if logprobs is None else logprobs.get(req_id)
+                spec_entries = None if entries is None else [*(spec_logprobs or {}).get(req_id, []), entries]
+                updates.append(self._apply_speculative(request, [*accepted, token_id], spec_entries))
                 continue
             if placeholders:
                 pending = placeholders.pop(req_id, 0)
@@ -469,6 +526,47 @@ class Scheduler:
             if reason is not None:
                 self._finish(request, reason)
         return updates
+
+    # -- speculative decoding -------------------------------------------------------------------
+
+    def _roll_back(self, request: Request, drafts: list[int], num_accepted: int, computed_after: int) -> int:
+        """Count a verified step and give back the slots of its rejected draft tokens: the
+        request's computed tokens end after its accepted drafts, and a block that held only
+        rejected ones is freed. Returns the computed tokens the step left."""
+        if not 0 <= num_accepted <= len(drafts):
+            raise RuntimeError(f"{num_accepted} of {len(drafts)} draft tokens accepted for {request.request_id!r}")
+        stats = self.stats
+        stats.spec_num_drafts += 1
+        stats.spec_num_draft_tokens += len(drafts)
+        stats.spec_num_accepted_tokens += num_accepted
+        per_pos = stats.spec_accepted_per_pos
+        if len(per_pos) < len(drafts):
+            per_pos.extend([0] * (len(drafts) - len(per_pos)))
+        for position in range(num_accepted):
+            per_pos[position] += 1
+        computed_after -= len(drafts) - num_accepted
+        if request.status is RequestStatus.RUNNING:
+            request.num_computed_tokens = computed_after  # (no later step in flight: not async)
+            self.kv_cache.trim_to(request.request_id, computed_after)
+        return computed_after
+
+    def _apply_speculative(self, request: Request, token_ids: list[int], entries: list[Any] | None) -> RequestUpdate:
+        """Append a verified step's tokens (accepted drafts, then the workers' own token) up to
+        the first that ends the request; the rest are dropped."""
+        if self.config.workers_keep_sampled:
+            request.num_tokens_sent += len(token_ids)  # the workers appended them all
+        appended: list[int] = []
+        reason = None
+        for token_id in token_ids:
+            request.output_token_ids.append(token_id)
+            appended.append(token_id)
+            reason = self._stop_reason(request, token_id)
+            if reason is not None:
+                break
+        update = RequestUpdate(request, appended, None if entries is None else entries[: len(appended)], reason)
+        if reason is not None:
+            self._finish(request, reason)
+        return update
 
     def _stop_reason(self, request: Request, token_id: int) -> FinishReason | None:
         params = request.sampling_params

@@ -10,6 +10,9 @@ plus one last line for the interval in which it went idle; nothing while it stay
 vLLM, "Preemptions: N" joins the line when the interval had any. Throughputs are averages over
 the interval; the prefix-cache hit rate is over every lookup since the engine started (cached
 tokens / looked-up tokens). On a CPU engine the cache is "KV cache", not "GPU KV cache".
+With speculative decoding, once drafts were verified, "Draft acceptance rate: R%" (accepted /
+drafted tokens) and "Mean acceptance length: L" (1 + accepted tokens per verified draft, as
+vLLM defines it) end the line, both since the engine started.
 
 The task sleeps one interval between looks (no busy loop; idle, it wakes once per interval) and
 lives in the engine's task group, so it stops with the engine.
@@ -104,6 +107,11 @@ class StatsLogger:
         hit_rate = stats.prefix_cache_hit_tokens / queries if queries else 0.0
         parts += [f"{self.cache_name} usage: %.1f%%", "Prefix cache hit rate: %.1f%%"]
         args += [stats.kv_cache_usage * 100, hit_rate * 100]
+        draft_tokens = getattr(stats, "spec_num_draft_tokens", 0)
+        if draft_tokens:  # speculative decoding, since the engine started (as vLLM's names)
+            accepted = stats.spec_num_accepted_tokens
+            parts += ["Draft acceptance rate: %.1f%%", "Mean acceptance length: %.2f"]
+            args += [accepted / draft_tokens * 100, 1 + accepted / max(stats.spec_num_drafts, 1)]
         logger.info(", ".join(parts), *args)
 
     async def run(self) -> None:

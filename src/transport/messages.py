@@ -220,7 +220,11 @@ class ExecuteStep:
 
     ``bitmask_req_ids`` are the constrained requests (structured output) that sample in this
     step; row i of ``bitmask`` (int32 [len(bitmask_req_ids), ceil(vocab / 32)]) is the token mask
-    of ``bitmask_req_ids[i]``: bit j of word w set = token 32 * w + j may be sampled."""
+    of ``bitmask_req_ids[i]``: bit j of word w set = token 32 * w + j may be sampled.
+
+    Speculative decoding: ``spec_token_ids[i]`` are the k draft tokens of ``spec_req_ids[i]``;
+    that request's chunk is its last token then these drafts (1 + k tokens, the drafts not in
+    its token list), and its step verifies them (worker/speculative.py)."""
 
     TAG: ClassVar[int] = 7
     step_id: int
@@ -229,11 +233,18 @@ class ExecuteStep:
     finished_ids: list[str]
     bitmask_req_ids: list[str] = dataclasses.field(default_factory=list)
     bitmask: TensorPayload | None = None
+    spec_req_ids: list[str] = dataclasses.field(default_factory=list)
+    spec_token_ids: list[list[int]] = dataclasses.field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
 class StepResult:
-    """Output rank -> engine: the tokens sampled in a step, in the step's request order."""
+    """Output rank -> engine: the tokens sampled in a step, in the step's request order.
+
+    Speculative decoding (a step with ``spec_req_ids``): ``spec_num_accepted[i]`` is how many
+    draft tokens of ``req_ids[i]`` were accepted (0 for a request without drafts) and
+    ``sampled_token_ids[i]`` the token after them (the correction or the bonus token);
+    ``spec_logprobs[i]`` the logprobs entries of the accepted drafts (when asked for)."""
 
     TAG: ClassVar[int] = 8
     step_id: int
@@ -241,6 +252,8 @@ class StepResult:
     sampled_token_ids: list[int]
     logprobs: list[SampleLogprobs | None] | None
     prompt_logprobs: list[PromptLogprobs] = dataclasses.field(default_factory=list)
+    spec_num_accepted: list[int] = dataclasses.field(default_factory=list)
+    spec_logprobs: list[list[SampleLogprobs]] = dataclasses.field(default_factory=list)
 
 
 Message = Union[

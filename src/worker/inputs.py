@@ -48,6 +48,10 @@ class BlockTable:
         self.num_blocks = 0
         self.append(block_ids)
 
+    def truncate(self, num_blocks: int) -> None:
+        """Keep the first ``num_blocks`` ids (speculative decoding: rejected drafts' blocks)."""
+        self.num_blocks = min(self.num_blocks, num_blocks)
+
     def array(self) -> np.ndarray:
         """A view of the current ids (int32 numpy)."""
         return self._buffer[: self.num_blocks]

@@ -57,6 +57,7 @@ from shardline.worker.sampler import (
     prompt_token_logprobs,
     sample,
 )
+from shardline.worker.speculative import verify
 
 logger = logging.getLogger(__name__)
 
@@ -143,6 +144,9 @@ class ModelRunner:
         self.keep_sampled_tokens = keep_sampled_tokens
         self.samples = self.is_output_rank or (keep_sampled_tokens and self.is_last_stage)
         self.requests: dict[str, RequestState] = {}
+        # Speculative decoding: requests whose last step verified draft tokens; their next diff
+        # may come with a shorter block table (the engine freed blocks of rejected drafts).
+        self._spec_rolled: set[str] = set()
         # Requests whose prompt positions still need scoring (prompt_logprobs): a step without
         # any costs one truth test.
         self._prompt_logprobs_pending: set[str] = set()
@@ -188,10 +192,14 @@ class ModelRunner:
             self.requests.pop(req_id, None)
             self._prompt_logprobs_pending.discard(req_id)
         # 2) apply the diffs
+        if self._spec_rolled:
+            self._roll_back_tables(step)
         chunks = [self._add_request(new) for new in step.new_requests]
         chunks += [self._update_request(cached) for cached in step.cached_requests]
         if not chunks:
             return self._result(step.step_id, [], None) if self.is_output_rank else None
+        if step.spec_req_ids:
+            return self._execute_speculative(step, chunks, timer)
         if timer:
             timer.lap("apply step diffs")
         # 3) forward
@@ -235,6 +243,90 @@ class ModelRunner:
         if not self.is_output_rank:
             return None
         return self._result(step.step_id, [s.req_id for s in states], out.token_ids, out.logprobs, prompt_logprobs)
+
+    # ----------------------------------------------------------------- speculative decoding
+    def _roll_back_tables(self, step: ExecuteStep) -> None:
+        """Shorten the block tables of requests whose drafts were rejected to the blocks their
+        computed tokens use (the engine freed the rest: `KVCacheManager.trim_to`)."""
+        rolled = self._spec_rolled
+        for req_id in step.finished_ids:
+            rolled.discard(req_id)
+        for cached in step.cached_requests:
+            if cached.req_id not in rolled:
+                continue
+            rolled.discard(cached.req_id)
+            state = self.requests.get(cached.req_id)
+            if state is None or cached.resumed:
+                continue
+            keep = -(-cached.num_computed_tokens // self.block_size)
+            state.block_table.truncate(keep)
+
+    def _execute_speculative(
+        self, step: ExecuteStep, chunks: list[ScheduledChunk], timer: _RunnerTimer | None
+    ) -> StepResult | None:
+        """A step whose chunks include draft tokens (``step.spec_req_ids``): one forward over
+        every chunk (a speculating request's query is its last token and its drafts), logits
+        of each draft position plus the last, then verification (worker/speculative.py)."""
+        drafts_by_id = dict(zip(step.spec_req_ids, step.spec_token_ids, strict=True))
+        self._spec_rolled.update(drafts_by_id)
+        extended = []
+        for chunk in chunks:
+            chunk_drafts = drafts_by_id.get(chunk.state.req_id)
+            if chunk_drafts:
+                chunk.state.token_ids.extend(chunk_drafts)  # for this step's inputs only
+                extended.append((chunk.state, len(chunk_drafts)))
+        try:
+            inputs = build_step_inputs(chunks, block_size=self.block_size, device=self.device)
+            with torch.inference_mode():
+                hidden = self._forward(inputs)
+        finally:
+            for state, count in extended:
+                del state.token_ids[-count:]
+        for chunk in chunks:
+            chunk.state.num_computed_tokens = chunk.num_computed + chunk.num_scheduled
+        if timer:
+            timer.lap("forward (speculative)")
+        if not self.is_last_stage:
+            return None
+        prompt_logprobs: list[PromptLogprobs] = []
+        if self._prompt_logprobs_pending:
+            with torch.inference_mode():
+                prompt_logprobs = self._prompt_logprobs(chunks, inputs.attn.query_start_loc_cpu, hidden)
+        states = inputs.sample_states
+        drafts = [drafts_by_id.get(s.req_id, []) for s in states]
+        rows = [r for last, d in zip(inputs.sample_indices.tolist(), drafts, strict=True)
+                for r in range(last - len(d), last + 1)]
+        with torch.inference_mode():
+            logits = self.model.compute_logits(hidden[torch.tensor(rows, dtype=torch.int64, device=hidden.device)])
+            if not self.samples:
+                return None
+            sampling = [s.sampling for s in states]
+            if any(s is None for s in sampling):
+                raise RuntimeError("a sampling request has no sampler state on a sampling rank")
+            masks = None
+            if step.bitmask_req_ids:
+                if step.bitmask is None:
+                    raise ValueError("ExecuteStep lists bitmask_req_ids without a bitmask")
+                masks = (step.bitmask_req_ids, step.bitmask.to_numpy())
+            out = verify(logits, [s for s in sampling if s is not None], drafts, [s.req_id for s in states],
+                         with_logprobs=self.is_output_rank, masks=masks)
+        if self.keep_sampled_tokens:
+            for state, token_ids in zip(states, out.token_ids, strict=True):
+                state.append_tokens(token_ids)
+        if timer:
+            timer.lap("verify")
+        if not self.is_output_rank:
+            return None
+        logprobs = None
+        spec_logprobs: list[list[SampleLogprobs]] = []
+        if out.logprobs is not None:
+            logprobs = [None if e is None else e[-1] for e in out.logprobs]
+            spec_logprobs = [[] if e is None else e[:-1] for e in out.logprobs]
+        return StepResult(
+            step_id=step.step_id, req_ids=[s.req_id for s in states],
+            sampled_token_ids=[t[-1] for t in out.token_ids], logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs, spec_num_accepted=out.num_accepted, spec_logprobs=spec_logprobs,
+        )
 
     def _prompt_logprobs(self, chunks: list[ScheduledChunk], query_starts: list[int], hidden: Any) -> list[PromptLogprobs]:
         """Score the prompt positions of this step's chunks for requests that asked.

@@ -161,15 +161,17 @@ def test_mutated_encodings_never_raise_anything_else(msg: object, data: st.DataO
                 [],
                 [],
                 None,
+                [],
+                [],
             ],
             r"ExecuteStep.new_requests\[0\].prompt_token_ids\[1\]: expected int, got str",
         ),
         (
-            [7, 1, [["r", [1], [1.0, "k", 1.0, 0.0, None, 0.0, 0.0, 1.0, None, [], [], 0, [], None], [], 0, 1]], [], [], [], None],
+            [7, 1, [["r", [1], [1.0, "k", 1.0, 0.0, None, 0.0, 0.0, 1.0, None, [], [], 0, [], None], [], 0, 1]], [], [], [], None, [], []],
             r"ExecuteStep.new_requests\[0\].sampling.top_k: expected int, got str",
         ),
         (
-            [8, 1, ["a"], [2], [[0.5, [1], "x", None]], []],
+            [8, 1, ["a"], [2], [[0.5, [1], "x", None]], [], [], []],
             r"StepResult.logprobs\[0\].top_logprobs: expected list, got str",
         ),
     ],
@@ -187,7 +189,7 @@ def test_non_array_and_trailing_bytes_are_refused() -> None:
 
 
 def test_float_fields_accept_integers_from_other_peers() -> None:
-    wire = [8, 1, ["a"], [2], [[-1, [3], [0], 1]], []]
+    wire = [8, 1, ["a"], [2], [[-1, [3], [0], 1]], [], [], []]
     msg = decode(msgpack.packb(wire))
     assert isinstance(msg, StepResult) and msg.logprobs is not None
     assert msg.logprobs[0] == SampleLogprobs(-1.0, [3], [0.0], 1)

@@ -129,6 +129,7 @@ class EngineCollector(Collector):
         yield success
         yield from self._histograms(labels, replicas)
         yield from self._cache_config(engine, labels, replicas)
+        yield from spec_decode_families(engine, labels, replicas)  # (H14's region below)
 
     def _histograms(self, labels: Sequence[list[str]], replicas: Sequence[Any]) -> Iterator[Metric]:
         for name, help_text in HISTOGRAMS.items():
@@ -163,6 +164,43 @@ class EngineCollector(Collector):
         for values, stats in zip(labels, replicas, strict=True):
             info.add_metric([*values, *known.values(), str(stats.num_kv_blocks_total)], 1.0)
         return [info]
+
+
+# -- speculative decoding (H14; engine/speculative.py) ----------------------------------------
+
+SPEC_DECODE_COUNTERS: tuple[tuple[str, str, str], ...] = (
+    ("spec_num_drafts", "spec_decode_num_drafts", "Number of spec decoding drafts."),
+    ("spec_num_draft_tokens", "spec_decode_num_draft_tokens", "Number of draft tokens."),
+    ("spec_num_accepted_tokens", "spec_decode_num_accepted_tokens", "Number of accepted tokens."),
+)
+
+
+def spec_decode_families(engine: Any, labels: Sequence[list[str]], replicas: Sequence[Any]) -> Iterator[Metric]:
+    """vLLM's spec_decode counters, exported (as vLLM) only when speculative decoding is on:
+    drafts, draft tokens, accepted tokens, and accepted tokens by draft position."""
+    spec = getattr(getattr(engine, "config", None), "speculative", None)
+    if spec is None:
+        return
+    for attr, name, help_text in SPEC_DECODE_COUNTERS:
+        family = CounterMetricFamily(PREFIX + name, help_text, labels=LABELS)
+        totals = [float(getattr(stats, attr, 0)) for stats in replicas]
+        yield _filled(family, [(values, total) for values, total in zip(labels, totals, strict=True)])
+    per_pos = CounterMetricFamily(
+        PREFIX + "spec_decode_num_accepted_tokens_per_pos",
+        "Accepted tokens per draft position.",
+        labels=(*LABELS, "position"),
+    )
+    for values, stats in zip(labels, replicas, strict=True):
+        accepted: Mapping[int, int] = getattr(stats, "spec_accepted_per_pos", {})
+        for position in range(spec.num_speculative_tokens):
+            per_pos.add_metric([*values, str(position)], float(accepted.get(position, 0)))
+    yield per_pos
+
+
+def _filled(family: CounterMetricFamily, samples: Sequence[tuple[list[str], float]]) -> CounterMetricFamily:
+    for values, value in samples:
+        family.add_metric(values, value)
+    return family
 
 
 def _le(bound: float) -> str:
