@@ -155,7 +155,8 @@ class Engine:
 
     def _make_scheduler(self, num_kv_blocks: int) -> Scheduler:
         cfg = self.config
-        kv = KVCacheManager(num_kv_blocks, cfg.block_size, enable_prefix_caching=cfg.enable_prefix_caching)
+        kv = KVCacheManager(num_kv_blocks, cfg.block_size, enable_prefix_caching=cfg.enable_prefix_caching,
+                            sliding_window=self._location.kv_sliding_window)
         return Scheduler(
             SchedulerConfig(
                 max_num_seqs=cfg.max_num_seqs,

@@ -21,6 +21,17 @@ A full block's hash is `H(parent_hash, token_ids, extra)` (blake2b over a fixed 
 equal hashes mean equal whole prefixes. Hashes are registered only for blocks whose tokens the
 workers have computed (`cache_full_blocks`, called by the scheduler after a step finished), so
 a hit never points at K/V that are not written yet.
+
+Sliding window (issue 24): for a model whose every layer attends over the same window of W
+tokens (Mistral with `sliding_window`), a query at position p reads keys from p - W + 1 on, so
+a request's leading blocks that lie wholly before the window of its next position are given
+back to the pool as it grows (`allocate_slots` does it first, for blocks a finished step wrote):
+a long generation holds about W / block_size blocks. The request's table keeps their ids as
+stale entries (positions stay aligned with the workers' tables; the attention never reads a
+block before the window), counted by `num_released_blocks`. A released block keeps its prefix
+hash, as a finished request's blocks do (vLLM's sliding-window manager keeps it too): it sits
+in the free list, evictable, and a later request with the same prefix still hits it until it
+is reused. Models with any global layer (Gemma) keep every block.
 """
 
 from __future__ import annotations
@@ -45,7 +56,13 @@ def hash_block(parent_hash: bytes | None, token_ids: list[int], extra: bytes = b
 class KVCacheManager:
     """Block pool with reference counts and a hash -> block map for prefix caching."""
 
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int,
+        enable_prefix_caching: bool = True,
+        sliding_window: int | None = None,
+    ):
         if num_blocks < 1:
             raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
         if block_size < 1:
@@ -61,6 +78,7 @@ class KVCacheManager:
         self._tables: dict[str, list[int]] = {}
         # Per request: how many leading blocks of its table are known to hold a hash.
         self._hashed_prefix: dict[str, int] = {}
+        self._init_window(sliding_window)
 
     # -- sizes ---------------------------------------------------------------------------------
 
@@ -135,6 +153,8 @@ class KVCacheManager:
         * block_size + num_new_tokens` tokens. Returns the block ids appended to the table
         (prefix-hit blocks first), or None, with no side effects, when the pool is short.
         """
+        if self.sliding_window is not None:
+            self._release_outside_window(request)
         table = self._tables.get(request.request_id, [])
         if not new_computed_blocks and table:
             # Decode fast path: most steps fit in the blocks the request already holds.
@@ -148,18 +168,22 @@ class KVCacheManager:
             request.num_computed_tokens + len(computed) * self.block_size + num_new_tokens
         )
         num_fresh = self.blocks_needed(total_tokens) - len(table) - len(computed)
+        # Hit blocks before the window are not taken (stale entries from the start).
+        skip = self._hit_blocks_before_window(request, computed) if computed else 0
         # Touching a free cached block removes it from the free list too.
-        num_revived = sum(1 for b in computed if self._ref_cnt[b] == 0)
+        num_revived = sum(1 for b in computed[skip:] if self._ref_cnt[b] == 0)
         if num_fresh > len(self._free) - num_revived:
             return None
 
-        for block_id in computed:
+        for block_id in computed[skip:]:
             if self._ref_cnt[block_id] == 0:
                 del self._free[block_id]
             self._ref_cnt[block_id] += 1
         fresh = [self._pop_free_block() for _ in range(max(num_fresh, 0))]
         new_blocks = computed + fresh
         self._tables.setdefault(request.request_id, []).extend(new_blocks)
+        if skip:
+            self._released[request.request_id] = skip
         return new_blocks
 
     def _pop_free_block(self) -> int:
@@ -180,16 +204,22 @@ class KVCacheManager:
         with a later step already scheduled can pass the finished step's count. A block whose
         content is already cached under another block id stays un-hashed (one block per hash).
         """
+        if num_computed_tokens is None:
+            num_computed_tokens = request.num_computed_tokens
+        if self.sliding_window is not None:
+            self._settled[request.request_id] = num_computed_tokens
         if not self.enable_prefix_caching:
             return
         table = self._tables.get(request.request_id)
         if not table:
             return
-        if num_computed_tokens is None:
-            num_computed_tokens = request.num_computed_tokens
         # Blocks before `hashed` are known to hold a hash (a held block keeps it until
         # reset_prefix_cache), so each step only looks at blocks that became full since.
-        hashed = self._hashed_prefix.get(request.request_id, 0)
+        # (released blocks may have been reused: never hashed from here)
+        hashed = max(
+            self._hashed_prefix.get(request.request_id, 0),
+            self._released.get(request.request_id, 0),
+        )
         if (hashed + 1) * self.block_size > num_computed_tokens:
             return  # the common decode step: no block became full
         num_computed_tokens = min(num_computed_tokens, request.num_tokens)
@@ -216,9 +246,11 @@ class KVCacheManager:
         """Release the request's blocks; cached ones keep their hash until evicted."""
         table = self._tables.pop(request_id, None)
         self._hashed_prefix.pop(request_id, None)
+        released = self._released.pop(request_id, 0)
+        self._settled.pop(request_id, None)
         if not table:
             return
-        for block_id in reversed(table):
+        for block_id in reversed(table[released:]):
             self._ref_cnt[block_id] -= 1
             if self._ref_cnt[block_id] == 0:
                 self._free[block_id] = None
@@ -229,6 +261,91 @@ class KVCacheManager:
             self._block_hash[block_id] = None
         self._cached.clear()
         self._hashed_prefix.clear()
+
+    # -- sliding window (issue 24) -------------------------------------------------------------
+
+    def _init_window(self, sliding_window: int | None) -> None:
+        if sliding_window is not None and sliding_window < 1:
+            raise ValueError(f"sliding_window must be >= 1, got {sliding_window}")
+        # Every layer's window in tokens (None: some layer reads the whole context).
+        self.sliding_window = sliding_window
+        # Tokens a request's next position may move back (rejected speculative tokens):
+        # blocks are released for the window of num_computed_tokens - window_margin.
+        self.window_margin = 0
+        # Per request: leading table entries given back (stale ids), and tokens whose K/V a
+        # finished step wrote (`cache_full_blocks`): only those blocks are released, so a
+        # block is hashed (when it can be) before it goes back to the pool.
+        self._released: dict[str, int] = {}
+        self._settled: dict[str, int] = {}
+
+    def num_released_blocks(self, request_id: str) -> int:
+        """How many leading entries of the request's table were given back (stale ids)."""
+        return self._released.get(request_id, 0)
+
+    def held_block_ids(self, request_id: str) -> list[int]:
+        """The blocks the request holds now: its table without the released entries."""
+        return self._tables.get(request_id, [])[self.num_released_blocks(request_id) :]
+
+    def _first_needed_position(self, request: Request) -> int:
+        """The first key position the request's next queries may read."""
+        assert self.sliding_window is not None
+        return request.num_computed_tokens - self.window_margin - self.sliding_window + 1
+
+    def _release_outside_window(self, request: Request) -> None:
+        """Give back the request's leading blocks wholly before the window of its next
+        position whose K/V a finished step wrote (a released block keeps its hash)."""
+        req_id = request.request_id
+        table = self._tables.get(req_id)
+        if not table:
+            return
+        limit = min(self._first_needed_position(request), self._settled.get(req_id, 0))
+        end = min(limit // self.block_size, len(table))
+        start = self._released.get(req_id, 0)
+        if end <= start:
+            return
+        for block_id in reversed(table[start:end]):  # tail first, as `free` (LRU order)
+            self._ref_cnt[block_id] -= 1
+            if self._ref_cnt[block_id] == 0:
+                self._free[block_id] = None
+        self._released[req_id] = end
+
+    def blocks_to_hold(self, num_tokens: int, max_step_tokens: int) -> int:
+        """The most blocks a request of `num_tokens` tokens holds at once when steps compute
+        at most `max_step_tokens` of its tokens: all of them without a window; with one, its
+        window (plus the margin), the step's tokens and one step in flight (whose blocks are
+        released only once it finished), rounded to blocks."""
+        needed = self.blocks_needed(num_tokens)
+        if self.sliding_window is None:
+            return needed
+        reach = max(self.sliding_window - 1 + self.window_margin, max_step_tokens)
+        return min(needed, (reach + max_step_tokens) // self.block_size + 2)
+
+    def _hit_blocks_before_window(self, request: Request, computed: list[int]) -> int:
+        """How many leading prefix-hit blocks lie wholly before the window of the first
+        position after the hit (0 without a window); the hit counts as written K/V."""
+        if self.sliding_window is None:
+            return 0
+        start = request.num_computed_tokens + len(computed) * self.block_size
+        self._settled[request.request_id] = start
+        first_needed = start - self.window_margin - self.sliding_window + 1
+        return max(0, min(first_needed // self.block_size, len(computed)))
+
+    def _check_window_invariants(self, live: dict[str, Request]) -> None:
+        """8. Released entries exist only with a window and lie wholly before the window of
+        the request's next position (the attention never needs them again)."""
+        for req_id, released in self._released.items():
+            if req_id not in self._tables or req_id not in live:
+                raise AssertionError(
+                    f"inv8: request {req_id} holds no table but has released blocks"
+                )
+            if self.sliding_window is None:
+                raise AssertionError(f"inv8: request {req_id} released blocks without a window")
+            first_needed = self._first_needed_position(live[req_id])
+            if released * self.block_size > max(0, first_needed):
+                raise AssertionError(
+                    f"inv8: request {req_id} released {released} blocks but its window starts "
+                    f"at position {first_needed}"
+                )
 
     # -- speculative decoding (H14): rolling back rejected draft tokens' slots ------------------
 
@@ -263,9 +380,11 @@ class KVCacheManager:
         free_set = set(self._free)
         holders: dict[int, list[tuple[str, int]]] = {}
         for req_id, table in self._tables.items():
-            if len(set(table)) != len(table):
-                raise AssertionError(f"request {req_id} holds a block twice: {table}")
-            for position, block_id in enumerate(table):
+            released = self._released.get(req_id, 0)
+            in_use = table[released:]
+            if len(set(in_use)) != len(in_use):
+                raise AssertionError(f"request {req_id} holds a block twice: {in_use}")
+            for position, block_id in enumerate(in_use, start=released):
                 holders.setdefault(block_id, []).append((req_id, position))
 
         # 1. free + in use = total: no block is both free and in a table, none is neither.
@@ -314,6 +433,7 @@ class KVCacheManager:
                     f"inv5: request {req_id} has {request.num_computed_tokens} tokens with KV "
                     f"but {len(table)} blocks (expected {expected})"
                 )
+        self._check_window_invariants(live)
         # The incremental hash chain of every live request is the chain of its tokens,
         # recomputed here from scratch for all its full blocks.
         chains: dict[str, list[bytes]] = {}

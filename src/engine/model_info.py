@@ -120,6 +120,14 @@ class ModelLocation:
     def max_model_len(self) -> int:
         return int(self.model_config.max_model_len)
 
+    @property
+    def kv_sliding_window(self) -> int | None:
+        """The window every layer attends over (None: some layer reads the whole context):
+        the KV cache gives back blocks before a request's window only with one (issue 24)."""
+        from shardline.model.config import uniform_sliding_window
+
+        return uniform_sliding_window(self.model_config.hf_config)
+
 
 def locate_model(config: EngineConfig) -> ModelLocation:
     """Resolve `config.model` (fetching the default model on first use), read its config and

@@ -265,6 +265,14 @@ def sliding_windows(hf_config: Any) -> list[int | None]:
             for kind in layer_types(hf_config)]
 
 
+def uniform_sliding_window(hf_config: Any) -> int | None:
+    """The window every layer attends over, or None when some layer is global (Gemma's mixed
+    layers) or there is none: only then may the engine give back the KV blocks before a
+    request's window (engine/kv_cache.py)."""
+    windows = set(sliding_windows(hf_config))
+    return next(iter(windows)) if len(windows) == 1 and None not in windows else None
+
+
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "dynamic", "longrope")
 
 

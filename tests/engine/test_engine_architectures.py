@@ -8,10 +8,10 @@ from __future__ import annotations
 import pathlib
 
 import pytest
-import torch
 
 from shardline.engine import Engine, EngineConfig, SamplingParams
 from shardline.engine.config import ConfigError
+from support import hf_tiny
 from support.generation import generate_all
 from support.hf_tiny import ARCHITECTURES, make_hf_model_dir
 
@@ -21,22 +21,7 @@ MAX_TOKENS = 12
 
 def hf_greedy(path: pathlib.Path) -> list[list[int]]:
     """transformers' `generate` greedy continuation of each prompt, alone."""
-    from transformers import AutoModelForCausalLM, GenerationConfig
-
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    greedy = GenerationConfig(
-        max_new_tokens=MAX_TOKENS,
-        min_new_tokens=MAX_TOKENS,
-        do_sample=False,
-        pad_token_id=256,
-        eos_token_id=256,
-    )
-    with torch.no_grad():
-        runs = [
-            model.generate(torch.tensor([p]), greedy, attention_mask=torch.ones(1, len(p)))
-            for p in PROMPTS
-        ]
-    return [run[0, len(p) :].tolist() for run, p in zip(runs, PROMPTS, strict=True)]
+    return hf_tiny.hf_greedy(path, PROMPTS, MAX_TOKENS)
 
 
 def config(path: pathlib.Path, **kw: object) -> EngineConfig:

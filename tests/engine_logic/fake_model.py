@@ -66,6 +66,11 @@ class FakeWorker:
     block_size: int
     vocab_size: int
     keep_sampled: bool = False  # append sampled tokens itself (SchedulerConfig.workers_keep_sampled)
+    # A sliding-window model's window: computing position p also reads (and checks against the
+    # values its tokens imply) every cached position from p - window + 1 on, so a block the
+    # engine released while the window still covers it -- and another request overwrote --
+    # is caught. None: only the previous position is read.
+    window: int | None = None
     requests: dict[str, _WorkerRequest] = field(default_factory=dict)
     cache: dict[int, int] = field(default_factory=dict)  # slot -> fake K/V value
 
@@ -109,7 +114,15 @@ class FakeWorker:
             end = start + count
             if end > len(state.tokens):
                 raise AssertionError(f"{req_id}: computes up to {end}, knows {len(state.tokens)}")
+            expected = self._window_values(state, start, end)
             for position in range(start, end):
+                for key_pos in range(max(0, position - (self.window or 1) + 1), position):
+                    value = self.cache.get(self._slot(state, key_pos))
+                    if value != expected[key_pos]:
+                        raise AssertionError(
+                            f"{req_id}: K/V at {key_pos} (in the window of {position}) "
+                            "was overwritten or never written"
+                        )
                 previous = _SEED
                 if position > 0:
                     previous_slot = self._slot(state, position - 1)
@@ -123,3 +136,15 @@ class FakeWorker:
                 if self.keep_sampled:
                     state.tokens.append(sampled[req_id])
         return sampled
+
+    def _window_values(self, state: _WorkerRequest, start: int, end: int) -> dict[int, int]:
+        """The K/V values the positions a window reads must hold (empty without a window)."""
+        if self.window is None:
+            return {}
+        values: dict[int, int] = {}
+        value = _SEED
+        for position, token in enumerate(state.tokens[:end]):
+            value = kv_value(value, token)
+            if position >= start - self.window:
+                values[position] = value
+        return values

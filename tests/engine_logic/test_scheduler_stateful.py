@@ -50,7 +50,14 @@ SHARED_PREFIXES = [[], _SYSTEM[:8], _SYSTEM[:13], _SYSTEM[:18], _SYSTEM]
 
 # What a run of the machine is meant to exercise; test_machine_exercises_every_event checks
 # that each happens in at least MIN_EVENT_SHARE of the examples.
-EVENTS = ("preemption", "prefix-cache hit", "LRU eviction", "abort of a preempted request", "chunked prefill")
+EVENTS = (
+    "preemption",
+    "prefix-cache hit",
+    "LRU eviction",
+    "abort of a preempted request",
+    "chunked prefill",
+    "sliding-window release",
+)
 MIN_EVENT_SHARE = 0.2
 
 # The arguments of one add_request.
@@ -82,6 +89,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.num_evictions = 0
         self.num_chunks = 0
         self.num_preempted_aborts = 0
+        self.num_window_releases = 0
 
     # Each example's teardown appends the EVENTS it saw, while a test collects them.
     event_log: list[frozenset[str]] | None = None
@@ -96,6 +104,8 @@ class SchedulerMachine(RuleBasedStateMachine):
         budget_extra=st.sampled_from([0, 1, 2, 4, 8, 16]) | st.integers(0, 64),
         prefix_caching=st.sampled_from([True, True, True, False]),
         mode=st.sampled_from(["sync", "keep", "async"]),
+        # A sliding-window model (every layer): blocks before the window go back to the pool.
+        window=st.sampled_from([None, 2, 3, 5, 8]),
         initial=st.lists(st.fixed_dictionaries(REQUEST), min_size=2, max_size=8),
         drain_seed=st.integers(0, 2**32 - 1),
     )
@@ -108,6 +118,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         budget_extra: int,
         prefix_caching: bool,
         mode: str,
+        window: int | None,
         initial: list[dict[str, Any]],
         drain_seed: int,
     ) -> None:
@@ -122,9 +133,17 @@ class SchedulerMachine(RuleBasedStateMachine):
             workers_keep_sampled=mode != "sync",
             async_scheduling=mode == "async",
         )
-        self.kv = KVCacheManager(num_blocks, block_size, prefix_caching)
+        self.kv = KVCacheManager(num_blocks, block_size, prefix_caching, sliding_window=window)
         self.scheduler = Scheduler(self.config, self.kv)
-        self.worker = FakeWorker(num_blocks, block_size, VOCAB, keep_sampled=mode != "sync")
+        self.worker = FakeWorker(
+            num_blocks, block_size, VOCAB, keep_sampled=mode != "sync", window=window
+        )
+        # With a window, what a running request may hold: the window, one step's tokens and
+        # one step in flight (whose blocks are not released before it finished), block-rounded.
+        budget = self.config.max_num_batched_tokens
+        self.held_bound = (
+            None if window is None else (max(window, budget) + budget) // block_size + 3
+        )
         # Upper bound on steps a running request can wait: everything ahead of it in the
         # running list needs at most max_model_len tokens each.
         self.progress_bound = (
@@ -221,6 +240,9 @@ class SchedulerMachine(RuleBasedStateMachine):
         cached_before = self.kv.num_cached_blocks
         out = self.scheduler.schedule()
         self.num_evictions += cached_before - self.kv.num_cached_blocks
+        self.num_window_releases += sum(
+            self.kv.num_released_blocks(r.request_id) for r in self.scheduler.running
+        )
         self.step_count += 1
         self._check_step(out, running_before)
         # The engine sends only non-empty steps; the worker runs them in order.
@@ -315,6 +337,12 @@ class SchedulerMachine(RuleBasedStateMachine):
         if not hasattr(self, "kv"):
             return
         self.kv.check_invariants(self.scheduler.running)
+        if self.held_bound is not None:
+            for request in self.scheduler.running:
+                held = self.kv.held_block_ids(request.request_id)
+                assert len(held) <= self.held_bound, (
+                    f"{request.request_id} holds {len(held)} blocks"
+                )
         for request in self.scheduler.waiting:
             assert self.kv.get_block_ids(request.request_id) == []
             assert request.num_computed_tokens == 0
@@ -375,6 +403,7 @@ class SchedulerMachine(RuleBasedStateMachine):
             self.num_evictions,
             self.num_preempted_aborts,
             self.num_chunks,
+            self.num_window_releases,
         )
         SchedulerMachine.event_log.append(frozenset(e for e, n in zip(EVENTS, counts, strict=True) if n))
 

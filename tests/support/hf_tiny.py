@@ -84,16 +84,25 @@ ARCHITECTURES: dict[str, tuple[str, str, dict[str, Any]]] = {
     ),
 }
 MOE_ARCHITECTURES = ("MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM")
+# Every layer sliding (the engine gives back the KV blocks before each request's window).
+WINDOWED_ARCHITECTURES: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "MistralForCausalLM": (
+        "MistralConfig",
+        "MistralForCausalLM",
+        {"sliding_window": SLIDING_WINDOW},
+    ),
+}
 
 
 def make_hf_model_dir(
     path: str | os.PathLike[str], arch: str, seed: int = 0, **overrides: Any
 ) -> pathlib.Path:
-    """Write a random-weight checkpoint of `arch` (a key of ARCHITECTURES) with a tokenizer."""
+    """Write a random-weight checkpoint of `arch` (a key of ARCHITECTURES or
+    WINDOWED_ARCHITECTURES) with a tokenizer."""
     import torch
     import transformers
 
-    config_name, model_name, values = ARCHITECTURES[arch]
+    config_name, model_name, values = {**ARCHITECTURES, **WINDOWED_ARCHITECTURES}[arch]
     config = getattr(transformers, config_name)(**{**COMMON, **values, **overrides})
     torch.manual_seed(seed)
     model = getattr(transformers, model_name)(config).to(torch.float32).eval()
@@ -111,3 +120,27 @@ def make_hf_model_dir(
     model.save_pretrained(out)
     write_tiny_tokenizer(out)
     return out
+
+
+def hf_greedy(
+    path: str | os.PathLike[str], prompts: list[list[int]], max_tokens: int
+) -> list[list[int]]:
+    """transformers' `generate` greedy continuation of each prompt, alone (exactly
+    `max_tokens`, EOS 256 ignored)."""
+    import torch
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    greedy = GenerationConfig(
+        max_new_tokens=max_tokens,
+        min_new_tokens=max_tokens,
+        do_sample=False,
+        pad_token_id=256,
+        eos_token_id=256,
+    )
+    with torch.no_grad():
+        runs = [
+            model.generate(torch.tensor([p]), greedy, attention_mask=torch.ones(1, len(p)))
+            for p in prompts
+        ]
+    return [run[0, len(p) :].tolist() for run, p in zip(runs, prompts, strict=True)]
