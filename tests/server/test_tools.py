@@ -401,3 +401,26 @@ async def test_echo_leads_the_content_beside_tool_calls(
     choice = (await client.post("/v1/chat/completions", json=body)).json()["choices"][0]
     assert choice["message"]["content"] == "Sure. Let me look."
     assert choice["finish_reason"] == "tool_calls" and len(choice["message"]["tool_calls"]) == 1
+
+
+async def test_the_returned_message_goes_back_as_it_came(
+    oai: openai.AsyncOpenAI, fake_engine: FakeEngine
+) -> None:
+    """OpenAI's documented loop: append the response's message object and the tool's result."""
+    fake_engine.script = f"[{CALL}]"
+    first = await chat(oai, tools=TOOLS, tool_choice="required")
+    message = first.choices[0].message
+    call = message.tool_calls[0]
+    fake_engine.script = "It is -3 C."
+    messages = [*ASK, message, {"role": "tool", "tool_call_id": call.id, "content": "-3 C"}]
+    final = await chat(oai, tools=TOOLS, messages=messages)
+    assert final.choices[0].message.content == "It is -3 C."
+    sent = fake_engine.last_messages
+    assert sent is not None and sent[-2]["tool_calls"] == [
+        {
+            "id": call.id,
+            "type": "function",
+            "function": {"name": "weather", "arguments": {"city": "Oslo"}},
+        }
+    ]
+    assert sent[-1] == {"role": "tool", "content": "-3 C", "tool_call_id": call.id}
