@@ -205,7 +205,7 @@ class Executor:
         )
         try:
             await self._ray.place(cfg.ray_address, cfg.worker_start_timeout)
-        except TimeoutError as exc:
+        except (TimeoutError, ConnectionError) as exc:
             raise WorkerFailure(None, str(exc)) from exc
         remote = self._ray.remote_ranks if cfg.transport == "shm" else list(range(cfg.world_size))
         self._channels = await open_engine_channels(

@@ -101,11 +101,12 @@ def connect(address: str | None) -> None:
 
     if ray.is_initialized():
         return
-    ray.init(
-        address=address or os.environ.get("RAY_ADDRESS") or None,
-        include_dashboard=False,
-        logging_level=logging.WARNING,
-    )
+    target = address or os.environ.get("RAY_ADDRESS") or None
+    try:
+        ray.init(address=target, include_dashboard=False, logging_level=logging.WARNING)
+    except Exception as exc:  # noqa: BLE001 - ray.init raises ValueError, ConnectionError, RuntimeError...
+        where = f"the Ray cluster at {target!r}" if target else "a new local Ray instance"
+        raise ConnectionError(f"cannot join {where}: {type(exc).__name__}: {exc}") from exc
 
 
 async def _resolve(ref: Any) -> Any:
@@ -156,7 +157,8 @@ class RayRanks:
 
     async def place(self, address: str | None, wait_s: float) -> None:
         """Join the cluster, reserve the placement group (within `wait_s` seconds) and create
-        one actor per rank; raises TimeoutError naming what could not be placed."""
+        one actor per rank; raises ConnectionError when the cluster cannot be joined and
+        TimeoutError naming what could not be placed."""
         import ray
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy

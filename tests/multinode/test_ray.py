@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import subprocess
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -279,3 +280,28 @@ async def test_lost_node_whose_ranks_cannot_be_placed_again_fails_the_requests_c
     finally:
         cluster.add_node(**_NODE)
         cluster.wait_for_nodes()
+
+
+def test_unreachable_ray_address_fails_the_start_naming_it(tiny_llama_dir: pathlib.Path) -> None:
+    """A `--ray-address` Ray cannot join: the command fails with one line naming it (in its own
+    process: this one has joined the test cluster already)."""
+    argv = ["generate", "hi", "--model", str(tiny_llama_dir), "--max-tokens", "3"]
+    argv += ["--distributed-executor-backend", "ray", "--ray-address", "not a cluster"]
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from shardline.engine.cli import main; sys.exit(main())",
+            *argv,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
+    )
+    assert done.returncode == 1, done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith(
+        "shardline generate: worker group failed: cannot join the Ray cluster at 'not a cluster'"
+    ), last
