@@ -14,7 +14,7 @@ Reported per engine, as medians over the rounds:
   (1 + accepted tokens per verified draft, vLLM's definition);
 * whether the two engines produced the same tokens (greedy: they must).
 
-    python benchmarks/speculative.py [--rounds 5] [--max-tokens 160] [--k 4]
+    python benchmarks/speculative.py [--rounds 5] [--max-tokens 160] [--k 4] [--lookup-min 1]
 """
 
 from __future__ import annotations
@@ -73,13 +73,14 @@ async def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=160)
     parser.add_argument("--k", type=int, default=4, help="num_speculative_tokens")
     parser.add_argument("--lookup-max", type=int, default=4)
+    parser.add_argument("--lookup-min", type=int, default=1)
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
     spec = {
         "method": "ngram",
         "num_speculative_tokens": args.k,
         "prompt_lookup_max": args.lookup_max,
-        "prompt_lookup_min": 1,
+        "prompt_lookup_min": args.lookup_min,
     }
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0)
     plain_cfg = EngineConfig(model=args.model, max_model_len=2048, log_stats_interval=0)

@@ -186,8 +186,8 @@ class EngineConfig:
     """Speculative decoding (as vLLM's --speculative-config, a JSON object): e.g.
     {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 1}
     drafts up to 4 tokens a decode step by prompt lookup and verifies them in one step (greedy
-    output unchanged; sampling keeps its distribution). Only method "ngram"; not with
-    pipeline_parallel_size > 1; turns async_scheduling off. Requests with structured output,
+    output unchanged; sampling keeps its distribution). Only method "ngram" (a draft model is
+    refused); turns async_scheduling off. Requests with structured output,
     logit_bias, min_tokens, penalties, or top-k/top-p/min-p sampling decode without drafts.
     Off by default (engine/speculative.py)."""
 
@@ -259,9 +259,6 @@ class EngineConfig:
             spec = SpeculativeConfig.parse(self.speculative_config)
         except SpeculativeConfigError as exc:
             raise ConfigError("speculative_config", str(exc)) from None
-        _require(self.pipeline_parallel_size == 1, "speculative_config",
-                 f"speculative decoding does not run with pipeline_parallel_size > 1 "
-                 f"(got {self.pipeline_parallel_size})")
         object.__setattr__(self, "speculative_config", spec)
 
     @property

@@ -90,7 +90,18 @@ class SpeculativeConfig:
             )
         if "method" not in value:
             raise SpeculativeConfigError("speculative_config needs a method (supported: ngram)")
-        return cls(**value)
+        if "num_speculative_tokens" not in value:
+            raise SpeculativeConfigError(
+                "speculative_config needs num_speculative_tokens (as vLLM)"
+            )
+        settings = dict(value)
+        # As vLLM: neither lookup bound given: both 5; one given: the other equals it.
+        low, high = settings.get("prompt_lookup_min"), settings.get("prompt_lookup_max")
+        if low is None and high is None:
+            low = high = 5
+        settings["prompt_lookup_min"] = high if low is None else low
+        settings["prompt_lookup_max"] = low if high is None else high
+        return cls(**settings)
 
 
 def speculates(params: SamplingParams) -> bool:

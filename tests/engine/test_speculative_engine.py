@@ -1,5 +1,5 @@
 """Speculative decoding (n-gram) end to end through Engine.generate: greedy tokens equal to the
-engine without speculation (tiny model on shm, TP=2; the default model on an input-grounded
+engine without speculation (tiny model on shm, TP=2, PP=2, tcp; the default model on an input-grounded
 prompt), logprobs, stop strings, max_tokens, streaming, preemption, a worker killed mid-stream,
 seeded sampling."""
 
@@ -48,13 +48,18 @@ async def _run(
     return tokens, engine
 
 
-async def test_greedy_equal_shm_and_tp2_and_streams_several_tokens(
+async def test_greedy_equal_shm_tp2_pp2_tcp_and_streams_several_tokens(
     tiny_llama_dir: pathlib.Path,
 ) -> None:
     reference, _ = await _run(_cfg(tiny_llama_dir), PROMPTS, GREEDY)
     with pytest.raises(ConfigError, match="draft_model"):  # refused, naming the method
         _cfg(tiny_llama_dir, speculative_config='{"method": "draft_model", "model": "x"}')
-    for extra in ({}, {"tensor_parallel_size": 2}):
+    for extra in (
+        {},
+        {"tensor_parallel_size": 2},
+        {"pipeline_parallel_size": 2},
+        {"transport": "tcp"},
+    ):
         cfg = _cfg(tiny_llama_dir, speculative_config=SPEC, **extra)
         async with await Engine.start(cfg) as engine:
             deltas: list[int] = []

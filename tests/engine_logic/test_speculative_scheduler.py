@@ -72,15 +72,19 @@ def test_config_parses_json_and_refuses_what_it_cannot_honour() -> None:
     cfg = EngineConfig(
         **tiny_config_kw, speculative_config='{"method": "ngram", "num_speculative_tokens": 3}'
     )  # type: ignore[arg-type]
-    assert cfg.speculative == SpeculativeConfig("ngram", 3, 4, 1)
+    assert cfg.speculative == SpeculativeConfig("ngram", 3, 5, 5)  # vLLM's lookup defaults
+    for given, bounds in (({"prompt_lookup_max": 3}, (3, 3)), ({"prompt_lookup_min": 2}, (2, 2))):
+        spec = SpeculativeConfig.parse({"method": "ngram", "num_speculative_tokens": 2, **given})
+        assert (spec.prompt_lookup_min, spec.prompt_lookup_max) == bounds
     assert EngineConfig(**tiny_config_kw).speculative is None  # type: ignore[arg-type]
     cases = {
         '{"method": "draft_model", "model": "x"}': "model",
         '{"method": "draft_model"}': "draft_model",
         '{"method": "eagle"}': "eagle",
         '{"num_speculative_tokens": 2}': "needs a method",
+        '{"method": "ngram"}': "needs num_speculative_tokens",
         '{"method": "ngram", "num_speculative_tokens": 0}': "num_speculative_tokens",
-        '{"method": "ngram", "prompt_lookup_min": 5, "prompt_lookup_max": 2}': "prompt_lookup_min",
+        '{"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 5, "prompt_lookup_max": 2}': "prompt_lookup_min",
         "{not json": "not valid JSON",
         "[1, 2]": "JSON object",
     }
@@ -88,11 +92,6 @@ def test_config_parses_json_and_refuses_what_it_cannot_honour() -> None:
         with pytest.raises(ConfigError, match=named) as info:
             EngineConfig(**tiny_config_kw, speculative_config=text)  # type: ignore[arg-type]
         assert info.value.field == "speculative_config"
-    with pytest.raises(ConfigError, match="pipeline_parallel_size") as info:
-        EngineConfig(
-            **tiny_config_kw, pipeline_parallel_size=2, speculative_config={"method": "ngram"}
-        )  # type: ignore[arg-type]
-    assert info.value.field == "speculative_config"
     with pytest.raises(SpeculativeConfigError, match="draft_model"):
         SpeculativeConfig("draft_model")
 
@@ -297,7 +296,9 @@ def test_metrics_families_and_stats_line(caplog: pytest.LogCaptureFixture) -> No
         spec_num_accepted_tokens=25,
         spec_accepted_per_pos={0: 9, 1: 7, 2: 5, 3: 4},
     )
-    config = EngineConfig(model="m", speculative_config={"method": "ngram"})
+    config = EngineConfig(
+        model="m", speculative_config={"method": "ngram", "num_speculative_tokens": 4}
+    )
     engine = SimpleNamespace(config=config, stats=lambda: stats)
     text = generate_latest(ServerMetrics(lambda: engine, model_name="m").registry).decode()
     labels = 'engine="0",model_name="m"'
