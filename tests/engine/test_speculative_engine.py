@@ -193,3 +193,51 @@ async def test_default_model_input_grounded_greedy_equal(smollm2_dir: pathlib.Pa
     assert (
         stats.spec_num_accepted_tokens > stats.spec_num_draft_tokens // 3
     )  # n-gram hits often here
+
+
+async def _scored_beside_greedy(
+    engine: Engine, prompt: str, scored: SamplingParams
+) -> tuple[list[int], list[object]]:
+    """PROMPTS[0] greedy, and `prompt` (with prompt logprobs) once the first has started."""
+    first: list[int] = []
+    started = anyio.Event()
+    prompt_lp: list[object] = []
+
+    async def speculating() -> None:
+        async for out in engine.generate(PROMPTS[0], GREEDY):
+            first[:] = out.token_ids
+            started.set()
+
+    async def scoring() -> None:
+        await started.wait()
+        tokens: list[int] = []
+        async for out in engine.generate(prompt, scored):
+            if out.prompt_logprobs is not None:
+                prompt_lp.extend(out.prompt_logprobs)
+            tokens = out.token_ids
+        prompt_lp.append(tokens)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(speculating)
+        tg.start_soon(scoring)
+    return first, prompt_lp
+
+
+async def test_prompt_logprobs_request_beside_a_speculating_one(
+    tiny_llama_dir: pathlib.Path,
+) -> None:
+    """A prefill with prompt logprobs in the same steps as another request's drafts: both get
+    what they get without speculation."""
+    long_prompt = "the cat sat on the mat and the dog sat on the log " * 3
+    scored = SamplingParams(max_tokens=4, temperature=0.0, prompt_logprobs=2)
+    results = {}
+    for spec in (False, True):
+        cfg = _cfg(tiny_llama_dir, **({"speculative_config": SPEC} if spec else {}))
+        async with await Engine.start(cfg) as engine:
+            results[spec] = await _scored_beside_greedy(engine, long_prompt, scored)
+    assert results[True][0] == results[False][0]
+    plain_lp, spec_lp = results[False][1], results[True][1]
+    assert len(plain_lp) == len(spec_lp) > 10
+    for a, b in zip(plain_lp[1:-1], spec_lp[1:-1], strict=True):
+        assert a.token_id == b.token_id and abs(a.logprob - b.logprob) < 1e-3  # type: ignore[attr-defined]
+    assert plain_lp[-1] == spec_lp[-1]

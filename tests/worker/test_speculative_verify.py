@@ -113,3 +113,21 @@ def test_seeded_verification_repeats() -> None:
         for _ in range(3)
     ]
     assert draws[0] == draws[1] == draws[2]
+
+
+def test_constrained_rows_beside_drafts_sample_under_their_masks() -> None:
+    """A step with drafts: a constrained request (no drafts) keeps its token mask; the rows it
+    gets are its own, whatever the speculating request before it takes."""
+    import numpy as np
+
+    torch.manual_seed(3)
+    logits = torch.randn(4, 40)
+    spec, constrained = _state(0.0), _state(0.0)
+    words = np.zeros((1, 2), dtype=np.int32)
+    words[0, 1] = 1 << 3  # only token 35 allowed
+    drafts = [[int(logits[0].argmax()), 0], []]
+    out = verify(
+        logits, [spec, constrained], drafts, ["s", "c"], with_logprobs=False, masks=(["c"], words)
+    )
+    assert out.token_ids[1] == [35]
+    assert out.token_ids[0][0] == drafts[0][0]
