@@ -16,6 +16,10 @@ GGUF_ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
+    # issue 24 (the families transformers also loads from GGUF, its reference)
+    "qwen3": "Qwen3ForCausalLM",
+    "qwen2moe": "Qwen2MoeForCausalLM",
+    "qwen3moe": "Qwen3MoeForCausalLM",
 }
 # dtype names -> torch attribute names (torch is imported only when a dtype is asked for: the
 # engine's process reads model configs too, and never needs torch)
@@ -175,6 +179,16 @@ _GGUF_KEYS = {
     "attention.layer_norm_rms_epsilon": "rms_norm_eps",
     "vocab_size": "vocab_size",
     "attention.key_length": "head_dim",
+    "expert_count": "num_experts",
+    "expert_used_count": "num_experts_per_tok",
+    "expert_feed_forward_length": "moe_intermediate_size",
+    "expert_shared_feed_forward_length": "shared_expert_intermediate_size",
+}
+# What a GGUF file does not say about its family, as llama.cpp runs it: Qwen3-MoE renormalises
+# the top-k routing weights (every Qwen3-MoE checkpoint sets norm_topk_prob), Qwen2-MoE does not.
+_GGUF_ARCH_DEFAULTS: dict[str, dict[str, Any]] = {
+    "qwen3moe": {"norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": []},
+    "qwen2moe": {"norm_topk_prob": False, "decoder_sparse_step": 1, "mlp_only_layers": []},
 }
 
 
@@ -208,6 +222,7 @@ def _read_gguf_config(gguf_file: pathlib.Path) -> HFConfig:
         if f"{arch}.{key}" in fields:
             values[attr] = fields[f"{arch}.{key}"]
     values.setdefault("vocab_size", vocab_size)
+    values = {**_GGUF_ARCH_DEFAULTS.get(arch, {}), **values}
     values["tie_word_embeddings"] = "output.weight" not in tensor_names
     values["attention_bias"] = False
     for key, attr in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),

@@ -248,7 +248,17 @@ _GGUF_LAYER = {
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
+    # Qwen3's q/k norms; the MoE router and Qwen2-MoE's shared expert (issue 24)
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate_inp": "mlp.gate",
+    "ffn_gate_shexp": "mlp.shared_expert.gate_proj",
+    "ffn_up_shexp": "mlp.shared_expert.up_proj",
+    "ffn_down_shexp": "mlp.shared_expert.down_proj",
+    "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
 }
+# MoE experts come stacked `[num_experts, rows, cols]`: split into each expert's projection.
+_GGUF_EXPERTS = {"ffn_gate_exps": "gate_proj", "ffn_up_exps": "up_proj", "ffn_down_exps": "down_proj"}
 _GGUF_SKIP = {"rope_freqs.weight"}  # rope settings come from the config
 _GGUF_BLOCK = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
 
@@ -260,13 +270,15 @@ def gguf_to_hf_name(name: str) -> str | None:
     match = _GGUF_BLOCK.match(name)
     if match:
         layer, part, kind = match.groups()
+        if part in _GGUF_EXPERTS and kind == "weight":
+            return f"model.layers.{layer}.mlp.experts.{{}}.{_GGUF_EXPERTS[part]}.weight"
         if part in _GGUF_LAYER:
             return f"model.layers.{layer}.{_GGUF_LAYER[part]}.{kind}"
     else:
         base, _, kind = name.rpartition(".")
         if base in _GGUF_GLOBAL and kind in ("weight", "bias"):
             return f"{_GGUF_GLOBAL[base]}.{kind}"
-    raise CheckpointError(f"GGUF tensor {name!r} has no counterpart in a Llama-family model")
+    raise CheckpointError(f"GGUF tensor {name!r} has no counterpart in the models shardline runs")
 
 
 def _unpermute_rope_rows(weights: np.ndarray, num_heads: int) -> np.ndarray:
@@ -304,6 +316,9 @@ def _iter_gguf_file(path: str, arch: str, hf_config: Any, stats: LoadStats) -> I
             continue
         dims = [int(d) for d in reversed(tensor.shape.tolist())]
         stats.num_tensors += 1
+        if len(dims) == 3 and "{}" in hf_name:
+            yield from _split_experts(tensor, hf_name, dims, path, stats)
+            continue
         if len(dims) == 2:
             shape = (dims[0], dims[1])
             permute = arch == "llama" and hf_name.endswith(("q_proj.weight", "k_proj.weight"))
@@ -317,13 +332,32 @@ def _iter_gguf_file(path: str, arch: str, hf_config: Any, stats: LoadStats) -> I
             stats.bytes_read += out.nbytes
             yield hf_name, out
             continue
-        try:
-            data = gguf.dequantize(tensor.data, tensor.tensor_type)
-            data = np.array(data, dtype=np.float32, copy=True).reshape(dims)
-        except Exception as exc:
-            raise CheckpointError(f"corrupt GGUF tensor {tensor.name!r} in {path!r}: {exc}") from exc
-        stats.bytes_read += data.nbytes
+        data = _dequantize(tensor, dims, path, stats)
+        if hf_name.endswith("shared_expert_gate.weight") and data.ndim == 1:
+            data = data[None, :]  # llama.cpp stores the shared expert's gate as a vector
         yield hf_name, torch.from_numpy(data)
+
+
+def _dequantize(tensor: Any, dims: list[int], path: str, stats: LoadStats) -> np.ndarray:
+    """A GGUF tensor's values as a float32 array of shape `dims`."""
+    import gguf
+
+    try:
+        data = gguf.dequantize(tensor.data, tensor.tensor_type)
+        data = np.array(data, dtype=np.float32, copy=True).reshape(dims)
+    except Exception as exc:
+        raise CheckpointError(f"corrupt GGUF tensor {tensor.name!r} in {path!r}: {exc}") from exc
+    stats.bytes_read += data.nbytes
+    return data
+
+
+def _split_experts(tensor: Any, name_pattern: str, dims: list[int], path: str,
+                   stats: LoadStats) -> Iterator[tuple[str, Any]]:
+    """A stacked MoE expert tensor (`ffn_gate_exps` ...: `[experts, rows, cols]`) as each
+    expert's float32 projection (`...experts.{e}.gate_proj.weight`)."""
+    data = _dequantize(tensor, dims, path, stats)
+    for expert in range(dims[0]):
+        yield name_pattern.format(expert), torch.from_numpy(data[expert])
 
 
 def map_embedding(model: nn.Module, model_config: ModelConfig, parallel_context: ParallelContext) -> int:

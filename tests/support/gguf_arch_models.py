@@ -1,0 +1,127 @@
+"""Small random-weight GGUF files of the issue-24 families that both gguf-py writes and
+transformers loads (qwen3, qwen3moe, qwen2moe), with gguf-py's GGUFWriter (F32 or Q8_0 2-D
+weights; norms and 3-D expert stacks as the type too where it quantizes them).
+
+Sizes transformers does not read from a GGUF file (Qwen3's head_dim; the MoE families'
+moe_intermediate_size and shared expert size) are written at transformers' config defaults, so
+both sides build the same shapes."""
+
+from __future__ import annotations
+
+import pathlib
+
+import numpy as np
+
+from support.gguf_models import _add_tokenizer, quantized_bytes
+
+# arch -> sizes (hidden, heads, kv_heads, head_dim, intermediate, experts, expert size, shared)
+ARCH_SHAPES: dict[str, dict[str, int]] = {
+    "qwen3": {"hidden": 64, "heads": 2, "kv_heads": 1, "head_dim": 128, "inter": 96},
+    "qwen3moe": {
+        "hidden": 64,
+        "heads": 4,
+        "kv_heads": 2,
+        "head_dim": 32,
+        "inter": 96,
+        "experts": 4,
+        "top_k": 2,
+        "expert_inter": 768,
+    },
+    "qwen2moe": {
+        "hidden": 64,
+        "heads": 4,
+        "kv_heads": 2,
+        "head_dim": 16,
+        "inter": 96,
+        "experts": 4,
+        "top_k": 2,
+        "expert_inter": 1408,
+        "shared_inter": 5632,
+    },
+}
+VOCAB = 288
+LAYERS = 2
+
+
+def write_tiny_arch_gguf(
+    path: pathlib.Path, arch: str, type_name: str = "F32", seed: int = 0
+) -> pathlib.Path:
+    """A random `arch` GGUF (a key of ARCH_SHAPES) with 2-D weights of `type_name`."""
+    import gguf
+
+    dims = ARCH_SHAPES[arch]
+    rng = np.random.default_rng(seed)
+    h, heads, kv_heads, hd = dims["hidden"], dims["heads"], dims["kv_heads"], dims["head_dim"]
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_name(f"tiny-random-{arch}")
+    writer.add_context_length(256)
+    writer.add_embedding_length(h)
+    writer.add_block_count(LAYERS)
+    writer.add_feed_forward_length(dims["inter"])
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_key_length(hd)
+    writer.add_value_length(hd)
+    writer.add_rope_dimension_count(hd)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_layer_norm_rms_eps(1e-6)
+    writer.add_vocab_size(VOCAB)
+    if "experts" in dims:
+        writer.add_expert_count(dims["experts"])
+        writer.add_expert_used_count(dims["top_k"])
+        writer.add_expert_feed_forward_length(dims["expert_inter"])
+    if "shared_inter" in dims:
+        writer.add_expert_shared_feed_forward_length(dims["shared_inter"])
+    _add_tokenizer(writer, VOCAB, None)
+    qtype = gguf.GGMLQuantizationType[type_name]
+
+    def add(name: str, *shape: int, scale: float = 0.2) -> None:
+        values = rng.normal(0, scale, size=shape)
+        data = quantized_bytes(values.reshape(-1, shape[-1]), type_name, rng)
+        data = data.reshape(*shape[:-1], -1)
+        if data.dtype == np.uint8:
+            writer.add_tensor(name, data, raw_dtype=qtype)
+        else:
+            writer.add_tensor(name, data)
+
+    def vector(name: str, size: int, around: float) -> None:
+        writer.add_tensor(name, (around + rng.normal(0, 0.1, size=size)).astype(np.float32))
+
+    add("token_embd.weight", VOCAB, h, scale=0.5)
+    for i in range(LAYERS):
+        vector(f"blk.{i}.attn_norm.weight", h, 1.0)
+        add(f"blk.{i}.attn_q.weight", heads * hd, h)
+        add(f"blk.{i}.attn_k.weight", kv_heads * hd, h)
+        add(f"blk.{i}.attn_v.weight", kv_heads * hd, h)
+        if arch == "qwen2moe":  # Qwen2's q/k/v biases
+            vector(f"blk.{i}.attn_q.bias", heads * hd, 0.0)
+            vector(f"blk.{i}.attn_k.bias", kv_heads * hd, 0.0)
+            vector(f"blk.{i}.attn_v.bias", kv_heads * hd, 0.0)
+        else:  # Qwen3's per-head q/k norms
+            vector(f"blk.{i}.attn_q_norm.weight", hd, 1.0)
+            vector(f"blk.{i}.attn_k_norm.weight", hd, 1.0)
+        add(f"blk.{i}.attn_output.weight", h, heads * hd)
+        vector(f"blk.{i}.ffn_norm.weight", h, 1.0)
+        if "experts" not in dims:
+            add(f"blk.{i}.ffn_gate.weight", dims["inter"], h)
+            add(f"blk.{i}.ffn_up.weight", dims["inter"], h)
+            add(f"blk.{i}.ffn_down.weight", h, dims["inter"])
+            continue
+        experts, inter = dims["experts"], dims["expert_inter"]
+        add(f"blk.{i}.ffn_gate_inp.weight", experts, h, scale=1.0)
+        add(f"blk.{i}.ffn_gate_exps.weight", experts, inter, h, scale=0.05)
+        add(f"blk.{i}.ffn_up_exps.weight", experts, inter, h, scale=0.05)
+        add(f"blk.{i}.ffn_down_exps.weight", experts, h, inter, scale=0.05)
+        if "shared_inter" in dims:
+            shared = dims["shared_inter"]
+            vector(f"blk.{i}.ffn_gate_inp_shexp.weight", h, 0.0)
+            add(f"blk.{i}.ffn_gate_shexp.weight", shared, h, scale=0.03)
+            add(f"blk.{i}.ffn_up_shexp.weight", shared, h, scale=0.03)
+            add(f"blk.{i}.ffn_down_shexp.weight", h, shared, scale=0.03)
+    vector("output_norm.weight", h, 1.0)
+    add("output.weight", VOCAB, h)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
