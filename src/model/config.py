@@ -20,6 +20,7 @@ GGUF_ARCHITECTURES = {
     "qwen3": "Qwen3ForCausalLM",
     "qwen2moe": "Qwen2MoeForCausalLM",
     "qwen3moe": "Qwen3MoeForCausalLM",
+    "phi3": "Phi3ForCausalLM",
 }
 # dtype names -> torch attribute names (torch is imported only when a dtype is asked for: the
 # engine's process reads model configs too, and never needs torch)

@@ -256,6 +256,7 @@ _GGUF_LAYER = {
     "ffn_up_shexp": "mlp.shared_expert.up_proj",
     "ffn_down_shexp": "mlp.shared_expert.down_proj",
     "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
+    "attn_qkv": "self_attn.qkv_proj",  # Phi-3's fused projections (its ffn_up is gate + up)
 }
 # MoE experts come stacked `[num_experts, rows, cols]`: split into each expert's projection.
 _GGUF_EXPERTS = {"ffn_gate_exps": "gate_proj", "ffn_up_exps": "up_proj", "ffn_down_exps": "down_proj"}
@@ -316,6 +317,8 @@ def _iter_gguf_file(path: str, arch: str, hf_config: Any, stats: LoadStats) -> I
             continue
         dims = [int(d) for d in reversed(tensor.shape.tolist())]
         stats.num_tensors += 1
+        if arch == "phi3" and hf_name.endswith("mlp.up_proj.weight"):
+            hf_name = hf_name.replace("mlp.up_proj", "mlp.gate_up_proj")
         if len(dims) == 3 and "{}" in hf_name:
             yield from _split_experts(tensor, hf_name, dims, path, stats)
             continue

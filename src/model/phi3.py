@@ -29,6 +29,16 @@ class RowRange:
         return read_narrow(self.loaded, 0, self.start, self.shape[0])
 
 
+def _rows(tensor: Any, start: int, length: int) -> Any:
+    """Rows `[start, start + length)` of a fused tensor: a view of a GGUF file's blocks
+    (`attn_qkv`, `ffn_up`), or a lazy range of a safetensors tensor."""
+    from shardline.model.gguf_weights import GGUFTensor
+
+    if isinstance(tensor, GGUFTensor):
+        return tensor.narrow(0, start, length)
+    return RowRange(tensor, start, length)
+
+
 class Phi3ForCausalLM(LlamaForCausalLM):
     """Phi-3 / Phi-3.5 / Phi-4-mini text models (longrope rope scaling for the long variants)."""
 
@@ -41,13 +51,13 @@ class Phi3ForCausalLM(LlamaForCausalLM):
                 getattr(config, "num_key_value_heads", None) or config.num_attention_heads
             ) * head_dim
             prefix = name.removesuffix("qkv_proj.weight")
-            yield prefix + "q_proj.weight", RowRange(tensor, 0, q)
-            yield prefix + "k_proj.weight", RowRange(tensor, q, kv)
-            yield prefix + "v_proj.weight", RowRange(tensor, q + kv, kv)
+            yield prefix + "q_proj.weight", _rows(tensor, 0, q)
+            yield prefix + "k_proj.weight", _rows(tensor, q, kv)
+            yield prefix + "v_proj.weight", _rows(tensor, q + kv, kv)
         elif name.endswith("mlp.gate_up_proj.weight"):
             size = config.intermediate_size
             prefix = name.removesuffix("gate_up_proj.weight")
-            yield prefix + "gate_proj.weight", RowRange(tensor, 0, size)
-            yield prefix + "up_proj.weight", RowRange(tensor, size, size)
+            yield prefix + "gate_proj.weight", _rows(tensor, 0, size)
+            yield prefix + "up_proj.weight", _rows(tensor, size, size)
         else:
             yield name, tensor

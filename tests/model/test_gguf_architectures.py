@@ -1,8 +1,9 @@
 """GGUF files of the issue-24 families (written by gguf-py's GGUFWriter) load into shardline
-and give transformers' logits and greedy tokens on the same file: qwen3 (per-head q/k norms),
+and give transformers' logits and greedy tokens on the same file: phi3 (fused `attn_qkv` and
+gate + up `ffn_up`, split as views of the file's blocks), qwen3 (per-head q/k norms),
 qwen3moe and qwen2moe (stacked `ffn_*_exps` experts split per expert, the `ffn_gate_inp`
-router, Qwen2-MoE's shared expert and its gate), with F32 and Q8_0 weights. A family neither
-shardline nor transformers loads from GGUF is refused naming it and listing the known ones.
+router, Qwen2-MoE's shared expert and its gate), with F32 and Q8_0 weights. A family shardline does not load from GGUF is refused
+naming it and listing the known ones (gemma2/gemma3 GGUF files among them, for now).
 
 Qwen3-MoE files say nothing about renormalising the top-k weights; shardline renormalises, as
 llama.cpp does and every Qwen3-MoE checkpoint says (transformers' GGUF path keeps its config
@@ -40,7 +41,8 @@ def test_gguf_of_each_family_equals_transformers_on_the_same_file(
     config = ModelConfig.from_path(str(path))
     assert config.architecture == GGUF_ARCHITECTURES[arch]
     model = load_model(config, ParallelContext.single())
-    extra = {"norm_topk_prob": True} if arch == "qwen3moe" else {}
+    # (transformers' Phi-3 config default pad id 32000 lies outside the tiny vocabulary)
+    extra = {"qwen3moe": {"norm_topk_prob": True}, "phi3": {"pad_token_id": 0}}.get(arch, {})
     ref = AutoModelForCausalLM.from_pretrained(
         str(tmp_path), gguf_file=path.name, dtype=torch.float32, **extra
     ).eval()

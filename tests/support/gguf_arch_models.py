@@ -1,5 +1,5 @@
 """Small random-weight GGUF files of the issue-24 families that both gguf-py writes and
-transformers loads (qwen3, qwen3moe, qwen2moe), with gguf-py's GGUFWriter (F32 or Q8_0 2-D
+transformers loads (phi3, qwen3, qwen3moe, qwen2moe), with gguf-py's GGUFWriter (F32 or Q8_0 2-D
 weights; norms and 3-D expert stacks as the type too where it quantizes them).
 
 Sizes transformers does not read from a GGUF file (Qwen3's head_dim; the MoE families'
@@ -16,6 +16,7 @@ from support.gguf_models import _add_tokenizer, quantized_bytes
 
 # arch -> sizes (hidden, heads, kv_heads, head_dim, intermediate, experts, expert size, shared)
 ARCH_SHAPES: dict[str, dict[str, int]] = {
+    "phi3": {"hidden": 64, "heads": 4, "kv_heads": 4, "head_dim": 16, "inter": 96},
     "qwen3": {"hidden": 64, "heads": 2, "kv_heads": 1, "head_dim": 128, "inter": 96},
     "qwen3moe": {
         "hidden": 64,
@@ -90,10 +91,15 @@ def write_tiny_arch_gguf(
     add("token_embd.weight", VOCAB, h, scale=0.5)
     for i in range(LAYERS):
         vector(f"blk.{i}.attn_norm.weight", h, 1.0)
-        add(f"blk.{i}.attn_q.weight", heads * hd, h)
-        add(f"blk.{i}.attn_k.weight", kv_heads * hd, h)
-        add(f"blk.{i}.attn_v.weight", kv_heads * hd, h)
-        if arch == "qwen2moe":  # Qwen2's q/k/v biases
+        if arch == "phi3":  # fused q/k/v
+            add(f"blk.{i}.attn_qkv.weight", (heads + 2 * kv_heads) * hd, h)
+        else:
+            add(f"blk.{i}.attn_q.weight", heads * hd, h)
+            add(f"blk.{i}.attn_k.weight", kv_heads * hd, h)
+            add(f"blk.{i}.attn_v.weight", kv_heads * hd, h)
+        if arch == "phi3":
+            pass
+        elif arch == "qwen2moe":  # Qwen2's q/k/v biases
             vector(f"blk.{i}.attn_q.bias", heads * hd, 0.0)
             vector(f"blk.{i}.attn_k.bias", kv_heads * hd, 0.0)
             vector(f"blk.{i}.attn_v.bias", kv_heads * hd, 0.0)
@@ -102,6 +108,10 @@ def write_tiny_arch_gguf(
             vector(f"blk.{i}.attn_k_norm.weight", hd, 1.0)
         add(f"blk.{i}.attn_output.weight", h, heads * hd)
         vector(f"blk.{i}.ffn_norm.weight", h, 1.0)
+        if arch == "phi3":  # fused gate + up
+            add(f"blk.{i}.ffn_up.weight", 2 * dims["inter"], h)
+            add(f"blk.{i}.ffn_down.weight", h, dims["inter"])
+            continue
         if "experts" not in dims:
             add(f"blk.{i}.ffn_gate.weight", dims["inter"], h)
             add(f"blk.{i}.ffn_up.weight", dims["inter"], h)
