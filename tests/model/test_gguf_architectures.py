@@ -1,9 +1,10 @@
 """GGUF files of the issue-24 families (written by gguf-py's GGUFWriter) load into shardline
-and give transformers' logits and greedy tokens on the same file: phi3 (fused `attn_qkv` and
-gate + up `ffn_up`, split as views of the file's blocks), qwen3 (per-head q/k norms),
-qwen3moe and qwen2moe (stacked `ffn_*_exps` experts split per expert, the `ffn_gate_inp`
-router, Qwen2-MoE's shared expert and its gate), with F32 and Q8_0 weights. A family shardline does not load from GGUF is refused
-naming it and listing the known ones (gemma2/gemma3 GGUF files among them, for now).
+and give transformers' logits and greedy tokens on the same file: gemma2 (sandwich norms stored
+as 1 + w, tied head, soft-capping and the sliding window from the metadata), phi3 (fused
+`attn_qkv` and gate + up `ffn_up`, split as views of the file's blocks), qwen3 (per-head q/k
+norms), qwen3moe and qwen2moe (stacked `ffn_*_exps` experts split per expert, the
+`ffn_gate_inp` router, Qwen2-MoE's shared expert and its gate), with F32 and Q8_0 weights. A
+family shardline does not load from GGUF is refused naming it and listing the known ones.
 
 Qwen3-MoE files say nothing about renormalising the top-k weights; shardline renormalises, as
 llama.cpp does and every Qwen3-MoE checkpoint says (transformers' GGUF path keeps its config

@@ -1,5 +1,5 @@
 """Small random-weight GGUF files of the issue-24 families that both gguf-py writes and
-transformers loads (phi3, qwen3, qwen3moe, qwen2moe), with gguf-py's GGUFWriter (F32 or Q8_0 2-D
+transformers loads (gemma2, phi3, qwen3, qwen3moe, qwen2moe), with gguf-py's GGUFWriter (F32 or Q8_0 2-D
 weights; norms and 3-D expert stacks as the type too where it quantizes them).
 
 Sizes transformers does not read from a GGUF file (Qwen3's head_dim; the MoE families'
@@ -16,6 +16,7 @@ from support.gguf_models import _add_tokenizer, quantized_bytes
 
 # arch -> sizes (hidden, heads, kv_heads, head_dim, intermediate, experts, expert size, shared)
 ARCH_SHAPES: dict[str, dict[str, int]] = {
+    "gemma2": {"hidden": 64, "heads": 2, "kv_heads": 1, "head_dim": 256, "inter": 96},
     "phi3": {"hidden": 64, "heads": 4, "kv_heads": 4, "head_dim": 16, "inter": 96},
     "qwen3": {"hidden": 64, "heads": 2, "kv_heads": 1, "head_dim": 128, "inter": 96},
     "qwen3moe": {
@@ -67,6 +68,10 @@ def write_tiny_arch_gguf(
     writer.add_rope_freq_base(10000.0)
     writer.add_layer_norm_rms_eps(1e-6)
     writer.add_vocab_size(VOCAB)
+    if arch == "gemma2":
+        writer.add_sliding_window(4)
+        writer.add_float32("gemma2.attn_logit_softcapping", 50.0)
+        writer.add_float32("gemma2.final_logit_softcapping", 30.0)
     if "experts" in dims:
         writer.add_expert_count(dims["experts"])
         writer.add_expert_used_count(dims["top_k"])
@@ -97,7 +102,10 @@ def write_tiny_arch_gguf(
             add(f"blk.{i}.attn_q.weight", heads * hd, h)
             add(f"blk.{i}.attn_k.weight", kv_heads * hd, h)
             add(f"blk.{i}.attn_v.weight", kv_heads * hd, h)
-        if arch == "phi3":
+        if arch == "gemma2":  # sandwich norms, stored as 1 + w
+            vector(f"blk.{i}.post_attention_norm.weight", h, 1.0)
+            vector(f"blk.{i}.post_ffw_norm.weight", h, 1.0)
+        elif arch == "phi3":
             pass
         elif arch == "qwen2moe":  # Qwen2's q/k/v biases
             vector(f"blk.{i}.attn_q.bias", heads * hd, 0.0)
@@ -129,7 +137,8 @@ def write_tiny_arch_gguf(
             add(f"blk.{i}.ffn_up_shexp.weight", shared, h, scale=0.03)
             add(f"blk.{i}.ffn_down_shexp.weight", h, shared, scale=0.03)
     vector("output_norm.weight", h, 1.0)
-    add("output.weight", VOCAB, h)
+    if arch != "gemma2":  # Gemma ties its head to the embedding
+        add("output.weight", VOCAB, h)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
