@@ -22,6 +22,7 @@ GGUF_ARCHITECTURES = {
     "qwen3moe": "Qwen3MoeForCausalLM",
     "phi3": "Phi3ForCausalLM",
     "gemma2": "Gemma2ForCausalLM",
+    "gemma3": "Gemma3ForCausalLM",
 }
 # dtype names -> torch attribute names (torch is imported only when a dtype is asked for: the
 # engine's process reads model configs too, and never needs torch)
@@ -197,6 +198,9 @@ _GGUF_ARCH_DEFAULTS: dict[str, dict[str, Any]] = {
     # Gemma 2: GeGLU and llama.cpp's soft-capping defaults (query scale: see _read_gguf_config)
     "gemma2": {"hidden_activation": "gelu_pytorch_tanh", "attn_logit_softcapping": 50.0,
                "final_logit_softcapping": 30.0},
+    # Gemma 3 (text): GeGLU, every 6th layer global, local layers' rope base 10000
+    "gemma3": {"hidden_activation": "gelu_pytorch_tanh", "sliding_window_pattern": 6,
+               "rope_local_base_freq": 10000.0},
 }
 
 
@@ -231,11 +235,11 @@ def _read_gguf_config(gguf_file: pathlib.Path) -> HFConfig:
             values[attr] = fields[f"{arch}.{key}"]
     values.setdefault("vocab_size", vocab_size)
     values = {**_GGUF_ARCH_DEFAULTS.get(arch, {}), **values}
-    if arch == "gemma2" and values.get("num_attention_heads"):
+    if arch in ("gemma2", "gemma3") and values.get("num_attention_heads"):
         # as llama.cpp: queries scaled by head_dim^-0.5, by (hidden / heads)^-0.5 for the 27B
-        # model (46 layers), which is what the checkpoints' query_pre_attn_scalar says
+        # models (46 / 62 layers), which is what the checkpoints' query_pre_attn_scalar says
         per_head = int(values["hidden_size"]) // int(values["num_attention_heads"])
-        big = values.get("num_hidden_layers") == 46
+        big = values.get("num_hidden_layers") == {"gemma2": 46, "gemma3": 62}[arch]
         values["query_pre_attn_scalar"] = per_head if big else values.get("head_dim") or per_head
     values["tie_word_embeddings"] = "output.weight" not in tensor_names
     values["attention_bias"] = False

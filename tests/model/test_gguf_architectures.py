@@ -1,6 +1,7 @@
 """GGUF files of the issue-24 families (written by gguf-py's GGUFWriter) load into shardline
-and give transformers' logits and greedy tokens on the same file: gemma2 (sandwich norms stored
-as 1 + w, tied head, soft-capping and the sliding window from the metadata), phi3 (fused
+and give transformers' logits and greedy tokens on the same file: gemma2 and gemma3 (sandwich
+norms stored as 1 + w, tied head, soft-capping and the sliding window from the metadata; Gemma
+3's q/k norms and its every-6th global layer with its own rope base), phi3 (fused
 `attn_qkv` and gate + up `ffn_up`, split as views of the file's blocks), qwen3 (per-head q/k
 norms), qwen3moe and qwen2moe (stacked `ffn_*_exps` experts split per expert, the
 `ffn_gate_inp` router, Qwen2-MoE's shared expert and its gate), with F32 and Q8_0 weights. A

@@ -1,5 +1,5 @@
 """Small random-weight GGUF files of the issue-24 families that both gguf-py writes and
-transformers loads (gemma2, phi3, qwen3, qwen3moe, qwen2moe), with gguf-py's GGUFWriter (F32 or Q8_0 2-D
+transformers loads (gemma2, gemma3, phi3, qwen3, qwen3moe, qwen2moe), with gguf-py's GGUFWriter (F32 or Q8_0 2-D
 weights; norms and 3-D expert stacks as the type too where it quantizes them).
 
 Sizes transformers does not read from a GGUF file (Qwen3's head_dim; the MoE families'
@@ -17,6 +17,7 @@ from support.gguf_models import _add_tokenizer, quantized_bytes
 # arch -> sizes (hidden, heads, kv_heads, head_dim, intermediate, experts, expert size, shared)
 ARCH_SHAPES: dict[str, dict[str, int]] = {
     "gemma2": {"hidden": 64, "heads": 2, "kv_heads": 1, "head_dim": 256, "inter": 96},
+    "gemma3": {"hidden": 64, "heads": 2, "kv_heads": 1, "head_dim": 256, "inter": 96, "layers": 6},
     "phi3": {"hidden": 64, "heads": 4, "kv_heads": 4, "head_dim": 16, "inter": 96},
     "qwen3": {"hidden": 64, "heads": 2, "kv_heads": 1, "head_dim": 128, "inter": 96},
     "qwen3moe": {
@@ -58,16 +59,19 @@ def write_tiny_arch_gguf(
     writer.add_name(f"tiny-random-{arch}")
     writer.add_context_length(256)
     writer.add_embedding_length(h)
-    writer.add_block_count(LAYERS)
+    layers = dims.get("layers", LAYERS)
+    writer.add_block_count(layers)
     writer.add_feed_forward_length(dims["inter"])
     writer.add_head_count(heads)
     writer.add_head_count_kv(kv_heads)
     writer.add_key_length(hd)
     writer.add_value_length(hd)
     writer.add_rope_dimension_count(hd)
-    writer.add_rope_freq_base(10000.0)
+    writer.add_rope_freq_base(1000000.0 if arch == "gemma3" else 10000.0)
     writer.add_layer_norm_rms_eps(1e-6)
     writer.add_vocab_size(VOCAB)
+    if arch == "gemma3":
+        writer.add_sliding_window(4)
     if arch == "gemma2":
         writer.add_sliding_window(4)
         writer.add_float32("gemma2.attn_logit_softcapping", 50.0)
@@ -94,7 +98,7 @@ def write_tiny_arch_gguf(
         writer.add_tensor(name, (around + rng.normal(0, 0.1, size=size)).astype(np.float32))
 
     add("token_embd.weight", VOCAB, h, scale=0.5)
-    for i in range(LAYERS):
+    for i in range(layers):
         vector(f"blk.{i}.attn_norm.weight", h, 1.0)
         if arch == "phi3":  # fused q/k/v
             add(f"blk.{i}.attn_qkv.weight", (heads + 2 * kv_heads) * hd, h)
@@ -102,16 +106,14 @@ def write_tiny_arch_gguf(
             add(f"blk.{i}.attn_q.weight", heads * hd, h)
             add(f"blk.{i}.attn_k.weight", kv_heads * hd, h)
             add(f"blk.{i}.attn_v.weight", kv_heads * hd, h)
-        if arch == "gemma2":  # sandwich norms, stored as 1 + w
+        if arch.startswith("gemma"):  # sandwich norms, stored as 1 + w
             vector(f"blk.{i}.post_attention_norm.weight", h, 1.0)
             vector(f"blk.{i}.post_ffw_norm.weight", h, 1.0)
-        elif arch == "phi3":
-            pass
-        elif arch == "qwen2moe":  # Qwen2's q/k/v biases
+        if arch == "qwen2moe":  # Qwen2's q/k/v biases
             vector(f"blk.{i}.attn_q.bias", heads * hd, 0.0)
             vector(f"blk.{i}.attn_k.bias", kv_heads * hd, 0.0)
             vector(f"blk.{i}.attn_v.bias", kv_heads * hd, 0.0)
-        else:  # Qwen3's per-head q/k norms
+        elif arch in ("qwen3", "qwen3moe", "gemma3"):  # per-head q/k norms
             vector(f"blk.{i}.attn_q_norm.weight", hd, 1.0)
             vector(f"blk.{i}.attn_k_norm.weight", hd, 1.0)
         add(f"blk.{i}.attn_output.weight", h, heads * hd)
@@ -137,7 +139,7 @@ def write_tiny_arch_gguf(
             add(f"blk.{i}.ffn_up_shexp.weight", shared, h, scale=0.03)
             add(f"blk.{i}.ffn_down_shexp.weight", h, shared, scale=0.03)
     vector("output_norm.weight", h, 1.0)
-    if arch != "gemma2":  # Gemma ties its head to the embedding
+    if not arch.startswith("gemma"):  # Gemma ties its head to the embedding
         add("output.weight", VOCAB, h)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
