@@ -213,11 +213,20 @@ class Ours:
         return step
 
 
+def hf_source(path: str | os.PathLike[str]) -> tuple[str, dict[str, str]]:
+    """transformers' `from_pretrained` arguments for a shardline model path (a GGUF loads from
+    the GGUF: the default model's cache holds no config.json)."""
+    from shardline.model.gguf_reader import transformers_source
+
+    return transformers_source(path)
+
+
 class Transformers:
     def __init__(self, path: pathlib.Path) -> None:
         from transformers import AutoModelForCausalLM
 
-        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        folder, extra = hf_source(path)
+        self.model = AutoModelForCausalLM.from_pretrained(folder, **extra, dtype=torch.float32).eval()
         self.vocab = self.model.config.vocab_size
 
     def prepare_decode(self, batch: int, context: int) -> Callable[[], Any]:

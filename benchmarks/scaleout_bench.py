@@ -78,7 +78,14 @@ def smollm2_shaped_model(directory: pathlib.Path, smollm2_dir: pathlib.Path) -> 
     if (directory / "model.safetensors").exists():
         return directory
     directory.mkdir(parents=True, exist_ok=True)
-    config = json.loads((smollm2_dir / "config.json").read_text())
+    from model_bench import hf_source
+    from transformers import AutoConfig
+
+    folder, extra = hf_source(smollm2_dir)  # the default model is its GGUF: transformers' config of it
+    config = AutoConfig.from_pretrained(folder, **extra).to_dict()
+    for key in ("quantization_config", "_name_or_path", "transformers_version"):
+        config.pop(key, None)
+    config["architectures"] = ["LlamaForCausalLM"]
     config.update(num_attention_heads=8, num_key_value_heads=4, head_dim=72)
     hidden, inter, vocab, layers = config["hidden_size"], config["intermediate_size"], config["vocab_size"], config["num_hidden_layers"]
     gen = torch.Generator().manual_seed(0)

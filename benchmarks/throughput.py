@@ -90,9 +90,10 @@ def workload_flops(model_dir: str, work: Workload) -> float:
     each generated token needs one LM-head row (model_bench.step_flops per forward)."""
     from transformers import AutoConfig
 
-    from model_bench import step_flops
+    from model_bench import hf_source, step_flops
 
-    cfg = AutoConfig.from_pretrained(model_dir)
+    folder, extra = hf_source(model_dir)
+    cfg = AutoConfig.from_pretrained(folder, **extra)
     total = 0.0
     for prompt, new in zip(work.prompts, work.max_tokens, strict=True):
         total += step_flops(cfg, len(prompt), 0, 1, causal_prefill=True)
@@ -185,7 +186,10 @@ def run_hf(model_dir: str, work: Workload, batch_size: int, device: str = "cpu",
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).to(device).eval()
+    from model_bench import hf_source
+
+    folder, extra = hf_source(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(folder, **extra, dtype=getattr(torch, dtype)).to(device).eval()
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     with torch.inference_mode():  # the same warm-up as run_shardline's, before the clock starts
         warm = torch.tensor([work.prompts[0]], device=device)

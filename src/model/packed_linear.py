@@ -19,7 +19,10 @@ d and m as float16 and q as 4-bit nibbles where every q of the weight fits (640 
 into float32 a slice at a time in L1 and runs the same tiles, so the results are the float32
 panels' bit for bit, while a decode step, which streams every weight from memory, reads 3.6-6.4x
 fewer bytes (SmolLM2: 95 MiB instead of 513). Every value is checked when packing; a weight of
-any other form keeps float32 panels.
+any other form keeps float32 panels. A GGUF model's Q4_0/Q4_1/Q8_0 weights (the default model's)
+are packed from the file's blocks directly (`pack_gguf_weights`: d, m and q read, not found
+again), with no float32 copy made; `integer_blocks` serves float32 checkpoints whose weights are
+such blocks dequantized (a GGUF converted by transformers).
 
 The worker packs after loading (`pack_linear_weights`), before it sizes the KV cache, so the
 copy counts against memory. The original weights stay: the tied LM head shares its weight with
@@ -41,7 +44,7 @@ from torch import nn
 
 from shardline.model import paged_decode
 from shardline.model.env import env_choice
-from shardline.model.gguf_weights import GGUFLinearWeight
+from shardline.model.gguf_weights import GGUFLinearWeight, GGUFTensor
 from shardline.model.memory import huge_page_zeros
 
 logger = logging.getLogger(__name__)
@@ -223,6 +226,112 @@ def pack_blocks(blocks: IntegerBlocks, out: torch.Tensor | None = None) -> torch
     return view
 
 
+GGUF_BLOCK_TYPES = ("Q4_0", "Q4_1", "Q8_0")  # d * q + m per 32 values: integer blocks as they are
+
+
+def gguf_integer_blocks(part: GGUFTensor) -> IntegerBlocks | None:
+    """`(d, m, q)` of a Q4_0, Q4_1 or Q8_0 GGUF tensor read from its blocks (None for another
+    type): `d * q + m` is gguf-py's dequantized value bit for bit (Q4_1: `d * q + m`, q 0..15;
+    Q4_0: `d * (q - 8)`, m = -0.0; Q8_0: `d * q`, m = -0.0; d * q is exact in float32)."""
+    if part.type not in GGUF_BLOCK_TYPES or part.shape[1] % BLOCK_K:
+        return None
+    n, k = part.shape
+    nbytes = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}[part.type]
+    raw = part.data.unflatten(1, (k // BLOCK_K, nbytes))  # [N, blocks, bytes], rows may be strided
+
+    def half(at: int) -> torch.Tensor:
+        return raw[:, :, at : at + 2].contiguous().view(torch.float16).squeeze(-1).float()
+
+    d = half(0)
+    if part.type == "Q8_0":
+        return d, torch.full_like(d, -0.0), raw[:, :, 2:].contiguous().view(torch.int8).reshape(n, k)
+    first = 4 if part.type == "Q4_1" else 2
+    nibbles = raw[:, :, first : first + BLOCK_K // 2]
+    q = torch.cat([nibbles & 15, nibbles >> 4], dim=2).to(torch.int8)  # ggml: low halves first
+    if part.type == "Q4_1":
+        return d, half(2), q.reshape(n, k)
+    return d, torch.full_like(d, -0.0), (q - 8).reshape(n, k)
+
+
+def _weight_integer_blocks(weight: GGUFLinearWeight) -> IntegerBlocks | None:
+    """A GGUF linear weight's parts as one `(d, m, q)` over its output rows (rows no part
+    covers, an LM head's padding, are 0), or None unless every part is of GGUF_BLOCK_TYPES."""
+    found = [(first, gguf_integer_blocks(part)) for first, part in weight.parts]
+    if not found or any(blocks is None for _, blocks in found) or weight.in_features % BLOCK_K:
+        return None
+    n, k = weight.out_features, weight.in_features
+    d, m = torch.zeros(n, k // BLOCK_K), torch.zeros(n, k // BLOCK_K)
+    q = torch.zeros(n, k, dtype=torch.int8)
+    for first, blocks in found:
+        assert blocks is not None
+        rows = slice(first, first + blocks[2].shape[0])
+        d[rows], m[rows], q[rows] = blocks
+    return d, m, q
+
+
+def _file_mappings() -> list[tuple[int, int]]:
+    """(start, end) of this process's mappings of .gguf files (/proc/self/maps)."""
+    ranges = []
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) >= 6 and fields[-1].endswith(".gguf"):
+                    start, end = (int(v, 16) for v in fields[0].split("-"))
+                    ranges.append((start, end))
+    except OSError:
+        pass
+    return ranges
+
+
+def release_gguf_pages() -> int:
+    """Let the kernel drop every resident page of this process's .gguf file mappings; returns
+    the bytes of the ranges advised. Loading reads through them (the header, each norm, the
+    blocks packing turns into panels; the kernel maps file pages in large runs, 55 MiB for
+    SmolLM2's 61 norms), but they are private, never-written mappings of the file: a later read
+    faults a page in from the file again (the embedding's rows as prompts use them), while RSS
+    stops counting what is no longer used."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    advised = 0
+    for start, end in _file_mappings():
+        if libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), 4) == 0:  # MADV_DONTNEED
+            advised += end - start
+    return advised
+
+
+def pack_gguf_weights(model: nn.Module) -> int:
+    """Turn every GGUF linear weight (`GGUFLinearWeight`) whose parts are all Q4_0, Q4_1 or
+    Q8_0 into the packed decode GEMM's integer panels, read straight from the file's blocks
+    (`gguf_integer_blocks`; the same values, so the same results bit for bit as the float32
+    weights would give), in one huge-page buffer. For these types the packed kernel decodes
+    3-4x faster than `gguf_gemm` (benchmarks/RESULTS.md section 17), at the same size (Q4_x:
+    640 bytes per 1,024 weights either way; Q8_0 1,152 instead of 1,088); `load_packed_model`
+    then lets go of the file pages packing read (`release_gguf_pages`). Returns the bytes of the panels (0 in modes other than `auto`)."""
+    if env_choice(ENV, MODES) != "auto" or not paged_decode.KERNEL.load():
+        return 0
+    plans: list[tuple[Any, torch.Tensor, GGUFLinearWeight]] = []
+    for m in model.modules():
+        weight = getattr(m, "packed_weight", None)
+        if not isinstance(weight, GGUFLinearWeight):
+            continue
+        blocks = _weight_integer_blocks(weight)
+        if blocks is not None:
+            plans.append((m, pack_blocks(blocks), weight))
+    added = sum(packed.numel() for _, packed, _ in plans)
+    if not plans:
+        return 0
+    buffer = huge_page_zeros((added,), torch.uint8)
+    offset = 0
+    for m, packed, _ in plans:
+        out = buffer[offset : offset + packed.numel()]
+        m.packed_weight = out.view(packed.dtype).view(packed.shape)
+        m.packed_weight.copy_(packed)
+        offset += packed.numel()
+    return added
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
            packed: Any) -> torch.Tensor:
     """`F.linear(x, weight, bias)`, through the packed copy of `weight` when there is one.
@@ -350,13 +459,14 @@ def load_packed_model(model_config: Any, parallel_context: Any) -> tuple[nn.Modu
         paged_decode.check_spin_setting()
         usable = paged_decode.KERNEL.load()  # logs why, once, where it cannot build
     cache = index = None
-    if usable and not model_config.gguf_file:  # GGUF weights stay in the file's blocks
+    if usable:
         cache = PackedCache.for_rank(
             model_config.path, architecture=model_config.architecture, dtype=model_config.dtype,
             tp=(parallel_context.tp_rank, parallel_context.tp_size),
             pp=(parallel_context.pp_rank, parallel_context.pp_size), mode=mode)
         index = cache.lookup() if cache is not None else None
-    skip = PackedCache.weight_names(index) if index is not None else set()
+    # A GGUF model's weights are views of the file, never read unless used: nothing to skip.
+    skip = PackedCache.weight_names(index) if index is not None and not model_config.gguf_file else set()
     model = load_model(model_config, parallel_context, skip_weights=skip)
     if cache is not None and index is not None:
         loaded = cache.load(model, index)
@@ -365,11 +475,15 @@ def load_packed_model(model_config: Any, parallel_context: Any) -> tuple[nn.Modu
         elif skip:  # the entry did not fit after all: load the skipped weights too
             model = load_model(model_config, parallel_context)
     if usable and not info["cached"]:
-        info["packed"] = pack_linear_weights(model)
+        # GGUF: Q4_0/Q4_1/Q8_0 blocks straight into integer panels; else float32 weights packed
+        packer = pack_gguf_weights if model_config.gguf_file else pack_linear_weights
+        info["packed"] = packer(model)
         if info["packed"] and cache is not None:
             cache.save(model)
     if usable:
         info["mapped"] = map_embedding(model, model_config, parallel_context)
+    if model_config.gguf_file and parallel_context.device.type == "cpu":
+        release_gguf_pages()  # what loading read through the mapping; used pages come back
     gguf = [w for m in model.modules() if isinstance(w := getattr(m, "packed_weight", None), GGUFLinearWeight)]
     tables = [t for m in model.modules() if (t := getattr(m, "gguf_weight", None)) is not None]
     blocks = {id(t.data): t.nbytes for w in gguf for _, t in w.parts} | {id(t.data): t.nbytes for t in tables}

@@ -13,10 +13,12 @@ from support.prompts import MAX_TOKENS, PROMPTS
 def hf_greedy(smollm2_dir: pathlib.Path) -> dict[str, list[int]]:
     """Hugging Face `generate` greedy continuations of PROMPTS (token ids), one prompt at a time."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
+
+    from support.hf_reference import hf_causal_lm
 
     tokenizer = AutoTokenizer.from_pretrained(str(smollm2_dir))
-    model = AutoModelForCausalLM.from_pretrained(str(smollm2_dir), dtype=torch.float32)
+    model = hf_causal_lm(smollm2_dir)
     model.eval()
     out: dict[str, list[int]] = {}
     with torch.no_grad():

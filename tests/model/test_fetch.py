@@ -9,6 +9,7 @@ import time
 import pytest
 
 from shardline.model import fetch
+from shardline.model.config import ModelConfig
 from shardline.model.fetch import MARKER, check_model_dir, ensure_model_dir, resolve_model_path
 
 
@@ -103,25 +104,43 @@ def test_main_check_reports_a_missing_cache(tmp_path, monkeypatch, capsys):
 
 
 def test_the_real_cache_is_complete(smollm2_dir):
+    """The GGUF, its tokenizer and generation_config.json: no float32 conversion of the weights."""
     assert check_model_dir(smollm2_dir) is None
-    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
-        assert (smollm2_dir / name).is_file()
+    marker = json.loads((smollm2_dir / MARKER).read_text())
+    assert marker["version"] == fetch.MARKER_VERSION == 3
+    assert {"tokenizer.json", "tokenizer_config.json", "generation_config.json", fetch.GGUF_NAME} <= set(marker["files"])
+    assert not (smollm2_dir / "config.json").exists() and not list(smollm2_dir.glob("*.safetensors"))
     tok_cfg = json.loads((smollm2_dir / "tokenizer_config.json").read_text())
     assert "<|im_start|>" in tok_cfg["chat_template"]
-    assert json.loads((smollm2_dir / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+    assert json.loads((smollm2_dir / "generation_config.json").read_text())["eos_token_id"] == 2
+    config = ModelConfig.from_path(smollm2_dir)
+    assert config.architecture == "LlamaForCausalLM" and config.gguf_file == str(smollm2_dir / fetch.GGUF_NAME)
+
+
+def test_an_older_cache_version_is_rebuilt(tmp_path):
+    """A cache built by an older shardline (a float32 conversion, marker version 2) is rebuilt."""
+    target, build = tmp_path / "model", FakeBuild()
+    ensure_model_dir(target, build)
+    marker = json.loads((target / MARKER).read_text())
+    marker["version"] = 2
+    (target / MARKER).write_text(json.dumps(marker))
+    assert "unknown version" in (check_model_dir(target) or "")
+    ensure_model_dir(target, build)
+    assert build.calls == 2 and check_model_dir(target) is None
 
 
 @pytest.mark.slow
-def test_offline_conversion_rebuilds_a_corrupt_cache(smollm2_dir, tmp_path, monkeypatch):
+def test_offline_fetch_rebuilds_a_corrupt_cache(smollm2_dir, tmp_path, monkeypatch):
     gguf = next(smollm2_dir.glob("*.gguf"))
     monkeypatch.setenv("SHARDLINE_HOME", str(tmp_path))
     monkeypatch.setenv(fetch.SOURCE_ENV, str(gguf))
     built = fetch.fetch_default_model()
     assert built == tmp_path / "models" / "smollm2-135m-instruct"
-    want = json.loads((smollm2_dir / MARKER).read_text())["files"]["model.safetensors"]["sha256"]
+    want = json.loads((smollm2_dir / MARKER).read_text())["files"]
     marker = json.loads((built / MARKER).read_text())
-    assert marker["files"]["model.safetensors"]["sha256"] == want  # conversion is deterministic
-    weights = built / "model.safetensors"
+    for name in ("tokenizer.json", fetch.GGUF_NAME):  # the build is deterministic
+        assert marker["files"][name]["sha256"] == want[name]["sha256"]
+    weights = built / fetch.GGUF_NAME
     weights.write_bytes(weights.read_bytes()[: 1 << 20])  # a partial write
     assert fetch.main(["--check"]) == 1
     assert fetch.main([]) == 0

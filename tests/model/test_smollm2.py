@@ -36,9 +36,9 @@ def ours(smollm2_dir):
 
 @pytest.fixture(scope="module")
 def hf(smollm2_dir):
-    from transformers import AutoModelForCausalLM
+    from support.hf_reference import hf_causal_lm
 
-    return AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+    return hf_causal_lm(smollm2_dir)
 
 
 @pytest.fixture(scope="module")
@@ -112,16 +112,27 @@ def test_greedy_chat_continuation_is_identical(ours, hf, tokenizer):
     assert "Paris" in tokenizer.decode(got)
 
 
-def test_gguf_file_loads_to_the_same_model(ours, smollm2_dir):
+def test_gguf_file_loads_to_the_same_model(ours, hf, smollm2_dir):
+    """The default model is its GGUF (no float32 copy on disk): every weight it holds in the
+    file's blocks dequantizes to transformers' float32 value bit for bit, and the 1-D ones
+    (norms) equal transformers' too."""
+    import dataclasses
+
+    from shardline.model.gguf_weights import GGUFLinearWeight
+    from shardline.model.registry import ModelRegistry
+
     gguf = next(smollm2_dir.glob("*.gguf"))
-    config = ModelConfig.from_path(gguf)
+    assert not (smollm2_dir / "config.json").exists() and not list(smollm2_dir.glob("*.safetensors"))
+    config = ModelConfig.from_path(smollm2_dir)
     assert config.architecture == "LlamaForCausalLM" and config.gguf_file == str(gguf)
     assert config.hf_config.tie_word_embeddings and config.hf_config.num_key_value_heads == 3
-    model = load_model(config, ParallelContext.single())
-    from_gguf, modules = dict(model.named_parameters()), dict(model.named_modules())
-    from shardline.model.gguf_weights import GGUFLinearWeight
-
-    for name, param in ours.named_parameters():
+    dense_config = dataclasses.replace(config, gguf_file=None)
+    reference = ModelRegistry.resolve(config.architecture)(dense_config, ParallelContext.single())
+    with torch.no_grad():
+        reference.load_weights((k, v) for k, v in hf.state_dict().items()
+                               if "rotary_emb" not in k and k != "lm_head.weight")
+    from_gguf, modules = dict(ours.named_parameters()), dict(ours.named_modules())
+    for name, param in reference.named_parameters():
         value = from_gguf[name]
         if value.is_meta:  # kept in the file's blocks (model/gguf_weights.py): their values
             module = modules[name.rpartition(".")[0]]
@@ -132,40 +143,50 @@ def test_gguf_file_loads_to_the_same_model(ours, smollm2_dir):
         assert torch.equal(param, value), name
 
 
-def test_its_weights_pack_as_integer_blocks_with_the_same_logits(smollm2_dir, tokenizer, monkeypatch):
-    """The GGUF's Q4_1/Q8_0 weights are exactly d * q + m per block of 32: every linear weight
-    (the tied LM head too) packs as integer blocks, Q4_1's as 4-bit nibbles and Q8_0's as int8,
-    5.4x smaller than float32 panels, and a prefill and decode steps give the float32 panels'
-    logits bit for bit."""
+def test_its_gguf_blocks_pack_as_integer_blocks_with_the_same_logits(smollm2_dir, tokenizer):
+    """The GGUF's Q4_1/Q8_0 blocks go straight into the packed decode GEMM's integer panels
+    (`pack_gguf_weights`): every linear weight (the tied LM head too), Q4_1's as 4-bit nibbles
+    and Q8_0's as int8, 5.4x smaller than float32 panels, and a prefill and decode steps give
+    the logits of float32 panels of the dequantized values bit for bit."""
     from shardline.model import packed_linear, paged_decode
+    from shardline.model.gguf_weights import GGUFLinearWeight
 
     if not paged_decode.KERNEL.load():
         pytest.skip("the CPU kernels do not build here")
-    model = load_model(ModelConfig.from_path(smollm2_dir), ParallelContext.single())
-    layers = [m for m in model.modules() if hasattr(m, "packed_weight")]
-    caches = []
-    for module in model.modules():
-        if isinstance(module, Attention):
-            module.kv_cache = torch.zeros(64, 2, BLOCK_SIZE, module.num_kv_heads, module.head_dim)
-            caches.append(module.kv_cache)
 
-    def run() -> list[torch.Tensor]:
-        for cache in caches:
-            cache.zero_()
+    def loaded():
+        model = load_model(ModelConfig.from_path(smollm2_dir), ParallelContext.single())
+        for module in model.modules():
+            if isinstance(module, Attention):
+                module.kv_cache = torch.zeros(64, 2, BLOCK_SIZE, module.num_kv_heads, module.head_dim)
+        return model
+
+    def run(model) -> list[torch.Tensor]:
         session = PagedSession(model, [9, 3, 17, 5])
         logits = [session.step(tokenizer(PROMPTS[2])["input_ids"])]
         for _ in range(4):
             logits.append(session.step([int(logits[-1][-1].argmax())]))
         return logits
 
-    monkeypatch.setenv(packed_linear.ENV, "float32")
-    floats = packed_linear.pack_linear_weights(model)
-    want = run()
-    monkeypatch.delenv(packed_linear.ENV)
-    blocks = packed_linear.pack_linear_weights(model)
-    assert all(m.packed_weight.dtype == torch.uint8 for m in layers)
-    widths = [m.packed_weight.shape[2] for m in layers]
-    assert widths.count(1152) == 1 and widths.count(640) == len(layers) - 1  # the LM head: Q8_0
+    floats_model = loaded()
+    layers = [m for m in floats_model.modules() if isinstance(getattr(m, "packed_weight", None), GGUFLinearWeight)]
+    assert len(layers) == 121  # 30 x (qkv, o, gate_up, down) + the tied LM head
+    floats = 0
+    for m in layers:
+        weight = m.packed_weight
+        dense = torch.zeros(weight.out_features, weight.in_features)
+        for first, part in weight.parts:
+            dense[first : first + part.shape[0]] = part.materialize()
+        m.packed_weight = packed_linear.pack_weight(dense)
+        floats += m.packed_weight.numel() * 4
+    want = run(floats_model)
+
+    model = loaded()
+    blocks = packed_linear.pack_gguf_weights(model)
+    packed = [m.packed_weight for m in model.modules() if isinstance(getattr(m, "packed_weight", None), torch.Tensor)]
+    assert len(packed) == 121 and all(w.dtype == torch.uint8 for w in packed)
+    widths = [w.shape[2] for w in packed]
+    assert widths.count(1152) == 1 and widths.count(640) == len(packed) - 1  # the LM head: Q8_0
     assert floats / blocks > 5.3
-    for got, expected in zip(run(), want, strict=True):
+    for got, expected in zip(run(model), want, strict=True):
         assert torch.equal(got, expected)

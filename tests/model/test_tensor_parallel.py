@@ -26,9 +26,9 @@ def tp1_logits(path: pathlib.Path, worker_module, architecture: str | None = Non
 
 
 def hf_logits(path: pathlib.Path, tokens: dict[str, list[int]]) -> dict[str, torch.Tensor]:
-    from transformers import AutoModelForCausalLM
+    from support.hf_reference import hf_causal_lm
 
-    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    hf = hf_causal_lm(path)
     with torch.no_grad():
         return {n: hf(torch.tensor([t])).logits[0] for n, t in tokens.items()}
 

@@ -45,9 +45,9 @@ def free_port() -> int:
 
 
 def hf_greedy(model_dir: pathlib.Path) -> list[int]:
-    from transformers import AutoModelForCausalLM
+    from support.hf_reference import hf_causal_lm
 
-    hf = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    hf = hf_causal_lm(model_dir)
     ids = torch.tensor([PROMPT])
     with torch.no_grad():
         gen = hf.generate(

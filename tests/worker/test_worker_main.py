@@ -39,9 +39,9 @@ STEP = ExecuteStep(0, [NewRequest("r0", PROMPT, GREEDY, [3, 4], 0, len(PROMPT))]
 
 
 def hf_next_token(model_dir: pathlib.Path) -> int:
-    from transformers import AutoModelForCausalLM
+    from support.hf_reference import hf_causal_lm
 
-    hf = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    hf = hf_causal_lm(model_dir)
     with torch.no_grad():
         return int(hf(torch.tensor([PROMPT])).logits[0, -1].argmax())
 
