@@ -20,6 +20,9 @@ GGUF_ARCHITECTURES = {
     "qwen3": "Qwen3ForCausalLM",
     "qwen2moe": "Qwen2MoeForCausalLM",
     "qwen3moe": "Qwen3MoeForCausalLM",
+    "phi3": "Phi3ForCausalLM",
+    "gemma2": "Gemma2ForCausalLM",
+    "gemma3": "Gemma3ForCausalLM",
 }
 # dtype names -> torch attribute names (torch is imported only when a dtype is asked for: the
 # engine's process reads model configs too, and never needs torch)
@@ -183,12 +186,21 @@ _GGUF_KEYS = {
     "expert_used_count": "num_experts_per_tok",
     "expert_feed_forward_length": "moe_intermediate_size",
     "expert_shared_feed_forward_length": "shared_expert_intermediate_size",
+    "attention.sliding_window": "sliding_window",
+    "attn_logit_softcapping": "attn_logit_softcapping",
+    "final_logit_softcapping": "final_logit_softcapping",
 }
 # What a GGUF file does not say about its family, as llama.cpp runs it: Qwen3-MoE renormalises
 # the top-k routing weights (every Qwen3-MoE checkpoint sets norm_topk_prob), Qwen2-MoE does not.
 _GGUF_ARCH_DEFAULTS: dict[str, dict[str, Any]] = {
     "qwen3moe": {"norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": []},
     "qwen2moe": {"norm_topk_prob": False, "decoder_sparse_step": 1, "mlp_only_layers": []},
+    # Gemma 2: GeGLU and llama.cpp's soft-capping defaults (query scale: see _read_gguf_config)
+    "gemma2": {"hidden_activation": "gelu_pytorch_tanh", "attn_logit_softcapping": 50.0,
+               "final_logit_softcapping": 30.0},
+    # Gemma 3 (text): GeGLU, every 6th layer global, local layers' rope base 10000
+    "gemma3": {"hidden_activation": "gelu_pytorch_tanh", "sliding_window_pattern": 6,
+               "rope_local_base_freq": 10000.0},
 }
 
 
@@ -221,6 +233,12 @@ def _read_gguf_config(gguf_file: pathlib.Path) -> HFConfig:
             values[attr] = fields[f"{arch}.{key}"]
     values.setdefault("vocab_size", vocab_size)
     values = {**_GGUF_ARCH_DEFAULTS.get(arch, {}), **values}
+    if arch in ("gemma2", "gemma3") and values.get("num_attention_heads"):
+        # as llama.cpp: queries scaled by head_dim^-0.5, by (hidden / heads)^-0.5 for the 27B
+        # models (46 / 62 layers), which is what the checkpoints' query_pre_attn_scalar says
+        per_head = int(values["hidden_size"]) // int(values["num_attention_heads"])
+        big = values.get("num_hidden_layers") == {"gemma2": 46, "gemma3": 62}[arch]
+        values["query_pre_attn_scalar"] = per_head if big else values.get("head_dim") or per_head
     values["tie_word_embeddings"] = "output.weight" not in tensor_names
     values["attention_bias"] = False
     for key, attr in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),

@@ -256,6 +256,9 @@ _GGUF_LAYER = {
     "ffn_up_shexp": "mlp.shared_expert.up_proj",
     "ffn_down_shexp": "mlp.shared_expert.down_proj",
     "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
+    "attn_qkv": "self_attn.qkv_proj",  # Phi-3's fused projections (its ffn_up is gate + up)
+    "post_attention_norm": "post_attention_layernorm",  # Gemma's sandwich norms
+    "post_ffw_norm": "post_feedforward_layernorm",
 }
 # MoE experts come stacked `[num_experts, rows, cols]`: split into each expert's projection.
 _GGUF_EXPERTS = {"ffn_gate_exps": "gate_proj", "ffn_up_exps": "up_proj", "ffn_down_exps": "down_proj"}
@@ -315,6 +318,10 @@ def _iter_gguf_file(path: str, arch: str, hf_config: Any, stats: LoadStats) -> I
             continue
         dims = [int(d) for d in reversed(tensor.shape.tolist())]
         stats.num_tensors += 1
+        if arch == "phi3" and hf_name.endswith("mlp.up_proj.weight"):
+            hf_name = hf_name.replace("mlp.up_proj", "mlp.gate_up_proj")
+        if arch in ("gemma2", "gemma3") and tensor.name.endswith(".ffn_norm.weight"):  # Gemma's 4 norms a layer
+            hf_name = hf_name.replace("post_attention_layernorm", "pre_feedforward_layernorm")
         if len(dims) == 3 and "{}" in hf_name:
             yield from _split_experts(tensor, hf_name, dims, path, stats)
             continue
@@ -332,6 +339,8 @@ def _iter_gguf_file(path: str, arch: str, hf_config: Any, stats: LoadStats) -> I
             yield hf_name, out
             continue
         data = _dequantize(tensor, dims, path, stats)
+        if arch in ("gemma2", "gemma3") and "norm" in hf_name:
+            data -= 1.0  # llama.cpp stores Gemma's norms as 1 + w (the checkpoint holds w)
         if hf_name.endswith("shared_expert_gate.weight") and data.ndim == 1:
             data = data[None, :]  # llama.cpp stores the shared expert's gate as a vector
         yield hf_name, torch.from_numpy(data)
