@@ -3,7 +3,8 @@ served end to end (issue 24): greedy tokens past the window equal transformers' 
 (prompt longer than the window), while the engine gives back the KV blocks before each
 request's window (asserted from `engine.stats()` during the generation), and a request that
 could never fit the pool whole runs in it; the prefix cache still gives transformers' tokens
-to a second request sharing the prompt. A model with a global layer (Gemma 3) keeps them."""
+to a second request sharing the prompt; TP=2 gives the same. A model with a global layer
+(Gemma 3) keeps them."""
 
 from __future__ import annotations
 
@@ -119,3 +120,12 @@ async def test_a_model_with_a_global_layer_keeps_its_blocks(tmp_path: pathlib.Pa
         short = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
         outputs = [out async for out in engine.generate(PROMPT[:8], short)]
         assert outputs[-1].token_ids == hf_greedy(path, PROMPT[:8], 4)
+
+
+async def test_tensor_parallel_two_ranks_past_the_window(mistral: pathlib.Path) -> None:
+    # TP=2 (one KV head a rank): the same tokens, and the blocks go back the same way.
+    expected = hf_greedy(mistral, PROMPT, MAX_TOKENS)
+    async with await Engine.start(config(mistral, tensor_parallel_size=2)) as engine:
+        tokens, used = await tokens_and_blocks(engine, PROMPT)
+        assert tokens == expected
+        assert max(used) <= SLIDING_WINDOW // BLOCK + 3, used
