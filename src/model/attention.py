@@ -17,7 +17,9 @@ this layer's block tensor at `slot_mapping` (`block_id * block_size + offset`). 
 A layer with a sliding window (Mistral, Gemma's local layers) or attention-logit soft-capping
 (Gemma 2) attends request by request over the blocks its window reaches: blocks wholly before
 the window are never read (the engine may have given them to another request), and the scores
-are capped before the mask and softmax, as transformers' eager attention does.
+are capped before the mask and softmax, as transformers' eager attention does. Decode queries
+of a windowed layer without soft-capping whose window still reaches the first token are batched
+as a plain layer's are.
 """
 
 from __future__ import annotations
@@ -331,9 +333,16 @@ class Attention(nn.Module):
         """Each request over the keys its window reaches (from the cache's blocks, those before
         the window never gathered), scores soft-capped when the layer caps them."""
         starts, seq_lens = attn.query_start_loc_cpu, attn.seq_lens_cpu
+        # One-token queries whose window still reaches their first token attend exactly as a
+        # plain layer's do: batched (the fused decode kernel on CPU), not request by request.
+        batch_decodes = has_cache and self.logit_softcap is None and self.sliding_window is not None
+        decode_seqs: list[int] = []
         for i, seq_len in enumerate(seq_lens):
             start, end = starts[i], starts[i + 1]
             if end == start:
+                continue
+            if batch_decodes and end - start == 1 and seq_len <= self.sliding_window:  # type: ignore[operator]
+                decode_seqs.append(i)
                 continue
             context_len = seq_len - (end - start)
             if has_cache:
@@ -357,6 +366,8 @@ class Attention(nn.Module):
                 mask &= key_pos[None, :] > query_pos[:, None] - self.sliding_window
             out[start:end] = self._masked_attention(q[start:end].transpose(0, 1), key, value,
                                                     mask).transpose(0, 1)
+        if decode_seqs:
+            self._attend_decode(q, out, attn, decode_seqs)
 
     def _masked_attention(self, q: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                           mask: torch.Tensor) -> torch.Tensor:
