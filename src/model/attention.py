@@ -18,8 +18,8 @@ A layer with a sliding window (Mistral, Gemma's local layers) or attention-logit
 (Gemma 2) attends request by request over the blocks its window reaches: blocks wholly before
 the window are never read (the engine may have given them to another request), and the scores
 are capped before the mask and softmax, as transformers' eager attention does. Decode queries
-of a windowed layer without soft-capping whose window still reaches the first token are batched
-as a plain layer's are.
+whose window still reaches the first token (all of them in a global soft-capped layer) are
+batched: as a plain layer's without soft-capping, else one padded soft-capped softmax.
 """
 
 from __future__ import annotations
@@ -333,15 +333,16 @@ class Attention(nn.Module):
         """Each request over the keys its window reaches (from the cache's blocks, those before
         the window never gathered), scores soft-capped when the layer caps them."""
         starts, seq_lens = attn.query_start_loc_cpu, attn.seq_lens_cpu
-        # One-token queries whose window still reaches their first token attend exactly as a
-        # plain layer's do: batched (the fused decode kernel on CPU), not request by request.
-        batch_decodes = has_cache and self.logit_softcap is None and self.sliding_window is not None
+        # One-token queries whose window still reaches their first token (every one, in a
+        # global soft-capped layer) attend in one batch: a plain layer's decode path (the fused
+        # kernel on CPU), or one padded soft-capped softmax; the rest request by request.
+        window = self.sliding_window
         decode_seqs: list[int] = []
         for i, seq_len in enumerate(seq_lens):
             start, end = starts[i], starts[i + 1]
             if end == start:
                 continue
-            if batch_decodes and end - start == 1 and seq_len <= self.sliding_window:  # type: ignore[operator]
+            if has_cache and end - start == 1 and (window is None or seq_len <= window):
                 decode_seqs.append(i)
                 continue
             context_len = seq_len - (end - start)
@@ -366,8 +367,31 @@ class Attention(nn.Module):
                 mask &= key_pos[None, :] > query_pos[:, None] - self.sliding_window
             out[start:end] = self._masked_attention(q[start:end].transpose(0, 1), key, value,
                                                     mask).transpose(0, 1)
-        if decode_seqs:
+        if decode_seqs and self.logit_softcap is None:
             self._attend_decode(q, out, attn, decode_seqs)
+        elif decode_seqs:
+            self._attend_decode_capped(q, out, attn, decode_seqs)
+
+    def _attend_decode_capped(self, q: torch.Tensor, out: torch.Tensor, attn: AttentionMetadata,
+                              seqs: list[int]) -> None:
+        """One-token queries of `seqs` whose keys are all in reach: their blocks gathered into a
+        padded `[S, kv_heads, L, D]`, scores soft-capped and masked to each length, one softmax."""
+        block_size = self.kv_cache.shape[2]
+        rows = torch.tensor([attn.query_start_loc_cpu[i] for i in seqs], device=q.device)
+        index = torch.tensor(seqs, device=q.device)
+        max_len = max(attn.seq_lens_cpu[i] for i in seqs)
+        tables = attn.block_tables[index, : -(-max_len // block_size)].long()
+        key, value = self._gather(tables, max_len)  # [S, kvh, L, D]
+        group = self.num_heads // self.num_kv_heads
+        key = key.repeat_interleave(group, dim=1)
+        value = value.repeat_interleave(group, dim=1)
+        query = q[rows].unsqueeze(2)  # [S, heads, 1, D]
+        scores = torch.matmul(query, key.transpose(-1, -2)) * self.scale
+        scores = torch.tanh(scores / self.logit_softcap) * self.logit_softcap  # type: ignore[operator]
+        key_pos = torch.arange(max_len, device=q.device)
+        valid = (key_pos[None, :] < attn.seq_lens[index][:, None].long())[:, None, None, :]
+        probs = torch.softmax(scores.masked_fill(~valid, float("-inf")), dim=-1, dtype=torch.float32)
+        out[rows] = torch.matmul(probs.to(q.dtype), value).squeeze(2)
 
     def _masked_attention(self, q: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                           mask: torch.Tensor) -> torch.Tensor:
