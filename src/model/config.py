@@ -209,14 +209,14 @@ def _read_gguf_config(gguf_file: pathlib.Path) -> HFConfig:
     from shardline.model.errors import CheckpointError
 
     try:
-        from shardline.model.gguf_reader import gguf_files, open_reader
+        from shardline.model.gguf_reader import Metadata, gguf_files
 
-        reader = open_reader(gguf_file)  # the vocabulary's length, not its tokens
+        reader = Metadata(gguf_file)  # no gguf-py: the vocabulary's length, not its tokens
         fields = {name: field.contents() for name, field in reader.fields.items()
                   if not name.startswith("tokenizer.ggml.")}
         tensor_names = {t.name for t in reader.tensors}
         for part in gguf_files(gguf_file)[1:]:  # a split model's other parts hold tensors only
-            tensor_names |= {t.name for t in open_reader(part).tensors}
+            tensor_names |= {t.name for t in Metadata(part).tensors}
         vocab = reader.fields.get("tokenizer.ggml.tokens")
         vocab_size = len(vocab.data) if vocab is not None else None
     except Exception as exc:  # the reader raises assorted types on bad bytes
@@ -228,6 +228,8 @@ def _read_gguf_config(gguf_file: pathlib.Path) -> HFConfig:
             f"{', '.join(sorted(GGUF_ARCHITECTURES))}"
         )
     values: dict[str, Any] = {"model_type": arch, "architectures": [GGUF_ARCHITECTURES[arch]]}
+    if arch in ("llama", "mistral") and fields.get(f"{arch}.expert_count"):
+        values["architectures"] = ["MixtralForCausalLM"]  # llama.cpp writes Mixtral as llama
     for key, attr in _GGUF_KEYS.items():
         if f"{arch}.{key}" in fields:
             values[attr] = fields[f"{arch}.{key}"]

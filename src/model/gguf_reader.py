@@ -87,3 +87,97 @@ def transformers_source(path: str | os.PathLike[str]) -> tuple[str, dict[str, st
     if not (path / "config.json").is_file() and len(ggufs) == 1:
         return str(path), {"gguf_file": ggufs[0].name}
     return str(path), {}
+
+
+# GGUF metadata value types (gguf-py's GGUFValueType): struct format of the scalar ones.
+_SCALARS = {
+    0: "B",
+    1: "b",
+    2: "H",
+    3: "h",
+    4: "I",
+    5: "i",
+    6: "f",
+    7: "?",
+    10: "Q",
+    11: "q",
+    12: "d",
+}
+_STRING, _ARRAY = 8, 9
+
+
+class MetadataField:
+    """One metadata value: `contents()` as gguf-py's `ReaderField.contents()` gives it (a big
+    array's items are not kept: `data` has its length only)."""
+
+    def __init__(self, value: Any, count: int) -> None:
+        self._value = value
+        self.data = range(count)
+
+    def contents(self) -> Any:
+        return self._value
+
+
+class TensorName:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+
+class Metadata:
+    """A GGUF file's metadata and tensor names, read with `struct` (no gguf-py, whose import
+    alone takes ~0.35 s): `fields` (name -> `MetadataField`) and `tensors` (with `.name`), the
+    part of `GGUFReader` a config needs."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        import mmap
+
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            if buf[:4] != b"GGUF":
+                raise ValueError(
+                    f"{os.fspath(path)!r} is not a GGUF file (magic {bytes(buf[:4])!r})"
+                )
+            version, n_tensors, n_kv = struct.unpack_from("<IQQ", buf, 4)
+            if version < 2:
+                raise ValueError(f"GGUF version {version} is not supported")
+            self._buf, self._at = buf, 24
+            self.fields: dict[str, MetadataField] = {}
+            for _ in range(n_kv):
+                key = self._string()
+                (kind,) = self._take("<I")
+                value, count = self._value(kind, key.startswith("tokenizer.ggml."))
+                self.fields[key] = MetadataField(value, count)
+            self.tensors = []
+            for _ in range(n_tensors):
+                name = self._string()
+                (dims,) = self._take("<I")
+                self._at += 8 * dims + 4 + 8  # shape, type, offset
+                self.tensors.append(TensorName(name))
+            del self._buf
+
+    def _take(self, fmt: str) -> tuple[Any, ...]:
+        out = struct.unpack_from(fmt, self._buf, self._at)
+        self._at += struct.calcsize(fmt)
+        return out
+
+    def _string(self) -> str:
+        (size,) = self._take("<Q")
+        text = bytes(self._buf[self._at : self._at + size]).decode("utf-8", errors="replace")
+        self._at += size
+        return text
+
+    def _value(self, kind: int, skip_items: bool) -> tuple[Any, int]:
+        if kind == _STRING:
+            return self._string(), 1
+        if kind in _SCALARS:
+            return self._take("<" + _SCALARS[kind])[0], 1
+        if kind != _ARRAY:
+            raise ValueError(f"unknown GGUF metadata value type {kind}")
+        item, count = self._take("<IQ")
+        if item in _SCALARS and (skip_items or count > _BIG_ARRAY):
+            self._at += count * struct.calcsize("<" + _SCALARS[item])
+            return None, count
+        if item == _STRING and (skip_items or count > _BIG_ARRAY):
+            for _ in range(count):
+                self._at += 8 + struct.unpack_from("<Q", self._buf, self._at)[0]
+            return None, count
+        return [self._value(item, False)[0] for _ in range(count)], count
