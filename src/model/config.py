@@ -228,6 +228,8 @@ def _read_gguf_config(gguf_file: pathlib.Path) -> HFConfig:
             f"{', '.join(sorted(GGUF_ARCHITECTURES))}"
         )
     values: dict[str, Any] = {"model_type": arch, "architectures": [GGUF_ARCHITECTURES[arch]]}
+    if arch in ("llama", "mistral") and fields.get(f"{arch}.expert_count"):
+        values["architectures"] = ["MixtralForCausalLM"]  # llama.cpp writes Mixtral as llama
     for key, attr in _GGUF_KEYS.items():
         if f"{arch}.{key}" in fields:
             values[attr] = fields[f"{arch}.{key}"]

@@ -312,6 +312,7 @@ def _iter_gguf_file(path: str, arch: str, hf_config: Any, stats: LoadStats) -> I
         raise CheckpointError(f"corrupt GGUF file {path!r}: {exc}") from exc
     num_heads = hf_config.num_attention_heads
     num_kv_heads = getattr(hf_config, "num_key_value_heads", None) or num_heads
+    moe_name = "block_sparse_moe" if "MixtralForCausalLM" in (hf_config.architectures or ()) else "mlp"
     for tensor in reader.tensors:
         hf_name = gguf_to_hf_name(tensor.name)
         if hf_name is None:
@@ -322,6 +323,8 @@ def _iter_gguf_file(path: str, arch: str, hf_config: Any, stats: LoadStats) -> I
             hf_name = hf_name.replace("mlp.up_proj", "mlp.gate_up_proj")
         if arch in ("gemma2", "gemma3") and tensor.name.endswith(".ffn_norm.weight"):  # Gemma's 4 norms a layer
             hf_name = hf_name.replace("post_attention_layernorm", "pre_feedforward_layernorm")
+        if moe_name != "mlp" and (".mlp.experts." in hf_name or hf_name.endswith(".mlp.gate.weight")):
+            hf_name = hf_name.replace(".mlp.", f".{moe_name}.")  # Mixtral's block_sparse_moe
         if len(dims) == 3 and "{}" in hf_name:
             yield from _split_experts(tensor, hf_name, dims, path, stats)
             continue

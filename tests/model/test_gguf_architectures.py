@@ -4,7 +4,9 @@ norms stored as 1 + w, tied head, soft-capping and the sliding window from the m
 3's q/k norms and its every-6th global layer with its own rope base), phi3 (fused
 `attn_qkv` and gate + up `ffn_up`, split as views of the file's blocks), qwen3 (per-head q/k
 norms), qwen3moe and qwen2moe (stacked `ffn_*_exps` experts split per expert, the
-`ffn_gate_inp` router, Qwen2-MoE's shared expert and its gate), with F32 and Q8_0 weights. A
+`ffn_gate_inp` router, Qwen2-MoE's shared expert and its gate), with F32 and Q8_0 weights;
+Mixtral as llama.cpp writes it (architecture llama with experts, q/k rows permuted) against
+transformers on the checkpoint it came from. A
 family shardline does not load from GGUF is refused naming it and listing the known ones.
 
 Qwen3-MoE files say nothing about renormalising the top-k weights; shardline renormalises, as
@@ -85,3 +87,24 @@ def test_an_unknown_gguf_family_is_refused_naming_it_and_the_known(tmp_path: pat
         CheckpointError, match=r"holds a 'rwkv7' model; supported: .*qwen2moe, qwen3, qwen3moe"
     ):
         ModelConfig.from_path(str(path))
+
+
+def test_mixtral_written_as_llama_with_experts_equals_transformers(tmp_path: pathlib.Path) -> None:
+    # transformers does not load Mixtral from GGUF: the reference is its own model on the
+    # safetensors checkpoint the GGUF was written from (as llama.cpp's converter writes it).
+    from transformers import AutoModelForCausalLM
+
+    from support.gguf_arch_models import write_mixtral_gguf
+    from support.hf_tiny import make_hf_model_dir
+
+    ref = AutoModelForCausalLM.from_pretrained(
+        make_hf_model_dir(tmp_path / "hf", "MixtralForCausalLM", seed=5), dtype=torch.float32
+    ).eval()
+    path = write_mixtral_gguf(tmp_path / "m.gguf", ref)
+    config = ModelConfig.from_path(str(path))
+    assert config.architecture == "MixtralForCausalLM"
+    model = load_model(config, ParallelContext.single())
+    with torch.no_grad():
+        want = ref(torch.tensor([IDS])).logits[0]
+    got = prefill_logits(model, IDS)
+    assert ((got - want).abs().max() / want.abs().max()).item() < 1e-4

@@ -146,3 +146,66 @@ def write_tiny_arch_gguf(
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def _llama_cpp_permute(weights: np.ndarray, heads: int) -> np.ndarray:
+    """llama.cpp's q/k row order for the llama architecture (convert_hf_to_gguf's permute)."""
+    return (
+        weights.reshape(heads, 2, weights.shape[0] // heads // 2, *weights.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(weights.shape)
+    )
+
+
+def write_mixtral_gguf(path: pathlib.Path, model: object) -> pathlib.Path:
+    """A transformers MixtralForCausalLM's weights as llama.cpp writes Mixtral: architecture
+    `llama` with an expert count, q/k rows permuted, experts stacked (F32)."""
+    import gguf
+
+    config = model.config  # type: ignore[attr-defined]
+    state = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}  # type: ignore[attr-defined]
+    h, heads, kv_heads = config.hidden_size, config.num_attention_heads, config.num_key_value_heads
+    inter, layers = config.intermediate_size, config.num_hidden_layers
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(h)
+    writer.add_block_count(layers)
+    writer.add_feed_forward_length(inter)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_key_length(config.head_dim)
+    writer.add_value_length(config.head_dim)
+    writer.add_rope_dimension_count(config.head_dim)
+    writer.add_rope_freq_base(float(config.rope_parameters["rope_theta"]))
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_vocab_size(config.vocab_size)
+    writer.add_expert_count(config.num_local_experts)
+    writer.add_expert_used_count(config.num_experts_per_tok)
+    _add_tokenizer(writer, config.vocab_size, None)
+    writer.add_tensor("token_embd.weight", state["model.embed_tokens.weight"])
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        writer.add_tensor(f"blk.{i}.attn_norm.weight", state[p + "input_layernorm.weight"])
+        writer.add_tensor(
+            f"blk.{i}.attn_q.weight",
+            _llama_cpp_permute(state[p + "self_attn.q_proj.weight"], heads),
+        )
+        writer.add_tensor(
+            f"blk.{i}.attn_k.weight",
+            _llama_cpp_permute(state[p + "self_attn.k_proj.weight"], kv_heads),
+        )
+        writer.add_tensor(f"blk.{i}.attn_v.weight", state[p + "self_attn.v_proj.weight"])
+        writer.add_tensor(f"blk.{i}.attn_output.weight", state[p + "self_attn.o_proj.weight"])
+        writer.add_tensor(f"blk.{i}.ffn_norm.weight", state[p + "post_attention_layernorm.weight"])
+        writer.add_tensor(f"blk.{i}.ffn_gate_inp.weight", state[p + "mlp.gate.weight"])
+        gate_up = state[p + "mlp.experts.gate_up_proj"]  # [experts, 2 * inter, hidden]: gate, up
+        writer.add_tensor(f"blk.{i}.ffn_gate_exps.weight", np.ascontiguousarray(gate_up[:, :inter]))
+        writer.add_tensor(f"blk.{i}.ffn_up_exps.weight", np.ascontiguousarray(gate_up[:, inter:]))
+        writer.add_tensor(f"blk.{i}.ffn_down_exps.weight", state[p + "mlp.experts.down_proj"])
+    writer.add_tensor("output_norm.weight", state["model.norm.weight"])
+    writer.add_tensor("output.weight", state["lm_head.weight"])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
