@@ -78,8 +78,9 @@ def smollm2_shaped_model(directory: pathlib.Path, smollm2_dir: pathlib.Path) -> 
     if (directory / "model.safetensors").exists():
         return directory
     directory.mkdir(parents=True, exist_ok=True)
-    from model_bench import hf_source
     from transformers import AutoConfig
+
+    from model_bench import hf_source
 
     folder, extra = hf_source(smollm2_dir)  # the default model is its GGUF: transformers' config of it
     config = AutoConfig.from_pretrained(folder, **extra).to_dict()
