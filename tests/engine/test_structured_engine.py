@@ -294,13 +294,17 @@ async def _tiny_outputs(engine: Engine, count: int) -> list[str]:
     return outputs
 
 
-async def test_tensor_parallel_ranks_apply_the_same_masks(tiny_llama_dir: pathlib.Path) -> None:
-    """TP=2 with random weights: every output matches (only the masks can make it), and equals
-    the single-rank engine's (each sampling rank applied the same mask)."""
+@pytest.mark.parametrize(("tp", "pp"), [(2, 1), (1, 2)])
+async def test_tensor_and_pipeline_parallel_ranks_apply_the_same_masks(
+    tiny_llama_dir: pathlib.Path, tp: int, pp: int
+) -> None:
+    """TP=2 or PP=2 with random weights: every output matches (only the masks can make it), and
+    equals the single-rank engine's (each sampling rank applied the same mask)."""
     base = dict(max_model_len=128, num_kv_blocks=128, block_size=4)
     async with await Engine.start(_cfg(tiny_llama_dir, transport="inproc", **base)) as engine:
         single = await _tiny_outputs(engine, 6)
-    async with await Engine.start(_cfg(tiny_llama_dir, tensor_parallel_size=2, **base)) as engine:
+    parallel = _cfg(tiny_llama_dir, tensor_parallel_size=tp, pipeline_parallel_size=pp, **base)
+    async with await Engine.start(parallel) as engine:
         split = await _tiny_outputs(engine, 6)
     for text in split:
         assert re.fullmatch(TINY_REGEX, text), text
