@@ -204,6 +204,43 @@ _GGUF_ARCH_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
+# Rope settings a GGUF file can carry that the GGUF path does not read yet: refused by name, never
+# run with plain rope (Llama 3.1+ files carry their llama3 scaling as rope_freqs.weight, Phi-3's
+# long-context ones as rope_factors_*; Gemma 3 27B sets rope.scaling.type linear).
+_GGUF_ROPE_TENSORS = ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight")
+
+
+def _refuse_gguf_rope_settings(
+    gguf_file: pathlib.Path, arch: str, fields: dict[str, Any], tensor_names: set[str]
+) -> None:
+    from shardline.model.errors import CheckpointError
+
+    where = f"GGUF file {str(gguf_file)!r}"
+    scaling = fields.get(f"{arch}.rope.scaling.type")
+    if scaling not in (None, "none"):
+        raise CheckpointError(
+            f"{where} sets {arch}.rope.scaling.type={scaling!r}: shardline does not read rope scaling "
+            "from GGUF files yet; serve the model's Hugging Face checkpoint instead"
+        )
+    for name in _GGUF_ROPE_TENSORS:
+        if name in tensor_names:
+            raise CheckpointError(
+                f"{where} holds {name} (rope frequency factors, e.g. Llama 3.1's llama3 scaling): "
+                "shardline does not apply them from GGUF files yet; serve the model's Hugging Face "
+                "checkpoint instead"
+            )
+    rotary = fields.get(f"{arch}.rope.dimension_count")
+    heads = fields.get(f"{arch}.attention.head_count")
+    head_dim = fields.get(f"{arch}.attention.key_length") or (
+        fields[f"{arch}.embedding_length"] // heads if heads and f"{arch}.embedding_length" in fields else None
+    )
+    if rotary is not None and head_dim is not None and int(rotary) != int(head_dim):
+        raise CheckpointError(
+            f"{where} sets {arch}.rope.dimension_count={rotary} for heads of {head_dim}: partial "
+            "rotary embeddings are not supported"
+        )
+
+
 def _read_gguf_config(gguf_file: pathlib.Path) -> HFConfig:
     """A config from a GGUF file's metadata (llama.cpp key names)."""
     from shardline.model.errors import CheckpointError
@@ -227,6 +264,7 @@ def _read_gguf_config(gguf_file: pathlib.Path) -> HFConfig:
             f"GGUF file {str(gguf_file)!r} holds a {arch!r} model; supported: "
             f"{', '.join(sorted(GGUF_ARCHITECTURES))}"
         )
+    _refuse_gguf_rope_settings(gguf_file, arch, fields, tensor_names)
     values: dict[str, Any] = {"model_type": arch, "architectures": [GGUF_ARCHITECTURES[arch]]}
     if arch in ("llama", "mistral") and fields.get(f"{arch}.expert_count"):
         values["architectures"] = ["MixtralForCausalLM"]  # llama.cpp writes Mixtral as llama

@@ -9,6 +9,8 @@ bounded values, so every weight stays small.
 from __future__ import annotations
 
 import pathlib
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -59,8 +61,10 @@ def write_tiny_llama_gguf(
     tied: bool = False,
     chat_template: str | None = None,
     shape: dict[str, int] | None = None,
+    extra: Callable[[Any], None] | None = None,
 ) -> pathlib.Path:
-    """A Llama GGUF with random weights: every 2-D weight of `type_name`, norms F32."""
+    """A Llama GGUF with random weights: every 2-D weight of `type_name`, norms F32;
+    `extra(writer)` adds metadata or tensors of its own before the file is written."""
     import gguf
 
     dims = {**TINY, **(shape or {})}
@@ -111,6 +115,8 @@ def write_tiny_llama_gguf(
     norm("output_norm.weight")
     if not tied:
         add("output.weight", dims["vocab"], h)
+    if extra is not None:
+        extra(writer)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
