@@ -2,10 +2,12 @@
 
 The extension is compiled with `-march=native`, so on the AVX-512 machines the other tests run
 on, the AVX2 and plain C++ paths of the kernels (int8 and nibble conversion, float16 scales,
-attention, the fused ops) are never compiled. Here the extension is built again for Haswell
+attention, the fused ops, the GGUF dequantizers) are never compiled. Here the extension is built again for Haswell
 (AVX2, FMA, F16C) and for baseline x86-64, in a fresh `$SHARDLINE_HOME`, and the kernel tests run
 against each build: packed GEMMs equal to float32 panels bit for bit, the decoder loop equal to
-the Python layers, paged attention and the fused ops equal to their references.
+the Python layers, paged attention and the fused ops equal to their references, GGUF blocks turned
+into gguf-py's `dequantize` values bit for bit (the AVX2 build's vector K-quant / Q8_0 dequantizers,
+the baseline build's scalar ones) and the GGUF GEMM equal to dequantize + mm.
 """
 
 from __future__ import annotations
@@ -20,12 +22,21 @@ import pytest
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86-64 -march targets"),
+    pytest.mark.skipif(
+        platform.machine() not in ("x86_64", "AMD64"), reason="x86-64 -march targets"
+    ),
 ]
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-TESTS = ["tests/model/test_packed_linear.py", "tests/model/test_cpu_decoder.py",
-         "tests/model/test_paged_decode_kernel.py", "tests/model/test_cpu_ops.py"]
+TESTS = [
+    "tests/model/test_packed_linear.py",
+    "tests/model/test_cpu_decoder.py",
+    "tests/model/test_paged_decode_kernel.py",
+    "tests/model/test_cpu_ops.py",
+    "tests/model/test_gguf_weights.py::test_kernel_values_are_gguf_py_dequantize_bit_for_bit",
+    "tests/model/test_gguf_weights.py::test_gemm_equals_dequantize_and_mm_for_1_to_256_rows",
+    "tests/model/test_gguf_weights.py::test_parts_write_their_rows_and_column_shards_take_whole_blocks",
+]
 RUN = """
 import sys
 from shardline.model import paged_decode
@@ -37,10 +48,18 @@ sys.exit(pytest.main(["-q", "-p", "no:cacheprovider", *sys.argv[1:]]))
 
 
 @pytest.mark.parametrize("arch", ["haswell", "x86-64"])
-def test_kernels_built_without_avx512_pass_the_kernel_tests(arch: str, tmp_path: pathlib.Path) -> None:
+def test_kernels_built_without_avx512_pass_the_kernel_tests(
+    arch: str, tmp_path: pathlib.Path
+) -> None:
     env = {**os.environ, "SHARDLINE_HOME": str(tmp_path), "PYTHONPATH": str(ROOT / "src")}
-    result = subprocess.run([sys.executable, "-c", RUN.format(arch=arch), *TESTS], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=900)
+    result = subprocess.run(
+        [sys.executable, "-c", RUN.format(arch=arch), *TESTS],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     builds = list(tmp_path.glob("torch_extensions/*/build.ninja"))
     assert builds and all(f"-march={arch}" in build.read_text() for build in builds)

@@ -11,7 +11,9 @@
 //
 // Types: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K (ggml's type
 // numbers). Vector code uses GCC vector extensions, so the same source compiles to AVX-512, AVX2
-// or plain x86-64.
+// or plain x86-64; the Q4_K, Q5_K, Q6_K and Q8_0 dequantizers have vector versions (AVX2 and
+// AVX-512 intrinsics for the byte widening) that AVX2 / AVX-512 builds use, bit for bit the
+// scalar ones' values (tests/model/test_portable_builds.py runs the kernel tests on each build).
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/BFloat16.h>
@@ -26,6 +28,10 @@
 #include <optional>
 #include <utility>
 #include <vector>
+
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 #include "cpu_pool.h"
 
@@ -172,12 +178,20 @@ inline void scale_min(const uint8_t* s, int j, int& sc, int& mn) {
   }
 }
 
+// A Q4_K (or, `High`, Q5_K) block's fields.
+template <bool High>
+struct Q45Block {
+  float d, dmin;
+  const uint8_t *scales, *qh, *qs;
+  explicit Q45Block(const uint8_t* b)
+      : d(f16(b)), dmin(f16(b + 2)), scales(b + 4), qh(b + 16), qs(b + (High ? 48 : 16)) {}
+};
+
 template <bool High>
 void deq_q45_k(const uint8_t* b, float* y) {
-  const float d = f16(b), dmin = f16(b + 2);
-  const uint8_t* scales = b + 4;
-  const uint8_t* qh = b + 16;
-  const uint8_t* qs = b + (High ? 48 : 16);
+  const Q45Block<High> k(b);
+  const float d = k.d, dmin = k.dmin;
+  const uint8_t *scales = k.scales, *qh = k.qh, *qs = k.qs;
   for (int j = 0; j < 8; ++j) {
     int sc, mn;
     scale_min(scales, j, sc, mn);
@@ -208,6 +222,96 @@ void deq_q6_k(const uint8_t* b, float* y) {
   }
 }
 
+#if defined(__AVX2__) || defined(__AVX512F__)
+// Vector dequantizers of the types most files hold (Q4_K, Q5_K, Q6_K, Q8_0) for AVX2 and
+// AVX-512 builds: 16 quants at a time widened to int32 lanes, their bits picked with shifts and
+// masks, converted to float and scaled with the same float32 operations, in the same order, as
+// the scalar code above (separate multiply and subtract: no FMA, which would round once where
+// gguf-py rounds twice). A plain x86-64 build keeps the scalar ones.
+typedef float vf16 __attribute__((vector_size(64)));
+typedef float vf16u __attribute__((vector_size(64), aligned(4)));
+typedef int32_t vi16 __attribute__((vector_size(64)));
+
+// 16 bytes as 16 int32 lanes, sign-extended (`Signed`, int8) or zero-extended (uint8).
+template <bool Signed>
+inline vi16 load_bytes(const uint8_t* p) {
+  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+#if defined(__AVX512F__)
+  return reinterpret_cast<vi16>(Signed ? _mm512_cvtepi8_epi32(bytes) : _mm512_cvtepu8_epi32(bytes));
+#else
+  const __m128i upper = _mm_srli_si128(bytes, 8);
+  const __m256i halves[2] = {Signed ? _mm256_cvtepi8_epi32(bytes) : _mm256_cvtepu8_epi32(bytes),
+                             Signed ? _mm256_cvtepi8_epi32(upper) : _mm256_cvtepu8_epi32(upper)};
+  vi16 out;
+  std::memcpy(&out, halves, sizeof(out));
+  return out;
+#endif
+}
+
+inline vi16 load_u8(const uint8_t* p) { return load_bytes<false>(p); }
+inline vi16 load_i8(const uint8_t* p) { return load_bytes<true>(p); }
+
+inline vf16 to_float(vi16 v) { return __builtin_convertvector(v, vf16); }
+
+inline void store(float* y, vf16 v) { *reinterpret_cast<vf16u*>(y) = v; }
+
+void deq_q8_0_simd(const uint8_t* b, float* y) {
+  const float d = f16(b);
+  store(y, to_float(load_i8(b + 2)) * d);
+  store(y + 16, to_float(load_i8(b + 18)) * d);
+}
+
+template <bool High>
+void deq_q45_k_simd(const uint8_t* b, float* y) {
+  const Q45Block<High> k(b);
+  const float d = k.d, dmin = k.dmin;
+  const uint8_t *scales = k.scales, *qh = k.qh, *qs = k.qs;
+  vi16 hbits[2];
+  if (High) {
+    hbits[0] = load_u8(qh);
+    hbits[1] = load_u8(qh + 16);
+  }
+  for (int j = 0; j < 8; j += 2) {  // sub-blocks j (low nibbles) and j + 1 (high ones) of 32 bytes
+    int sc0, mn0, sc1, mn1;
+    scale_min(scales, j, sc0, mn0);
+    scale_min(scales, j + 1, sc1, mn1);
+    const float dl0 = d * static_cast<float>(sc0), ml0 = dmin * static_cast<float>(mn0);
+    const float dl1 = d * static_cast<float>(sc1), ml1 = dmin * static_cast<float>(mn1);
+    const uint8_t* q = qs + (j / 2) * 32;
+    for (int c = 0; c < 2; ++c) {
+      const vi16 bytes = load_u8(q + 16 * c);
+      vi16 lo = bytes & 15, hi = bytes >> 4;
+      if (High) {
+        lo |= ((hbits[c] >> j) & 1) << 4;
+        hi |= ((hbits[c] >> (j + 1)) & 1) << 4;
+      }
+      store(y + 32 * j + 16 * c, to_float(lo) * dl0 - ml0);
+      store(y + 32 * (j + 1) + 16 * c, to_float(hi) * dl1 - ml1);
+    }
+  }
+}
+
+void deq_q6_k_simd(const uint8_t* b, float* y) {
+  const uint8_t* ql = b;
+  const uint8_t* qh = b + 128;
+  const int8_t* scales = reinterpret_cast<const int8_t*>(b + 192);
+  const float d = f16(b + 208);
+  for (int half = 0; half < 2; ++half) {
+    for (int c = 0; c < 2; ++c) {  // 16 of the 32 bytes of qh each 4 groups of 16 take bits from
+      const vi16 h = load_u8(qh + half * 32 + 16 * c);
+      const vi16 l0 = load_u8(ql + half * 64 + 16 * c), l1 = load_u8(ql + half * 64 + 32 + 16 * c);
+      const vi16 q[4] = {(l0 & 15) | ((h & 3) << 4), (l1 & 15) | (((h >> 2) & 3) << 4),
+                         (l0 >> 4) | (((h >> 4) & 3) << 4), (l1 >> 4) | (((h >> 6) & 3) << 4)};
+      for (int s = 0; s < 4; ++s) {  // e = half * 128 + 32 * s + 16 * c
+        const int e = half * 128 + 32 * s + 16 * c;
+        const float dl = d * static_cast<float>(scales[e / 16]);
+        store(y + e, to_float(q[s] - 32) * dl);
+      }
+    }
+  }
+}
+#endif  // AVX2 or AVX-512
+
 using DeqFn = void (*)(const uint8_t*, float*);
 
 DeqFn deq_fn(int64_t type) {
@@ -219,12 +323,19 @@ DeqFn deq_fn(int64_t type) {
     case kQ4_1: return deq_q4_1;
     case kQ5_0: return deq_q5<false>;
     case kQ5_1: return deq_q5<true>;
-    case kQ8_0: return deq_q8_0;
     case kQ2_K: return deq_q2_k;
     case kQ3_K: return deq_q3_k;
+#if defined(__AVX2__) || defined(__AVX512F__)
+    case kQ8_0: return deq_q8_0_simd;
+    case kQ4_K: return deq_q45_k_simd<false>;
+    case kQ5_K: return deq_q45_k_simd<true>;
+    case kQ6_K: return deq_q6_k_simd;
+#else
+    case kQ8_0: return deq_q8_0;
     case kQ4_K: return deq_q45_k<false>;
     case kQ5_K: return deq_q45_k<true>;
     case kQ6_K: return deq_q6_k;
+#endif
     default: return nullptr;
   }
 }
