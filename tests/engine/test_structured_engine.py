@@ -101,6 +101,7 @@ async def _sweep(engine: Engine, names: Sequence[str], seeds: Sequence[int]) -> 
     assert not failures, "\n".join(failures)
 
 
+@pytest.mark.slow  # default-suite time (the HTTP tests cover the same path); CI runs it with -m slow
 async def test_json_schemas_validate_at_temperature_one(smollm2_dir: pathlib.Path) -> None:
     """A representative subset of the schemas x 2 seeds, all at once (constrained rows share
     steps with each other), streamed: each output is complete ("stop"), its deltas add up to its

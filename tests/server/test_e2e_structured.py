@@ -131,6 +131,7 @@ def response_format(name: str) -> dict[str, Any]:
     }
 
 
+@pytest.mark.slow  # default-suite time: CI runs it with -m slow
 async def test_json_schema_outputs_validate_whole_and_streamed(oai: openai.AsyncOpenAI) -> None:
     failures: list[str] = []
     outcomes: dict[str | None, int] = {}
@@ -166,6 +167,7 @@ async def test_json_schema_outputs_validate_whole_and_streamed(oai: openai.Async
     )
 
 
+@pytest.mark.slow  # default-suite time: CI runs it with -m slow
 async def test_regex_and_choice_match_with_n_logprobs_and_prompt_lists(
     oai: openai.AsyncOpenAI,
 ) -> None:
