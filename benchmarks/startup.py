@@ -127,6 +127,32 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def wait_healthy(proc: subprocess.Popen[bytes], base: str, start: float, limit: float) -> None:
+    """Until llama-server's /health answers OK; raise if it exits or `limit` s pass from `start`."""
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"llama-server exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(f"{base}/health", timeout=1) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.time() - start > limit:
+            raise RuntimeError(f"llama-server not healthy after {limit:.0f} s")
+        time.sleep(0.02)
+
+
+def stop_server(proc: subprocess.Popen[bytes], grace: float) -> None:
+    """SIGINT, then SIGKILL if it has not exited after `grace` s."""
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def measure_llama_cpp(binary: pathlib.Path, gguf: pathlib.Path) -> dict[str, Any]:
     import psutil
 
@@ -137,18 +163,7 @@ def measure_llama_cpp(binary: pathlib.Path, gguf: pathlib.Path) -> dict[str, Any
                              "--host", "127.0.0.1", "--port", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"llama-server exited with {proc.returncode}")
-            try:
-                with urllib.request.urlopen(f"{base}/health", timeout=1) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.time() - start > 120:
-                raise RuntimeError("llama-server not healthy after 120 s")
-            time.sleep(0.02)
+        wait_healthy(proc, base, start, 120)
         ready = time.time()
         body = json.dumps({"messages": CHAT, "max_tokens": 1, "temperature": 0}).encode()
         request = urllib.request.Request(f"{base}/v1/chat/completions", data=body,
@@ -165,12 +180,7 @@ def measure_llama_cpp(binary: pathlib.Path, gguf: pathlib.Path) -> dict[str, Any
         rss = psutil.Process(proc.pid).memory_info().rss
         return {"ready_s": ready - start, "first_token_s": first - start, "rss_bytes": rss}
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_server(proc, 10)
 
 
 def _median(rows: list[dict[str, Any]], key: str) -> float:
