@@ -122,8 +122,13 @@ class GGUFTensor:
     def materialize(self) -> torch.Tensor:
         """The float32 values (gguf-py's `dequantize`)."""
         from shardline.model import paged_decode
+        from shardline.model.env import env_choice
+        from shardline.model.packed_linear import ENV, MODES
 
-        if self.kernel_ok() and self.data.numel() and paged_decode.KERNEL.load():
+        # The C++ dequantizer only where the CPU kernels are on (with them off, as on a machine
+        # without a compiler, the extension is never loaded: gguf-py's numpy dequantize instead).
+        if (self.kernel_ok() and self.data.numel() and env_choice(ENV, MODES) != "off"
+                and paged_decode.KERNEL.load()):
             out = torch.empty(self.shape, dtype=torch.float32)
             torch.ops.shardline.gguf_dequantize(out, self.data, self.type_number)
             return out
