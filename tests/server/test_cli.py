@@ -159,4 +159,6 @@ def test_fetch_prints_the_cached_model_directory() -> None:
     result = subprocess.run([shardline_executable(), "fetch"], capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr
     path = pathlib.Path(result.stdout.strip().splitlines()[-1])
-    assert (path / "config.json").is_file()
+    # The default model is its GGUF (no float32 copy), its tokenizer and generation config.
+    assert list(path.glob("*.gguf")) and (path / "tokenizer.json").is_file()
+    assert not (path / "model.safetensors").exists()
