@@ -121,14 +121,9 @@ class GGUFTensor:
 
     def materialize(self) -> torch.Tensor:
         """The float32 values (gguf-py's `dequantize`)."""
-        from shardline.model import paged_decode
-        from shardline.model.env import env_choice
-        from shardline.model.packed_linear import ENV, MODES
-
         # The C++ dequantizer only where the CPU kernels are on (with them off, as on a machine
         # without a compiler, the extension is never loaded: gguf-py's numpy dequantize instead).
-        if (self.kernel_ok() and self.data.numel() and env_choice(ENV, MODES) != "off"
-                and paged_decode.KERNEL.load()):
+        if self.kernel_ok() and self.data.numel() and cpu_kernels_on():
             out = torch.empty(self.shape, dtype=torch.float32)
             torch.ops.shardline.gguf_dequantize(out, self.data, self.type_number)
             return out
@@ -209,18 +204,23 @@ class GGUFLinearWeight:
 def gguf_layer_ok(param: torch.Tensor, loaded: Any) -> bool:
     """Whether a layer keeps `loaded` in its GGUF form: a CPU float32 layer, a tensor the kernel
     takes, and the kernels build (else it is dequantized at load)."""
-    from shardline.model import paged_decode
-    from shardline.model.env import env_choice
-    from shardline.model.packed_linear import ENV, MODES
-
     return (
         isinstance(loaded, GGUFTensor)
         and param.device.type == "cpu"
         and param.dtype == torch.float32
         and loaded.kernel_ok()
-        and env_choice(ENV, MODES) != "off"
-        and paged_decode.KERNEL.load()
+        and cpu_kernels_on()
     )
+
+
+def cpu_kernels_on() -> bool:
+    """Whether the GGUF kernels may run: the CPU linear kernels are not switched off
+    (`SHARDLINE_CPU_PACKED_LINEAR`) and the extension builds (loading it when it does)."""
+    from shardline.model import paged_decode
+    from shardline.model.env import env_choice
+    from shardline.model.packed_linear import ENV, MODES
+
+    return env_choice(ENV, MODES) != "off" and paged_decode.KERNEL.load()
 
 
 def add_part(layer: Any, param: torch.Tensor, first_row: int, part: GGUFTensor) -> None:
