@@ -68,6 +68,27 @@ def test_gemm_equals_dequantize_and_mm_for_1_to_256_rows(type_name):
         assert err < 1e-5, (rows, err)
 
 
+@pytest.mark.parametrize("type_name", ["Q4_K", "Q5_K", "Q6_K", "Q8_0", "Q4_0", "F16"])
+def test_gemm_rows_equal_one_row_gemms_bit_for_bit(type_name):
+    """Each row of a many-row GEMM is that row's one-row GEMM, bit for bit: the register tiles
+    of several x rows (and their sums of lanes, taken 16 at a time) add the same products in
+    the same order as the one-row tile. 37 weight rows end in a part group and a part tile; K is
+    one kernel block, then three; 5, 7, 67 x rows end in part tiles."""
+    block = max(32, TYPES[type_name][1])
+    for cols in (block, 3 * block):
+        t = random_tensor(type_name, 37, cols, seed=4)
+        weight = GGUFLinearWeight(37, cols, [(0, t)])
+        dense = gguf_py_values(t).double()
+        bias = torch.randn(37)
+        for rows in (2, 4, 5, 7, 64, 67):
+            x = torch.randn(rows, cols)
+            got = weight.matmul(x, bias)
+            alone = torch.cat([weight.matmul(x[i : i + 1], bias) for i in range(rows)])
+            assert torch.equal(got.view(torch.int32), alone.view(torch.int32)), (cols, rows)
+            want = x.double() @ dense.T + bias.double()
+            assert ((got.double() - want).abs().max() / want.abs().max()).item() < 1e-5
+
+
 def test_parts_write_their_rows_and_column_shards_take_whole_blocks():
     q, k = random_tensor("Q4_K", 32, 512, seed=2), random_tensor("Q6_K", 16, 512, seed=3)
     fused = GGUFLinearWeight(48, 512, [(0, q), (32, k)])
