@@ -204,41 +204,99 @@ _GGUF_ARCH_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
-# Rope settings a GGUF file can carry that the GGUF path does not read yet: refused by name, never
-# run with plain rope (Llama 3.1+ files carry their llama3 scaling as rope_freqs.weight, Phi-3's
-# long-context ones as rope_factors_*; Gemma 3 27B sets rope.scaling.type linear).
+# The rope metadata a GGUF file may carry (after "<arch>.rope."), read as llama.cpp reads it;
+# any other rope key is refused by name, never run as plain rope.
+_GGUF_ROPE_KEYS = frozenset({
+    "freq_base", "freq_base_swa", "dimension_count", "scaling.type", "scaling.factor",
+    "scale_linear", "scaling.original_context_length", "scaling.finetuned", "scaling.attn_factor",
+    "scaling.yarn_ext_factor", "scaling.yarn_attn_factor", "scaling.yarn_beta_fast",
+    "scaling.yarn_beta_slow", "scaling.yarn_log_multiplier",
+})
+_GGUF_ROPE_TYPES = ("none", "linear", "yarn", "longrope")
 _GGUF_ROPE_TENSORS = ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight")
 
 
-def _refuse_gguf_rope_settings(
-    gguf_file: pathlib.Path, arch: str, fields: dict[str, Any], tensor_names: set[str]
-) -> None:
+def _gguf_rope_scaling(where: str, arch: str, fields: dict[str, Any],
+                       vectors: dict[str, list[float]], rotary_dim: int | None) -> dict[str, Any] | None:
+    """The `rope_scaling` of a GGUF file's rope metadata and tensors (None: plain rope), as
+    llama.cpp runs them: `rope_freqs.weight` (Llama 3.1+: the llama3 scaling as per-dimension
+    factors, each inverse frequency divided by its factor) becomes `freq_factors`;
+    `rope.scaling.type` linear / yarn (absent with a factor: linear, llama.cpp's default) with
+    `rope.scaling.factor`, the original context length and yarn's beta / attention fields map to
+    transformers' linear / yarn; Phi-3's `rope_factors_long/short.weight` (+ the original context
+    length and `rope.scaling.attn_factor`) to longrope. CheckpointError naming the key or tensor
+    for anything else."""
     from shardline.model.errors import CheckpointError
 
-    where = f"GGUF file {str(gguf_file)!r}"
-    scaling = fields.get(f"{arch}.rope.scaling.type")
-    if scaling not in (None, "none"):
-        raise CheckpointError(
-            f"{where} sets {arch}.rope.scaling.type={scaling!r}: shardline does not read rope scaling "
-            "from GGUF files yet; serve the model's Hugging Face checkpoint instead"
-        )
-    for name in _GGUF_ROPE_TENSORS:
-        if name in tensor_names:
+    prefix = f"{arch}.rope."
+    unknown = sorted(k for k in fields if k.startswith(prefix) and k[len(prefix):] not in _GGUF_ROPE_KEYS)
+    if unknown:
+        raise CheckpointError(f"{where} sets {unknown[0]}={fields[unknown[0]]!r}: shardline does not read "
+                              "that rope setting from GGUF files")
+
+    def get(key: str) -> Any:
+        return fields.get(prefix + key)
+
+    for name, values in vectors.items():
+        if rotary_dim is not None and len(values) != rotary_dim // 2:
+            raise CheckpointError(f"{where} holds {name} with {len(values)} values; the rotary "
+                                  f"dimensions ({rotary_dim}) need {rotary_dim // 2}")
+        if not all(v > 0 for v in values):  # also refuses NaN
+            raise CheckpointError(f"{where} holds {name} with a value that is not positive")
+    kind = get("scaling.type")
+    if kind is not None and kind not in _GGUF_ROPE_TYPES:
+        raise CheckpointError(f"{where} sets {prefix}scaling.type={kind!r}; shardline reads "
+                              f"{', '.join(_GGUF_ROPE_TYPES)}")
+    factor = get("scaling.factor") if get("scaling.factor") is not None else get("scale_linear")
+    factor = float(factor) if factor else None  # llama.cpp: 0 (or no key) means no factor
+    original = get("scaling.original_context_length") or fields.get(f"{arch}.context_length")
+    attn_factor = get("scaling.attn_factor")
+    out: dict[str, Any]
+    if "rope_factors_long.weight" in vectors or "rope_factors_short.weight" in vectors:
+        missing = {"rope_factors_long.weight", "rope_factors_short.weight"} - set(vectors)
+        if missing:
+            raise CheckpointError(f"{where} holds one of Phi-3's rope factor tensors but not {missing.pop()}")
+        if arch != "phi3" or kind not in (None, "longrope") or factor or "rope_freqs.weight" in vectors:
             raise CheckpointError(
-                f"{where} holds {name} (rope frequency factors, e.g. Llama 3.1's llama3 scaling): "
-                "shardline does not apply them from GGUF files yet; serve the model's Hugging Face "
-                "checkpoint instead"
-            )
-    rotary = fields.get(f"{arch}.rope.dimension_count")
-    heads = fields.get(f"{arch}.attention.head_count")
-    head_dim = fields.get(f"{arch}.attention.key_length") or (
-        fields[f"{arch}.embedding_length"] // heads if heads and f"{arch}.embedding_length" in fields else None
-    )
-    if rotary is not None and head_dim is not None and int(rotary) != int(head_dim):
-        raise CheckpointError(
-            f"{where} sets {arch}.rope.dimension_count={rotary} for heads of {head_dim}: partial "
-            "rotary embeddings are not supported"
-        )
+                f"{where} holds rope_factors_long.weight and rope_factors_short.weight with "
+                f"architecture {arch!r}, {prefix}scaling.type={kind!r}, factor={factor!r}: shardline "
+                "reads them as Phi-3's longrope only (architecture phi3, no other rope scaling)")
+        out = {"rope_type": "longrope", "long_factor": vectors["rope_factors_long.weight"],
+               "short_factor": vectors["rope_factors_short.weight"],
+               "original_max_position_embeddings": original}
+        if attn_factor is not None:
+            out["attention_factor"] = float(attn_factor)
+        return out
+    if attn_factor is not None and float(attn_factor) != 1.0:
+        raise CheckpointError(f"{where} sets {prefix}scaling.attn_factor={attn_factor!r}: shardline "
+                              "reads it for Phi-3's longrope only")
+    if kind == "yarn":
+        if not factor:
+            raise CheckpointError(f"{where} sets {prefix}scaling.type='yarn' without {prefix}scaling.factor")
+        ext = get("scaling.yarn_ext_factor")
+        if ext is not None and float(ext) != 1.0:
+            raise CheckpointError(f"{where} sets {prefix}scaling.yarn_ext_factor={ext!r}: shardline "
+                                  "runs yarn as transformers does (an extrapolation factor of 1)")
+        out = {"rope_type": "yarn", "factor": factor, "original_max_position_embeddings": original}
+        for key, name in (("yarn_beta_fast", "beta_fast"), ("yarn_beta_slow", "beta_slow"),
+                          ("yarn_attn_factor", "attention_factor")):
+            if get(f"scaling.{key}") is not None:
+                out[name] = float(get(f"scaling.{key}"))
+        if get("scaling.yarn_log_multiplier"):  # llama.cpp: mscale 1, mscale_all_dim = this
+            out.update(mscale=1.0, mscale_all_dim=float(get("scaling.yarn_log_multiplier")))
+    elif factor not in (None, 1.0):
+        if kind == "none":
+            raise CheckpointError(f"{where} sets {prefix}scaling.type='none' with scaling factor "
+                                  f"{factor!r}: which one holds is not clear")
+        out = {"rope_type": "linear", "factor": factor}
+    else:
+        out = {"rope_type": "default"}
+    if "rope_freqs.weight" in vectors:
+        if arch in ("gemma2", "gemma3"):
+            raise CheckpointError(f"{where} holds rope_freqs.weight, which shardline (as llama.cpp) "
+                                  f"does not read for architecture {arch!r}")
+        out["freq_factors"] = vectors["rope_freqs.weight"]
+    return None if out == {"rope_type": "default"} else out
 
 
 def _read_gguf_config(gguf_file: pathlib.Path) -> HFConfig:
@@ -246,14 +304,18 @@ def _read_gguf_config(gguf_file: pathlib.Path) -> HFConfig:
     from shardline.model.errors import CheckpointError
 
     try:
-        from shardline.model.gguf_reader import Metadata, gguf_files
+        from shardline.model.gguf_reader import Metadata, gguf_files, read_vector
 
         reader = Metadata(gguf_file)  # no gguf-py: the vocabulary's length, not its tokens
         fields = {name: field.contents() for name, field in reader.fields.items()
                   if not name.startswith("tokenizer.ggml.")}
-        tensor_names = {t.name for t in reader.tensors}
-        for part in gguf_files(gguf_file)[1:]:  # a split model's other parts hold tensors only
-            tensor_names |= {t.name for t in Metadata(part).tensors}
+        tensor_names: set[str] = set()
+        vectors: dict[str, list[float]] = {}  # rope frequency factors, read here (a few floats)
+        for part in gguf_files(gguf_file):  # a split model's other parts hold tensors only
+            for tensor in (reader if part == str(gguf_file) else Metadata(part)).tensors:
+                tensor_names.add(tensor.name)
+                if tensor.name in _GGUF_ROPE_TENSORS:
+                    vectors[tensor.name] = read_vector(part, tensor)
         vocab = reader.fields.get("tokenizer.ggml.tokens")
         vocab_size = len(vocab.data) if vocab is not None else None
     except Exception as exc:  # the reader raises assorted types on bad bytes
@@ -264,7 +326,6 @@ def _read_gguf_config(gguf_file: pathlib.Path) -> HFConfig:
             f"GGUF file {str(gguf_file)!r} holds a {arch!r} model; supported: "
             f"{', '.join(sorted(GGUF_ARCHITECTURES))}"
         )
-    _refuse_gguf_rope_settings(gguf_file, arch, fields, tensor_names)
     values: dict[str, Any] = {"model_type": arch, "architectures": [GGUF_ARCHITECTURES[arch]]}
     if arch in ("llama", "mistral") and fields.get(f"{arch}.expert_count"):
         values["architectures"] = ["MixtralForCausalLM"]  # llama.cpp writes Mixtral as llama
@@ -273,6 +334,21 @@ def _read_gguf_config(gguf_file: pathlib.Path) -> HFConfig:
             values[attr] = fields[f"{arch}.{key}"]
     values.setdefault("vocab_size", vocab_size)
     values = {**_GGUF_ARCH_DEFAULTS.get(arch, {}), **values}
+    where = f"GGUF file {str(gguf_file)!r}"
+    heads = values.get("num_attention_heads")
+    head_dim = values.get("head_dim") or (
+        int(values["hidden_size"]) // int(heads) if heads and values.get("hidden_size") else None)
+    rotary = fields.get(f"{arch}.rope.dimension_count")
+    if rotary is not None and head_dim is not None and int(rotary) != int(head_dim):
+        raise CheckpointError(f"{where} sets {arch}.rope.dimension_count={rotary} for heads of "
+                              f"{head_dim}: partial rotary embeddings are not supported")
+    values["rope_scaling"] = _gguf_rope_scaling(where, arch, fields, vectors, head_dim)
+    swa_base = fields.get(f"{arch}.rope.freq_base_swa")
+    if arch == "gemma3" and swa_base is not None:  # its sliding layers' own base, unscaled
+        values["rope_local_base_freq"] = swa_base
+    elif swa_base is not None and swa_base != values.get("rope_theta", swa_base):
+        raise CheckpointError(f"{where} sets {arch}.rope.freq_base_swa={swa_base!r}: a rope base of "
+                              "the sliding-window layers of their own is read for gemma3 only")
     if arch in ("gemma2", "gemma3") and values.get("num_attention_heads"):
         # as llama.cpp: queries scaled by head_dim^-0.5, by (hidden / heads)^-0.5 for the 27B
         # models (46 / 62 layers), which is what the checkpoints' query_pre_attn_scalar says
@@ -383,6 +459,10 @@ def check_rope_parameters(params: dict[str, Any], where: str = "rope_scaling") -
     partial = params.get("partial_rotary_factor", 1.0)
     if partial not in (None, 1, 1.0):
         raise ValueError(f"{where}.partial_rotary_factor={partial!r} is not supported (only 1.0)")
+    factors = params.get("freq_factors")
+    if factors is not None and rope_type not in ("default", "linear", "yarn"):
+        raise ValueError(f"{where}.freq_factors (a GGUF file's rope_freqs.weight) is not supported "
+                         f"with rope_type={rope_type!r}; supported with default, linear, yarn")
     required = {"linear": ("factor",), "dynamic": ("factor",),
                 "llama3": ("factor", "low_freq_factor", "high_freq_factor"),
                 "yarn": ("factor",), "longrope": ("long_factor", "short_factor")}

@@ -119,8 +119,16 @@ class MetadataField:
 
 
 class TensorName:
-    def __init__(self, name: str) -> None:
+    """A tensor's name and where its data lies: `dims` (GGUF order, fastest first), ggml
+    `type` and `offset` from the start of the file."""
+
+    def __init__(
+        self, name: str, dims: tuple[int, ...] = (), kind: int = 0, offset: int = 0
+    ) -> None:
         self.name = name
+        self.dims = dims
+        self.type = kind
+        self.offset = offset
 
 
 class Metadata:
@@ -149,9 +157,15 @@ class Metadata:
             self.tensors = []
             for _ in range(n_tensors):
                 name = self._string()
-                (dims,) = self._take("<I")
-                self._at += 8 * dims + 4 + 8  # shape, type, offset
-                self.tensors.append(TensorName(name))
+                (count,) = self._take("<I")
+                dims = self._take(f"<{count}Q")
+                kind, offset = self._take("<IQ")
+                self.tensors.append(TensorName(name, dims, kind, offset))
+            field = self.fields.get("general.alignment")
+            align = int(field.contents()) if field is not None else 32
+            start = -(-self._at // align) * align  # the data section, after the aligned header
+            for tensor in self.tensors:
+                tensor.offset += start
             del self._buf
 
     def _take(self, fmt: str) -> tuple[Any, ...]:
@@ -181,3 +195,23 @@ class Metadata:
                 self._at += 8 + struct.unpack_from("<Q", self._buf, self._at)[0]
             return None, count
         return [self._value(item, False)[0] for _ in range(count)], count
+
+
+_VECTOR_TYPES = {0: "<f4", 1: "<f2"}  # ggml F32, F16
+
+
+def read_vector(path: str | os.PathLike[str], tensor: TensorName) -> list[float]:
+    """The values of a small 1-D F32 or F16 tensor of GGUF file `path` (rope frequency factors),
+    read with `struct`/numpy; ValueError naming the tensor for another shape or type."""
+    if len(tensor.dims) != 1 or tensor.type not in _VECTOR_TYPES:
+        raise ValueError(
+            f"tensor {tensor.name!r} has shape {list(tensor.dims)} and ggml type {tensor.type}; "
+            "expected a vector of F32 (type 0) or F16 (type 1)"
+        )
+    dtype = np.dtype(_VECTOR_TYPES[tensor.type])
+    with open(path, "rb") as f:
+        f.seek(tensor.offset)
+        raw = f.read(tensor.dims[0] * dtype.itemsize)
+    if len(raw) != tensor.dims[0] * dtype.itemsize:
+        raise ValueError(f"tensor {tensor.name!r} runs past the end of {os.fspath(path)!r}")
+    return [float(v) for v in np.frombuffer(raw, dtype=dtype)]

@@ -180,6 +180,9 @@ def rope_frequencies(head_dim: int, params: dict[str, Any],
     """(inverse frequencies, those of positions from `boundary` on or None, boundary,
     attention factor on cos/sin), following transformers' rope initialisers.
 
+    `freq_factors` (llama.cpp's `rope_freqs.weight`, as a GGUF file holds Llama 3.1's llama3
+    scaling) divide the frequencies of default, linear or yarn rope, as llama.cpp applies them.
+
     `longrope` (Phi-3) and `dynamic` change frequencies past the pretraining length; transformers
     switches every position of a sequence once it is longer, which a KV cache cannot follow, so
     here (as in vLLM) a position's own index picks them: below `original_max_position_embeddings`
@@ -188,6 +191,17 @@ def rope_frequencies(head_dim: int, params: dict[str, Any],
     rope_type = params["rope_type"]
     base = float(params["rope_theta"])
     inv_freq = _default_inv_freq(head_dim, base)
+    factors = params.get("freq_factors")
+    if factors is not None:  # a GGUF file's rope_freqs.weight: each frequency over its factor
+        if len(factors) != head_dim // 2:
+            raise ValueError(f"rope freq_factors has {len(factors)} values; head_dim {head_dim} "
+                             f"needs {head_dim // 2}")
+        plain = dict(params)
+        del plain["freq_factors"]
+        inv_freq, long_inv_freq, boundary, attention_factor = rope_frequencies(head_dim, plain,
+                                                                               max_position)
+        return (inv_freq / torch.tensor(factors, dtype=torch.float32), long_inv_freq, boundary,
+                attention_factor)
     if rope_type == "default":
         return inv_freq, None, max_position, 1.0
     if rope_type == "linear":

@@ -262,7 +262,8 @@ _GGUF_LAYER = {
 }
 # MoE experts come stacked `[num_experts, rows, cols]`: split into each expert's projection.
 _GGUF_EXPERTS = {"ffn_gate_exps": "gate_proj", "ffn_up_exps": "up_proj", "ffn_down_exps": "down_proj"}
-_GGUF_SKIP = {"rope_freqs.weight"}  # rope settings come from the config
+# rope frequency factors: read into the config's rope settings (config.py), not weights
+_GGUF_SKIP = {"rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight"}
 _GGUF_BLOCK = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
 
 

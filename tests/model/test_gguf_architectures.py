@@ -16,9 +16,7 @@ default, so the reference is given norm_topk_prob=True)."""
 from __future__ import annotations
 
 import pathlib
-from typing import Any
 
-import numpy as np
 import pytest
 import torch
 
@@ -28,7 +26,7 @@ from shardline.model.errors import CheckpointError
 from shardline.model.loader import load_model
 from shardline.model.parallel_context import ParallelContext
 from support.gguf_arch_models import ARCH_SHAPES, VOCAB, write_tiny_arch_gguf
-from support.gguf_models import prefill_logits, write_tiny_llama_gguf
+from support.gguf_models import prefill_logits
 
 pytestmark = pytest.mark.skipif(
     not paged_decode.KERNEL.load(), reason="the CPU kernels do not build here"
@@ -110,30 +108,3 @@ def test_mixtral_written_as_llama_with_experts_equals_transformers(tmp_path: pat
         want = ref(torch.tensor([IDS])).logits[0]
     got = prefill_logits(model, IDS)
     assert ((got - want).abs().max() / want.abs().max()).item() < 1e-4
-
-
-@pytest.mark.parametrize(
-    ("extra", "named"),
-    [
-        (lambda w: w.add_tensor("rope_freqs.weight", np.ones(4, dtype=np.float32)), "rope_freqs.weight"),
-        (lambda w: w.add_tensor("rope_factors_long.weight", np.ones(4, dtype=np.float32)), "rope_factors_long"),
-        (lambda w: (w.add_string("llama.rope.scaling.type", "linear"), w.add_float32("llama.rope.scaling.factor", 8.0)),
-         r"llama.rope.scaling.type='linear'"),
-        (lambda w: _set_rope_dims(w, 4), "dimension_count=4"),
-    ],
-)
-def test_rope_settings_the_gguf_path_does_not_read_are_refused_by_name(
-    tmp_path: pathlib.Path, extra: Any, named: str
-) -> None:
-    """Never plain rope where the file says otherwise (Llama 3.1+ GGUFs carry rope_freqs)."""
-    path = write_tiny_llama_gguf(tmp_path / "m.gguf", "F32", extra=extra)
-    with pytest.raises(CheckpointError, match=named):
-        ModelConfig.from_path(str(path))
-    ModelConfig.from_path(str(write_tiny_llama_gguf(tmp_path / "plain.gguf", "F32")))  # the plain one loads
-
-
-def _set_rope_dims(writer: Any, dims: int) -> None:
-    # GGUFWriter refuses a key twice: replace the rope dimension count the helper wrote
-    for shard in writer.kv_data:
-        if "llama.rope.dimension_count" in shard:
-            shard["llama.rope.dimension_count"].value = dims
