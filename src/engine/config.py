@@ -23,6 +23,10 @@ DEVICE_CHOICES = ("auto", "cpu", "cuda")
 DTYPES = {"auto": "auto", "float32": "float32", "float": "float32", "bfloat16": "bfloat16",
           "float16": "float16", "half": "float16"}
 _CHECKPOINT_HALF_DTYPES = ("bfloat16", "float16")
+# --kv-cache-dtype values (vLLM's) -> the cache's torch dtype name; "auto" is the model's dtype.
+KV_CACHE_DTYPES = {"auto": "auto", "float16": "float16", "bfloat16": "bfloat16",
+                   "fp8": "float8_e4m3fn", "fp8_e4m3": "float8_e4m3fn", "fp8_e5m2": "float8_e5m2"}
+CPU_KV_CACHE_DTYPES = ("auto", "float16", "bfloat16")
 JINJA_MARKS = ("{", "}", "\n")  # as vLLM: a --chat-template with one of these may be the text itself
 
 
@@ -96,6 +100,12 @@ class EngineConfig:
     within ~1 GiB), never more than a quarter of the available RAM, and never more blocks than
     `max_num_seqs` full-length sequences use. Default on CUDA: see `gpu_memory_utilization`.
     The pages are committed in the background once the workers are ready."""
+    kv_cache_dtype: str = "auto"
+    """The KV cache's element type (as vLLM's --kv-cache-dtype): "auto" is the model's dtype
+    (float32 on the CPU); "float16" or "bfloat16" (CPU and CUDA) halve a float32 cache, so the
+    same `kv_cache_memory_bytes` holds twice the tokens, with the decode kernel reading 16-bit
+    K/V (docs/KV_CACHE.md states the accuracy); "fp8" (= "fp8_e4m3") and "fp8_e5m2", CUDA only,
+    store float8 with scale 1.0. Stores round to nearest; attention computes in the model's dtype."""
     gpu_memory_utilization: float = 0.9
     """On CUDA, the share of each GPU's memory a worker may use (as vLLM's
     `--gpu-memory-utilization`): the KV cache gets what this leaves after the weights (and
@@ -222,6 +232,7 @@ class EngineConfig:
             "kv_cache_memory_bytes",
             f"must be > 0, got {self.kv_cache_memory_bytes}",
         )
+        self._validate_kv_cache_dtype()
         _require(
             isinstance(self.gpu_memory_utilization, int | float) and 0 < self.gpu_memory_utilization <= 1,
             "gpu_memory_utilization",
@@ -250,6 +261,15 @@ class EngineConfig:
         self._validate_executor_backend()
         _require(isinstance(self.log_stats_interval, int | float) and self.log_stats_interval >= 0,
                  "log_stats_interval", f"must be a number of seconds >= 0 (0: off), got {self.log_stats_interval!r}")
+
+    def _validate_kv_cache_dtype(self) -> None:
+        """`kv_cache_dtype` one of KV_CACHE_DTYPES, and float8 only on CUDA."""
+        value = self.kv_cache_dtype
+        _require(isinstance(value, str) and value in KV_CACHE_DTYPES, "kv_cache_dtype",
+                 f"must be one of {', '.join(KV_CACHE_DTYPES)}, got {value!r}")
+        _require(not value.startswith("fp8") or self.device.startswith("cuda"), "kv_cache_dtype",
+                 f"{value!r} (float8) needs a CUDA device; on the CPU ({self.device!r}) it must be "
+                 f"one of {', '.join(CPU_KV_CACHE_DTYPES)}")
 
     def _validate_speculative(self) -> None:
         """`speculative_config` in its one form (a SpeculativeConfig), or a ConfigError naming it."""

@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import anyio
 import anyio.abc
 
-from shardline.engine.config import EngineConfig
+from shardline.engine.config import KV_CACHE_DTYPES, EngineConfig
 from shardline.engine.errors import EngineDeadError
 from shardline.engine.remote import NodeServer
 from shardline.model.registry import ModelRegistry
@@ -307,6 +307,7 @@ class Executor:
             block_size=cfg.block_size,
             num_kv_blocks=cfg.num_kv_blocks,
             kv_cache_memory_bytes=cfg.kv_cache_memory_bytes,
+            kv_cache_dtype=KV_CACHE_DTYPES[cfg.kv_cache_dtype],
             gpu_memory_utilization=cfg.gpu_memory_utilization,
             max_model_len=cfg.max_model_len,
             max_num_batched_tokens=cfg.max_num_batched_tokens,

@@ -9,10 +9,14 @@ this layer's block tensor at `slot_mapping` (`block_id * block_size + offset`). 
   step of many short prompts is otherwise hundreds of tiny kernel launches per layer);
 * a request with a cached prefix (prefix-cache hit, later prefill chunk) gathers its blocks and
   attends with the causal mask shifted by its context length;
-* one-token requests (decode) are batched. With a CPU float32 cache they run the fused kernel of
-  `model.paged_decode`, which reads each sequence's K/V straight from its blocks; otherwise (and
-  with `SHARDLINE_CPU_ATTENTION=sdpa`, or where the kernel cannot be built) one gather of all
-  their blocks into a padded tensor and one masked SDPA.
+* one-token requests (decode) are batched. With a CPU float32, float16 or bfloat16 cache they run
+  the fused kernel of `model.paged_decode`, which reads each sequence's K/V straight from its
+  blocks; otherwise (and with `SHARDLINE_CPU_ATTENTION=sdpa`, or where the kernel cannot be
+  built) one gather of all their blocks into a padded tensor and one masked SDPA.
+
+The cache's dtype may differ from the model's (`EngineConfig.kv_cache_dtype`, docs/KV_CACHE.md):
+new K/V are stored rounded to nearest (float8 ones clamped to the type's finite range first, scale
+1.0), and gathered K/V are converted to the query's dtype before SDPA.
 
 A layer with a sliding window (Mistral, Gemma's local layers) or attention-logit soft-capping
 (Gemma 2) attends request by request over the blocks its window reaches: blocks wholly before
@@ -94,6 +98,28 @@ class AttentionMetadata:
             seq_lens_cpu=seq_lens,
             block_size=block_size,
         )
+
+
+FLOAT8_DTYPES = tuple(getattr(torch, name) for name in ("float8_e4m3fn", "float8_e5m2")
+                      if hasattr(torch, name))
+
+
+def to_cache_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`x` rounded to a KV cache's `dtype` (to nearest); for float8, clamped to its finite
+    range first (scale 1.0, as vLLM's default), so a large value saturates instead of
+    becoming NaN or infinity."""
+    if x.dtype == dtype:
+        return x
+    if dtype in FLOAT8_DTYPES:
+        limit = torch.finfo(dtype).max
+        return x.clamp(-limit, limit).to(dtype)
+    return x.to(dtype)
+
+
+def _copyable(cache: torch.Tensor) -> torch.Tensor:
+    """`cache` as bytes where it is float8 (index_copy_/index_select are not implemented for
+    float8 on every device), else itself: the copy moves the same bytes either way."""
+    return cache.view(torch.uint8) if cache.dtype in FLOAT8_DTYPES else cache
 
 
 # Fresh prefills batched into one masked SDPA hold at most this many tokens per call (the
@@ -239,11 +265,12 @@ class Attention(nn.Module):
         return out.view(num_tokens, self.num_heads * self.head_dim)
 
     def _store_kv(self, k: torch.Tensor, v: torch.Tensor, attn: AttentionMetadata) -> None:
-        """Write the new K/V rows at their slots: on CPU float32 the fused `cpu_ops.store_kv`;
+        """Write the new K/V rows at their slots: on CPU the fused `cpu_ops.store_kv`;
         otherwise two `index_copy_`s into the cache viewed as rows
         `[num_blocks * 2 * block_size, kv_heads * head_dim]` (block b's K at row offset
-        `2b * block_size`, its V one block later), row indices derived once per step."""
-        if cpu_ops.enabled(self.kv_cache):
+        `2b * block_size`, its V one block later), row indices derived once per step. Rows are
+        converted to the cache's dtype first (`to_cache_dtype`)."""
+        if cpu_ops.store_kv_enabled(self.kv_cache, k):
             cpu_ops.store_kv(k.view(k.shape[0], -1), v.view(v.shape[0], -1), self.kv_cache,
                              attn.slot_mapping)
             return
@@ -254,9 +281,10 @@ class Attention(nn.Module):
             slots = attn.slot_mapping
             k_rows = torch.div(slots, block_size, rounding_mode="floor") * (2 * block_size) + slots % block_size
             rows = attn.derived[key] = (k_rows, k_rows + block_size)
-        flat = self.kv_cache.view(-1, self.num_kv_heads * self.head_dim)
-        flat.index_copy_(0, rows[0], k.reshape(k.shape[0], -1))
-        flat.index_copy_(0, rows[1], v.reshape(v.shape[0], -1))
+        flat = _copyable(self.kv_cache).view(-1, self.num_kv_heads * self.head_dim)
+        for index, new in zip(rows, (k, v), strict=True):
+            flat.index_copy_(0, index, _copyable(to_cache_dtype(new.reshape(new.shape[0], -1),
+                                                                self.kv_cache.dtype)))
 
     def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
               mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
@@ -293,22 +321,28 @@ class Attention(nn.Module):
         result = self._sdpa(q[rows].transpose(0, 1), k[rows].transpose(0, 1), v[rows].transpose(0, 1), mask, False)
         out[rows] = result.transpose(0, 1)
 
-    def _gather(self, block_ids: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V `[..., kv_heads, length, D]` of the blocks `block_ids` (`[..., num_blocks]`).
+    def _gather(self, block_ids: torch.Tensor, length: int,
+                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V `[..., kv_heads, length, D]` in `dtype` (the query's) of the blocks
+        `block_ids` (`[..., num_blocks]`).
 
         The cache viewed as rows `[num_blocks * 2, block_size * kv_heads * D]` holds block b's
         K at row 2b and V at row 2b + 1, so each is one contiguous row gather (a memcpy per
-        block); what follows is views only.
+        block); what follows is views only, and a conversion when the cache's dtype is not
+        `dtype` (a 16-bit or float8 cache, `EngineConfig.kv_cache_dtype`).
         """
         num_blocks, _, block_size = self.kv_cache.shape[:3]
-        rows = self.kv_cache.view(num_blocks * 2, -1)
+        rows = _copyable(self.kv_cache).view(num_blocks * 2, -1)
         lead = block_ids.shape[:-1]
         flat_ids = block_ids.reshape(-1) * 2
         out = []
         for which in (0, 1):
-            part = rows.index_select(0, flat_ids + which)
+            part = rows.index_select(0, flat_ids + which).view(self.kv_cache.dtype)
             part = part.view(*lead, block_ids.shape[-1] * block_size, self.num_kv_heads, self.head_dim)
-            out.append(part[..., :length, :, :].transpose(-3, -2))
+            part = part[..., :length, :, :]
+            if part.dtype != dtype:
+                part = part.to(dtype)
+            out.append(part.transpose(-3, -2))
         return out[0], out[1]
 
     def _attend_with_prefix(self, q: torch.Tensor, attn: AttentionMetadata, seq: int,
@@ -316,7 +350,7 @@ class Attention(nn.Module):
         seq_len = attn.seq_lens_cpu[seq]
         block_size = self.kv_cache.shape[2]
         num_blocks = -(-seq_len // block_size)
-        key, value = self._gather(attn.block_tables[seq, :num_blocks].long(), seq_len)
+        key, value = self._gather(attn.block_tables[seq, :num_blocks].long(), seq_len, q.dtype)
         query_pos = torch.arange(context_len, seq_len, device=q.device)
         key_pos = torch.arange(seq_len, device=q.device)
         mask = key_pos[None, :] <= query_pos[:, None]  # [Lq, Lk], True = may attend
@@ -351,7 +385,7 @@ class Attention(nn.Module):
                 first_block = self.window_start(context_len) // block_size
                 num_blocks = -(-seq_len // block_size)
                 key, value = self._gather(attn.block_tables[i, first_block:num_blocks].long(),
-                                          seq_len - first_block * block_size)
+                                          seq_len - first_block * block_size, q.dtype)
                 key_start = first_block * block_size
             elif context_len == 0:
                 key, value = k[start:end].transpose(0, 1), v[start:end].transpose(0, 1)
@@ -381,7 +415,7 @@ class Attention(nn.Module):
         index = torch.tensor(seqs, device=q.device)
         max_len = max(attn.seq_lens_cpu[i] for i in seqs)
         tables = attn.block_tables[index, : -(-max_len // block_size)].long()
-        key, value = self._gather(tables, max_len)  # [S, kvh, L, D]
+        key, value = self._gather(tables, max_len, q.dtype)  # [S, kvh, L, D]
         group = self.num_heads // self.num_kv_heads
         key = key.repeat_interleave(group, dim=1)
         value = value.repeat_interleave(group, dim=1)
@@ -433,7 +467,7 @@ class Attention(nn.Module):
             max_len = max(attn.seq_lens_cpu[i] for i in seqs)
             tables = attn.block_tables[index]
         num_blocks = -(-max_len // block_size)
-        key, value = self._gather(tables[:, :num_blocks].long(), max_len)  # [S, kvh, L, D]
+        key, value = self._gather(tables[:, :num_blocks].long(), max_len, q.dtype)  # [S, kvh, L, D]
         key_pos = torch.arange(max_len, device=q.device)
         mask = (key_pos[None, :] < seq_lens[:, None].long())[:, None, None, :]  # [S, 1, 1, L]
         query = (q if seqs is None else q[rows]).unsqueeze(2)  # [S, heads, 1, D]

@@ -1,7 +1,7 @@
 """Fused CPU float32 element-wise ops of a decoder layer (`csrc/cpu_ops.cpp`).
 
 RMSNorm (with its residual add), the rotary embedding, SwiGLU's `silu(gate) * up` and the
-KV-cache store each run as one C++ pass instead of 3-12 torch ops. On CPU that matters twice:
+KV-cache store (into a float32, float16 or bfloat16 cache) each run as one C++ pass instead of 3-12 torch ops. On CPU that matters twice:
 every torch op pays Python dispatch and a temporary, and every op big enough for torch to split
 over threads wakes the sleeping OpenMP threads (workers default to the PASSIVE wait policy),
 ~100 us a time on a 2-core VM. A SmolLM2 decode step had ~1,000 ops; these ops leave ~250.
@@ -37,6 +37,14 @@ def enabled(x: torch.Tensor) -> bool:
     if not _loaded:
         _loaded = paged_decode.KERNEL.load()
     return _loaded
+
+
+def store_kv_enabled(kv_cache: torch.Tensor, k: torch.Tensor) -> bool:
+    """Whether `store_kv` takes float32 rows `k` into `kv_cache`: a CPU float32 cache, or a
+    float16/bfloat16 one (rounded to nearest even, as `.to(dtype)` rounds)."""
+    if kv_cache.dtype not in paged_decode.KV_DTYPES or k.dtype != torch.float32:
+        return False
+    return enabled(k)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

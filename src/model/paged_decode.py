@@ -1,7 +1,8 @@
 """The fused CPU paged decode-attention kernel (`csrc/paged_decode.cpp`), built once per machine.
 
 `Attention` uses it for the one-token (decode) queries of a batch when the KV cache is a CPU
-float32 tensor: it reads each sequence's K/V straight out of the cache blocks through the block
+float32, float16 or bfloat16 tensor (`EngineConfig.kv_cache_dtype`; 16-bit K/V are widened to
+float32 as they are read, in registers on AVX-512) and the queries are float32: it reads each sequence's K/V straight out of the cache blocks through the block
 table instead of gathering them into a padded copy for SDPA. Other dtypes and devices keep the
 gather + SDPA path.
 
@@ -180,6 +181,9 @@ def _ninja_on_path() -> Iterator[None]:
 
 
 KERNEL = KernelBuild()
+# The KV-cache dtypes the kernel reads (16-bit K/V widened to float32 as they are read,
+# `csrc/kv_types.h`); queries and outputs are float32.
+KV_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def kernel_enabled(device: torch.device, dtype: torch.dtype) -> bool:
@@ -188,7 +192,7 @@ def kernel_enabled(device: torch.device, dtype: torch.dtype) -> bool:
     The first call that can use it builds and loads it (the worker calls this when it sets up
     its KV cache, so that the first request does not wait for the compiler).
     """
-    if device.type != "cpu" or dtype != torch.float32:
+    if device.type != "cpu" or dtype not in KV_DTYPES:
         return False
     check_spin_setting()
     mode = cpu_attention_mode()

@@ -37,6 +37,9 @@ class WorkerConfig:
     block_size: int = 16
     num_kv_blocks: int | None = None
     kv_cache_memory_bytes: int | None = None
+    kv_cache_dtype: str = "auto"
+    """The KV cache's torch dtype name ("float16", "float8_e4m3fn", ...), or "auto": the model's
+    (`EngineConfig.kv_cache_dtype`, mapped by `engine.config.KV_CACHE_DTYPES`)."""
     gpu_memory_utilization: float = 0.9
     max_model_len: int | None = None
     max_num_batched_tokens: int = 2048

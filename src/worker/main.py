@@ -173,10 +173,11 @@ class Worker:
             self.log.info("GGUF weights kept in the file's blocks (mapped, no float32 copy): %d layers, "
                           "%.1f MiB", packing["gguf_layers"], packing["gguf_bytes"] / 2**20)
         self.log.info("weights ready in %.2f s", time.monotonic() - started)
+        kv_dtype = model_config.dtype if cfg.kv_cache_dtype == "auto" else getattr(torch, cfg.kv_cache_dtype)
         local_blocks = determine_num_blocks(
             model,
             block_size=cfg.block_size,
-            dtype=model_config.dtype,
+            dtype=kv_dtype,
             device=device,
             num_kv_blocks=cfg.num_kv_blocks,
             kv_cache_memory_bytes=cfg.kv_cache_memory_bytes,
@@ -199,7 +200,7 @@ class Worker:
         use_graphs = cfg.cuda_graphs and device.type == "cuda" and cfg.world_size == 1
         # CPU pages are committed in the background once the rank is ready (`_commit_kv`).
         allocated = runner.initialize_kv_cache(num_blocks, scratch_blocks=1 if use_graphs else 0,
-                                               populate=False)
+                                               populate=False, kv_dtype=kv_dtype)
         if use_graphs:
             from shardline.worker.cuda_graphs import CudaGraphDecoder
 
@@ -208,12 +209,13 @@ class Worker:
             graphs.capture()
             runner.model = graphs
         self.log.info(
-            "loaded %s (%s, %s); KV cache %d blocks, %.1f MiB",
+            "loaded %s (%s, %s); KV cache %d blocks, %.1f MiB of %s",
             model_config.architecture,
             model_config.dtype,
             device,
             num_blocks,
             allocated / 2**20,
+            str(kv_dtype).removeprefix("torch."),
         )
         return runner
 

@@ -159,18 +159,20 @@ class ModelRunner:
             self.pipeline = PipelineLink(pc, hidden_size=hidden_size, dtype=dtype)
 
     # ----------------------------------------------------------------- set-up
-    def initialize_kv_cache(self, num_blocks: int, scratch_blocks: int = 0, populate: bool = True) -> int:
+    def initialize_kv_cache(self, num_blocks: int, scratch_blocks: int = 0, populate: bool = True,
+                            kv_dtype: torch.dtype | None = None) -> int:
         """Allocate ``num_blocks`` blocks in every local attention layer, plus ``scratch_blocks``
         after them that the engine never hands out (ids ``num_blocks``...; CUDA graphs pad
         into one); returns bytes. ``populate=False`` leaves committing CPU pages to the caller
-        (`worker.kv_cache.commit_kv_cache`)."""
+        (`worker.kv_cache.commit_kv_cache`). ``kv_dtype``: the cache's dtype (default the model's)."""
         self.num_kv_blocks = num_blocks
+        kv_dtype = kv_dtype or self.dtype
         allocated = allocate_kv_cache(
-            self.model, num_blocks + scratch_blocks, block_size=self.block_size, dtype=self.dtype,
+            self.model, num_blocks + scratch_blocks, block_size=self.block_size, dtype=kv_dtype,
             device=self.device, populate=populate,
         )
         # Build or load the CPU decode-attention kernel now, not in the first request's step.
-        kernel_enabled(self.device, self.dtype)
+        kernel_enabled(self.device, kv_dtype)
         # The last set-up step: what exists now (torch, the model) lives as long as the rank,
         # so full collections during serving need not scan it (as in the engine's core).
         gc.freeze()

@@ -81,8 +81,12 @@ def test_silu_and_mul(monkeypatch, rows):
     torch.testing.assert_close(fused, ref, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("rows", (1, 5, 700))
-def test_store_kv_writes_the_slots_index_copy_writes(monkeypatch, rows):
+def test_store_kv_writes_the_slots_index_copy_writes(monkeypatch, rows, cache_dtype):
+    """Into a float32 cache the rows as they are; into a 16-bit one (kv_cache_dtype) rounded to
+    nearest even, bit for bit what `.to(dtype)` + index_copy_ write, ties, overflow to
+    infinity and subnormals included."""
     gen = torch.Generator().manual_seed(rows)
     layer = Attention(9, 64, 0.125, 3)
     blocks = -(-rows // 16) + 4
@@ -91,8 +95,10 @@ def test_store_kv_writes_the_slots_index_copy_writes(monkeypatch, rows):
                                    block_tables=[[0]] * rows, block_size=16)
     attn.slot_mapping = slots
     qkv = torch.randn(rows, 960, generator=gen)
+    qkv[:, 576:600] = torch.tensor([1 + 2**-11, 1 + 3 * 2**-11, 1 + 2**-8, 1 + 3 * 2**-8,  # ties
+                                    70000.0, -70000.0, 3e38, 1e-6, -3e-8, 1e-40, 0.0, -0.0] * 2)
     _, k, v = qkv.split([576, 192, 192], dim=-1)
-    start = torch.randn(blocks, 2, 16, 3, 64, generator=gen)
+    start = torch.randn(blocks, 2, 16, 3, 64, generator=gen).to(cache_dtype)
 
     def store():
         layer.kv_cache = start.clone()

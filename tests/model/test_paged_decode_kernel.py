@@ -80,6 +80,7 @@ SHAPES = [  # heads, kv_heads, head_dim
     pytest.param(8, 2, 48, id="gqa4-d48"),
     pytest.param(5, 1, 48, id="mqa-d48"),
 ]
+KV_DTYPES = [torch.float32, torch.float16, torch.bfloat16]  # EngineConfig.kv_cache_dtype on CPU
 LENGTHS = [
     pytest.param([1], id="one-token"),
     pytest.param([16], id="one-full-block"),
@@ -98,6 +99,26 @@ def test_kernel_matches_gather_sdpa(kernel_mode, heads, kv_heads, head_dim, leng
                                    head_dim=head_dim, block_size=16)
     fused, gathered = kernel_and_sdpa(layer, attn, query)
     torch.testing.assert_close(fused, gathered, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("lengths", LENGTHS)
+@pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), SHAPES)
+def test_kernel_reads_16bit_caches(kernel_mode, heads, kv_heads, head_dim, lengths, cache_dtype):
+    """A float16/bfloat16 cache: the kernel (K/V widened to float32 as they are read) gives
+    what float32 gather + SDPA gives over the same values held in a float32 cache, and the
+    gather path over the 16-bit cache (converting what it gathers) gives exactly that."""
+    gen = torch.Generator().manual_seed(len(lengths) * 1000 + heads * 10 + head_dim)
+    layer, attn, query = make_case(gen, lengths, heads=heads, kv_heads=kv_heads,
+                                   head_dim=head_dim, block_size=16)
+    layer.kv_cache = layer.kv_cache.to(cache_dtype)
+    widened = Attention(heads, head_dim, head_dim**-0.5, kv_heads)
+    widened.kv_cache = layer.kv_cache.float()
+    fused, gathered = kernel_and_sdpa(layer, attn, query)
+    reference = torch.full_like(query, float("nan"))
+    widened._attend_decode_sdpa(query, reference, attn, None)
+    torch.testing.assert_close(fused, reference, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gathered, reference, rtol=0, atol=0)
 
 
 def test_kernel_matches_dense_softmax_with_large_scores(kernel_mode):
@@ -129,8 +150,10 @@ def test_kernel_matches_gather_sdpa_property(kernel_mode, data):
     block_size = data.draw(st.sampled_from([1, 3, 16, 32]), label="block_size")
     lengths = data.draw(st.lists(st.integers(1, 130), min_size=1, max_size=12), label="lengths")
     seed = data.draw(st.integers(0, 2**31 - 1), label="seed")
+    cache_dtype = data.draw(st.sampled_from(KV_DTYPES), label="cache_dtype")
     layer, attn, query = make_case(torch.Generator().manual_seed(seed), lengths, heads=heads,
                                    kv_heads=kv_heads, head_dim=head_dim, block_size=block_size)
+    layer.kv_cache = layer.kv_cache.to(cache_dtype)  # gather + SDPA widens what it gathers
     subset = data.draw(st.one_of(st.none(), st.lists(st.sampled_from(range(len(lengths))),
                                                      min_size=1, unique=True)), label="seqs")
     fused, gathered = kernel_and_sdpa(layer, attn, query, subset)
@@ -174,9 +197,11 @@ def run_mixed_batches(layer: Attention, gen: torch.Generator) -> list[torch.Tens
     return outputs
 
 
+@pytest.mark.parametrize("cache_dtype", KV_DTYPES)
 @pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), SHAPES)
 @pytest.mark.parametrize("rowwise_max", [128, 8, 0])
-def test_mixed_batches_through_forward(kernel, monkeypatch, heads, kv_heads, head_dim, rowwise_max):
+def test_mixed_batches_through_forward(kernel, monkeypatch, heads, kv_heads, head_dim, rowwise_max,
+                                       cache_dtype):
     """Fresh prefills, prefix chunks and decodes in one step: the kernel path (prefill chunks
     of up to ROWWISE_MAX_QUERY tokens row by row, longer ones through SDPA) gives what gather +
     SDPA gives for every row."""
@@ -190,7 +215,7 @@ def test_mixed_batches_through_forward(kernel, monkeypatch, heads, kv_heads, hea
     for mode in ("kernel", "sdpa"):
         monkeypatch.setenv(paged_decode.MODE_ENV, mode)
         layer = Attention(heads, head_dim, head_dim**-0.5, kv_heads)
-        layer.kv_cache = torch.zeros(32, 2, 4, kv_heads, head_dim)
+        layer.kv_cache = torch.zeros(32, 2, 4, kv_heads, head_dim, dtype=cache_dtype)
         results[mode] = run_mixed_batches(layer, torch.Generator().manual_seed(11))
     # (tokens in the step, rows the kernel attended, seq_ids) per kernel call
     seq_ids = [None if c[2] is None else c[2].tolist() for c in calls]
@@ -201,8 +226,11 @@ def test_mixed_batches_through_forward(kernel, monkeypatch, heads, kv_heads, hea
         assert [c[:2] for c in calls] == [(23, 6), (8, 8), (13, 2), (3, 3), (1, 1)]
     else:  # no row-wise path: the decode subsets of mixed steps, then the decode-only steps
         assert seq_ids == [[0], [1, 2], None, None]
+    # With a 16-bit cache, rows the kernel attends read their own step's K/V rounded to the
+    # cache, where SDPA's fresh prefill uses them as computed: their rounding apart.
+    tol = 1e-5 if cache_dtype == torch.float32 else 4 * torch.finfo(cache_dtype).eps
     for fused, gathered in zip(results["kernel"], results["sdpa"], strict=True):
-        torch.testing.assert_close(fused, gathered, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(fused, gathered, rtol=tol, atol=tol)
 
 
 def test_sdpa_mode_never_calls_the_kernel(monkeypatch):
@@ -220,7 +248,9 @@ def test_sdpa_mode_never_calls_the_kernel(monkeypatch):
 
 def test_other_dtypes_and_devices_keep_sdpa(kernel_mode):
     assert not paged_decode.kernel_enabled(torch.device("cpu"), torch.float64)
-    assert not paged_decode.kernel_enabled(torch.device("cpu"), torch.bfloat16)
+    assert not paged_decode.kernel_enabled(torch.device("cpu"), torch.float8_e4m3fn)
+    assert paged_decode.kernel_enabled(torch.device("cpu"), torch.bfloat16)  # 16-bit KV caches
+    assert paged_decode.kernel_enabled(torch.device("cpu"), torch.float16)
     assert not paged_decode.kernel_enabled(torch.device("cuda"), torch.float32)
     assert not paged_decode.kernel_enabled(torch.device("meta"), torch.float32)
     assert paged_decode.kernel_enabled(torch.device("cpu"), torch.float32)

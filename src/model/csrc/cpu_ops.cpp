@@ -4,7 +4,8 @@
 //   fused_add_rms_norm(x, residual, weight, eps)  residual += x; x = residual / rms * weight
 //   rotary_embedding(positions, q, k, cos, sin)   neox-style rotation of q and k, in place
 //   silu_and_mul(out, x)                          out = silu(x[:, :d]) * x[:, d:]
-//   store_kv(k, v, kv_cache, slot_mapping)        the new K/V rows into their cache slots
+//   store_kv(k, v, kv_cache, slot_mapping)        the new K/V rows into their cache slots (a
+//                                                 float16/bfloat16 cache: rounded to nearest even)
 //   argmax_rows(out, x)                           out[r] = argmax(x[r]) (torch's: first max, NaN
 //                                                 wins), the greedy sampler's pick
 //
@@ -30,6 +31,7 @@
 #include "cpu_kernels.h"
 #include "cpu_math.h"
 #include "cpu_pool.h"
+#include "kv_types.h"
 
 namespace {
 
@@ -261,9 +263,9 @@ void shardline_cpu::store_kv(const at::Tensor& k, const at::Tensor& v,
                              const at::Tensor& kv_cache, const at::Tensor& slot_mapping) {
   check_rows(k, "store_kv", "k");
   check_rows(v, "store_kv", "v");
-  TORCH_CHECK(kv_cache.device().is_cpu() && kv_cache.scalar_type() == at::kFloat &&
-                  kv_cache.dim() == 5 && kv_cache.size(1) == 2 && kv_cache.is_contiguous(),
-              "store_kv: kv_cache must be a contiguous CPU float32 "
+  TORCH_CHECK(kv_cache.device().is_cpu() && kv_cache.dim() == 5 && kv_cache.size(1) == 2 &&
+                  kv_cache.is_contiguous(),
+              "store_kv: kv_cache must be a contiguous CPU "
               "[num_blocks, 2, block_size, num_kv_heads, head_dim] tensor");
   TORCH_CHECK(slot_mapping.device().is_cpu() && slot_mapping.scalar_type() == at::kLong &&
                   slot_mapping.dim() == 1 && slot_mapping.is_contiguous(),
@@ -279,17 +281,21 @@ void shardline_cpu::store_kv(const at::Tensor& k, const at::Tensor& v,
     TORCH_CHECK(sp[t] >= 0 && sp[t] < slots, "store_kv: slot ", sp[t], " is outside the cache's ",
                 slots);
   }
-  float* cache = kv_cache.data_ptr<float>();
   const float* kp = k.data_ptr<float>();
   const float* vp = v.data_ptr<float>();
   const int64_t ks = k.stride(0), vs = v.stride(0);
-  cpu_pool::parallel_for(tokens, row_grain(2 * row), [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t block = sp[t] / block_size, offset = sp[t] % block_size;
-      float* key = cache + ((block * 2) * block_size + offset) * row;
-      std::memcpy(key, kp + t * ks, row * sizeof(float));
-      std::memcpy(key + block_size * row, vp + t * vs, row * sizeof(float));
-    }
+  // A float32 cache takes the rows as they are; a 16-bit one rounded to nearest even (kv_types.h).
+  kv_types::dispatch(kv_cache, "store_kv", [&](auto element) {
+    using T = decltype(element);
+    T* cache = kv_cache.data_ptr<T>();
+    cpu_pool::parallel_for(tokens, row_grain(2 * row), [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t block = sp[t] / block_size, offset = sp[t] % block_size;
+        T* key = cache + ((block * 2) * block_size + offset) * row;
+        kv_types::narrow(key, kp + t * ks, row);
+        kv_types::narrow(key + block_size * row, vp + t * vs, row);
+      }
+    });
   });
 }
 

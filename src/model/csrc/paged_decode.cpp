@@ -1,7 +1,10 @@
 // Fused paged decode attention for CPU float32: one query token per sequence attends over its
 // context read straight out of the paged KV cache through its block table (no gather copy).
 //
-// kv_cache     [num_blocks, 2, block_size, num_kv_heads, head_dim]  (K at [b, 0], V at [b, 1])
+// kv_cache     [num_blocks, 2, block_size, num_kv_heads, head_dim]  (K at [b, 0], V at [b, 1]),
+//              float32, float16 or bfloat16 (kv_types.h): 16-bit K/V are widened to float32 as
+//              they are read (in registers on AVX-512; a block at a time into an L1 buffer on
+//              the portable path) and everything after is float32, as with a float32 cache
 // query, out   [num_tokens, num_heads, head_dim]  (rows may be strided; head_dim contiguous)
 // block_tables [num_seqs, max_blocks] int32
 // seq_lens     [num_seqs] int32, tokens to attend (the new token included)
@@ -26,11 +29,13 @@
 #include <cstring>
 #include <limits>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 #include "cpu_kernels.h"
 #include "cpu_math.h"
 #include "cpu_pool.h"
+#include "kv_types.h"
 
 namespace {
 
@@ -56,9 +61,10 @@ inline void exp_inplace(float* __restrict x, int64_t n) {
   for (int64_t i = 0; i < n; ++i) x[i] = cpu_math::exp_approx(x[i]);
 }
 
-// Everything an item needs, read-only and shared by the threads.
+// Everything an item needs, read-only and shared by the threads. T: the cache's element type.
+template <typename T>
 struct Problem {
-  const float* cache;
+  const T* cache;
   const float* query;
   float* out;
   const int32_t* tables;
@@ -71,7 +77,8 @@ struct Problem {
 };
 
 // The cache block holding token `first` of a sequence whose block table is `table`.
-inline int64_t block_at(const Problem& p, const int32_t* table, int64_t first) {
+template <typename T>
+inline int64_t block_at(const Problem<T>& p, const int32_t* table, int64_t first) {
   const int64_t block = table[first / p.block_size];
   TORCH_CHECK(block >= 0 && block < p.num_blocks,
               "paged_decode_attention: block id ", block, " out of range");
@@ -80,22 +87,27 @@ inline int64_t block_at(const Problem& p, const int32_t* table, int64_t first) {
 
 // The block a sequence-per-item walk reads after the one holding token `first` (of `len`, item
 // `item` of [.., end)): the sequence's next block, else the next item's first; nullptr if none.
-inline const float* block_after(const Problem& p, const int32_t* table, int64_t first, int64_t len,
-                                int64_t item, int64_t end) {
-  const int64_t block_floats = 2 * p.block_size * p.num_kv_heads * p.head_dim;  // K and V
-  if (first + p.block_size < len) return p.cache + block_at(p, table, first + p.block_size) * block_floats;
-  if (item + 1 >= end) return nullptr;
-  const int64_t next_seq = p.seq_ids ? p.seq_ids[item + 1] : item + 1;
-  if (p.lens[next_seq] <= 0) return nullptr;
-  return p.cache + block_at(p, p.tables + next_seq * p.max_blocks, 0) * block_floats;
+template <typename T>
+inline const char* block_after(const Problem<T>& p, const int32_t* table, int64_t first,
+                               int64_t len, int64_t item, int64_t end) {
+  const int64_t block_elems = 2 * p.block_size * p.num_kv_heads * p.head_dim;  // K and V
+  const T* block = nullptr;
+  if (first + p.block_size < len) {
+    block = p.cache + block_at(p, table, first + p.block_size) * block_elems;
+  } else if (item + 1 < end) {
+    const int64_t next_seq = p.seq_ids ? p.seq_ids[item + 1] : item + 1;
+    if (p.lens[next_seq] <= 0) return nullptr;
+    block = p.cache + block_at(p, p.tables + next_seq * p.max_blocks, 0) * block_elems;
+  }
+  return reinterpret_cast<const char*>(block);
 }
 
 // Share `part` of `parts` of the `lines` 64-byte cache lines from `base` (nullptr: none), into
 // L2 (prefetcht1): spread over the parts of a computation, requests go out at its pace.
-inline void prefetch_share(const float* base, int64_t lines, int64_t part, int64_t parts) {
+inline void prefetch_share(const char* base, int64_t lines, int64_t part, int64_t parts) {
   if (base == nullptr) return;
   for (int64_t line = lines * part / parts; line < lines * (part + 1) / parts; ++line) {
-    __builtin_prefetch(base + 16 * line, 0, 2);
+    __builtin_prefetch(base + 64 * line, 0, 2);
   }
 }
 
@@ -116,15 +128,17 @@ struct OnlineSoftmax {
 // whole while it is in cache, instead of a third of each token row per item). The next block,
 // which lies anywhere in the cache where the hardware prefetcher cannot follow, is prefetched
 // while this one computes, a head's share of its lines at each head. Per head, the operations
-// and their order are those of one (sequence, kv head) item at a time.
-template <int64_t kDim>
-void attend_items(const Problem& p, int64_t begin, int64_t end) {
+// and their order are those of one (sequence, kv head) item at a time. A 16-bit cache's block
+// is widened into an L1 buffer first (kv_types::widen), then read as a float32 block is.
+template <int64_t kDim, typename T>
+void attend_items(const Problem<T>& p, int64_t begin, int64_t end) {
   const int64_t dim = kDim > 0 ? kDim : p.head_dim;
   const int64_t group = p.group, block_size = p.block_size, kv_heads = p.num_kv_heads;
   const int64_t heads = kv_heads * group;
   const int64_t token_stride = kv_heads * dim;  // between tokens of one block
   const int64_t kv_stride = block_size * token_stride;  // K half -> V half of a block
   std::vector<float> scores(block_size);
+  std::vector<float> widened(std::is_same_v<T, float> ? 0 : 2 * kv_stride);
   OnlineSoftmax state(heads, dim);
   std::vector<float>& acc = state.acc;
   std::vector<float>& running_max = state.running_max;
@@ -139,10 +153,17 @@ void attend_items(const Problem& p, int64_t begin, int64_t end) {
     for (int64_t first = 0; first < len; first += block_size) {
       const int64_t block = block_at(p, table, first);
       const int64_t count = std::min(block_size, len - first);
-      const float* ahead = block_after(p, table, first, len, item, end);
-      const int64_t ahead_lines = 2 * kv_stride / 16;  // the next block's K and V
+      const char* ahead = block_after(p, table, first, len, item, end);
+      const int64_t ahead_lines = 2 * kv_stride * static_cast<int64_t>(sizeof(T)) / 64;  // next K and V
+      const float* block_data;
+      if constexpr (std::is_same_v<T, float>) {
+        block_data = p.cache + block * 2 * kv_stride;
+      } else {
+        kv_types::widen(widened.data(), p.cache + block * 2 * kv_stride, 2 * kv_stride);
+        block_data = widened.data();
+      }
       for (int64_t kv_head = 0; kv_head < kv_heads; ++kv_head) {
-        const float* keys = p.cache + block * 2 * kv_stride + kv_head * dim;
+        const float* keys = block_data + kv_head * dim;
         const float* values = keys + kv_stride;
         for (int64_t g = 0; g < group; ++g) {
           const int64_t h = kv_head * group + g;
@@ -187,10 +208,10 @@ void attend_items(const Problem& p, int64_t begin, int64_t end) {
 // the N heads, and their N x kVecs sums are independent chains: one head's kVecs chains would
 // wait on the FMA latency at every token. Per head, the same operations in the same order.
 // `ahead` (or nullptr): `ahead_lines` cache lines to prefetch, spread over the tokens.
-template <int64_t kDim, int N>
+template <int64_t kDim, int N, typename T>
 void softmax_values(float* s, float* a, float* running_max, float* running_sum,
-                    const float* v_head, int64_t count, int64_t token_stride, __mmask16 live,
-                    __m512 scale, const float* ahead, int64_t ahead_lines) {
+                    const T* v_head, int64_t count, int64_t token_stride, __mmask16 live,
+                    __m512 scale, const char* ahead, int64_t ahead_lines) {
   constexpr int64_t kVecs = kDim / 16;
   const __m512 minus_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   __m512 av[N][kVecs];
@@ -213,9 +234,9 @@ void softmax_values(float* s, float* a, float* running_max, float* running_sum,
   }
   for (int64_t t = 0; t < count; ++t) {
     prefetch_share(ahead, ahead_lines, t, count);
-    const float* v = v_head + t * token_stride;
+    const T* v = v_head + t * token_stride;
     __m512 row[kVecs];
-    for (int64_t c = 0; c < kVecs; ++c) row[c] = _mm512_loadu_ps(v + 16 * c);
+    for (int64_t c = 0; c < kVecs; ++c) row[c] = kv_types::load16(v + 16 * c);
     for (int i = 0; i < N; ++i) {
       const __m512 pt = _mm512_set1_ps(s[i * 16 + t]);
       for (int64_t c = 0; c < kVecs; ++c) av[i][c] = _mm512_fmadd_ps(pt, row[c], av[i][c]);
@@ -232,8 +253,8 @@ void softmax_values(float* s, float* a, float* running_max, float* running_sum,
 // vector is loaded once for the query heads that share it, a dot product ends in one tree
 // reduction, a chunk's scores sit in one vector for the online softmax (max, exp and sum without
 // scalar loops), and V rows are accumulated in vector registers.
-template <int64_t kDim>
-void attend_seqs_avx512(const Problem& p, int64_t begin, int64_t end) {
+template <int64_t kDim, typename T>
+void attend_seqs_avx512(const Problem<T>& p, int64_t begin, int64_t end) {
   constexpr int64_t kVecs = kDim / 16;
   constexpr int64_t kPass = std::max<int64_t>(1, 12 / kVecs);  // query heads per V pass
   const int64_t group = p.group, block_size = p.block_size, kv_heads = p.num_kv_heads;
@@ -266,21 +287,22 @@ void attend_seqs_avx512(const Problem& p, int64_t begin, int64_t end) {
       // go out at the pace lines are used. (All at once cost more than it saved when the cache
       // sat in L3; the whole next block during the K pass alone left the V pass without
       // requests in flight: 9-10% slower on one core.)
-      const float* ahead = block_after(p, table, first, len, item, end);
-      const float* ahead_values = ahead != nullptr ? ahead + kv_stride : nullptr;
-      const int64_t half_lines = kv_stride / 16;  // the lines of a block's K (or V)
+      const char* ahead = block_after(p, table, first, len, item, end);
+      const int64_t half_bytes = kv_stride * static_cast<int64_t>(sizeof(T));
+      const char* ahead_values = ahead != nullptr ? ahead + half_bytes : nullptr;
+      const int64_t half_lines = half_bytes / 64;  // the lines of a block's K (or V)
       const int64_t passes = kv_heads * ((group + kPass - 1) / kPass);  // V passes per chunk
       for (int64_t chunk = 0; chunk < in_block; chunk += 16) {
         const int64_t count = std::min<int64_t>(16, in_block - chunk);
         const __mmask16 live = static_cast<__mmask16>((1u << count) - 1u);
-        const float* keys = p.cache + block * 2 * kv_stride + chunk * token_stride;
-        const float* values = keys + kv_stride;
+        const T* keys = p.cache + block * 2 * kv_stride + chunk * token_stride;
+        const T* values = keys + kv_stride;
         for (int64_t t = 0; t < count; ++t) {
           prefetch_share(ahead, half_lines, chunk + t, in_block);  // the next block's K
           for (int64_t kvh = 0; kvh < kv_heads; ++kvh) {
-            const float* k = keys + t * token_stride + kvh * kDim;
+            const T* k = keys + t * token_stride + kvh * kDim;
             __m512 kv[kVecs];
-            for (int64_t c = 0; c < kVecs; ++c) kv[c] = _mm512_loadu_ps(k + 16 * c);
+            for (int64_t c = 0; c < kVecs; ++c) kv[c] = kv_types::load16(k + 16 * c);
             for (int64_t g = 0; g < group; ++g) {
               const int64_t h = kvh * group + g;
               const __m512* qh = q_vecs.data() + h * kVecs;
@@ -293,19 +315,19 @@ void attend_seqs_avx512(const Problem& p, int64_t begin, int64_t end) {
         // The query heads that share a kv head, kPass at a time (see softmax_values). This
         // chunk's share of the next block's V lines, split over the passes.
         const int64_t chunk_lines = half_lines * (chunk + count) / in_block - half_lines * chunk / in_block;
-        const float* chunk_ahead =
-            ahead_values != nullptr ? ahead_values + 16 * (half_lines * chunk / in_block) : nullptr;
+        const char* chunk_ahead =
+            ahead_values != nullptr ? ahead_values + 64 * (half_lines * chunk / in_block) : nullptr;
         int64_t pass_index = 0;
         for (int64_t kvh = 0; kvh < kv_heads; ++kvh) {
           for (int64_t g0 = 0; g0 < group; g0 += kPass, ++pass_index) {
             const int64_t h = kvh * group + g0;
             const int n = static_cast<int>(std::min<int64_t>(kPass, group - g0));
-            auto* pass = n == 3 ? &softmax_values<kDim, 3>
-                         : n == 2 ? &softmax_values<kDim, 2> : &softmax_values<kDim, 1>;
+            auto* pass = n == 3 ? &softmax_values<kDim, 3, T>
+                         : n == 2 ? &softmax_values<kDim, 2, T> : &softmax_values<kDim, 1, T>;
             const int64_t line0 = chunk_lines * pass_index / passes;
             pass(scores.data() + h * 16, acc.data() + h * kDim, running_max.data() + h,
                  running_sum.data() + h, values + kvh * kDim, count, token_stride, live, scale,
-                 chunk_ahead != nullptr ? chunk_ahead + 16 * line0 : nullptr,
+                 chunk_ahead != nullptr ? chunk_ahead + 64 * line0 : nullptr,
                  chunk_lines * (pass_index + 1) / passes - line0);
           }
         }
@@ -332,8 +354,7 @@ void shardline_cpu::paged_decode_attention(const at::Tensor& out, const at::Tens
                                            const at::Tensor& query_start_loc,
                                            const std::optional<at::Tensor>& seq_ids,
                                            double scale) {
-  TORCH_CHECK(kv_cache.device().is_cpu() && kv_cache.scalar_type() == at::kFloat,
-              "paged_decode_attention: kv_cache must be a CPU float32 tensor");
+  TORCH_CHECK(kv_cache.device().is_cpu(), "paged_decode_attention: kv_cache must be a CPU tensor");
   TORCH_CHECK(kv_cache.dim() == 5 && kv_cache.size(1) == 2 && kv_cache.is_contiguous(),
               "paged_decode_attention: kv_cache must be contiguous "
               "[num_blocks, 2, block_size, num_kv_heads, head_dim]");
@@ -387,23 +408,26 @@ void shardline_cpu::paged_decode_attention(const at::Tensor& out, const at::Tens
   // Work goes to the threads of cpu_pool.h, awake between the kernels of a step (waking a
   // sleeping OpenMP thread costs ~100 us on a VM, more than a decode x8 layer at context 100
   // takes on one core); tasks still get enough work to be worth the hand-off.
-  const Problem problem{kv_cache.data_ptr<float>(), query.data_ptr<float>(), out.data_ptr<float>(),
-                        block_tables.data_ptr<int32_t>(), lens, starts, id_ptr,
-                        num_blocks, block_size, num_kv_heads, head_dim, group, max_blocks,
-                        query.stride(0), query.stride(1), out.stride(0), out.stride(1),
-                        static_cast<float>(scale)};
   const int64_t seq_work = longest * num_heads * head_dim;  // one item per sequence, either path
   const int64_t grain = std::max<int64_t>(1, kMinTaskWork / std::max<int64_t>(1, seq_work));
-  cpu_pool::parallel_for(n, grain, [&](int64_t begin, int64_t end) {
+  kv_types::dispatch(kv_cache, "paged_decode_attention", [&](auto element) {
+    using T = decltype(element);
+    const Problem<T> problem{kv_cache.data_ptr<T>(), query.data_ptr<float>(), out.data_ptr<float>(),
+                             block_tables.data_ptr<int32_t>(), lens, starts, id_ptr,
+                             num_blocks, block_size, num_kv_heads, head_dim, group, max_blocks,
+                             query.stride(0), query.stride(1), out.stride(0), out.stride(1),
+                             static_cast<float>(scale)};
+    cpu_pool::parallel_for(n, grain, [&](int64_t begin, int64_t end) {
 #if defined(__AVX512F__)
-    if (head_dim == 64) return attend_seqs_avx512<64>(problem, begin, end);
-    if (head_dim == 128) return attend_seqs_avx512<128>(problem, begin, end);
+      if (head_dim == 64) return attend_seqs_avx512<64>(problem, begin, end);
+      if (head_dim == 128) return attend_seqs_avx512<128>(problem, begin, end);
 #endif
-    switch (head_dim) {  // the common sizes unrolled; any other at run time
-      case 64: attend_items<64>(problem, begin, end); break;
-      case 128: attend_items<128>(problem, begin, end); break;
-      default: attend_items<0>(problem, begin, end);
-    }
+      switch (head_dim) {  // the common sizes unrolled; any other at run time
+        case 64: attend_items<64>(problem, begin, end); break;
+        case 128: attend_items<128>(problem, begin, end); break;
+        default: attend_items<0>(problem, begin, end);
+      }
+    });
   });
 }
 
