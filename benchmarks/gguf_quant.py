@@ -20,6 +20,8 @@ tokens: `-c 36864 -np 16 --kv-unified` for llama.cpp, 2,304 blocks of 16 and max
 * 2k prefill: a 2,048-token prompt, one token, prompt tokens / wall time of the request;
 * RSS of the server (shardline: engine + worker processes) after these, the context the same.
 
+`--measures streams,prefill` runs only those (RSS always).
+
 llama.cpp's server is looked for at `$LLAMA_CPP_HOME/bin/llama-server` (default
 ~/.cache/shardline/llama.cpp; benchmarks/build_llama_cpp.sh builds it); without it that half is
 skipped with a message.
@@ -142,18 +144,21 @@ SHARDLINE_CHILD = textwrap.dedent("""
                               enable_prefix_caching=False)
         async with await Engine.start(config) as engine:
             await run(engine, work["single"][:8], 4)  # warm-up
-            n, times = await run(engine, work["single"], gen)
-            single = (n - 1) / (times[-1] - times[0])
-            start = time.perf_counter()
-            results = await asyncio.gather(*(run(engine, ids, gen) for ids in work["streams"]))
-            streams = sum(r[0] for r in results) / (time.perf_counter() - start)
-            start = time.perf_counter()
-            await run(engine, work["prefill"], 1)
-            prefill = len(work["prefill"]) / (time.perf_counter() - start)
+            result = {}
+            if "single" in work["measures"]:
+                n, times = await run(engine, work["single"], gen)
+                result["single_tok_s"] = (n - 1) / (times[-1] - times[0])
+            if "streams" in work["measures"]:
+                start = time.perf_counter()
+                results = await asyncio.gather(*(run(engine, ids, gen) for ids in work["streams"]))
+                result["streams_tok_s"] = sum(r[0] for r in results) / (time.perf_counter() - start)
+            if "prefill" in work["measures"]:
+                start = time.perf_counter()
+                await run(engine, work["prefill"], 1)
+                result["prefill_tok_s"] = len(work["prefill"]) / (time.perf_counter() - start)
             me = psutil.Process()
-            rss = sum(p.memory_info().rss for p in [me, *me.children(recursive=True)])
-        print(json.dumps({"single_tok_s": single, "streams_tok_s": streams, "prefill_tok_s": prefill,
-                          "rss_bytes": rss}))
+            result["rss_bytes"] = sum(p.memory_info().rss for p in [me, *me.children(recursive=True)])
+        print(json.dumps(result))
 
     asyncio.run(main())
 """)
@@ -225,29 +230,29 @@ def measure_llama_cpp(
             }
 
         _post(base, body(work["single"][:8], 4))  # warm-up
-        single = _post(base, body(work["single"], GEN))["timings"]["predicted_per_second"]
-        counts: list[int] = []
+        result: dict[str, Any] = {}
+        if "single" in work["measures"]:
+            timings = _post(base, body(work["single"], GEN))["timings"]
+            result["single_tok_s"] = timings["predicted_per_second"]
+        if "streams" in work["measures"]:
+            counts: list[int] = []
 
-        def one(ids: list[int]) -> None:
-            counts.append(_post(base, body(ids, GEN))["timings"]["predicted_n"])
+            def one(ids: list[int]) -> None:
+                counts.append(_post(base, body(ids, GEN))["timings"]["predicted_n"])
 
-        threads = [threading.Thread(target=one, args=(ids,)) for ids in work["streams"]]
-        t0 = time.perf_counter()
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        streams = sum(counts) / (time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        _post(base, body(work["prefill"], 1))
-        prefill = len(work["prefill"]) / (time.perf_counter() - t0)
-        rss = psutil.Process(proc.pid).memory_info().rss
-        return {
-            "single_tok_s": single,
-            "streams_tok_s": streams,
-            "prefill_tok_s": prefill,
-            "rss_bytes": rss,
-        }
+            threads = [threading.Thread(target=one, args=(ids,)) for ids in work["streams"]]
+            t0 = time.perf_counter()
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            result["streams_tok_s"] = sum(counts) / (time.perf_counter() - t0)
+        if "prefill" in work["measures"]:
+            t0 = time.perf_counter()
+            _post(base, body(work["prefill"], 1))
+            result["prefill_tok_s"] = len(work["prefill"]) / (time.perf_counter() - t0)
+        result["rss_bytes"] = psutil.Process(proc.pid).memory_info().rss
+        return result
     finally:
         stop_server(proc, 20)
 
@@ -270,7 +275,16 @@ def main(argv: list[str] | None = None) -> int:
         "--rounds", type=int, default=2, help="alternating rounds (median reported)"
     )
     parser.add_argument("--json", type=pathlib.Path, default=None, help="write the results here")
+    parser.add_argument(
+        "--measures",
+        default="single,streams,prefill",
+        help="which of single, streams, prefill to run (comma-separated; RSS always)",
+    )
     args = parser.parse_args(argv)
+    measures = args.measures.split(",")
+    unknown = sorted(set(measures) - {"single", "streams", "prefill"})
+    if unknown:
+        parser.error(f"--measures: unknown {', '.join(unknown)} (single, streams, prefill)")
     binary = llama_cpp_server()
     if binary is None:
         print(
@@ -282,20 +296,21 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("SHARDLINE_LOG_LEVEL", "WARNING")
         runs: dict[str, list[dict[str, Any]]] = {"shardline": [], "llama_cpp": []}
         for r in range(args.rounds):
-            work = prompts(args.vocab, seed=r)
+            work = {**prompts(args.vocab, seed=r), "measures": measures}
             runs["shardline"].append(measure_shardline(path, work))
             print("shardline", runs["shardline"][-1], flush=True)
             if binary is not None:
                 runs["llama_cpp"].append(measure_llama_cpp(binary, path, work))
                 print("llama.cpp", runs["llama_cpp"][-1], flush=True)
-    print(f"{'':10}" + "".join(f"{k:>16}" for k in KEYS))
+    keys = [k for k in KEYS if k == "rss_bytes" or k.split("_")[0] in measures]
+    print(f"{'':10}" + "".join(f"{k:>16}" for k in keys))
     medians = {
-        name: {k: statistics.median(r[k] for r in rows) for k in KEYS}
+        name: {k: statistics.median(r[k] for r in rows) for k in keys}
         for name, rows in runs.items()
         if rows
     }
     for name, row in medians.items():
-        print(f"{name:10}" + "".join(f"{_fmt(k, row[k]):>16}" for k in KEYS))
+        print(f"{name:10}" + "".join(f"{_fmt(k, row[k]):>16}" for k in keys))
     if args.json is not None:
         args.json.write_text(
             json.dumps({"runs": runs, "medians": medians, "vocab": args.vocab}, indent=1)
