@@ -226,6 +226,60 @@ def test_yarn_with_rope_freqs_divides_the_yarn_frequencies(tmp_path: pathlib.Pat
     assert attention == yarn_attention == pytest.approx(0.1 * math.log(2.0) + 1.0)
 
 
+def test_yarn_log_multiplier_gives_llama_cpps_attention_factor(tmp_path: pathlib.Path) -> None:
+    """`yarn_log_multiplier` is transformers' mscale_all_dim (with mscale 1), as llama.cpp reads it:
+    cos/sin scaled by (0.1 ln f + 1) / (0.1 m ln f + 1)."""
+    from shardline.model.layers import rope_frequencies
+
+    def extra(w: Any) -> None:
+        w.add_string("llama.rope.scaling.type", "yarn")
+        w.add_float32("llama.rope.scaling.factor", 4.0)
+        w.add_float32("llama.rope.scaling.yarn_log_multiplier", 0.5)
+
+    path = write_tiny_llama_gguf(tmp_path / "m.gguf", "F32", extra=extra)
+    scaling = ModelConfig.from_path(str(path)).hf_config.rope_scaling
+    assert (scaling["mscale"], scaling["mscale_all_dim"]) == (1.0, 0.5)
+    _, _, _, attention = rope_frequencies(64, dict(scaling, rope_theta=10000.0), 256)
+    assert attention == pytest.approx((0.1 * math.log(4) + 1) / (0.05 * math.log(4) + 1))
+
+
+def test_gemma3_linear_scaling_is_its_global_layers_rope(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Gemma 3 (4B and up) files say `rope.scaling.type` linear: the global layers' rope, as
+    the checkpoint's `rope_parameters` say and llama.cpp runs it; the sliding layers keep plain
+    rope on their own base (`rope.freq_base_swa` where the file has it, else 10000)."""
+    import gguf
+    from transformers import Gemma3TextConfig
+
+    from shardline.model.config import FULL_ATTENTION, SLIDING_ATTENTION, rope_parameters
+    from support.gguf_arch_models import write_tiny_arch_gguf
+
+    add_base = gguf.GGUFWriter.add_rope_freq_base
+
+    def with_scaling(writer: Any, base: float) -> None:
+        add_base(writer, base)
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(8.0)
+        writer.add_rope_freq_base_swa(20000.0)
+
+    monkeypatch.setattr(gguf.GGUFWriter, "add_rope_freq_base", with_scaling)
+    path = write_tiny_arch_gguf(tmp_path / "m.gguf", "gemma3")
+    config = ModelConfig.from_path(str(path)).hf_config
+    hf = Gemma3TextConfig(
+        num_hidden_layers=6,
+        max_position_embeddings=256,
+        rope_parameters={
+            FULL_ATTENTION: {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0},
+            SLIDING_ATTENTION: {"rope_type": "default", "rope_theta": 20000.0},
+        },
+    )
+    for kind in (FULL_ATTENTION, SLIDING_ATTENTION):
+        got, want = rope_parameters(config, kind), rope_parameters(hf, kind)
+        keys = ("rope_type", "rope_theta", "factor")
+        assert {k: got.get(k) for k in keys} == {k: want.get(k) for k in keys}
+
+
 def test_phi3_longrope_factors_equal_its_hugging_face_checkpoint(tmp_path: pathlib.Path) -> None:
     import gguf
 
