@@ -2,7 +2,10 @@
 
 Each local :class:`model.attention.Attention` layer gets one tensor
 ``[num_blocks, 2, block_size, num_kv_heads, head_dim]`` (local heads after TP, local layers
-after PP). Block ids are shared by every rank, so all ranks use the minimum block count.
+after PP) of the KV dtype (`EngineConfig.kv_cache_dtype`: the model's, or float16/bfloat16,
+or float8 on CUDA), whose element size the budget is divided by: a 16-bit cache holds twice the
+blocks of a float32 one in the same bytes. Block ids are shared by every rank, so all ranks use
+the minimum block count.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ def attention_layers(model: nn.Module) -> list[Attention]:
 
 
 def bytes_per_block(layers: list[Attention], block_size: int, dtype: torch.dtype) -> int:
-    """KV bytes one block takes summed over the local layers."""
+    """KV bytes one block takes summed over the local layers, in a cache of `dtype`."""
     element_size = torch.empty((), dtype=dtype).element_size()
     return sum(
         2 * block_size * layer.num_kv_heads * layer.head_dim * element_size for layer in layers
