@@ -202,6 +202,7 @@ class Executor:
         self._ray = RayRanks(
             cfg.world_size, self.dp_rank, num_cpus=cfg.num_threads or 1,
             num_gpus=1 if cfg.device.startswith("cuda") else 0,
+            tp_size=cfg.tensor_parallel_size,
         )
         try:
             await self._ray.place(cfg.ray_address, cfg.worker_start_timeout)

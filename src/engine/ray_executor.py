@@ -26,9 +26,13 @@ the placement group.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import os
+import time
+import weakref
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from shardline.worker.launch import WorkerProcess, describe_exit, launch_worker, reap_workers
@@ -143,42 +147,204 @@ class RayRank:
             self._end = (True, f"its Ray actor died ({type(exc).__name__}: {first})")
 
 
+_NODE_LABEL = "ray.io/node-id"  # the label Ray gives every node: its node id
+_PATIENCE_S = 2.0  # how long a preferred layout may be reported without room before the next
+_POLL_S = 0.1
+_LIVE: weakref.WeakSet[RayRanks] = weakref.WeakSet()  # this process's placed replicas
+_LOCKS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _placement_lock() -> asyncio.Lock:
+    """One placement at a time per event loop: a replica sees the nodes the others took."""
+    return _LOCKS.setdefault(asyncio.get_running_loop(), asyncio.Lock())
+
+
+def _holds(resources: Mapping[str, float], bundle: Mapping[str, float]) -> bool:
+    return all(resources.get(key, 0.0) >= amount for key, amount in bundle.items())
+
+
+def _accepts(argument: str) -> bool:
+    """Whether this Ray's `placement_group` takes `argument` (labels: Ray >= 2.46 or so)."""
+    from ray.util.placement_group import placement_group
+
+    return argument in inspect.signature(placement_group).parameters
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """One way to reserve a replica's ranks: the placement group's bundles and strategy,
+    which bundle each rank goes to (in rank order), and the nodes its bundles must avoid."""
+
+    bundles: list[dict[str, float]]
+    strategy: str
+    slots: list[int]
+    avoid: frozenset[str] = frozenset()
+    soft_target: str | None = None
+
+    def describe(self) -> str:
+        per = "pipeline stage" if len(set(self.slots)) < len(self.slots) else "rank"
+        away = f", away from {len(self.avoid)} node(s) of other replicas" if self.avoid else ""
+        return f"one bundle {self.bundles[0]} per {per}, {self.strategy}{away}"
+
+    def group_options(self) -> dict[str, Any]:
+        options: dict[str, Any] = {}
+        if self.avoid:
+            selector = {_NODE_LABEL: f"!in({','.join(sorted(self.avoid))})"}
+            options["bundle_label_selector"] = [selector] * len(self.bundles)
+        if self.soft_target is not None:
+            options["_soft_target_node_id"] = self.soft_target
+        return options
+
+
 class RayRanks:
     """One replica's placement group and rank actors."""
 
-    def __init__(self, world_size: int, dp_rank: int, *, num_cpus: int, num_gpus: int) -> None:
+    def __init__(
+        self, world_size: int, dp_rank: int, *, num_cpus: int, num_gpus: int, tp_size: int = 1
+    ) -> None:
         self.world_size = world_size
         self.dp_rank = dp_rank
+        self.tp_size = tp_size
         self.bundle = {"CPU": float(num_cpus), **({"GPU": float(num_gpus)} if num_gpus else {})}
         self.ranks: dict[int, RayRank] = {}
+        self.held_nodes: frozenset[str] = frozenset()  # the nodes this replica's ranks run on
         self._pg: Any = None
         self.engine_node_id = ""
         self.engine_ip = ""
+
+    @property
+    def pp_size(self) -> int:
+        return self.world_size // self.tp_size
+
+    def _layouts(self, nodes: list[dict[str, Any]], others: frozenset[str]) -> list[_Layout]:
+        """The layouts to try, best first.
+
+        1. One bundle per pipeline stage holding its TP ranks' resources (a bundle is one node:
+           the TP group shares it), SPREAD over the stages (distinct nodes where the cluster
+           has room, Ray shares nodes where not); one stage: STRICT_PACK, on the engine's node
+           where it has room (shared memory to the ranks). Only where some node can hold a
+           stage.
+        2. With tensor parallelism: one bundle per rank, PACK (a TP group larger than any
+           node, or no room for a whole stage on one node now).
+        Each first away from the nodes other replicas of this process hold (where some other
+        node can hold a bundle), then anywhere."""
+        alive = [n for n in nodes if n.get("Alive")]
+        stage = {key: amount * self.tp_size for key, amount in self.bundle.items()}
+        labels = _accepts("bundle_label_selector")
+        layouts: list[_Layout] = []
+        candidates: list[tuple[dict[str, float], str, list[int]]] = []
+        if any(_holds(n.get("Resources", {}), stage) for n in alive):
+            strategy = "SPREAD" if self.pp_size > 1 else "STRICT_PACK"
+            slots = [s for s in range(self.pp_size) for _ in range(self.tp_size)]
+            candidates.append((stage, strategy, slots))
+        else:
+            logger.warning(
+                "replica %d: no Ray node can hold a pipeline stage's %d ranks (%s); "
+                "its TP group spans nodes",
+                self.dp_rank,
+                self.tp_size,
+                stage,
+            )
+        if self.tp_size > 1 or not candidates:
+            candidates.append((dict(self.bundle), "PACK", list(range(self.world_size))))
+        for bundle, strategy, slots in candidates:
+            count = len(set(slots))
+            target = None
+            if strategy == "STRICT_PACK" and _accepts("_soft_target_node_id"):
+                target = self.engine_node_id if self.engine_node_id not in others else None
+            elsewhere = [
+                n for n in alive if n["NodeID"] not in others and _holds(n["Resources"], bundle)
+            ]
+            if others and labels and elsewhere:
+                layouts.append(_Layout([bundle] * count, strategy, slots, others, target))
+            layouts.append(_Layout([bundle] * count, strategy, slots, soft_target=target))
+        return layouts
 
     async def place(self, address: str | None, wait_s: float) -> None:
         """Join the cluster, reserve the placement group (within `wait_s` seconds) and create
         one actor per rank; raises ConnectionError when the cluster cannot be joined and
         TimeoutError naming what could not be placed."""
         import ray
-        from ray.util.placement_group import placement_group
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         connect(address)
         self.engine_node_id = ray.get_runtime_context().get_node_id()
         self.engine_ip = ray.util.get_node_ip_address()
-        self._pg = placement_group(
-            [dict(self.bundle)] * self.world_size,
-            strategy="PACK",
-            name=f"shardline-{os.getpid()}-dp{self.dp_rank}-{id(self):x}",
+        deadline = time.monotonic() + wait_s
+        async with _placement_lock():
+            others = frozenset(n for r in _LIVE if r is not self for n in r.held_nodes)
+            layouts = self._layouts(await asyncio.to_thread(ray.nodes), others)
+            for index, layout in enumerate(layouts):
+                last = index == len(layouts) - 1
+                if await self._reserve(layout, deadline, patient=not last):
+                    break
+                if last or time.monotonic() >= deadline:
+                    break
+                logger.info(
+                    "replica %d: Ray has no room for %s; trying %s",
+                    self.dp_rank,
+                    layout.describe(),
+                    layouts[index + 1].describe(),
+                )
+            if self._pg is None:
+                raise TimeoutError(
+                    f"Ray could not place replica {self.dp_rank}'s {self.world_size} ranks "
+                    f"({self.bundle} each) in {wait_s:.0f} s; the cluster has "
+                    f"{ray.available_resources()} free"
+                )
+            await self._start_actors(layout)
+            self.held_nodes = frozenset(h.node_id for h in self.ranks.values())
+            _LIVE.add(self)
+            self._report(others)
+
+    async def _reserve(self, layout: _Layout, deadline: float, *, patient: bool) -> bool:
+        """Create `layout`'s placement group and wait until it is placed (True) or the deadline
+        passes; `patient`=False: also give up once Ray reports it cannot be placed (infeasible,
+        or no room for `_PATIENCE_S`). The group is removed when it is given up."""
+        from ray.util.placement_group import (
+            placement_group,
+            placement_group_table,
+            remove_placement_group,
         )
-        try:
-            await asyncio.wait_for(_resolve(self._pg.ready()), wait_s)
-        except TimeoutError:
-            raise TimeoutError(
-                f"Ray could not place replica {self.dp_rank}'s {self.world_size} ranks "
-                f"({self.bundle} each) in {wait_s:.0f} s; the cluster has "
-                f"{ray.available_resources()} free"
-            ) from None
+
+        self._pg = placement_group(
+            layout.bundles,
+            strategy=layout.strategy,
+            name=f"shardline-{os.getpid()}-dp{self.dp_rank}-{id(self):x}",
+            **layout.group_options(),
+        )
+        ready = self._pg.ready().future()
+        no_room_since: float | None = None
+        while not ready.done():
+            now = time.monotonic()
+            if now >= deadline:
+                break
+            if not patient:
+                table = await asyncio.to_thread(placement_group_table, self._pg)
+                state = table.get("stats", {}).get("scheduling_state")
+                if state == "INFEASIBLE":
+                    break
+                if state == "NO_RESOURCES":
+                    no_room_since = now if no_room_since is None else no_room_since
+                    if now - no_room_since >= _PATIENCE_S:
+                        break
+                else:
+                    no_room_since = None
+            await asyncio.sleep(min(_POLL_S, max(0.0, deadline - now)))
+        if ready.done() and ready.exception() is None:
+            return True
+        remove_placement_group(self._pg)
+        self._pg = None
+        return False
+
+    async def _start_actors(self, layout: _Layout) -> None:
+        """One actor per rank in its layout bundle; ranks numbered bundle by bundle, bundles
+        in node order, the engine's node first: rank 0 (the output rank without pipeline
+        stages) talks to the engine over shared memory when it can, and a TP group (its
+        consecutive ranks) shares a node wherever the bundles allow."""
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
         actor_class = _actor_class()
         actors = [
             actor_class.options(
@@ -186,21 +352,50 @@ class RayRanks:
                 num_cpus=self.bundle["CPU"],
                 num_gpus=self.bundle.get("GPU", 0),
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
-                    placement_group=self._pg, placement_group_bundle_index=bundle
+                    placement_group=self._pg, placement_group_bundle_index=slot
                 ),
             ).remote()
-            for bundle in range(self.world_size)
+            for slot in layout.slots
         ]
         nodes = await asyncio.gather(*(_resolve(actor.node.remote()) for actor in actors))
-        # Ranks in node order, the engine's node first: consecutive ranks (a TP group) share
-        # a node wherever the bundles allow, and rank 0 (the output rank without pipeline
-        # stages) talks to the engine over shared memory when it can.
-        order = sorted(
-            range(self.world_size),
-            key=lambda b: (nodes[b][0] != self.engine_node_id, nodes[b][0], b),
+        by_slot: dict[int, list[int]] = {}
+        for index, slot in enumerate(layout.slots):
+            by_slot.setdefault(slot, []).append(index)
+        node_of = {slot: nodes[members[0]][0] for slot, members in by_slot.items()}
+        order = sorted(by_slot, key=lambda s: (node_of[s] != self.engine_node_id, node_of[s], s))
+        indices = [index for slot in order for index in by_slot[slot]]
+        for rank, index in enumerate(indices):
+            self.ranks[rank] = RayRank(rank, actors[index], *nodes[index])
+
+    def _report(self, others: frozenset[str]) -> None:
+        """Log where the ranks went, and each preference the cluster had no room for."""
+        stages = [
+            {self.ranks[r].node_id for r in range(s * self.tp_size, (s + 1) * self.tp_size)}
+            for s in range(self.pp_size)
+        ]
+        logger.info(
+            "replica %d placed by Ray: pipeline stage -> node(s) %s",
+            self.dp_rank,
+            [sorted(n[:8] for n in nodes) for nodes in stages],
         )
-        for rank, bundle in enumerate(order):
-            self.ranks[rank] = RayRank(rank, actors[bundle], *nodes[bundle])
+        shared = sorted(
+            {n[:8] for i, a in enumerate(stages) for b in stages[i + 1 :] for n in a & b}
+        )
+        if shared:
+            logger.warning(
+                "replica %d: its %d pipeline stages share Ray node(s) %s: the cluster has no "
+                "room to give each stage its own node",
+                self.dp_rank,
+                self.pp_size,
+                shared,
+            )
+        if self.held_nodes & others:
+            logger.warning(
+                "replica %d shares Ray node(s) %s with other replicas: the cluster has no room "
+                "for it elsewhere",
+                self.dp_rank,
+                sorted(n[:8] for n in self.held_nodes & others),
+            )
 
     @property
     def remote_ranks(self) -> list[int]:
@@ -246,6 +441,8 @@ class RayRanks:
             except Exception as exc:  # noqa: BLE001 - an actor Ray already lost
                 logger.debug("ray.kill(rank %d): %s", handle.rank, exc)
         self.ranks.clear()
+        self.held_nodes = frozenset()
+        _LIVE.discard(self)
         if self._pg is not None:
             remove_placement_group(self._pg)
             self._pg = None

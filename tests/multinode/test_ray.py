@@ -1,14 +1,17 @@
 """The `ray` executor backend on a two-node Ray cluster made on this machine
-(`ray.cluster_utils.Cluster`, one CPU per node: a replica's ranks that do not fit on the head
-node go to the other, over TCP). Slow: Ray's processes start in seconds each."""
+(`ray.cluster_utils.Cluster`, two CPUs per node). A rank asks for `num_threads` CPUs: with
+`num_threads=2` a node holds one rank (what does not fit on the engine's node goes to the
+other, over TCP), with the default (1) a node holds two, and placement alone decides whether
+pipeline stages and replicas are spread. Slow: Ray's processes start in seconds each."""
 
 from __future__ import annotations
 
+import logging
 import os
 import pathlib
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import anyio
@@ -31,12 +34,13 @@ pytestmark = pytest.mark.slow
 
 PROMPTS = ["hello world", "the quick brown fox", "abc", "a longer prompt that spans a few blocks"]
 PARAMS = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
-_NODE = {"num_cpus": 1, "object_store_memory": 80 << 20}
+_NODE = {"num_cpus": 2, "object_store_memory": 80 << 20}
+_ONE_RANK_A_NODE = {"num_threads": 2}  # a rank asks for a node's two CPUs
 
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[Cluster]:
-    """A head node and one more, one CPU each; this process is the driver, on the head."""
+    """A head node and one more, two CPUs each; this process is the driver, on the head."""
     made = Cluster(initialize_head=True, head_node_args={**_NODE, "include_dashboard": False})
     try:
         made.add_node(**_NODE)
@@ -56,15 +60,32 @@ def _cfg(path: pathlib.Path, **kw: object) -> EngineConfig:
     return EngineConfig(**base)  # type: ignore[arg-type]
 
 
-@pytest.fixture(scope="module")
-def local_tokens(tiny_llama_dir: pathlib.Path) -> list[list[int]]:
-    """The greedy tokens of the local `mp` run with TP = 2."""
+def _local(path: pathlib.Path, **kw: object) -> list[list[int]]:
+    """The greedy tokens of PROMPTS from a local `mp` engine."""
 
     async def run() -> list[list[int]]:
-        async with await Engine.start(_cfg(tiny_llama_dir, tensor_parallel_size=2)) as engine:
+        async with await Engine.start(_cfg(path, **kw)) as engine:
             return await generate_all(engine, PROMPTS, PARAMS)
 
     return anyio.run(run)
+
+
+@pytest.fixture(scope="module")
+def local_tokens(tiny_llama_dir: pathlib.Path) -> list[list[int]]:
+    """The greedy tokens of the local `mp` run with TP = 2."""
+    return _local(tiny_llama_dir, tensor_parallel_size=2)
+
+
+@pytest.fixture(scope="module")
+def local_pp_tokens(tiny_llama_dir: pathlib.Path) -> list[list[int]]:
+    """The greedy tokens of the local `mp` run with PP = 2."""
+    return _local(tiny_llama_dir, pipeline_parallel_size=2)
+
+
+@pytest.fixture(scope="module")
+def local_single_tokens(tiny_llama_dir: pathlib.Path) -> list[list[int]]:
+    """The greedy tokens of the local `mp` run with one rank."""
+    return _local(tiny_llama_dir)
 
 
 def _ray_ranks(engine: Engine) -> list[Any]:
@@ -118,43 +139,123 @@ def _ray_cfg(path: pathlib.Path, **kw: object) -> EngineConfig:
 
 
 async def _run_on_ray(
-    config: EngineConfig, prompts: list[str]
-) -> tuple[list[list[int]], list[list[bool]]]:
-    """Greedy tokens of `prompts` on Ray, and for each replica which ranks ran on another node
-    than the engine's; then checks that aclose() left nothing behind."""
+    config: EngineConfig,
+    prompts: list[str],
+    after_close: Callable[[], None] = lambda: None,
+) -> tuple[list[list[int]], list[list[str]], str]:
+    """Greedy tokens of `prompts` on Ray, the Ray node id each replica's ranks reported (in rank
+    order) and the engine's node id; then (after `after_close`) checks that aclose() left
+    nothing behind."""
     async with await Engine.start(config) as engine:
         replicas = _ray_ranks(engine)
-        away = [[h.node_id != r.engine_node_id for h in r.ranks.values()] for r in replicas]
+        placed = [[h.node_id for h in r.ranks.values()] for r in replicas]
+        (engine_node,) = {r.engine_node_id for r in replicas}
         tokens = await generate_all(engine, prompts, PARAMS)
         pids = _worker_pids(engine)
+    after_close()
     await _assert_all_gone(pids)
-    return tokens, away
+    return tokens, placed, engine_node
+
+
+def _other_node(engine_node: str) -> str:
+    """The id of the cluster's node that is not the engine's."""
+    (other,) = [n["NodeID"] for n in ray.nodes() if n["Alive"] and n["NodeID"] != engine_node]
+    return other
 
 
 async def test_tp2_across_two_ray_nodes_same_tokens_as_local(
     cluster: Cluster, tiny_llama_dir: pathlib.Path, local_tokens: list[list[int]]
 ) -> None:
-    tokens, away = await _run_on_ray(_ray_cfg(tiny_llama_dir, tensor_parallel_size=2), PROMPTS)
-    assert away == [[False, True]]  # rank 0 on the engine's node (shm), rank 1 on the other (TCP)
+    """A TP group larger than any node (2 ranks of 2 CPUs, nodes of 2): it spans both nodes."""
+    config = _ray_cfg(tiny_llama_dir, tensor_parallel_size=2, **_ONE_RANK_A_NODE)
+    tokens, placed, engine_node = await _run_on_ray(config, PROMPTS)
+    # rank 0 on the engine's node (shm), rank 1 on the other (TCP)
+    assert placed == [[engine_node, _other_node(engine_node)]]
     assert tokens == local_tokens
 
 
-async def test_pp2_across_two_ray_nodes_same_tokens_as_local(
-    cluster: Cluster, tiny_llama_dir: pathlib.Path
+@pytest.fixture
+async def big_node(cluster: Cluster) -> AsyncIterator[str]:
+    """A third, bigger node (4 CPUs) for one test: Ray's least-used node. Its id."""
+    big = cluster.add_node(**{**_NODE, "num_cpus": 4})
+    cluster.wait_for_nodes()
+    try:
+        yield big.node_id
+    finally:
+        cluster.remove_node(big)
+        await wait_until(
+            lambda: not any(n["Alive"] and n["NodeID"] == big.node_id for n in ray.nodes()),
+            deadline_s=60,
+        )
+
+
+async def test_tp2_ranks_packed_on_one_node_where_they_fit(
+    big_node: str, tiny_llama_dir: pathlib.Path, local_tokens: list[list[int]]
 ) -> None:
-    async with await Engine.start(_cfg(tiny_llama_dir, pipeline_parallel_size=2)) as engine:
-        local = await generate_all(engine, PROMPTS, PARAMS)
-    tokens, away = await _run_on_ray(_ray_cfg(tiny_llama_dir, pipeline_parallel_size=2), PROMPTS)
-    assert away == [[False, True]]  # the second stage runs on the other node
-    assert tokens == local
+    """Every node holds both ranks of the TP group: they share one node, the engine's (shared
+    memory to rank 0), not the big node Ray would pick on its own."""
+    tokens, placed, engine_node = await _run_on_ray(
+        _ray_cfg(tiny_llama_dir, tensor_parallel_size=2), PROMPTS
+    )
+    assert placed == [[engine_node, engine_node]]
+    assert tokens == local_tokens
 
 
-async def test_dp2_one_replica_per_ray_node(cluster: Cluster, tiny_llama_dir: pathlib.Path) -> None:
-    async with await Engine.start(_cfg(tiny_llama_dir)) as engine:
-        single = await generate_all(engine, PROMPTS, PARAMS)
-    tokens, away = await _run_on_ray(_ray_cfg(tiny_llama_dir, data_parallel_size=2), PROMPTS * 2)
-    assert sorted(away) == [[False], [True]]  # one replica on each node
-    assert tokens == single * 2
+async def test_pp2_stages_spread_over_two_nodes_that_each_fit_both(
+    cluster: Cluster, tiny_llama_dir: pathlib.Path, local_pp_tokens: list[list[int]]
+) -> None:
+    """Either node could hold both stages (PACK would put them together): they are spread,
+    stage 0 on the engine's node, stage 1 (over TCP) on the other."""
+    tokens, placed, engine_node = await _run_on_ray(
+        _ray_cfg(tiny_llama_dir, pipeline_parallel_size=2), PROMPTS
+    )
+    assert placed == [[engine_node, _other_node(engine_node)]]
+    assert tokens == local_pp_tokens
+
+
+async def test_dp2_replicas_spread_even_where_one_node_is_emptier(
+    big_node: str, tiny_llama_dir: pathlib.Path, local_single_tokens: list[list[int]]
+) -> None:
+    """Every node could hold both one-rank replicas, and Ray's own choice (its least-used node,
+    for each group on its own) would put both on the big node. Replica 0 goes to the engine's
+    node (shared memory), replica 1 to another."""
+    tokens, placed, engine_node = await _run_on_ray(
+        _ray_cfg(tiny_llama_dir, data_parallel_size=2), PROMPTS * 2
+    )
+    (first,), (second,) = placed
+    assert first != second  # one node each
+    assert first == engine_node
+    assert tokens == local_single_tokens * 2
+
+
+async def test_pp2_on_the_one_node_with_room_shares_it_and_logs_why(
+    cluster: Cluster,
+    tiny_llama_dir: pathlib.Path,
+    local_pp_tokens: list[list[int]],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The other node's CPUs are taken (a placement group of this test's): both stages run on
+    the engine's node, a warning says the stages share it, and the tokens are the same."""
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    engine_node = ray.get_runtime_context().get_node_id()
+    blocker = placement_group(
+        [{"CPU": 2.0}], bundle_label_selector=[{"ray.io/node-id": _other_node(engine_node)}]
+    )
+    ray.get(blocker.ready(), timeout=60)
+    caplog.set_level(logging.INFO, logger="shardline.executor")
+    tokens, placed, _ = await _run_on_ray(
+        _ray_cfg(tiny_llama_dir, pipeline_parallel_size=2),
+        PROMPTS,
+        after_close=lambda: remove_placement_group(blocker),
+    )
+    assert placed == [[engine_node, engine_node]]
+    assert tokens == local_pp_tokens
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(
+        "replica 0: its 2 pipeline stages share Ray node(s)" in w and "no room" in w
+        for w in warnings
+    ), warnings
 
 
 async def test_killed_rank_actor_mid_stream_recovers_with_the_same_tokens(
@@ -184,10 +285,11 @@ async def test_killed_rank_actor_mid_stream_recovers_with_the_same_tokens(
 async def test_unplaceable_replica_fails_with_a_clear_error_then_a_fitting_one_serves(
     cluster: Cluster, tiny_llama_dir: pathlib.Path
 ) -> None:
-    """A rank asking for 2 CPUs (num_threads = 2) on nodes of one CPU each: the placement group
-    never fits; the start fails naming it and leaves no placement group; the next engine serves."""
+    """A rank asking for 3 CPUs (num_threads = 3) on nodes of two CPUs each: the placement
+    group never fits; the start fails naming it and leaves no placement group; the next engine
+    serves."""
     config = _cfg(
-        tiny_llama_dir, num_threads=2, distributed_executor_backend="ray", worker_start_timeout=3.0
+        tiny_llama_dir, num_threads=3, distributed_executor_backend="ray", worker_start_timeout=3.0
     )
     with pytest.raises(BaseException) as caught:  # noqa: PT011 - unwrapped below
         async with await Engine.start(config):
@@ -196,7 +298,7 @@ async def test_unplaceable_replica_fails_with_a_clear_error_then_a_fitting_one_s
     failures = [str(e) for e in leaves if isinstance(e, WorkerFailure)]
     assert (
         failures
-        and "Ray could not place replica 0's 1 ranks ({'CPU': 2.0} each) in 3 s" in failures[0]
+        and "Ray could not place replica 0's 1 ranks ({'CPU': 3.0} each) in 3 s" in failures[0]
     ), leaves
     await wait_until(lambda: not _live_groups(), deadline_s=30)
     async with await Engine.start(
@@ -256,11 +358,13 @@ async def test_lost_node_whose_ranks_cannot_be_placed_again_fails_the_requests_c
     cluster: Cluster, tiny_llama_dir: pathlib.Path
 ) -> None:
     """The second node dies mid-stream: its rank's actor dies with it, the replica restarts,
-    and its placement group (2 CPUs, 1 left) cannot be made again: the stream fails naming
-    why, and the engine's aclose() leaves nothing behind. (Runs last: it adds a node back.)"""
+    and its placement group (two ranks of 2 CPUs, one node of 2 left) cannot be made again: the
+    stream fails naming why, and the engine's aclose() leaves nothing behind. (Runs last: it
+    adds a node back.)"""
     config = _ray_cfg(
         tiny_llama_dir,
         tensor_parallel_size=2,
+        **_ONE_RANK_A_NODE,
         worker_start_timeout=20.0,
         max_worker_restarts=1,
         restart_backoff=0.1,
