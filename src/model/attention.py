@@ -8,7 +8,9 @@ this layer's block tensor at `slot_mapping` (`block_id * block_size + offset`). 
   CUDA, neighbouring fresh prefills share one SDPA call under a block-diagonal causal mask (a
   step of many short prompts is otherwise hundreds of tiny kernel launches per layer);
 * a request with a cached prefix (prefix-cache hit, later prefill chunk) gathers its blocks and
-  attends with the causal mask shifted by its context length;
+  attends with the causal mask shifted by its context length (on CPU with at least
+  `flash_prefix.MIN_CONTEXT` cached tokens: a mask-free pass over the context and a causal
+  pass over the chunk, merged by log-sum-exp, so nothing of `[Lq, Lk]` is allocated);
 * one-token requests (decode) are batched. With a CPU float32, float16 or bfloat16 cache they run
   the fused kernel of `model.paged_decode`, which reads each sequence's K/V straight from its
   blocks; otherwise (and with `SHARDLINE_CPU_ATTENTION=sdpa`, or where the kernel cannot be
@@ -35,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shardline.model import cpu_ops, paged_decode
+from shardline.model import cpu_ops, flash_prefix, paged_decode
 
 
 @dataclass
@@ -351,6 +353,9 @@ class Attention(nn.Module):
         block_size = self.kv_cache.shape[2]
         num_blocks = -(-seq_len // block_size)
         key, value = self._gather(attn.block_tables[seq, :num_blocks].long(), seq_len, q.dtype)
+        split = flash_prefix.attend(q, key, value, context_len, self.scale)
+        if split is not None:  # long context on CPU: no [Lq, Lk] mask (model/flash_prefix.py)
+            return split
         query_pos = torch.arange(context_len, seq_len, device=q.device)
         key_pos = torch.arange(seq_len, device=q.device)
         mask = key_pos[None, :] <= query_pos[:, None]  # [Lq, Lk], True = may attend

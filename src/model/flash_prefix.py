@@ -42,11 +42,12 @@ def attend(
     context_len: int,
     scale: float,
     *,
-    min_context: int = MIN_CONTEXT,
+    min_context: int | None = None,
 ) -> torch.Tensor | None:
     """q ``[Lq, heads, D]`` (positions ``context_len..``), key/value ``[kv_heads, context_len + Lq, D]``
     -> ``[Lq, heads, D]``; None where the masked path should run instead (see the module doc)."""
-    if context_len < max(1, min_context) or not available(q) or key.dtype != q.dtype:
+    least = MIN_CONTEXT if min_context is None else min_context
+    if context_len < max(1, least) or not available(q) or key.dtype != q.dtype:
         return None
     assert _FLASH is not None
     num_queries, heads, dim = q.shape

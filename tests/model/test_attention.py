@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from shardline.model import attention, flash_prefix
 from shardline.model.attention import Attention, AttentionMetadata
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 4, 2, 8, 4
@@ -60,7 +61,13 @@ def seqs():
             {"a": [7, 2, 11, 4, 20], "b": [3, 9, 1], "c": [15, 5, 30, 8]})
 
 
-def test_prefill_then_chunk_then_mixed_decode(seqs):
+@pytest.mark.parametrize("split_prefix", [False, True], ids=["masked-prefix", "flash-split-prefix"])
+def test_prefill_then_chunk_then_mixed_decode(seqs, monkeypatch, split_prefix):
+    # flash-split-prefix: every cached-prefix chunk takes model/flash_prefix.py's mask-free path
+    # (in production only from MIN_CONTEXT cached tokens on).
+    monkeypatch.setattr(flash_prefix, "MIN_CONTEXT", 1 if split_prefix else 1 << 30)
+    if split_prefix:  # short chunks would otherwise go row by row through the decode kernel
+        monkeypatch.setattr(attention, "ROWWISE_MAX_QUERY", 0)
     q, k, v, tables = seqs
     layer = make_layer()
     run_batch(layer, k, v, q, {"a": (0, 17), "b": (0, 6)}, tables)            # fresh prefills
