@@ -2,10 +2,11 @@
 
 `EngineConfig.distributed_executor_backend = "ray"`: the executor (`engine.executor`) joins a
 Ray cluster (`ray_address`, else $RAY_ADDRESS, else a new local one), reserves the replica's
-ranks with one placement group (one bundle per rank, in rank order, strategy PACK: a replica's
-ranks share a node where they fit; what does not fit goes to other nodes; ranks are numbered
-node by node, the engine's node first, so a TP group's consecutive ranks share a node where
-they can) and starts each rank as a `RankActor` in its bundle. The actor starts the same worker
+ranks with one placement group (`RayRanks._layouts`: one bundle per pipeline stage holding its
+TP ranks, so a TP group shares a node, strategy SPREAD so that stages go to distinct nodes where
+the cluster has room, and away from the nodes this process's other replicas hold; fallbacks
+in order, each logged; docs/RAY.md) and starts each rank as a `RankActor` in its bundle, ranks
+numbered bundle by bundle, the engine's node first. The actor starts the same worker
 program as the `mp` backend (`worker.launch.launch_worker`, the config on the program's
 stdin) and watches it; its `wait` call runs as long as the rank does, so the executor learns of
 a rank's end (its exit status) or of the actor's or its node's death (Ray fails the call) as
@@ -277,7 +278,7 @@ class RayRanks:
             layouts = self._layouts(await asyncio.to_thread(ray.nodes), others)
             for index, layout in enumerate(layouts):
                 last = index == len(layouts) - 1
-                if await self._reserve(layout, deadline, patient=not last):
+                if await self._reserve(layout, deadline, until_deadline=last):
                     break
                 if last or time.monotonic() >= deadline:
                     break
@@ -298,10 +299,10 @@ class RayRanks:
             _LIVE.add(self)
             self._report(others)
 
-    async def _reserve(self, layout: _Layout, deadline: float, *, patient: bool) -> bool:
+    async def _reserve(self, layout: _Layout, deadline: float, *, until_deadline: bool) -> bool:
         """Create `layout`'s placement group and wait until it is placed (True) or the deadline
-        passes; `patient`=False: also give up once Ray reports it cannot be placed (infeasible,
-        or no room for `_PATIENCE_S`). The group is removed when it is given up."""
+        passes; unless `until_deadline`, also give up once Ray reports it cannot place it
+        (infeasible, or no room for `_PATIENCE_S`). The group is removed when given up."""
         from ray.util.placement_group import (
             placement_group,
             placement_group_table,
@@ -320,7 +321,7 @@ class RayRanks:
             now = time.monotonic()
             if now >= deadline:
                 break
-            if not patient:
+            if not until_deadline:
                 table = await asyncio.to_thread(placement_group_table, self._pg)
                 state = table.get("stats", {}).get("scheduling_state")
                 if state == "INFEASIBLE":

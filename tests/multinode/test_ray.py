@@ -164,14 +164,22 @@ def _other_node(engine_node: str) -> str:
 
 
 async def test_tp2_across_two_ray_nodes_same_tokens_as_local(
-    cluster: Cluster, tiny_llama_dir: pathlib.Path, local_tokens: list[list[int]]
+    cluster: Cluster,
+    tiny_llama_dir: pathlib.Path,
+    local_tokens: list[list[int]],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """A TP group larger than any node (2 ranks of 2 CPUs, nodes of 2): it spans both nodes."""
+    caplog.set_level(logging.INFO, logger="shardline.executor")
     config = _ray_cfg(tiny_llama_dir, tensor_parallel_size=2, **_ONE_RANK_A_NODE)
     tokens, placed, engine_node = await _run_on_ray(config, PROMPTS)
     # rank 0 on the engine's node (shm), rank 1 on the other (TCP)
     assert placed == [[engine_node, _other_node(engine_node)]]
     assert tokens == local_tokens
+    assert any(
+        "no Ray node can hold a pipeline stage's 2 ranks" in w and "TP group spans nodes" in w
+        for w in _warnings(caplog)
+    ), _warnings(caplog)
 
 
 @pytest.fixture
@@ -228,14 +236,10 @@ async def test_dp2_replicas_spread_even_where_one_node_is_emptier(
     assert tokens == local_single_tokens * 2
 
 
-async def test_pp2_on_the_one_node_with_room_shares_it_and_logs_why(
-    cluster: Cluster,
-    tiny_llama_dir: pathlib.Path,
-    local_pp_tokens: list[list[int]],
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    """The other node's CPUs are taken (a placement group of this test's): both stages run on
-    the engine's node, a warning says the stages share it, and the tokens are the same."""
+@pytest.fixture
+def other_node_full(cluster: Cluster) -> Iterator[Any]:
+    """A placement group of the test's taking the CPUs of the node that is not the engine's:
+    only the engine's node has room. The group (removed at teardown at the latest)."""
     from ray.util.placement_group import placement_group, remove_placement_group
 
     engine_node = ray.get_runtime_context().get_node_id()
@@ -243,19 +247,65 @@ async def test_pp2_on_the_one_node_with_room_shares_it_and_logs_why(
         [{"CPU": 2.0}], bundle_label_selector=[{"ray.io/node-id": _other_node(engine_node)}]
     )
     ray.get(blocker.ready(), timeout=60)
+    try:
+        yield blocker
+    finally:
+        if ray.util.placement_group_table(blocker)["state"] != "REMOVED":
+            remove_placement_group(blocker)
+
+
+def _warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+
+
+async def test_pp2_on_the_one_node_with_room_shares_it_and_logs_why(
+    other_node_full: Any,
+    tiny_llama_dir: pathlib.Path,
+    local_pp_tokens: list[list[int]],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Only the engine's node has room: both stages run there, a warning says the stages share
+    it, and the tokens are the same."""
+    from ray.util.placement_group import remove_placement_group
+
     caplog.set_level(logging.INFO, logger="shardline.executor")
-    tokens, placed, _ = await _run_on_ray(
+    tokens, placed, engine_node = await _run_on_ray(
         _ray_cfg(tiny_llama_dir, pipeline_parallel_size=2),
         PROMPTS,
-        after_close=lambda: remove_placement_group(blocker),
+        after_close=lambda: remove_placement_group(other_node_full),
     )
     assert placed == [[engine_node, engine_node]]
     assert tokens == local_pp_tokens
-    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any(
         "replica 0: its 2 pipeline stages share Ray node(s)" in w and "no room" in w
-        for w in warnings
-    ), warnings
+        for w in _warnings(caplog)
+    ), _warnings(caplog)
+
+
+async def test_dp2_on_the_one_node_with_room_shares_it_and_logs_why(
+    other_node_full: Any,
+    tiny_llama_dir: pathlib.Path,
+    local_single_tokens: list[list[int]],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Replica 1 first asks for a node other than replica 0's; Ray has no room there, so it is
+    placed again anywhere: on the engine's node too, with a warning saying so."""
+    from ray.util.placement_group import remove_placement_group
+
+    caplog.set_level(logging.INFO, logger="shardline.executor")
+    tokens, placed, engine_node = await _run_on_ray(
+        _ray_cfg(tiny_llama_dir, data_parallel_size=2),
+        PROMPTS * 2,
+        after_close=lambda: remove_placement_group(other_node_full),
+    )
+    assert placed == [[engine_node], [engine_node]]
+    assert tokens == local_single_tokens * 2
+    infos = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+    assert any("replica 1: Ray has no room for" in m and "away from 1 node" in m for m in infos)
+    assert any(
+        "replica 1 shares Ray node(s)" in w and "no room for it elsewhere" in w
+        for w in _warnings(caplog)
+    ), _warnings(caplog)
 
 
 async def test_killed_rank_actor_mid_stream_recovers_with_the_same_tokens(
