@@ -240,7 +240,7 @@ class RayRanks:
             strategy = "SPREAD" if self.pp_size > 1 else "STRICT_PACK"
             slots = [s for s in range(self.pp_size) for _ in range(self.tp_size)]
             candidates.append((stage, strategy, slots))
-        else:
+        elif self.tp_size > 1:
             logger.warning(
                 "replica %d: no Ray node can hold a pipeline stage's %d ranks (%s); "
                 "its TP group spans nodes",
