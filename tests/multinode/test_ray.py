@@ -308,6 +308,52 @@ async def test_dp2_on_the_one_node_with_room_shares_it_and_logs_why(
     ), _warnings(caplog)
 
 
+async def test_tp2_pp2_each_stage_packed_on_its_own_node(
+    cluster: Cluster, tiny_llama_dir: pathlib.Path
+) -> None:
+    """Four one-CPU ranks on two nodes of two CPUs: each stage's TP pair shares a node, stage 0
+    the engine's."""
+    layout = {"tensor_parallel_size": 2, "pipeline_parallel_size": 2}
+    async with await Engine.start(_cfg(tiny_llama_dir, **layout)) as engine:
+        local = await generate_all(engine, PROMPTS, PARAMS)
+    tokens, placed, engine_node = await _run_on_ray(_ray_cfg(tiny_llama_dir, **layout), PROMPTS)
+    other = _other_node(engine_node)
+    assert placed == [[engine_node, engine_node, other, other]]
+    assert tokens == local
+
+
+async def test_tp2_with_no_room_for_the_pair_on_one_node_spans_two(
+    cluster: Cluster,
+    tiny_llama_dir: pathlib.Path,
+    local_tokens: list[list[int]],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Each node could hold the TP pair but has one CPU taken: the stage's bundle gets no room,
+    is given up (logged), and one bundle per rank puts a rank on each node."""
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    half = placement_group([{"CPU": 1.0}] * 2, strategy="STRICT_SPREAD")
+    ray.get(half.ready(), timeout=60)
+    caplog.set_level(logging.INFO, logger="shardline.executor")
+    try:
+        tokens, placed, engine_node = await _run_on_ray(
+            _ray_cfg(tiny_llama_dir, tensor_parallel_size=2),
+            PROMPTS,
+            after_close=lambda: remove_placement_group(half),
+        )
+    finally:
+        if ray.util.placement_group_table(half)["state"] != "REMOVED":
+            remove_placement_group(half)
+    assert placed == [[engine_node, _other_node(engine_node)]]
+    assert tokens == local_tokens
+    infos = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+    assert any(
+        "Ray has no room for one bundle {'CPU': 2.0} per pipeline stage, STRICT_PACK; "
+        "trying one bundle {'CPU': 1.0} per rank, PACK" in m
+        for m in infos
+    ), infos
+
+
 async def test_killed_rank_actor_mid_stream_recovers_with_the_same_tokens(
     cluster: Cluster, tiny_llama_dir: pathlib.Path, local_tokens: list[list[int]]
 ) -> None:
