@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from shardline.engine.config import DEVICE_CHOICES, DTYPES, EngineConfig
+from shardline.engine.config import DEVICE_CHOICES, DTYPES, KV_CACHE_DTYPES, EngineConfig
 
 TCP_TOKEN_ENV = "SHARDLINE_TOKEN"  # the node agents' variable; the head reads it too
 
@@ -74,6 +74,7 @@ FLAG_EXTRAS: Mapping[str, FlagExtra] = types.MappingProxyType({
     "device": FlagExtra(metavar="{" + ",".join(DEVICE_CHOICES) + "}"),
     "dtype": FlagExtra(choices=tuple(DTYPES)),
     "kv_cache_memory_bytes": FlagExtra(type=byte_size, metavar="BYTES", help="e.g. 2G or 512M."),
+    "kv_cache_dtype": FlagExtra(metavar="{" + ",".join(KV_CACHE_DTYPES) + "}"),
     "enable_prefix_caching": FlagExtra(negations=("--no-prefix-caching",)),
     "cuda_graphs": FlagExtra(negations=("--enforce-eager",)),
     "tcp_token": FlagExtra(help=f"Prefer ${TCP_TOKEN_ENV}: a command line is visible to every user of the "

@@ -7,7 +7,7 @@ import pathlib
 
 import pytest
 
-from shardline.engine import Engine, EngineConfig, SamplingParams
+from shardline.engine import Engine, EngineConfig, SamplingParams, cli
 from shardline.engine.cli import main as cli_main
 from shardline.engine.config import ConfigError
 from support.generation import generate_all
@@ -57,6 +57,16 @@ def test_bad_values_are_refused_naming_them(tiny_llama_dir, value, words, capsys
     )
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("shardline generate: error: kv_cache_dtype: ") and words[0] in err[-1]
+
+
+def test_the_flag_reaches_the_config(tiny_llama_dir):
+    for value in ("auto", "float16", "bfloat16"):
+        args = cli._build_parser().parse_args(
+            ["serve", "--model", str(tiny_llama_dir), "--kv-cache-dtype", value]
+        )
+        assert cli._engine_config(args).kv_cache_dtype == value
+    args = cli._build_parser().parse_args(["serve", "--model", str(tiny_llama_dir)])
+    assert cli._engine_config(args).kv_cache_dtype == "auto"  # the default
 
 
 async def test_16bit_caches_hold_twice_the_blocks_and_keep_greedy_tokens(tiny_llama_dir, caplog):
