@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import pathlib
 
@@ -21,12 +22,13 @@ PROMPTS = [
     "0123456789",
 ]
 BUDGET = 1 << 20  # KV bytes per worker: the same for every dtype
+BLOCK = 4
 
 
 # the same KV bytes for every dtype; in-process worker, whose log the test reads
 SETTINGS: dict[str, object] = {
     "max_model_len": 256,
-    "block_size": 4,
+    "block_size": BLOCK,
     "kv_cache_memory_bytes": BUDGET,
     "transport": "inproc",
 }
@@ -93,3 +95,32 @@ async def test_16bit_caches_hold_twice_the_blocks_and_keep_greedy_tokens(tiny_ll
                 (i for i, (a, b) in enumerate(zip(mine, base, strict=True)) if a != b), len(base)
             )
         assert agree >= 0.75 * 24 * len(PROMPTS), (dtype, tokens[dtype], tokens["auto"])
+
+
+async def test_worker_processes_take_the_dtype_and_tp2_equals_tp1(tiny_llama_dir):
+    """Worker processes (shm transport) get the dtype through their WorkerConfig: TP=2, each
+    rank holding its heads' float16 cache, gives TP=1's float16 tokens and the same block count."""
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    results, blocks = [], []
+    for tp in (1, 2):
+        cfg = _cfg(
+            tiny_llama_dir,
+            kv_cache_dtype="float16",
+            transport="shm",
+            tensor_parallel_size=tp,
+            kv_cache_memory_bytes=BUDGET // tp,
+        )
+        async with await Engine.start(cfg) as engine:
+            blocks.append(engine.stats().num_kv_blocks_total)
+            results.append(await generate_all(engine, PROMPTS, params))
+    assert results[0] == results[1]
+    config = json.loads((tiny_llama_dir / "config.json").read_text())
+    per_block = (
+        config["num_hidden_layers"]
+        * 2
+        * BLOCK
+        * config["num_key_value_heads"]
+        * config["head_dim"]
+        * 2
+    )
+    assert blocks == [BUDGET // per_block] * 2  # 2 bytes an element, in both worker layouts
