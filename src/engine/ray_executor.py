@@ -151,6 +151,7 @@ class RayRank:
 _NODE_LABEL = "ray.io/node-id"  # the label Ray gives every node: its node id
 _PATIENCE_S = 2.0  # how long a preferred layout may be reported without room before the next
 _POLL_S = 0.1
+_RELEASE_S = 5.0  # how long a removed group's resources may take to show as free again
 _LIVE: weakref.WeakSet[RayRanks] = weakref.WeakSet()  # this process's placed replicas
 _LOCKS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
     weakref.WeakKeyDictionary()
@@ -199,6 +200,24 @@ class _Layout:
         return options
 
 
+async def _until_released(before: Mapping[str, float], bundles: list[dict[str, float]]) -> None:
+    """Wait (up to `_RELEASE_S`) until the cluster's free resources have grown by what the
+    removed group's `bundles` held: Ray hands them back a moment after the removal, and a
+    replica placed again at once (a restart) would otherwise miss its former node."""
+    import ray
+
+    held: dict[str, float] = {}
+    for bundle in bundles:
+        for key, amount in bundle.items():
+            held[key] = held.get(key, 0.0) + amount
+    deadline = time.monotonic() + _RELEASE_S
+    while held and time.monotonic() < deadline:
+        free = await asyncio.to_thread(ray.available_resources)
+        if all(free.get(key, 0.0) >= before.get(key, 0.0) + n - 1e-6 for key, n in held.items()):
+            return
+        await asyncio.sleep(_POLL_S)
+
+
 class RayRanks:
     """One replica's placement group and rank actors."""
 
@@ -212,6 +231,7 @@ class RayRanks:
         self.ranks: dict[int, RayRank] = {}
         self.held_nodes: frozenset[str] = frozenset()  # the nodes this replica's ranks run on
         self._pg: Any = None
+        self._placed = False  # whether Ray placed `_pg` (holds its resources)
         self.engine_node_id = ""
         self.engine_ip = ""
 
@@ -334,6 +354,7 @@ class RayRanks:
                     no_room_since = None
             await asyncio.sleep(min(_POLL_S, max(0.0, deadline - now)))
         if ready.done() and ready.exception() is None:
+            self._placed = True
             return True
         remove_placement_group(self._pg)
         self._pg = None
@@ -445,5 +466,9 @@ class RayRanks:
         self.held_nodes = frozenset()
         _LIVE.discard(self)
         if self._pg is not None:
+            placed = [dict(bundle) for bundle in self._pg.bundle_specs] if self._placed else []
+            before = ray.available_resources() if placed else {}
             remove_placement_group(self._pg)
             self._pg = None
+            self._placed = False
+            await _until_released(before, placed)

@@ -373,6 +373,9 @@ async def test_killed_rank_actor_mid_stream_recovers_with_the_same_tokens(
         assert [tokens] == expected
         assert engine.stats().num_restarts == 1
         assert "its Ray actor died" in victim.exit_reason()[1]
+        # placed again as before: the pair on the engine's node (its resources released first)
+        (again,) = _ray_ranks(engine)
+        assert [h.node_id for h in again.ranks.values()] == [ranks.engine_node_id] * 2
         assert await generate_all(engine, PROMPTS[:1], params) == expected
         pids = [victim.pid, *_worker_pids(engine)]
     await _assert_all_gone(pids)
