@@ -232,7 +232,7 @@ class Attention(nn.Module):
             return out.view(num_tokens, self.num_heads * self.head_dim)
         starts, seq_lens = attn.query_start_loc_cpu, attn.seq_lens_cpu
         batched: set[int] = set()
-        if has_cache and paged_decode.kernel_enabled(self.kv_cache.device, self.kv_cache.dtype):
+        if has_cache and self._kernel(q):
             rowwise = step_rowwise_metadata(attn)
             if rowwise is not None:
                 tables, lens, query_start_loc, chosen = rowwise
@@ -265,6 +265,12 @@ class Attention(nn.Module):
         if decode_seqs:
             self._attend_decode(q, out, attn, decode_seqs)
         return out.view(num_tokens, self.num_heads * self.head_dim)
+
+    def _kernel(self, q: torch.Tensor) -> bool:
+        """Whether the CPU decode kernel attends: it reads a float32/float16/bfloat16 cache for
+        float32 queries (a bfloat16 model on the CPU keeps gather + SDPA)."""
+        return q.dtype == torch.float32 and paged_decode.kernel_enabled(self.kv_cache.device,
+                                                                         self.kv_cache.dtype)
 
     def _store_kv(self, k: torch.Tensor, v: torch.Tensor, attn: AttentionMetadata) -> None:
         """Write the new K/V rows at their slots: on CPU the fused `cpu_ops.store_kv`;
@@ -449,7 +455,7 @@ class Attention(nn.Module):
     def _attend_decode(self, q: torch.Tensor, out: torch.Tensor, attn: AttentionMetadata,
                        seqs: list[int] | None) -> None:
         """One-token queries of `seqs` (None: every request, one token each) in one call."""
-        if paged_decode.kernel_enabled(self.kv_cache.device, self.kv_cache.dtype):
+        if self._kernel(q):
             seq_ids = None if seqs is None else torch.tensor(seqs, dtype=torch.int64)
             paged_decode.paged_decode_attention(out, q, self.kv_cache, attn.block_tables,
                                                 attn.seq_lens, attn.query_start_loc, seq_ids,

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from shardline.model import paged_decode
-from shardline.model.attention import Attention
+from shardline.model.attention import Attention, AttentionMetadata
 from shardline.model.config import ModelConfig
 from shardline.model.packed_linear import load_packed_model
 from shardline.model.parallel_context import ParallelContext
@@ -88,3 +88,31 @@ def test_default_model_float16_cache_against_float32(smollm2_dir):
     assert accuracy.argmax_agreement >= 0.98, accuracy
     # Greedy runs may part after a near-tie; most tokens must still agree.
     assert sum(accuracy.free_run_prefix) >= 0.75 * len(prompts) * accuracy.steps, accuracy
+
+
+@pytest.mark.parametrize("model_dtype", [torch.bfloat16, torch.float16])
+def test_a_16bit_model_on_cpu_keeps_gather_and_sdpa(monkeypatch, model_dtype):
+    """A CPU model computing in bfloat16/float16 (dtype="bfloat16") has a cache of that dtype
+    too; the kernel takes float32 queries only, so such a layer decodes through gather + SDPA,
+    with the kernel mode on or off alike."""
+    outputs = []
+    for mode in ("kernel", "sdpa"):
+        monkeypatch.setenv(paged_decode.MODE_ENV, mode)
+        gen = torch.Generator().manual_seed(2)
+        layer = Attention(4, 64, 0.125, 2)
+        layer.kv_cache = torch.zeros(8, 2, 16, 2, 64, dtype=model_dtype)
+        step = []
+        for query_len, context_len in ((20, 0), (1, 20), (3, 21)):
+            attn = AttentionMetadata.build(
+                query_lens=[query_len],
+                context_lens=[context_len],
+                block_tables=[[5, 2]],
+                block_size=16,
+            )
+            q, k, v = (
+                torch.randn(query_len, n * 64, generator=gen).to(model_dtype) for n in (4, 2, 2)
+            )
+            step.append(layer(q, k, v, attn))
+        outputs.append(step)
+    for a, b in zip(*outputs, strict=True):
+        assert torch.equal(a, b)
