@@ -124,3 +124,17 @@ async def test_worker_processes_take_the_dtype_and_tp2_equals_tp1(tiny_llama_dir
         * 2
     )
     assert blocks == [BUDGET // per_block] * 2  # 2 bytes an element, in both worker layouts
+
+
+async def test_a_bfloat16_model_on_cpu_serves_with_its_own_or_a_float16_cache(tiny_llama_dir):
+    """dtype="bfloat16" on the CPU: the "auto" cache is bfloat16 too (gather + SDPA, the kernel
+    takes float32 queries only), and a float16 cache is converted to bfloat16 as gathered."""
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    results = []
+    for kv in ("auto", "float16"):
+        async with await Engine.start(
+            _cfg(tiny_llama_dir, dtype="bfloat16", kv_cache_dtype=kv)
+        ) as engine:
+            results.append(await generate_all(engine, PROMPTS, params))
+    assert all(len(tokens) == 8 for run in results for tokens in run)
+    assert sum(a[0] == b[0] for a, b in zip(*results, strict=True)) >= len(PROMPTS) // 2
