@@ -54,8 +54,8 @@ def test_float8_cache_stores_rounded_clamped_values_and_attends_over_them(device
     # the decode rows equal attention over the stored values widened to float32
     for i, (row, length) in enumerate(zip([0, 1], [26, 21], strict=True)):
         blocks = torch.tensor(tables[i], device=device)
-        key = layer.kv_cache[blocks, 0].flatten(0, 1)[:length].float()  # [L, kv_heads, D]
-        value = layer.kv_cache[blocks, 1].flatten(0, 1)[:length].float()
+        key = layer.kv_cache.float()[blocks, 0].flatten(0, 1)[:length]  # [L, kv_heads, D]
+        value = layer.kv_cache.float()[blocks, 1].flatten(0, 1)[:length]
         query = q[row].view(heads, 1, dim)
         want = torch.nn.functional.scaled_dot_product_attention(
             query,
