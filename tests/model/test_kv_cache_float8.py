@@ -51,7 +51,9 @@ def test_float8_cache_stores_rounded_clamped_values_and_attends_over_them(device
         limit,
         to_cache_dtype(torch.tensor([0.3]), kv_dtype).float().item(),
     ]
-    # the decode rows equal attention over the stored values widened to float32
+    # the decode rows equal attention over the stored values widened to float32 (CUDA's
+    # float32 SDPA kernels differ a little more between the masked batch and this call)
+    tol = 1e-5 if device == "cpu" else 2e-4
     for i, (row, length) in enumerate(zip([0, 1], [26, 21], strict=True)):
         blocks = torch.tensor(tables[i], device=device)
         key = layer.kv_cache.float()[blocks, 0].flatten(0, 1)[:length]  # [L, kv_heads, D]
@@ -63,7 +65,7 @@ def test_float8_cache_stores_rounded_clamped_values_and_attends_over_them(device
             value.transpose(0, 1).repeat_interleave(4, 0),
             scale=dim**-0.5,
         )
-        torch.testing.assert_close(out[row].view(heads, dim), want.squeeze(1), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out[row].view(heads, dim), want.squeeze(1), rtol=tol, atol=tol)
 
 
 @pytest.mark.gpu
