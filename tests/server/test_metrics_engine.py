@@ -118,7 +118,7 @@ async def test_counters_and_histograms_follow_real_requests(engine: Engine) -> N
     assert _get(after, "shardline:num_requests_running", **ENGINE0) == 0
     assert _get(after, "shardline:kv_cache_blocks_total", **ENGINE0) == 128
     assert 0 <= _get(after, "shardline:kv_cache_usage_perc", **ENGINE0) <= 1
-    assert _get(after, "shardline:cache_config_info", **ENGINE0, block_size="4", enable_prefix_caching="True",
+    assert _get(after, "shardline:cache_config_info", **ENGINE0, block_size="4", cache_dtype="auto", enable_prefix_caching="True",
                 gpu_memory_utilization="0.9", num_gpu_blocks="128") == 1  # fmt: skip
 
     # Each finished request is observed once; each token after a request's first is one gap.

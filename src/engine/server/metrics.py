@@ -152,6 +152,7 @@ class EngineCollector(Collector):
         config = getattr(engine, "config", None)
         settings = {
             "block_size": getattr(config, "block_size", None),
+            "cache_dtype": getattr(config, "kv_cache_dtype", None),
             "enable_prefix_caching": getattr(config, "enable_prefix_caching", None),
             "gpu_memory_utilization": getattr(config, "gpu_memory_utilization", None),
         }
