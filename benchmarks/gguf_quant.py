@@ -20,7 +20,8 @@ tokens: `-c 36864 -np 16 --kv-unified` for llama.cpp, 2,304 blocks of 16 and max
 * 2k prefill: a 2,048-token prompt, one token, prompt tokens / wall time of the request;
 * RSS of the server (shardline: engine + worker processes) after these, the context the same.
 
-`--measures streams,prefill` runs only those (RSS always).
+`--measures streams,prefill` runs only those (RSS always). `--kv-cache-dtype float16` gives
+shardline a float16 KV cache, as llama.cpp's default f16 one (default: auto, float32 on CPU).
 
 llama.cpp's server is looked for at `$LLAMA_CPP_HOME/bin/llama-server` (default
 ~/.cache/shardline/llama.cpp; benchmarks/build_llama_cpp.sh builds it); without it that half is
@@ -127,6 +128,7 @@ SHARDLINE_CHILD = textwrap.dedent("""
     from shardline import Engine, EngineConfig, SamplingParams
 
     path, slots, slot_tokens, gen = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+    kv_dtype = sys.argv[5]
     work = json.loads(sys.stdin.read())
 
     async def run(engine, ids, max_tokens):
@@ -141,7 +143,7 @@ SHARDLINE_CHILD = textwrap.dedent("""
     async def main():
         config = EngineConfig(model=path, num_threads=2, max_model_len=slot_tokens,
                               num_kv_blocks=slots * slot_tokens // 16, max_num_seqs=slots,
-                              enable_prefix_caching=False)
+                              enable_prefix_caching=False, kv_cache_dtype=kv_dtype)
         async with await Engine.start(config) as engine:
             await run(engine, work["single"][:8], 4)  # warm-up
             result = {}
@@ -164,9 +166,10 @@ SHARDLINE_CHILD = textwrap.dedent("""
 """)
 
 
-def measure_shardline(path: pathlib.Path, work: dict[str, Any]) -> dict[str, Any]:
+def measure_shardline(path: pathlib.Path, work: dict[str, Any], kv_dtype: str = "auto") -> dict[str, Any]:
     proc = subprocess.run(
-        [sys.executable, "-c", SHARDLINE_CHILD, str(path), str(SLOTS), str(SLOT_TOKENS), str(GEN)],
+        [sys.executable, "-c", SHARDLINE_CHILD, str(path), str(SLOTS), str(SLOT_TOKENS), str(GEN),
+         kv_dtype],
         input=json.dumps(work),
         capture_output=True,
         text=True,
@@ -280,6 +283,11 @@ def main(argv: list[str] | None = None) -> int:
         default="single,streams,prefill",
         help="which of single, streams, prefill to run (comma-separated; RSS always)",
     )
+    parser.add_argument(
+        "--kv-cache-dtype",
+        default="auto",
+        help="shardline's KV cache dtype (auto = float32 on CPU; float16 is llama.cpp's default f16 cache)",
+    )
     args = parser.parse_args(argv)
     measures = args.measures.split(",")
     unknown = sorted(set(measures) - {"single", "streams", "prefill"})
@@ -297,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
         runs: dict[str, list[dict[str, Any]]] = {"shardline": [], "llama_cpp": []}
         for r in range(args.rounds):
             work = {**prompts(args.vocab, seed=r), "measures": measures}
-            runs["shardline"].append(measure_shardline(path, work))
+            runs["shardline"].append(measure_shardline(path, work, args.kv_cache_dtype))
             print("shardline", runs["shardline"][-1], flush=True)
             if binary is not None:
                 runs["llama_cpp"].append(measure_llama_cpp(binary, path, work))
