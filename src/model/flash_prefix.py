@@ -23,10 +23,13 @@ and the caller keeps its masked path.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
-# The masked SDPA is no slower below this much context (512-token chunks, 2 threads).
-MIN_CONTEXT = 4096
+# The masked SDPA is no slower below this much context (512-token chunks, 2 threads);
+# SHARDLINE_FLASH_PREFIX_MIN_CONTEXT moves the threshold (a huge value turns the split off).
+MIN_CONTEXT = int(os.environ.get("SHARDLINE_FLASH_PREFIX_MIN_CONTEXT", "4096"))
 _FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
