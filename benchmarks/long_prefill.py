@@ -112,7 +112,7 @@ def main() -> None:
     args = parser.parse_args()
     lengths = sorted(int(x) for x in args.lengths.split(","))
     with tempfile.TemporaryDirectory(prefix="shardline-long-prefill-") as tmp:
-        model = long_context_copy(pathlib.Path(tmp), max(max(lengths), 8192))
+        model = long_context_copy(pathlib.Path(tmp), max(max(lengths) + 1024, 8192))
         rates = asyncio.run(measure(model, lengths, args.rounds, args.chunk))
     base = lengths[0]
     base_rate = statistics.median(rates[base])
