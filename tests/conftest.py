@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import pathlib
 import time
 from collections.abc import Iterator
@@ -24,6 +26,23 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(autouse=True)
+def _keep_logging() -> Iterator[None]:
+    """`cli.main` run in-process configures the root logger and sets SHARDLINE_LOG_LEVEL (the
+    level the processes it starts inherit, e.g. WARNING for `generate`): put both back after
+    every test, or every server a later test starts would lose its INFO start-up lines."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    env = os.environ.get("SHARDLINE_LOG_LEVEL")
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    if env is None:
+        os.environ.pop("SHARDLINE_LOG_LEVEL", None)
+    else:
+        os.environ["SHARDLINE_LOG_LEVEL"] = env
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -9,13 +9,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import logging
-import os
 import pathlib
 import shutil
 import subprocess
 import types
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -37,22 +34,6 @@ from shardline.engine.tokenizer import load_tokenizer
 
 TEMPLATE = "{% for m in messages %}<<{{ m['role'] }}|{{ m['content'] }}>>{% endfor %}"
 CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
-
-
-@pytest.fixture(autouse=True)
-def _keep_logging() -> Iterator[None]:
-    """`cli.main` configures the root logger (onto the captured stderr) and the workers' level
-    variable; put both back."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    env = os.environ.get("SHARDLINE_LOG_LEVEL")
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
-    if env is None:
-        os.environ.pop("SHARDLINE_LOG_LEVEL", None)
-    else:
-        os.environ["SHARDLINE_LOG_LEVEL"] = env
 
 
 def _parse(*argv: str) -> argparse.Namespace:
