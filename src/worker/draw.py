@@ -1,9 +1,27 @@
 """One draw per row from temperature-scaled logits, with min-p, top-k and top-p truncation.
 
 Each row is sampled by inverting its CDF at the row's own uniform number ``u``: the token is the
-first whose cumulative weight exceeds ``u * total``. Weights are ``exp(logit - row_max)`` in
-float64 and cumulated sequentially, so a row's result depends only on its own logits and
+first whose cumulative weight exceeds ``u * total``, with the tokens in probability order. Weights
+are ``exp(logit - row_max)`` in float64, so a row's result depends only on its own logits and
 ``u``, never on which other rows share the batch.
+
+Why probability order: logits computed along another path (a prompt's tail recomputed after a
+prefix-cache hit, another batch shape) differ in float rounding, ~1e-5. Inverting a CDF built in
+vocabulary order turns that into a different token whenever ``u * total`` lands near any of the
+~V boundaries, each moved by the rounding of all the tokens before it (tests/worker/test_draw.py:
+logits off by a relative 1e-6 changed 26 of 4,000 such draws; in CI a seeded request's 18th
+token changed between a partial and a full prefix-cache hit). In probability order a boundary
+moves only by the rounding of the mass beyond it, so the chance that rounding changes a draw is
+about the rounding times the drawn token's rank (0 of the same 4,000).
+
+Plain rows (no top-k / top-p) do not sort the vocabulary: the ``HEAD`` most probable tokens come
+first, in order (``topk``). A draw that lands beyond them (``u * total`` past their mass: the
+tail's probability) takes the tail's block of ``TAIL_BLOCK`` tokens where ``u * total`` falls
+(a few dozen boundaries, not V), then the winner of an exponential race within it,
+``argmax logit - log E`` over the block's tail tokens with ``E`` exponential numbers from a
+counter-based generator seeded by ``u`` (numpy's PCG64, the same on every device): each wins with
+probability its share of the block's mass, and rounding changes the winner only when two keys are
+within it. The draw is exactly the distribution either way.
 
 Truncation order (as vLLM V1): min-p (a ratio to the top probability), then top-k, then top-p
 over the top-k renormalised distribution. Top-k/top-p need tokens in probability order; rather
@@ -17,9 +35,13 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 CANDIDATES = 1024  # top-p-only rows: look at this many tokens before sorting the vocabulary
+HEAD = 64  # plain rows: this many most probable tokens in probability order, then the tail
+TAIL_BLOCK = 1024  # a tail draw: its block of this many tokens, then the race within the block
+_TAIL_SEED = 0x5EED_7A11  # mixed into the tail race's seed (a function of the row's u)
 
 
 def draw_tokens(
@@ -39,7 +61,7 @@ def draw_tokens(
     truncated = [0 < k < vocab_size or p < 1.0 for k, p in zip(top_k, top_p, strict=True)]
     plain = [row for row, cut in enumerate(truncated) if not cut]
     if plain:
-        tokens[plain] = _inverse_cdf(_weights(logits[plain]), u[plain])
+        tokens[plain] = _draw_plain(logits[plain], u[plain])
     cut_rows = [row for row, cut in enumerate(truncated) if cut]
     if cut_rows:
         tokens[cut_rows] = _draw_truncated(
@@ -75,6 +97,47 @@ def _inverse_cdf(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     target = (u * cdf[:, -1]).unsqueeze(1)
     index = torch.searchsorted(cdf, target, right=True).squeeze(1)
     return index.clamp_(max=weights.shape[1] - 1)
+
+
+def _draw_plain(logits: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Inverse CDF over the ``HEAD`` most probable tokens in order; past their mass, the tail's
+    block and race (module docstring)."""
+    head = min(HEAD, logits.shape[1])
+    values, index = logits.topk(head, dim=-1)
+    weights = _weights(logits, values[:, :1])
+    head_cdf = weights.gather(1, index).cumsum(dim=-1)
+    head_mass = head_cdf[:, -1]
+    tail_mass = (weights.sum(dim=-1) - head_mass).clamp_(min=0.0)
+    target = u * (head_mass + tail_mass)
+    positions = torch.searchsorted(head_cdf, target.unsqueeze(1), right=True).squeeze(1)
+    tokens = index.gather(1, positions.clamp(max=head - 1).unsqueeze(1)).squeeze(1)
+    for row in (target >= head_mass).nonzero().flatten().tolist():
+        tail = weights[row].index_fill(0, index[row], 0.0)
+        tokens[row] = _tail_token(
+            logits[row], tail, float(target[row] - head_mass[row]), float(u[row]), int(tokens[row])
+        )
+    return tokens
+
+
+def _tail_token(row: torch.Tensor, tail: torch.Tensor, target: float, u: float, fallback: int) -> int:
+    """One row's tail draw: the block of ``TAIL_BLOCK`` tokens (vocabulary order) where
+    ``target`` falls in the tail's cumulative block masses, then an exponential race within it
+    (``argmax logit - log E``, E from PCG64 seeded by ``u``) among the block's tail tokens;
+    ``fallback`` where rounding of the masses sent a draw past a head that holds all the mass."""
+    vocab_size = tail.shape[0]
+    num_blocks = -(-vocab_size // TAIL_BLOCK)
+    padded = torch.nn.functional.pad(tail, (0, num_blocks * TAIL_BLOCK - vocab_size))
+    block_cdf = padded.view(num_blocks, TAIL_BLOCK).sum(dim=-1).cumsum(dim=0)
+    block = min(int(torch.searchsorted(block_cdf, torch.tensor([target], dtype=block_cdf.dtype,
+                                                                device=block_cdf.device),
+                                        right=True)), num_blocks - 1)
+    start, stop = block * TAIL_BLOCK, min((block + 1) * TAIL_BLOCK, vocab_size)
+    seed = (int(u * (1 << 53)) ^ _TAIL_SEED) & ((1 << 63) - 1)
+    exponentials = np.random.Generator(np.random.PCG64(seed)).standard_exponential(stop - start)
+    keys = row[start:stop].double() - torch.from_numpy(np.log(exponentials)).to(row.device)
+    keys = keys.masked_fill(tail[start:stop] <= 0.0, -math.inf)
+    winner = int(keys.argmax())
+    return start + winner if math.isfinite(float(keys[winner])) else fallback
 
 
 def _draw_truncated(

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from shardline.transport.messages import SampleLogprobs
+from shardline.worker.draw import draw_tokens
 from shardline.worker.sampler import (
     RequestSamplingState,
     TokenMasks,
@@ -151,7 +152,6 @@ def _verify_random(
 
 
 def _inverse_cdf(weights: torch.Tensor, u: float) -> int:
-    cdf = weights.cumsum(dim=0)
-    target = torch.tensor([u * float(cdf[-1])], dtype=cdf.dtype, device=cdf.device)
-    index = int(torch.searchsorted(cdf, target, right=True)[0])
-    return min(index, weights.shape[0] - 1)
+    """A draw from `weights` at `u`, in probability order as the sampler's (worker/draw.py)."""
+    log_weights = torch.log(weights).unsqueeze(0)
+    return int(draw_tokens(log_weights, top_k=[-1], top_p=[1.0], min_p=[0.0], uniforms=[u])[0])
