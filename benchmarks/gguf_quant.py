@@ -20,7 +20,9 @@ tokens: `-c 36864 -np 16 --kv-unified` for llama.cpp, 2,304 blocks of 16 and max
 * 2k prefill: a 2,048-token prompt, one token, prompt tokens / wall time of the request;
 * RSS of the server (shardline: engine + worker processes) after these, the context the same.
 
-`--measures streams,prefill` runs only those (RSS always). `--kv-cache-dtype float16` gives
+`--measures streams,prefill` runs only those (RSS always). `--kquants both` runs shardline twice
+a round, K-quants by `gguf_gemm` (SHARDLINE_CPU_GGUF_KQUANTS=gguf_gemm) and in the packed GEMM's
+integer panels (the default), to compare the two in one run. `--kv-cache-dtype float16` gives
 shardline a float16 KV cache, as llama.cpp's default f16 one (default: auto, float32 on CPU).
 
 llama.cpp's server is looked for at `$LLAMA_CPP_HOME/bin/llama-server` (default
@@ -166,13 +168,17 @@ SHARDLINE_CHILD = textwrap.dedent("""
 """)
 
 
-def measure_shardline(path: pathlib.Path, work: dict[str, Any], kv_dtype: str = "auto") -> dict[str, Any]:
+def measure_shardline(path: pathlib.Path, work: dict[str, Any], kv_dtype: str = "auto",
+                      kquants: str = "auto") -> dict[str, Any]:
+    """One shardline run; `kquants`: SHARDLINE_CPU_GGUF_KQUANTS for it (auto: K-quants in the
+    packed GEMM's integer panels; gguf_gemm: in the file's blocks, run by gguf_gemm)."""
     proc = subprocess.run(
         [sys.executable, "-c", SHARDLINE_CHILD, str(path), str(SLOTS), str(SLOT_TOKENS), str(GEN),
          kv_dtype],
         input=json.dumps(work),
         capture_output=True,
         text=True,
+        env={**os.environ, "SHARDLINE_CPU_GGUF_KQUANTS": kquants},
         timeout=1800,
         check=False,
     )
@@ -288,6 +294,13 @@ def main(argv: list[str] | None = None) -> int:
         default="auto",
         help="shardline's KV cache dtype (auto = float32 on CPU; float16 is llama.cpp's default f16 cache)",
     )
+    parser.add_argument(
+        "--kquants",
+        choices=("auto", "gguf_gemm", "both"),
+        default="auto",
+        help="shardline's SHARDLINE_CPU_GGUF_KQUANTS; both: a gguf_gemm run before the auto one "
+        "in every round (reported as shardline_gguf_gemm)",
+    )
     args = parser.parse_args(argv)
     measures = args.measures.split(",")
     unknown = sorted(set(measures) - {"single", "streams", "prefill"})
@@ -302,23 +315,26 @@ def main(argv: list[str] | None = None) -> int:
         path = write_model(pathlib.Path(tmp) / "llama-3.2-1b-q4_k_m-synthetic.gguf", args.vocab)
         print(f"file {path.stat().st_size / 2**20:.0f} MiB, vocab {args.vocab}")
         os.environ.setdefault("SHARDLINE_LOG_LEVEL", "WARNING")
-        runs: dict[str, list[dict[str, Any]]] = {"shardline": [], "llama_cpp": []}
+        runs: dict[str, list[dict[str, Any]]] = {"shardline_gguf_gemm": [], "shardline": [], "llama_cpp": []}
+        kquants = ["gguf_gemm", "auto"] if args.kquants == "both" else [args.kquants]
         for r in range(args.rounds):
             work = {**prompts(args.vocab, seed=r), "measures": measures}
-            runs["shardline"].append(measure_shardline(path, work, args.kv_cache_dtype))
-            print("shardline", runs["shardline"][-1], flush=True)
+            for kq in kquants:
+                name = "shardline_gguf_gemm" if args.kquants == "both" and kq == "gguf_gemm" else "shardline"
+                runs[name].append(measure_shardline(path, work, args.kv_cache_dtype, kq))
+                print(name, runs[name][-1], flush=True)
             if binary is not None:
                 runs["llama_cpp"].append(measure_llama_cpp(binary, path, work))
                 print("llama.cpp", runs["llama_cpp"][-1], flush=True)
     keys = [k for k in KEYS if k == "rss_bytes" or k.split("_")[0] in measures]
-    print(f"{'':10}" + "".join(f"{k:>16}" for k in keys))
+    print(f"{'':20}" + "".join(f"{k:>16}" for k in keys))
     medians = {
         name: {k: statistics.median(r[k] for r in rows) for k in keys}
         for name, rows in runs.items()
         if rows
     }
     for name, row in medians.items():
-        print(f"{name:10}" + "".join(f"{_fmt(k, row[k]):>16}" for k in keys))
+        print(f"{name:20}" + "".join(f"{_fmt(k, row[k]):>16}" for k in keys))
     if args.json is not None:
         args.json.write_text(
             json.dumps({"runs": runs, "medians": medians, "vocab": args.vocab}, indent=1)

@@ -37,7 +37,7 @@ logger = logging.getLogger(__name__)
 
 ENV = "SHARDLINE_PACKED_CACHE"
 MODES = ("auto", "off")
-LAYOUT_VERSION = 1  # bump when pack_blocks / pack_weight change what they write
+LAYOUT_VERSION = 2  # bump when pack_blocks / pack_weight change what they write (2: K-quant panels)
 INDEX = "index.json"
 WEIGHTS = "weights.bin"
 

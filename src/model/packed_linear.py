@@ -24,6 +24,17 @@ are packed from the file's blocks directly (`pack_gguf_weights`: d, m and q read
 again), with no float32 copy made; `integer_blocks` serves float32 checkpoints whose weights are
 such blocks dequantized (a GGUF converted by transformers).
 
+GGUF's K-quants are such blocks too, with scales that are exact in float32 but not float16
+values: Q4_K and Q5_K give w = (d * sc) * q - dmin * m per 32 inputs (d * sc and (d * sc) * q
+exact, so d' * q + m' with d' = d * sc and m' = -(dmin * m) rounds once, as gguf-py does), Q6_K
+(d * sc) * q per 16 (exact). They are packed from the file's super-blocks
+(`gguf_scaled_blocks`, `pack_scaled_blocks`) into blocks with float32 scales: Q4_K as d, m and
+nibbles (768 bytes per 1,024 weights; the file's 576), Q5_K with int8 q (1,280; 704), Q6_K as two
+d per column, one per 16 inputs, and int8 q (1,280; 840), and a fused weight mixing Q6_K with
+Q4_K (a Q4_K_M file's qkv where v has more bits) as two d, an m and int8 q (1,408). The results
+are again the float32 panels' bit for bit. `SHARDLINE_CPU_GGUF_KQUANTS=gguf_gemm` leaves them in
+the file's blocks, run by `gguf_gemm` (as are Q2_K, Q3_K, Q5_0, Q5_1, F16 and BF16 always).
+
 The worker packs after loading (`pack_linear_weights`), before it sizes the KV cache, so the
 copy counts against memory. The original weights stay: the tied LM head shares its weight with
 the embedding, and `load_weights`, prefill and the non-CPU paths use them. The copy is made only
@@ -37,6 +48,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import numpy as np
 import psutil
 import torch
 import torch.nn.functional as F
@@ -51,6 +63,10 @@ logger = logging.getLogger(__name__)
 
 ENV = "SHARDLINE_CPU_PACKED_LINEAR"
 MODES = ("auto", "float32", "off")
+# `gguf_gemm`: GGUF K-quant weights stay in the file's blocks, run by gguf_gemm, instead of
+# integer panels with float32 scales (for comparing the two).
+KQUANT_ENV = "SHARDLINE_CPU_GGUF_KQUANTS"
+KQUANT_MODES = ("auto", "gguf_gemm")
 PANEL = 32  # output columns per panel (csrc/cpu_gemm.cpp kNR)
 BLOCK_K = 32  # inputs per integer block (kBlockK)
 SCALE_BYTES = 2 * PANEL * 2  # d[32] and m[32] as float16
@@ -202,6 +218,18 @@ def pack_blocks(blocks: IntegerBlocks, out: torch.Tensor | None = None) -> torch
     flat uint8 tensor of `blocks_nbytes` bytes) when given. Padding columns are 0."""
     d, m, q = blocks
     dtype, nbytes = block_layout(blocks)
+    packed = _panels([d.half(), m.half()], q, nbytes == NIBBLE_BLOCK_BYTES).view(dtype)
+    if out is None:
+        return packed
+    view = out.view(dtype).view(packed.shape)
+    view.copy_(packed)
+    return view
+
+
+def _panels(scales: list[torch.Tensor], q: torch.Tensor, nibbles: bool) -> torch.Tensor:
+    """Integer panels `[ceil(N / 32), K / 32, bytes]` (uint8) of q `[N, K]` and per-block scales
+    `[N, K / 32]` (each stored as its dtype, one after the other, 32 columns each), q after
+    them as int8 or as nibbles (`pack_blocks`). Padding columns are 0."""
     n, k = q.shape
     panels, kb = -(-n // PANEL), k // BLOCK_K
 
@@ -210,20 +238,14 @@ def pack_blocks(blocks: IntegerBlocks, out: torch.Tensor | None = None) -> torch
         full[:n] = t
         return full
 
-    def scales(t: torch.Tensor) -> torch.Tensor:  # [panels, kb, 32 columns] float16, as bytes
-        return padded(t.half()).view(panels, PANEL, kb).transpose(1, 2).contiguous().view(torch.uint8)
+    def columns(t: torch.Tensor) -> torch.Tensor:  # [panels, kb, 32 columns], as bytes
+        return padded(t).view(panels, PANEL, kb).transpose(1, 2).contiguous().view(torch.uint8)
 
     levels = padded(q).view(panels, PANEL, kb, BLOCK_K).permute(0, 2, 3, 1)  # [panels, kb, k, n]
-    if nbytes == NIBBLE_BLOCK_BYTES:
+    if nibbles:
         pairs = levels.reshape(panels, kb, BLOCK_K // 2, 2, PANEL).to(torch.int16) & 15
         levels = (pairs[:, :, :, 0] | (pairs[:, :, :, 1] << 4)).to(torch.uint8)
-    packed = torch.cat([scales(d), scales(m), levels.reshape(panels, kb, -1).view(torch.uint8)], dim=2)
-    packed = packed.view(dtype)
-    if out is None:
-        return packed
-    view = out.view(dtype).view(panels, kb, nbytes)
-    view.copy_(packed)
-    return view
+    return torch.cat([*(columns(t) for t in scales), levels.reshape(panels, kb, -1).view(torch.uint8)], dim=2)
 
 
 GGUF_BLOCK_TYPES = ("Q4_0", "Q4_1", "Q8_0")  # d * q + m per 32 values: integer blocks as they are
@@ -269,6 +291,142 @@ def _weight_integer_blocks(weight: GGUFLinearWeight) -> IntegerBlocks | None:
     return d, m, q
 
 
+# K-quants: per 32 inputs of an output, w = d * q + m with d = d_super * sc, exact in float32 but
+# not a float16 value, so these blocks keep float32 scales (`ScaledBlocks`, `pack_scaled_blocks`).
+GGUF_K_TYPES = ("Q4_K", "Q5_K", "Q6_K")
+F32_SCALE_BYTES = 2 * PANEL * 4  # d[32] and m[32] (or d[32] and d2[32]) as float32
+NIBBLE_F32_BLOCK_BYTES = F32_SCALE_BYTES + BLOCK_K * PANEL // 2  # 768 (kNibbleF32BlockBytes)
+INT8_F32_BLOCK_BYTES = F32_SCALE_BYTES + BLOCK_K * PANEL  # 1,280 (kInt8F32BlockBytes)
+INT8_HALVES_M_BLOCK_BYTES = INT8_F32_BLOCK_BYTES + PANEL * 4  # 1,408 (kInt8HalvesMBlockBytes)
+_K_ROWS = 2048  # K-quant rows decoded at a time
+
+# (d, d2, m, q): d, d2, m float32 [N, K / 32], q int8 [N, K]; w[n, k] = d' * q[n, k] + m' with
+# d' = d for k % 32 < 16 and d2 (when not None) for the rest, m' = m (-0.0 when None).
+ScaledBlocks = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor]
+
+
+def _k_scale_min(scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_K / Q5_K's eight 6-bit scales and mins from their 12 bytes `[..., 12]` (ggml's
+    get_scale_min_k4): `[..., 8]` each, as float32."""
+    d, m, m_d = scales[..., 0:4], scales[..., 4:8], scales[..., 8:12]
+    sc = np.concatenate([d & 0x3F, (m_d & 0x0F) | ((d >> 2) & 0x30)], axis=-1)
+    mn = np.concatenate([m & 0x3F, (m_d >> 4) | ((m >> 2) & 0x30)], axis=-1)
+    return sc.astype(np.float32), mn.astype(np.float32)
+
+
+def _decode_k_rows(raw: np.ndarray, type_name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rows of Q4_K / Q5_K / Q6_K super-blocks `[rows, supers, bytes]` as `(d, second, q)` per 32
+    inputs: `[rows, K / 32]` float32 twice and int8 q `[rows, K]`, computed as gguf-py's
+    `dequantize` does (d_super * sc and dmin * m in float32, both exact). Q4_K / Q5_K: w = d * q
+    - second (dmin * m); Q6_K: w = d * q for a block's first 16 inputs, second * q for the rest."""
+    rows, supers, _ = raw.shape
+    f16 = np.dtype(np.float16)
+    if type_name == "Q6_K":
+        ql, qh = raw[..., :128], raw[..., 128:192]
+        sc = raw[..., 192:208].view(np.int8).astype(np.float32)  # [rows, supers, 16]
+        d = raw[..., 208:210].copy().view(f16).astype(np.float32)  # [rows, supers, 1]
+        dl = (d * sc).reshape(rows, supers, 8, 2)
+        low = (ql.reshape(rows, supers, 2, 1, 64) >> np.array([0, 4], np.uint8).reshape(1, 1, 1, 2, 1)) & 15
+        high = (qh.reshape(rows, supers, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8).reshape(1, 1, 1, 4, 1)) & 3
+        q = (low.reshape(rows, supers, 8, 32) | (high.reshape(rows, supers, 8, 32) << 4)).astype(np.int8) - 32
+        return dl[..., 0].reshape(rows, -1), dl[..., 1].reshape(rows, -1), q.reshape(rows, -1)
+    d = raw[..., 0:2].copy().view(f16).astype(np.float32)
+    dmin = raw[..., 2:4].copy().view(f16).astype(np.float32)
+    sc, mn = _k_scale_min(raw[..., 4:16])
+    qs = raw[..., 16:144] if type_name == "Q4_K" else raw[..., 48:176]
+    q = (qs.reshape(rows, supers, 4, 1, 32) >> np.array([0, 4], np.uint8).reshape(1, 1, 1, 2, 1)) & 15
+    q = q.reshape(rows, supers, 8, 32)
+    if type_name == "Q5_K":
+        qh = raw[..., 16:48].reshape(rows, supers, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(1, 1, 8, 1)
+        q = q | ((qh & 1) << 4)
+    return (d * sc).reshape(rows, -1), (dmin * mn).reshape(rows, -1), q.astype(np.int8).reshape(rows, -1)
+
+
+def gguf_scaled_blocks(part: GGUFTensor) -> ScaledBlocks | None:
+    """`ScaledBlocks` of a GGUF tensor of GGUF_K_TYPES or GGUF_BLOCK_TYPES (None for another
+    type, or K not whole blocks): w = d' * q + m' is gguf-py's dequantized value bit for bit
+    (Q4_K / Q5_K: (d * sc) * q - dmin * m, with (d * sc) * q exact in float32, so one rounding
+    either way; Q6_K: (d * sc) * q, exact)."""
+    if part.type in GGUF_BLOCK_TYPES:
+        blocks = gguf_integer_blocks(part)
+        if blocks is None:
+            return None
+        d, m, q = blocks
+        return d, None, None if part.type != "Q4_1" else m, q
+    if part.type not in GGUF_K_TYPES or part.shape[1] % 256:
+        return None
+    n, k = part.shape
+    nbytes = {"Q4_K": 144, "Q5_K": 176, "Q6_K": 210}[part.type]
+    d = torch.empty(n, k // BLOCK_K)
+    second = torch.empty(n, k // BLOCK_K)
+    q = torch.empty(n, k, dtype=torch.int8)
+    for r0 in range(0, n, _K_ROWS):
+        r1 = min(n, r0 + _K_ROWS)
+        raw = part.data[r0:r1].numpy().reshape(r1 - r0, k // 256, nbytes)
+        dr, sr, qr = _decode_k_rows(raw, part.type)
+        d[r0:r1], second[r0:r1], q[r0:r1] = torch.from_numpy(dr), torch.from_numpy(sr), torch.from_numpy(qr)
+    if part.type == "Q6_K":
+        return d, second, None, q
+    return d, None, second.neg_(), q  # w = d * q + (-(dmin * m)): the same one rounding
+
+
+def scaled_layout(blocks: ScaledBlocks) -> tuple[torch.dtype, int]:
+    """(dtype, bytes per block) of `ScaledBlocks`' packed form: one d and an m with every q in
+    0..15 as unsigned nibbles (uint8, 768; Q4_K), else int8 q (uint8, 1,280; Q5_K); two d and
+    no m (int8, 1,280; Q6_K); two d and an m (uint8, 1,408; a fused weight mixing Q6_K with
+    types that have an m)."""
+    _, d2, m, q = blocks
+    if d2 is None:
+        low, high = (int(v) for v in torch.aminmax(q)) if q.numel() else (0, 0)
+        if 0 <= low and high <= 15:
+            return torch.uint8, NIBBLE_F32_BLOCK_BYTES
+        return torch.uint8, INT8_F32_BLOCK_BYTES
+    return (torch.int8, INT8_F32_BLOCK_BYTES) if m is None else (torch.uint8, INT8_HALVES_M_BLOCK_BYTES)
+
+
+def pack_scaled_blocks(blocks: ScaledBlocks) -> torch.Tensor:
+    """`ScaledBlocks` of an `[N, K]` weight as the kernel's integer panels `[ceil(N / 32), K / 32,
+    bytes]` (`scaled_layout`): per 32 x 32 block, float32 d[32], d2[32] where there is one, m[32]
+    where the form has one (with one d, m is always there: -0.0 for none), then q as int8 or
+    nibbles, as `pack_blocks` lays them out. Padding columns are 0."""
+    d, d2, m, q = blocks
+    dtype, nbytes = scaled_layout(blocks)
+    if d2 is None and m is None:
+        m = torch.full_like(d, -0.0)
+    scales = [t.float() for t in (d, d2, m) if t is not None]
+    packed = _panels(scales, q, nbytes == NIBBLE_F32_BLOCK_BYTES)
+    assert packed.shape[2] == nbytes
+    return packed.view(dtype)
+
+
+def _weight_scaled_blocks(weight: GGUFLinearWeight) -> ScaledBlocks | None:
+    """A GGUF linear weight's parts as one `ScaledBlocks` over its output rows (rows no part
+    covers are 0), or None unless some part is of GGUF_K_TYPES and every part is of those or
+    GGUF_BLOCK_TYPES. A part without a second d takes d as it; without an m, -0.0."""
+    if not any(part.type in GGUF_K_TYPES for _, part in weight.parts) or weight.in_features % BLOCK_K:
+        return None
+    found = [(first, gguf_scaled_blocks(part)) for first, part in weight.parts]
+    if any(blocks is None for _, blocks in found):
+        return None
+    n, k = weight.out_features, weight.in_features
+    two_d = any(b is not None and b[1] is not None for _, b in found)
+    has_m = any(b is not None and b[2] is not None for _, b in found)
+    d = torch.zeros(n, k // BLOCK_K)
+    d2 = torch.zeros(n, k // BLOCK_K) if two_d else None
+    m = torch.zeros(n, k // BLOCK_K) if has_m else None
+    q = torch.zeros(n, k, dtype=torch.int8)
+    for first, blocks in found:
+        assert blocks is not None
+        bd, bd2, bm, bq = blocks
+        rows = slice(first, first + bq.shape[0])
+        d[rows], q[rows] = bd, bq
+        if d2 is not None:
+            d2[rows] = bd if bd2 is None else bd2
+        if m is not None:
+            m[rows] = -0.0 if bm is None else bm
+    return d, d2, m, q
+
+
 def _file_mappings() -> list[tuple[int, int]]:
     """(start, end) of this process's mappings of .gguf files (/proc/self/maps)."""
     ranges = []
@@ -305,7 +463,9 @@ def pack_gguf_weights(model: nn.Module) -> int:
     """Turn every GGUF linear weight (`GGUFLinearWeight`) whose parts are all Q4_0, Q4_1 or
     Q8_0 into the packed decode GEMM's integer panels, read straight from the file's blocks
     (`gguf_integer_blocks`; the same values, so the same results bit for bit as the float32
-    weights would give), in one huge-page buffer. For these types the packed kernel decodes
+    weights would give), in one huge-page buffer; and, unless `SHARDLINE_CPU_GGUF_KQUANTS` is
+    `gguf_gemm`, those with Q4_K, Q5_K or Q6_K parts (and the others of those types) into
+    integer panels with float32 scales (`gguf_scaled_blocks`). For these types the packed kernel decodes
     3-4x faster than `gguf_gemm` (benchmarks/RESULTS.md section 17), at the same size (Q4_x:
     640 bytes per 1,024 weights either way; Q8_0 1,152 instead of 1,088); `load_packed_model`
     then lets go of the file pages packing read (`release_gguf_pages`). Returns the bytes of the panels (0 in modes other than `auto`)."""
@@ -319,6 +479,12 @@ def pack_gguf_weights(model: nn.Module) -> int:
         blocks = _weight_integer_blocks(weight)
         if blocks is not None:
             plans.append((m, pack_blocks(blocks), weight))
+            continue
+        scaled = _weight_scaled_blocks(weight) if env_choice(KQUANT_ENV, KQUANT_MODES) == "auto" else None
+        if scaled is not None:
+            packed = pack_scaled_blocks(scaled)
+            del scaled
+            plans.append((m, packed, weight))
     added = sum(packed.numel() for _, packed, _ in plans)
     if not plans:
         return 0
@@ -453,6 +619,7 @@ def load_packed_model(model_config: Any, parallel_context: Any) -> tuple[nn.Modu
 
     info: dict[str, Any] = {"packed": 0, "freed": 0, "cached": False, "blocks": 0, "weights": 0, "mapped": 0}
     mode = env_choice(ENV, MODES)
+    kquants = env_choice(KQUANT_ENV, KQUANT_MODES)  # refused here when not one of them
     usable = (mode != "off" and parallel_context.device.type == "cpu"
               and model_config.dtype == torch.float32)
     if usable:
@@ -463,7 +630,8 @@ def load_packed_model(model_config: Any, parallel_context: Any) -> tuple[nn.Modu
         cache = PackedCache.for_rank(
             model_config.path, architecture=model_config.architecture, dtype=model_config.dtype,
             tp=(parallel_context.tp_rank, parallel_context.tp_size),
-            pp=(parallel_context.pp_rank, parallel_context.pp_size), mode=mode)
+            pp=(parallel_context.pp_rank, parallel_context.pp_size),
+            mode=mode if kquants == "auto" else f"{mode}/kquants={kquants}")
         index = cache.lookup() if cache is not None else None
     # A GGUF model's weights are views of the file, never read unless used: nothing to skip.
     skip = PackedCache.weight_names(index) if index is not None and not model_config.gguf_file else set()

@@ -21,6 +21,15 @@ HERE = pathlib.Path(__file__).resolve().parent
 TESTS_DIR = HERE.parent
 
 
+@pytest.fixture
+def two_threads() -> Any:
+    """The CPU kernels' pool splits work only with more than one torch thread."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def worker_module() -> ModuleType:
     """tests/model/dist_worker.py, imported by path (it is not on sys.path)."""

@@ -20,7 +20,14 @@ from shardline.model.gguf_weights import TYPES, GGUFLinearWeight, GGUFTensor
 from shardline.model.loader import load_model
 from shardline.model.parallel.utils import ShardShapeError
 from shardline.model.parallel_context import ParallelContext
-from support.gguf_models import ALL_TYPES, prefill_logits, quantized_bytes, write_tiny_llama_gguf
+from support.gguf_models import (
+    ALL_TYPES,
+    gguf_py_values,
+    greedy_pair,
+    prefill_logits,
+    quantized_bytes,
+    write_tiny_llama_gguf,
+)
 
 pytestmark = pytest.mark.skipif(
     not paged_decode.KERNEL.load(), reason="the CPU kernels do not build here"
@@ -32,14 +39,6 @@ def random_tensor(type_name: str, rows: int, cols: int, seed: int = 0) -> GGUFTe
     data = quantized_bytes(rng.normal(0, 0.05, size=(rows, cols)), type_name, rng)
     raw = np.ascontiguousarray(data).view(np.uint8).reshape(rows, -1)
     return GGUFTensor("w", TYPES[type_name][0], (rows, cols), torch.from_numpy(raw))
-
-
-def gguf_py_values(t: GGUFTensor) -> torch.Tensor:
-    import gguf
-
-    raw = np.ascontiguousarray(t.data.numpy())
-    values = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType(t.type_number))
-    return torch.from_numpy(np.asarray(values, dtype=np.float32).reshape(t.shape).copy())
 
 
 @pytest.mark.parametrize("type_name", ALL_TYPES)
@@ -128,11 +127,7 @@ def test_tiny_llama_gguf_equals_transformers_on_the_same_file(type_name, tmp_pat
     err = ((got - want).abs().max() / want.abs().max()).item()
     assert err < 1e-4, err
     # Greedy tokens: four steps, each the full sequence again.
-    seq_ref, seq = list(ids), list(ids)
-    for _ in range(4):
-        with torch.no_grad():
-            seq_ref.append(int(ref(torch.tensor([seq_ref])).logits[0, -1].argmax()))
-        seq.append(int(prefill_logits(model, seq)[-1].argmax()))
+    seq, seq_ref = greedy_pair(ref, model, ids)
     assert seq == seq_ref
 
 

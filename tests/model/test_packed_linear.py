@@ -24,15 +24,6 @@ pytestmark = pytest.mark.skipif(not paged_decode.KERNEL.load(),
                                 reason="the CPU kernels do not build here")
 
 
-@pytest.fixture
-def two_threads():
-    """The pool splits work only with more than one torch thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
-
-
 # Rows: 1, a tile's worth (12), one more, uneven tile splits, and more than MAX_ROWS (F.linear).
 # Columns: whole panels (96) and a ragged last panel (101); K odd (41) and long (600).
 @pytest.mark.parametrize("rows", [1, 2, 7, 12, 13, 25, 64, 100, 256, 300])

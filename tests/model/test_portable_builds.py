@@ -4,7 +4,8 @@ The extension is compiled with `-march=native`, so on the AVX-512 machines the o
 on, the AVX2 and plain C++ paths of the kernels (int8 and nibble conversion, float16 scales,
 attention, the fused ops, the GGUF dequantizers) are never compiled. Here the extension is built again for Haswell
 (AVX2, FMA, F16C) and for baseline x86-64, in a fresh `$SHARDLINE_HOME`, and the kernel tests run
-against each build: packed GEMMs equal to float32 panels bit for bit, the decoder loop equal to
+against each build: packed GEMMs (GGUF K-quant panels with float32 scales included) equal to
+float32 panels bit for bit, the decoder loop equal to
 the Python layers, paged attention and the fused ops equal to their references, GGUF blocks turned
 into gguf-py's `dequantize` values bit for bit (the AVX2 build's vector K-quant / Q8_0 dequantizers,
 the baseline build's scalar ones) and the GGUF GEMM equal to dequantize + mm.
@@ -30,6 +31,7 @@ pytestmark = [
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 TESTS = [
     "tests/model/test_packed_linear.py",
+    "tests/model/test_packed_kquants.py",
     "tests/model/test_cpu_decoder.py",
     "tests/model/test_paged_decode_kernel.py",
     "tests/model/test_cpu_ops.py",

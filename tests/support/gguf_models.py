@@ -62,8 +62,10 @@ def write_tiny_llama_gguf(
     chat_template: str | None = None,
     shape: dict[str, int] | None = None,
     extra: Callable[[Any], None] | None = None,
+    types: dict[str, str] | None = None,
 ) -> pathlib.Path:
-    """A Llama GGUF with random weights: every 2-D weight of `type_name`, norms F32;
+    """A Llama GGUF with random weights: every 2-D weight of `type_name` (or of `types[name]`,
+    e.g. `{"blk.0.attn_v.weight": "Q6_K"}` for a llama.cpp-like mix), norms F32;
     `extra(writer)` adds metadata or tensors of its own before the file is written."""
     import gguf
 
@@ -89,12 +91,12 @@ def write_tiny_llama_gguf(
     writer.add_layer_norm_rms_eps(1e-5)
     writer.add_vocab_size(dims["vocab"])
     _add_tokenizer(writer, dims["vocab"], chat_template)
-    qtype = gguf.GGMLQuantizationType[type_name]
 
     def add(name: str, rows: int, cols: int) -> None:
-        data = quantized_bytes(rng.normal(0, 0.05, size=(rows, cols)), type_name, rng)
+        kind = (types or {}).get(name, type_name)
+        data = quantized_bytes(rng.normal(0, 0.05, size=(rows, cols)), kind, rng)
         if data.dtype == np.uint8:
-            writer.add_tensor(name, data, raw_dtype=qtype)
+            writer.add_tensor(name, data, raw_dtype=gguf.GGMLQuantizationType[kind])
         else:
             writer.add_tensor(name, data)
 
@@ -173,3 +175,23 @@ def prefill_logits(model: object, ids: list[int]) -> torch.Tensor:
     )
     with torch.no_grad():
         return model.compute_logits(model(torch.tensor(ids), torch.arange(len(ids)), attn))
+
+
+def greedy_pair(ref: Any, model: object, ids: list[int], steps: int = 4) -> tuple[list[int], list[int]]:
+    """`steps` greedy tokens after `ids` from a transformers model `ref` and from shardline's
+    `model`, each step the full sequence again: (shardline's sequence, transformers')."""
+    seq_ref, seq = list(ids), list(ids)
+    for _ in range(steps):
+        with torch.no_grad():
+            seq_ref.append(int(ref(torch.tensor([seq_ref])).logits[0, -1].argmax()))
+        seq.append(int(prefill_logits(model, seq)[-1].argmax()))
+    return seq, seq_ref
+
+
+def gguf_py_values(t: Any) -> torch.Tensor:
+    """A `GGUFTensor`'s values as gguf-py's `dequantize` gives them (float32)."""
+    import gguf
+
+    raw = np.ascontiguousarray(t.data.numpy())
+    values = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType(t.type_number))
+    return torch.from_numpy(np.asarray(values, dtype=np.float32).reshape(t.shape).copy())

@@ -17,7 +17,13 @@
 //   panel back into float32 in its own buffer (d * q is exact in float32, so the values are the
 //   weight's, bit for bit) and runs the same tiles on it: the results are those of the float32
 //   panels, and a decode step, which streams every weight from memory, reads 3.6-6.4x fewer
-//   bytes. Up to 16 rows (4 without AVX-512), "direct" tiles skip the buffer: they
+//   bytes. GGUF's K-quants (Q4_K, Q5_K: w = (d * sc) * q - dmin * m per 32 inputs; Q6_K:
+//   (d * sc) * q per 16) are such blocks too, with float32 scales: d * sc is exact in float32
+//   but not a float16 value, and the one rounding of d * q + m (d * q exact, m = -(dmin * m))
+//   is gguf-py's. Q4_K: float32 d and m and nibbles (768 bytes); Q5_K: int8 q (1,280); Q6_K:
+//   two d per column (one per 16 inputs) and int8 q (1,280); a fused weight mixing Q6_K with
+//   types that have an m: two d and an m (1,408).
+//   Up to 16 rows (4 without AVX-512), "direct" tiles skip the buffer: they
 //   turn each block's values into floats in registers and multiply them at once, the same
 //   values in the same order (a one-sequence SmolLM2 decode step 12-20% faster).
 //
@@ -131,73 +137,129 @@ inline void nibbles_to_float(const uint8_t* bytes, vec16& lo, vec16& hi) {
 }
 
 // How a packed weight stores its values (packed_linear.py): float32 panels, or integer blocks
-// with q as int8 or as unsigned or signed 4-bit nibbles.
-enum class Form { kFloat32, kInt8, kUnsigned4, kSigned4 };
+// with q as int8 or as unsigned or signed 4-bit nibbles and float16 d and m (GGUF's Q4_0, Q4_1,
+// Q8_0), or with float32 scales (GGUF's K-quants, whose d * sc is exact in float32 but not a
+// float16 value): d and m with nibbles (Q4_K) or int8 q (Q5_K), two d per column (one per 16
+// inputs, Q6_K's sub-blocks) with int8 q, and two d and an m (a fused weight mixing those).
+enum class Form { kFloat32, kInt8, kUnsigned4, kSigned4, kUnsigned4F32, kInt8F32, kInt8Halves, kInt8HalvesM };
 
-// The integer-block panels (packed_linear.py pack_blocks): per 32 rows of K, d[32] and m[32]
-// (float16, one per output column), then q: int8 q[32][32], k-major like the float32 panel, or
-// nibbles [16][32], byte [k / 2][n] holding q[k][n] (k even) in its low half and q[k + 1][n] in
-// its high half.
+// The integer-block panels (packed_linear.py pack_blocks): per 32 rows of K, the scales, one
+// per output column: d[32] and m[32] as float16, or as float32 d[32] (then d2[32] for the
+// second 16 inputs where the form has two, then m[32] where it has one); then q: int8
+// q[32][32], k-major like the float32 panel, or nibbles [16][32], byte [k / 2][n] holding
+// q[k][n] (k even) in its low half and q[k + 1][n] in its high half. w = d * q + m (m = -0.0
+// where the form has none: d * q + (-0.0) is d * q, bit for bit).
 constexpr int64_t kBlockK = 32;
 constexpr int64_t kScaleBytes = 2 * kNR * sizeof(uint16_t);
 constexpr int64_t kInt8BlockBytes = kScaleBytes + kBlockK * kNR;
 constexpr int64_t kNibbleBlockBytes = kScaleBytes + kBlockK * kNR / 2;
+constexpr int64_t kF32ScaleBytes = 2 * kNR * sizeof(float);  // d and m, or d and d2
+constexpr int64_t kNibbleF32BlockBytes = kF32ScaleBytes + kBlockK * kNR / 2;  // 768
+constexpr int64_t kInt8F32BlockBytes = kF32ScaleBytes + kBlockK * kNR;  // 1,280
+constexpr int64_t kInt8HalvesMBlockBytes = kF32ScaleBytes + kNR * sizeof(float) + kBlockK * kNR;  // 1,408
 // An integer-block panel is turned back into float32 this many rows of K at a time (16 KiB).
 constexpr int64_t kSliceK = 4 * kBlockK;
 
+constexpr bool float32_scales(Form form) {
+  return form == Form::kUnsigned4F32 || form == Form::kInt8F32 || form == Form::kInt8Halves ||
+         form == Form::kInt8HalvesM;
+}
+constexpr bool two_d(Form form) { return form == Form::kInt8Halves || form == Form::kInt8HalvesM; }
+constexpr bool nibbles(Form form) {
+  return form == Form::kUnsigned4 || form == Form::kSigned4 || form == Form::kUnsigned4F32;
+}
+constexpr int64_t scale_bytes(Form form) {
+  return !float32_scales(form) ? kScaleBytes
+         : form == Form::kInt8HalvesM ? kInt8HalvesMBlockBytes - kBlockK * kNR
+                                      : kF32ScaleBytes;
+}
 constexpr int64_t block_bytes(Form form) {
-  return form == Form::kInt8 ? kInt8BlockBytes : kNibbleBlockBytes;
+  return scale_bytes(form) + (nibbles(form) ? kBlockK * kNR / 2 : kBlockK * kNR);
 }
 
-// One block of a panel: its 32 d and 32 m as floats, and its q.
+inline vec16 load16(const float* p) { return *reinterpret_cast<const vec16u*>(p); }
+
+// One block of a panel: its 32 d (and 32 d2: the second 16 inputs' d, d itself where the form
+// has one d) and 32 m as floats, and its q.
+template <Form F>
 struct Block {
-  vec16 d_lo, d_hi, m_lo, m_hi;
+  vec16 d_lo, d_hi, d2_lo, d2_hi, m_lo, m_hi;
   const uint8_t* q;
 
-  explicit Block(const uint8_t* block) : q(block + kScaleBytes) {
-    const uint16_t* scales = reinterpret_cast<const uint16_t*>(block);
-    d_lo = half_to_float(scales);
-    d_hi = half_to_float(scales + 16);
-    m_lo = half_to_float(scales + kNR);
-    m_hi = half_to_float(scales + kNR + 16);
+  explicit Block(const uint8_t* block) : q(block + scale_bytes(F)) {
+    if constexpr (float32_scales(F)) {
+      const float* scales = reinterpret_cast<const float*>(block);
+      d_lo = load16(scales);
+      d_hi = load16(scales + 16);
+      if constexpr (two_d(F)) {
+        d2_lo = load16(scales + kNR);
+        d2_hi = load16(scales + kNR + 16);
+      } else {
+        d2_lo = d_lo;
+        d2_hi = d_hi;
+      }
+      if constexpr (F == Form::kInt8Halves) {
+        for (int i = 0; i < 16; ++i) m_lo[i] = -0.0f;  // no m: -0.0
+        m_hi = m_lo;
+      } else {
+        const float* m = scales + (two_d(F) ? 2 : 1) * kNR;
+        m_lo = load16(m);
+        m_hi = load16(m + 16);
+      }
+    } else {
+      const uint16_t* scales = reinterpret_cast<const uint16_t*>(block);
+      d_lo = half_to_float(scales);
+      d_hi = half_to_float(scales + 16);
+      d2_lo = d_lo;
+      d2_hi = d_hi;
+      m_lo = half_to_float(scales + kNR);
+      m_hi = half_to_float(scales + kNR + 16);
+    }
   }
 
   // The weights w = d * q + m of the block's rows `per_step` at a time from row k (1 for int8
-  // q, 2 for nibbles, which hold rows k and k + 1): w[2 r] and w[2 r + 1] are row k + r's
-  // columns 0-15 and 16-31. The slices and the direct tiles both take their values from here.
-  template <Form F>
-  static constexpr int64_t per_step = F == Form::kInt8 ? 1 : 2;
-  template <Form F>
-  void rows(int64_t k, vec16 (&w)[2 * per_step<F>]) const {
-    if constexpr (F == Form::kInt8) {
+  // q, 2 for nibbles, which hold rows k and k + 1), with the d of `half` (0: rows 0-15, 1: rows
+  // 16-31; the same d unless the form has two): w[2 r] and w[2 r + 1] are row k + r's columns
+  // 0-15 and 16-31. The slices and the direct tiles both take their values from here.
+  static constexpr int64_t per_step = nibbles(F) ? 2 : 1;
+  void rows(int64_t k, int half, vec16 (&w)[2 * per_step]) const {
+    const vec16& dl = half ? d2_lo : d_lo;
+    const vec16& dh = half ? d2_hi : d_hi;
+    if constexpr (!nibbles(F)) {
       const int8_t* qk = reinterpret_cast<const int8_t*>(q) + k * kNR;
-      w[0] = d_lo * int8_to_float(qk) + m_lo;
-      w[1] = d_hi * int8_to_float(qk + 16) + m_hi;
+      w[0] = dl * int8_to_float(qk) + m_lo;
+      w[1] = dh * int8_to_float(qk + 16) + m_hi;
     } else {
       vec16 even_lo, odd_lo, even_hi, odd_hi;
       nibbles_to_float<F == Form::kSigned4>(q + k / 2 * kNR, even_lo, odd_lo);
       nibbles_to_float<F == Form::kSigned4>(q + k / 2 * kNR + 16, even_hi, odd_hi);
-      w[0] = d_lo * even_lo + m_lo;
-      w[1] = d_hi * even_hi + m_hi;
-      w[2] = d_lo * odd_lo + m_lo;
-      w[3] = d_hi * odd_hi + m_hi;
+      w[0] = dl * even_lo + m_lo;
+      w[1] = dh * even_hi + m_hi;
+      w[2] = dl * odd_lo + m_lo;
+      w[3] = dh * odd_hi + m_hi;
     }
   }
 };
 
+// The rows of a block taken with one d: all 32, or 16 and 16 where the form has two d.
+template <Form F>
+constexpr int64_t kHalfRows = two_d(F) ? kBlockK / 2 : kBlockK;
+
 // A panel's blocks back to float32, K x 32 into `out`.
 template <Form F>
 void dequantize_panel(const uint8_t* __restrict blocks, int64_t K, float* __restrict out) {
-  constexpr int64_t kStep = Block::per_step<F>;
+  constexpr int64_t kStep = Block<F>::per_step;
   for (int64_t k0 = 0; k0 < K; k0 += kBlockK, blocks += block_bytes(F)) {
-    const Block block(blocks);
+    const Block<F> block(blocks);
     float* rows = out + k0 * kNR;
+    for (int half = 0; half * kHalfRows<F> < kBlockK; ++half) {
 #pragma GCC unroll 4
-    for (int64_t k = 0; k < kBlockK; k += kStep) {
-      vec16 w[2 * kStep];
-      block.rows<F>(k, w);
+      for (int64_t k = half * kHalfRows<F>; k < (half + 1) * kHalfRows<F>; k += kStep) {
+        vec16 w[2 * kStep];
+        block.rows(k, half, w);
 #pragma GCC unroll 4
-      for (int64_t i = 0; i < 2 * kStep; ++i) *reinterpret_cast<vec16u*>(rows + k * kNR + 16 * i) = w[i];
+        for (int64_t i = 0; i < 2 * kStep; ++i) *reinterpret_cast<vec16u*>(rows + k * kNR + 16 * i) = w[i];
+      }
     }
   }
 }
@@ -207,6 +269,10 @@ void dequantize_panel(Form form, const uint8_t* blocks, int64_t K, float* out) {
     case Form::kInt8: return dequantize_panel<Form::kInt8>(blocks, K, out);
     case Form::kUnsigned4: return dequantize_panel<Form::kUnsigned4>(blocks, K, out);
     case Form::kSigned4: return dequantize_panel<Form::kSigned4>(blocks, K, out);
+    case Form::kUnsigned4F32: return dequantize_panel<Form::kUnsigned4F32>(blocks, K, out);
+    case Form::kInt8F32: return dequantize_panel<Form::kInt8F32>(blocks, K, out);
+    case Form::kInt8Halves: return dequantize_panel<Form::kInt8Halves>(blocks, K, out);
+    case Form::kInt8HalvesM: return dequantize_panel<Form::kInt8HalvesM>(blocks, K, out);
     case Form::kFloat32: break;
   }
   TORCH_CHECK(false, "dequantize_panel: not an integer-block form");
@@ -321,7 +387,7 @@ template <int M, Form F>
 void direct_tile(const float* __restrict a, int64_t lda, const uint8_t* __restrict blocks,
                  int64_t K, float* __restrict c, int64_t ldc, int ncols,
                  const float* __restrict bias, const float* next, int64_t pf_row, int64_t pf_end) {
-  constexpr int64_t kStep = Block::per_step<F>;
+  constexpr int64_t kStep = Block<F>::per_step;
   vec16 lo[M], hi[M];
   start_rows<M>(bias, ncols, lo, hi);
   const int64_t nblocks = K / kBlockK, pf_rows = pf_end - pf_row;
@@ -331,19 +397,21 @@ void direct_tile(const float* __restrict a, int64_t lda, const uint8_t* __restri
       __builtin_prefetch(next + r * kNR, 0, 2);
       __builtin_prefetch(next + r * kNR + 16, 0, 2);
     }
-    const Block block(blocks);
+    const Block<F> block(blocks);
     const float* ak = a + blk * kBlockK;
+    for (int half = 0; half * kHalfRows<F> < kBlockK; ++half) {
 #pragma GCC unroll 2
-    for (int64_t k = 0; k < kBlockK; k += kStep) {
-      vec16 w[2 * kStep];
-      block.rows<F>(k, w);
+      for (int64_t k = half * kHalfRows<F>; k < (half + 1) * kHalfRows<F>; k += kStep) {
+        vec16 w[2 * kStep];
+        block.rows(k, half, w);
 #pragma GCC unroll 2
-      for (int64_t r = 0; r < kStep; ++r) {
+        for (int64_t r = 0; r < kStep; ++r) {
 #pragma GCC unroll 16
-        for (int m = 0; m < M; ++m) {
-          const float value = ak[m * lda + k + r];
-          lo[m] += value * w[2 * r];
-          hi[m] += value * w[2 * r + 1];
+          for (int m = 0; m < M; ++m) {
+            const float value = ak[m * lda + k + r];
+            lo[m] += value * w[2 * r];
+            hi[m] += value * w[2 * r + 1];
+          }
         }
       }
     }
@@ -371,12 +439,20 @@ constexpr std::array<DirectFn, sizeof...(Ms)> make_direct(std::integer_sequence<
 constexpr auto kDirectInt8 = make_direct<Form::kInt8>(std::make_integer_sequence<int, kDirectMR>{});
 constexpr auto kDirectUnsigned4 = make_direct<Form::kUnsigned4>(std::make_integer_sequence<int, kDirectMR>{});
 constexpr auto kDirectSigned4 = make_direct<Form::kSigned4>(std::make_integer_sequence<int, kDirectMR>{});
+constexpr auto kDirectUnsigned4F32 = make_direct<Form::kUnsigned4F32>(std::make_integer_sequence<int, kDirectMR>{});
+constexpr auto kDirectInt8F32 = make_direct<Form::kInt8F32>(std::make_integer_sequence<int, kDirectMR>{});
+constexpr auto kDirectInt8Halves = make_direct<Form::kInt8Halves>(std::make_integer_sequence<int, kDirectMR>{});
+constexpr auto kDirectInt8HalvesM = make_direct<Form::kInt8HalvesM>(std::make_integer_sequence<int, kDirectMR>{});
 
 DirectFn direct_kernel(Form form, int64_t rows) {
   switch (form) {
     case Form::kInt8: return kDirectInt8[rows - 1];
     case Form::kUnsigned4: return kDirectUnsigned4[rows - 1];
     case Form::kSigned4: return kDirectSigned4[rows - 1];
+    case Form::kUnsigned4F32: return kDirectUnsigned4F32[rows - 1];
+    case Form::kInt8F32: return kDirectInt8F32[rows - 1];
+    case Form::kInt8Halves: return kDirectInt8Halves[rows - 1];
+    case Form::kInt8HalvesM: return kDirectInt8HalvesM[rows - 1];
     case Form::kFloat32: break;
   }
   return nullptr;
@@ -433,6 +509,10 @@ Packed packed_of(const at::Tensor& t) {
   if (type == at::kByte && width == kInt8BlockBytes) return {data, K, panels, Form::kInt8, true};
   if (type == at::kByte && width == kNibbleBlockBytes) return {data, K, panels, Form::kUnsigned4, true};
   if (type == at::kChar && width == kNibbleBlockBytes) return {data, K, panels, Form::kSigned4, true};
+  if (type == at::kByte && width == kNibbleF32BlockBytes) return {data, K, panels, Form::kUnsigned4F32, true};
+  if (type == at::kByte && width == kInt8F32BlockBytes) return {data, K, panels, Form::kInt8F32, true};
+  if (type == at::kChar && width == kInt8F32BlockBytes) return {data, K, panels, Form::kInt8Halves, true};
+  if (type == at::kByte && width == kInt8HalvesMBlockBytes) return {data, K, panels, Form::kInt8HalvesM, true};
   if (type == at::kFloat && width == kNR) return {data, t.size(1), panels, Form::kFloat32, true};
   return {};
 }
@@ -442,7 +522,9 @@ Packed packed_view(const at::Tensor& packed, int64_t K, int64_t N, const char* o
   const Packed weight = packed_of(packed);
   TORCH_CHECK(weight.valid, op, ": packed must be a contiguous CPU float32 [panels, K, ", kNR,
               "] tensor, or integer blocks [panels, K / ", kBlockK, ", bytes]: uint8 with ",
-              kInt8BlockBytes, " or ", kNibbleBlockBytes, " bytes, int8 with ", kNibbleBlockBytes);
+              kInt8BlockBytes, " or ", kNibbleBlockBytes, " bytes, int8 with ", kNibbleBlockBytes,
+              "; float32 scales: uint8 with ", kNibbleF32BlockBytes, ", ", kInt8F32BlockBytes, " or ",
+              kInt8HalvesMBlockBytes, ", int8 with ", kInt8F32BlockBytes);
   TORCH_CHECK(weight.K == K, op, ": packed weight has K=", weight.K, ", x has ", K);
   TORCH_CHECK(weight.panels == (N + kNR - 1) / kNR, op, ": packed weight has ", weight.panels,
               " panels, out has ", N, " columns");
