@@ -28,6 +28,7 @@ import anyio
 from shardline.engine.config import EngineConfig
 from shardline.engine.core import EngineCore, EngineStats
 from shardline.engine.detokenizer import IncrementalDetokenizer
+from shardline.engine.draft_model import DraftModelProposer
 from shardline.engine.errors import (
     EngineDeadError,
     EngineOverloadedError,
@@ -81,6 +82,7 @@ class Engine:
         # which an engine that never sees a grammar should not pay at start).
         self._grammar_compiler: GrammarCompiler | None = None
         self._grammar_compiler_lock = threading.Lock()
+        self._drafter: DraftModelProposer | None = None  # speculative decoding with a draft model
 
     # ------------------------------------------------------------------ lifecycle
     @classmethod
@@ -103,6 +105,13 @@ class Engine:
             # The tokenizer loads here while the workers start (they need only the location).
             engine._info = await anyio.to_thread.run_sync(load_model_info, config, location)
             await asyncio.shield(ready)
+            spec = config.speculative
+            if spec is not None and spec.method == "draft_model":
+                engine._drafter = await DraftModelProposer.start(
+                    config, spec, engine._info.tokenizer, location.name
+                )
+                for core in engine._cores:
+                    core.drafter = engine._drafter
         except BaseException:
             await engine.aclose()
             raise
@@ -185,6 +194,8 @@ class Engine:
             # Wait for the supervisor's own clean-up (workers reaped, channels closed); its
             # outcome (the cancellation, or the error that killed it) is not the caller's.
             await asyncio.wait([task])
+        if self._drafter is not None:
+            await self._drafter.aclose()
 
     async def __aenter__(self) -> Engine:
         return self

@@ -22,7 +22,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.abc
@@ -45,6 +45,9 @@ from shardline.transport.messages import (
     StepResult,
     TensorPayload,
 )
+
+if TYPE_CHECKING:
+    from shardline.engine.draft_model import DraftModelProposer
 
 logger = logging.getLogger("shardline.core")
 
@@ -177,6 +180,8 @@ class EngineCore:
         self._itl: deque[float] = deque(maxlen=LATENCY_SAMPLES)
         self.dead: BaseException | None = None
         self._timer = StepTimer.from_env(name)
+        # Speculative decoding with a draft model (engine/draft_model.py): set by the Engine.
+        self.drafter: DraftModelProposer | None = None
 
     async def start(self, task_group: anyio.abc.TaskGroup) -> None:
         """Start the worker group; the executor's background tasks live in `task_group`."""
@@ -282,6 +287,9 @@ class EngineCore:
                 # 2) schedule and send the next step, unless the pipeline of steps is full.
                 sent = False
                 if len(in_flight) < max_in_flight and self.scheduler.has_unfinished_requests():
+                    if self.drafter is not None:
+                        pending = await self._propose_drafts(pending)
+                        timer.lap("draft model")
                     output = self.scheduler.schedule()
                     timer.lap("schedule")
                     if output.total_num_scheduled_tokens:
@@ -342,6 +350,21 @@ class EngineCore:
         finally:
             timer.dump()
             await self.aclose()
+
+    async def _propose_drafts(self, pending: list[RequestUpdate] | None) -> list[RequestUpdate] | None:
+        """Ask the draft model for the drafts of this step's decodes (engine/draft_model.py);
+        the last step's outputs are published first (the callers should not wait for it)."""
+        drafter = self.drafter
+        candidates = self.scheduler.draft_candidates()
+        if drafter is None or not candidates:
+            return pending
+        if pending is not None:
+            pending = self._publish_now(pending)
+        drafts = await drafter.propose(candidates)
+        self.scheduler.draft_proposals = {
+            req_id: (len(context), drafts[req_id]) for req_id, context, _ in candidates if req_id in drafts
+        }
+        return pending
 
     def _apply_speculative(
         self, output: SchedulerOutput, result: StepResult, logprobs: dict[str, Any] | None

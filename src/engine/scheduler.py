@@ -189,6 +189,9 @@ class Scheduler:
         # Async scheduling: request id -> sampled tokens scheduled but not yet returned.
         self._placeholders: dict[str, int] = {}
         self.num_constrained = 0  # live requests with a grammar (Request.grammar)
+        # Draft-model speculation: request id -> (context length, drafts) that the core set
+        # before this step (`draft_candidates`, engine/draft_model.py); used once.
+        self.draft_proposals: dict[str, tuple[int, list[int]]] = {}
 
     # -- queries -------------------------------------------------------------------------------
 
@@ -340,19 +343,46 @@ class Scheduler:
             out.finished_ids = []
         return out
 
-    def _propose(self, request: Request, spec: SpeculativeConfig, budget: int) -> list[int]:
-        """Draft tokens for a decode step of `request`, at most `budget`, never past its
-        max_tokens or the context limit (the step also samples one token of its own)."""
+    def _max_drafts(self, request: Request, spec: SpeculativeConfig) -> int:
+        """How many drafts a decode step of `request` may verify: never past its max_tokens or
+        the context limit (the step also samples one token of its own); 0 if it may not
+        speculate."""
         params = request.sampling_params
-        k = min(
+        if not speculates(params):
+            return 0
+        return min(
             spec.num_speculative_tokens,
-            budget,
             params.max_tokens - request.num_output_tokens - 1,
             self.config.max_model_len - request.num_tokens - 1,
         )
-        if k < 1 or not speculates(params):
+
+    def _propose(self, request: Request, spec: SpeculativeConfig, budget: int) -> list[int]:
+        """Draft tokens for a decode step of `request`, at most `budget` (and `_max_drafts`)."""
+        k = min(self._max_drafts(request, spec), budget)
+        if k < 1:
             return []
+        if spec.method == "draft_model":
+            proposal = self.draft_proposals.pop(request.request_id, None)
+            if proposal is None or proposal[0] != request.num_tokens:
+                return []  # none made, or made for another context (it moved on since)
+            return proposal[1][:k]
         return propose_ngram(request.all_token_ids, k, spec.prompt_lookup_min, spec.prompt_lookup_max)
+
+    def draft_candidates(self) -> list[tuple[str, list[int], int]]:
+        """`(request id, context, k)` of every running request whose next step is a decode and
+        that may speculate: what a draft model proposes for before the step is scheduled
+        (engine/draft_model.py). Empty unless the method is "draft_model"."""
+        spec = self.config.speculative
+        if spec is None or spec.method != "draft_model":
+            return []
+        candidates = []
+        for request in self._running:
+            if request.num_computed_tokens != request.num_tokens - 1:
+                continue  # still prefilling (or its token is not back yet)
+            k = self._max_drafts(request, spec)
+            if k >= 1:
+                candidates.append((request.request_id, request.all_token_ids, k))
+        return candidates
 
     def _allocate_or_preempt(
         self, request: Request, num_new: int, out: SchedulerOutput

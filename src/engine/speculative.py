@@ -3,6 +3,11 @@
 `EngineConfig.speculative_config` (vLLM's ``--speculative-config``, a JSON object) turns it on:
 
     {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 1}
+    {"model": "path/to/small-model", "num_speculative_tokens": 4}   (method "draft_model")
+
+A draft model (engine/draft_model.py) proposes the k tokens instead of the n-gram lookup: its
+greedy continuation of the request's context, computed by a second engine; everything after the
+proposal (verification, roll-back, metrics) is the same as below.
 
 Each decode step, the scheduler asks `propose_ngram` for up to k draft tokens: the last n tokens
 of the request's context (prompt + output; n from `prompt_lookup_max` down to
@@ -28,8 +33,9 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from shardline.engine.request import SamplingParams
 
-METHODS = ("ngram",)
-_KEYS = ("method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min")
+METHODS = ("ngram", "draft_model")
+_KEYS = ("method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min", "model")
+_NGRAM_KEYS = ("prompt_lookup_max", "prompt_lookup_min")
 
 
 class SpeculativeConfigError(ValueError):
@@ -44,12 +50,23 @@ class SpeculativeConfig:
     num_speculative_tokens: int = 4
     prompt_lookup_max: int = 4
     prompt_lookup_min: int = 1
+    model: str | None = None
+    """The draft model (method "draft_model"): a path or name as EngineConfig.model takes."""
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise SpeculativeConfigError(
                 f"speculative_config method {self.method!r} is not supported (supported: "
-                f"{', '.join(METHODS)}; a draft model is not implemented yet)"
+                f"{', '.join(METHODS)})"
+            )
+        if self.method == "draft_model" and not (isinstance(self.model, str) and self.model.strip()):
+            raise SpeculativeConfigError(
+                "speculative_config method 'draft_model' needs a model (a path or name of a model "
+                f"with the target's tokenizer), got {self.model!r}"
+            )
+        if self.method != "draft_model" and self.model is not None:
+            raise SpeculativeConfigError(
+                f"speculative_config model is for method 'draft_model', not {self.method!r}"
             )
         for key in ("num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min"):
             value = getattr(self, key)
@@ -81,6 +98,8 @@ class SpeculativeConfig:
                 ) from exc
         if not isinstance(value, Mapping):
             raise SpeculativeConfigError(f"speculative_config must be a JSON object, got {value!r}")
+        if "method" not in value and "model" in value:
+            value = {**value, "method": "draft_model"}  # as vLLM: a model without a method
         if value.get("method", "ngram") not in METHODS:
             cls(method=value["method"])  # raises, naming the method
         unknown = sorted(str(k) for k in value if k not in _KEYS)
@@ -89,12 +108,21 @@ class SpeculativeConfig:
                 f"speculative_config key(s) {', '.join(unknown)} not supported (supported: {', '.join(_KEYS)})"
             )
         if "method" not in value:
-            raise SpeculativeConfigError("speculative_config needs a method (supported: ngram)")
+            raise SpeculativeConfigError(
+                "speculative_config needs a method (supported: ngram) or a model (a draft model)"
+            )
         if "num_speculative_tokens" not in value:
             raise SpeculativeConfigError(
                 "speculative_config needs num_speculative_tokens (as vLLM)"
             )
         settings = dict(value)
+        if settings["method"] == "draft_model":
+            ngram_only = sorted(k for k in _NGRAM_KEYS if k in settings)
+            if ngram_only:
+                raise SpeculativeConfigError(
+                    f"speculative_config {', '.join(ngram_only)} is for method 'ngram', not 'draft_model'"
+                )
+            return cls(**settings)
         # As vLLM: neither lookup bound given: both 5; one given: the other equals it.
         low, high = settings.get("prompt_lookup_min"), settings.get("prompt_lookup_max")
         if low is None and high is None:

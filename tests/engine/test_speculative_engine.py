@@ -15,7 +15,7 @@ import pytest
 
 from shardline.engine import Engine, EngineConfig, SamplingParams
 from shardline.engine.config import ConfigError
-from support.generation import generate_all
+from support.generation import check_idle, generate_all
 
 SPEC = '{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 1}'
 # Token-id prompts with repeats (n-gram hits), and text ones.
@@ -41,10 +41,7 @@ async def _run(
 ) -> tuple[list[list[int]], Engine]:
     async with await Engine.start(cfg) as engine:
         tokens = await generate_all(engine, prompts, params)
-        stats = engine.stats()
-        assert (stats.num_kv_blocks_used, stats.num_running, stats.num_waiting) == (0, 0, 0)
-        for core in engine._cores:
-            core.scheduler.kv_cache.check_invariants([])
+        check_idle(engine)
     return tokens, engine
 
 
@@ -52,8 +49,8 @@ async def test_greedy_equal_shm_tp2_pp2_tcp_and_streams_several_tokens(
     tiny_llama_dir: pathlib.Path,
 ) -> None:
     reference, _ = await _run(_cfg(tiny_llama_dir), PROMPTS, GREEDY)
-    with pytest.raises(ConfigError, match="draft_model"):  # refused, naming the method
-        _cfg(tiny_llama_dir, speculative_config='{"method": "draft_model", "model": "x"}')
+    with pytest.raises(ConfigError, match="method 'eagle' is not supported"):  # naming the method
+        _cfg(tiny_llama_dir, speculative_config='{"method": "eagle", "num_speculative_tokens": 2}')
     for extra in (
         {},
         {"tensor_parallel_size": 2},

@@ -78,8 +78,9 @@ def test_config_parses_json_and_refuses_what_it_cannot_honour() -> None:
         assert (spec.prompt_lookup_min, spec.prompt_lookup_max) == bounds
     assert EngineConfig(**tiny_config_kw).speculative is None  # type: ignore[arg-type]
     cases = {
-        '{"method": "draft_model", "model": "x"}': "model",
-        '{"method": "draft_model"}': "draft_model",
+        '{"method": "draft_model", "num_speculative_tokens": 2}': "'draft_model' needs a model",
+        '{"model": "x", "num_speculative_tokens": 2, "prompt_lookup_min": 2}': "prompt_lookup_min is for",
+        '{"method": "ngram", "model": "x", "num_speculative_tokens": 2}': "model is for method",
         '{"method": "eagle"}': "eagle",
         '{"num_speculative_tokens": 2}': "needs a method",
         '{"method": "ngram"}': "needs num_speculative_tokens",
@@ -92,8 +93,10 @@ def test_config_parses_json_and_refuses_what_it_cannot_honour() -> None:
         with pytest.raises(ConfigError, match=named) as info:
             EngineConfig(**tiny_config_kw, speculative_config=text)  # type: ignore[arg-type]
         assert info.value.field == "speculative_config"
-    with pytest.raises(SpeculativeConfigError, match="draft_model"):
+    with pytest.raises(SpeculativeConfigError, match="'draft_model' needs a model"):
         SpeculativeConfig("draft_model")
+    spec = SpeculativeConfig.parse('{"model": "x", "num_speculative_tokens": 2}')  # as vLLM
+    assert (spec.method, spec.model) == ("draft_model", "x")
 
 
 def test_command_line_flag_is_json() -> None:

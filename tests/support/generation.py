@@ -20,3 +20,13 @@ async def generate_all(engine: Any, prompts: Sequence[str | list[int]], params: 
         for i in range(len(prompts)):
             tg.start_soon(one, i)
     return results
+
+
+def check_idle(engine: Any) -> Any:
+    """Assert that an engine with nothing to do holds no KV block and no request, and that its
+    block accounting is consistent; returns its stats."""
+    stats = engine.stats()
+    assert (stats.num_kv_blocks_used, stats.num_running, stats.num_waiting) == (0, 0, 0)
+    for core in engine._cores:
+        core.scheduler.kv_cache.check_invariants([])
+    return stats
