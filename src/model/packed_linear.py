@@ -370,27 +370,32 @@ def gguf_scaled_blocks(part: GGUFTensor) -> ScaledBlocks | None:
     return d, None, second.neg_(), q  # w = d * q + (-(dmin * m)): the same one rounding
 
 
-def scaled_layout(blocks: ScaledBlocks) -> tuple[torch.dtype, int]:
+def scaled_layout(blocks: ScaledBlocks, nibbles: bool | None = None) -> tuple[torch.dtype, int]:
     """(dtype, bytes per block) of `ScaledBlocks`' packed form: one d and an m with every q in
     0..15 as unsigned nibbles (uint8, 768; Q4_K), else int8 q (uint8, 1,280; Q5_K); two d and
     no m (int8, 1,280; Q6_K); two d and an m (uint8, 1,408; a fused weight mixing Q6_K with
-    types that have an m)."""
+    types that have an m). `nibbles` given: whether q is packed as nibbles where the form has
+    one d (it must fit), instead of what every q's range says."""
     _, d2, m, q = blocks
-    if d2 is None:
+    if d2 is None and nibbles is None:
         low, high = (int(v) for v in torch.aminmax(q)) if q.numel() else (0, 0)
-        if 0 <= low and high <= 15:
-            return torch.uint8, NIBBLE_F32_BLOCK_BYTES
-        return torch.uint8, INT8_F32_BLOCK_BYTES
-    return (torch.int8, INT8_F32_BLOCK_BYTES) if m is None else (torch.uint8, INT8_HALVES_M_BLOCK_BYTES)
+        nibbles = 0 <= low and high <= 15
+    return _layout(d2 is not None, m is not None or d2 is None, bool(nibbles))
 
 
-def pack_scaled_blocks(blocks: ScaledBlocks) -> torch.Tensor:
+def _layout(two_d: bool, has_m: bool, nibbles: bool) -> tuple[torch.dtype, int]:
+    if two_d:
+        return (torch.uint8, INT8_HALVES_M_BLOCK_BYTES) if has_m else (torch.int8, INT8_F32_BLOCK_BYTES)
+    return (torch.uint8, NIBBLE_F32_BLOCK_BYTES) if nibbles else (torch.uint8, INT8_F32_BLOCK_BYTES)
+
+
+def pack_scaled_blocks(blocks: ScaledBlocks, nibbles: bool | None = None) -> torch.Tensor:
     """`ScaledBlocks` of an `[N, K]` weight as the kernel's integer panels `[ceil(N / 32), K / 32,
     bytes]` (`scaled_layout`): per 32 x 32 block, float32 d[32], d2[32] where there is one, m[32]
     where the form has one (with one d, m is always there: -0.0 for none), then q as int8 or
     nibbles, as `pack_blocks` lays them out. Padding columns are 0."""
     d, d2, m, q = blocks
-    dtype, nbytes = scaled_layout(blocks)
+    dtype, nbytes = scaled_layout(blocks, nibbles)
     if d2 is None and m is None:
         m = torch.full_like(d, -0.0)
     scales = [t.float() for t in (d, d2, m) if t is not None]
@@ -399,26 +404,41 @@ def pack_scaled_blocks(blocks: ScaledBlocks) -> torch.Tensor:
     return packed.view(dtype)
 
 
-def _weight_scaled_blocks(weight: GGUFLinearWeight) -> ScaledBlocks | None:
-    """A GGUF linear weight's parts as one `ScaledBlocks` over its output rows (rows no part
-    covers are 0), or None unless some part is of GGUF_K_TYPES and every part is of those or
-    GGUF_BLOCK_TYPES. A part without a second d takes d as it; without an m, -0.0."""
-    if not any(part.type in GGUF_K_TYPES for _, part in weight.parts) or weight.in_features % BLOCK_K:
+def _scaled_form(weight: GGUFLinearWeight) -> tuple[bool, bool, bool] | None:
+    """(two d, an m, nibbles): the packed form of a GGUF weight with some part of GGUF_K_TYPES
+    and every part of those or GGUF_BLOCK_TYPES, from its parts' types (Q6_K has two d; Q4_K,
+    Q5_K and Q4_1 an m; q fits unsigned nibbles when every part is Q4_K or Q4_1); None for
+    another weight."""
+    types = {part.type for _, part in weight.parts}
+    if not types & set(GGUF_K_TYPES) or not types <= {*GGUF_K_TYPES, *GGUF_BLOCK_TYPES} \
+            or weight.in_features % 256:
         return None
-    found = [(first, gguf_scaled_blocks(part)) for first, part in weight.parts]
-    if any(blocks is None for _, blocks in found):
+    two_d = "Q6_K" in types
+    return two_d, bool(types & {"Q4_K", "Q5_K", "Q4_1"}), not two_d and types <= {"Q4_K", "Q4_1"}
+
+
+def _weight_scaled_blocks(weight: GGUFLinearWeight, start: int = 0, stop: int | None = None) -> ScaledBlocks | None:
+    """Output rows `[start, stop)` (all by default) of a GGUF linear weight as one
+    `ScaledBlocks` (rows no part covers are 0), with a d2 and an m as `_scaled_form` says (a
+    part without a second d takes d as it; without an m, -0.0), or None where it says None."""
+    form = _scaled_form(weight)
+    if form is None:
         return None
-    n, k = weight.out_features, weight.in_features
-    two_d = any(b is not None and b[1] is not None for _, b in found)
-    has_m = any(b is not None and b[2] is not None for _, b in found)
+    two_d, has_m, _ = form
+    stop = weight.out_features if stop is None else stop
+    n, k = stop - start, weight.in_features
     d = torch.zeros(n, k // BLOCK_K)
     d2 = torch.zeros(n, k // BLOCK_K) if two_d else None
     m = torch.zeros(n, k // BLOCK_K) if has_m else None
     q = torch.zeros(n, k, dtype=torch.int8)
-    for first, blocks in found:
+    for first, part in weight.parts:
+        lo, hi = max(start, first), min(stop, first + part.shape[0])
+        if lo >= hi:
+            continue
+        blocks = gguf_scaled_blocks(part.narrow(0, lo - first, hi - lo))
         assert blocks is not None
         bd, bd2, bm, bq = blocks
-        rows = slice(first, first + bq.shape[0])
+        rows = slice(lo - start, hi - start)
         d[rows], q[rows] = bd, bq
         if d2 is not None:
             d2[rows] = bd if bd2 is None else bd2
@@ -471,30 +491,45 @@ def pack_gguf_weights(model: nn.Module) -> int:
     then lets go of the file pages packing read (`release_gguf_pages`). Returns the bytes of the panels (0 in modes other than `auto`)."""
     if env_choice(ENV, MODES) != "auto" or not paged_decode.KERNEL.load():
         return 0
-    plans: list[tuple[Any, torch.Tensor, GGUFLinearWeight]] = []
+    kquants = env_choice(KQUANT_ENV, KQUANT_MODES) == "auto"
+    # (module, weight, its panels already packed or None, form, dtype, shape): K-quant weights
+    # are packed straight into the buffer, _K_ROWS output rows at a time, so that what start-up
+    # holds on top of the panels is one such slice's decoding (CPU workers keep freed heap
+    # memory mapped: a whole weight's q and its packed copy would stay in RSS).
+    Plan = tuple[Any, GGUFLinearWeight, torch.Tensor | None, Any, torch.dtype, tuple[int, int, int]]
+    plans: list[Plan] = []
     for m in model.modules():
         weight = getattr(m, "packed_weight", None)
         if not isinstance(weight, GGUFLinearWeight):
             continue
         blocks = _weight_integer_blocks(weight)
         if blocks is not None:
-            plans.append((m, pack_blocks(blocks), weight))
+            ready = pack_blocks(blocks)
+            plans.append((m, weight, ready, None, ready.dtype, tuple(ready.shape)))  # type: ignore[arg-type]
             continue
-        scaled = _weight_scaled_blocks(weight) if env_choice(KQUANT_ENV, KQUANT_MODES) == "auto" else None
-        if scaled is not None:
-            packed = pack_scaled_blocks(scaled)
-            del scaled
-            plans.append((m, packed, weight))
-    added = sum(packed.numel() for _, packed, _ in plans)
+        form = _scaled_form(weight) if kquants else None
+        if form is not None:
+            dtype, nbytes = _layout(*form)
+            shape = (-(-weight.out_features // PANEL), weight.in_features // BLOCK_K, nbytes)
+            plans.append((m, weight, None, form, dtype, shape))
+    sizes = [shape[0] * shape[1] * shape[2] for *_, shape in plans]
+    added = sum(sizes)
     if not plans:
         return 0
     buffer = huge_page_zeros((added,), torch.uint8)
     offset = 0
-    for m, packed, _ in plans:
-        out = buffer[offset : offset + packed.numel()]
-        m.packed_weight = out.view(packed.dtype).view(packed.shape)
-        m.packed_weight.copy_(packed)
-        offset += packed.numel()
+    for (m, weight, prepacked, form, dtype, shape), size in zip(plans, sizes, strict=True):
+        view = buffer[offset : offset + size].view(dtype).view(shape)
+        if prepacked is not None:
+            view.copy_(prepacked)
+        else:
+            for r0 in range(0, weight.out_features, _K_ROWS):
+                r1 = min(weight.out_features, r0 + _K_ROWS)
+                scaled = _weight_scaled_blocks(weight, r0, r1)
+                assert scaled is not None
+                view[r0 // PANEL : -(-r1 // PANEL)].copy_(pack_scaled_blocks(scaled, form[2]))
+        m.packed_weight = view
+        offset += size
     return added
 
 

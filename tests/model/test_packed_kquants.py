@@ -137,6 +137,37 @@ def test_fused_weights_of_mixed_types_take_one_layout(types, layout, two_threads
                            packed_linear.linear(x, dense, None, floats))
 
 
+def test_packing_a_model_in_row_slices_gives_the_whole_weights_panels(tmp_path, monkeypatch):
+    """pack_gguf_weights packs K-quant weights straight into its buffer `_K_ROWS` output rows at
+    a time: with slices of 96 rows (a fused qkv's parts end at 256 and 384, inside slices), the
+    panels are those of the whole weight packed at once, in the form the types give."""
+    from shardline.model.loader import load_model
+
+    more = {"blk.0.attn_k.weight": "Q4_1", "blk.0.ffn_gate.weight": "Q8_0", "blk.0.attn_output.weight": "Q4_1"}
+    path = write_tiny_llama_gguf(tmp_path / "m.gguf", "Q4_K", seed=3, tied=True, types=mix_of(1) | more)
+    model = load_model(ModelConfig.from_path(str(path)), ParallelContext.single())
+    weights = {name: m.packed_weight for name, m in model.named_modules()
+               if isinstance(getattr(m, "packed_weight", None), GGUFLinearWeight)}
+    monkeypatch.setattr(packed_linear, "_K_ROWS", 96)
+    assert packed_linear.pack_gguf_weights(model) > 0
+    modules = dict(model.named_modules())
+    forms = {}
+    for name, weight in weights.items():
+        scaled = packed_linear._weight_scaled_blocks(weight)
+        if scaled is None:  # Q4_0 / Q4_1 / Q8_0 alone: float16 scales, as before
+            whole = packed_linear.pack_blocks(packed_linear._weight_integer_blocks(weight))
+        else:
+            whole = packed_linear.pack_scaled_blocks(scaled)
+        got = modules[name].packed_weight
+        assert got.dtype == whole.dtype and torch.equal(got.view(torch.uint8), whole.view(torch.uint8)), name
+        forms[name] = (got.dtype, got.shape[2])
+    assert forms["model.layers.1.self_attn.qkv_proj"] == (torch.uint8, 768)  # Q4_K alone
+    assert {name: form for name, form in forms.items() if "layers.1" not in name} == {"model.layers.0.self_attn.qkv_proj": (torch.uint8, 1408),  # Q4_K, Q4_1, Q6_K
+                     "model.layers.0.self_attn.o_proj": (torch.uint8, 640),  # Q4_1 alone
+                     "model.layers.0.mlp.gate_up_proj": (torch.uint8, 1280),  # Q8_0 + Q4_K: int8 q
+                     "model.layers.0.mlp.down_proj": (torch.int8, 1280), "lm_head": (torch.int8, 1280)}
+
+
 def test_weights_without_a_k_quant_part_keep_their_paths():
     q4_0 = random_tensor("Q4_0", 32, 256, seed=1)
     assert packed_linear._weight_scaled_blocks(GGUFLinearWeight(32, 256, [(0, q4_0)])) is None
