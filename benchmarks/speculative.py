@@ -15,6 +15,14 @@ Reported per engine, as medians over the rounds:
 * whether the two engines produced the same tokens (greedy: they must).
 
     python benchmarks/speculative.py [--rounds 5] [--max-tokens 160] [--k 4] [--lookup-min 1]
+
+`--draft-model PATH` measures a draft model instead of n-gram lookup. `--draft-pair` builds the
+one pair this machine has the means for (no hub): the target is SmolLM2-135M-Instruct as a
+float32 checkpoint (transformers loads the default GGUF; every linear weight then gets uniform
+noise of +-d/2 per block of 32, d the block's Q4_1 step, i.e. the size of the rounding Q4_1
+applies, so the target is a float32 model whose Q4_1 quantization is the default GGUF, as a
+user's own float model is to its quantized copy) and the draft is the default model itself
+(Q4_1, ~5x fewer bytes a step). Written once to `$SHARDLINE_HOME/bench/smollm2-f32-noised`.
 """
 
 from __future__ import annotations
@@ -64,6 +72,39 @@ async def one(engine: Engine, prompt: str, params: SamplingParams) -> dict[str, 
     return {"tokens": tokens, "decode_tps": decode, "e2e_tps": len(tokens) / (end - start)}
 
 
+def build_draft_pair(seed: int = 0) -> pathlib.Path:
+    """The float32 target described in the module docstring (built once); returns its folder."""
+    import shutil
+
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    from shardline.model.fetch import fetch_default_model, shardline_home
+
+    out = shardline_home() / "bench" / "smollm2-f32-noised"
+    if (out / "model.safetensors").exists():
+        return out
+    source = fetch_default_model()
+    gguf = next(source.glob("*.gguf"))
+    model = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf.name, torch_dtype=torch.float32)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() != 2 or param.shape[1] % 32 or "norm" in name:
+                continue
+            blocks = param.view(param.shape[0], -1, 32)
+            step = (blocks.amax(-1, keepdim=True) - blocks.amin(-1, keepdim=True)) / 15
+            blocks += (torch.rand(blocks.shape, generator=gen) - 0.5) * step
+    out.mkdir(parents=True, exist_ok=True)
+    model.config.save_pretrained(out)  # (save_pretrained refuses a model loaded from a GGUF)
+    tensors = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    save_file(tensors, str(out / "model.safetensors"))  # (the head is tied to the embedding)
+    for extra in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
+        shutil.copy(source / extra, out / extra)
+    return out
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -74,14 +115,22 @@ async def main() -> None:
     parser.add_argument("--k", type=int, default=4, help="num_speculative_tokens")
     parser.add_argument("--lookup-max", type=int, default=4)
     parser.add_argument("--lookup-min", type=int, default=1)
+    parser.add_argument("--draft-model", help="a draft model (method draft_model) instead of ngram")
+    parser.add_argument("--draft-pair", action="store_true",
+                        help="target: the float32 SmolLM2 built here; draft: the default model")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
-    spec = {
+    if args.draft_pair:
+        args.model = str(build_draft_pair())
+        args.draft_model = "smollm2-135m-instruct"
+    spec: dict[str, Any] = {
         "method": "ngram",
         "num_speculative_tokens": args.k,
         "prompt_lookup_max": args.lookup_max,
         "prompt_lookup_min": args.lookup_min,
     }
+    if args.draft_model:
+        spec = {"model": args.draft_model, "num_speculative_tokens": args.k}
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0)
     plain_cfg = EngineConfig(model=args.model, max_model_len=2048, log_stats_interval=0)
     spec_cfg = EngineConfig(
