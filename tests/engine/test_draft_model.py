@@ -6,8 +6,11 @@ configuration errors; the draft engine failing mid-run (the target goes on)."""
 
 from __future__ import annotations
 
+import os
 import pathlib
+import signal
 
+import anyio
 import pytest
 
 from shardline.engine import Engine, EngineConfig, SamplingParams
@@ -124,3 +127,40 @@ async def test_the_target_goes_on_when_the_draft_engine_dies(tiny_llama_dir: pat
         got = await generate_all(engine, PROMPTS, GREEDY)
         assert engine.stats().spec_num_drafts == 0
     assert got == reference
+
+
+async def test_the_draft_worker_killed_mid_stream_restarts_and_tokens_hold(
+    tiny_llama_dir: pathlib.Path,
+) -> None:
+    """The draft engine's worker SIGKILLed while requests stream: the draft engine restarts its
+    worker (the proposals in flight fail, those steps go without drafts), the target's tokens
+    are the plain engine's, and drafting resumes."""
+    reference, _ = await _run_plain(_cfg(tiny_llama_dir))
+    cfg = _cfg(tiny_llama_dir, speculative_config=_spec(tiny_llama_dir), restart_backoff=0.1)
+    async with await Engine.start(cfg) as engine:
+        drafter = engine._drafter
+        assert drafter is not None
+        results: dict[int, list[int]] = {}
+        streamed = anyio.Event()
+
+        async def one(i: int) -> None:
+            tokens: list[int] = []
+            async for out in engine.generate(PROMPTS[i], GREEDY):
+                tokens.extend(out.delta_token_ids)
+                if len(tokens) >= 6:
+                    streamed.set()
+            results[i] = tokens
+
+        async def kill() -> None:
+            await streamed.wait()
+            os.kill(drafter.engine._cores[0].executor.worker_pids[0], signal.SIGKILL)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(kill)
+            for i in range(len(PROMPTS)):
+                tg.start_soon(one, i)
+        assert [results[i] for i in range(len(PROMPTS))] == reference
+        assert drafter.engine.stats().num_restarts == 1
+        drafted = engine.stats().spec_num_drafts
+        assert await generate_all(engine, PROMPTS[:1], GREEDY) == reference[:1]
+        assert engine.stats().spec_num_drafts > drafted  # drafting goes on after the restart

@@ -5,6 +5,7 @@ seeded sampling."""
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import random
@@ -74,11 +75,19 @@ async def test_greedy_equal_shm_tp2_pp2_tcp_and_streams_several_tokens(
         assert sum(stats.spec_accepted_per_pos.values()) == stats.spec_num_accepted_tokens
 
 
-async def test_logprobs_stop_strings_and_max_tokens(tiny_llama_dir: pathlib.Path) -> None:
+def _spec(method: str, tiny_llama_dir: pathlib.Path) -> str:
+    """n-gram drafts, or the target as its own draft model (engine/draft_model.py)."""
+    if method == "ngram":
+        return SPEC
+    return json.dumps({"model": str(tiny_llama_dir), "num_speculative_tokens": 4})
+
+
+@pytest.mark.parametrize("method", ["ngram", "draft_model"])
+async def test_logprobs_stop_strings_and_max_tokens(tiny_llama_dir: pathlib.Path, method: str) -> None:
     params = SamplingParams(max_tokens=33, temperature=0.0, ignore_eos=True, logprobs=2)
     outs: dict[bool, list[object]] = {}
     for spec in (False, True):
-        cfg = _cfg(tiny_llama_dir, **({"speculative_config": SPEC} if spec else {}))
+        cfg = _cfg(tiny_llama_dir, **({"speculative_config": _spec(method, tiny_llama_dir)} if spec else {}))
         async with await Engine.start(cfg) as engine:
             finals: list[object] = []
             for prompt in PROMPTS:
@@ -109,18 +118,20 @@ async def test_logprobs_stop_strings_and_max_tokens(tiny_llama_dir: pathlib.Path
     assert outs[True][-1][1] == "stop"  # type: ignore[index]
 
 
-async def test_preemption_and_worker_restart_keep_the_tokens(tiny_llama_dir: pathlib.Path) -> None:
+@pytest.mark.parametrize("method", ["ngram", "draft_model"])
+async def test_preemption_and_worker_restart_keep_the_tokens(tiny_llama_dir: pathlib.Path, method: str) -> None:
     prompts: list[str | list[int]] = [*PROMPTS, *[f"x{i} y{i} x{i} y{i} x{i}" for i in range(6)]]
     params = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
     reference, _ = await _run(_cfg(tiny_llama_dir), prompts, params)
+    spec = _spec(method, tiny_llama_dir)
     # 40 blocks of 4 tokens for 10 requests growing to ~45 tokens: preemptions.
-    cfg = _cfg(tiny_llama_dir, speculative_config=SPEC, num_kv_blocks=40, max_num_seqs=10)
+    cfg = _cfg(tiny_llama_dir, speculative_config=spec, num_kv_blocks=40, max_num_seqs=10)
     async with await Engine.start(cfg) as engine:
         got = await generate_all(engine, prompts, params)
         assert engine.stats().num_preemptions > 0
     assert got == reference
     # A worker SIGKILLed mid-stream: the group restarts, every request recomputes and goes on.
-    cfg = _cfg(tiny_llama_dir, speculative_config=SPEC, tensor_parallel_size=2, restart_backoff=0.1)
+    cfg = _cfg(tiny_llama_dir, speculative_config=spec, tensor_parallel_size=2, restart_backoff=0.1)
     async with await Engine.start(cfg) as engine:
         results: dict[int, list[int]] = {}
         streamed = anyio.Event()
