@@ -45,6 +45,7 @@ from shardline.model.parallel import (
 )
 from shardline.model.parallel.utils import copy_checked, read
 from shardline.model.parallel_context import ParallelContext
+from shardline.model.q8_linear import Q8Weight
 
 # (fused parameter, checkpoint name part, shard id)
 STACKED_PARAMS = (
@@ -239,10 +240,12 @@ class LlamaModel(nn.Module):
         for layer in layers:
             attn, mlp = layer.self_attn, layer.mlp
             linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
-            if any(not isinstance(m.packed_weight, torch.Tensor) for m in linears) or attn.attn.kv_cache.numel() == 0:
+            if any(not isinstance(m.packed_weight, (torch.Tensor, Q8Weight)) for m in linears) \
+                    or attn.attn.kv_cache.numel() == 0:
                 return None
             norms += [layer.input_layernorm.weight, layer.post_attention_layernorm.weight]
-            packed += [m.packed_weight for m in linears]
+            packed += [m.packed_weight.packed if isinstance(m.packed_weight, Q8Weight) else m.packed_weight
+                       for m in linears]
             biases += [m.bias for m in linears]
             caches.append(attn.attn.kv_cache)
         norms.append(self.norm.weight)

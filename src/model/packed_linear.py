@@ -58,6 +58,8 @@ from shardline.model import paged_decode
 from shardline.model.env import env_choice
 from shardline.model.gguf_weights import GGUFLinearWeight, GGUFTensor
 from shardline.model.memory import huge_page_zeros
+from shardline.model.q8_linear import Q8Weight
+from shardline.model.q8_linear import enabled as int8_activations
 
 logger = logging.getLogger(__name__)
 
@@ -498,11 +500,19 @@ def pack_gguf_weights(model: nn.Module) -> int:
     # memory mapped: a whole weight's q and its packed copy would stay in RSS).
     Plan = tuple[Any, GGUFLinearWeight, torch.Tensor | None, Any, torch.dtype, tuple[int, int, int]]
     plans: list[Plan] = []
+    int8 = int8_activations()
+    int8_bytes = 0
     for m in model.modules():
         weight = getattr(m, "packed_weight", None)
         if not isinstance(weight, GGUFLinearWeight):
             continue
         blocks = _weight_integer_blocks(weight)
+        if int8:  # SHARDLINE_CPU_ACTIVATIONS=int8: the int8-activation kernel's own layout
+            q8 = _q8_weight(weight, blocks, kquants)
+            if q8 is not None:
+                setattr(m, "packed_weight", q8)  # noqa: B010 (a module attribute, not a tensor)
+                int8_bytes += q8.nbytes
+                continue
         if blocks is not None:
             ready = pack_blocks(blocks)
             plans.append((m, weight, ready, None, ready.dtype, tuple(ready.shape)))  # type: ignore[arg-type]
@@ -515,7 +525,7 @@ def pack_gguf_weights(model: nn.Module) -> int:
     sizes = [shape[0] * shape[1] * shape[2] for *_, shape in plans]
     added = sum(sizes)
     if not plans:
-        return 0
+        return int8_bytes
     buffer = huge_page_zeros((added,), torch.uint8)
     offset = 0
     for (m, weight, prepacked, form, dtype, shape), size in zip(plans, sizes, strict=True):
@@ -530,7 +540,21 @@ def pack_gguf_weights(model: nn.Module) -> int:
                 view[r0 // PANEL : -(-r1 // PANEL)].copy_(pack_scaled_blocks(scaled, form[2]))
         m.packed_weight = view
         offset += size
-    return added
+    return added + int8_bytes
+
+
+def _q8_weight(weight: GGUFLinearWeight, blocks: IntegerBlocks | None, kquants: bool) -> Q8Weight | None:
+    """A GGUF weight for the int8-activation kernel: Q4_0/Q4_1/Q8_0 blocks, or K-quant ones with
+    one d per 32 inputs (Q4_K, Q5_K; not Q6_K's two, which keep the float32 path)."""
+    if blocks is not None:
+        return Q8Weight.pack(*blocks)
+    form = _scaled_form(weight) if kquants else None
+    if form is None or form[0]:
+        return None
+    scaled = _weight_scaled_blocks(weight)
+    assert scaled is not None
+    d, _, m, q = scaled
+    return Q8Weight.pack(d, m, q)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -540,7 +564,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     Up to MAX_ROWS rows take the kernel at once. Longer inputs (prefill chunks) keep F.linear
     while the float32 weight is there; once `drop_float32_weights` has replaced it by its shape
     alone (a meta tensor), they run through the kernel MAX_ROWS rows at a time. A GGUF weight
-    (`gguf_weights.GGUFLinearWeight`) runs its own kernel for any number of rows."""
+    (`gguf_weights.GGUFLinearWeight`) and an int8-activation one (`q8_linear.Q8Weight`) run
+    their own kernels for any number of rows."""
+    if isinstance(packed, Q8Weight) and x.dtype == torch.float32 and x.device.type == "cpu":
+        return packed.matmul(x, bias)
     if isinstance(packed, GGUFLinearWeight) and x.dtype == torch.float32 and x.device.type == "cpu":
         if x.dim() != 2:
             flat = packed.matmul(x.reshape(-1, x.shape[-1]), bias)
@@ -613,9 +640,14 @@ def pack_linear_weights(model: nn.Module) -> int:
     # layer (1.25 bytes a weight); float32 panels go straight into the buffer. Detection stops
     # once the copy would pass the limit.
     plans: list[tuple[Any, torch.Tensor | None, int]] = []
-    added = 0
+    added = int8_bytes = 0
+    int8 = int8_activations()
     for m in layers:
         blocks = integer_blocks(m.weight.detach()) if mode == "auto" else None
+        if int8 and blocks is not None:  # the int8-activation kernel's own layout
+            m.packed_weight = Q8Weight.pack(*blocks)
+            int8_bytes += m.packed_weight.nbytes
+            continue
         packed = pack_blocks(blocks) if blocks is not None else None
         del blocks
         nbytes = packed.numel() if packed is not None else packed_numel(m.weight) * 4
@@ -637,7 +669,7 @@ def pack_linear_weights(model: nn.Module) -> int:
         else:
             m.packed_weight = pack_weight(m.weight.detach(), out.view(torch.float32))
         offset += nbytes
-    return added
+    return added + int8_bytes
 
 
 def load_packed_model(model_config: Any, parallel_context: Any) -> tuple[nn.Module, dict[str, Any]]:
@@ -661,7 +693,7 @@ def load_packed_model(model_config: Any, parallel_context: Any) -> tuple[nn.Modu
         paged_decode.check_spin_setting()
         usable = paged_decode.KERNEL.load()  # logs why, once, where it cannot build
     cache = index = None
-    if usable:
+    if usable and not int8_activations():  # (the int8 layout is packed at every start)
         cache = PackedCache.for_rank(
             model_config.path, architecture=model_config.architecture, dtype=model_config.dtype,
             tp=(parallel_context.tp_rank, parallel_context.tp_size),
@@ -692,6 +724,7 @@ def load_packed_model(model_config: Any, parallel_context: Any) -> tuple[nn.Modu
     blocks = {id(t.data): t.nbytes for w in gguf for _, t in w.parts} | {id(t.data): t.nbytes for t in tables}
     info["gguf_layers"] = len(gguf)
     info["gguf_bytes"] = sum(blocks.values())  # a tied head's table once
+    info["int8_layers"] = sum(isinstance(getattr(m, "packed_weight", None), Q8Weight) for m in model.modules())
     if info["packed"]:
         weights = [w for m in model.modules() if isinstance(w := getattr(m, "packed_weight", None), torch.Tensor)]
         info["weights"] = len(weights)

@@ -53,9 +53,9 @@ SPIN_ENV = "SHARDLINE_CPU_SPIN_US"
 _CSRC = pathlib.Path(__file__).resolve().parent / "csrc"
 # One extension: the decode-attention kernel, the fused element-wise ops (model.cpu_ops), the
 # decode GEMM (model.packed_linear), the decoder-layer loop (model.llama) and the GGUF
-# weights' GEMM (model.gguf_weights).
+# weights' GEMM (model.gguf_weights) and the int8-activation GEMM (model.q8_linear).
 SOURCES = (_CSRC / "paged_decode.cpp", _CSRC / "cpu_ops.cpp", _CSRC / "cpu_gemm.cpp",
-           _CSRC / "cpu_decoder.cpp", _CSRC / "gguf_gemm.cpp")
+           _CSRC / "cpu_decoder.cpp", _CSRC / "gguf_gemm.cpp", _CSRC / "q8_gemm.cpp")
 EXTENSION_NAME = "shardline_paged_decode"
 CFLAGS = ("-O3", "-march=native", "-fopenmp")  # -fopenmp: at::parallel_for is inline; without it, one thread
 

@@ -166,6 +166,10 @@ class Worker:
                 "copies let go: %.1f MiB", packing["packed"] / 2**20, packing["blocks"],
                 packing["weights"], "read from the packed-weight cache" if packing["cached"]
                 else "packed now and cached for the next start", packing["freed"] / 2**20)
+        if packing.get("int8_layers"):
+            self.log.info("int8 activations (SHARDLINE_CPU_ACTIVATIONS=int8): %d linear layers take "
+                          "the int8-activation GEMM (results differ from float32's by the "
+                          "activations' 8-bit rounding)", packing["int8_layers"])
         if packing.get("mapped"):
             self.log.info("token embedding mapped from the checkpoint: %.1f MiB, rows read as used",
                           packing["mapped"] / 2**20)

@@ -8,7 +8,8 @@ against each build: packed GEMMs (GGUF K-quant panels with float32 scales includ
 float32 panels bit for bit, the decoder loop equal to
 the Python layers, paged attention and the fused ops equal to their references, GGUF blocks turned
 into gguf-py's `dequantize` values bit for bit (the AVX2 build's vector K-quant / Q8_0 dequantizers,
-the baseline build's scalar ones) and the GGUF GEMM equal to dequantize + mm.
+the baseline build's scalar ones), the GGUF GEMM equal to dequantize + mm, and the int8-activation
+GEMM equal to its integer definition (AVX2's maddubs, the baseline's plain loops).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ TESTS = [
     "tests/model/test_paged_decode_kernel.py",
     "tests/model/test_cpu_ops.py",
     "tests/model/test_gguf_weights.py::test_kernel_values_are_gguf_py_dequantize_bit_for_bit",
+    "tests/model/test_q8_linear.py::test_gemm_is_its_integer_definition",
     "tests/model/test_gguf_weights.py::test_gemm_equals_dequantize_and_mm_for_1_to_256_rows",
     "tests/model/test_gguf_weights.py::test_gemm_rows_equal_one_row_gemms_bit_for_bit",
     "tests/model/test_gguf_weights.py::test_parts_write_their_rows_and_column_shards_take_whole_blocks",

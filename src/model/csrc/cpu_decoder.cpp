@@ -29,6 +29,17 @@
 
 namespace {
 
+// A linear layer's GEMM in the weight's form: the int8-activation kernel's (q8_gemm.cpp) or the
+// packed one, which prefetches `then` (the next GEMM's weight) when that is packed panels too.
+void linear(at::Tensor& out, const at::Tensor& x, const at::Tensor& weight,
+            const std::optional<at::Tensor>& bias, const at::Tensor* then) {
+  if (shardline_cpu::is_q8(weight)) {
+    shardline_cpu::q8_gemm(out, x, weight, bias);
+  } else {
+    shardline_cpu::packed_gemm(out, x, weight, bias, then && !shardline_cpu::is_q8(*then) ? then : nullptr);
+  }
+}
+
 at::Tensor decoder_layers(const at::Tensor& hidden, const at::Tensor& positions,
                           const std::vector<at::Tensor>& norms,
                           const std::vector<at::Tensor>& packed,
@@ -48,7 +59,8 @@ at::Tensor decoder_layers(const at::Tensor& hidden, const at::Tensor& positions,
   TORCH_CHECK(hidden.dim() == 2 && hidden.is_contiguous() && hidden.scalar_type() == at::kFloat,
               "decoder_layers: hidden must be a contiguous float32 [tokens, hidden] tensor");
   for (const at::Tensor& weight : packed) {
-    TORCH_CHECK(weight.dim() == 3, "decoder_layers: every weight must be packed (model/packed_linear.py)");
+    TORCH_CHECK(weight.dim() == 3 || shardline_cpu::is_q8(weight),
+                "decoder_layers: every weight must be packed (model/packed_linear.py, q8_linear.py)");
   }
   const int64_t tokens = hidden.size(0), width = hidden.size(1);
   const int64_t q_size = num_heads * head_dim, kv_size = num_kv_heads * head_dim;
@@ -59,7 +71,7 @@ at::Tensor decoder_layers(const at::Tensor& hidden, const at::Tensor& positions,
     if (layer > 0) shardline_cpu::fused_add_rms_norm(x, residual, norms[2 * layer], eps);
     const int64_t p = 4 * layer;
     at::Tensor qkv = at::empty({tokens, q_size + 2 * kv_size}, hidden.options());
-    shardline_cpu::packed_gemm(qkv, x, packed[p], biases[p], &packed[p + 1]);
+    linear(qkv, x, packed[p], biases[p], &packed[p + 1]);
     at::Tensor q = qkv.narrow(1, 0, q_size);
     at::Tensor k = qkv.narrow(1, q_size, kv_size);
     at::Tensor v = qkv.narrow(1, q_size + kv_size, kv_size);
@@ -70,18 +82,18 @@ at::Tensor decoder_layers(const at::Tensor& hidden, const at::Tensor& positions,
                                           kv_caches[layer], block_tables, seq_lens,
                                           query_start_loc, std::nullopt, scale);
     at::Tensor o = at::empty({tokens, width}, hidden.options());
-    shardline_cpu::packed_gemm(o, attended.view({tokens, q_size}), packed[p + 1], biases[p + 1],
-                               &packed[p + 2]);
+    linear(o, attended.view({tokens, q_size}), packed[p + 1], biases[p + 1], &packed[p + 2]);
     shardline_cpu::fused_add_rms_norm(o, residual, norms[2 * layer + 1], eps);
-    const int64_t intermediate = shardline_cpu::packed_in_features(packed[p + 3]);  // down's K
+    const int64_t intermediate = shardline_cpu::is_q8(packed[p + 3])  // down's K
+                                     ? shardline_cpu::q8_in_features(packed[p + 3])
+                                     : shardline_cpu::packed_in_features(packed[p + 3]);
     at::Tensor gu = at::empty({tokens, 2 * intermediate}, hidden.options());
-    shardline_cpu::packed_gemm(gu, o, packed[p + 2], biases[p + 2], &packed[p + 3]);
+    linear(gu, o, packed[p + 2], biases[p + 2], &packed[p + 3]);
     at::Tensor act = at::empty({tokens, intermediate}, hidden.options());
     shardline_cpu::silu_and_mul(act, gu);
     x = at::empty({tokens, width}, hidden.options());
     const bool more = p + 4 < static_cast<int64_t>(packed.size());
-    shardline_cpu::packed_gemm(x, act, packed[p + 3], biases[p + 3],
-                               more ? &packed[p + 4] : nullptr);
+    linear(x, act, packed[p + 3], biases[p + 3], more ? &packed[p + 4] : nullptr);
   }
   shardline_cpu::fused_add_rms_norm(x, residual, norms[2 * layers], eps);
   return x;

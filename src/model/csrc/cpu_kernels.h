@@ -26,5 +26,10 @@ void packed_gemm(at::Tensor& out, const at::Tensor& x, const at::Tensor& packed,
                  const std::optional<at::Tensor>& bias, const at::Tensor* then = nullptr);
 // The K (input features) of a packed weight, in either of its forms.
 int64_t packed_in_features(const at::Tensor& packed);
+// The int8-activation GEMM (q8_gemm.cpp) and whether a tensor is its packed weight.
+bool is_q8(const at::Tensor& packed);
+int64_t q8_in_features(const at::Tensor& packed);
+void q8_gemm(const at::Tensor& out, const at::Tensor& x, const at::Tensor& packed,
+             const std::optional<at::Tensor>& bias);
 
 }  // namespace shardline_cpu

@@ -1,0 +1,386 @@
+// Integer GEMM with 8-bit activations (the opt-in int8 mode): out[M, N] = x[M, K] @ W^T (+ bias)
+// for weights of the integer-block form w = d * q + m per 32 inputs of an output (GGUF's Q4_0,
+// Q4_1, Q8_0, Q4_K, Q5_K; packed_linear.py finds d, m and q), as llama.cpp computes them: each
+// row of x is quantized per block of 32 inputs to int8 (scale amax / 127, round to nearest), the
+// block's dot products are exact int32 sums of q * x_q, and one float step per block applies the
+// scales:
+//
+//   out[r, n] = sum_b  dx[r, b] * (d[n, b] * dot[r, n, b] + m2[n, b] * sx[r, b])
+//
+// with sx the block's sum of x_q and m2 = m - offset * d for q stored with an offset. The values
+// are not float32's (x is rounded to 8 bits): this path is opt-in, with its accuracy measured.
+//
+// Layout (q8_pack): the output columns in groups of 16, each group's blocks one after another;
+// per block the q, then d[16] and m2[16] as float32:
+//   * nibbles (every q in 0..15, or -8..7 stored as q + 8): 256 bytes, byte [j][c][i] holding
+//     q[c][4j + i] in its low and q[c][16 + 4j + i] in its high nibble (j < 4);
+//   * bytes: 512 bytes, byte [j][c][i] = q[c][4j + i] (j < 8): with AVX512-VNNI as q + 128
+//     (vpdpbusd multiplies unsigned weights by signed activations), else as signed int8 (AVX2's
+//     maddubs takes |q| and x_q with q's sign, which cannot overflow its int16 sums).
+// So one 64-byte load holds 4 consecutive inputs of 16 columns: the vpdpbusd / maddubs operand.
+//
+// Threads: cpu_pool.h's, over the column groups.
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/zeros.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+#include "cpu_kernels.h"
+#include "cpu_pool.h"
+
+namespace {
+
+constexpr int kCols = 16;   // output columns per group
+constexpr int kBlock = 32;  // inputs per block
+constexpr int kHeader = 64;
+constexpr int64_t kMagic = 0x38514C44534E5348;  // "HSNSDLQ8"
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+constexpr int kRows = 8;  // rows per tile: 8 int32 + 8 float accumulators
+#else
+constexpr int kRows = 4;
+#endif
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+constexpr int kByteOffset = 128;
+#else
+constexpr int kByteOffset = 0;
+#endif
+
+enum Kind : int64_t { kNibble = 1, kByte = 2 };
+
+struct Header {
+  int64_t magic, kind, n, k;
+};
+
+inline int block_bytes(int64_t kind) { return (kind == kNibble ? 256 : 512) + 2 * kCols * 4; }
+
+// x (one row, K floats) -> int8 per block of 32, the block's scale and sum of its int8 values.
+void quantize_row(const float* x, int64_t k, int8_t* q, float* scale, int32_t* sum) {
+  for (int64_t b = 0; b < k / kBlock; ++b) {
+    const float* xb = x + b * kBlock;
+    float amax = 0.f;
+    for (int i = 0; i < kBlock; ++i) amax = std::max(amax, std::fabs(xb[i]));
+    const float inv = amax > 0.f ? 127.f / amax : 0.f;
+    int32_t s = 0;
+    for (int i = 0; i < kBlock; ++i) {
+      const int v = static_cast<int>(std::nearbyint(xb[i] * inv));
+      q[b * kBlock + i] = static_cast<int8_t>(v);
+      s += v;
+    }
+    scale[b] = amax / 127.f;
+    sum[b] = s;
+  }
+}
+
+// One tile: up to kRows rows x 16 columns over every block of a column group, float totals
+// out[r][c] (in registers for the SIMD builds). xq[r] is row r's int8 x, sx[r] / ssum[r] its
+// per-block scales and scale * sum.
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+template <int R>
+void tile(const uint8_t* gp, int64_t nb, int64_t kind, const int8_t* const* xq, const float* const* sx,
+          const float* const* ssum, float out[kRows][kCols]) {
+  const int bb = block_bytes(kind), qbytes = kind == kNibble ? 256 : 512;
+  __m512 total[R];
+  for (int r = 0; r < R; ++r) total[r] = _mm512_setzero_ps();
+  const __m512i low = _mm512_set1_epi8(0x0F);
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* qb = gp + b * bb;
+    __m512i a[R];
+    for (int r = 0; r < R; ++r) a[r] = _mm512_setzero_si512();
+    if (kind == kNibble) {
+      for (int j = 0; j < 4; ++j) {
+        const __m512i v = _mm512_loadu_si512(qb + 64 * j);
+        const __m512i lo = _mm512_and_si512(v, low);
+        const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+        for (int r = 0; r < R; ++r) {
+          int32_t x0, x1;
+          std::memcpy(&x0, xq[r] + b * kBlock + 4 * j, 4);
+          std::memcpy(&x1, xq[r] + b * kBlock + 16 + 4 * j, 4);
+          a[r] = _mm512_dpbusd_epi32(a[r], lo, _mm512_set1_epi32(x0));
+          a[r] = _mm512_dpbusd_epi32(a[r], hi, _mm512_set1_epi32(x1));
+        }
+      }
+    } else {
+      for (int j = 0; j < 8; ++j) {
+        const __m512i v = _mm512_loadu_si512(qb + 64 * j);
+        for (int r = 0; r < R; ++r) {
+          int32_t x0;
+          std::memcpy(&x0, xq[r] + b * kBlock + 4 * j, 4);
+          a[r] = _mm512_dpbusd_epi32(a[r], v, _mm512_set1_epi32(x0));
+        }
+      }
+    }
+    const __m512 d = _mm512_loadu_ps(reinterpret_cast<const float*>(qb + qbytes));
+    const __m512 m2 = _mm512_loadu_ps(reinterpret_cast<const float*>(qb + qbytes) + kCols);
+    for (int r = 0; r < R; ++r) {
+      total[r] = _mm512_fmadd_ps(_mm512_mul_ps(d, _mm512_set1_ps(sx[r][b])), _mm512_cvtepi32_ps(a[r]), total[r]);
+      total[r] = _mm512_fmadd_ps(m2, _mm512_set1_ps(ssum[r][b]), total[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) _mm512_storeu_ps(out[r], total[r]);
+}
+#elif defined(__AVX2__)
+template <int R>
+void tile(const uint8_t* gp, int64_t nb, int64_t kind, const int8_t* const* xq, const float* const* sx,
+          const float* const* ssum, float out[kRows][kCols]) {
+  const int bb = block_bytes(kind), qbytes = kind == kNibble ? 256 : 512;
+  const __m256i ones = _mm256_set1_epi16(1);
+  const __m256i low = _mm256_set1_epi8(0x0F);
+  for (int h = 0; h < 2; ++h) {  // columns 8h .. 8h + 7
+    __m256 total[R];
+    for (int r = 0; r < R; ++r) total[r] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; ++b) {
+      const uint8_t* qb = gp + b * bb;
+      __m256i a[R];
+      for (int r = 0; r < R; ++r) a[r] = _mm256_setzero_si256();
+      if (kind == kNibble) {
+        for (int j = 0; j < 4; ++j) {
+          const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qb + 64 * j + 32 * h));
+          const __m256i lo = _mm256_and_si256(v, low);
+          const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+          for (int r = 0; r < R; ++r) {
+            int32_t x0, x1;
+            std::memcpy(&x0, xq[r] + b * kBlock + 4 * j, 4);
+            std::memcpy(&x1, xq[r] + b * kBlock + 16 + 4 * j, 4);
+            const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_set1_epi32(x0)),
+                                               _mm256_maddubs_epi16(hi, _mm256_set1_epi32(x1)));
+            a[r] = _mm256_add_epi32(a[r], _mm256_madd_epi16(p, ones));
+          }
+        }
+      } else {
+        for (int j = 0; j < 8; ++j) {
+          const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qb + 64 * j + 32 * h));
+          const __m256i w = _mm256_abs_epi8(v);
+          for (int r = 0; r < R; ++r) {
+            int32_t x0;
+            std::memcpy(&x0, xq[r] + b * kBlock + 4 * j, 4);
+            const __m256i xs = _mm256_sign_epi8(_mm256_set1_epi32(x0), v);
+            a[r] = _mm256_add_epi32(a[r], _mm256_madd_epi16(_mm256_maddubs_epi16(w, xs), ones));
+          }
+        }
+      }
+      const __m256 d = _mm256_loadu_ps(reinterpret_cast<const float*>(qb + qbytes) + 8 * h);
+      const __m256 m2 = _mm256_loadu_ps(reinterpret_cast<const float*>(qb + qbytes) + kCols + 8 * h);
+      for (int r = 0; r < R; ++r) {
+        total[r] = _mm256_fmadd_ps(_mm256_mul_ps(d, _mm256_set1_ps(sx[r][b])), _mm256_cvtepi32_ps(a[r]), total[r]);
+        total[r] = _mm256_fmadd_ps(m2, _mm256_set1_ps(ssum[r][b]), total[r]);
+      }
+    }
+    for (int r = 0; r < R; ++r) _mm256_storeu_ps(out[r] + 8 * h, total[r]);
+  }
+}
+#else
+template <int R>
+void tile(const uint8_t* gp, int64_t nb, int64_t kind, const int8_t* const* xq, const float* const* sx,
+          const float* const* ssum, float out[kRows][kCols]) {
+  const int bb = block_bytes(kind), qbytes = kind == kNibble ? 256 : 512;
+  for (int r = 0; r < R; ++r) {
+    for (int c = 0; c < kCols; ++c) out[r][c] = 0.f;
+  }
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* qb = gp + b * bb;
+    const float* d = reinterpret_cast<const float*>(qb + qbytes);
+    const float* m2 = d + kCols;
+    for (int r = 0; r < R; ++r) {
+      const int8_t* x = xq[r] + b * kBlock;
+      for (int c = 0; c < kCols; ++c) {
+        int32_t acc = 0;
+        for (int j = 0; j < (kind == kNibble ? 4 : 8); ++j) {
+          for (int i = 0; i < 4; ++i) {
+            const uint8_t byte = qb[64 * j + 4 * c + i];
+            if (kind == kNibble) {
+              acc += (byte & 0x0F) * x[4 * j + i] + (byte >> 4) * x[16 + 4 * j + i];
+            } else {
+              acc += static_cast<int8_t>(byte) * x[4 * j + i];
+            }
+          }
+        }
+        out[r][c] += d[c] * sx[r][b] * static_cast<float>(acc) + m2[c] * ssum[r][b];
+      }
+    }
+  }
+}
+#endif
+
+// tile<t> for a tile of t <= R rows.
+template <int R>
+void tile_rows(int t, const uint8_t* gp, int64_t nb, int64_t kind, const int8_t* const* xq,
+               const float* const* sx, const float* const* ssum, float out[kRows][kCols]) {
+  if constexpr (R >= 1) {
+    if (t == R) return tile<R>(gp, nb, kind, xq, sx, ssum, out);
+    tile_rows<R - 1>(t, gp, nb, kind, xq, sx, ssum, out);
+  }
+}
+
+at::Tensor q8_pack(const at::Tensor& d, const at::Tensor& m, const at::Tensor& q) {
+  TORCH_CHECK(q.dim() == 2 && q.scalar_type() == at::kChar && q.is_contiguous(), "q8_pack: q must be int8 [N, K]");
+  const int64_t n = q.size(0), k = q.size(1);
+  TORCH_CHECK(k % kBlock == 0, "q8_pack: K must be a multiple of 32, got ", k);
+  const int64_t nb = k / kBlock;
+  TORCH_CHECK(d.scalar_type() == at::kFloat && d.is_contiguous() && d.size(0) == n && d.size(1) == nb,
+              "q8_pack: d must be float32 [N, K / 32]");
+  TORCH_CHECK(m.scalar_type() == at::kFloat && m.is_contiguous() && m.size(0) == n && m.size(1) == nb,
+              "q8_pack: m must be float32 [N, K / 32]");
+  const int8_t* qp = q.data_ptr<int8_t>();
+  const float* dp = d.data_ptr<float>();
+  const float* mp = m.data_ptr<float>();
+  int lo = 127, hi = -128;
+  for (int64_t i = 0; i < n * k; ++i) {
+    lo = std::min<int>(lo, qp[i]);
+    hi = std::max<int>(hi, qp[i]);
+  }
+  int offset = 0;
+  int64_t kind = kByte;
+  if (lo >= 0 && hi <= 15) {
+    kind = kNibble;
+  } else if (lo >= -8 && hi <= 7) {
+    kind = kNibble;
+    offset = 8;
+  } else {
+    offset = kByteOffset;
+  }
+  const int64_t groups = (n + kCols - 1) / kCols;
+  const int bb = block_bytes(kind);
+  at::Tensor out = at::zeros({kHeader + groups * nb * bb}, q.options().dtype(at::kByte));
+  uint8_t* op = out.data_ptr<uint8_t>();
+  const Header header{kMagic, kind, n, k};
+  std::memcpy(op, &header, sizeof(header));
+  for (int64_t g = 0; g < groups; ++g) {
+    for (int64_t b = 0; b < nb; ++b) {
+      uint8_t* blk = op + kHeader + (g * nb + b) * bb;
+      float* ds = reinterpret_cast<float*>(blk + (kind == kNibble ? 256 : 512));
+      float* ms = ds + kCols;
+      for (int c = 0; c < kCols; ++c) {
+        const int64_t col = g * kCols + c;
+        if (col >= n) continue;
+        const int8_t* qc = qp + col * k + b * kBlock;
+        const float dv = dp[col * nb + b];
+        ds[c] = dv;
+        ms[c] = mp[col * nb + b] - static_cast<float>(offset) * dv;
+        if (kind == kNibble) {
+          for (int j = 0; j < 4; ++j) {
+            for (int i = 0; i < 4; ++i) {
+              const int lo_v = qc[4 * j + i] + offset, hi_v = qc[16 + 4 * j + i] + offset;
+              blk[64 * j + 4 * c + i] = static_cast<uint8_t>(lo_v | (hi_v << 4));
+            }
+          }
+        } else {
+          for (int j = 0; j < 8; ++j) {
+            for (int i = 0; i < 4; ++i) {
+              blk[64 * j + 4 * c + i] = static_cast<uint8_t>(qc[4 * j + i] + offset);
+            }
+          }
+        }
+      }
+    }
+  }
+  return out;
+}
+
+}  // namespace
+
+bool shardline_cpu::is_q8(const at::Tensor& packed) {
+  if (packed.dim() != 1 || packed.scalar_type() != at::kByte || packed.numel() < kHeader || !packed.is_contiguous()) {
+    return false;
+  }
+  int64_t magic;
+  std::memcpy(&magic, packed.data_ptr<uint8_t>(), sizeof(magic));
+  return magic == kMagic;
+}
+
+int64_t shardline_cpu::q8_in_features(const at::Tensor& packed) {
+  TORCH_CHECK(is_q8(packed), "q8_in_features: packed must come from q8_pack");
+  Header h;
+  std::memcpy(&h, packed.data_ptr<uint8_t>(), sizeof(h));
+  return h.k;
+}
+
+void shardline_cpu::q8_gemm(const at::Tensor& out, const at::Tensor& x, const at::Tensor& packed,
+                            const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous() && packed.numel() >= kHeader,
+              "q8_gemm: packed must come from q8_pack");
+  Header h;
+  std::memcpy(&h, packed.data_ptr<uint8_t>(), sizeof(h));
+  TORCH_CHECK(h.magic == kMagic, "q8_gemm: packed must come from q8_pack");
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.size(1) == h.k && x.stride(1) == 1,
+              "q8_gemm: x must be float32 [M, ", h.k, "] with unit column stride");
+  TORCH_CHECK(out.dim() == 2 && out.scalar_type() == at::kFloat && out.size(0) == x.size(0) &&
+                  out.size(1) == h.n && out.stride(1) == 1,
+              "q8_gemm: out must be float32 [M, ", h.n, "]");
+  const float* bp = nullptr;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == h.n,
+                "q8_gemm: bias must be float32 [N]");
+    bp = bias->data_ptr<float>();
+  }
+  const int64_t rows = x.size(0), k = h.k, n = h.n, nb = k / kBlock;
+  if (rows == 0) return;
+  std::vector<int8_t> xq(rows * k);
+  std::vector<float> xs(rows * nb);
+  std::vector<int32_t> xsum(rows * nb);
+  const float* xp = x.data_ptr<float>();
+  const int64_t xstride = x.stride(0);
+  cpu_pool::parallel_for(rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      quantize_row(xp + r * xstride, k, xq.data() + r * k, xs.data() + r * nb, xsum.data() + r * nb);
+    }
+  });
+  const uint8_t* base = packed.data_ptr<uint8_t>() + kHeader;
+  const int bb = block_bytes(h.kind);
+  float* op = out.data_ptr<float>();
+  const int64_t ostride = out.stride(0);
+  const int64_t groups = (n + kCols - 1) / kCols;
+  std::vector<float> ssum(rows * nb);
+  for (int64_t i = 0; i < rows * nb; ++i) ssum[i] = xs[i] * static_cast<float>(xsum[i]);
+  cpu_pool::parallel_for(groups, 1, [&](int64_t g0, int64_t g1) {
+    float total[kRows][kCols];
+    for (int64_t g = g0; g < g1; ++g) {
+      const uint8_t* gp = base + g * nb * bb;
+      const int cols = static_cast<int>(std::min<int64_t>(kCols, n - g * kCols));
+      for (int64_t r0 = 0; r0 < rows; r0 += kRows) {
+        const int t = static_cast<int>(std::min<int64_t>(kRows, rows - r0));
+        const int8_t* xr[kRows];
+        const float* sr[kRows];
+        const float* ur[kRows];
+        for (int r = 0; r < t; ++r) {
+          xr[r] = xq.data() + (r0 + r) * k;
+          sr[r] = xs.data() + (r0 + r) * nb;
+          ur[r] = ssum.data() + (r0 + r) * nb;
+        }
+        tile_rows<kRows>(t, gp, nb, h.kind, xr, sr, ur, total);
+        for (int r = 0; r < t; ++r) {
+          float* orow = op + (r0 + r) * ostride + g * kCols;
+          for (int c = 0; c < cols; ++c) orow[c] = total[r][c] + (bp ? bp[g * kCols + c] : 0.f);
+        }
+      }
+    }
+  });
+}
+
+namespace {
+void q8_gemm_op(const at::Tensor& out, const at::Tensor& x, const at::Tensor& packed,
+                const std::optional<at::Tensor>& bias) {
+  shardline_cpu::q8_gemm(out, x, packed, bias);
+}
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(shardline, m) {
+  m.def("q8_pack(Tensor d, Tensor m, Tensor q) -> Tensor");
+  m.def("q8_gemm(Tensor(a!) out, Tensor x, Tensor packed, Tensor? bias) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(shardline, CPU, m) {
+  m.impl("q8_pack", &q8_pack);
+  m.impl("q8_gemm", &q8_gemm_op);
+}
