@@ -12,8 +12,9 @@ the activations to 8 bits, measured on the default model as perplexity on a fixe
 (tests/model/test_q8_linear.py, benchmarks/RESULTS.md). Weights of another form (Q6_K's two
 scales per block, float weights) keep the float32 path in either mode.
 
-Bytes per weight: nibbles 0.75 (256 bytes of q and 128 of float32 scales per 16 x 32), int8 q
-1.25. The layout is the kernel's own (`q8_pack`), made at load from the integer blocks.
+Bytes per weight: nibbles 0.625 with float16 scales (Q4_0, Q4_1: d and m are float16 values) or
+0.75 with float32 ones (Q4_K), bytes 1.125 / 1.25 (Q8_0 / Q5_K). The layout is the kernel's own
+(`q8_pack`), made at load from the integer blocks.
 """
 
 from __future__ import annotations

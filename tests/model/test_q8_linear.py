@@ -37,14 +37,23 @@ def reference(x: torch.Tensor, d: torch.Tensor, m: torch.Tensor, q: torch.Tensor
 
 @pytest.mark.parametrize(("low", "high"), [(0, 15), (-8, 7), (-127, 127), (0, 31), (-32, 31)])
 @pytest.mark.parametrize("bias", [False, True])
-def test_gemm_is_its_integer_definition(low: int, high: int, bias: bool) -> None:
+@pytest.mark.parametrize("half_scales", [False, True])
+def test_gemm_is_its_integer_definition(low: int, high: int, bias: bool, half_scales: bool) -> None:
+    """(float16 scales: d and m float16 values, as Q4_0/Q4_1/Q8_0's, stored as float16; else
+    float32, as K-quants' d * sc)"""
     gen = torch.Generator().manual_seed(low * 7 + high)
     n, k = 40, 128
     q = torch.randint(low, high + 1, (n, k), dtype=torch.int8, generator=gen)
     d = torch.rand(n, k // 32, generator=gen) * 0.01 + 0.001
     m = (torch.rand(n, k // 32, generator=gen) - 0.5) * 0.02
+    if half_scales:
+        d, m = d.half().float(), m.half().float()
     b = torch.randn(n, generator=gen) if bias else None
     weight = Q8Weight.pack(d, m, q)
+    half = bool(int(weight.packed[8:16].view(torch.int64)) & 4)  # the header's kind
+    # float16 scales where exact: d and m for 0..15 nibbles (stored as they are); with an offset
+    # (q + 8 for -8..7, q + 128 for bytes on VNNI builds) m - offset * d may not be one
+    assert half == half_scales if (low, high) == (0, 15) else half <= half_scales
     dense = d.repeat_interleave(32, 1) * q.float() + m.repeat_interleave(32, 1)
     for rows in [*range(1, 18), 33, 70]:
         x = torch.randn(rows, k, generator=gen)

@@ -11,7 +11,8 @@
 // are not float32's (x is rounded to 8 bits): this path is opt-in, with its accuracy measured.
 //
 // Layout (q8_pack): the output columns in groups of 16, each group's blocks one after another;
-// per block the q, then d[16] and m2[16] as float32:
+// per block the q, then d[16] and m2[16], as float16 where every one of the weight's is a float16
+// value (Q4_0, Q4_1, Q8_0), else as float32 (K-quants):
 //   * nibbles (every q in 0..15, or -8..7 stored as q + 8): 256 bytes, byte [j][c][i] holding
 //     q[c][4j + i] in its low and q[c][16 + 4j + i] in its high nibble (j < 4);
 //   * bytes: 512 bytes, byte [j][c][i] = q[c][4j + i] (j < 8): with AVX512-VNNI as q + 128
@@ -24,6 +25,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/zeros.h>
 #include <c10/util/Exception.h>
+#include <c10/util/Half.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -57,13 +59,29 @@ constexpr int kByteOffset = 128;
 constexpr int kByteOffset = 0;
 #endif
 
-enum Kind : int64_t { kNibble = 1, kByte = 2 };
+enum Kind : int64_t { kNibble = 1, kByte = 2, kHalfScales = 4 };  // storage | kHalfScales
 
 struct Header {
   int64_t magic, kind, n, k;
 };
 
-inline int block_bytes(int64_t kind) { return (kind == kNibble ? 256 : 512) + 2 * kCols * 4; }
+inline int q_bytes(int64_t kind) { return (kind & 3) == kNibble ? 256 : 512; }
+inline int block_bytes(int64_t kind) { return q_bytes(kind) + 2 * kCols * ((kind & kHalfScales) ? 2 : 4); }
+
+inline float half_to_float(const uint8_t* p) {
+  uint16_t bits;
+  std::memcpy(&bits, p, 2);
+  return static_cast<float>(c10::Half(bits, c10::Half::from_bits()));
+}
+
+// Scale c (< 16) of a block's d (which = 0) or m2 (which = 1).
+inline float scale_at(const uint8_t* qb, int64_t kind, int which, int c) {
+  const uint8_t* p = qb + q_bytes(kind);
+  if (kind & kHalfScales) return half_to_float(p + 2 * (which * kCols + c));
+  float v;
+  std::memcpy(&v, p + 4 * (which * kCols + c), 4);
+  return v;
+}
 
 // x (one row, K floats) -> int8 per block of 32, the block's scale and sum of its int8 values.
 void quantize_row(const float* x, int64_t k, int8_t* q, float* scale, int32_t* sum) {
@@ -90,7 +108,9 @@ void quantize_row(const float* x, int64_t k, int8_t* q, float* scale, int32_t* s
 template <int R>
 void tile(const uint8_t* gp, int64_t nb, int64_t kind, const int8_t* const* xq, const float* const* sx,
           const float* const* ssum, float out[kRows][kCols]) {
-  const int bb = block_bytes(kind), qbytes = kind == kNibble ? 256 : 512;
+  const int bb = block_bytes(kind), qbytes = q_bytes(kind);
+  const bool half = kind & kHalfScales;
+  const bool nibbles = (kind & 3) == kNibble;
   __m512 total[R];
   for (int r = 0; r < R; ++r) total[r] = _mm512_setzero_ps();
   const __m512i low = _mm512_set1_epi8(0x0F);
@@ -98,7 +118,7 @@ void tile(const uint8_t* gp, int64_t nb, int64_t kind, const int8_t* const* xq, 
     const uint8_t* qb = gp + b * bb;
     __m512i a[R];
     for (int r = 0; r < R; ++r) a[r] = _mm512_setzero_si512();
-    if (kind == kNibble) {
+    if (nibbles) {
       for (int j = 0; j < 4; ++j) {
         const __m512i v = _mm512_loadu_si512(qb + 64 * j);
         const __m512i lo = _mm512_and_si512(v, low);
@@ -121,8 +141,14 @@ void tile(const uint8_t* gp, int64_t nb, int64_t kind, const int8_t* const* xq, 
         }
       }
     }
-    const __m512 d = _mm512_loadu_ps(reinterpret_cast<const float*>(qb + qbytes));
-    const __m512 m2 = _mm512_loadu_ps(reinterpret_cast<const float*>(qb + qbytes) + kCols);
+    __m512 d, m2;
+    if (half) {
+      d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(qb + qbytes)));
+      m2 = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(qb + qbytes + 32)));
+    } else {
+      d = _mm512_loadu_ps(reinterpret_cast<const float*>(qb + qbytes));
+      m2 = _mm512_loadu_ps(reinterpret_cast<const float*>(qb + qbytes) + kCols);
+    }
     for (int r = 0; r < R; ++r) {
       total[r] = _mm512_fmadd_ps(_mm512_mul_ps(d, _mm512_set1_ps(sx[r][b])), _mm512_cvtepi32_ps(a[r]), total[r]);
       total[r] = _mm512_fmadd_ps(m2, _mm512_set1_ps(ssum[r][b]), total[r]);
@@ -134,7 +160,9 @@ void tile(const uint8_t* gp, int64_t nb, int64_t kind, const int8_t* const* xq, 
 template <int R>
 void tile(const uint8_t* gp, int64_t nb, int64_t kind, const int8_t* const* xq, const float* const* sx,
           const float* const* ssum, float out[kRows][kCols]) {
-  const int bb = block_bytes(kind), qbytes = kind == kNibble ? 256 : 512;
+  const int bb = block_bytes(kind), qbytes = q_bytes(kind);
+  const bool half = kind & kHalfScales;
+  const bool nibbles = (kind & 3) == kNibble;
   const __m256i ones = _mm256_set1_epi16(1);
   const __m256i low = _mm256_set1_epi8(0x0F);
   for (int h = 0; h < 2; ++h) {  // columns 8h .. 8h + 7
@@ -144,7 +172,7 @@ void tile(const uint8_t* gp, int64_t nb, int64_t kind, const int8_t* const* xq, 
       const uint8_t* qb = gp + b * bb;
       __m256i a[R];
       for (int r = 0; r < R; ++r) a[r] = _mm256_setzero_si256();
-      if (kind == kNibble) {
+      if (nibbles) {
         for (int j = 0; j < 4; ++j) {
           const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qb + 64 * j + 32 * h));
           const __m256i lo = _mm256_and_si256(v, low);
@@ -170,8 +198,14 @@ void tile(const uint8_t* gp, int64_t nb, int64_t kind, const int8_t* const* xq, 
           }
         }
       }
-      const __m256 d = _mm256_loadu_ps(reinterpret_cast<const float*>(qb + qbytes) + 8 * h);
-      const __m256 m2 = _mm256_loadu_ps(reinterpret_cast<const float*>(qb + qbytes) + kCols + 8 * h);
+      __m256 d, m2;
+      if (half) {
+        d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qb + qbytes + 16 * h)));
+        m2 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qb + qbytes + 32 + 16 * h)));
+      } else {
+        d = _mm256_loadu_ps(reinterpret_cast<const float*>(qb + qbytes) + 8 * h);
+        m2 = _mm256_loadu_ps(reinterpret_cast<const float*>(qb + qbytes) + kCols + 8 * h);
+      }
       for (int r = 0; r < R; ++r) {
         total[r] = _mm256_fmadd_ps(_mm256_mul_ps(d, _mm256_set1_ps(sx[r][b])), _mm256_cvtepi32_ps(a[r]), total[r]);
         total[r] = _mm256_fmadd_ps(m2, _mm256_set1_ps(ssum[r][b]), total[r]);
@@ -184,22 +218,26 @@ void tile(const uint8_t* gp, int64_t nb, int64_t kind, const int8_t* const* xq, 
 template <int R>
 void tile(const uint8_t* gp, int64_t nb, int64_t kind, const int8_t* const* xq, const float* const* sx,
           const float* const* ssum, float out[kRows][kCols]) {
-  const int bb = block_bytes(kind), qbytes = kind == kNibble ? 256 : 512;
+  const int bb = block_bytes(kind);
+  const bool nibbles = (kind & 3) == kNibble;
   for (int r = 0; r < R; ++r) {
     for (int c = 0; c < kCols; ++c) out[r][c] = 0.f;
   }
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* qb = gp + b * bb;
-    const float* d = reinterpret_cast<const float*>(qb + qbytes);
-    const float* m2 = d + kCols;
+    float d[kCols], m2[kCols];
+    for (int c = 0; c < kCols; ++c) {
+      d[c] = scale_at(qb, kind, 0, c);
+      m2[c] = scale_at(qb, kind, 1, c);
+    }
     for (int r = 0; r < R; ++r) {
       const int8_t* x = xq[r] + b * kBlock;
       for (int c = 0; c < kCols; ++c) {
         int32_t acc = 0;
-        for (int j = 0; j < (kind == kNibble ? 4 : 8); ++j) {
+        for (int j = 0; j < (nibbles ? 4 : 8); ++j) {
           for (int i = 0; i < 4; ++i) {
             const uint8_t byte = qb[64 * j + 4 * c + i];
-            if (kind == kNibble) {
+            if (nibbles) {
               acc += (byte & 0x0F) * x[4 * j + i] + (byte >> 4) * x[16 + 4 * j + i];
             } else {
               acc += static_cast<int8_t>(byte) * x[4 * j + i];
@@ -250,6 +288,14 @@ at::Tensor q8_pack(const at::Tensor& d, const at::Tensor& m, const at::Tensor& q
   } else {
     offset = kByteOffset;
   }
+  // Scales as float16 where every d and m2 is a float16 value (Q4_0/Q4_1/Q8_0: 64 bytes a block
+  // less to read), else float32 (K-quants' d * sc).
+  bool half = true;
+  for (int64_t i = 0; i < n * nb && half; ++i) {
+    const float dv = dp[i], m2 = mp[i] - static_cast<float>(offset) * dv;
+    half = static_cast<float>(c10::Half(dv)) == dv && static_cast<float>(c10::Half(m2)) == m2;
+  }
+  if (half) kind |= kHalfScales;
   const int64_t groups = (n + kCols - 1) / kCols;
   const int bb = block_bytes(kind);
   at::Tensor out = at::zeros({kHeader + groups * nb * bb}, q.options().dtype(at::kByte));
@@ -259,16 +305,21 @@ at::Tensor q8_pack(const at::Tensor& d, const at::Tensor& m, const at::Tensor& q
   for (int64_t g = 0; g < groups; ++g) {
     for (int64_t b = 0; b < nb; ++b) {
       uint8_t* blk = op + kHeader + (g * nb + b) * bb;
-      float* ds = reinterpret_cast<float*>(blk + (kind == kNibble ? 256 : 512));
-      float* ms = ds + kCols;
+      uint8_t* scales = blk + q_bytes(kind);
       for (int c = 0; c < kCols; ++c) {
         const int64_t col = g * kCols + c;
         if (col >= n) continue;
         const int8_t* qc = qp + col * k + b * kBlock;
-        const float dv = dp[col * nb + b];
-        ds[c] = dv;
-        ms[c] = mp[col * nb + b] - static_cast<float>(offset) * dv;
-        if (kind == kNibble) {
+        const float dv = dp[col * nb + b], m2 = mp[col * nb + b] - static_cast<float>(offset) * dv;
+        if (half) {
+          const uint16_t hd = c10::Half(dv).x, hm = c10::Half(m2).x;
+          std::memcpy(scales + 2 * c, &hd, 2);
+          std::memcpy(scales + 2 * (kCols + c), &hm, 2);
+        } else {
+          std::memcpy(scales + 4 * c, &dv, 4);
+          std::memcpy(scales + 4 * (kCols + c), &m2, 4);
+        }
+        if ((kind & 3) == kNibble) {
           for (int j = 0; j < 4; ++j) {
             for (int i = 0; i < 4; ++i) {
               const int lo_v = qc[4 * j + i] + offset, hi_v = qc[16 + 4 * j + i] + offset;
