@@ -32,8 +32,10 @@ exact, so d' * q + m' with d' = d * sc and m' = -(dmin * m) rounds once, as gguf
 nibbles (768 bytes per 1,024 weights; the file's 576), Q5_K with int8 q (1,280; 704), Q6_K as two
 d per column, one per 16 inputs, and int8 q (1,280; 840), and a fused weight mixing Q6_K with
 Q4_K (a Q4_K_M file's qkv where v has more bits) as two d, an m and int8 q (1,408). The results
-are again the float32 panels' bit for bit. `SHARDLINE_CPU_GGUF_KQUANTS=gguf_gemm` leaves them in
-the file's blocks, run by `gguf_gemm` (as are Q2_K, Q3_K, Q5_0, Q5_1, F16 and BF16 always).
+are again the float32 panels' bit for bit. A 1B Q4_K_M file decodes one stream 2x faster so
+than through `gguf_gemm`, holding ~1.5x the file's bytes (benchmarks/RESULTS.md section 25).
+`SHARDLINE_CPU_GGUF_KQUANTS=gguf_gemm` leaves them in the file's blocks, run by `gguf_gemm` (as
+are Q2_K, Q3_K, Q5_0, Q5_1, F16 and BF16 always).
 
 The worker packs after loading (`pack_linear_weights`), before it sizes the KV cache, so the
 copy counts against memory. The original weights stay: the tied LM head shares its weight with
