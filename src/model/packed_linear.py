@@ -546,17 +546,17 @@ def pack_gguf_weights(model: nn.Module) -> int:
 
 
 def _q8_weight(weight: GGUFLinearWeight, blocks: IntegerBlocks | None, kquants: bool) -> Q8Weight | None:
-    """A GGUF weight for the int8-activation kernel: Q4_0/Q4_1/Q8_0 blocks, or K-quant ones with
-    one d per 32 inputs (Q4_K, Q5_K; not Q6_K's two, which keep the float32 path)."""
+    """A GGUF weight for the int8-activation kernel: Q4_0/Q4_1/Q8_0 blocks, or K-quant ones
+    (Q4_K, Q5_K; Q6_K with its d per 16 inputs)."""
     if blocks is not None:
         return Q8Weight.pack(*blocks)
     form = _scaled_form(weight) if kquants else None
-    if form is None or form[0]:
+    if form is None:
         return None
     scaled = _weight_scaled_blocks(weight)
     assert scaled is not None
-    d, _, m, q = scaled
-    return Q8Weight.pack(d, m, q)
+    d, d2, m, q = scaled
+    return Q8Weight.pack(d, m, q, d2)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,

@@ -9,8 +9,8 @@ to int8 (scale amax / 127, round to nearest), the block products are exact int32
 (AVX512-VNNI's vpdpbusd where the CPU has it, AVX2's maddubs, or plain C++), and one float step
 per block applies the scales. The results are no longer float32's; the error is the rounding of
 the activations to 8 bits, measured on the default model as perplexity on a fixed text
-(tests/model/test_q8_linear.py, benchmarks/RESULTS.md). Weights of another form (Q6_K's two
-scales per block, float weights) keep the float32 path in either mode.
+(tests/model/test_q8_linear.py, benchmarks/RESULTS.md). Q6_K's blocks, with a d per 16 inputs,
+keep their two halves' dot products apart. Float weights keep the float32 path in either mode.
 
 Bytes per weight: nibbles 0.625 with float16 scales (Q4_0, Q4_1: d and m are float16 values) or
 0.75 with float32 ones (Q4_K), bytes 1.125 / 1.25 (Q8_0 / Q5_K). The layout is the kernel's own
@@ -47,12 +47,15 @@ class Q8Weight:
         return self.packed.numel()
 
     @classmethod
-    def pack(cls, d: torch.Tensor, m: torch.Tensor | None, q: torch.Tensor) -> Q8Weight:
+    def pack(cls, d: torch.Tensor, m: torch.Tensor | None, q: torch.Tensor,
+             d2: torch.Tensor | None = None) -> Q8Weight:
         """From integer blocks: `d`, `m` float `[N, K / 32]` (m None: 0) and q int8 `[N, K]`
-        with w = d * q + m per block of 32 inputs."""
+        with w = d * q + m per block of 32 inputs; with `d2`, d holds for the block's first 16
+        inputs and d2 for the others (Q6_K)."""
         d = d.float().contiguous()
         m = torch.zeros_like(d) if m is None else m.float().contiguous()
-        packed = torch.ops.shardline.q8_pack(d, m, q.contiguous())
+        d2 = None if d2 is None else d2.float().contiguous()
+        packed = torch.ops.shardline.q8_pack(d, m, q.contiguous(), d2)
         return cls(packed, q.shape[0], q.shape[1])
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

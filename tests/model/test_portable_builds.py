@@ -38,6 +38,7 @@ TESTS = [
     "tests/model/test_cpu_ops.py",
     "tests/model/test_gguf_weights.py::test_kernel_values_are_gguf_py_dequantize_bit_for_bit",
     "tests/model/test_q8_linear.py::test_gemm_is_its_integer_definition",
+    "tests/model/test_q8_linear.py::test_two_scale_blocks_are_their_definition",
     "tests/model/test_gguf_weights.py::test_gemm_equals_dequantize_and_mm_for_1_to_256_rows",
     "tests/model/test_gguf_weights.py::test_gemm_rows_equal_one_row_gemms_bit_for_bit",
     "tests/model/test_gguf_weights.py::test_parts_write_their_rows_and_column_shards_take_whole_blocks",

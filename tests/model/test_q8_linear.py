@@ -67,6 +67,36 @@ def test_gemm_is_its_integer_definition(low: int, high: int, bias: bool, half_sc
         assert (got - exact).abs().max().item() <= 0.03 * exact.abs().max().item(), rows
 
 
+@pytest.mark.parametrize("half_scales", [False, True])
+def test_two_scale_blocks_are_their_definition(half_scales: bool) -> None:
+    """Q6_K's form: q -32..31, d for each block's first 16 inputs and d2 for the rest."""
+    gen = torch.Generator().manual_seed(6)
+    n, k = 40, 128
+    q = torch.randint(-32, 32, (n, k), dtype=torch.int8, generator=gen)
+    d = torch.rand(n, k // 32, generator=gen) * 0.01 + 0.001
+    d2 = torch.rand(n, k // 32, generator=gen) * 0.01 + 0.001
+    m = torch.zeros(n, k // 32)
+    if half_scales:
+        d, d2 = d.half().float(), d2.half().float()
+    weight = Q8Weight.pack(d, m, q, d2)
+    per_input = torch.stack([d, d2], -1).repeat_interleave(16, -1).view(n, k)
+    # the definition: each half a block of its own scale
+    halves = torch.stack([d, d2], -1).view(n, -1)  # [N, K / 16]
+    for rows in (1, 5, 8, 19):
+        x = torch.randn(rows, k, generator=gen)
+        got = weight.matmul(x, None).double()
+        blocks = x.view(rows, k // 32, 32)
+        amax = blocks.abs().amax(-1)
+        inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+        xq = torch.round(blocks * inv.unsqueeze(-1)).long().view(rows, k // 16, 16)
+        dots = torch.einsum("rhi,nhi->rnh", xq, q.view(n, k // 16, 16).long()).double()
+        scale = (amax / 127.0).double().repeat_interleave(2, -1)  # [rows, K / 16]
+        want = (scale.unsqueeze(1) * halves.double().unsqueeze(0) * dots).sum(-1)
+        assert (got - want).abs().max().item() <= 2e-6 * want.abs().max().item(), rows
+        exact = x @ (per_input * q.float()).T
+        assert (got.float() - exact).abs().max().item() <= 0.03 * exact.abs().max().item()
+
+
 def test_wrong_shapes_are_refused_naming_them() -> None:
     q = torch.randint(0, 16, (16, 64), dtype=torch.int8)
     weight = Q8Weight.pack(torch.ones(16, 2), None, q)
@@ -122,7 +152,7 @@ async def test_default_model_perplexity_within_one_percent(
     assert len(exact_tokens) == len(int8_tokens) == 24
 
 
-@pytest.mark.parametrize("type_name", ["Q4_0", "Q8_0", "Q4_K", "Q5_K"])
+@pytest.mark.parametrize("type_name", ["Q4_0", "Q8_0", "Q4_K", "Q5_K", "Q6_K"])
 async def test_gguf_types_in_int8_mode_stay_close(
     type_name: str, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -10,6 +10,9 @@
 // with sx the block's sum of x_q and m2 = m - offset * d for q stored with an offset. The values
 // are not float32's (x is rounded to 8 bits): this path is opt-in, with its accuracy measured.
 //
+// Q6_K's blocks have two d (one per 16 inputs): their halves' dot products are kept apart and
+// scaled by their own d (bytes; the offset corrected with each half's sum of x_q).
+//
 // Layout (q8_pack): the output columns in groups of 16, each group's blocks one after another;
 // per block the q, then d[16] and m2[16], as float16 where every one of the weight's is a float16
 // value (Q4_0, Q4_1, Q8_0), else as float32 (K-quants):
@@ -59,14 +62,18 @@ constexpr int kByteOffset = 128;
 constexpr int kByteOffset = 0;
 #endif
 
-enum Kind : int64_t { kNibble = 1, kByte = 2, kHalfScales = 4 };  // storage | kHalfScales
+// storage | kHalfScales | kTwoScales (two d per block, one per 16 inputs: Q6_K; bytes only)
+enum Kind : int64_t { kNibble = 1, kByte = 2, kHalfScales = 4, kTwoScales = 8 };
 
 struct Header {
   int64_t magic, kind, n, k;
 };
 
 inline int q_bytes(int64_t kind) { return (kind & 3) == kNibble ? 256 : 512; }
-inline int block_bytes(int64_t kind) { return q_bytes(kind) + 2 * kCols * ((kind & kHalfScales) ? 2 : 4); }
+inline int num_scales(int64_t kind) { return (kind & kTwoScales) ? 3 : 2; }
+inline int block_bytes(int64_t kind) {
+  return q_bytes(kind) + num_scales(kind) * kCols * ((kind & kHalfScales) ? 2 : 4);
+}
 
 inline float half_to_float(const uint8_t* p) {
   uint16_t bits;
@@ -74,7 +81,7 @@ inline float half_to_float(const uint8_t* p) {
   return static_cast<float>(c10::Half(bits, c10::Half::from_bits()));
 }
 
-// Scale c (< 16) of a block's d (which = 0) or m2 (which = 1).
+// Scale c (< 16) of a block's d (which = 0) or m2 (which = 1); two-scale blocks: d1, d2, m.
 inline float scale_at(const uint8_t* qb, int64_t kind, int which, int c) {
   const uint8_t* p = qb + q_bytes(kind);
   if (kind & kHalfScales) return half_to_float(p + 2 * (which * kCols + c));
@@ -83,21 +90,24 @@ inline float scale_at(const uint8_t* qb, int64_t kind, int which, int c) {
   return v;
 }
 
-// x (one row, K floats) -> int8 per block of 32, the block's scale and sum of its int8 values.
-void quantize_row(const float* x, int64_t k, int8_t* q, float* scale, int32_t* sum) {
+// x (one row, K floats) -> int8 per block of 32, the block's scale and sum of its int8 values,
+// and the sum of its first 16 (two-scale blocks correct each half for the bytes' offset).
+void quantize_row(const float* x, int64_t k, int8_t* q, float* scale, int32_t* sum, int32_t* first_half) {
   for (int64_t b = 0; b < k / kBlock; ++b) {
     const float* xb = x + b * kBlock;
     float amax = 0.f;
     for (int i = 0; i < kBlock; ++i) amax = std::max(amax, std::fabs(xb[i]));
     const float inv = amax > 0.f ? 127.f / amax : 0.f;
-    int32_t s = 0;
+    int32_t s = 0, s16 = 0;
     for (int i = 0; i < kBlock; ++i) {
       const int v = static_cast<int>(std::nearbyint(xb[i] * inv));
       q[b * kBlock + i] = static_cast<int8_t>(v);
       s += v;
+      if (i == 15) s16 = s;
     }
     scale[b] = amax / 127.f;
     sum[b] = s;
+    first_half[b] = s16;
   }
 }
 
@@ -152,6 +162,54 @@ void tile(const uint8_t* gp, int64_t nb, int64_t kind, const int8_t* const* xq, 
     for (int r = 0; r < R; ++r) {
       total[r] = _mm512_fmadd_ps(_mm512_mul_ps(d, _mm512_set1_ps(sx[r][b])), _mm512_cvtepi32_ps(a[r]), total[r]);
       total[r] = _mm512_fmadd_ps(m2, _mm512_set1_ps(ssum[r][b]), total[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) _mm512_storeu_ps(out[r], total[r]);
+}
+
+// Two-scale blocks (Q6_K: d1 for inputs 0..15, d2 for 16..31; bytes): the halves' dot products
+// apart, each corrected for the bytes' offset with its own sum (corr = offset * scale * sum).
+template <int R>
+void tile_two(const uint8_t* gp, int64_t nb, int64_t kind, const int8_t* const* xq, const float* const* sx,
+              const float* const* ssum, const float* const* corr_lo, const float* const* corr_hi,
+              float out[kRows][kCols]) {
+  const int bb = block_bytes(kind), qbytes = q_bytes(kind);
+  const bool half = kind & kHalfScales;
+  __m512 total[R];
+  for (int r = 0; r < R; ++r) total[r] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* qb = gp + b * bb;
+    __m512i lo[R], hi[R];
+    for (int r = 0; r < R; ++r) lo[r] = hi[r] = _mm512_setzero_si512();
+    for (int j = 0; j < 8; ++j) {
+      const __m512i v = _mm512_loadu_si512(qb + 64 * j);
+      for (int r = 0; r < R; ++r) {
+        int32_t x0;
+        std::memcpy(&x0, xq[r] + b * kBlock + 4 * j, 4);
+        if (j < 4) {
+          lo[r] = _mm512_dpbusd_epi32(lo[r], v, _mm512_set1_epi32(x0));
+        } else {
+          hi[r] = _mm512_dpbusd_epi32(hi[r], v, _mm512_set1_epi32(x0));
+        }
+      }
+    }
+    __m512 d1, d2, m;
+    if (half) {
+      const __m256i* p = reinterpret_cast<const __m256i*>(qb + qbytes);
+      d1 = _mm512_cvtph_ps(_mm256_loadu_si256(p));
+      d2 = _mm512_cvtph_ps(_mm256_loadu_si256(p + 1));
+      m = _mm512_cvtph_ps(_mm256_loadu_si256(p + 2));
+    } else {
+      const float* p = reinterpret_cast<const float*>(qb + qbytes);
+      d1 = _mm512_loadu_ps(p);
+      d2 = _mm512_loadu_ps(p + kCols);
+      m = _mm512_loadu_ps(p + 2 * kCols);
+    }
+    for (int r = 0; r < R; ++r) {
+      const __m512 scale = _mm512_set1_ps(sx[r][b]);
+      total[r] = _mm512_fmadd_ps(d1, _mm512_fmsub_ps(scale, _mm512_cvtepi32_ps(lo[r]), _mm512_set1_ps(corr_lo[r][b])), total[r]);
+      total[r] = _mm512_fmadd_ps(d2, _mm512_fmsub_ps(scale, _mm512_cvtepi32_ps(hi[r]), _mm512_set1_ps(corr_hi[r][b])), total[r]);
+      total[r] = _mm512_fmadd_ps(m, _mm512_set1_ps(ssum[r][b]), total[r]);
     }
   }
   for (int r = 0; r < R; ++r) _mm512_storeu_ps(out[r], total[r]);
@@ -214,6 +272,58 @@ void tile(const uint8_t* gp, int64_t nb, int64_t kind, const int8_t* const* xq, 
     for (int r = 0; r < R; ++r) _mm256_storeu_ps(out[r] + 8 * h, total[r]);
   }
 }
+
+template <int R>
+void tile_two(const uint8_t* gp, int64_t nb, int64_t kind, const int8_t* const* xq, const float* const* sx,
+              const float* const* ssum, const float* const* corr_lo, const float* const* corr_hi,
+              float out[kRows][kCols]) {
+  const int bb = block_bytes(kind), qbytes = q_bytes(kind);
+  const bool half = kind & kHalfScales;
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int h = 0; h < 2; ++h) {  // columns 8h .. 8h + 7
+    __m256 total[R];
+    for (int r = 0; r < R; ++r) total[r] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; ++b) {
+      const uint8_t* qb = gp + b * bb;
+      __m256i lo[R], hi[R];
+      for (int r = 0; r < R; ++r) lo[r] = hi[r] = _mm256_setzero_si256();
+      for (int j = 0; j < 8; ++j) {
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qb + 64 * j + 32 * h));
+        const __m256i w = _mm256_abs_epi8(v);
+        for (int r = 0; r < R; ++r) {
+          int32_t x0;
+          std::memcpy(&x0, xq[r] + b * kBlock + 4 * j, 4);
+          const __m256i xs = _mm256_sign_epi8(_mm256_set1_epi32(x0), v);
+          const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(w, xs), ones);
+          if (j < 4) {
+            lo[r] = _mm256_add_epi32(lo[r], p);
+          } else {
+            hi[r] = _mm256_add_epi32(hi[r], p);
+          }
+        }
+      }
+      __m256 d1, d2, m;
+      if (half) {
+        const uint8_t* p = qb + qbytes + 16 * h;
+        d1 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+        d2 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 32)));
+        m = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 64)));
+      } else {
+        const float* p = reinterpret_cast<const float*>(qb + qbytes) + 8 * h;
+        d1 = _mm256_loadu_ps(p);
+        d2 = _mm256_loadu_ps(p + kCols);
+        m = _mm256_loadu_ps(p + 2 * kCols);
+      }
+      for (int r = 0; r < R; ++r) {
+        const __m256 scale = _mm256_set1_ps(sx[r][b]);
+        total[r] = _mm256_fmadd_ps(d1, _mm256_fmsub_ps(scale, _mm256_cvtepi32_ps(lo[r]), _mm256_set1_ps(corr_lo[r][b])), total[r]);
+        total[r] = _mm256_fmadd_ps(d2, _mm256_fmsub_ps(scale, _mm256_cvtepi32_ps(hi[r]), _mm256_set1_ps(corr_hi[r][b])), total[r]);
+        total[r] = _mm256_fmadd_ps(m, _mm256_set1_ps(ssum[r][b]), total[r]);
+      }
+    }
+    for (int r = 0; r < R; ++r) _mm256_storeu_ps(out[r] + 8 * h, total[r]);
+  }
+}
 #else
 template <int R>
 void tile(const uint8_t* gp, int64_t nb, int64_t kind, const int8_t* const* xq, const float* const* sx,
@@ -249,51 +359,99 @@ void tile(const uint8_t* gp, int64_t nb, int64_t kind, const int8_t* const* xq, 
     }
   }
 }
-#endif
 
-// tile<t> for a tile of t <= R rows.
 template <int R>
-void tile_rows(int t, const uint8_t* gp, int64_t nb, int64_t kind, const int8_t* const* xq,
-               const float* const* sx, const float* const* ssum, float out[kRows][kCols]) {
-  if constexpr (R >= 1) {
-    if (t == R) return tile<R>(gp, nb, kind, xq, sx, ssum, out);
-    tile_rows<R - 1>(t, gp, nb, kind, xq, sx, ssum, out);
+void tile_two(const uint8_t* gp, int64_t nb, int64_t kind, const int8_t* const* xq, const float* const* sx,
+              const float* const* ssum, const float* const* corr_lo, const float* const* corr_hi,
+              float out[kRows][kCols]) {
+  const int bb = block_bytes(kind);
+  for (int r = 0; r < R; ++r) {
+    for (int c = 0; c < kCols; ++c) out[r][c] = 0.f;
+  }
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* qb = gp + b * bb;
+    for (int r = 0; r < R; ++r) {
+      const int8_t* x = xq[r] + b * kBlock;
+      for (int c = 0; c < kCols; ++c) {
+        int32_t acc[2] = {0, 0};
+        for (int j = 0; j < 8; ++j) {
+          for (int i = 0; i < 4; ++i) acc[j / 4] += static_cast<int8_t>(qb[64 * j + 4 * c + i]) * x[4 * j + i];
+        }
+        out[r][c] += scale_at(qb, kind, 0, c) * (sx[r][b] * static_cast<float>(acc[0]) - corr_lo[r][b]) +
+                     scale_at(qb, kind, 1, c) * (sx[r][b] * static_cast<float>(acc[1]) - corr_hi[r][b]) +
+                     scale_at(qb, kind, 2, c) * ssum[r][b];
+      }
+    }
   }
 }
 
-at::Tensor q8_pack(const at::Tensor& d, const at::Tensor& m, const at::Tensor& q) {
+#endif
+
+// tile<t> (or tile_two<t>) for a tile of t <= R rows.
+template <int R>
+void tile_rows(int t, const uint8_t* gp, int64_t nb, int64_t kind, const int8_t* const* xq,
+               const float* const* sx, const float* const* ssum, const float* const* corr_lo,
+               const float* const* corr_hi, float out[kRows][kCols]) {
+  if constexpr (R >= 1) {
+    if (t == R) {
+      if (kind & kTwoScales) return tile_two<R>(gp, nb, kind, xq, sx, ssum, corr_lo, corr_hi, out);
+      return tile<R>(gp, nb, kind, xq, sx, ssum, out);
+    }
+    tile_rows<R - 1>(t, gp, nb, kind, xq, sx, ssum, corr_lo, corr_hi, out);
+  }
+}
+
+// Two-scale weights (d2 given: Q6_K's d per 16 inputs) are stored as bytes with d1, d2 and m
+// (the offset corrected per half at run time); others with d and m2 = m - offset * d.
+at::Tensor q8_pack(const at::Tensor& d, const at::Tensor& m, const at::Tensor& q,
+                   const std::optional<at::Tensor>& d2) {
   TORCH_CHECK(q.dim() == 2 && q.scalar_type() == at::kChar && q.is_contiguous(), "q8_pack: q must be int8 [N, K]");
   const int64_t n = q.size(0), k = q.size(1);
   TORCH_CHECK(k % kBlock == 0, "q8_pack: K must be a multiple of 32, got ", k);
   const int64_t nb = k / kBlock;
-  TORCH_CHECK(d.scalar_type() == at::kFloat && d.is_contiguous() && d.size(0) == n && d.size(1) == nb,
-              "q8_pack: d must be float32 [N, K / 32]");
-  TORCH_CHECK(m.scalar_type() == at::kFloat && m.is_contiguous() && m.size(0) == n && m.size(1) == nb,
-              "q8_pack: m must be float32 [N, K / 32]");
+  auto check_scales = [&](const at::Tensor& t, const char* name) {
+    TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.dim() == 2 && t.size(0) == n &&
+                    t.size(1) == nb,
+                "q8_pack: ", name, " must be float32 [N, K / 32]");
+  };
+  check_scales(d, "d");
+  check_scales(m, "m");
+  const bool two = d2.has_value() && d2->defined();
+  if (two) check_scales(*d2, "d2");
   const int8_t* qp = q.data_ptr<int8_t>();
   const float* dp = d.data_ptr<float>();
   const float* mp = m.data_ptr<float>();
+  const float* d2p = two ? d2->data_ptr<float>() : nullptr;
   int lo = 127, hi = -128;
   for (int64_t i = 0; i < n * k; ++i) {
     lo = std::min<int>(lo, qp[i]);
     hi = std::max<int>(hi, qp[i]);
   }
-  int offset = 0;
+  int offset = kByteOffset;
   int64_t kind = kByte;
-  if (lo >= 0 && hi <= 15) {
+  if (two) {
+    kind |= kTwoScales;
+  } else if (lo >= 0 && hi <= 15) {
     kind = kNibble;
+    offset = 0;
   } else if (lo >= -8 && hi <= 7) {
     kind = kNibble;
     offset = 8;
-  } else {
-    offset = kByteOffset;
   }
-  // Scales as float16 where every d and m2 is a float16 value (Q4_0/Q4_1/Q8_0: 64 bytes a block
-  // less to read), else float32 (K-quants' d * sc).
+  // The scales a block stores, in order: d, m2 (or d1, d2, m for two-scale blocks).
+  const int count = two ? 3 : 2;
+  auto scale = [&](int64_t i, int which) -> float {
+    if (two) return which == 0 ? dp[i] : which == 1 ? d2p[i] : mp[i];
+    return which == 0 ? dp[i] : mp[i] - static_cast<float>(offset) * dp[i];
+  };
+  // As float16 where every one is a float16 value (Q4_0/Q4_1/Q8_0: less to read), else float32
+  // (K-quants' d * sc).
   bool half = true;
   for (int64_t i = 0; i < n * nb && half; ++i) {
-    const float dv = dp[i], m2 = mp[i] - static_cast<float>(offset) * dv;
-    half = static_cast<float>(c10::Half(dv)) == dv && static_cast<float>(c10::Half(m2)) == m2;
+    for (int which = 0; which < count; ++which) {
+      const float v = scale(i, which);
+      half = half && static_cast<float>(c10::Half(v)) == v;
+    }
   }
   if (half) kind |= kHalfScales;
   const int64_t groups = (n + kCols - 1) / kCols;
@@ -310,14 +468,14 @@ at::Tensor q8_pack(const at::Tensor& d, const at::Tensor& m, const at::Tensor& q
         const int64_t col = g * kCols + c;
         if (col >= n) continue;
         const int8_t* qc = qp + col * k + b * kBlock;
-        const float dv = dp[col * nb + b], m2 = mp[col * nb + b] - static_cast<float>(offset) * dv;
-        if (half) {
-          const uint16_t hd = c10::Half(dv).x, hm = c10::Half(m2).x;
-          std::memcpy(scales + 2 * c, &hd, 2);
-          std::memcpy(scales + 2 * (kCols + c), &hm, 2);
-        } else {
-          std::memcpy(scales + 4 * c, &dv, 4);
-          std::memcpy(scales + 4 * (kCols + c), &m2, 4);
+        for (int which = 0; which < count; ++which) {
+          const float v = scale(col * nb + b, which);
+          if (half) {
+            const uint16_t bits = c10::Half(v).x;
+            std::memcpy(scales + 2 * (which * kCols + c), &bits, 2);
+          } else {
+            std::memcpy(scales + 4 * (which * kCols + c), &v, 4);
+          }
         }
         if ((kind & 3) == kNibble) {
           for (int j = 0; j < 4; ++j) {
@@ -379,12 +537,13 @@ void shardline_cpu::q8_gemm(const at::Tensor& out, const at::Tensor& x, const at
   if (rows == 0) return;
   std::vector<int8_t> xq(rows * k);
   std::vector<float> xs(rows * nb);
-  std::vector<int32_t> xsum(rows * nb);
+  std::vector<int32_t> xsum(rows * nb), xfirst(rows * nb);
   const float* xp = x.data_ptr<float>();
   const int64_t xstride = x.stride(0);
   cpu_pool::parallel_for(rows, 16, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      quantize_row(xp + r * xstride, k, xq.data() + r * k, xs.data() + r * nb, xsum.data() + r * nb);
+      quantize_row(xp + r * xstride, k, xq.data() + r * k, xs.data() + r * nb, xsum.data() + r * nb,
+                   xfirst.data() + r * nb);
     }
   });
   const uint8_t* base = packed.data_ptr<uint8_t>() + kHeader;
@@ -394,6 +553,16 @@ void shardline_cpu::q8_gemm(const at::Tensor& out, const at::Tensor& x, const at
   const int64_t groups = (n + kCols - 1) / kCols;
   std::vector<float> ssum(rows * nb);
   for (int64_t i = 0; i < rows * nb; ++i) ssum[i] = xs[i] * static_cast<float>(xsum[i]);
+  // Two-scale blocks: each half's offset correction, offset * scale * (the half's sum).
+  std::vector<float> corr_lo, corr_hi;
+  if (h.kind & kTwoScales) {
+    corr_lo.resize(rows * nb);
+    corr_hi.resize(rows * nb);
+    for (int64_t i = 0; i < rows * nb; ++i) {
+      corr_lo[i] = static_cast<float>(kByteOffset) * xs[i] * static_cast<float>(xfirst[i]);
+      corr_hi[i] = static_cast<float>(kByteOffset) * xs[i] * static_cast<float>(xsum[i] - xfirst[i]);
+    }
+  }
   cpu_pool::parallel_for(groups, 1, [&](int64_t g0, int64_t g1) {
     float total[kRows][kCols];
     for (int64_t g = g0; g < g1; ++g) {
@@ -404,12 +573,18 @@ void shardline_cpu::q8_gemm(const at::Tensor& out, const at::Tensor& x, const at
         const int8_t* xr[kRows];
         const float* sr[kRows];
         const float* ur[kRows];
+        const float* lr[kRows] = {};
+        const float* hr[kRows] = {};
         for (int r = 0; r < t; ++r) {
           xr[r] = xq.data() + (r0 + r) * k;
           sr[r] = xs.data() + (r0 + r) * nb;
           ur[r] = ssum.data() + (r0 + r) * nb;
+          if (h.kind & kTwoScales) {
+            lr[r] = corr_lo.data() + (r0 + r) * nb;
+            hr[r] = corr_hi.data() + (r0 + r) * nb;
+          }
         }
-        tile_rows<kRows>(t, gp, nb, h.kind, xr, sr, ur, total);
+        tile_rows<kRows>(t, gp, nb, h.kind, xr, sr, ur, lr, hr, total);
         for (int r = 0; r < t; ++r) {
           float* orow = op + (r0 + r) * ostride + g * kCols;
           for (int c = 0; c < cols; ++c) orow[c] = total[r][c] + (bp ? bp[g * kCols + c] : 0.f);
@@ -427,7 +602,7 @@ void q8_gemm_op(const at::Tensor& out, const at::Tensor& x, const at::Tensor& pa
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(shardline, m) {
-  m.def("q8_pack(Tensor d, Tensor m, Tensor q) -> Tensor");
+  m.def("q8_pack(Tensor d, Tensor m, Tensor q, Tensor? d2=None) -> Tensor");
   m.def("q8_gemm(Tensor(a!) out, Tensor x, Tensor packed, Tensor? bias) -> ()");
 }
 
