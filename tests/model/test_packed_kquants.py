@@ -73,6 +73,9 @@ def test_scaled_blocks_are_gguf_py_dequantize_bit_for_bit(type_name, wild):
     packed = packed_linear.pack_scaled_blocks(blocks)
     dtype, nbytes = LAYOUTS[type_name]
     assert packed.dtype == dtype and packed.shape == (2, 768 // 32, nbytes)
+    # A row-parallel shard (whole super-blocks of columns: rows of the bytes further apart).
+    shard = t.narrow(1, 256, 512)
+    assert torch.equal(bits(rebuilt(packed_linear.gguf_scaled_blocks(shard))), bits(want[:, 256:]))
     # The kernel's own values: x = I picks out each weight (w * 1 plus zeros).
     eye = torch.eye(256)
     for k0 in range(0, 768, 256):
@@ -243,5 +246,27 @@ async def test_engine_decodes_a_q4_k_m_like_gguf_as_transformers(tmp_path, monke
     cfg = EngineConfig(model=str(path), transport="inproc", max_model_len=128, num_kv_blocks=64)
     async with await Engine.start(cfg) as engine:
         params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+        outputs = [out async for out in engine.generate(prompt, params)]
+    assert outputs[-1].token_ids == want
+
+
+async def test_tp2_engine_packs_its_shards_and_decodes_as_transformers(tmp_path, monkeypatch):
+    """TP=2 (each rank packs its rows of the column-parallel weights and its whole super-blocks
+    of the row-parallel ones' columns): greedy tokens equal transformers' on the same file."""
+    from transformers import AutoModelForCausalLM
+
+    from shardline.engine import Engine, EngineConfig, SamplingParams
+
+    monkeypatch.setenv("SHARDLINE_PACKED_CACHE", "off")
+    shape = {"hidden": 512, "intermediate": 1024}  # o_proj's / down_proj's K: 256 / 512 a rank
+    path = write_tiny_llama_gguf(tmp_path / "m.gguf", "Q4_K", seed=2, tied=True, types=mix_of(2), shape=shape)
+    prompt = [1, 45, 12, 7, 260, 2, 99]
+    ref = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=path.name, dtype=torch.float32)
+    with torch.no_grad():
+        want = ref.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False,
+                            eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+    cfg = EngineConfig(model=str(path), max_model_len=128, num_kv_blocks=64, tensor_parallel_size=2)
+    async with await Engine.start(cfg) as engine:
+        params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
         outputs = [out async for out in engine.generate(prompt, params)]
     assert outputs[-1].token_ids == want
