@@ -20,7 +20,8 @@ tokens: `-c 36864 -np 16 --kv-unified` for llama.cpp, 2,304 blocks of 16 and max
 * 2k prefill: a 2,048-token prompt, one token, prompt tokens / wall time of the request;
 * RSS of the server (shardline: engine + worker processes) after these, the context the same.
 
-`--measures streams,prefill` runs only those (RSS always). `--kquants both` runs shardline twice
+`--measures streams,prefill` runs only those (RSS always). `--activations both` adds a shardline run
+with the opt-in int8 activations (SHARDLINE_CPU_ACTIVATIONS=int8) to every round. `--kquants both` runs shardline twice
 a round, K-quants by `gguf_gemm` (SHARDLINE_CPU_GGUF_KQUANTS=gguf_gemm) and in the packed GEMM's
 integer panels (the default), to compare the two in one run. `--kv-cache-dtype float16` gives
 shardline a float16 KV cache, as llama.cpp's default f16 one (default: auto, float32 on CPU).
@@ -52,7 +53,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from startup import _free_port, llama_cpp_server, stop_server, wait_healthy  # noqa: E402
+from startup import llama_cpp_server, start_llama_server, stop_server  # noqa: E402
 from support.gguf_models import _add_tokenizer, quantized_bytes  # noqa: E402
 
 SHAPE = {"hidden": 2048, "layers": 16, "heads": 32, "kv_heads": 8, "intermediate": 8192}
@@ -169,16 +170,17 @@ SHARDLINE_CHILD = textwrap.dedent("""
 
 
 def measure_shardline(path: pathlib.Path, work: dict[str, Any], kv_dtype: str = "auto",
-                      kquants: str = "auto") -> dict[str, Any]:
+                      kquants: str = "auto", activations: str = "float32") -> dict[str, Any]:
     """One shardline run; `kquants`: SHARDLINE_CPU_GGUF_KQUANTS for it (auto: K-quants in the
-    packed GEMM's integer panels; gguf_gemm: in the file's blocks, run by gguf_gemm)."""
+    packed GEMM's integer panels; gguf_gemm: in the file's blocks, run by gguf_gemm);
+    `activations`: SHARDLINE_CPU_ACTIVATIONS (int8: the opt-in int8-activation GEMM)."""
     proc = subprocess.run(
         [sys.executable, "-c", SHARDLINE_CHILD, str(path), str(SLOTS), str(SLOT_TOKENS), str(GEN),
          kv_dtype],
         input=json.dumps(work),
         capture_output=True,
         text=True,
-        env={**os.environ, "SHARDLINE_CPU_GGUF_KQUANTS": kquants},
+        env={**os.environ, "SHARDLINE_CPU_GGUF_KQUANTS": kquants, "SHARDLINE_CPU_ACTIVATIONS": activations},
         timeout=1800,
         check=False,
     )
@@ -204,30 +206,8 @@ def measure_llama_cpp(
 ) -> dict[str, Any]:
     import psutil
 
-    port = _free_port()
-    base = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen(
-        [
-            str(binary),
-            "-m",
-            str(path),
-            "-t",
-            "2",
-            "-c",
-            str(SLOTS * SLOT_TOKENS),
-            "-np",
-            str(SLOTS),
-            "--kv-unified",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    proc, base = start_llama_server(binary, path, threads=2, context=SLOTS * SLOT_TOKENS, slots=SLOTS)
     try:
-        wait_healthy(proc, base, time.time(), 300)
 
         def body(ids: list[int], n: int) -> dict[str, Any]:
             return {
@@ -301,6 +281,13 @@ def main(argv: list[str] | None = None) -> int:
         help="shardline's SHARDLINE_CPU_GGUF_KQUANTS; both: a gguf_gemm run before the auto one "
         "in every round (reported as shardline_gguf_gemm)",
     )
+    parser.add_argument(
+        "--activations",
+        choices=("float32", "int8", "both"),
+        default="float32",
+        help="shardline's SHARDLINE_CPU_ACTIVATIONS; both: an int8 run after the float32 one in "
+        "every round (reported as shardline_int8)",
+    )
     args = parser.parse_args(argv)
     measures = args.measures.split(",")
     unknown = sorted(set(measures) - {"single", "streams", "prefill"})
@@ -315,13 +302,19 @@ def main(argv: list[str] | None = None) -> int:
         path = write_model(pathlib.Path(tmp) / "llama-3.2-1b-q4_k_m-synthetic.gguf", args.vocab)
         print(f"file {path.stat().st_size / 2**20:.0f} MiB, vocab {args.vocab}")
         os.environ.setdefault("SHARDLINE_LOG_LEVEL", "WARNING")
-        runs: dict[str, list[dict[str, Any]]] = {"shardline_gguf_gemm": [], "shardline": [], "llama_cpp": []}
-        kquants = ["gguf_gemm", "auto"] if args.kquants == "both" else [args.kquants]
+        runs: dict[str, list[dict[str, Any]]] = {
+            "shardline_gguf_gemm": [], "shardline": [], "shardline_int8": [], "llama_cpp": []}
+        # (name, SHARDLINE_CPU_GGUF_KQUANTS, SHARDLINE_CPU_ACTIVATIONS) of the shardline runs
+        configs = [("shardline_gguf_gemm", "gguf_gemm", "float32")] if args.kquants == "both" else []
+        kq = "auto" if args.kquants == "both" else args.kquants
+        if args.activations in ("float32", "both"):
+            configs.append(("shardline", kq, "float32"))
+        if args.activations in ("int8", "both"):
+            configs.append(("shardline_int8" if args.activations == "both" else "shardline", kq, "int8"))
         for r in range(args.rounds):
             work = {**prompts(args.vocab, seed=r), "measures": measures}
-            for kq in kquants:
-                name = "shardline_gguf_gemm" if args.kquants == "both" and kq == "gguf_gemm" else "shardline"
-                runs[name].append(measure_shardline(path, work, args.kv_cache_dtype, kq))
+            for name, kquants, activations in configs:
+                runs[name].append(measure_shardline(path, work, args.kv_cache_dtype, kquants, activations))
                 print(name, runs[name][-1], flush=True)
             if binary is not None:
                 runs["llama_cpp"].append(measure_llama_cpp(binary, path, work))

@@ -49,7 +49,14 @@ from typing import Any
 import httpx
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from startup import CHAT, _free_port, llama_cpp_server, stop_server, wait_healthy  # noqa: E402
+from startup import (  # noqa: E402
+    CHAT,
+    _free_port,
+    llama_cpp_server,
+    start_llama_server,
+    stop_server,
+    wait_healthy,
+)
 from throughput import Workload, make_workload, pct  # noqa: E402
 
 LAUNCH = "import sys; from shardline.engine.cli import main; sys.exit(main())"
@@ -59,10 +66,10 @@ KV_BYTES = 2 << 30  # shardline's KV cache: the whole 64-request workload, or on
 
 
 def start_shardline(
-    model: str, threads: int, pythonpath: str | None
+    model: str, threads: int, pythonpath: str | None, activations: str = "float32"
 ) -> tuple[subprocess.Popen[bytes], str]:
     port = _free_port()
-    env = {**os.environ, "SHARDLINE_LOG_LEVEL": "WARNING"}
+    env = {**os.environ, "SHARDLINE_LOG_LEVEL": "WARNING", "SHARDLINE_CPU_ACTIVATIONS": activations}
     if pythonpath:
         env["PYTHONPATH"] = pythonpath + os.pathsep + env.get("PYTHONPATH", "")
     command = [
@@ -90,33 +97,9 @@ def start_shardline(
 def start_llama_cpp(
     binary: pathlib.Path, gguf: pathlib.Path, threads: int, slots: int
 ) -> tuple[subprocess.Popen[bytes], str]:
-    port = _free_port()
-    context = 16384  # one 8k prompt in a slot, or the 64 requests over the slots
-    proc = subprocess.Popen(
-        [
-            str(binary),
-            "-m",
-            str(gguf),
-            "-t",
-            str(threads),
-            "-c",
-            str(context),
-            "-np",
-            str(slots),
-            "--kv-unified",
-            "--timeout",
-            "3600",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    base = f"http://127.0.0.1:{port}"
-    wait_healthy(proc, base, time.time(), 300)
-    return proc, base
+    # a context of 16,384: one 8k prompt in a slot, or the 64 requests over the slots
+    return start_llama_server(binary, gguf, threads=threads, context=16384, slots=slots,
+                              extra=("--timeout", "3600"))
 
 
 def _content_chunks(response: httpx.Response) -> Any:
@@ -278,6 +261,10 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="run shardline's server from DIR/shardline (another checkout)",
     )
+    parser.add_argument(
+        "--activations", choices=("float32", "int8"), default="float32",
+        help="shardline's SHARDLINE_CPU_ACTIVATIONS (int8: the opt-in int8-activation GEMM)",
+    )
     parser.add_argument("--json", type=pathlib.Path, default=None, help="write the results here")
     args = parser.parse_args(argv)
 
@@ -296,7 +283,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     servers: dict[str, tuple[subprocess.Popen[bytes], str]] = {}
     try:
-        servers["shardline"] = start_shardline(args.model, args.threads, args.shardline_pythonpath)
+        servers["shardline"] = start_shardline(args.model, args.threads, args.shardline_pythonpath,
+                                               args.activations)
         if binary is not None:
             servers["llama.cpp"] = start_llama_cpp(binary, gguf, args.threads, args.slots)
         runs: dict[str, list[dict[str, float]]] = {name: [] for name in servers}

@@ -143,6 +143,30 @@ def wait_healthy(proc: subprocess.Popen[bytes], base: str, start: float, limit: 
         time.sleep(0.02)
 
 
+def start_llama_server(
+    binary: pathlib.Path, gguf: pathlib.Path, *, threads: int, context: int, slots: int,
+    extra: tuple[str, ...] = (), limit: float = 300,
+) -> tuple[subprocess.Popen[bytes], str]:
+    """llama.cpp's server on `gguf` with `threads` threads and `slots` parallel slots over one
+    unified KV cache of `context` tokens, on a free local port, once /health answers; returns
+    the process and its base URL."""
+    port = _free_port()
+    proc = subprocess.Popen(
+        [str(binary), "-m", str(gguf), "-t", str(threads), "-c", str(context), "-np", str(slots),
+         "--kv-unified", *extra, "--host", "127.0.0.1", "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(proc, base, time.time(), limit)
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    return proc, base
+
+
 def stop_server(proc: subprocess.Popen[bytes], grace: float) -> None:
     """SIGINT, then SIGKILL if it has not exited after `grace` s."""
     proc.send_signal(signal.SIGINT)
