@@ -678,7 +678,9 @@ def load_packed_model(model_config: Any, parallel_context: Any) -> tuple[nn.Modu
     """`loader.load_model` for a CPU float32 rank, with its linear weights packed and their
     float32 copies let go, and its token embedding mapped from the checkpoint
     (`loader.map_embedding`); returns the model and what happened, for the start-up log:
-    `{"packed": bytes, "freed": bytes, "cached": bool, "blocks": n, "weights": n, "mapped": bytes}`.
+    `{"packed": bytes, "freed": bytes, "cached": bool, "blocks": n, "weights": n, "mapped": bytes,
+    "gguf_layers": n, "gguf_bytes": bytes, "int8_layers": n}` (int8_layers: layers on the
+    int8-activation GEMM, `q8_linear`).
 
     The packed bytes come from `model.packed_cache` when an entry for this rank exists (the
     float32 weights of those layers are then never read); otherwise the weights load, are

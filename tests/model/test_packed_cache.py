@@ -136,6 +136,6 @@ def test_with_packing_off_nothing_is_dropped(tmp_path: pathlib.Path, home: pathl
     config = ModelConfig.from_path(_dir(tmp_path, tied=False))
     model, info = packed_linear.load_packed_model(config, ParallelContext.single())
     assert info == {"packed": 0, "freed": 0, "cached": False, "blocks": 0, "weights": 0, "mapped": 0,
-                    "gguf_layers": 0, "gguf_bytes": 0}
+                    "gguf_layers": 0, "gguf_bytes": 0, "int8_layers": 0}
     assert not any(p.is_meta for p in model.parameters())
     assert not (home / "packed").exists()

@@ -204,7 +204,9 @@ async def tool_calls(
     if not stream:
         choice = (await oai.chat.completions.create(**fields)).choices[0]
         calls = choice.message.tool_calls or []
-        assert choice.message.content is None or calls == []
+        # content beside calls only when max_tokens cut the array: the calls completed before
+        # the cut, and the cut-off rest as text (nothing of the output is dropped)
+        assert choice.message.content is None or calls == [] or choice.finish_reason == "length"
         return [(c.function.name, c.function.arguments, c.id) for c in calls], choice.finish_reason
     parts: dict[int, list[Any]] = {}
     finish = None
