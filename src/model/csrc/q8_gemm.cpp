@@ -126,8 +126,10 @@ void tile(const uint8_t* gp, int64_t nb, int64_t kind, const int8_t* const* xq, 
   const __m512i low = _mm512_set1_epi8(0x0F);
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* qb = gp + b * bb;
-    __m512i a[R];
-    for (int r = 0; r < R; ++r) a[r] = _mm512_setzero_si512();
+    // Two accumulators a row (a, a2), summed at the block's end: a chain of 8 dependent
+    // vpdpbusd would bound a one-row step by their latency, not by the loads.
+    __m512i a[R], a2[R];
+    for (int r = 0; r < R; ++r) a[r] = a2[r] = _mm512_setzero_si512();
     if (nibbles) {
       for (int j = 0; j < 4; ++j) {
         const __m512i v = _mm512_loadu_si512(qb + 64 * j);
@@ -138,7 +140,7 @@ void tile(const uint8_t* gp, int64_t nb, int64_t kind, const int8_t* const* xq, 
           std::memcpy(&x0, xq[r] + b * kBlock + 4 * j, 4);
           std::memcpy(&x1, xq[r] + b * kBlock + 16 + 4 * j, 4);
           a[r] = _mm512_dpbusd_epi32(a[r], lo, _mm512_set1_epi32(x0));
-          a[r] = _mm512_dpbusd_epi32(a[r], hi, _mm512_set1_epi32(x1));
+          a2[r] = _mm512_dpbusd_epi32(a2[r], hi, _mm512_set1_epi32(x1));
         }
       }
     } else {
@@ -147,10 +149,15 @@ void tile(const uint8_t* gp, int64_t nb, int64_t kind, const int8_t* const* xq, 
         for (int r = 0; r < R; ++r) {
           int32_t x0;
           std::memcpy(&x0, xq[r] + b * kBlock + 4 * j, 4);
-          a[r] = _mm512_dpbusd_epi32(a[r], v, _mm512_set1_epi32(x0));
+          if (j % 2) {
+            a2[r] = _mm512_dpbusd_epi32(a2[r], v, _mm512_set1_epi32(x0));
+          } else {
+            a[r] = _mm512_dpbusd_epi32(a[r], v, _mm512_set1_epi32(x0));
+          }
         }
       }
     }
+    for (int r = 0; r < R; ++r) a[r] = _mm512_add_epi32(a[r], a2[r]);
     __m512 d, m2;
     if (half) {
       d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(qb + qbytes)));
