@@ -23,7 +23,8 @@ at start, and a different one is refused naming both models). If the draft engin
 goes on without drafts and the error is logged (once per kind); the target is unaffected.
 
 Costs, as vLLM's draft-model method: the draft model's weights and KV cache (its own blocks, as
-many as the target's), and k + 1 draft steps before each target step that has drafts.
+many as the target's), and k draft steps before each target step that has drafts (the first
+computes the context's new tokens and yields the first draft, then k - 1 decodes).
 """
 
 from __future__ import annotations
@@ -59,8 +60,7 @@ def draft_engine_config(target: EngineConfig, spec: SpeculativeConfig) -> Engine
     lines of its own."""
     from shardline.engine.config import EngineConfig
 
-    if spec.model is None:
-        raise SpeculativeConfigError("speculative_config method 'draft_model' needs a model")
+    assert spec.model is not None  # SpeculativeConfig refuses method "draft_model" without one
     shared: dict[str, Any] = {name: getattr(target, name) for name in _SHARED_FIELDS}
     return EngineConfig(
         model=spec.model,
@@ -90,9 +90,8 @@ def check_same_tokenizer(target: Any, draft: Any, target_name: str, draft_name: 
 class DraftModelProposer:
     """The draft engine and the proposals it makes (module docstring)."""
 
-    def __init__(self, engine: Engine, num_speculative_tokens: int) -> None:
+    def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        self.num_speculative_tokens = num_speculative_tokens
         self._errors_logged: set[str] = set()
         self._count = 0
 
@@ -115,7 +114,7 @@ class DraftModelProposer:
             raise
         logger.info("draft model %s ready for speculative decoding (k=%d, max_model_len=%d)",
                     spec.model, spec.num_speculative_tokens, engine.max_model_len)
-        return cls(engine, spec.num_speculative_tokens)
+        return cls(engine)
 
     async def propose(self, candidates: Sequence[tuple[str, list[int], int]]) -> dict[str, list[int]]:
         """Drafts for `(request id, context token ids, k)`, all requested at once; a context

@@ -20,6 +20,7 @@ Requests of the step without drafts are sampled by `sampler.sample` as in any st
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -134,24 +135,23 @@ def _verify_random(
     logits: torch.Tensor, state: RequestSamplingState, draft: Sequence[int]
 ) -> list[int]:
     """Rejection sampling against a point-mass draft (see the module docstring)."""
-    probs = torch.softmax(logits.double() / state.options.temperature, dim=-1)
+    logprobs = torch.log_softmax(logits.double() / state.options.temperature, dim=-1)
     position = state.num_tokens  # of the first token this step emits
     out: list[int] = []
     for j, token in enumerate(draft):
-        row = probs[j]
-        if _uniform(state.seed, position + j, _ACCEPT_SALT) < float(row[token]):
+        row = logprobs[j]
+        if _uniform(state.seed, position + j, _ACCEPT_SALT) < math.exp(float(row[token])):
             out.append(token)
             continue
         residual = row.clone()
-        residual[token] = 0.0
-        out.append(_inverse_cdf(residual, _uniform(state.seed, position + j, _RESIDUAL_SALT)))
+        residual[token] = -math.inf
+        out.append(_draw(residual, _uniform(state.seed, position + j, _RESIDUAL_SALT)))
         return out
     bonus = len(draft)
-    out.append(_inverse_cdf(probs[bonus], _uniform(state.seed, position + bonus, _RESIDUAL_SALT)))
+    out.append(_draw(logprobs[bonus], _uniform(state.seed, position + bonus, _RESIDUAL_SALT)))
     return out
 
 
-def _inverse_cdf(weights: torch.Tensor, u: float) -> int:
-    """A draw from `weights` at `u`, in probability order as the sampler's (worker/draw.py)."""
-    log_weights = torch.log(weights).unsqueeze(0)
-    return int(draw_tokens(log_weights, top_k=[-1], top_p=[1.0], min_p=[0.0], uniforms=[u])[0])
+def _draw(log_weights: torch.Tensor, u: float) -> int:
+    """A draw from one row of log-weights at `u`, as the sampler draws (worker/draw.py)."""
+    return int(draw_tokens(log_weights.unsqueeze(0), top_k=[-1], top_p=[1.0], min_p=[0.0], uniforms=[u])[0])
