@@ -111,13 +111,24 @@ void quantize_row(const float* x, int64_t k, int8_t* q, float* scale, int32_t* s
   }
 }
 
+// A tile's rows of x: each row's int8 values, and per block its scale, scale * sum and (two-scale
+// blocks) each half's offset correction, offset * scale * (the half's sum).
+struct Rows {
+  const int8_t* xq[kRows];
+  const float* sx[kRows];
+  const float* ssum[kRows];
+  const float* corr_lo[kRows];
+  const float* corr_hi[kRows];
+};
+
 // One tile: up to kRows rows x 16 columns over every block of a column group, float totals
-// out[r][c] (in registers for the SIMD builds). xq[r] is row r's int8 x, sx[r] / ssum[r] its
-// per-block scales and scale * sum.
+// out[r][c] (in registers for the SIMD builds). Each block's dot products are kept per half (a:
+// inputs 0..15, a2: 16..31; two chains, not one of 8 dependent vpdpbusd): a one-scale block adds
+// them and applies d and m2; a two-scale block (Q6_K) applies d1 and d2 to its halves, each
+// corrected for the bytes' offset, and m.
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-template <int R>
-void tile(const uint8_t* gp, int64_t nb, int64_t kind, const int8_t* const* xq, const float* const* sx,
-          const float* const* ssum, float out[kRows][kCols]) {
+template <int R, bool two>
+void tile(const uint8_t* gp, int64_t nb, int64_t kind, const Rows& x, float out[kRows][kCols]) {
   const int bb = block_bytes(kind), qbytes = q_bytes(kind);
   const bool half = kind & kHalfScales;
   const bool nibbles = (kind & 3) == kNibble;
@@ -126,8 +137,6 @@ void tile(const uint8_t* gp, int64_t nb, int64_t kind, const int8_t* const* xq, 
   const __m512i low = _mm512_set1_epi8(0x0F);
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* qb = gp + b * bb;
-    // Two accumulators a row (a, a2), summed at the block's end: a chain of 8 dependent
-    // vpdpbusd would bound a one-row step by their latency, not by the loads.
     __m512i a[R], a2[R];
     for (int r = 0; r < R; ++r) a[r] = a2[r] = _mm512_setzero_si512();
     if (nibbles) {
@@ -137,8 +146,8 @@ void tile(const uint8_t* gp, int64_t nb, int64_t kind, const int8_t* const* xq, 
         const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
         for (int r = 0; r < R; ++r) {
           int32_t x0, x1;
-          std::memcpy(&x0, xq[r] + b * kBlock + 4 * j, 4);
-          std::memcpy(&x1, xq[r] + b * kBlock + 16 + 4 * j, 4);
+          std::memcpy(&x0, x.xq[r] + b * kBlock + 4 * j, 4);
+          std::memcpy(&x1, x.xq[r] + b * kBlock + 16 + 4 * j, 4);
           a[r] = _mm512_dpbusd_epi32(a[r], lo, _mm512_set1_epi32(x0));
           a2[r] = _mm512_dpbusd_epi32(a2[r], hi, _mm512_set1_epi32(x1));
         }
@@ -148,83 +157,36 @@ void tile(const uint8_t* gp, int64_t nb, int64_t kind, const int8_t* const* xq, 
         const __m512i v = _mm512_loadu_si512(qb + 64 * j);
         for (int r = 0; r < R; ++r) {
           int32_t x0;
-          std::memcpy(&x0, xq[r] + b * kBlock + 4 * j, 4);
-          if (j % 2) {
-            a2[r] = _mm512_dpbusd_epi32(a2[r], v, _mm512_set1_epi32(x0));
-          } else {
+          std::memcpy(&x0, x.xq[r] + b * kBlock + 4 * j, 4);
+          if (j < 4) {
             a[r] = _mm512_dpbusd_epi32(a[r], v, _mm512_set1_epi32(x0));
+          } else {
+            a2[r] = _mm512_dpbusd_epi32(a2[r], v, _mm512_set1_epi32(x0));
           }
         }
       }
     }
-    for (int r = 0; r < R; ++r) a[r] = _mm512_add_epi32(a[r], a2[r]);
-    __m512 d, m2;
-    if (half) {
-      d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(qb + qbytes)));
-      m2 = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(qb + qbytes + 32)));
-    } else {
-      d = _mm512_loadu_ps(reinterpret_cast<const float*>(qb + qbytes));
-      m2 = _mm512_loadu_ps(reinterpret_cast<const float*>(qb + qbytes) + kCols);
+    __m512 s[3];  // d, m2 (two-scale: d1, d2, m)
+    for (int i = 0; i < (two ? 3 : 2); ++i) {
+      s[i] = half ? _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(qb + qbytes) + i))
+                  : _mm512_loadu_ps(reinterpret_cast<const float*>(qb + qbytes) + kCols * i);
     }
     for (int r = 0; r < R; ++r) {
-      total[r] = _mm512_fmadd_ps(_mm512_mul_ps(d, _mm512_set1_ps(sx[r][b])), _mm512_cvtepi32_ps(a[r]), total[r]);
-      total[r] = _mm512_fmadd_ps(m2, _mm512_set1_ps(ssum[r][b]), total[r]);
-    }
-  }
-  for (int r = 0; r < R; ++r) _mm512_storeu_ps(out[r], total[r]);
-}
-
-// Two-scale blocks (Q6_K: d1 for inputs 0..15, d2 for 16..31; bytes): the halves' dot products
-// apart, each corrected for the bytes' offset with its own sum (corr = offset * scale * sum).
-template <int R>
-void tile_two(const uint8_t* gp, int64_t nb, int64_t kind, const int8_t* const* xq, const float* const* sx,
-              const float* const* ssum, const float* const* corr_lo, const float* const* corr_hi,
-              float out[kRows][kCols]) {
-  const int bb = block_bytes(kind), qbytes = q_bytes(kind);
-  const bool half = kind & kHalfScales;
-  __m512 total[R];
-  for (int r = 0; r < R; ++r) total[r] = _mm512_setzero_ps();
-  for (int64_t b = 0; b < nb; ++b) {
-    const uint8_t* qb = gp + b * bb;
-    __m512i lo[R], hi[R];
-    for (int r = 0; r < R; ++r) lo[r] = hi[r] = _mm512_setzero_si512();
-    for (int j = 0; j < 8; ++j) {
-      const __m512i v = _mm512_loadu_si512(qb + 64 * j);
-      for (int r = 0; r < R; ++r) {
-        int32_t x0;
-        std::memcpy(&x0, xq[r] + b * kBlock + 4 * j, 4);
-        if (j < 4) {
-          lo[r] = _mm512_dpbusd_epi32(lo[r], v, _mm512_set1_epi32(x0));
-        } else {
-          hi[r] = _mm512_dpbusd_epi32(hi[r], v, _mm512_set1_epi32(x0));
-        }
+      const __m512 scale = _mm512_set1_ps(x.sx[r][b]);
+      if constexpr (two) {
+        total[r] = _mm512_fmadd_ps(s[0], _mm512_fmsub_ps(scale, _mm512_cvtepi32_ps(a[r]), _mm512_set1_ps(x.corr_lo[r][b])), total[r]);
+        total[r] = _mm512_fmadd_ps(s[1], _mm512_fmsub_ps(scale, _mm512_cvtepi32_ps(a2[r]), _mm512_set1_ps(x.corr_hi[r][b])), total[r]);
+      } else {
+        total[r] = _mm512_fmadd_ps(_mm512_mul_ps(s[0], scale), _mm512_cvtepi32_ps(_mm512_add_epi32(a[r], a2[r])), total[r]);
       }
-    }
-    __m512 d1, d2, m;
-    if (half) {
-      const __m256i* p = reinterpret_cast<const __m256i*>(qb + qbytes);
-      d1 = _mm512_cvtph_ps(_mm256_loadu_si256(p));
-      d2 = _mm512_cvtph_ps(_mm256_loadu_si256(p + 1));
-      m = _mm512_cvtph_ps(_mm256_loadu_si256(p + 2));
-    } else {
-      const float* p = reinterpret_cast<const float*>(qb + qbytes);
-      d1 = _mm512_loadu_ps(p);
-      d2 = _mm512_loadu_ps(p + kCols);
-      m = _mm512_loadu_ps(p + 2 * kCols);
-    }
-    for (int r = 0; r < R; ++r) {
-      const __m512 scale = _mm512_set1_ps(sx[r][b]);
-      total[r] = _mm512_fmadd_ps(d1, _mm512_fmsub_ps(scale, _mm512_cvtepi32_ps(lo[r]), _mm512_set1_ps(corr_lo[r][b])), total[r]);
-      total[r] = _mm512_fmadd_ps(d2, _mm512_fmsub_ps(scale, _mm512_cvtepi32_ps(hi[r]), _mm512_set1_ps(corr_hi[r][b])), total[r]);
-      total[r] = _mm512_fmadd_ps(m, _mm512_set1_ps(ssum[r][b]), total[r]);
+      total[r] = _mm512_fmadd_ps(s[two ? 2 : 1], _mm512_set1_ps(x.ssum[r][b]), total[r]);
     }
   }
   for (int r = 0; r < R; ++r) _mm512_storeu_ps(out[r], total[r]);
 }
 #elif defined(__AVX2__)
-template <int R>
-void tile(const uint8_t* gp, int64_t nb, int64_t kind, const int8_t* const* xq, const float* const* sx,
-          const float* const* ssum, float out[kRows][kCols]) {
+template <int R, bool two>
+void tile(const uint8_t* gp, int64_t nb, int64_t kind, const Rows& x, float out[kRows][kCols]) {
   const int bb = block_bytes(kind), qbytes = q_bytes(kind);
   const bool half = kind & kHalfScales;
   const bool nibbles = (kind & 3) == kNibble;
@@ -235,8 +197,8 @@ void tile(const uint8_t* gp, int64_t nb, int64_t kind, const int8_t* const* xq, 
     for (int r = 0; r < R; ++r) total[r] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; ++b) {
       const uint8_t* qb = gp + b * bb;
-      __m256i a[R];
-      for (int r = 0; r < R; ++r) a[r] = _mm256_setzero_si256();
+      __m256i a[R], a2[R];
+      for (int r = 0; r < R; ++r) a[r] = a2[r] = _mm256_setzero_si256();
       if (nibbles) {
         for (int j = 0; j < 4; ++j) {
           const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qb + 64 * j + 32 * h));
@@ -244,8 +206,9 @@ void tile(const uint8_t* gp, int64_t nb, int64_t kind, const int8_t* const* xq, 
           const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
           for (int r = 0; r < R; ++r) {
             int32_t x0, x1;
-            std::memcpy(&x0, xq[r] + b * kBlock + 4 * j, 4);
-            std::memcpy(&x1, xq[r] + b * kBlock + 16 + 4 * j, 4);
+            std::memcpy(&x0, x.xq[r] + b * kBlock + 4 * j, 4);
+            std::memcpy(&x1, x.xq[r] + b * kBlock + 16 + 4 * j, 4);
+            // (nibbles are never two-scale: both halves' products go into a, one madd for both)
             const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_set1_epi32(x0)),
                                                _mm256_maddubs_epi16(hi, _mm256_set1_epi32(x1)));
             a[r] = _mm256_add_epi32(a[r], _mm256_madd_epi16(p, ones));
@@ -257,84 +220,39 @@ void tile(const uint8_t* gp, int64_t nb, int64_t kind, const int8_t* const* xq, 
           const __m256i w = _mm256_abs_epi8(v);
           for (int r = 0; r < R; ++r) {
             int32_t x0;
-            std::memcpy(&x0, xq[r] + b * kBlock + 4 * j, 4);
+            std::memcpy(&x0, x.xq[r] + b * kBlock + 4 * j, 4);
             const __m256i xs = _mm256_sign_epi8(_mm256_set1_epi32(x0), v);
-            a[r] = _mm256_add_epi32(a[r], _mm256_madd_epi16(_mm256_maddubs_epi16(w, xs), ones));
+            const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(w, xs), ones);
+            if (j < 4) {
+              a[r] = _mm256_add_epi32(a[r], p);
+            } else {
+              a2[r] = _mm256_add_epi32(a2[r], p);
+            }
           }
         }
       }
-      __m256 d, m2;
-      if (half) {
-        d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qb + qbytes + 16 * h)));
-        m2 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qb + qbytes + 32 + 16 * h)));
-      } else {
-        d = _mm256_loadu_ps(reinterpret_cast<const float*>(qb + qbytes) + 8 * h);
-        m2 = _mm256_loadu_ps(reinterpret_cast<const float*>(qb + qbytes) + kCols + 8 * h);
+      __m256 s[3];  // d, m2 (two-scale: d1, d2, m)
+      for (int i = 0; i < (two ? 3 : 2); ++i) {
+        s[i] = half ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qb + qbytes + 32 * i + 16 * h)))
+                    : _mm256_loadu_ps(reinterpret_cast<const float*>(qb + qbytes) + kCols * i + 8 * h);
       }
       for (int r = 0; r < R; ++r) {
-        total[r] = _mm256_fmadd_ps(_mm256_mul_ps(d, _mm256_set1_ps(sx[r][b])), _mm256_cvtepi32_ps(a[r]), total[r]);
-        total[r] = _mm256_fmadd_ps(m2, _mm256_set1_ps(ssum[r][b]), total[r]);
-      }
-    }
-    for (int r = 0; r < R; ++r) _mm256_storeu_ps(out[r] + 8 * h, total[r]);
-  }
-}
-
-template <int R>
-void tile_two(const uint8_t* gp, int64_t nb, int64_t kind, const int8_t* const* xq, const float* const* sx,
-              const float* const* ssum, const float* const* corr_lo, const float* const* corr_hi,
-              float out[kRows][kCols]) {
-  const int bb = block_bytes(kind), qbytes = q_bytes(kind);
-  const bool half = kind & kHalfScales;
-  const __m256i ones = _mm256_set1_epi16(1);
-  for (int h = 0; h < 2; ++h) {  // columns 8h .. 8h + 7
-    __m256 total[R];
-    for (int r = 0; r < R; ++r) total[r] = _mm256_setzero_ps();
-    for (int64_t b = 0; b < nb; ++b) {
-      const uint8_t* qb = gp + b * bb;
-      __m256i lo[R], hi[R];
-      for (int r = 0; r < R; ++r) lo[r] = hi[r] = _mm256_setzero_si256();
-      for (int j = 0; j < 8; ++j) {
-        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qb + 64 * j + 32 * h));
-        const __m256i w = _mm256_abs_epi8(v);
-        for (int r = 0; r < R; ++r) {
-          int32_t x0;
-          std::memcpy(&x0, xq[r] + b * kBlock + 4 * j, 4);
-          const __m256i xs = _mm256_sign_epi8(_mm256_set1_epi32(x0), v);
-          const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(w, xs), ones);
-          if (j < 4) {
-            lo[r] = _mm256_add_epi32(lo[r], p);
-          } else {
-            hi[r] = _mm256_add_epi32(hi[r], p);
-          }
+        const __m256 scale = _mm256_set1_ps(x.sx[r][b]);
+        if constexpr (two) {
+          total[r] = _mm256_fmadd_ps(s[0], _mm256_fmsub_ps(scale, _mm256_cvtepi32_ps(a[r]), _mm256_set1_ps(x.corr_lo[r][b])), total[r]);
+          total[r] = _mm256_fmadd_ps(s[1], _mm256_fmsub_ps(scale, _mm256_cvtepi32_ps(a2[r]), _mm256_set1_ps(x.corr_hi[r][b])), total[r]);
+        } else {
+          total[r] = _mm256_fmadd_ps(_mm256_mul_ps(s[0], scale), _mm256_cvtepi32_ps(_mm256_add_epi32(a[r], a2[r])), total[r]);
         }
-      }
-      __m256 d1, d2, m;
-      if (half) {
-        const uint8_t* p = qb + qbytes + 16 * h;
-        d1 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-        d2 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 32)));
-        m = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 64)));
-      } else {
-        const float* p = reinterpret_cast<const float*>(qb + qbytes) + 8 * h;
-        d1 = _mm256_loadu_ps(p);
-        d2 = _mm256_loadu_ps(p + kCols);
-        m = _mm256_loadu_ps(p + 2 * kCols);
-      }
-      for (int r = 0; r < R; ++r) {
-        const __m256 scale = _mm256_set1_ps(sx[r][b]);
-        total[r] = _mm256_fmadd_ps(d1, _mm256_fmsub_ps(scale, _mm256_cvtepi32_ps(lo[r]), _mm256_set1_ps(corr_lo[r][b])), total[r]);
-        total[r] = _mm256_fmadd_ps(d2, _mm256_fmsub_ps(scale, _mm256_cvtepi32_ps(hi[r]), _mm256_set1_ps(corr_hi[r][b])), total[r]);
-        total[r] = _mm256_fmadd_ps(m, _mm256_set1_ps(ssum[r][b]), total[r]);
+        total[r] = _mm256_fmadd_ps(s[two ? 2 : 1], _mm256_set1_ps(x.ssum[r][b]), total[r]);
       }
     }
     for (int r = 0; r < R; ++r) _mm256_storeu_ps(out[r] + 8 * h, total[r]);
   }
 }
 #else
-template <int R>
-void tile(const uint8_t* gp, int64_t nb, int64_t kind, const int8_t* const* xq, const float* const* sx,
-          const float* const* ssum, float out[kRows][kCols]) {
+template <int R, bool two>
+void tile(const uint8_t* gp, int64_t nb, int64_t kind, const Rows& x, float out[kRows][kCols]) {
   const int bb = block_bytes(kind);
   const bool nibbles = (kind & 3) == kNibble;
   for (int r = 0; r < R; ++r) {
@@ -342,69 +260,44 @@ void tile(const uint8_t* gp, int64_t nb, int64_t kind, const int8_t* const* xq, 
   }
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* qb = gp + b * bb;
-    float d[kCols], m2[kCols];
-    for (int c = 0; c < kCols; ++c) {
-      d[c] = scale_at(qb, kind, 0, c);
-      m2[c] = scale_at(qb, kind, 1, c);
-    }
     for (int r = 0; r < R; ++r) {
-      const int8_t* x = xq[r] + b * kBlock;
+      const int8_t* xb = x.xq[r] + b * kBlock;
+      const float scale = x.sx[r][b];
       for (int c = 0; c < kCols; ++c) {
-        int32_t acc = 0;
+        int32_t acc[2] = {0, 0};  // inputs 0..15, 16..31
         for (int j = 0; j < (nibbles ? 4 : 8); ++j) {
           for (int i = 0; i < 4; ++i) {
             const uint8_t byte = qb[64 * j + 4 * c + i];
             if (nibbles) {
-              acc += (byte & 0x0F) * x[4 * j + i] + (byte >> 4) * x[16 + 4 * j + i];
+              acc[0] += (byte & 0x0F) * xb[4 * j + i];
+              acc[1] += (byte >> 4) * xb[16 + 4 * j + i];
             } else {
-              acc += static_cast<int8_t>(byte) * x[4 * j + i];
+              acc[j / 4] += static_cast<int8_t>(byte) * xb[4 * j + i];
             }
           }
         }
-        out[r][c] += d[c] * sx[r][b] * static_cast<float>(acc) + m2[c] * ssum[r][b];
-      }
-    }
-  }
-}
-
-template <int R>
-void tile_two(const uint8_t* gp, int64_t nb, int64_t kind, const int8_t* const* xq, const float* const* sx,
-              const float* const* ssum, const float* const* corr_lo, const float* const* corr_hi,
-              float out[kRows][kCols]) {
-  const int bb = block_bytes(kind);
-  for (int r = 0; r < R; ++r) {
-    for (int c = 0; c < kCols; ++c) out[r][c] = 0.f;
-  }
-  for (int64_t b = 0; b < nb; ++b) {
-    const uint8_t* qb = gp + b * bb;
-    for (int r = 0; r < R; ++r) {
-      const int8_t* x = xq[r] + b * kBlock;
-      for (int c = 0; c < kCols; ++c) {
-        int32_t acc[2] = {0, 0};
-        for (int j = 0; j < 8; ++j) {
-          for (int i = 0; i < 4; ++i) acc[j / 4] += static_cast<int8_t>(qb[64 * j + 4 * c + i]) * x[4 * j + i];
+        if constexpr (two) {
+          out[r][c] += scale_at(qb, kind, 0, c) * (scale * static_cast<float>(acc[0]) - x.corr_lo[r][b]) +
+                       scale_at(qb, kind, 1, c) * (scale * static_cast<float>(acc[1]) - x.corr_hi[r][b]) +
+                       scale_at(qb, kind, 2, c) * x.ssum[r][b];
+        } else {
+          out[r][c] += scale_at(qb, kind, 0, c) * scale * static_cast<float>(acc[0] + acc[1]) +
+                       scale_at(qb, kind, 1, c) * x.ssum[r][b];
         }
-        out[r][c] += scale_at(qb, kind, 0, c) * (sx[r][b] * static_cast<float>(acc[0]) - corr_lo[r][b]) +
-                     scale_at(qb, kind, 1, c) * (sx[r][b] * static_cast<float>(acc[1]) - corr_hi[r][b]) +
-                     scale_at(qb, kind, 2, c) * ssum[r][b];
       }
     }
   }
 }
-
 #endif
 
-// tile<t> (or tile_two<t>) for a tile of t <= R rows.
+// tile<t, two-scale or not> for a tile of t <= R rows.
 template <int R>
-void tile_rows(int t, const uint8_t* gp, int64_t nb, int64_t kind, const int8_t* const* xq,
-               const float* const* sx, const float* const* ssum, const float* const* corr_lo,
-               const float* const* corr_hi, float out[kRows][kCols]) {
+void tile_rows(int t, const uint8_t* gp, int64_t nb, int64_t kind, const Rows& x, float out[kRows][kCols]) {
   if constexpr (R >= 1) {
     if (t == R) {
-      if (kind & kTwoScales) return tile_two<R>(gp, nb, kind, xq, sx, ssum, corr_lo, corr_hi, out);
-      return tile<R>(gp, nb, kind, xq, sx, ssum, out);
+      return (kind & kTwoScales) ? tile<R, true>(gp, nb, kind, x, out) : tile<R, false>(gp, nb, kind, x, out);
     }
-    tile_rows<R - 1>(t, gp, nb, kind, xq, sx, ssum, corr_lo, corr_hi, out);
+    tile_rows<R - 1>(t, gp, nb, kind, x, out);
   }
 }
 
@@ -577,21 +470,17 @@ void shardline_cpu::q8_gemm(const at::Tensor& out, const at::Tensor& x, const at
       const int cols = static_cast<int>(std::min<int64_t>(kCols, n - g * kCols));
       for (int64_t r0 = 0; r0 < rows; r0 += kRows) {
         const int t = static_cast<int>(std::min<int64_t>(kRows, rows - r0));
-        const int8_t* xr[kRows];
-        const float* sr[kRows];
-        const float* ur[kRows];
-        const float* lr[kRows] = {};
-        const float* hr[kRows] = {};
+        Rows rx{};
         for (int r = 0; r < t; ++r) {
-          xr[r] = xq.data() + (r0 + r) * k;
-          sr[r] = xs.data() + (r0 + r) * nb;
-          ur[r] = ssum.data() + (r0 + r) * nb;
+          rx.xq[r] = xq.data() + (r0 + r) * k;
+          rx.sx[r] = xs.data() + (r0 + r) * nb;
+          rx.ssum[r] = ssum.data() + (r0 + r) * nb;
           if (h.kind & kTwoScales) {
-            lr[r] = corr_lo.data() + (r0 + r) * nb;
-            hr[r] = corr_hi.data() + (r0 + r) * nb;
+            rx.corr_lo[r] = corr_lo.data() + (r0 + r) * nb;
+            rx.corr_hi[r] = corr_hi.data() + (r0 + r) * nb;
           }
         }
-        tile_rows<kRows>(t, gp, nb, h.kind, xr, sr, ur, lr, hr, total);
+        tile_rows<kRows>(t, gp, nb, h.kind, rx, total);
         for (int r = 0; r < t; ++r) {
           float* orow = op + (r0 + r) * ostride + g * kCols;
           for (int c = 0; c < cols; ++c) orow[c] = total[r][c] + (bp ? bp[g * kCols + c] : 0.f);
