@@ -13,14 +13,15 @@ Weights are random K-quant blocks with bounded scales (tests/support/gguf_models
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 import statistics
-import subprocess
 import sys
 import textwrap
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from startup import _python_child  # noqa: E402
 
 CHILD = textwrap.dedent("""
     import json, pathlib, statistics, sys, time
@@ -58,25 +59,8 @@ CHILD = textwrap.dedent("""
 
 def run(source: str, args: argparse.Namespace) -> dict[str, float]:
     clock = "perf_counter" if args.clock == "wall" else "process_time"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            CHILD,
-            source,
-            str(ROOT / "tests"),
-            args.types,
-            args.rows,
-            str(args.threads),
-            clock,
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(proc.stderr[-3000:])
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return _python_child(CHILD, None, source, str(ROOT / "tests"), args.types, args.rows, str(args.threads),
+                         clock, timeout=None)
 
 
 def gflops(key: str, ms: float) -> float:

@@ -18,11 +18,13 @@ import argparse
 import json
 import pathlib
 import statistics
-import subprocess
 import sys
 import textwrap
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from startup import _python_child  # noqa: E402
 
 CHILD = textwrap.dedent("""
     import json, pathlib, statistics, sys, time
@@ -72,15 +74,7 @@ CHILD = textwrap.dedent("""
 
 
 def run(source: str, args: argparse.Namespace) -> dict[str, float]:
-    proc = subprocess.run(
-        [sys.executable, "-c", CHILD, source, str(ROOT / "tests"), args.rows, str(args.threads)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(proc.stderr[-3000:])
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return _python_child(CHILD, None, source, str(ROOT / "tests"), args.rows, str(args.threads), timeout=None)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -93,7 +93,8 @@ RECOVERY_CHILD = textwrap.dedent("""
 """).replace("CHAT", repr(CHAT))
 
 
-def _python_child(code: str, env: dict[str, str], *args: str, timeout: float = 900) -> dict[str, Any]:
+def _python_child(code: str, env: dict[str, str] | None, *args: str, timeout: float | None = 900) -> dict[str, Any]:
+    """Run `code` in a fresh Python with `args`; its last stdout line, parsed as JSON."""
     proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
                           env=env, timeout=timeout, check=False)
     if proc.returncode != 0:
