@@ -36,7 +36,7 @@ from typing import Any
 import psutil
 import torch
 
-from shardline.model import profiling
+from shardline.model import profiling, q8_linear
 from shardline.model.registry import ModelRegistry
 from shardline.transport import connect_worker_channels
 from shardline.transport.errors import TransportClosed
@@ -170,6 +170,11 @@ class Worker:
             self.log.info("int8 activations (SHARDLINE_CPU_ACTIVATIONS=int8): %d linear layers take "
                           "the int8-activation GEMM (results differ from float32's by the "
                           "activations' 8-bit rounding)", packing["int8_layers"])
+        elif q8_linear.enabled():
+            self.log.warning("SHARDLINE_CPU_ACTIVATIONS=int8, but no linear layer of this model takes "
+                             "the int8-activation GEMM (it takes GGUF Q4_0/Q4_1/Q8_0/Q4_K/Q5_K/Q6_K "
+                             "weights, or float32 weights that are such blocks, on a CPU float32 rank "
+                             "with packing on): the model runs as without it")
         if packing.get("mapped"):
             self.log.info("token embedding mapped from the checkpoint: %.1f MiB, rows read as used",
                           packing["mapped"] / 2**20)

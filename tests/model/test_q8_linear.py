@@ -200,3 +200,15 @@ async def test_tensor_parallel_shards_take_the_int8_kernel_too(
     exact, _ = await _prompt_nll(path, prompt, max_model_len=256, tensor_parallel_size=2)
     assert abs(two - one) <= 1e-4 * one and two_tokens == one_tokens
     assert two != exact  # (the int8 kernel ran on the shards)
+
+
+async def test_int8_asked_of_a_model_it_cannot_take_says_so(
+    tiny_llama_dir: pathlib.Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A float checkpoint (random float32 weights, no integer blocks): the worker warns, naming
+    the switch, that nothing took the int8 kernel, and serves as without it."""
+    monkeypatch.setenv("SHARDLINE_CPU_ACTIVATIONS", "int8")
+    with caplog.at_level("WARNING", logger="shardline.worker"):
+        _, tokens = await _prompt_nll(str(tiny_llama_dir), [5, 6, 7], max_model_len=64, transport="inproc")
+    assert len(tokens) == 24
+    assert any("SHARDLINE_CPU_ACTIVATIONS=int8, but no linear layer" in r.getMessage() for r in caplog.records)
