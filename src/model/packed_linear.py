@@ -546,12 +546,20 @@ def pack_gguf_weights(model: nn.Module) -> int:
 
 
 def _q8_weight(weight: GGUFLinearWeight, blocks: IntegerBlocks | None, kquants: bool) -> Q8Weight | None:
-    """A GGUF weight for the int8-activation kernel: Q4_0/Q4_1/Q8_0 blocks, or K-quant ones
-    (Q4_K, Q5_K; Q6_K with its d per 16 inputs)."""
+    """A GGUF weight for the int8-activation kernel: Q4_0/Q4_1/Q8_0 blocks, or K-quant ones.
+    Q4_K / Q5_K / Q6_K parts go in at about the file's size (`Q8Weight.from_gguf`: each part in
+    its own form, read from the file's blocks, no float copy made); a weight mixing them with
+    other types, or whose parts do not fall on 16-row groups, takes one common form with float32
+    scales (Q6_K's d per 16 inputs kept), from the whole weight's d, m and q."""
     if blocks is not None:
         return Q8Weight.pack(*blocks)
-    form = _scaled_form(weight) if kquants else None
-    if form is None:
+    if not kquants:
+        return None
+    compact = Q8Weight.from_gguf(weight.out_features, weight.in_features,
+                                 [(first, part.type, part.data) for first, part in weight.parts])
+    if compact is not None:
+        return compact
+    if _scaled_form(weight) is None:
         return None
     scaled = _weight_scaled_blocks(weight)
     assert scaled is not None

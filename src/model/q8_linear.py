@@ -12,13 +12,24 @@ the activations to 8 bits, measured on the default model as perplexity on a fixe
 (tests/model/test_q8_linear.py, benchmarks/RESULTS.md). Q6_K's blocks, with a d per 16 inputs,
 keep their two halves' dot products apart. Float weights keep the float32 path in either mode.
 
-Bytes per weight: nibbles 0.625 with float16 scales (Q4_0, Q4_1: d and m are float16 values) or
-0.75 with float32 ones (Q4_K), bytes 1.125 / 1.25 (Q8_0 / Q5_K). The layout is the kernel's own
-(`q8_pack`), made at load from the integer blocks.
+GGUF K-quants (`from_gguf`, from the file's blocks, no float copy of the weight made) keep the
+file's integer sub-block scales, with the super-block's float16 D and Dmin as float32 per 256
+inputs, and the kernel forms d = D * sc and m = -Dmin * mn per block (the same exact float32
+products gguf-py's dequantize makes); Q5_K's fifth bit and Q6_K's top two are bit planes beside
+the low nibbles, put back together in registers. Each part of a fused weight keeps its own form
+(a Q4_K_M file's qkv with a Q6_K v: a form per 16-column group). Bytes per weight, the file's in
+brackets: Q4_K 0.594 (0.5625), Q5_K 0.719 (0.6875), Q6_K 0.828 (0.8203); before, with float32 d
+and m per block of 32: 0.75, 1.25 and 1.375, and 1.375 for the Q4_K parts of a weight with any
+Q6_K part (benchmarks/RESULTS.md section 28). A weight mixing K-quants with other types, or whose
+parts are not on 16-row groups, still takes one common form with float32 scales (`pack`).
+Q4_0 / Q4_1 / Q8_0 blocks (`pack`): nibbles 0.625 with float16 scales (their d and m are float16
+values), bytes 1.125 (Q8_0). The layout is the kernel's own (q8_gemm.cpp's header comment), made
+at load.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +38,11 @@ from shardline.model.env import env_choice
 
 ENV = "SHARDLINE_CPU_ACTIVATIONS"
 MODES = ("auto", "float32", "int8")
+GROUP = 16  # output columns per group (q8_gemm.cpp kCols)
+SUPER_BLOCK = 256  # inputs per K-quant super-block
+K_TYPES = {"Q4_K": 4, "Q5_K": 5, "Q6_K": 6}  # q8_kquant_new's type codes
+HEADER = 64  # then per group its kind and offset (int64 each)
+_SUPER_KINDS = {16: "Q4_K", 32: "Q5_K", 64: "Q6_K"}  # q8_gemm.cpp's kQ4K, kQ5K, kQ6K
 
 
 def enabled() -> bool:
@@ -46,6 +62,13 @@ class Q8Weight:
     def nbytes(self) -> int:
         return self.packed.numel()
 
+    def group_forms(self) -> list[str]:
+        """Each 16-column group's form: "Q4_K", "Q5_K" or "Q6_K" (`from_gguf`), else "blocks"
+        (`pack`)."""
+        groups = int(self.packed[24:32].view(torch.int64))
+        kinds = self.packed[HEADER : HEADER + 16 * groups].view(torch.int64)[::2].tolist()
+        return [_SUPER_KINDS.get(kind, "blocks") for kind in kinds]
+
     @classmethod
     def pack(cls, d: torch.Tensor, m: torch.Tensor | None, q: torch.Tensor,
              d2: torch.Tensor | None = None) -> Q8Weight:
@@ -57,6 +80,33 @@ class Q8Weight:
         d2 = None if d2 is None else d2.float().contiguous()
         packed = torch.ops.shardline.q8_pack(d, m, q.contiguous(), d2)
         return cls(packed, q.shape[0], q.shape[1])
+
+    @classmethod
+    def from_gguf(cls, out_features: int, in_features: int,
+                  parts: Sequence[tuple[int, str, torch.Tensor]]) -> Q8Weight | None:
+        """From GGUF K-quant blocks at about the file's size: `parts` (first output row, type
+        name, the rows' blocks uint8 `[rows, row bytes]`), each of Q4_K, Q5_K or Q6_K, packed
+        each in its own form (the kernel's super-block kinds, one per 16-column group); None
+        (the caller falls back to `pack`) for another type, K not whole super-blocks, or a part
+        whose rows do not start and end on 16-row group boundaries (but at `out_features`).
+        Rows no part covers are 0. The rows are read from the blocks as they are: no float
+        copy of the weight is made."""
+        if in_features % SUPER_BLOCK or not parts:
+            return None
+        if any(name not in K_TYPES for _, name, _ in parts):
+            return None
+        types = [K_TYPES[name] for _, name, _ in parts]
+        groups = -(-out_features // GROUP)
+        per_group = [4] * groups  # (groups no part covers: Q4_K, zero scales)
+        for (first, _, raw), t in zip(parts, types, strict=True):
+            stop = first + raw.shape[0]
+            if first % GROUP or (stop % GROUP and stop != out_features) or stop > out_features:
+                return None
+            per_group[first // GROUP : -(-stop // GROUP)] = [t] * (-(-stop // GROUP) - first // GROUP)
+        packed = torch.ops.shardline.q8_kquant_new(out_features, in_features, per_group)
+        for first, _, raw in parts:
+            torch.ops.shardline.q8_kquant_fill(packed, first, raw)
+        return cls(packed, out_features, in_features)
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """`x @ W^T + bias` for a CPU float32 `x` `[..., in_features]`."""

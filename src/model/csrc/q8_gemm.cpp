@@ -13,15 +13,32 @@
 // Q6_K's blocks have two d (one per 16 inputs): their halves' dot products are kept apart and
 // scaled by their own d (bytes; the offset corrected with each half's sum of x_q).
 //
-// Layout (q8_pack): the output columns in groups of 16, each group's blocks one after another;
-// per block the q, then d[16] and m2[16], as float16 where every one of the weight's is a float16
-// value (Q4_0, Q4_1, Q8_0), else as float32 (K-quants):
+// Layout: a 64-byte header (magic, n, k, groups), then per column group of 16 outputs its kind
+// and byte offset (int64 each), then the groups' data, each group in its own kind, so that a
+// fused weight's parts (a Q4_K_M file's q / k Q4_K and v Q6_K) each keep their own form.
+//
+// Block kinds (q8_pack, from d, m and q): the group's blocks one after another; per block the q,
+// then d[16] and m2[16], as float16 where every one of the weight's is a float16 value (Q4_0,
+// Q4_1, Q8_0), else as float32:
 //   * nibbles (every q in 0..15, or -8..7 stored as q + 8): 256 bytes, byte [j][c][i] holding
 //     q[c][4j + i] in its low and q[c][16 + 4j + i] in its high nibble (j < 4);
 //   * bytes: 512 bytes, byte [j][c][i] = q[c][4j + i] (j < 8): with AVX512-VNNI as q + 128
 //     (vpdpbusd multiplies unsigned weights by signed activations), else as signed int8 (AVX2's
 //     maddubs takes |q| and x_q with q's sign, which cannot overflow its int16 sums).
 // So one 64-byte load holds 4 consecutive inputs of 16 columns: the vpdpbusd / maddubs operand.
+//
+// Super-block kinds (q8_kquant_new / q8_kquant_fill, from a GGUF file's Q4_K, Q5_K and Q6_K
+// blocks, at about the file's size): per 256 inputs of a group, the file's float16 super-block
+// scales as float32 and its integer sub-block scales as they are:
+//   * Q4_K / Q5_K: D[16] and -Dmin[16] (float32), sc[8][16] and mn[8][16] (uint8, 6 bits), so
+//     that d = D * sc and m = -Dmin * mn per block of 32 (the kernel forms them: exact products,
+//     the values gguf-py's dequantize uses); Q6_K: D[16] (float32), sc[16][16] (int8, one per 16
+//     inputs), d = D * sc per half block;
+//   * then the 8 blocks' q, unsigned (Q6_K: q + 32, its offset corrected per half with the half's
+//     sum of x_q): the low nibbles as the nibble kind's 256 bytes, then Q5_K's bit 4 as one
+//     64-byte plane (byte [c][i]: bit j for input 4j + i, bit 4 + j for 16 + 4j + i) or Q6_K's
+//     bits 4-5 as two (inputs 0..15, 16..31; bits 2j, 2j + 1 for 4j + i), put back in registers.
+// Bytes a weight: Q4_K 0.594 (the file's 0.5625), Q5_K 0.719 (0.6875), Q6_K 0.828 (0.8203).
 //
 // Threads: cpu_pool.h's, over the column groups.
 
@@ -62,17 +79,41 @@ constexpr int kByteOffset = 128;
 constexpr int kByteOffset = 0;
 #endif
 
-// storage | kHalfScales | kTwoScales (two d per block, one per 16 inputs: Q6_K; bytes only)
-enum Kind : int64_t { kNibble = 1, kByte = 2, kHalfScales = 4, kTwoScales = 8 };
+// Block kinds: storage | kHalfScales | kTwoScales (two d per block, one per 16 inputs; bytes
+// only). Super-block kinds: kQ4K, kQ5K, kQ6K.
+enum Kind : int64_t { kNibble = 1, kByte = 2, kHalfScales = 4, kTwoScales = 8, kQ4K = 16, kQ5K = 32, kQ6K = 64 };
+constexpr int64_t kSuperKinds = kQ4K | kQ5K | kQ6K;
+constexpr int kSuper = 256;  // inputs per super-block
 
 struct Header {
-  int64_t magic, kind, n, k;
+  int64_t magic, n, k, groups;
 };
+struct Group {
+  int64_t kind, offset;  // offset: from the data's start
+};
+
+inline int64_t data_start(int64_t groups) { return (kHeader + groups * int64_t(sizeof(Group)) + 63) / 64 * 64; }
+
+// A super-block kind's layout: hb high-bit planes (Q4_K 0, Q5_K 1, Q6_K 2).
+template <int hb>
+struct Super {
+  static constexpr int kScaleBytes = hb == 2 ? 4 * kCols + 16 * kCols : 8 * kCols + 16 * kCols;
+  static constexpr int kQBytes = 256 + 64 * hb;  // per block of 32 inputs
+  static constexpr int kBytes = kScaleBytes + 8 * kQBytes;
+};
+inline int super_planes(int64_t kind) { return kind == kQ4K ? 0 : kind == kQ5K ? 1 : 2; }
+inline int super_bytes(int64_t kind) {
+  return kind == kQ4K ? Super<0>::kBytes : kind == kQ5K ? Super<1>::kBytes : Super<2>::kBytes;
+}
 
 inline int q_bytes(int64_t kind) { return (kind & 3) == kNibble ? 256 : 512; }
 inline int num_scales(int64_t kind) { return (kind & kTwoScales) ? 3 : 2; }
 inline int block_bytes(int64_t kind) {
   return q_bytes(kind) + num_scales(kind) * kCols * ((kind & kHalfScales) ? 2 : 4);
+}
+
+int64_t group_bytes(int64_t kind, int64_t k) {
+  return (kind & kSuperKinds) ? k / kSuper * super_bytes(kind) : k / kBlock * block_bytes(kind);
 }
 
 inline float half_to_float(const uint8_t* p) {
@@ -111,14 +152,15 @@ void quantize_row(const float* x, int64_t k, int8_t* q, float* scale, int32_t* s
   }
 }
 
-// A tile's rows of x: each row's int8 values, and per block its scale, scale * sum and (two-scale
-// blocks) each half's offset correction, offset * scale * (the half's sum).
+// A tile's rows of x: each row's int8 values, and per block its scale, scale * sum and scale *
+// each half's sum (two-scale blocks correct each half for the q's offset: offset * that, exact
+// for the offsets, powers of two).
 struct Rows {
   const int8_t* xq[kRows];
   const float* sx[kRows];
   const float* ssum[kRows];
-  const float* corr_lo[kRows];
-  const float* corr_hi[kRows];
+  const float* lo[kRows];
+  const float* hi[kRows];
 };
 
 // One tile: up to kRows rows x 16 columns over every block of a column group, float totals
@@ -174,12 +216,106 @@ void tile(const uint8_t* gp, int64_t nb, int64_t kind, const Rows& x, float out[
     for (int r = 0; r < R; ++r) {
       const __m512 scale = _mm512_set1_ps(x.sx[r][b]);
       if constexpr (two) {
-        total[r] = _mm512_fmadd_ps(s[0], _mm512_fmsub_ps(scale, _mm512_cvtepi32_ps(a[r]), _mm512_set1_ps(x.corr_lo[r][b])), total[r]);
-        total[r] = _mm512_fmadd_ps(s[1], _mm512_fmsub_ps(scale, _mm512_cvtepi32_ps(a2[r]), _mm512_set1_ps(x.corr_hi[r][b])), total[r]);
+        total[r] = _mm512_fmadd_ps(s[0], _mm512_fmsub_ps(scale, _mm512_cvtepi32_ps(a[r]), _mm512_set1_ps(kByteOffset * x.lo[r][b])), total[r]);
+        total[r] = _mm512_fmadd_ps(s[1], _mm512_fmsub_ps(scale, _mm512_cvtepi32_ps(a2[r]), _mm512_set1_ps(kByteOffset * x.hi[r][b])), total[r]);
       } else {
         total[r] = _mm512_fmadd_ps(_mm512_mul_ps(s[0], scale), _mm512_cvtepi32_ps(_mm512_add_epi32(a[r], a2[r])), total[r]);
       }
       total[r] = _mm512_fmadd_ps(s[two ? 2 : 1], _mm512_set1_ps(x.ssum[r][b]), total[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) _mm512_storeu_ps(out[r], total[r]);
+}
+// Bits 4 (Q5_K) or 4-5 (Q6_K) of the 4 inputs j of a block half, from its high-bit plane: shift
+// bit j (2j) to 4 (16-bit shifts: the bits that cross a byte are masked off).
+template <int hb>
+inline __m512i plane_bits512(__m512i p, int j, bool upper) {
+  const __m512i mask = _mm512_set1_epi8(hb == 2 ? 0x30 : 0x10);
+  if constexpr (hb == 1) {
+    if (upper) {  // bit 4 + j
+      switch (j) {
+        case 0: return _mm512_and_si512(p, mask);
+        case 1: return _mm512_and_si512(_mm512_srli_epi16(p, 1), mask);
+        case 2: return _mm512_and_si512(_mm512_srli_epi16(p, 2), mask);
+        default: return _mm512_and_si512(_mm512_srli_epi16(p, 3), mask);
+      }
+    }
+    switch (j) {  // bit j
+      case 0: return _mm512_and_si512(_mm512_slli_epi16(p, 4), mask);
+      case 1: return _mm512_and_si512(_mm512_slli_epi16(p, 3), mask);
+      case 2: return _mm512_and_si512(_mm512_slli_epi16(p, 2), mask);
+      default: return _mm512_and_si512(_mm512_slli_epi16(p, 1), mask);
+    }
+  } else {
+    (void)upper;  // (each half its own plane)
+    switch (j) {  // bits 2j, 2j + 1
+      case 0: return _mm512_and_si512(_mm512_slli_epi16(p, 4), mask);
+      case 1: return _mm512_and_si512(_mm512_slli_epi16(p, 2), mask);
+      case 2: return _mm512_and_si512(p, mask);
+      default: return _mm512_and_si512(_mm512_srli_epi16(p, 2), mask);
+    }
+  }
+}
+
+// One tile of a super-block kind (hb: 0 Q4_K, 1 Q5_K, 2 Q6_K): each block's q put together from
+// its nibbles and bit planes, d = D * sc (and m = -Dmin * mn) formed per block, then as tile's.
+template <int R, int hb>
+void tile_super(const uint8_t* gp, int64_t ns, const Rows& x, float out[kRows][kCols]) {
+  using S = Super<hb>;
+  __m512 total[R];
+  for (int r = 0; r < R; ++r) total[r] = _mm512_setzero_ps();
+  const __m512i low = _mm512_set1_epi8(0x0F);
+  for (int64_t s = 0; s < ns; ++s) {
+    const uint8_t* sp = gp + s * S::kBytes;
+    const __m512 big_d = _mm512_loadu_ps(reinterpret_cast<const float*>(sp));
+    const uint8_t* scales = sp + (hb == 2 ? 4 : 8) * kCols;
+    for (int blk = 0; blk < 8; ++blk) {
+      const int64_t b = s * 8 + blk;
+      const uint8_t* qb = sp + S::kScaleBytes + blk * S::kQBytes;
+      __m512i a[R], a2[R];
+      for (int r = 0; r < R; ++r) a[r] = a2[r] = _mm512_setzero_si512();
+      for (int j = 0; j < 4; ++j) {
+        const __m512i v = _mm512_loadu_si512(qb + 64 * j);
+        __m512i lo = _mm512_and_si512(v, low);
+        __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+        if constexpr (hb == 1) {
+          const __m512i p = _mm512_loadu_si512(qb + 256);
+          lo = _mm512_or_si512(lo, plane_bits512<1>(p, j, false));
+          hi = _mm512_or_si512(hi, plane_bits512<1>(p, j, true));
+        } else if constexpr (hb == 2) {
+          lo = _mm512_or_si512(lo, plane_bits512<2>(_mm512_loadu_si512(qb + 256), j, false));
+          hi = _mm512_or_si512(hi, plane_bits512<2>(_mm512_loadu_si512(qb + 320), j, true));
+        }
+        for (int r = 0; r < R; ++r) {
+          int32_t x0, x1;
+          std::memcpy(&x0, x.xq[r] + b * kBlock + 4 * j, 4);
+          std::memcpy(&x1, x.xq[r] + b * kBlock + 16 + 4 * j, 4);
+          a[r] = _mm512_dpbusd_epi32(a[r], lo, _mm512_set1_epi32(x0));
+          a2[r] = _mm512_dpbusd_epi32(a2[r], hi, _mm512_set1_epi32(x1));
+        }
+      }
+      if constexpr (hb == 2) {
+        auto sc = [&](int half) {
+          return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scales + kCols * (2 * blk + half)))));
+        };
+        const __m512 d1 = _mm512_mul_ps(big_d, sc(0)), d2 = _mm512_mul_ps(big_d, sc(1));
+        for (int r = 0; r < R; ++r) {
+          const __m512 scale = _mm512_set1_ps(x.sx[r][b]);
+          total[r] = _mm512_fmadd_ps(d1, _mm512_fmsub_ps(scale, _mm512_cvtepi32_ps(a[r]), _mm512_set1_ps(32.f * x.lo[r][b])), total[r]);
+          total[r] = _mm512_fmadd_ps(d2, _mm512_fmsub_ps(scale, _mm512_cvtepi32_ps(a2[r]), _mm512_set1_ps(32.f * x.hi[r][b])), total[r]);
+        }
+      } else {
+        auto u8 = [&](const uint8_t* p) {
+          return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+        };
+        const __m512 d = _mm512_mul_ps(big_d, u8(scales + kCols * blk));
+        const __m512 m = _mm512_mul_ps(_mm512_loadu_ps(reinterpret_cast<const float*>(sp) + kCols), u8(scales + kCols * (8 + blk)));
+        for (int r = 0; r < R; ++r) {
+          const __m512 scale = _mm512_set1_ps(x.sx[r][b]);
+          total[r] = _mm512_fmadd_ps(_mm512_mul_ps(d, scale), _mm512_cvtepi32_ps(_mm512_add_epi32(a[r], a2[r])), total[r]);
+          total[r] = _mm512_fmadd_ps(m, _mm512_set1_ps(x.ssum[r][b]), total[r]);
+        }
+      }
     }
   }
   for (int r = 0; r < R; ++r) _mm512_storeu_ps(out[r], total[r]);
@@ -239,12 +375,113 @@ void tile(const uint8_t* gp, int64_t nb, int64_t kind, const Rows& x, float out[
       for (int r = 0; r < R; ++r) {
         const __m256 scale = _mm256_set1_ps(x.sx[r][b]);
         if constexpr (two) {
-          total[r] = _mm256_fmadd_ps(s[0], _mm256_fmsub_ps(scale, _mm256_cvtepi32_ps(a[r]), _mm256_set1_ps(x.corr_lo[r][b])), total[r]);
-          total[r] = _mm256_fmadd_ps(s[1], _mm256_fmsub_ps(scale, _mm256_cvtepi32_ps(a2[r]), _mm256_set1_ps(x.corr_hi[r][b])), total[r]);
+          total[r] = _mm256_fmadd_ps(s[0], _mm256_fmsub_ps(scale, _mm256_cvtepi32_ps(a[r]), _mm256_set1_ps(kByteOffset * x.lo[r][b])), total[r]);
+          total[r] = _mm256_fmadd_ps(s[1], _mm256_fmsub_ps(scale, _mm256_cvtepi32_ps(a2[r]), _mm256_set1_ps(kByteOffset * x.hi[r][b])), total[r]);
         } else {
           total[r] = _mm256_fmadd_ps(_mm256_mul_ps(s[0], scale), _mm256_cvtepi32_ps(_mm256_add_epi32(a[r], a2[r])), total[r]);
         }
         total[r] = _mm256_fmadd_ps(s[two ? 2 : 1], _mm256_set1_ps(x.ssum[r][b]), total[r]);
+      }
+    }
+    for (int r = 0; r < R; ++r) _mm256_storeu_ps(out[r] + 8 * h, total[r]);
+  }
+}
+template <int hb>
+inline __m256i plane_bits256(__m256i p, int j, bool upper) {
+  const __m256i mask = _mm256_set1_epi8(hb == 2 ? 0x30 : 0x10);
+  if constexpr (hb == 1) {
+    if (upper) {
+      switch (j) {
+        case 0: return _mm256_and_si256(p, mask);
+        case 1: return _mm256_and_si256(_mm256_srli_epi16(p, 1), mask);
+        case 2: return _mm256_and_si256(_mm256_srli_epi16(p, 2), mask);
+        default: return _mm256_and_si256(_mm256_srli_epi16(p, 3), mask);
+      }
+    }
+    switch (j) {
+      case 0: return _mm256_and_si256(_mm256_slli_epi16(p, 4), mask);
+      case 1: return _mm256_and_si256(_mm256_slli_epi16(p, 3), mask);
+      case 2: return _mm256_and_si256(_mm256_slli_epi16(p, 2), mask);
+      default: return _mm256_and_si256(_mm256_slli_epi16(p, 1), mask);
+    }
+  } else {
+    (void)upper;
+    switch (j) {
+      case 0: return _mm256_and_si256(_mm256_slli_epi16(p, 4), mask);
+      case 1: return _mm256_and_si256(_mm256_slli_epi16(p, 2), mask);
+      case 2: return _mm256_and_si256(p, mask);
+      default: return _mm256_and_si256(_mm256_srli_epi16(p, 2), mask);
+    }
+  }
+}
+
+template <int R, int hb>
+void tile_super(const uint8_t* gp, int64_t ns, const Rows& x, float out[kRows][kCols]) {
+  using S = Super<hb>;
+  const __m256i ones = _mm256_set1_epi16(1);
+  const __m256i low = _mm256_set1_epi8(0x0F);
+  for (int h = 0; h < 2; ++h) {  // columns 8h .. 8h + 7
+    __m256 total[R];
+    for (int r = 0; r < R; ++r) total[r] = _mm256_setzero_ps();
+    for (int64_t s = 0; s < ns; ++s) {
+      const uint8_t* sp = gp + s * S::kBytes;
+      const __m256 big_d = _mm256_loadu_ps(reinterpret_cast<const float*>(sp) + 8 * h);
+      const uint8_t* scales = sp + (hb == 2 ? 4 : 8) * kCols;
+      for (int blk = 0; blk < 8; ++blk) {
+        const int64_t b = s * 8 + blk;
+        const uint8_t* qb = sp + S::kScaleBytes + blk * S::kQBytes;
+        __m256i a[R], a2[R];
+        for (int r = 0; r < R; ++r) a[r] = a2[r] = _mm256_setzero_si256();
+        for (int j = 0; j < 4; ++j) {
+          const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qb + 64 * j + 32 * h));
+          __m256i lo = _mm256_and_si256(v, low);
+          __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+          if constexpr (hb == 1) {
+            const __m256i p = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qb + 256 + 32 * h));
+            lo = _mm256_or_si256(lo, plane_bits256<1>(p, j, false));
+            hi = _mm256_or_si256(hi, plane_bits256<1>(p, j, true));
+          } else if constexpr (hb == 2) {
+            lo = _mm256_or_si256(lo, plane_bits256<2>(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(qb + 256 + 32 * h)), j, false));
+            hi = _mm256_or_si256(hi, plane_bits256<2>(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(qb + 320 + 32 * h)), j, true));
+          }
+          for (int r = 0; r < R; ++r) {
+            int32_t x0, x1;
+            std::memcpy(&x0, x.xq[r] + b * kBlock + 4 * j, 4);
+            std::memcpy(&x1, x.xq[r] + b * kBlock + 16 + 4 * j, 4);
+            // unsigned q (< 64) times int8 x: pairs within maddubs' int16 (2 * 63 * 128); one-
+            // scale blocks (q < 32) add both halves in int16 too
+            const __m256i plo = _mm256_maddubs_epi16(lo, _mm256_set1_epi32(x0));
+            const __m256i phi = _mm256_maddubs_epi16(hi, _mm256_set1_epi32(x1));
+            if constexpr (hb == 2) {
+              a[r] = _mm256_add_epi32(a[r], _mm256_madd_epi16(plo, ones));
+              a2[r] = _mm256_add_epi32(a2[r], _mm256_madd_epi16(phi, ones));
+            } else {
+              a[r] = _mm256_add_epi32(a[r], _mm256_madd_epi16(_mm256_add_epi16(plo, phi), ones));
+            }
+          }
+        }
+        if constexpr (hb == 2) {
+          auto sc = [&](int half) {
+            return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(scales + kCols * (2 * blk + half) + 8 * h))));
+          };
+          const __m256 d1 = _mm256_mul_ps(big_d, sc(0)), d2 = _mm256_mul_ps(big_d, sc(1));
+          for (int r = 0; r < R; ++r) {
+            const __m256 scale = _mm256_set1_ps(x.sx[r][b]);
+            total[r] = _mm256_fmadd_ps(d1, _mm256_fmsub_ps(scale, _mm256_cvtepi32_ps(a[r]), _mm256_set1_ps(32.f * x.lo[r][b])), total[r]);
+            total[r] = _mm256_fmadd_ps(d2, _mm256_fmsub_ps(scale, _mm256_cvtepi32_ps(a2[r]), _mm256_set1_ps(32.f * x.hi[r][b])), total[r]);
+          }
+        } else {
+          auto u8 = [&](const uint8_t* p) {
+            return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8 * h))));
+          };
+          const __m256 d = _mm256_mul_ps(big_d, u8(scales + kCols * blk));
+          const __m256 m = _mm256_mul_ps(_mm256_loadu_ps(reinterpret_cast<const float*>(sp) + kCols + 8 * h), u8(scales + kCols * (8 + blk)));
+          for (int r = 0; r < R; ++r) {
+            const __m256 scale = _mm256_set1_ps(x.sx[r][b]);
+            total[r] = _mm256_fmadd_ps(_mm256_mul_ps(d, scale), _mm256_cvtepi32_ps(a[r]), total[r]);
+            total[r] = _mm256_fmadd_ps(m, _mm256_set1_ps(x.ssum[r][b]), total[r]);
+          }
+        }
       }
     }
     for (int r = 0; r < R; ++r) _mm256_storeu_ps(out[r] + 8 * h, total[r]);
@@ -277,12 +514,61 @@ void tile(const uint8_t* gp, int64_t nb, int64_t kind, const Rows& x, float out[
           }
         }
         if constexpr (two) {
-          out[r][c] += scale_at(qb, kind, 0, c) * (scale * static_cast<float>(acc[0]) - x.corr_lo[r][b]) +
-                       scale_at(qb, kind, 1, c) * (scale * static_cast<float>(acc[1]) - x.corr_hi[r][b]) +
+          out[r][c] += scale_at(qb, kind, 0, c) * (scale * static_cast<float>(acc[0]) - kByteOffset * x.lo[r][b]) +
+                       scale_at(qb, kind, 1, c) * (scale * static_cast<float>(acc[1]) - kByteOffset * x.hi[r][b]) +
                        scale_at(qb, kind, 2, c) * x.ssum[r][b];
         } else {
           out[r][c] += scale_at(qb, kind, 0, c) * scale * static_cast<float>(acc[0] + acc[1]) +
                        scale_at(qb, kind, 1, c) * x.ssum[r][b];
+        }
+      }
+    }
+  }
+}
+// q[c][p] (p < 32, unsigned) of a super-block kind's block qb (the layout in the header comment).
+template <int hb>
+inline int super_q(const uint8_t* qb, int c, int p) {
+  const int upper = p >= 16, j = (p & 15) >> 2, i = p & 3;
+  const uint8_t byte = qb[64 * j + 4 * c + i];
+  int v = upper ? byte >> 4 : byte & 15;
+  if constexpr (hb == 1) v |= ((qb[256 + 4 * c + i] >> (upper ? 4 + j : j)) & 1) << 4;
+  if constexpr (hb == 2) v |= ((qb[256 + 64 * upper + 4 * c + i] >> (2 * j)) & 3) << 4;
+  return v;
+}
+
+template <int R, int hb>
+void tile_super(const uint8_t* gp, int64_t ns, const Rows& x, float out[kRows][kCols]) {
+  using S = Super<hb>;
+  for (int r = 0; r < R; ++r) {
+    for (int c = 0; c < kCols; ++c) out[r][c] = 0.f;
+  }
+  for (int64_t s = 0; s < ns; ++s) {
+    const uint8_t* sp = gp + s * S::kBytes;
+    const uint8_t* scales = sp + (hb == 2 ? 4 : 8) * kCols;
+    for (int blk = 0; blk < 8; ++blk) {
+      const int64_t b = s * 8 + blk;
+      const uint8_t* qb = sp + S::kScaleBytes + blk * S::kQBytes;
+      for (int c = 0; c < kCols; ++c) {
+        float big_d, neg_dmin = 0.f;
+        std::memcpy(&big_d, sp + 4 * c, 4);
+        if constexpr (hb != 2) std::memcpy(&neg_dmin, sp + 4 * (kCols + c), 4);
+        int q[kBlock];
+        for (int p = 0; p < kBlock; ++p) q[p] = super_q<hb>(qb, c, p);
+        for (int r = 0; r < R; ++r) {
+          const int8_t* xb = x.xq[r] + b * kBlock;
+          int32_t acc[2] = {0, 0};
+          for (int p = 0; p < kBlock; ++p) acc[p >> 4] += q[p] * xb[p];
+          const float scale = x.sx[r][b];
+          if constexpr (hb == 2) {
+            const float d1 = big_d * static_cast<float>(static_cast<int8_t>(scales[kCols * 2 * blk + c]));
+            const float d2 = big_d * static_cast<float>(static_cast<int8_t>(scales[kCols * (2 * blk + 1) + c]));
+            out[r][c] += d1 * (scale * static_cast<float>(acc[0]) - 32.f * x.lo[r][b]) +
+                         d2 * (scale * static_cast<float>(acc[1]) - 32.f * x.hi[r][b]);
+          } else {
+            const float d = big_d * static_cast<float>(scales[kCols * blk + c]);
+            const float m = neg_dmin * static_cast<float>(scales[kCols * (8 + blk) + c]);
+            out[r][c] += d * scale * static_cast<float>(acc[0] + acc[1]) + m * x.ssum[r][b];
+          }
         }
       }
     }
@@ -299,6 +585,175 @@ void tile_rows(int t, const uint8_t* gp, int64_t nb, int64_t kind, const Rows& x
     }
     tile_rows<R - 1>(t, gp, nb, kind, x, out);
   }
+}
+
+// tile_super<t, the kind's planes> for a tile of t <= R rows (ns super-blocks).
+template <int R>
+void tile_super_rows(int t, const uint8_t* gp, int64_t ns, int64_t kind, const Rows& x, float out[kRows][kCols]) {
+  if constexpr (R >= 1) {
+    if (t == R) {
+      switch (super_planes(kind)) {
+        case 0: return tile_super<R, 0>(gp, ns, x, out);
+        case 1: return tile_super<R, 1>(gp, ns, x, out);
+        default: return tile_super<R, 2>(gp, ns, x, out);
+      }
+    }
+    tile_super_rows<R - 1>(t, gp, ns, kind, x, out);
+  }
+}
+
+// A zeroed packed weight [N, K] with these kinds for its column groups: the header and the
+// group table filled in.
+at::Tensor new_packed(int64_t n, int64_t k, const std::vector<int64_t>& kinds) {
+  const int64_t groups = (n + kCols - 1) / kCols;
+  TORCH_CHECK(static_cast<int64_t>(kinds.size()) == groups, "q8: ", groups, " column groups, ", kinds.size(), " kinds");
+  std::vector<Group> table(groups);
+  int64_t size = 0;
+  for (int64_t g = 0; g < groups; ++g) {
+    table[g] = Group{kinds[g], size};
+    size += group_bytes(kinds[g], k);
+  }
+  const int64_t start = data_start(groups);
+  at::Tensor out = at::zeros({start + size}, at::TensorOptions().dtype(at::kByte));
+  uint8_t* op = out.data_ptr<uint8_t>();
+  const Header header{kMagic, n, k, groups};
+  std::memcpy(op, &header, sizeof(header));
+  std::memcpy(op + kHeader, table.data(), groups * sizeof(Group));
+  return out;
+}
+
+Header read_header(const at::Tensor& packed, const char* what) {
+  TORCH_CHECK(packed.dim() == 1 && packed.scalar_type() == at::kByte && packed.is_contiguous() &&
+                  packed.numel() >= kHeader,
+              what, ": packed must come from q8_pack or q8_kquant_new");
+  Header h;
+  std::memcpy(&h, packed.data_ptr<uint8_t>(), sizeof(h));
+  TORCH_CHECK(h.magic == kMagic && packed.numel() >= data_start(h.groups), what,
+              ": packed must come from q8_pack or q8_kquant_new");
+  return h;
+}
+
+// An empty super-block-kind weight [N, K] (K a multiple of 256): `types` the GGUF K type of each
+// column group of 16 outputs, 4 (Q4_K), 5 (Q5_K) or 6 (Q6_K); q8_kquant_fill writes its rows.
+at::Tensor q8_kquant_new(int64_t n, int64_t k, at::IntArrayRef types) {
+  TORCH_CHECK(n > 0 && k > 0 && k % kSuper == 0, "q8_kquant_new: K must be a positive multiple of 256, got ", k);
+  std::vector<int64_t> kinds;
+  for (const int64_t t : types) {
+    TORCH_CHECK(t == 4 || t == 5 || t == 6, "q8_kquant_new: types must be 4 (Q4_K), 5 (Q5_K) or 6 (Q6_K), got ", t);
+    kinds.push_back(t == 4 ? kQ4K : t == 5 ? kQ5K : kQ6K);
+  }
+  return new_packed(n, k, kinds);
+}
+
+// A GGUF K-quant super-block (256 inputs) as q (unsigned: Q6_K's + 32), sub-block scales and
+// float super-block scales (ggml's layouts; packed_linear._decode_k_rows in numpy).
+struct Decoded {
+  uint8_t q[kSuper];
+  uint8_t sc[16], mn[8];  // Q6_K: sc[16] (int8 bits); Q4_K / Q5_K: sc[8], mn[8]
+  float big_d, dmin;
+};
+
+void decode_super(const uint8_t* raw, int64_t kind, Decoded& out) {
+  if (kind == kQ6K) {
+    const uint8_t *ql = raw, *qh = raw + 128;
+    for (int e = 0; e < kSuper; ++e) {
+      const int h = e / 128, t = e % 128;
+      const int lo4 = (ql[64 * h + t % 64] >> (4 * (t / 64))) & 15;
+      const int hi2 = (qh[32 * h + t % 32] >> (2 * (t / 32))) & 3;
+      out.q[e] = static_cast<uint8_t>(lo4 | (hi2 << 4));
+    }
+    std::memcpy(out.sc, raw + 192, 16);
+    out.big_d = half_to_float(raw + 208);
+    out.dmin = 0.f;
+    return;
+  }
+  out.big_d = half_to_float(raw);
+  out.dmin = half_to_float(raw + 2);
+  const uint8_t* scales = raw + 4;
+  for (int b = 0; b < 8; ++b) {  // ggml's get_scale_min_k4
+    if (b < 4) {
+      out.sc[b] = scales[b] & 63;
+      out.mn[b] = scales[b + 4] & 63;
+    } else {
+      out.sc[b] = (scales[b + 4] & 0xF) | ((scales[b - 4] >> 6) << 4);
+      out.mn[b] = (scales[b + 4] >> 4) | ((scales[b] >> 6) << 4);
+    }
+  }
+  const uint8_t* qs = raw + (kind == kQ4K ? 16 : 48);
+  for (int b = 0; b < 8; ++b) {
+    for (int i = 0; i < kBlock; ++i) {
+      int v = (qs[32 * (b / 2) + i] >> (4 * (b % 2))) & 15;
+      if (kind == kQ5K) v |= ((raw[16 + i] >> b) & 1) << 4;
+      out.q[kBlock * b + i] = static_cast<uint8_t>(v);
+    }
+  }
+}
+
+// Rows [row0, row0 + rows) of a q8_kquant_new weight from the GGUF blocks `raw` (uint8 [rows,
+// K / 256 * the type's block bytes], rows may be further apart): each row into its column's
+// place, its type the one its group was made for (checked by the row's bytes).
+void q8_kquant_fill(const at::Tensor& packed, int64_t row0, const at::Tensor& raw) {
+  const Header h = read_header(packed, "q8_kquant_fill");
+  TORCH_CHECK(raw.dim() == 2 && raw.scalar_type() == at::kByte && raw.stride(1) == 1,
+              "q8_kquant_fill: raw must be uint8 [rows, bytes] with unit column stride");
+  const int64_t rows = raw.size(0), ns = h.k / kSuper;
+  TORCH_CHECK(row0 >= 0 && row0 + rows <= h.n, "q8_kquant_fill: rows ", row0, "..", row0 + rows, " of ", h.n);
+  uint8_t* base = packed.data_ptr<uint8_t>();
+  const Group* table = reinterpret_cast<const Group*>(base + kHeader);
+  uint8_t* data = base + data_start(h.groups);
+  for (int64_t g = row0 / kCols; rows > 0 && g <= (row0 + rows - 1) / kCols; ++g) {  // each group's kind fits
+    const int64_t kind = table[g].kind;
+    TORCH_CHECK(kind & kSuperKinds, "q8_kquant_fill: column group ", g, " is not a K-quant group");
+    const int64_t want = ns * (kind == kQ4K ? 144 : kind == kQ5K ? 176 : 210);
+    TORCH_CHECK(raw.size(1) == want, "q8_kquant_fill: rows have ", raw.size(1), " bytes, column group ", g, "'s type ",
+                kind == kQ4K ? "Q4_K" : kind == kQ5K ? "Q5_K" : "Q6_K", " ", want);
+  }
+  const uint8_t* rp = raw.data_ptr<uint8_t>();
+  const int64_t rstride = raw.stride(0);
+  cpu_pool::parallel_for(rows, 64, [&](int64_t begin, int64_t end) {
+    Decoded dec;
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t col = row0 + r, g = col / kCols;
+      const int c = static_cast<int>(col % kCols);
+      const int64_t kind = table[g].kind;
+      const int hb = super_planes(kind), sb = super_bytes(kind);
+      const int file_bytes = kind == kQ4K ? 144 : kind == kQ5K ? 176 : 210;
+      const int scale_bytes = hb == 2 ? Super<2>::kScaleBytes : Super<0>::kScaleBytes;
+      const int qbytes = 256 + 64 * hb;
+      for (int64_t s = 0; s < ns; ++s) {
+        decode_super(rp + r * rstride + s * file_bytes, kind, dec);
+        uint8_t* sp = data + table[g].offset + s * sb;
+        std::memcpy(sp + 4 * c, &dec.big_d, 4);
+        uint8_t* scales = sp + (hb == 2 ? 4 : 8) * kCols;
+        if (hb == 2) {
+          for (int i = 0; i < 16; ++i) scales[kCols * i + c] = dec.sc[i];
+        } else {
+          const float neg_dmin = -dec.dmin;
+          std::memcpy(sp + 4 * (kCols + c), &neg_dmin, 4);
+          for (int b = 0; b < 8; ++b) {
+            scales[kCols * b + c] = dec.sc[b];
+            scales[kCols * (8 + b) + c] = dec.mn[b];
+          }
+        }
+        for (int b = 0; b < 8; ++b) {
+          uint8_t* qb = sp + scale_bytes + b * qbytes;
+          const uint8_t* q = dec.q + kBlock * b;
+          for (int j = 0; j < 4; ++j) {
+            for (int i = 0; i < 4; ++i) {
+              const int lo_v = q[4 * j + i], hi_v = q[16 + 4 * j + i];
+              qb[64 * j + 4 * c + i] = static_cast<uint8_t>((lo_v & 15) | ((hi_v & 15) << 4));
+              if (hb == 1) {
+                qb[256 + 4 * c + i] |= static_cast<uint8_t>((((lo_v >> 4) & 1) << j) | (((hi_v >> 4) & 1) << (4 + j)));
+              } else if (hb == 2) {
+                qb[256 + 4 * c + i] |= static_cast<uint8_t>(((lo_v >> 4) & 3) << (2 * j));
+                qb[320 + 4 * c + i] |= static_cast<uint8_t>(((hi_v >> 4) & 3) << (2 * j));
+              }
+            }
+          }
+        }
+      }
+    }
+  });
 }
 
 // Two-scale weights (d2 given: Q6_K's d per 16 inputs) are stored as bytes with d1, d2 and m
@@ -356,13 +811,11 @@ at::Tensor q8_pack(const at::Tensor& d, const at::Tensor& m, const at::Tensor& q
   if (half) kind |= kHalfScales;
   const int64_t groups = (n + kCols - 1) / kCols;
   const int bb = block_bytes(kind);
-  at::Tensor out = at::zeros({kHeader + groups * nb * bb}, q.options().dtype(at::kByte));
-  uint8_t* op = out.data_ptr<uint8_t>();
-  const Header header{kMagic, kind, n, k};
-  std::memcpy(op, &header, sizeof(header));
+  at::Tensor out = new_packed(n, k, std::vector<int64_t>(groups, kind));
+  uint8_t* op = out.data_ptr<uint8_t>() + data_start(groups);
   for (int64_t g = 0; g < groups; ++g) {
     for (int64_t b = 0; b < nb; ++b) {
-      uint8_t* blk = op + kHeader + (g * nb + b) * bb;
+      uint8_t* blk = op + (g * nb + b) * bb;
       uint8_t* scales = blk + q_bytes(kind);
       for (int c = 0; c < kCols; ++c) {
         const int64_t col = g * kCols + c;
@@ -409,19 +862,12 @@ bool shardline_cpu::is_q8(const at::Tensor& packed) {
 }
 
 int64_t shardline_cpu::q8_in_features(const at::Tensor& packed) {
-  TORCH_CHECK(is_q8(packed), "q8_in_features: packed must come from q8_pack");
-  Header h;
-  std::memcpy(&h, packed.data_ptr<uint8_t>(), sizeof(h));
-  return h.k;
+  return read_header(packed, "q8_in_features").k;
 }
 
 void shardline_cpu::q8_gemm(const at::Tensor& out, const at::Tensor& x, const at::Tensor& packed,
                             const std::optional<at::Tensor>& bias) {
-  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous() && packed.numel() >= kHeader,
-              "q8_gemm: packed must come from q8_pack");
-  Header h;
-  std::memcpy(&h, packed.data_ptr<uint8_t>(), sizeof(h));
-  TORCH_CHECK(h.magic == kMagic, "q8_gemm: packed must come from q8_pack");
+  const Header h = read_header(packed, "q8_gemm");
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.size(1) == h.k && x.stride(1) == 1,
               "q8_gemm: x must be float32 [M, ", h.k, "] with unit column stride");
   TORCH_CHECK(out.dim() == 2 && out.scalar_type() == at::kFloat && out.size(0) == x.size(0) &&
@@ -446,27 +892,23 @@ void shardline_cpu::q8_gemm(const at::Tensor& out, const at::Tensor& x, const at
                    xfirst.data() + r * nb);
     }
   });
-  const uint8_t* base = packed.data_ptr<uint8_t>() + kHeader;
-  const int bb = block_bytes(h.kind);
+  const Group* table = reinterpret_cast<const Group*>(packed.data_ptr<uint8_t>() + kHeader);
+  const uint8_t* base = packed.data_ptr<uint8_t>() + data_start(h.groups);
   float* op = out.data_ptr<float>();
   const int64_t ostride = out.stride(0);
   const int64_t groups = (n + kCols - 1) / kCols;
-  std::vector<float> ssum(rows * nb);
-  for (int64_t i = 0; i < rows * nb; ++i) ssum[i] = xs[i] * static_cast<float>(xsum[i]);
-  // Two-scale blocks: each half's offset correction, offset * scale * (the half's sum).
-  std::vector<float> corr_lo, corr_hi;
-  if (h.kind & kTwoScales) {
-    corr_lo.resize(rows * nb);
-    corr_hi.resize(rows * nb);
-    for (int64_t i = 0; i < rows * nb; ++i) {
-      corr_lo[i] = static_cast<float>(kByteOffset) * xs[i] * static_cast<float>(xfirst[i]);
-      corr_hi[i] = static_cast<float>(kByteOffset) * xs[i] * static_cast<float>(xsum[i] - xfirst[i]);
-    }
+  // Per block: scale * sum, and scale * each half's sum (two-scale blocks' offset corrections).
+  std::vector<float> ssum(rows * nb), lo_sum(rows * nb), hi_sum(rows * nb);
+  for (int64_t i = 0; i < rows * nb; ++i) {
+    ssum[i] = xs[i] * static_cast<float>(xsum[i]);
+    lo_sum[i] = xs[i] * static_cast<float>(xfirst[i]);
+    hi_sum[i] = xs[i] * static_cast<float>(xsum[i] - xfirst[i]);
   }
   cpu_pool::parallel_for(groups, 1, [&](int64_t g0, int64_t g1) {
     float total[kRows][kCols];
     for (int64_t g = g0; g < g1; ++g) {
-      const uint8_t* gp = base + g * nb * bb;
+      const uint8_t* gp = base + table[g].offset;
+      const int64_t kind = table[g].kind;
       const int cols = static_cast<int>(std::min<int64_t>(kCols, n - g * kCols));
       for (int64_t r0 = 0; r0 < rows; r0 += kRows) {
         const int t = static_cast<int>(std::min<int64_t>(kRows, rows - r0));
@@ -475,12 +917,14 @@ void shardline_cpu::q8_gemm(const at::Tensor& out, const at::Tensor& x, const at
           rx.xq[r] = xq.data() + (r0 + r) * k;
           rx.sx[r] = xs.data() + (r0 + r) * nb;
           rx.ssum[r] = ssum.data() + (r0 + r) * nb;
-          if (h.kind & kTwoScales) {
-            rx.corr_lo[r] = corr_lo.data() + (r0 + r) * nb;
-            rx.corr_hi[r] = corr_hi.data() + (r0 + r) * nb;
-          }
+          rx.lo[r] = lo_sum.data() + (r0 + r) * nb;
+          rx.hi[r] = hi_sum.data() + (r0 + r) * nb;
         }
-        tile_rows<kRows>(t, gp, nb, h.kind, rx, total);
+        if (kind & kSuperKinds) {
+          tile_super_rows<kRows>(t, gp, k / kSuper, kind, rx, total);
+        } else {
+          tile_rows<kRows>(t, gp, nb, kind, rx, total);
+        }
         for (int r = 0; r < t; ++r) {
           float* orow = op + (r0 + r) * ostride + g * kCols;
           for (int c = 0; c < cols; ++c) orow[c] = total[r][c] + (bp ? bp[g * kCols + c] : 0.f);
@@ -500,9 +944,12 @@ void q8_gemm_op(const at::Tensor& out, const at::Tensor& x, const at::Tensor& pa
 TORCH_LIBRARY_FRAGMENT(shardline, m) {
   m.def("q8_pack(Tensor d, Tensor m, Tensor q, Tensor? d2=None) -> Tensor");
   m.def("q8_gemm(Tensor(a!) out, Tensor x, Tensor packed, Tensor? bias) -> ()");
+  m.def("q8_kquant_new(int n, int k, int[] types) -> Tensor", &q8_kquant_new);  // (no tensor to dispatch on)
+  m.def("q8_kquant_fill(Tensor(a!) packed, int row0, Tensor raw) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(shardline, CPU, m) {
   m.impl("q8_pack", &q8_pack);
   m.impl("q8_gemm", &q8_gemm_op);
+  m.impl("q8_kquant_fill", &q8_kquant_fill);
 }
