@@ -2,9 +2,15 @@
 
 * :class:`RingWriter` / :class:`RingReader`: the two ends of one ring (blocking API).
 * :class:`ShmTransport`: a `Transport` made of an outgoing and/or an incoming ring end, with
-  the async API layered on the blocking one without blocking the event loop: when nothing is
-  readable a helper thread waits on the semaphore and only *peeks* (takes the unit and puts it
-  back), so cancelling a pending `recv` loses nothing; the loop then reads the slot itself.
+  the async API layered on the blocking one without blocking the event loop. Its async
+  receiving end is a :class:`_Receiver`: one thread of its own that reads each frame as it is
+  published (the blocking `read`) and hands it to the event loop, waking the loop only when a
+  task is waiting; cancelling a pending `recv` loses nothing (the frame waits in the queue).
+  One thread wake and one loop wake a frame: a helper thread per wait (anyio's `to_thread`,
+  as `read_async` below does) cost a queue hand-off, a second thread wake-up and ~40% of the
+  engine process's interpreter time a decode step (py-spy, one stream).
+* :func:`read_async`: one frame without a thread of its own: a helper thread waits on the
+  semaphore and only *peeks* (takes the unit and puts it back); the loop then reads the slot.
   Frames that are not yet fully published, or larger than `INLINE_LIMIT`, are copied in a
   shielded thread so a half-read message can never be abandoned.
 * :func:`create_link` / :func:`connect`: a point-to-point duplex link (two rings, 1 reader each).
@@ -12,6 +18,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import os
 import threading
 import time
@@ -345,6 +353,106 @@ async def write_async(writer: RingWriter, frame: Frame) -> None:
         await _in_thread(lambda: writer.write(frame))
 
 
+class _Receiver:
+    """The async receiving end of a ring reader: a thread that reads frames as they arrive.
+
+    The thread blocks in `RingReader.read` and appends each frame to a queue (at most
+    `MAX_QUEUED`; then it waits, and the ring's own flow control holds the writer back). A task
+    awaiting `recv` is woken with one `call_soon_threadsafe`; when the loop is busy elsewhere no
+    wake-up is sent at all. An error of the ring (the peer closed or died, this end closed) is
+    kept and raised to every later `recv`; the thread then ends.
+    """
+
+    MAX_QUEUED = 256
+
+    def __init__(self, reader: RingReader, loop: asyncio.AbstractEventLoop) -> None:
+        self._reader, self._loop = reader, loop
+        self._lock = threading.Lock()
+        self._room = threading.Condition(self._lock)
+        self._arrived = threading.Condition(self._lock)
+        self._frames: collections.deque[Frame] = collections.deque()
+        self._error: BaseException | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._stopping = False
+        self._thread = threading.Thread(
+            target=self._run, name=f"shm-recv-{reader.ring.base}", daemon=True
+        )
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            error: BaseException | None = None
+            try:
+                frame = self._reader.read()
+            except BaseException as exc:  # delivered to the reader's tasks, then this thread ends
+                error = exc
+            with self._lock:
+                if error is None:
+                    while len(self._frames) >= self.MAX_QUEUED and not self._stopping:
+                        self._room.wait()
+                    if self._stopping:
+                        return
+                    self._frames.append(frame)
+                else:
+                    self._error = error
+                self._arrived.notify_all()
+                waiter, self._waiter = self._waiter, None
+            if waiter is not None:
+                try:
+                    self._loop.call_soon_threadsafe(_wake, waiter)
+                except RuntimeError:  # the loop is closed: nobody is waiting any more
+                    pass
+            if error is not None:
+                return
+
+    def _take(self) -> Frame | None:
+        """The next frame, or None (the caller waits); raises the ring's error. Lock held."""
+        if self._frames:
+            frame = self._frames.popleft()
+            self._room.notify()
+            return frame
+        if self._error is not None:
+            raise self._error
+        return None
+
+    async def recv(self) -> Frame:
+        while True:
+            with self._lock:
+                frame = self._take()
+                if frame is not None:
+                    return frame
+                waiter = self._waiter = self._loop.create_future()
+            try:
+                await waiter
+            finally:
+                with self._lock:
+                    if self._waiter is waiter:
+                        self._waiter = None
+
+    def recv_blocking(self, timeout: float | None) -> Frame:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._lock:
+            while True:
+                frame = self._take()
+                if frame is not None:
+                    return frame
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise TimeoutError("nothing arrived before the timeout")
+                self._arrived.wait(left)
+
+    def stop(self) -> None:
+        """Let the thread end (the reader's close wakes it from `read`)."""
+        with self._lock:
+            self._stopping = True
+            self._room.notify_all()
+
+
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
 class ShmTransport(Transport):
     """A link over shm rings: frames go out through `writer` and come in through `reader`."""
 
@@ -360,6 +468,7 @@ class ShmTransport(Transport):
         if reader is not None:
             reader.max_message_size = max_message_size
         self._closed = False
+        self._receiver: _Receiver | None = None
 
     def _out(self) -> RingWriter:
         if self._closed:
@@ -380,8 +489,11 @@ class ShmTransport(Transport):
         await write_async(self._out(), self._check_size(frame))
 
     async def recv_frame(self) -> Frame:
-        """Receive one frame without blocking the loop; cancel-safe."""
-        return await read_async(self._in())
+        """Receive one frame without blocking the loop; cancel-safe (see `_Receiver`)."""
+        reader = self._in()
+        if self._receiver is None:
+            self._receiver = _Receiver(reader, asyncio.get_running_loop())
+        return await self._receiver.recv()
 
     def send_frame_blocking(self, frame: Frame) -> None:
         """Send one frame, blocking this thread."""
@@ -389,13 +501,18 @@ class ShmTransport(Transport):
 
     def recv_frame_blocking(self, timeout: float | None = None) -> Frame:
         """Receive one frame, blocking this thread; TimeoutError after `timeout` seconds."""
-        return self._in().read(timeout)
+        reader = self._in()
+        if self._receiver is not None:  # the receiving thread reads the ring: ask it
+            return self._receiver.recv_blocking(timeout)
+        return reader.read(timeout)
 
     def close(self) -> None:
         """Close both ring ends (the peer is woken; names are unlinked by their creator)."""
         if self._closed:
             return
         self._closed = True
+        if self._receiver is not None:
+            self._receiver.stop()
         for end in (self.writer, self.reader):
             if end is not None:
                 end.close()
