@@ -492,7 +492,10 @@ def pack_gguf_weights(model: nn.Module) -> int:
     integer panels with float32 scales (`gguf_scaled_blocks`). For these types the packed kernel decodes
     3-4x faster than `gguf_gemm` (benchmarks/RESULTS.md section 17), at the same size (Q4_x:
     640 bytes per 1,024 weights either way; Q8_0 1,152 instead of 1,088); `load_packed_model`
-    then lets go of the file pages packing read (`release_gguf_pages`). Returns the bytes of the panels (0 in modes other than `auto`)."""
+    then lets go of the file pages packing read (`release_gguf_pages`). With
+    `SHARDLINE_CPU_ACTIVATIONS=int8` they take the int8-activation kernel's layout instead
+    (`q8_linear`; K-quants at about the file's size, in one huge-page buffer: `_pack_q8_kquants`).
+    Returns the bytes of the panels (0 in modes other than `auto`)."""
     if env_choice(ENV, MODES) != "auto" or not paged_decode.KERNEL.load():
         return 0
     kquants = env_choice(KQUANT_ENV, KQUANT_MODES) == "auto"
@@ -504,11 +507,18 @@ def pack_gguf_weights(model: nn.Module) -> int:
     plans: list[Plan] = []
     int8 = int8_activations()
     int8_bytes = 0
+    compact: list[tuple[Any, GGUFLinearWeight, list[int]]] = []  # int8 mode's K-quant weights
     for m in model.modules():
         weight = getattr(m, "packed_weight", None)
         if not isinstance(weight, GGUFLinearWeight):
             continue
         blocks = _weight_integer_blocks(weight)
+        if int8 and blocks is None and kquants:  # K-quants at about the file's size: packed below
+            types = Q8Weight.gguf_layout(weight.out_features, weight.in_features,
+                                         [(first, part.type, part.shape[0]) for first, part in weight.parts])
+            if types is not None:
+                compact.append((m, weight, types))
+                continue
         if int8:  # SHARDLINE_CPU_ACTIVATIONS=int8: the int8-activation kernel's own layout
             q8 = _q8_weight(weight, blocks, kquants)
             if q8 is not None:
@@ -524,6 +534,7 @@ def pack_gguf_weights(model: nn.Module) -> int:
             dtype, nbytes = _layout(*form)
             shape = (-(-weight.out_features // PANEL), weight.in_features // BLOCK_K, nbytes)
             plans.append((m, weight, None, form, dtype, shape))
+    int8_bytes += _pack_q8_kquants(compact)
     sizes = [shape[0] * shape[1] * shape[2] for *_, shape in plans]
     added = sum(sizes)
     if not plans:
@@ -543,6 +554,25 @@ def pack_gguf_weights(model: nn.Module) -> int:
         m.packed_weight = view
         offset += size
     return added + int8_bytes
+
+
+def _pack_q8_kquants(weights: list[tuple[Any, GGUFLinearWeight, list[int]]]) -> int:
+    """Int8 mode's K-quant weights (module, weight, `Q8Weight.gguf_layout`) at about the file's
+    size, packed from the file's blocks straight into one huge-page buffer (a decode step streams
+    them: 1-row GEMMs ~10% faster than in ordinary pages, benchmarks/RESULTS.md section 28), each
+    module's `packed_weight` then a `Q8Weight` on its slice. Returns the buffer's bytes."""
+    if not weights:
+        return 0
+    sizes = [Q8Weight.gguf_nbytes(w.out_features, w.in_features, types) for _, w, types in weights]
+    buffer = huge_page_zeros((sum(sizes),), torch.uint8)
+    offset = 0
+    for (m, weight, _), size in zip(weights, sizes, strict=True):
+        parts = [(first, part.type, part.data) for first, part in weight.parts]
+        q8 = Q8Weight.from_gguf(weight.out_features, weight.in_features, parts, out=buffer[offset : offset + size])
+        assert q8 is not None
+        m.packed_weight = q8
+        offset += size
+    return sum(sizes)
 
 
 def _q8_weight(weight: GGUFLinearWeight, blocks: IntegerBlocks | None, kquants: bool) -> Q8Weight | None:

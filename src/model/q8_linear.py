@@ -81,32 +81,50 @@ class Q8Weight:
         packed = torch.ops.shardline.q8_pack(d, m, q.contiguous(), d2)
         return cls(packed, q.shape[0], q.shape[1])
 
+    @staticmethod
+    def gguf_layout(out_features: int, in_features: int, parts: Sequence[tuple[int, str, int]]) -> list[int] | None:
+        """The K type code (`K_TYPES`) of each 16-column group of a weight of GGUF K-quant parts
+        (first output row, type name, rows) in `from_gguf`'s forms; None for another type, K
+        not whole super-blocks, rows past `out_features`, or a group holding rows of two types
+        (parts of different types must meet on 16-row boundaries). Groups no part covers:
+        Q4_K's form, zero scales."""
+        if in_features % SUPER_BLOCK or not parts or any(name not in K_TYPES for _, name, _ in parts):
+            return None
+        per_group: list[int | None] = [None] * -(-out_features // GROUP)
+        for first, name, rows in parts:
+            if first < 0 or first + rows > out_features:
+                return None
+            for g in range(first // GROUP, -(-(first + rows) // GROUP)):
+                if per_group[g] not in (None, K_TYPES[name]):
+                    return None
+                per_group[g] = K_TYPES[name]
+        return [K_TYPES["Q4_K"] if t is None else t for t in per_group]
+
     @classmethod
-    def from_gguf(cls, out_features: int, in_features: int,
-                  parts: Sequence[tuple[int, str, torch.Tensor]]) -> Q8Weight | None:
+    def from_gguf(cls, out_features: int, in_features: int, parts: Sequence[tuple[int, str, torch.Tensor]],
+                  out: torch.Tensor | None = None) -> Q8Weight | None:
         """From GGUF K-quant blocks at about the file's size: `parts` (first output row, type
         name, the rows' blocks uint8 `[rows, row bytes]`), each of Q4_K, Q5_K or Q6_K, packed
-        each in its own form (the kernel's super-block kinds, one per 16-column group); None
-        (the caller falls back to `pack`) for another type, K not whole super-blocks, or a part
-        whose rows do not start and end on 16-row group boundaries (but at `out_features`).
-        Rows no part covers are 0. The rows are read from the blocks as they are: no float
-        copy of the weight is made."""
-        if in_features % SUPER_BLOCK or not parts:
+        each in its own form (the kernel's super-block kinds, one per 16-column group), into
+        `out` when given (zeroed uint8 of `gguf_nbytes` bytes); None where `gguf_layout` says
+        None (the caller falls back to `pack`). Rows no part covers are 0. The rows are read
+        from the blocks as they are: no float copy of the weight is made."""
+        types = cls.gguf_layout(out_features, in_features, [(first, name, raw.shape[0]) for first, name, raw in parts])
+        if types is None:
             return None
-        if any(name not in K_TYPES for _, name, _ in parts):
-            return None
-        types = [K_TYPES[name] for _, name, _ in parts]
-        groups = -(-out_features // GROUP)
-        per_group = [4] * groups  # (groups no part covers: Q4_K, zero scales)
-        for (first, _, raw), t in zip(parts, types, strict=True):
-            stop = first + raw.shape[0]
-            if first % GROUP or (stop % GROUP and stop != out_features) or stop > out_features:
-                return None
-            per_group[first // GROUP : -(-stop // GROUP)] = [t] * (-(-stop // GROUP) - first // GROUP)
-        packed = torch.ops.shardline.q8_kquant_new(out_features, in_features, per_group)
+        if out is None:
+            packed = torch.ops.shardline.q8_kquant_new(out_features, in_features, types)
+        else:
+            torch.ops.shardline.q8_kquant_init(out, out_features, in_features, types)
+            packed = out
         for first, _, raw in parts:
             torch.ops.shardline.q8_kquant_fill(packed, first, raw)
         return cls(packed, out_features, in_features)
+
+    @staticmethod
+    def gguf_nbytes(out_features: int, in_features: int, types: list[int]) -> int:
+        """The bytes of `from_gguf`'s weight of this `gguf_layout`."""
+        return int(torch.ops.shardline.q8_kquant_nbytes(out_features, in_features, types))
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """`x @ W^T + bias` for a CPU float32 `x` `[..., in_features]`."""

@@ -218,15 +218,20 @@ def test_fused_weights_keep_each_parts_form() -> None:
 
 
 def test_parts_off_group_boundaries_or_of_other_types_take_the_common_form() -> None:
-    """A part starting inside a 16-row group, or a Q4_0 part beside a Q4_K one: `from_gguf`
-    declines; the packer's int8 weight is then the common form (float32 scales), still its
-    definition."""
+    """Parts of two types meeting inside a 16-row group, or a Q4_0 part beside a Q4_K one:
+    `from_gguf` declines; the packer's int8 weight is then the common form (float32 scales),
+    still its definition."""
     k = 256
     off = [(0, kquant_part("Q4_K", 24, k, seed=5)), (24, kquant_part("Q6_K", 16, k, seed=6))]
     assert Q8Weight.from_gguf(40, k, [(f, t.type, t.data) for f, t in off]) is None
     weight = packed_linear._q8_weight(GGUFLinearWeight(40, k, off), None, kquants=True)
     assert weight is not None and weight.group_forms() == ["blocks"] * 3
     check_against_definition(weight, *definition_of(off, 40, k), (1, 5), seed=4)
+    # parts of one type may share a group (their rows each in their columns)
+    same = [(0, off[0][1]), (24, kquant_part("Q4_K", 8, k, seed=9)), (32, off[1][1])]
+    shared = Q8Weight.from_gguf(48, k, [(f, t.type, t.data) for f, t in same])
+    assert shared is not None and shared.group_forms() == ["Q4_K", "Q4_K", "Q6_K"]
+    check_against_definition(shared, *definition_of(same, 48, k), (1, 9), seed=5)
     q4_0 = kquant_part("Q4_0", 16, k, seed=7)
     mixed = [(0, kquant_part("Q4_K", 16, k, seed=8)), (16, q4_0)]
     assert Q8Weight.from_gguf(32, k, [(f, t.type, t.data) for f, t in mixed]) is None
@@ -379,6 +384,7 @@ def test_a_q4_k_m_like_file_packs_each_part_in_its_form(tmp_path: pathlib.Path, 
                      "gate_up1": {"Q4_K"}, "head": {"Q6_K"}}
     weights = [w for m in model.modules() if isinstance(w := getattr(m, "packed_weight", None), Q8Weight)]
     assert info["int8_layers"] == len(weights) == 9 and info["packed"] == sum(w.nbytes for w in weights)
+    assert len({w.packed.untyped_storage().data_ptr() for w in weights}) == 1  # one (huge-page) buffer
     ids = [1, 45, 12, 7, 260, 2, 99, 17]
     got = prefill_logits(model, ids)
     monkeypatch.setenv("SHARDLINE_CPU_ACTIVATIONS", "float32")

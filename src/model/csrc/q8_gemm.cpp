@@ -27,7 +27,7 @@
 //     maddubs takes |q| and x_q with q's sign, which cannot overflow its int16 sums).
 // So one 64-byte load holds 4 consecutive inputs of 16 columns: the vpdpbusd / maddubs operand.
 //
-// Super-block kinds (q8_kquant_new / q8_kquant_fill, from a GGUF file's Q4_K, Q5_K and Q6_K
+// Super-block kinds (q8_kquant_new or _init, then q8_kquant_fill, from a GGUF file's Q4_K, Q5_K and Q6_K
 // blocks, at about the file's size): per 256 inputs of a group, the file's float16 super-block
 // scales as float32 and its integer sub-block scales as they are:
 //   * Q4_K / Q5_K: D[16] and -Dmin[16] (float32), sc[8][16] and mn[8][16] (uint8, 6 bits), so
@@ -602,23 +602,32 @@ void tile_super_rows(int t, const uint8_t* gp, int64_t ns, int64_t kind, const R
   }
 }
 
-// A zeroed packed weight [N, K] with these kinds for its column groups: the header and the
-// group table filled in.
-at::Tensor new_packed(int64_t n, int64_t k, const std::vector<int64_t>& kinds) {
+// The bytes of a packed weight [N, K] with these kinds for its column groups.
+int64_t packed_nbytes(int64_t n, int64_t k, const std::vector<int64_t>& kinds) {
   const int64_t groups = (n + kCols - 1) / kCols;
   TORCH_CHECK(static_cast<int64_t>(kinds.size()) == groups, "q8: ", groups, " column groups, ", kinds.size(), " kinds");
+  int64_t size = data_start(groups);
+  for (const int64_t kind : kinds) size += group_bytes(kind, k);
+  return size;
+}
+
+// Write the header and group table of such a weight into `out` (its bytes, zeroed).
+void init_packed(uint8_t* out, int64_t n, int64_t k, const std::vector<int64_t>& kinds) {
+  const int64_t groups = (n + kCols - 1) / kCols;
   std::vector<Group> table(groups);
-  int64_t size = 0;
+  int64_t offset = 0;
   for (int64_t g = 0; g < groups; ++g) {
-    table[g] = Group{kinds[g], size};
-    size += group_bytes(kinds[g], k);
+    table[g] = Group{kinds[g], offset};
+    offset += group_bytes(kinds[g], k);
   }
-  const int64_t start = data_start(groups);
-  at::Tensor out = at::zeros({start + size}, at::TensorOptions().dtype(at::kByte));
-  uint8_t* op = out.data_ptr<uint8_t>();
   const Header header{kMagic, n, k, groups};
-  std::memcpy(op, &header, sizeof(header));
-  std::memcpy(op + kHeader, table.data(), groups * sizeof(Group));
+  std::memcpy(out, &header, sizeof(header));
+  std::memcpy(out + kHeader, table.data(), groups * sizeof(Group));
+}
+
+at::Tensor new_packed(int64_t n, int64_t k, const std::vector<int64_t>& kinds) {
+  at::Tensor out = at::zeros({packed_nbytes(n, k, kinds)}, at::TensorOptions().dtype(at::kByte));
+  init_packed(out.data_ptr<uint8_t>(), n, k, kinds);
   return out;
 }
 
@@ -633,16 +642,34 @@ Header read_header(const at::Tensor& packed, const char* what) {
   return h;
 }
 
-// An empty super-block-kind weight [N, K] (K a multiple of 256): `types` the GGUF K type of each
-// column group of 16 outputs, 4 (Q4_K), 5 (Q5_K) or 6 (Q6_K); q8_kquant_fill writes its rows.
-at::Tensor q8_kquant_new(int64_t n, int64_t k, at::IntArrayRef types) {
-  TORCH_CHECK(n > 0 && k > 0 && k % kSuper == 0, "q8_kquant_new: K must be a positive multiple of 256, got ", k);
+// The kinds of a super-block-kind weight [N, K] (K a multiple of 256) from `types`, the GGUF K
+// type of each column group of 16 outputs: 4 (Q4_K), 5 (Q5_K) or 6 (Q6_K).
+std::vector<int64_t> kquant_kinds(int64_t n, int64_t k, at::IntArrayRef types) {
+  TORCH_CHECK(n > 0 && k > 0 && k % kSuper == 0, "q8_kquant: K must be a positive multiple of 256, got ", k);
   std::vector<int64_t> kinds;
   for (const int64_t t : types) {
-    TORCH_CHECK(t == 4 || t == 5 || t == 6, "q8_kquant_new: types must be 4 (Q4_K), 5 (Q5_K) or 6 (Q6_K), got ", t);
+    TORCH_CHECK(t == 4 || t == 5 || t == 6, "q8_kquant: types must be 4 (Q4_K), 5 (Q5_K) or 6 (Q6_K), got ", t);
     kinds.push_back(t == 4 ? kQ4K : t == 5 ? kQ5K : kQ6K);
   }
-  return new_packed(n, k, kinds);
+  return kinds;
+}
+
+int64_t q8_kquant_nbytes(int64_t n, int64_t k, at::IntArrayRef types) {
+  return packed_nbytes(n, k, kquant_kinds(n, k, types));
+}
+
+// An empty such weight in `out` (zeroed uint8 of q8_kquant_nbytes bytes, e.g. a slice of one
+// huge-page buffer for them all); q8_kquant_fill writes its rows.
+void q8_kquant_init(const at::Tensor& out, int64_t n, int64_t k, at::IntArrayRef types) {
+  const std::vector<int64_t> kinds = kquant_kinds(n, k, types);
+  TORCH_CHECK(out.dim() == 1 && out.scalar_type() == at::kByte && out.is_contiguous() &&
+                  out.numel() == packed_nbytes(n, k, kinds),
+              "q8_kquant_init: out must be contiguous uint8 of q8_kquant_nbytes bytes");
+  init_packed(out.data_ptr<uint8_t>(), n, k, kinds);
+}
+
+at::Tensor q8_kquant_new(int64_t n, int64_t k, at::IntArrayRef types) {
+  return new_packed(n, k, kquant_kinds(n, k, types));
 }
 
 // A GGUF K-quant super-block (256 inputs) as q (unsigned: Q6_K's + 32), sub-block scales and
@@ -945,6 +972,8 @@ TORCH_LIBRARY_FRAGMENT(shardline, m) {
   m.def("q8_pack(Tensor d, Tensor m, Tensor q, Tensor? d2=None) -> Tensor");
   m.def("q8_gemm(Tensor(a!) out, Tensor x, Tensor packed, Tensor? bias) -> ()");
   m.def("q8_kquant_new(int n, int k, int[] types) -> Tensor", &q8_kquant_new);  // (no tensor to dispatch on)
+  m.def("q8_kquant_nbytes(int n, int k, int[] types) -> int", &q8_kquant_nbytes);
+  m.def("q8_kquant_init(Tensor(a!) out, int n, int k, int[] types) -> ()");
   m.def("q8_kquant_fill(Tensor(a!) packed, int row0, Tensor raw) -> ()");
 }
 
@@ -952,4 +981,5 @@ TORCH_LIBRARY_IMPL(shardline, CPU, m) {
   m.impl("q8_pack", &q8_pack);
   m.impl("q8_gemm", &q8_gemm_op);
   m.impl("q8_kquant_fill", &q8_kquant_fill);
+  m.impl("q8_kquant_init", &q8_kquant_init);
 }
