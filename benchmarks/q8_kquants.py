@@ -12,7 +12,7 @@ one common form per fused weight (`Q8Weight.pack` of `packed_linear._weight_scal
 * a Llama-3.2-1B-shaped stack of 16 layers (qkv, o, gate_up, down; Q6_K attn_v and ffn_down in
   the layers llama.cpp's Q4_K_M gives more bits, as benchmarks/gguf_quant.py's file), and with
   `--head` its 128,256 x 2,048 Q6_K LM head: ms for one pass of the stack by `--rows` rows,
-  medians of several passes per round, then the median of the rounds; "after" both with each
+  medians of several passes per round, then the median (and the fastest) of the rounds; "after" both with each
   weight in its own allocation and in one huge-page buffer, as the worker packs them.
 
 `--model` also writes gguf_quant.py's synthetic 1B file and loads it as a worker does
@@ -165,7 +165,7 @@ MODEL_CHILD = textwrap.dedent("""
     from shardline.model.parallel_context import ParallelContext
     from shardline.model.q8_linear import Q8Weight
     if sys.argv[2] == "before":  # the form every K-quant weight took before: float32 scales
-        Q8Weight.from_gguf = classmethod(lambda cls, *a: None)
+        Q8Weight.gguf_layout = staticmethod(lambda *a: None)
     torch.set_num_threads(2)
     model, info = packed_linear.load_packed_model(ModelConfig.from_path(sys.argv[1]), ParallelContext.single())
     weights = [w for m in model.modules() if isinstance(w := getattr(m, "packed_weight", None), Q8Weight)]
@@ -211,9 +211,10 @@ def main(argv: list[str] | None = None) -> int:
         rounds.append(times)
         print(f"round {r + 1}: " + ", ".join(f"{k} {v:.2f} ms" for k, v in times.items()))
     medians = {key: statistics.median(t[key] for t in rounds) for key in rounds[0]}
-    result.update(rounds=rounds, medians=medians)
+    fastest = {key: min(t[key] for t in rounds) for key in rounds[0]}
+    result.update(rounds=rounds, medians=medians, fastest=fastest)
     for key, value in medians.items():
-        print(f"median {key:28} {value:8.2f} ms")
+        print(f"{key:28} median {value:8.2f} ms, fastest round {fastest[key]:8.2f} ms")
     del before, after, huge, variants
     if args.model:
         from gguf_quant import write_model

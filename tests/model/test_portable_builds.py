@@ -52,6 +52,7 @@ TESTS = [
         "test_q4_k_results_equal_the_float_scale_form_bit_for_bit",
         "test_fused_weights_keep_each_parts_form",
         "test_parts_off_group_boundaries_or_of_other_types_take_the_common_form",
+        "test_column_shards_of_kquant_parts_are_their_definition",
     )),
     "tests/model/test_gguf_weights.py::test_gemm_equals_dequantize_and_mm_for_1_to_256_rows",
     "tests/model/test_gguf_weights.py::test_gemm_rows_equal_one_row_gemms_bit_for_bit",

@@ -239,6 +239,18 @@ def test_parts_off_group_boundaries_or_of_other_types_take_the_common_form() -> 
     assert aligned is not None and aligned.group_forms() == ["Q6_K", "Q4_K", "Q4_K"]
 
 
+def test_column_shards_of_kquant_parts_are_their_definition() -> None:
+    """A tensor-parallel rank's columns of a row-parallel weight: whole super-blocks, its rows
+    further apart than its bytes (a strided view of the file's rows)."""
+    k = 768
+    parts = [(0, kquant_part("Q4_K", 32, k, seed=11).narrow(1, 256, 512)),
+             (32, kquant_part("Q6_K", 16, k, seed=12).narrow(1, 256, 512))]
+    assert parts[0][1].data.stride(0) > parts[0][1].data.shape[1]
+    weight = Q8Weight.from_gguf(48, 512, [(f, t.type, t.data) for f, t in parts])
+    assert weight is not None and weight.group_forms() == ["Q4_K", "Q4_K", "Q6_K"]
+    check_against_definition(weight, *definition_of(parts, 48, 512), (1, 6), seed=6)
+
+
 def test_kquant_rows_of_the_wrong_type_are_refused_naming_it() -> None:
     part = kquant_part("Q5_K", 16, 256, seed=1)
     packed = torch.ops.shardline.q8_kquant_new(16, 256, [4])
@@ -325,15 +337,24 @@ async def test_a_wrong_switch_value_is_refused_naming_it(
     assert len(tokens) == 24
 
 
+@pytest.mark.parametrize("mix", ["Q4_1", "Q4_K_M-like"])
 async def test_tensor_parallel_shards_take_the_int8_kernel_too(
-    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+    mix: str, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """TP=2 over a Q4_1 GGUF in int8 mode: each rank's shard (whole blocks of 32 inputs, so the
-    same activation blocks) takes the int8 kernel; the prompt NLL is TP=1's up to the float
-    order of the all-reduce, and the greedy tokens are equal."""
+    """TP=2 over a Q4_1 GGUF, or a Q4_K_M-like one (K-quant shards at the file's size: rows of
+    the column-parallel weights, whole super-blocks of the row-parallel ones' columns, rows
+    further apart than a shard's bytes), in int8 mode: each rank's shard (whole blocks of 32
+    inputs, so the same activation blocks) takes the int8 kernel; the prompt NLL is TP=1's up
+    to the float order of the all-reduce, and the greedy tokens are equal."""
     from support.gguf_models import write_tiny_llama_gguf
 
-    path = str(write_tiny_llama_gguf(tmp_path / "tiny.gguf", "Q4_1", seed=4))
+    if mix == "Q4_1":
+        path = str(write_tiny_llama_gguf(tmp_path / "tiny.gguf", "Q4_1", seed=4))
+    else:
+        types = {"token_embd.weight": "Q6_K", "blk.0.attn_v.weight": "Q6_K", "blk.0.ffn_down.weight": "Q6_K",
+                 "blk.1.attn_output.weight": "Q5_K"}
+        shape = {"hidden": 512, "intermediate": 1024}  # o_proj's / down_proj's K: 256 / 512 a rank
+        path = str(write_tiny_llama_gguf(tmp_path / "tiny.gguf", "Q4_K", seed=4, types=types, shape=shape))
     prompt = list(range(3, 120))
     monkeypatch.setenv("SHARDLINE_CPU_ACTIVATIONS", "int8")
     one, one_tokens = await _prompt_nll(path, prompt, max_model_len=256)
