@@ -18,7 +18,9 @@ tokens: `-c 36864 -np 16 --kv-unified` for llama.cpp, 2,304 blocks of 16 and max
   span);
 * 16 streams: 16 such requests at once, generated tokens / wall time;
 * 2k prefill: a 2,048-token prompt, one token, prompt tokens / wall time of the request;
-* RSS of the server (shardline: engine + worker processes) after these, the context the same.
+* RSS of the server (shardline: engine + worker processes) after these, the context the same:
+  at once (`rss_bytes`) and after IDLE_S seconds idle (`rss_idle_bytes`; shardline's worker hands
+  a burst's activations back after a second idle, worker/heap.py).
 
 `--measures streams,prefill` runs only those (RSS always). `--activations both` adds a shardline run
 with the opt-in int8 activations (SHARDLINE_CPU_ACTIVATIONS=int8) to every round. `--kquants both` runs shardline twice
@@ -59,6 +61,7 @@ from support.gguf_models import _add_tokenizer, quantized_bytes  # noqa: E402
 SHAPE = {"hidden": 2048, "layers": 16, "heads": 32, "kv_heads": 8, "intermediate": 8192}
 SLOTS, SLOT_TOKENS = 16, 2304
 PROMPT, GEN, PREFILL = 32, 64, 2048
+IDLE_S = 2.5  # seconds idle before the second RSS reading (the worker trims after ~1 s idle)
 
 
 def more_bits(layer: int, layers: int) -> bool:
@@ -131,7 +134,7 @@ SHARDLINE_CHILD = textwrap.dedent("""
     from shardline import Engine, EngineConfig, SamplingParams
 
     path, slots, slot_tokens, gen = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-    kv_dtype = sys.argv[5]
+    kv_dtype, idle_s = sys.argv[5], float(sys.argv[6])
     work = json.loads(sys.stdin.read())
 
     async def run(engine, ids, max_tokens):
@@ -162,7 +165,13 @@ SHARDLINE_CHILD = textwrap.dedent("""
                 await run(engine, work["prefill"], 1)
                 result["prefill_tok_s"] = len(work["prefill"]) / (time.perf_counter() - start)
             me = psutil.Process()
-            result["rss_bytes"] = sum(p.memory_info().rss for p in [me, *me.children(recursive=True)])
+
+            def rss():
+                return sum(p.memory_info().rss for p in [me, *me.children(recursive=True)])
+
+            result["rss_bytes"] = rss()
+            await asyncio.sleep(idle_s)
+            result["rss_idle_bytes"] = rss()
         print(json.dumps(result))
 
     asyncio.run(main())
@@ -176,7 +185,7 @@ def measure_shardline(path: pathlib.Path, work: dict[str, Any], kv_dtype: str = 
     `activations`: SHARDLINE_CPU_ACTIVATIONS (int8: the opt-in int8-activation GEMM)."""
     proc = subprocess.run(
         [sys.executable, "-c", SHARDLINE_CHILD, str(path), str(SLOTS), str(SLOT_TOKENS), str(GEN),
-         kv_dtype],
+         kv_dtype, str(IDLE_S)],
         input=json.dumps(work),
         capture_output=True,
         text=True,
@@ -241,16 +250,18 @@ def measure_llama_cpp(
             _post(base, body(work["prefill"], 1))
             result["prefill_tok_s"] = len(work["prefill"]) / (time.perf_counter() - t0)
         result["rss_bytes"] = psutil.Process(proc.pid).memory_info().rss
+        time.sleep(IDLE_S)
+        result["rss_idle_bytes"] = psutil.Process(proc.pid).memory_info().rss
         return result
     finally:
         stop_server(proc, 20)
 
 
-KEYS = ("rss_bytes", "single_tok_s", "streams_tok_s", "prefill_tok_s")
+KEYS = ("rss_bytes", "rss_idle_bytes", "single_tok_s", "streams_tok_s", "prefill_tok_s")
 
 
 def _fmt(key: str, value: float) -> str:
-    return f"{value / 2**20:8.0f} MiB" if key == "rss_bytes" else f"{value:8.2f}"
+    return f"{value / 2**20:8.0f} MiB" if key.startswith("rss") else f"{value:8.2f}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -319,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
             if binary is not None:
                 runs["llama_cpp"].append(measure_llama_cpp(binary, path, work))
                 print("llama.cpp", runs["llama_cpp"][-1], flush=True)
-    keys = [k for k in KEYS if k == "rss_bytes" or k.split("_")[0] in measures]
+    keys = [k for k in KEYS if k.startswith("rss") or k.split("_")[0] in measures]
     print(f"{'':20}" + "".join(f"{k:>16}" for k in keys))
     medians = {
         name: {k: statistics.median(r[k] for r in rows) for k in keys}

@@ -9,6 +9,12 @@ threshold to glibc's maximum (32 MiB on 64-bit) and the trim threshold to 1 GiB 
 steady state fault-free; the cost is that the worker keeps its peak heap, as an engine that
 pre-allocates activations would.
 
+Once the worker has been idle for a while (`IdleTrim`: no message for the worker's receive
+poll, a second) the peak heap of the last burst goes back to the kernel (`malloc_trim(0)`):
+an idle server holds its weights and KV cache, not the activations of its longest prefill
+(~500 MiB for a 2,048-token chunk of a Llama-3.2-1B-shaped model, benchmarks/RESULTS.md
+section 29). The first steps of the next burst fault their activations in again.
+
 Only spawned worker processes call this (never the caller's process, which owns its own
 allocator policy), and not when the user set glibc malloc tunables themselves.
 """
@@ -18,6 +24,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+from collections.abc import Callable
 
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
@@ -61,3 +68,21 @@ def release_free_memory() -> bool:
     trim.argtypes = (ctypes.c_size_t,)
     trim.restype = ctypes.c_int
     return bool(trim(0))
+
+
+class IdleTrim:
+    """`release_free_memory` once per idle period after work: `worked()` after each step,
+    `idle()` when no message came for the receive poll; nothing when not `enabled` (the
+    thresholds are the user's, or the worker runs in the caller's process)."""
+
+    def __init__(self, enabled: bool, trim: Callable[[], bool] = release_free_memory) -> None:
+        self.enabled, self._trim = enabled, trim
+        self._pending = False
+
+    def worked(self) -> None:
+        self._pending = self.enabled
+
+    def idle(self) -> None:
+        if self._pending:
+            self._pending = False
+            self._trim()

@@ -50,7 +50,7 @@ from shardline.transport.messages import (
     WorkerReady,
 )
 from shardline.worker.config import WorkerConfig
-from shardline.worker.heap import retain_freed_memory
+from shardline.worker.heap import IdleTrim, retain_freed_memory
 from shardline.worker.kv_cache import commit_kv_cache
 
 logger = logging.getLogger("shardline.worker")
@@ -100,6 +100,7 @@ class Worker:
         self._stop = threading.Event()
         self._heartbeat: threading.Thread | None = None
         self._distributed = False
+        self.idle_trim = IdleTrim(enabled=False)  # run_worker enables it in a worker process
         self._watch_ppid = (
             self.config.parent_pid is not None and os.getppid() == self.config.parent_pid
         )
@@ -263,6 +264,7 @@ class Worker:
             try:
                 msg = self._channels.recv(timeout=RECV_POLL_SECONDS)
             except TimeoutError:
+                self.idle_trim.idle()  # idle for a poll: the last burst's heap goes back
                 if self._parent_gone():
                     self.log.warning("parent process %s is gone; exiting", self.config.parent_pid)
                     self._unlink_orphaned_names()
@@ -271,6 +273,7 @@ class Worker:
             if isinstance(msg, ExecuteStep):
                 with profiling.timed("step"):
                     result = runner.execute(msg)
+                self.idle_trim.worked()
                 if result is not None:
                     self._channels.send(result)
             elif isinstance(msg, Shutdown):
@@ -407,9 +410,10 @@ def run_worker(config: dict[str, Any]) -> None:
     # (Shutdown, or its death noticed through the parent check), so a worker ignores SIGINT.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _configure_process_logging(rank)
-    retain_freed_memory()  # before the model loads: every step's activations stay mapped
+    retained = retain_freed_memory()  # before the model loads: every step's activations stay mapped
     try:
         worker = Worker(config, own_process=True)
+        worker.idle_trim = IdleTrim(enabled=retained)
     except Exception as exc:
         logger.exception("invalid worker config")
         _report_bad_config(config, rank, exc)
