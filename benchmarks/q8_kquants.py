@@ -15,7 +15,9 @@ one common form per fused weight (`Q8Weight.pack` of `packed_linear._weight_scal
   medians of several passes per round, then the median (and the fastest) of the rounds; "after" both with each
   weight in its own allocation and in one huge-page buffer, as the worker packs them.
 
-`--model` also writes gguf_quant.py's synthetic 1B file and loads it as a worker does
+`--smollm2` also times the default model's shapes (30 layers, Q4_1-like nibbles with float16
+scales) with each weight in its own allocation and in one `Q8Arena`, as the worker now packs
+int8 weights of every form. `--model` also writes gguf_quant.py's synthetic 1B file and loads it as a worker does
 (`load_packed_model`, int8 mode) in a fresh process per variant: the weight bytes the start-up
 log states, the int8 layers, and the process's peak RSS after loading.
 """
@@ -96,13 +98,10 @@ def bytes_per_weight() -> dict[str, float]:
 
 def stack(head: bool) -> tuple[list[Any], list[Any], list[Any]]:
     """The 1B stack's weights: before, after (each weight its own allocation) and after as the
-    worker packs them (`packed_linear._pack_q8_kquants`: one huge-page buffer). Blocks are shared
+    worker packs them (`q8_linear.Q8Arena`: one huge-page buffer). Blocks are shared
     between layers of the same types; every layer's packed copy is its own."""
-    from types import SimpleNamespace
-
-    from shardline.model import packed_linear
     from shardline.model.gguf_weights import GGUFLinearWeight
-    from shardline.model.q8_linear import Q8Weight
+    from shardline.model.q8_linear import Q8Arena, Q8Weight
 
     cache: dict[tuple[str, int, int], Any] = {}
 
@@ -129,11 +128,31 @@ def stack(head: bool) -> tuple[list[Any], list[Any], list[Any]]:
         b, a = forms(weight)
         before.append(b)
         after.append(a)
-    modules = [SimpleNamespace(packed_weight=None) for _ in gguf]
     layouts = [Q8Weight.gguf_layout(w.out_features, w.in_features, [(f, p.type, p.shape[0]) for f, p in w.parts])
                for w in gguf]
-    packed_linear._pack_q8_kquants([(m, w, t) for m, w, t in zip(modules, gguf, layouts, strict=True) if t])
-    return before, after, [m.packed_weight for m in modules]
+    arena = Q8Arena(sum(Q8Arena.bound_of(w.out_features, w.in_features, t) for w, t in zip(gguf, layouts, strict=True)))
+    huge = [arena.from_gguf(w.out_features, w.in_features, [(f, p.type, p.data) for f, p in w.parts], t)
+            for w, t in zip(gguf, layouts, strict=True) if t is not None]
+    return before, after, huge
+
+
+def smollm2_stack() -> tuple[list[Any], list[Any]]:
+    """SmolLM2-135M's 30 layers (the default model's shapes) of Q4_1-like blocks (q 0..15, float16
+    d and m: nibbles with float16 scales), each weight in its own allocation (as before) and in
+    one `Q8Arena` (as the worker packs them now)."""
+    import torch
+
+    from shardline.model.q8_linear import Q8Arena, Q8Weight
+
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(960, 576), (576, 576), (3072, 576), (576, 1536)] * 30
+    blocks = []
+    for n, k in shapes:
+        q = torch.randint(0, 16, (n, k), dtype=torch.int8, generator=gen)
+        d = (torch.rand(n, k // 32, generator=gen) * 0.01).half().float()
+        blocks.append((d, -(torch.rand(n, k // 32, generator=gen) * 0.01).half().float(), q))
+    arena = Q8Arena(sum(Q8Arena.bound_of(n, k) for n, k in shapes))
+    return [Q8Weight.pack(*b) for b in blocks], [arena.pack(*b) for b in blocks]
 
 
 def time_stack(weights: list[Any], rows: int) -> float:
@@ -184,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", default="1,16")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--head", action="store_true", help="the Q6_K LM head in the stack too")
+    parser.add_argument("--smollm2", action="store_true",
+                        help="also a SmolLM2-shaped Q4_1 stack, own allocations against one Q8Arena")
     parser.add_argument("--model", action="store_true", help="load gguf_quant.py's synthetic 1B file, both forms")
     parser.add_argument("--json", type=pathlib.Path, default=None)
     args = parser.parse_args(argv)
@@ -202,6 +223,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"stack MB: before {sizes['before'] / 1e6:.0f}, after {sizes['after'] / 1e6:.0f}")
     variants = [("before", before), ("after", after), ("after, huge pages", huge)]
     result["stack MB"] = {k: v / 1e6 for k, v in sizes.items()}
+    if args.smollm2:
+        own, arena = smollm2_stack()
+        variants += [("SmolLM2 Q4_1, own allocations", own), ("SmolLM2 Q4_1, one huge-page buffer", arena)]
     rounds: list[dict[str, float]] = []
     for r in range(args.rounds):
         times: dict[str, float] = {}

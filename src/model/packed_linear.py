@@ -60,7 +60,7 @@ from shardline.model import paged_decode
 from shardline.model.env import env_choice
 from shardline.model.gguf_weights import GGUFLinearWeight, GGUFTensor
 from shardline.model.memory import huge_page_zeros
-from shardline.model.q8_linear import Q8Weight
+from shardline.model.q8_linear import Q8Arena, Q8Weight
 from shardline.model.q8_linear import enabled as int8_activations
 
 logger = logging.getLogger(__name__)
@@ -494,7 +494,7 @@ def pack_gguf_weights(model: nn.Module) -> int:
     640 bytes per 1,024 weights either way; Q8_0 1,152 instead of 1,088); `load_packed_model`
     then lets go of the file pages packing read (`release_gguf_pages`). With
     `SHARDLINE_CPU_ACTIVATIONS=int8` they take the int8-activation kernel's layout instead
-    (`q8_linear`; K-quants at about the file's size, in one huge-page buffer: `_pack_q8_kquants`).
+    (`q8_linear`; K-quants at about the file's size), in one huge-page buffer (`Q8Arena`).
     Returns the bytes of the panels (0 in modes other than `auto`)."""
     if env_choice(ENV, MODES) != "auto" or not paged_decode.KERNEL.load():
         return 0
@@ -505,22 +505,15 @@ def pack_gguf_weights(model: nn.Module) -> int:
     # memory mapped: a whole weight's q and its packed copy would stay in RSS).
     Plan = tuple[Any, GGUFLinearWeight, torch.Tensor | None, Any, torch.dtype, tuple[int, int, int]]
     plans: list[Plan] = []
-    int8 = int8_activations()
     int8_bytes = 0
-    compact: list[tuple[Any, GGUFLinearWeight, list[int]]] = []  # int8 mode's K-quant weights
-    for m in model.modules():
-        weight = getattr(m, "packed_weight", None)
-        if not isinstance(weight, GGUFLinearWeight):
-            continue
+    weights = [(m, w) for m in model.modules() if isinstance(w := getattr(m, "packed_weight", None), GGUFLinearWeight)]
+    # SHARDLINE_CPU_ACTIVATIONS=int8: the int8-activation kernel's own layout, in one buffer
+    arena = Q8Arena(sum(Q8Arena.bound_of(w.out_features, w.in_features, _q8_kquant_layout(w, kquants))
+                        for _, w in weights)) if int8_activations() else None
+    for m, weight in weights:
         blocks = _weight_integer_blocks(weight)
-        if int8 and blocks is None and kquants:  # K-quants at about the file's size: packed below
-            types = Q8Weight.gguf_layout(weight.out_features, weight.in_features,
-                                         [(first, part.type, part.shape[0]) for first, part in weight.parts])
-            if types is not None:
-                compact.append((m, weight, types))
-                continue
-        if int8:  # SHARDLINE_CPU_ACTIVATIONS=int8: the int8-activation kernel's own layout
-            q8 = _q8_weight(weight, blocks, kquants)
+        if arena is not None:
+            q8 = _q8_weight(weight, blocks, kquants, arena)
             if q8 is not None:
                 setattr(m, "packed_weight", q8)  # noqa: B010 (a module attribute, not a tensor)
                 int8_bytes += q8.nbytes
@@ -534,7 +527,6 @@ def pack_gguf_weights(model: nn.Module) -> int:
             dtype, nbytes = _layout(*form)
             shape = (-(-weight.out_features // PANEL), weight.in_features // BLOCK_K, nbytes)
             plans.append((m, weight, None, form, dtype, shape))
-    int8_bytes += _pack_q8_kquants(compact)
     sizes = [shape[0] * shape[1] * shape[2] for *_, shape in plans]
     added = sum(sizes)
     if not plans:
@@ -556,45 +548,37 @@ def pack_gguf_weights(model: nn.Module) -> int:
     return added + int8_bytes
 
 
-def _pack_q8_kquants(weights: list[tuple[Any, GGUFLinearWeight, list[int]]]) -> int:
-    """Int8 mode's K-quant weights (module, weight, `Q8Weight.gguf_layout`) at about the file's
-    size, packed from the file's blocks straight into one huge-page buffer (a decode step streams
-    them: 1-row GEMMs ~10% faster than in ordinary pages, benchmarks/RESULTS.md section 28), each
-    module's `packed_weight` then a `Q8Weight` on its slice. Returns the buffer's bytes."""
-    if not weights:
-        return 0
-    sizes = [Q8Weight.gguf_nbytes(w.out_features, w.in_features, types) for _, w, types in weights]
-    buffer = huge_page_zeros((sum(sizes),), torch.uint8)
-    offset = 0
-    for (m, weight, _), size in zip(weights, sizes, strict=True):
-        parts = [(first, part.type, part.data) for first, part in weight.parts]
-        q8 = Q8Weight.from_gguf(weight.out_features, weight.in_features, parts, out=buffer[offset : offset + size])
-        assert q8 is not None
-        m.packed_weight = q8
-        offset += size
-    return sum(sizes)
-
-
-def _q8_weight(weight: GGUFLinearWeight, blocks: IntegerBlocks | None, kquants: bool) -> Q8Weight | None:
-    """A GGUF weight for the int8-activation kernel: Q4_0/Q4_1/Q8_0 blocks, or K-quant ones.
-    Q4_K / Q5_K / Q6_K parts go in at about the file's size (`Q8Weight.from_gguf`: each part in
-    its own form, read from the file's blocks, no float copy made); a weight mixing them with
-    other types, or whose parts do not fall on 16-row groups, takes one common form with float32
-    scales (Q6_K's d per 16 inputs kept), from the whole weight's d, m and q."""
-    if blocks is not None:
-        return Q8Weight.pack(*blocks)
+def _q8_kquant_layout(weight: GGUFLinearWeight, kquants: bool) -> list[int] | None:
+    """`Q8Weight.gguf_layout` of a GGUF weight (None with K-quants left to gguf_gemm)."""
     if not kquants:
         return None
-    compact = Q8Weight.from_gguf(weight.out_features, weight.in_features,
-                                 [(first, part.type, part.data) for first, part in weight.parts])
-    if compact is not None:
-        return compact
-    if _scaled_form(weight) is None:
+    return Q8Weight.gguf_layout(weight.out_features, weight.in_features,
+                                [(first, part.type, part.shape[0]) for first, part in weight.parts])
+
+
+def _q8_weight(weight: GGUFLinearWeight, blocks: IntegerBlocks | None, kquants: bool,
+               arena: Q8Arena | None = None) -> Q8Weight | None:
+    """A GGUF weight for the int8-activation kernel, packed into `arena` when given: Q4_0/Q4_1/
+    Q8_0 blocks, or K-quant ones. Q4_K / Q5_K / Q6_K parts go in at about the file's size
+    (`Q8Weight.from_gguf`: each part in its own form, read from the file's blocks, no float copy
+    made); a weight mixing them with other types, or with two types inside a 16-row group,
+    takes one common form with float32 scales (Q6_K's d per 16 inputs kept), from the whole
+    weight's d, m and q."""
+    pack = Q8Weight.pack if arena is None else arena.pack
+    if blocks is not None:
+        return pack(*blocks)
+    types = _q8_kquant_layout(weight, kquants)
+    if types is not None:
+        parts = [(first, part.type, part.data) for first, part in weight.parts]
+        if arena is None:
+            return Q8Weight.from_gguf(weight.out_features, weight.in_features, parts)
+        return arena.from_gguf(weight.out_features, weight.in_features, parts, types)
+    if not kquants or _scaled_form(weight) is None:
         return None
     scaled = _weight_scaled_blocks(weight)
     assert scaled is not None
     d, d2, m, q = scaled
-    return Q8Weight.pack(d, m, q, d2)
+    return pack(d, m, q, d2)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -681,11 +665,13 @@ def pack_linear_weights(model: nn.Module) -> int:
     # once the copy would pass the limit.
     plans: list[tuple[Any, torch.Tensor | None, int]] = []
     added = int8_bytes = 0
-    int8 = int8_activations()
+    # the int8-activation kernel's own layout, in one buffer (only what is packed is committed)
+    arena = Q8Arena(sum(Q8Arena.bound_of(*m.weight.shape) for m in layers)) \
+        if int8_activations() and mode == "auto" else None
     for m in layers:
         blocks = integer_blocks(m.weight.detach()) if mode == "auto" else None
-        if int8 and blocks is not None:  # the int8-activation kernel's own layout
-            m.packed_weight = Q8Weight.pack(*blocks)
+        if arena is not None and blocks is not None:
+            m.packed_weight = arena.pack(*blocks)
             int8_bytes += m.packed_weight.nbytes
             continue
         packed = pack_blocks(blocks) if blocks is not None else None

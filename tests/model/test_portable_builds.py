@@ -53,6 +53,7 @@ TESTS = [
         "test_fused_weights_keep_each_parts_form",
         "test_parts_off_group_boundaries_or_of_other_types_take_the_common_form",
         "test_column_shards_of_kquant_parts_are_their_definition",
+        "test_an_arena_holds_what_pack_and_from_gguf_make_one_after_another",
     )),
     "tests/model/test_gguf_weights.py::test_gemm_equals_dequantize_and_mm_for_1_to_256_rows",
     "tests/model/test_gguf_weights.py::test_gemm_rows_equal_one_row_gemms_bit_for_bit",

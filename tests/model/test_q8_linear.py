@@ -21,7 +21,7 @@ import torch
 
 from shardline.model import packed_linear, paged_decode
 from shardline.model.gguf_weights import TYPES, GGUFLinearWeight, GGUFTensor
-from shardline.model.q8_linear import Q8Weight
+from shardline.model.q8_linear import Q8Arena, Q8Weight
 
 pytestmark = pytest.mark.skipif(not paged_decode.KERNEL.load(), reason="the CPU kernels do not build here")
 
@@ -249,6 +249,36 @@ def test_column_shards_of_kquant_parts_are_their_definition() -> None:
     weight = Q8Weight.from_gguf(48, 512, [(f, t.type, t.data) for f, t in parts])
     assert weight is not None and weight.group_forms() == ["Q4_K", "Q4_K", "Q6_K"]
     check_against_definition(weight, *definition_of(parts, 48, 512), (1, 6), seed=6)
+
+
+def test_an_arena_holds_what_pack_and_from_gguf_make_one_after_another() -> None:
+    """Q8Arena (the worker's one buffer for a model's int8 weights): each weight byte for byte
+    what `pack` / `from_gguf` make alone, on 64-byte boundaries one after another, within the
+    bound reserved for them."""
+    gen = torch.Generator().manual_seed(8)
+    shapes = [(40, 128, 0, 15), (33, 256, -127, 127), (16, 64, -8, 7)]
+    blocks = []
+    for n, k, low, high in shapes:
+        q = torch.randint(low, high + 1, (n, k), dtype=torch.int8, generator=gen)
+        blocks.append((torch.rand(n, k // 32, generator=gen), torch.rand(n, k // 32, generator=gen) - 0.5, q, None))
+    blocks.append((*blocks[1][:3], torch.rand(33, 8, generator=gen)))  # two-scale
+    part = kquant_part("Q6_K", 48, 512, seed=2)
+    layout = Q8Weight.gguf_layout(48, 512, [(0, "Q6_K", 48)])
+    assert layout is not None
+    bound = sum(Q8Arena.bound_of(b[2].shape[0], b[2].shape[1]) for b in blocks) + Q8Arena.bound_of(48, 512, layout)
+    arena = Q8Arena(bound)
+    packed = [arena.pack(*b) for b in blocks]
+    compact = arena.from_gguf(48, 512, [(0, "Q6_K", part.data)], layout)
+    assert compact is not None
+    alone = [Q8Weight.pack(*b) for b in blocks] + [Q8Weight.from_gguf(48, 512, [(0, "Q6_K", part.data)])]
+    base = arena.buffer.data_ptr()
+    starts = [w.packed.data_ptr() - base for w in [*packed, compact]]
+    assert starts[0] == 0 and all(s % 64 == 0 for s in starts) and starts == sorted(starts)
+    for got, want in zip([*packed, compact], alone, strict=True):
+        assert want is not None and torch.equal(got.packed, want.packed)
+    assert arena.used <= bound
+    x = torch.randn(3, 512)
+    assert torch.equal(compact.matmul(x, None), alone[-1].matmul(x, None))  # type: ignore[union-attr]
 
 
 def test_kquant_rows_of_the_wrong_type_are_refused_naming_it() -> None:

@@ -785,8 +785,11 @@ void q8_kquant_fill(const at::Tensor& packed, int64_t row0, const at::Tensor& ra
 
 // Two-scale weights (d2 given: Q6_K's d per 16 inputs) are stored as bytes with d1, d2 and m
 // (the offset corrected per half at run time); others with d and m2 = m - offset * d.
-at::Tensor q8_pack(const at::Tensor& d, const at::Tensor& m, const at::Tensor& q,
-                   const std::optional<at::Tensor>& d2) {
+// Packed into `into` (zeroed uint8 of at least q8_pack_bound bytes: a slice of one buffer for
+// many weights) when given, else into a new tensor; returns the packed weight (a slice of
+// `into`, of the bytes its form takes).
+at::Tensor pack_blocks(const at::Tensor& d, const at::Tensor& m, const at::Tensor& q,
+                       const std::optional<at::Tensor>& d2, const at::Tensor* into) {
   TORCH_CHECK(q.dim() == 2 && q.scalar_type() == at::kChar && q.is_contiguous(), "q8_pack: q must be int8 [N, K]");
   const int64_t n = q.size(0), k = q.size(1);
   TORCH_CHECK(k % kBlock == 0, "q8_pack: K must be a multiple of 32, got ", k);
@@ -838,7 +841,17 @@ at::Tensor q8_pack(const at::Tensor& d, const at::Tensor& m, const at::Tensor& q
   if (half) kind |= kHalfScales;
   const int64_t groups = (n + kCols - 1) / kCols;
   const int bb = block_bytes(kind);
-  at::Tensor out = new_packed(n, k, std::vector<int64_t>(groups, kind));
+  const std::vector<int64_t> kinds(groups, kind);
+  at::Tensor out;
+  if (into != nullptr) {
+    const int64_t size = packed_nbytes(n, k, kinds);
+    TORCH_CHECK(into->dim() == 1 && into->scalar_type() == at::kByte && into->is_contiguous() && into->numel() >= size,
+                "q8_pack_into: out must be contiguous uint8 of q8_pack_bound bytes");
+    out = into->narrow(0, 0, size);
+    init_packed(out.data_ptr<uint8_t>(), n, k, kinds);
+  } else {
+    out = new_packed(n, k, kinds);
+  }
   uint8_t* op = out.data_ptr<uint8_t>() + data_start(groups);
   for (int64_t g = 0; g < groups; ++g) {
     for (int64_t b = 0; b < nb; ++b) {
@@ -875,6 +888,22 @@ at::Tensor q8_pack(const at::Tensor& d, const at::Tensor& m, const at::Tensor& q
     }
   }
   return out;
+}
+
+at::Tensor q8_pack(const at::Tensor& d, const at::Tensor& m, const at::Tensor& q,
+                   const std::optional<at::Tensor>& d2) {
+  return pack_blocks(d, m, q, d2, nullptr);
+}
+
+at::Tensor q8_pack_into(const at::Tensor& out, const at::Tensor& d, const at::Tensor& m, const at::Tensor& q,
+                        const std::optional<at::Tensor>& d2) {
+  return pack_blocks(d, m, q, d2, &out);
+}
+
+// The most bytes q8_pack takes for a weight [N, K] (bytes with float32 d, d2 and m).
+int64_t q8_pack_bound(int64_t n, int64_t k) {
+  TORCH_CHECK(n > 0 && k > 0 && k % kBlock == 0, "q8_pack_bound: K must be a positive multiple of 32, got ", k);
+  return packed_nbytes(n, k, std::vector<int64_t>((n + kCols - 1) / kCols, kByte | kTwoScales));
 }
 
 }  // namespace
@@ -974,6 +1003,8 @@ TORCH_LIBRARY_FRAGMENT(shardline, m) {
   m.def("q8_kquant_new(int n, int k, int[] types) -> Tensor", &q8_kquant_new);  // (no tensor to dispatch on)
   m.def("q8_kquant_nbytes(int n, int k, int[] types) -> int", &q8_kquant_nbytes);
   m.def("q8_kquant_init(Tensor(a!) out, int n, int k, int[] types) -> ()");
+  m.def("q8_pack_into(Tensor(a!) out, Tensor d, Tensor m, Tensor q, Tensor? d2=None) -> Tensor(a)");
+  m.def("q8_pack_bound(int n, int k) -> int", &q8_pack_bound);
   m.def("q8_kquant_fill(Tensor(a!) packed, int row0, Tensor raw) -> ()");
 }
 
@@ -982,4 +1013,5 @@ TORCH_LIBRARY_IMPL(shardline, CPU, m) {
   m.impl("q8_gemm", &q8_gemm_op);
   m.impl("q8_kquant_fill", &q8_kquant_fill);
   m.impl("q8_kquant_init", &q8_kquant_init);
+  m.impl("q8_pack_into", &q8_pack_into);
 }
