@@ -24,7 +24,8 @@ Q6_K part (benchmarks/RESULTS.md section 28). A weight mixing K-quants with othe
 parts are not on 16-row groups, still takes one common form with float32 scales (`pack`).
 Q4_0 / Q4_1 / Q8_0 blocks (`pack`): nibbles 0.625 with float16 scales (their d and m are float16
 values), bytes 1.125 (Q8_0). The layout is the kernel's own (q8_gemm.cpp's header comment), made
-at load.
+at load, every weight of a model into one huge-page buffer (`Q8Arena`: one-row GEMMs, which
+stream the weights, 14-30% faster than from ordinary pages).
 """
 
 from __future__ import annotations
