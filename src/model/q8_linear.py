@@ -25,7 +25,7 @@ parts are not on 16-row groups, still takes one common form with float32 scales 
 Q4_0 / Q4_1 / Q8_0 blocks (`pack`): nibbles 0.625 with float16 scales (their d and m are float16
 values), bytes 1.125 (Q8_0). The layout is the kernel's own (q8_gemm.cpp's header comment), made
 at load, every weight of a model into one huge-page buffer (`Q8Arena`: one-row GEMMs, which
-stream the weights, 14-30% faster than from ordinary pages).
+stream the weights, take 12-16% less time than from ordinary pages).
 """
 
 from __future__ import annotations
@@ -140,7 +140,7 @@ class Q8Weight:
 
 class Q8Arena:
     """One huge-page buffer that a model's int8 weights are packed into, one after another (a
-    decode step streams them all: 1-row GEMMs run ~15-20% faster than from ordinary 4 KiB pages,
+    decode step streams them all: 1-row GEMMs take 12-16% less time than from ordinary 4 KiB pages,
     benchmarks/RESULTS.md section 28). It is reserved at `bound` bytes, the most the weights can
     take (`bound_of`: their forms are known only once packed), but only the pages written are
     ever committed, so memory holds what the weights take."""
