@@ -17,9 +17,9 @@
 // and byte offset (int64 each), then the groups' data, each group in its own kind, so that a
 // fused weight's parts (a Q4_K_M file's q / k Q4_K and v Q6_K) each keep their own form.
 //
-// Block kinds (q8_pack, from d, m and q): the group's blocks one after another; per block the q,
-// then d[16] and m2[16], as float16 where every one of the weight's is a float16 value (Q4_0,
-// Q4_1, Q8_0), else as float32:
+// Block kinds (q8_pack or q8_pack_into, from d, m and q): the group's blocks one after another;
+// per block the q, then d[16] and m2[16], as float16 where every one of the weight's is a float16
+// value (Q4_0, Q4_1, Q8_0), else as float32:
 //   * nibbles (every q in 0..15, or -8..7 stored as q + 8): 256 bytes, byte [j][c][i] holding
 //     q[c][4j + i] in its low and q[c][16 + 4j + i] in its high nibble (j < 4);
 //   * bytes: 512 bytes, byte [j][c][i] = q[c][4j + i] (j < 8): with AVX512-VNNI as q + 128
@@ -27,9 +27,9 @@
 //     maddubs takes |q| and x_q with q's sign, which cannot overflow its int16 sums).
 // So one 64-byte load holds 4 consecutive inputs of 16 columns: the vpdpbusd / maddubs operand.
 //
-// Super-block kinds (q8_kquant_new or _init, then q8_kquant_fill, from a GGUF file's Q4_K, Q5_K and Q6_K
-// blocks, at about the file's size): per 256 inputs of a group, the file's float16 super-block
-// scales as float32 and its integer sub-block scales as they are:
+// Super-block kinds (q8_kquant_new or q8_kquant_init, then q8_kquant_fill, from a GGUF file's
+// Q4_K, Q5_K and Q6_K blocks, at about the file's size): per 256 inputs of a group, the file's
+// float16 super-block scales as float32 and its integer sub-block scales as they are:
 //   * Q4_K / Q5_K: D[16] and -Dmin[16] (float32), sc[8][16] and mn[8][16] (uint8, 6 bits), so
 //     that d = D * sc and m = -Dmin * mn per block of 32 (the kernel forms them: exact products,
 //     the values gguf-py's dequantize uses); Q6_K: D[16] (float32), sc[16][16] (int8, one per 16
