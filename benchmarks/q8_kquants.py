@@ -19,7 +19,10 @@ one common form per fused weight (`Q8Weight.pack` of `packed_linear._weight_scal
 scales) with each weight in its own allocation and in one `Q8Arena`, as the worker now packs
 int8 weights of every form. `--model` also writes gguf_quant.py's synthetic 1B file and loads it as a worker does
 (`load_packed_model`, int8 mode) in a fresh process per variant: the weight bytes the start-up
-log states, the int8 layers, and the process's peak RSS after loading.
+log states, the int8 layers, and the process's peak RSS after loading; with `--engine`, one
+stream's decode speed on it (an in-process engine, float16 KV cache, 64 greedy tokens after a
+32-token prompt, 3 timed requests after a warm-up, in a fresh process per variant, alternating;
+"before" the old forms in their own allocations).
 """
 
 from __future__ import annotations
@@ -197,6 +200,43 @@ MODEL_CHILD = textwrap.dedent("""
 """)
 
 
+ENGINE_CHILD = textwrap.dedent("""
+    import asyncio, json, os, statistics, sys, time
+    os.environ["SHARDLINE_CPU_ACTIVATIONS"] = "int8"
+    os.environ["SHARDLINE_PACKED_CACHE"] = "off"
+    from shardline.model import packed_linear
+    from shardline.model.q8_linear import Q8Weight
+    if sys.argv[2] == "before":  # the old forms, each weight in its own allocation
+        Q8Weight.gguf_layout = staticmethod(lambda *a: None)
+        class Own:
+            def __init__(self, bound): pass
+            bound_of = staticmethod(lambda *a: 0)
+            pack = staticmethod(Q8Weight.pack)
+        packed_linear.Q8Arena = Own
+    from shardline.engine import Engine, EngineConfig, SamplingParams
+
+    async def main():
+        cfg = EngineConfig(model=sys.argv[1], max_model_len=512, transport="inproc", kv_cache_dtype="float16",
+                           log_stats_interval=0)
+        rates = []
+        async with await Engine.start(cfg) as engine:
+            params = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True)
+            for rep in range(4):
+                first = last = None
+                count = 0
+                async for out in engine.generate(list(range(300, 332)), params):
+                    now = time.perf_counter()
+                    if first is None:
+                        first, start_count = now, len(out.token_ids)
+                    last, count = now, len(out.token_ids)
+                if rep:  # the first is a warm-up
+                    rates.append((count - start_count) / (last - first))
+        print(json.dumps({"single stream tok/s": statistics.median(rates), "rounds": rates}))
+
+    asyncio.run(main())
+""")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3)
@@ -206,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smollm2", action="store_true",
                         help="also a SmolLM2-shaped Q4_1 stack, own allocations against one Q8Arena")
     parser.add_argument("--model", action="store_true", help="load gguf_quant.py's synthetic 1B file, both forms")
+    parser.add_argument("--engine", action="store_true",
+                        help="with --model: one stream's decode speed on it too (in-process engine)")
     parser.add_argument("--json", type=pathlib.Path, default=None)
     args = parser.parse_args(argv)
     import torch
@@ -251,6 +293,13 @@ def main(argv: list[str] | None = None) -> int:
                 loads.setdefault(name, []).append(got)
                 print(f"model {name}: {got}")
             result["model"] = loads
+            if args.engine:
+                speeds: dict[str, list[Any]] = {}
+                for name in ("before", "after", "before", "after"):
+                    got = _python_child(ENGINE_CHILD, None, str(path), name, timeout=None)
+                    speeds.setdefault(name, []).append(got)
+                    print(f"engine {name}: {got}")
+                result["engine"] = speeds
     if args.json is not None:
         args.json.write_text(json.dumps(result, indent=1))
     return 0
