@@ -3,6 +3,8 @@ could never fit."""
 
 from __future__ import annotations
 
+import os
+
 import psutil
 import pytest
 import torch
@@ -60,3 +62,24 @@ async def test_a_request_that_can_never_fit_is_refused_and_the_next_is_served(ti
         tokens = [t async for out in engine.generate([5, 6], SamplingParams(max_tokens=4, temperature=0))
                   for t in out.delta_token_ids]
         assert len(tokens) == 4
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="Linux scheduling policies")
+def test_the_background_commit_runs_only_on_idle_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The commit thread (started once the worker is ready) must not take a core from the
+    steps: at SCHED_IDLE it runs only where nothing else would (a 2-core machine's first
+    request ran at 26 instead of 35 tok/s while 1.1 GB of KV pages were committed beside it)."""
+    from shardline.model import memory
+
+    policies: list[int] = []
+
+    def madvise(address: int, length: int, advice: int) -> int:
+        policies.append(os.sched_getscheduler(0))  # 0: the calling thread, the commit's
+        return 0
+
+    monkeypatch.setattr(memory, "_libc_madvise", lambda: madvise)
+    thread = memory.populate_in_background([memory.huge_page_zeros((1 << 20,), torch.float32)])
+    assert thread is not None
+    thread.join(60)
+    assert policies and set(policies) == {os.SCHED_IDLE}
+    assert os.sched_getscheduler(0) != os.SCHED_IDLE  # the caller's own thread is untouched
