@@ -12,7 +12,7 @@ pre-allocates activations would.
 Once the worker has been idle for a while (`IdleTrim`: no message for the worker's receive
 poll, a second) the peak heap of the last burst goes back to the kernel (`malloc_trim(0)`):
 an idle server holds its weights and KV cache, not the activations of its longest prefill
-(~500 MiB for a 2,048-token chunk of a Llama-3.2-1B-shaped model, benchmarks/RESULTS.md
+(~200 MiB after a 2,048-token prompt of a Llama-3.2-1B-shaped model, benchmarks/RESULTS.md
 section 29). The first steps of the next burst fault their activations in again.
 
 Only spawned worker processes call this (never the caller's process, which owns its own
