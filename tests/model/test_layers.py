@@ -184,3 +184,23 @@ def test_pipeline_stages_chain_to_the_full_model(tmp_path):
     # The tied head on the last stage loaded the embedding's values.
     names = dict(iter_weights(config, lazy=False))
     assert torch.equal(last.lm_head.weight, names["model.embed_tokens.weight"])
+
+
+def test_a_large_embedding_table_is_not_committed_before_it_is_loaded() -> None:
+    """A GGUF table stays in its blocks, so the float table a constructor makes must not take
+    memory: 128,256 x 2,048 float32 is 1 GiB, once a transient peak at every GGUF load."""
+    import psutil
+
+    process = psutil.Process()
+    before = process.memory_info().rss
+    table = VocabParallelEmbedding(128256, 2048, ParallelContext.single(), dtype=torch.float32)
+    grown = process.memory_info().rss - before
+    assert table.weight.shape == (128256, 2048)
+    assert grown < 64 << 20, f"constructing the table committed {grown >> 20} MiB"
+    # The float path still loads exact values, zeros in the padding rows of the last TP shard.
+    small = VocabParallelEmbedding(9, 4, ParallelContext(tp_rank=1, tp_size=2), dtype=torch.float32)
+    small.weight.data.fill_(float("nan"))  # whatever the uninitialised memory held
+    loaded = torch.arange(36, dtype=torch.float32).view(9, 4)
+    small.weight_loader(small.weight, loaded)
+    assert torch.equal(small.weight[:4], loaded[5:])
+    assert torch.equal(small.weight[4], torch.zeros(4))  # row 9 of a 9-row vocabulary: padding

@@ -33,8 +33,11 @@ class VocabParallelEmbedding(nn.Module):
         self.num_embeddings_per_partition = -(-num_embeddings // ctx.tp_size)
         self.vocab_start = ctx.tp_rank * self.num_embeddings_per_partition
         self.vocab_end = min(self.vocab_start + self.num_embeddings_per_partition, num_embeddings)
+        # Uninitialised (its pages not touched): `weight_loader` zeroes it before a float copy,
+        # and a GGUF table stays in its blocks, so the float table of a large vocabulary (1 GiB
+        # for 128,256 x 2,048 float32) is never committed on that path.
         self.weight = nn.Parameter(
-            torch.zeros(self.num_embeddings_per_partition, embedding_dim, dtype=dtype),
+            torch.empty(self.num_embeddings_per_partition, embedding_dim, dtype=dtype),
             requires_grad=False,
         )
         self.weight.weight_loader = self.weight_loader  # type: ignore[attr-defined]
