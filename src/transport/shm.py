@@ -7,12 +7,10 @@
   published (the blocking `read`) and hands it to the event loop, waking the loop only when a
   task is waiting; cancelling a pending `recv` loses nothing (the frame waits in the queue).
   One thread wake and one loop wake a frame: a helper thread per wait (anyio's `to_thread`,
-  as `read_async` below does) cost a queue hand-off, a second thread wake-up and ~40% of the
+  as this module did before) cost a queue hand-off, a second thread wake-up and ~40% of the
   engine process's interpreter time a decode step (py-spy, one stream).
-* :func:`read_async`: one frame without a thread of its own: a helper thread waits on the
-  semaphore and only *peeks* (takes the unit and puts it back); the loop then reads the slot.
-  Frames that are not yet fully published, or larger than `INLINE_LIMIT`, are copied in a
-  shielded thread so a half-read message can never be abandoned.
+* :func:`write_async`: one frame out without blocking the loop: inline when it fits the ring's
+  free room, else in a shielded thread so a half-written message can never be abandoned.
 * :func:`create_link` / :func:`connect`: a point-to-point duplex link (two rings, 1 reader each).
 """
 
@@ -56,10 +54,6 @@ def _try_acquire(sem: posix_ipc.Semaphore) -> bool:
     except posix_ipc.BusyError:
         return False
     return True
-
-
-class _Abandoned(Exception):
-    """Raised inside a helper thread whose awaiting task was cancelled."""
 
 
 class RingWriter:
@@ -174,64 +168,23 @@ class RingReader:
         self._seq = header[self._seq_word]
         self._check_writer = peer_check(ring, WRITER_PID, WRITER_STATE, "writer")
         self._closed = False
-        self._lock = threading.Lock()
-        self._spurious = 0
 
     def available(self) -> int:
         """Slots published but not read yet."""
         return int(self.ring.header[WRITE_SEQ] - self._seq)
 
-    def wait_readable(self, abandoned: threading.Event) -> None:
-        """Block until a slot (or a close) is signalled, leaving the semaphore unit in place.
-
-        Runs in a helper thread for an async reader. It only peeks (takes the unit and puts it
-        back), so a task cancelled meanwhile loses nothing; see :meth:`abandon_wait`.
-        """
-
-        def check() -> None:
-            if abandoned.is_set():
-                raise _Abandoned
-            self._check_writer()
-
-        with self.ring.using() as handles:
-            sem = handles.data_sems[self.index]
-            try:
-                self.ring.wait(sem, lambda: self.available() > 0, check)
-            except _Abandoned:
-                return
-            sem.release()
-
-    def abandon_wait(self, abandoned: threading.Event) -> None:
-        """Called when the task awaiting `wait_readable` is cancelled: wake its thread now.
-
-        The extra unit posted here is counted in `_spurious` and dropped by the next `_take`
-        that finds it without data, so the semaphore count stays exact.
-        """
-        abandoned.set()
-        with self._lock:
-            self._spurious += 1
-        try:
-            with self.ring.using() as handles:
-                handles.data_sems[self.index].release()
-        except (TransportClosed, posix_ipc.Error):
-            pass
-
-    def _take(self, handles: Any, deadline: float | None, *, once: bool = False) -> bool:
-        """Take the unit of the next unread slot; False if `once` and only a stale unit came."""
+    def _take(self, handles: Any, deadline: float | None) -> None:
+        """Take the unit of the next unread slot."""
         sem = handles.data_sems[self.index]
         while True:
             self.ring.wait(sem, lambda: self.available() > 0, self._check_writer, deadline)
             if self.available() > 0:
-                return True
+                return
             if handles.header[WRITER_STATE] == CLOSED or self._closed:
                 sem.release()  # a close wake-up: keep it for whoever asks next
                 if self._closed:
                     raise TransportClosed(f"this end of shm ring {self.ring.base} is closed")
                 raise TransportClosed(f"the writer closed shm ring {self.ring.base}")
-            with self._lock:  # a cancelled async wait's wake-up post: drop it
-                self._spurious = max(self._spurious - 1, 0)
-            if once:
-                return False
 
     def _slot(self) -> int:
         return self.ring.header_size + (self._seq % self.ring.nslots) * self.ring.stride
@@ -241,9 +194,8 @@ class RingReader:
         handles.header[self._seq_word] = self._seq
         handles.space_sems[self.index].release()
 
-    def _begin(self, handles: Any, deadline: float | None, once: bool) -> int | None:
-        if not self._take(handles, deadline, once=once):
-            return None
+    def _begin(self, handles: Any, deadline: float | None) -> int:
+        self._take(handles, deadline)
         return self._check_total(handles)
 
     def _check_total(self, handles: Any) -> int:
@@ -275,31 +227,15 @@ class RingReader:
             pos += size
         return buffer
 
-    def begin(self, deadline: float | None = None, *, once: bool = False) -> int | None:
-        """Take the first slot of the next frame; returns the frame's total size.
-
-        With `once`, None if the only unit available was a stale wake-up (async readers then
-        wait again instead of blocking the event loop).
-        """
-        with self.ring.using() as handles:
-            return self._begin(handles, deadline, once)
-
-    def finish(self, total: int) -> Frame:
-        """Copy out the frame whose first slot `begin` took, waiting for the rest if needed."""
-        with self.ring.using() as handles:
-            return self._finish(handles, total)
-
     def read(self, timeout: float | None = None) -> Frame:
         """The next frame, blocking; TimeoutError if none starts within `timeout` seconds."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self.ring.using() as handles:
             # The common case, as in `_take`: a slot is published and its unit is there.
-            total: int | None
             if handles.header[WRITE_SEQ] - self._seq > 0 and _try_acquire(handles.data_sems[self.index]):
                 total = self._check_total(handles)
             else:
-                total = self._begin(handles, deadline, False)
-            assert total is not None  # without `once`, _begin always takes a frame
+                total = self._begin(handles, deadline)
             return self._finish(handles, total)
 
     def close(self) -> None:
@@ -321,28 +257,6 @@ async def _in_thread(func: Callable[[], Any]) -> Any:
     """Run a blocking ring operation that must not be abandoned half-way."""
     with anyio.CancelScope(shield=True):
         return await anyio.to_thread.run_sync(func)
-
-
-async def read_async(reader: RingReader) -> Frame:
-    """`reader.read()` without blocking the event loop; cancel-safe."""
-    while True:
-        if reader.available() == 0:
-            abandoned = threading.Event()
-            try:
-                await anyio.to_thread.run_sync(
-                    reader.wait_readable, abandoned, abandon_on_cancel=True
-                )
-            except BaseException:
-                reader.abandon_wait(abandoned)
-                raise
-        total = reader.begin(once=True)
-        if total is not None:
-            break
-    ring = reader.ring
-    if total <= INLINE_LIMIT and reader.available() * ring.slot_size >= total:
-        return reader.finish(total)
-    result: Frame = await _in_thread(lambda: reader.finish(total))
-    return result
 
 
 async def write_async(writer: RingWriter, frame: Frame) -> None:

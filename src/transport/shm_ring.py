@@ -57,7 +57,7 @@ from typing import Any
 import posix_ipc
 import psutil
 
-from shardline.transport.errors import TransportBroken, TransportClosed
+from shardline.transport.errors import TransportBroken, TransportClosed, TransportError
 
 NAME_PREFIX = "shardline_"
 MAGIC = int.from_bytes(b"SHRDLN01", "little")
@@ -323,8 +323,10 @@ def wait_semaphore(
 ) -> None:
     """Take one unit of `sem`: spin while `ready()` is false, then block in slices.
 
-    Between slices `check()` raises if the peer is gone or this end closed; a deadline that
-    passes raises TimeoutError; a failing semaphore raises TransportBroken naming `name`.
+    Between slices `check()` raises if the peer is gone or this end closed, unless `ready()`
+    holds once it has looked (the peer's last frames before its close are still delivered; the
+    call then returns without a unit); a deadline that passes raises TimeoutError; a failing
+    semaphore raises TransportBroken naming `name`.
     """
     if ready():
         try:  # the common case: the unit is there (sem_trywait, no syscall)
@@ -344,7 +346,15 @@ def wait_semaphore(
             sem.acquire(slice_s)
             return
         except posix_ipc.BusyError:
-            check()
+            try:
+                check()
+            except TransportError:
+                # The peer published, then closed or died, between this slice's end and the
+                # check (its state is read first, so what it published before is visible now):
+                # that is still to be taken. Its unit is left: every later wait ends on the close.
+                if ready():
+                    return
+                raise
             if deadline is not None and time.monotonic() >= deadline:
                 raise TimeoutError("nothing arrived before the timeout") from None
         except posix_ipc.Error as exc:

@@ -192,3 +192,30 @@ def test_sweep_leaves_other_users_entries_alone() -> None:
         for name in (ours, theirs):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(f"/dev/shm/{name}")
+
+
+def test_a_frame_published_just_before_the_writers_close_is_still_read() -> None:
+    """The writer publishes and closes between a reader's wait slice and its peer check."""
+    ring = Ring.create(2, 64, 1)
+    writer = shm.RingWriter(ring)
+    reader = shm.RingReader(Ring.attach(ring.address), 0)
+    real_check = reader._check_writer
+    calls = []
+
+    def racing_check() -> None:  # the slice ended empty; the frame and the close land now
+        if not calls:
+            writer.write(b"last words")
+            writer.close()
+        calls.append(1)
+        real_check()
+
+    reader._check_writer = racing_check
+    try:
+        assert bytes(reader.read(timeout=5)) == b"last words"
+        with pytest.raises(TransportClosed, match="writer closed"):
+            reader.read(timeout=5)
+        with pytest.raises(TransportClosed, match="writer closed"):  # and stays closed
+            reader.read(timeout=5)
+    finally:
+        reader.close()
+        writer.close()
