@@ -152,23 +152,41 @@ void quantize_row(const float* x, int64_t k, int8_t* q, float* scale, int32_t* s
   }
 }
 
-// A tile's rows of x: each row's int8 values, and per block its scale, scale * sum and scale *
-// each half's sum (two-scale blocks correct each half for the q's offset: offset * that, exact
-// for the offsets, powers of two).
-struct Rows {
-  const int8_t* xq[kRows];
-  const float* sx[kRows];
-  const float* ssum[kRows];
-  const float* lo[kRows];
-  const float* hi[kRows];
+// A tile's rows of x, interleaved so that one pointer with constant offsets serves every row of
+// the tile (the broadcasts come straight from memory; no row pointer is kept in a register or
+// spilled): per block b, word (b, j, r) holds the 4 int8 values of row r at inputs 4j .. 4j + 3
+// (j < 8), the rows at the tile's own stride (a one-row tile's are contiguous: a decode step's x
+// stays in a few cache lines); per block, the rows' scale, scale * sum and scale * each half's
+// sum (two-scale blocks correct each half for the q's offset: offset * that, exact for the
+// offsets, powers of two; Q6_K's products are kept ready). Built once a GEMM (q8_gemm).
+constexpr int kVals = 6;  // per block and row: scale, scale * sum, each half's, 32 * each half's
+struct Rows {  // accessors for a tile of R rows (its layout's row stride)
+  const int32_t* words;  // [blocks][8][R]
+  const float* vals;     // [blocks][kVals][R]
+  template <int R> int32_t word(int64_t b, int j, int r) const { return words[(b * 8 + j) * R + r]; }
+  template <int R> float val(int64_t b, int i, int r) const { return vals[(b * kVals + i) * R + r]; }
+  template <int R> float sx(int64_t b, int r) const { return val<R>(b, 0, r); }
+  template <int R> float ssum(int64_t b, int r) const { return val<R>(b, 1, r); }
+  template <int R> float lo(int64_t b, int r) const { return val<R>(b, 2, r); }
+  template <int R> float hi(int64_t b, int r) const { return val<R>(b, 3, r); }
+  template <int R> float lo32(int64_t b, int r) const { return val<R>(b, 4, r); }  // 32 * lo, 32 * hi (Q6_K's offset)
+  template <int R> float hi32(int64_t b, int r) const { return val<R>(b, 5, r); }
+  template <int R> void block(int64_t b, int r, int8_t* out) const {  // row r's 32 values of block b
+    for (int j = 0; j < 8; ++j) std::memcpy(out + 4 * j, words + (b * 8 + j) * R + r, 4);
+  }
 };
 
 // One tile: up to kRows rows x 16 columns over every block of a column group, float totals
-// out[r][c] (in registers for the SIMD builds). Each block's dot products are kept per half (a:
-// inputs 0..15, a2: 16..31; two chains, not one of 8 dependent vpdpbusd): a one-scale block adds
-// them and applies d and m2; a two-scale block (Q6_K) applies d1 and d2 to its halves, each
-// corrected for the bytes' offset, and m.
+// out[r][c] (in registers for the SIMD builds). A block's dot products are exact int32 sums: a
+// one-scale block applies d and m2 to their total; a two-scale block (Q6_K) applies d1 and d2 to
+// its halves' sums, each corrected for the bytes' offset, and m. The AVX-512 kernels keep one
+// chain a row (R accumulators besides the R totals: no spills at R = 8), two for tiles of under
+// 4 rows (a one-row step would wait on one chain's latency), and Q6_K's halves one after the
+// other; the AVX2 ones keep each half's sums apart.
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+template <int R>
+constexpr bool kSplit = R < 4;  // two accumulator chains a row (see tile_super)
+
 template <int R, bool two>
 void tile(const uint8_t* gp, int64_t nb, int64_t kind, const Rows& x, float out[kRows][kCols]) {
   const int bb = block_bytes(kind), qbytes = q_bytes(kind);
@@ -179,8 +197,14 @@ void tile(const uint8_t* gp, int64_t nb, int64_t kind, const Rows& x, float out[
   const __m512i low = _mm512_set1_epi8(0x0F);
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* qb = gp + b * bb;
-    __m512i a[R], a2[R];
-    for (int r = 0; r < R; ++r) a[r] = a2[r] = _mm512_setzero_si512();
+    // One-scale blocks with 4 rows or more: one chain a row (the sum is exact); else each
+    // half its own (two-scale blocks: their own d; under 4 rows: latency, as tile_super's).
+    constexpr bool halves = two || kSplit<R>;
+    __m512i a[R], a2[halves ? R : 1];
+    for (int r = 0; r < R; ++r) a[r] = _mm512_setzero_si512();
+    if constexpr (halves) {
+      for (int r = 0; r < R; ++r) a2[r] = _mm512_setzero_si512();
+    }
     if (nibbles) {
       for (int j = 0; j < 4; ++j) {
         const __m512i v = _mm512_loadu_si512(qb + 64 * j);
@@ -188,10 +212,14 @@ void tile(const uint8_t* gp, int64_t nb, int64_t kind, const Rows& x, float out[
         const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
         for (int r = 0; r < R; ++r) {
           int32_t x0, x1;
-          std::memcpy(&x0, x.xq[r] + b * kBlock + 4 * j, 4);
-          std::memcpy(&x1, x.xq[r] + b * kBlock + 16 + 4 * j, 4);
+          x0 = x.word<R>(b, j, r);
+          x1 = x.word<R>(b, 4 + j, r);
           a[r] = _mm512_dpbusd_epi32(a[r], lo, _mm512_set1_epi32(x0));
-          a2[r] = _mm512_dpbusd_epi32(a2[r], hi, _mm512_set1_epi32(x1));
+          if constexpr (halves) {
+            a2[r] = _mm512_dpbusd_epi32(a2[r], hi, _mm512_set1_epi32(x1));
+          } else {
+            a[r] = _mm512_dpbusd_epi32(a[r], hi, _mm512_set1_epi32(x1));  // (nibbles: one scale)
+          }
         }
       }
     } else {
@@ -199,11 +227,15 @@ void tile(const uint8_t* gp, int64_t nb, int64_t kind, const Rows& x, float out[
         const __m512i v = _mm512_loadu_si512(qb + 64 * j);
         for (int r = 0; r < R; ++r) {
           int32_t x0;
-          std::memcpy(&x0, x.xq[r] + b * kBlock + 4 * j, 4);
-          if (j < 4) {
-            a[r] = _mm512_dpbusd_epi32(a[r], v, _mm512_set1_epi32(x0));
+          x0 = x.word<R>(b, j, r);
+          if constexpr (halves) {
+            if (j < 4) {
+              a[r] = _mm512_dpbusd_epi32(a[r], v, _mm512_set1_epi32(x0));
+            } else {
+              a2[r] = _mm512_dpbusd_epi32(a2[r], v, _mm512_set1_epi32(x0));
+            }
           } else {
-            a2[r] = _mm512_dpbusd_epi32(a2[r], v, _mm512_set1_epi32(x0));
+            a[r] = _mm512_dpbusd_epi32(a[r], v, _mm512_set1_epi32(x0));
           }
         }
       }
@@ -214,14 +246,14 @@ void tile(const uint8_t* gp, int64_t nb, int64_t kind, const Rows& x, float out[
                   : _mm512_loadu_ps(reinterpret_cast<const float*>(qb + qbytes) + kCols * i);
     }
     for (int r = 0; r < R; ++r) {
-      const __m512 scale = _mm512_set1_ps(x.sx[r][b]);
+      const __m512 scale = _mm512_set1_ps(x.sx<R>(b, r));
       if constexpr (two) {
-        total[r] = _mm512_fmadd_ps(s[0], _mm512_fmsub_ps(scale, _mm512_cvtepi32_ps(a[r]), _mm512_set1_ps(kByteOffset * x.lo[r][b])), total[r]);
-        total[r] = _mm512_fmadd_ps(s[1], _mm512_fmsub_ps(scale, _mm512_cvtepi32_ps(a2[r]), _mm512_set1_ps(kByteOffset * x.hi[r][b])), total[r]);
+        total[r] = _mm512_fmadd_ps(s[0], _mm512_fmsub_ps(scale, _mm512_cvtepi32_ps(a[r]), _mm512_set1_ps(kByteOffset * x.lo<R>(b, r))), total[r]);
+        total[r] = _mm512_fmadd_ps(s[1], _mm512_fmsub_ps(scale, _mm512_cvtepi32_ps(a2[r]), _mm512_set1_ps(kByteOffset * x.hi<R>(b, r))), total[r]);
       } else {
-        total[r] = _mm512_fmadd_ps(_mm512_mul_ps(s[0], scale), _mm512_cvtepi32_ps(_mm512_add_epi32(a[r], a2[r])), total[r]);
+        total[r] = _mm512_fmadd_ps(_mm512_mul_ps(s[0], scale), _mm512_cvtepi32_ps(halves ? _mm512_add_epi32(a[r], a2[halves ? r : 0]) : a[r]), total[r]);
       }
-      total[r] = _mm512_fmadd_ps(s[two ? 2 : 1], _mm512_set1_ps(x.ssum[r][b]), total[r]);
+      total[r] = _mm512_fmadd_ps(s[two ? 2 : 1], _mm512_set1_ps(x.ssum<R>(b, r)), total[r]);
     }
   }
   for (int r = 0; r < R; ++r) _mm512_storeu_ps(out[r], total[r]);
@@ -272,48 +304,70 @@ void tile_super(const uint8_t* gp, int64_t ns, const Rows& x, float out[kRows][k
     for (int blk = 0; blk < 8; ++blk) {
       const int64_t b = s * 8 + blk;
       const uint8_t* qb = sp + S::kScaleBytes + blk * S::kQBytes;
-      __m512i a[R], a2[R];
-      for (int r = 0; r < R; ++r) a[r] = a2[r] = _mm512_setzero_si512();
-      for (int j = 0; j < 4; ++j) {
-        const __m512i v = _mm512_loadu_si512(qb + 64 * j);
-        __m512i lo = _mm512_and_si512(v, low);
-        __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
-        if constexpr (hb == 1) {
-          const __m512i p = _mm512_loadu_si512(qb + 256);
-          lo = _mm512_or_si512(lo, plane_bits512<1>(p, j, false));
-          hi = _mm512_or_si512(hi, plane_bits512<1>(p, j, true));
-        } else if constexpr (hb == 2) {
-          lo = _mm512_or_si512(lo, plane_bits512<2>(_mm512_loadu_si512(qb + 256), j, false));
-          hi = _mm512_or_si512(hi, plane_bits512<2>(_mm512_loadu_si512(qb + 320), j, true));
-        }
-        for (int r = 0; r < R; ++r) {
-          int32_t x0, x1;
-          std::memcpy(&x0, x.xq[r] + b * kBlock + 4 * j, 4);
-          std::memcpy(&x1, x.xq[r] + b * kBlock + 16 + 4 * j, 4);
-          a[r] = _mm512_dpbusd_epi32(a[r], lo, _mm512_set1_epi32(x0));
-          a2[r] = _mm512_dpbusd_epi32(a2[r], hi, _mm512_set1_epi32(x1));
-        }
-      }
+      __m512i a[R];  // one chain a row: Q4_K / Q5_K a block (the sum is exact), Q6_K a half
       if constexpr (hb == 2) {
+        // Each half with its own d, one after the other: its sums are applied before the next
+        // half starts (R accumulators live, not 2R: no spills at R = 8), in the order of the
+        // formula (d1's term, then d2's).
         auto sc = [&](int half) {
           return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scales + kCols * (2 * blk + half)))));
         };
-        const __m512 d1 = _mm512_mul_ps(big_d, sc(0)), d2 = _mm512_mul_ps(big_d, sc(1));
-        for (int r = 0; r < R; ++r) {
-          const __m512 scale = _mm512_set1_ps(x.sx[r][b]);
-          total[r] = _mm512_fmadd_ps(d1, _mm512_fmsub_ps(scale, _mm512_cvtepi32_ps(a[r]), _mm512_set1_ps(32.f * x.lo[r][b])), total[r]);
-          total[r] = _mm512_fmadd_ps(d2, _mm512_fmsub_ps(scale, _mm512_cvtepi32_ps(a2[r]), _mm512_set1_ps(32.f * x.hi[r][b])), total[r]);
+        for (int half = 0; half < 2; ++half) {
+          const __m512 dh = _mm512_mul_ps(big_d, sc(half));
+          const __m512i plane = _mm512_loadu_si512(qb + 256 + 64 * half);
+          for (int r = 0; r < R; ++r) a[r] = _mm512_setzero_si512();
+#pragma GCC unroll 4
+          for (int j = 0; j < 4; ++j) {
+            const __m512i v = _mm512_loadu_si512(qb + 64 * j);
+            const __m512i q = _mm512_or_si512(
+                _mm512_and_si512(half == 0 ? v : _mm512_srli_epi16(v, 4), low), plane_bits512<2>(plane, j, half));
+            for (int r = 0; r < R; ++r) a[r] = _mm512_dpbusd_epi32(a[r], q, _mm512_set1_epi32(x.word<R>(b, 4 * half + j, r)));
+          }
+          for (int r = 0; r < R; ++r) {
+            const __m512 scale = _mm512_set1_ps(x.sx<R>(b, r));
+            const __m512 offset = _mm512_set1_ps(half == 0 ? x.lo32<R>(b, r) : x.hi32<R>(b, r));
+            total[r] = _mm512_fmadd_ps(dh, _mm512_fmsub_ps(scale, _mm512_cvtepi32_ps(a[r]), offset), total[r]);
+          }
         }
       } else {
+        // (with under 4 rows, a second chain a row for the high nibbles: one chain of 8
+        // dependent vpdpbusd would bound a one-row step by its latency)
+        __m512i a2[kSplit<R> ? R : 1];
+        for (int r = 0; r < R; ++r) a[r] = _mm512_setzero_si512();
+        if constexpr (kSplit<R>) {
+          for (int r = 0; r < R; ++r) a2[r] = _mm512_setzero_si512();
+        }
+        // (no unroll pragma here: measured)
+        for (int j = 0; j < 4; ++j) {
+          const __m512i v = _mm512_loadu_si512(qb + 64 * j);
+          __m512i lo = _mm512_and_si512(v, low);
+          __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+          if constexpr (hb == 1) {
+            const __m512i p = _mm512_loadu_si512(qb + 256);
+            lo = _mm512_or_si512(lo, plane_bits512<1>(p, j, false));
+            hi = _mm512_or_si512(hi, plane_bits512<1>(p, j, true));
+          }
+          for (int r = 0; r < R; ++r) {
+            a[r] = _mm512_dpbusd_epi32(a[r], lo, _mm512_set1_epi32(x.word<R>(b, j, r)));
+            if constexpr (kSplit<R>) {
+              a2[r] = _mm512_dpbusd_epi32(a2[r], hi, _mm512_set1_epi32(x.word<R>(b, 4 + j, r)));
+            } else {
+              a[r] = _mm512_dpbusd_epi32(a[r], hi, _mm512_set1_epi32(x.word<R>(b, 4 + j, r)));
+            }
+          }
+        }
+        if constexpr (kSplit<R>) {
+          for (int r = 0; r < R; ++r) a[r] = _mm512_add_epi32(a[r], a2[r]);
+        }
         auto u8 = [&](const uint8_t* p) {
           return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
         };
         const __m512 d = _mm512_mul_ps(big_d, u8(scales + kCols * blk));
         const __m512 m = _mm512_mul_ps(_mm512_loadu_ps(reinterpret_cast<const float*>(sp) + kCols), u8(scales + kCols * (8 + blk)));
         for (int r = 0; r < R; ++r) {
-          const __m512 scale = _mm512_set1_ps(x.sx[r][b]);
-          total[r] = _mm512_fmadd_ps(_mm512_mul_ps(d, scale), _mm512_cvtepi32_ps(_mm512_add_epi32(a[r], a2[r])), total[r]);
-          total[r] = _mm512_fmadd_ps(m, _mm512_set1_ps(x.ssum[r][b]), total[r]);
+          const __m512 scale = _mm512_set1_ps(x.sx<R>(b, r));
+          total[r] = _mm512_fmadd_ps(_mm512_mul_ps(d, scale), _mm512_cvtepi32_ps(a[r]), total[r]);
+          total[r] = _mm512_fmadd_ps(m, _mm512_set1_ps(x.ssum<R>(b, r)), total[r]);
         }
       }
     }
@@ -342,8 +396,8 @@ void tile(const uint8_t* gp, int64_t nb, int64_t kind, const Rows& x, float out[
           const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
           for (int r = 0; r < R; ++r) {
             int32_t x0, x1;
-            std::memcpy(&x0, x.xq[r] + b * kBlock + 4 * j, 4);
-            std::memcpy(&x1, x.xq[r] + b * kBlock + 16 + 4 * j, 4);
+            x0 = x.word<R>(b, j, r);
+            x1 = x.word<R>(b, 4 + j, r);
             // (nibbles are never two-scale: both halves' products go into a, one madd for both)
             const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_set1_epi32(x0)),
                                                _mm256_maddubs_epi16(hi, _mm256_set1_epi32(x1)));
@@ -356,7 +410,7 @@ void tile(const uint8_t* gp, int64_t nb, int64_t kind, const Rows& x, float out[
           const __m256i w = _mm256_abs_epi8(v);
           for (int r = 0; r < R; ++r) {
             int32_t x0;
-            std::memcpy(&x0, x.xq[r] + b * kBlock + 4 * j, 4);
+            x0 = x.word<R>(b, j, r);
             const __m256i xs = _mm256_sign_epi8(_mm256_set1_epi32(x0), v);
             const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(w, xs), ones);
             if (j < 4) {
@@ -373,14 +427,14 @@ void tile(const uint8_t* gp, int64_t nb, int64_t kind, const Rows& x, float out[
                     : _mm256_loadu_ps(reinterpret_cast<const float*>(qb + qbytes) + kCols * i + 8 * h);
       }
       for (int r = 0; r < R; ++r) {
-        const __m256 scale = _mm256_set1_ps(x.sx[r][b]);
+        const __m256 scale = _mm256_set1_ps(x.sx<R>(b, r));
         if constexpr (two) {
-          total[r] = _mm256_fmadd_ps(s[0], _mm256_fmsub_ps(scale, _mm256_cvtepi32_ps(a[r]), _mm256_set1_ps(kByteOffset * x.lo[r][b])), total[r]);
-          total[r] = _mm256_fmadd_ps(s[1], _mm256_fmsub_ps(scale, _mm256_cvtepi32_ps(a2[r]), _mm256_set1_ps(kByteOffset * x.hi[r][b])), total[r]);
+          total[r] = _mm256_fmadd_ps(s[0], _mm256_fmsub_ps(scale, _mm256_cvtepi32_ps(a[r]), _mm256_set1_ps(kByteOffset * x.lo<R>(b, r))), total[r]);
+          total[r] = _mm256_fmadd_ps(s[1], _mm256_fmsub_ps(scale, _mm256_cvtepi32_ps(a2[r]), _mm256_set1_ps(kByteOffset * x.hi<R>(b, r))), total[r]);
         } else {
           total[r] = _mm256_fmadd_ps(_mm256_mul_ps(s[0], scale), _mm256_cvtepi32_ps(_mm256_add_epi32(a[r], a2[r])), total[r]);
         }
-        total[r] = _mm256_fmadd_ps(s[two ? 2 : 1], _mm256_set1_ps(x.ssum[r][b]), total[r]);
+        total[r] = _mm256_fmadd_ps(s[two ? 2 : 1], _mm256_set1_ps(x.ssum<R>(b, r)), total[r]);
       }
     }
     for (int r = 0; r < R; ++r) _mm256_storeu_ps(out[r] + 8 * h, total[r]);
@@ -446,8 +500,8 @@ void tile_super(const uint8_t* gp, int64_t ns, const Rows& x, float out[kRows][k
           }
           for (int r = 0; r < R; ++r) {
             int32_t x0, x1;
-            std::memcpy(&x0, x.xq[r] + b * kBlock + 4 * j, 4);
-            std::memcpy(&x1, x.xq[r] + b * kBlock + 16 + 4 * j, 4);
+            x0 = x.word<R>(b, j, r);
+            x1 = x.word<R>(b, 4 + j, r);
             // unsigned q (< 64) times int8 x: pairs within maddubs' int16 (2 * 63 * 128); one-
             // scale blocks (q < 32) add both halves in int16 too
             const __m256i plo = _mm256_maddubs_epi16(lo, _mm256_set1_epi32(x0));
@@ -466,9 +520,9 @@ void tile_super(const uint8_t* gp, int64_t ns, const Rows& x, float out[kRows][k
           };
           const __m256 d1 = _mm256_mul_ps(big_d, sc(0)), d2 = _mm256_mul_ps(big_d, sc(1));
           for (int r = 0; r < R; ++r) {
-            const __m256 scale = _mm256_set1_ps(x.sx[r][b]);
-            total[r] = _mm256_fmadd_ps(d1, _mm256_fmsub_ps(scale, _mm256_cvtepi32_ps(a[r]), _mm256_set1_ps(32.f * x.lo[r][b])), total[r]);
-            total[r] = _mm256_fmadd_ps(d2, _mm256_fmsub_ps(scale, _mm256_cvtepi32_ps(a2[r]), _mm256_set1_ps(32.f * x.hi[r][b])), total[r]);
+            const __m256 scale = _mm256_set1_ps(x.sx<R>(b, r));
+            total[r] = _mm256_fmadd_ps(d1, _mm256_fmsub_ps(scale, _mm256_cvtepi32_ps(a[r]), _mm256_set1_ps(32.f * x.lo<R>(b, r))), total[r]);
+            total[r] = _mm256_fmadd_ps(d2, _mm256_fmsub_ps(scale, _mm256_cvtepi32_ps(a2[r]), _mm256_set1_ps(32.f * x.hi<R>(b, r))), total[r]);
           }
         } else {
           auto u8 = [&](const uint8_t* p) {
@@ -477,9 +531,9 @@ void tile_super(const uint8_t* gp, int64_t ns, const Rows& x, float out[kRows][k
           const __m256 d = _mm256_mul_ps(big_d, u8(scales + kCols * blk));
           const __m256 m = _mm256_mul_ps(_mm256_loadu_ps(reinterpret_cast<const float*>(sp) + kCols + 8 * h), u8(scales + kCols * (8 + blk)));
           for (int r = 0; r < R; ++r) {
-            const __m256 scale = _mm256_set1_ps(x.sx[r][b]);
+            const __m256 scale = _mm256_set1_ps(x.sx<R>(b, r));
             total[r] = _mm256_fmadd_ps(_mm256_mul_ps(d, scale), _mm256_cvtepi32_ps(a[r]), total[r]);
-            total[r] = _mm256_fmadd_ps(m, _mm256_set1_ps(x.ssum[r][b]), total[r]);
+            total[r] = _mm256_fmadd_ps(m, _mm256_set1_ps(x.ssum<R>(b, r)), total[r]);
           }
         }
       }
@@ -498,8 +552,9 @@ void tile(const uint8_t* gp, int64_t nb, int64_t kind, const Rows& x, float out[
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* qb = gp + b * bb;
     for (int r = 0; r < R; ++r) {
-      const int8_t* xb = x.xq[r] + b * kBlock;
-      const float scale = x.sx[r][b];
+      int8_t xb[kBlock];
+      x.block<R>(b, r, xb);
+      const float scale = x.sx<R>(b, r);
       for (int c = 0; c < kCols; ++c) {
         int32_t acc[2] = {0, 0};  // inputs 0..15, 16..31
         for (int j = 0; j < (nibbles ? 4 : 8); ++j) {
@@ -514,12 +569,12 @@ void tile(const uint8_t* gp, int64_t nb, int64_t kind, const Rows& x, float out[
           }
         }
         if constexpr (two) {
-          out[r][c] += scale_at(qb, kind, 0, c) * (scale * static_cast<float>(acc[0]) - kByteOffset * x.lo[r][b]) +
-                       scale_at(qb, kind, 1, c) * (scale * static_cast<float>(acc[1]) - kByteOffset * x.hi[r][b]) +
-                       scale_at(qb, kind, 2, c) * x.ssum[r][b];
+          out[r][c] += scale_at(qb, kind, 0, c) * (scale * static_cast<float>(acc[0]) - kByteOffset * x.lo<R>(b, r)) +
+                       scale_at(qb, kind, 1, c) * (scale * static_cast<float>(acc[1]) - kByteOffset * x.hi<R>(b, r)) +
+                       scale_at(qb, kind, 2, c) * x.ssum<R>(b, r);
         } else {
           out[r][c] += scale_at(qb, kind, 0, c) * scale * static_cast<float>(acc[0] + acc[1]) +
-                       scale_at(qb, kind, 1, c) * x.ssum[r][b];
+                       scale_at(qb, kind, 1, c) * x.ssum<R>(b, r);
         }
       }
     }
@@ -555,19 +610,20 @@ void tile_super(const uint8_t* gp, int64_t ns, const Rows& x, float out[kRows][k
         int q[kBlock];
         for (int p = 0; p < kBlock; ++p) q[p] = super_q<hb>(qb, c, p);
         for (int r = 0; r < R; ++r) {
-          const int8_t* xb = x.xq[r] + b * kBlock;
+          int8_t xb[kBlock];
+          x.block<R>(b, r, xb);
           int32_t acc[2] = {0, 0};
           for (int p = 0; p < kBlock; ++p) acc[p >> 4] += q[p] * xb[p];
-          const float scale = x.sx[r][b];
+          const float scale = x.sx<R>(b, r);
           if constexpr (hb == 2) {
             const float d1 = big_d * static_cast<float>(static_cast<int8_t>(scales[kCols * 2 * blk + c]));
             const float d2 = big_d * static_cast<float>(static_cast<int8_t>(scales[kCols * (2 * blk + 1) + c]));
-            out[r][c] += d1 * (scale * static_cast<float>(acc[0]) - 32.f * x.lo[r][b]) +
-                         d2 * (scale * static_cast<float>(acc[1]) - 32.f * x.hi[r][b]);
+            out[r][c] += d1 * (scale * static_cast<float>(acc[0]) - 32.f * x.lo<R>(b, r)) +
+                         d2 * (scale * static_cast<float>(acc[1]) - 32.f * x.hi<R>(b, r));
           } else {
             const float d = big_d * static_cast<float>(scales[kCols * blk + c]);
             const float m = neg_dmin * static_cast<float>(scales[kCols * (8 + blk) + c]);
-            out[r][c] += d * scale * static_cast<float>(acc[0] + acc[1]) + m * x.ssum[r][b];
+            out[r][c] += d * scale * static_cast<float>(acc[0] + acc[1]) + m * x.ssum<R>(b, r);
           }
         }
       }
@@ -937,15 +993,27 @@ void shardline_cpu::q8_gemm(const at::Tensor& out, const at::Tensor& x, const at
   }
   const int64_t rows = x.size(0), k = h.k, n = h.n, nb = k / kBlock;
   if (rows == 0) return;
-  std::vector<int8_t> xq(rows * k);
-  std::vector<float> xs(rows * nb);
-  std::vector<int32_t> xsum(rows * nb), xfirst(rows * nb);
+  const int64_t tile_words = nb * 8 * kRows, tile_vals = nb * kVals * kRows;
+  const int64_t tiles = (rows + kRows - 1) / kRows;
+  std::vector<int32_t> words(tiles * tile_words);  // Rows' layout, tile after tile (zeroed)
+  std::vector<float> vals(tiles * tile_vals);
   const float* xp = x.data_ptr<float>();
   const int64_t xstride = x.stride(0);
   cpu_pool::parallel_for(rows, 16, [&](int64_t begin, int64_t end) {
+    std::vector<int8_t> q(k);
+    std::vector<float> scale(nb);
+    std::vector<int32_t> sum(nb), first(nb);
     for (int64_t r = begin; r < end; ++r) {
-      quantize_row(xp + r * xstride, k, xq.data() + r * k, xs.data() + r * nb, xsum.data() + r * nb,
-                   xfirst.data() + r * nb);
+      quantize_row(xp + r * xstride, k, q.data(), scale.data(), sum.data(), first.data());
+      const int64_t at = r % kRows, stride = std::min<int64_t>(kRows, rows - r / kRows * kRows);  // the tile's rows
+      int32_t* w = words.data() + r / kRows * tile_words;
+      float* v = vals.data() + r / kRows * tile_vals;
+      for (int64_t b = 0; b < nb; ++b) {
+        for (int j = 0; j < 8; ++j) std::memcpy(w + (b * 8 + j) * stride + at, q.data() + b * kBlock + 4 * j, 4);
+        const float lo = scale[b] * static_cast<float>(first[b]), hi = scale[b] * static_cast<float>(sum[b] - first[b]);
+        const float row[kVals] = {scale[b], scale[b] * static_cast<float>(sum[b]), lo, hi, 32.f * lo, 32.f * hi};
+        for (int i = 0; i < kVals; ++i) v[(b * kVals + i) * stride + at] = row[i];
+      }
     }
   });
   const Group* table = reinterpret_cast<const Group*>(packed.data_ptr<uint8_t>() + kHeader);
@@ -953,13 +1021,6 @@ void shardline_cpu::q8_gemm(const at::Tensor& out, const at::Tensor& x, const at
   float* op = out.data_ptr<float>();
   const int64_t ostride = out.stride(0);
   const int64_t groups = (n + kCols - 1) / kCols;
-  // Per block: scale * sum, and scale * each half's sum (two-scale blocks' offset corrections).
-  std::vector<float> ssum(rows * nb), lo_sum(rows * nb), hi_sum(rows * nb);
-  for (int64_t i = 0; i < rows * nb; ++i) {
-    ssum[i] = xs[i] * static_cast<float>(xsum[i]);
-    lo_sum[i] = xs[i] * static_cast<float>(xfirst[i]);
-    hi_sum[i] = xs[i] * static_cast<float>(xsum[i] - xfirst[i]);
-  }
   cpu_pool::parallel_for(groups, 1, [&](int64_t g0, int64_t g1) {
     float total[kRows][kCols];
     for (int64_t g = g0; g < g1; ++g) {
@@ -968,14 +1029,7 @@ void shardline_cpu::q8_gemm(const at::Tensor& out, const at::Tensor& x, const at
       const int cols = static_cast<int>(std::min<int64_t>(kCols, n - g * kCols));
       for (int64_t r0 = 0; r0 < rows; r0 += kRows) {
         const int t = static_cast<int>(std::min<int64_t>(kRows, rows - r0));
-        Rows rx{};
-        for (int r = 0; r < t; ++r) {
-          rx.xq[r] = xq.data() + (r0 + r) * k;
-          rx.sx[r] = xs.data() + (r0 + r) * nb;
-          rx.ssum[r] = ssum.data() + (r0 + r) * nb;
-          rx.lo[r] = lo_sum.data() + (r0 + r) * nb;
-          rx.hi[r] = hi_sum.data() + (r0 + r) * nb;
-        }
+        const Rows rx{words.data() + r0 / kRows * tile_words, vals.data() + r0 / kRows * tile_vals};
         if (kind & kSuperKinds) {
           tile_super_rows<kRows>(t, gp, k / kSuper, kind, rx, total);
         } else {
