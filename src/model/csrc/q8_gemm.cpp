@@ -132,8 +132,25 @@ inline float scale_at(const uint8_t* qb, int64_t kind, int which, int c) {
 }
 
 // x (one row, K floats) -> int8 per block of 32, the block's scale and sum of its int8 values,
-// and the sum of its first 16 (two-scale blocks correct each half for the bytes' offset).
+// and the sum of its first 16 (two-scale blocks correct each half for the bytes' offset). The
+// AVX-512 form is the scalar one's arithmetic (the same products, rounded to nearest even as
+// nearbyint does in the default rounding mode; exact maxima and integer sums): same values.
 void quantize_row(const float* x, int64_t k, int8_t* q, float* scale, int32_t* sum, int32_t* first_half) {
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+  const __m512 sign = _mm512_set1_ps(-0.f);
+  for (int64_t b = 0; b < k / kBlock; ++b) {
+    const __m512 v0 = _mm512_loadu_ps(x + b * kBlock), v1 = _mm512_loadu_ps(x + b * kBlock + 16);
+    const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_andnot_ps(sign, v0), _mm512_andnot_ps(sign, v1)));
+    const __m512 inv = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
+    const __m512i i0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, inv)), i1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, inv));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + b * kBlock), _mm512_cvtepi32_epi8(i0));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + b * kBlock + 16), _mm512_cvtepi32_epi8(i1));
+    const int32_t s16 = _mm512_reduce_add_epi32(i0);
+    scale[b] = amax / 127.f;
+    sum[b] = s16 + _mm512_reduce_add_epi32(i1);
+    first_half[b] = s16;
+  }
+#else
   for (int64_t b = 0; b < k / kBlock; ++b) {
     const float* xb = x + b * kBlock;
     float amax = 0.f;
@@ -150,6 +167,7 @@ void quantize_row(const float* x, int64_t k, int8_t* q, float* scale, int32_t* s
     sum[b] = s;
     first_half[b] = s16;
   }
+#endif
 }
 
 // A tile's rows of x, interleaved so that one pointer with constant offsets serves every row of
