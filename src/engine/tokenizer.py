@@ -311,12 +311,27 @@ def load_tokenizer(path: str | os.PathLike[str], chat_template: str | None = Non
     return FastTokenizer(Tokenizer.from_file(str(root / "tokenizer.json")), config, str(root))
 
 
+_GGUF_TOKENIZER_CHILD = (
+    "import sys\n"
+    "from transformers import AutoTokenizer\n"
+    "AutoTokenizer.from_pretrained(sys.argv[1], gguf_file=sys.argv[2]).save_pretrained(sys.argv[3])\n"
+)
+
+
 def gguf_tokenizer_dir(gguf_file: pathlib.Path) -> pathlib.Path:
     """A folder with the tokenizer (tokenizer.json, tokenizer_config.json, the chat template)
     that transformers builds from a bare GGUF file's metadata, converted once and cached under
     `$SHARDLINE_HOME/gguf_tokenizers/<key>` (the key covers the file's path, size and
-    modification time), so a later start reads it without importing transformers."""
+    modification time), so a later start reads it without importing transformers.
+
+    The conversion runs in a child process: importing transformers and reading the metadata of
+    a 128k vocabulary left ~300 MiB in the engine's heap for as long as it served (measured on
+    a Llama-3.2-1B-shaped file: 42 -> 340 MiB RSS)."""
     import hashlib
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
 
     from shardline.model.fetch import shardline_home
 
@@ -325,18 +340,20 @@ def gguf_tokenizer_dir(gguf_file: pathlib.Path) -> pathlib.Path:
     target = shardline_home() / "gguf_tokenizers" / key
     if (target / "tokenizer_config.json").is_file():
         return target
-    import tempfile
-
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name)
     target.parent.mkdir(parents=True, exist_ok=True)
     work = pathlib.Path(tempfile.mkdtemp(prefix=f".{key}.", dir=target.parent))
-    tokenizer.save_pretrained(str(work))
     try:
+        child = subprocess.run(
+            [sys.executable, "-c", _GGUF_TOKENIZER_CHILD, str(gguf_file.parent), gguf_file.name, str(work)],
+            capture_output=True, text=True, check=False,
+        )
+        if child.returncode != 0:
+            last = (child.stderr.strip().splitlines() or ["(no output)"])[-1]
+            raise ValueError(f"cannot build a tokenizer from the metadata of {gguf_file}: {last}")
         os.replace(work, target)
     except OSError:  # another process cached it meanwhile: theirs is as good
-        import shutil
-
+        if not (target / "tokenizer_config.json").is_file():
+            raise
+    finally:
         shutil.rmtree(work, ignore_errors=True)
     return target

@@ -80,3 +80,45 @@ def test_split_gguf_loads_as_the_single_file(tmp_path) -> None:
     parts[1].unlink()
     with pytest.raises(CheckpointError, match=r"lacks part\(s\) split-00002-of-00003\.gguf"):
         load_model(ModelConfig.from_path(str(parts[0])), ParallelContext.single())
+
+
+def test_the_tokenizer_is_converted_in_a_child_process(tmp_path) -> None:
+    """Converting a GGUF's tokenizer imports transformers and reads the file's metadata: in the
+    engine's process that kept ~300 MiB for good (128k vocabulary); a child process does it."""
+    import os
+    import subprocess
+    import sys
+
+    path = write_tiny_llama_gguf(tmp_path / "tiny.gguf", "Q4_0", seed=3)
+    script = (
+        "import pathlib, sys\n"
+        "from shardline.engine.tokenizer import gguf_tokenizer_dir\n"
+        "folder = gguf_tokenizer_dir(pathlib.Path(sys.argv[1]))\n"
+        "assert (folder / 'tokenizer.json').is_file(), folder\n"
+        "assert 'transformers' not in sys.modules, 'transformers imported in the engine process'\n"
+    )
+    env = {**os.environ, "SHARDLINE_HOME": str(tmp_path / "home")}
+    done = subprocess.run([sys.executable, "-c", script, str(path)], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert not [p for p in (tmp_path / "home" / "gguf_tokenizers").iterdir() if p.name.startswith(".")]
+
+
+def test_a_gguf_without_tokenizer_metadata_is_refused_naming_the_file(tmp_path, monkeypatch) -> None:
+    import gguf
+    import numpy as np
+
+    from shardline.engine.tokenizer import gguf_tokenizer_dir
+
+    monkeypatch.setenv("SHARDLINE_HOME", str(tmp_path / "home"))
+    path = tmp_path / "bare.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(1)
+    writer.add_tensor("token_embd.weight", np.zeros((8, 4), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(ValueError, match="cannot build a tokenizer from the metadata of .*bare.gguf"):
+        gguf_tokenizer_dir(path)
+    # nothing half-converted is left behind, and a later call tries again (and fails the same)
+    assert not list((tmp_path / "home" / "gguf_tokenizers").iterdir())
