@@ -13,12 +13,12 @@ the activations to 8 bits, measured on the default model as perplexity on a fixe
 keep their two halves' dot products apart. Float weights keep the float32 path in either mode.
 
 GGUF K-quants (`from_gguf`, from the file's blocks, no float copy of the weight made) keep the
-file's integer sub-block scales, with the super-block's float16 D and Dmin as float32 per 256
-inputs, and the kernel forms d = D * sc and m = -Dmin * mn per block (the same exact float32
+file's integer sub-block scales and the super-block's float16 D and Dmin per 256 inputs, and
+the kernel forms d = D * sc and m = -Dmin * mn per block (the same exact float32
 products gguf-py's dequantize makes); Q5_K's fifth bit and Q6_K's top two are bit planes beside
 the low nibbles, put back together in registers. Each part of a fused weight keeps its own form
 (a Q4_K_M file's qkv with a Q6_K v: a form per 16-column group). Bytes per weight, the file's in
-brackets: Q4_K 0.594 (0.5625), Q5_K 0.719 (0.6875), Q6_K 0.828 (0.8203); before, with float32 d
+brackets: Q4_K 0.578 (0.5625), Q5_K 0.703 (0.6875), Q6_K 0.8203 (0.8203); before, with float32 d
 and m per block of 32: 0.75, 1.25 and 1.375, and 1.375 for the Q4_K parts of a weight with any
 Q6_K part (benchmarks/RESULTS.md section 28). A weight mixing K-quants with other types, or whose
 parts are not on 16-row groups, still takes one common form with float32 scales (`pack`).

@@ -165,7 +165,7 @@ def check_against_definition(weight: Q8Weight, d: torch.Tensor, m: torch.Tensor,
 
 
 # bytes a weight of each form (header and group table aside): the file's 0.5625 / 0.6875 / 0.8203
-KQUANT_BYTES = {"Q4_K": 2432 / 4096, "Q5_K": 2944 / 4096, "Q6_K": 3392 / 4096}
+KQUANT_BYTES = {"Q4_K": 2368 / 4096, "Q5_K": 2880 / 4096, "Q6_K": 3360 / 4096}
 
 
 @pytest.mark.parametrize("type_name", ["Q4_K", "Q5_K", "Q6_K"])

@@ -29,16 +29,16 @@
 //
 // Super-block kinds (q8_kquant_new or q8_kquant_init, then q8_kquant_fill, from a GGUF file's
 // Q4_K, Q5_K and Q6_K blocks, at about the file's size): per 256 inputs of a group, the file's
-// float16 super-block scales as float32 and its integer sub-block scales as they are:
-//   * Q4_K / Q5_K: D[16] and -Dmin[16] (float32), sc[8][16] and mn[8][16] (uint8, 6 bits), so
+// float16 super-block scales and its integer sub-block scales as they are:
+//   * Q4_K / Q5_K: D[16] and -Dmin[16] (float16), sc[8][16] and mn[8][16] (uint8, 6 bits), so
 //     that d = D * sc and m = -Dmin * mn per block of 32 (the kernel forms them: exact products,
-//     the values gguf-py's dequantize uses); Q6_K: D[16] (float32), sc[16][16] (int8, one per 16
+//     the values gguf-py's dequantize uses); Q6_K: D[16] (float16), sc[16][16] (int8, one per 16
 //     inputs), d = D * sc per half block;
 //   * then the 8 blocks' q, unsigned (Q6_K: q + 32, its offset corrected per half with the half's
 //     sum of x_q): the low nibbles as the nibble kind's 256 bytes, then Q5_K's bit 4 as one
 //     64-byte plane (byte [c][i]: bit j for input 4j + i, bit 4 + j for 16 + 4j + i) or Q6_K's
 //     bits 4-5 as two (inputs 0..15, 16..31; bits 2j, 2j + 1 for 4j + i), put back in registers.
-// Bytes a weight: Q4_K 0.594 (the file's 0.5625), Q5_K 0.719 (0.6875), Q6_K 0.828 (0.8203).
+// Bytes a weight: Q4_K 0.578 (the file's 0.5625), Q5_K 0.703 (0.6875), Q6_K 0.8203 (0.8203).
 //
 // Threads: cpu_pool.h's, over the column groups.
 
@@ -97,7 +97,8 @@ inline int64_t data_start(int64_t groups) { return (kHeader + groups * int64_t(s
 // A super-block kind's layout: hb high-bit planes (Q4_K 0, Q5_K 1, Q6_K 2).
 template <int hb>
 struct Super {
-  static constexpr int kScaleBytes = hb == 2 ? 4 * kCols + 16 * kCols : 8 * kCols + 16 * kCols;
+  static constexpr int kHeadBytes = (hb == 2 ? 2 : 4) * kCols;  // float16 D[16] (and -Dmin[16])
+  static constexpr int kScaleBytes = kHeadBytes + 16 * kCols;
   static constexpr int kQBytes = 256 + 64 * hb;  // per block of 32 inputs
   static constexpr int kBytes = kScaleBytes + 8 * kQBytes;
 };
@@ -317,8 +318,8 @@ void tile_super(const uint8_t* gp, int64_t ns, const Rows& x, float out[kRows][k
   const __m512i low = _mm512_set1_epi8(0x0F);
   for (int64_t s = 0; s < ns; ++s) {
     const uint8_t* sp = gp + s * S::kBytes;
-    const __m512 big_d = _mm512_loadu_ps(reinterpret_cast<const float*>(sp));
-    const uint8_t* scales = sp + (hb == 2 ? 4 : 8) * kCols;
+    const __m512 big_d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sp)));
+    const uint8_t* scales = sp + Super<hb>::kHeadBytes;
     for (int blk = 0; blk < 8; ++blk) {
       const int64_t b = s * 8 + blk;
       const uint8_t* qb = sp + S::kScaleBytes + blk * S::kQBytes;
@@ -381,7 +382,8 @@ void tile_super(const uint8_t* gp, int64_t ns, const Rows& x, float out[kRows][k
           return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
         };
         const __m512 d = _mm512_mul_ps(big_d, u8(scales + kCols * blk));
-        const __m512 m = _mm512_mul_ps(_mm512_loadu_ps(reinterpret_cast<const float*>(sp) + kCols), u8(scales + kCols * (8 + blk)));
+        const __m512 neg_dmin = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sp) + 1));
+        const __m512 m = _mm512_mul_ps(neg_dmin, u8(scales + kCols * (8 + blk)));
         for (int r = 0; r < R; ++r) {
           const __m512 scale = _mm512_set1_ps(x.sx<R>(b, r));
           total[r] = _mm512_fmadd_ps(_mm512_mul_ps(d, scale), _mm512_cvtepi32_ps(a[r]), total[r]);
@@ -497,8 +499,8 @@ void tile_super(const uint8_t* gp, int64_t ns, const Rows& x, float out[kRows][k
     for (int r = 0; r < R; ++r) total[r] = _mm256_setzero_ps();
     for (int64_t s = 0; s < ns; ++s) {
       const uint8_t* sp = gp + s * S::kBytes;
-      const __m256 big_d = _mm256_loadu_ps(reinterpret_cast<const float*>(sp) + 8 * h);
-      const uint8_t* scales = sp + (hb == 2 ? 4 : 8) * kCols;
+      const __m256 big_d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sp + 16 * h)));
+      const uint8_t* scales = sp + Super<hb>::kHeadBytes;
       for (int blk = 0; blk < 8; ++blk) {
         const int64_t b = s * 8 + blk;
         const uint8_t* qb = sp + S::kScaleBytes + blk * S::kQBytes;
@@ -547,7 +549,8 @@ void tile_super(const uint8_t* gp, int64_t ns, const Rows& x, float out[kRows][k
             return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8 * h))));
           };
           const __m256 d = _mm256_mul_ps(big_d, u8(scales + kCols * blk));
-          const __m256 m = _mm256_mul_ps(_mm256_loadu_ps(reinterpret_cast<const float*>(sp) + kCols + 8 * h), u8(scales + kCols * (8 + blk)));
+          const __m256 neg_dmin = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sp + 2 * kCols + 16 * h)));
+          const __m256 m = _mm256_mul_ps(neg_dmin, u8(scales + kCols * (8 + blk)));
           for (int r = 0; r < R; ++r) {
             const __m256 scale = _mm256_set1_ps(x.sx<R>(b, r));
             total[r] = _mm256_fmadd_ps(_mm256_mul_ps(d, scale), _mm256_cvtepi32_ps(a[r]), total[r]);
@@ -617,14 +620,13 @@ void tile_super(const uint8_t* gp, int64_t ns, const Rows& x, float out[kRows][k
   }
   for (int64_t s = 0; s < ns; ++s) {
     const uint8_t* sp = gp + s * S::kBytes;
-    const uint8_t* scales = sp + (hb == 2 ? 4 : 8) * kCols;
+    const uint8_t* scales = sp + Super<hb>::kHeadBytes;
     for (int blk = 0; blk < 8; ++blk) {
       const int64_t b = s * 8 + blk;
       const uint8_t* qb = sp + S::kScaleBytes + blk * S::kQBytes;
       for (int c = 0; c < kCols; ++c) {
-        float big_d, neg_dmin = 0.f;
-        std::memcpy(&big_d, sp + 4 * c, 4);
-        if constexpr (hb != 2) std::memcpy(&neg_dmin, sp + 4 * (kCols + c), 4);
+        const float big_d = half_to_float(sp + 2 * c);
+        const float neg_dmin = hb == 2 ? 0.f : half_to_float(sp + 2 * (kCols + c));
         int q[kBlock];
         for (int p = 0; p < kBlock; ++p) q[p] = super_q<hb>(qb, c, p);
         for (int r = 0; r < R; ++r) {
@@ -751,7 +753,7 @@ at::Tensor q8_kquant_new(int64_t n, int64_t k, at::IntArrayRef types) {
 struct Decoded {
   uint8_t q[kSuper];
   uint8_t sc[16], mn[8];  // Q6_K: sc[16] (int8 bits); Q4_K / Q5_K: sc[8], mn[8]
-  float big_d, dmin;
+  uint16_t d_bits, dmin_bits;  // the file's float16 D and Dmin
 };
 
 void decode_super(const uint8_t* raw, int64_t kind, Decoded& out) {
@@ -764,12 +766,12 @@ void decode_super(const uint8_t* raw, int64_t kind, Decoded& out) {
       out.q[e] = static_cast<uint8_t>(lo4 | (hi2 << 4));
     }
     std::memcpy(out.sc, raw + 192, 16);
-    out.big_d = half_to_float(raw + 208);
-    out.dmin = 0.f;
+    std::memcpy(&out.d_bits, raw + 208, 2);
+    out.dmin_bits = 0;
     return;
   }
-  out.big_d = half_to_float(raw);
-  out.dmin = half_to_float(raw + 2);
+  std::memcpy(&out.d_bits, raw, 2);
+  std::memcpy(&out.dmin_bits, raw + 2, 2);
   const uint8_t* scales = raw + 4;
   for (int b = 0; b < 8; ++b) {  // ggml's get_scale_min_k4
     if (b < 4) {
@@ -824,13 +826,13 @@ void q8_kquant_fill(const at::Tensor& packed, int64_t row0, const at::Tensor& ra
       for (int64_t s = 0; s < ns; ++s) {
         decode_super(rp + r * rstride + s * file_bytes, kind, dec);
         uint8_t* sp = data + table[g].offset + s * sb;
-        std::memcpy(sp + 4 * c, &dec.big_d, 4);
-        uint8_t* scales = sp + (hb == 2 ? 4 : 8) * kCols;
+        std::memcpy(sp + 2 * c, &dec.d_bits, 2);
+        uint8_t* scales = sp + (hb == 2 ? Super<2>::kHeadBytes : Super<0>::kHeadBytes);
         if (hb == 2) {
           for (int i = 0; i < 16; ++i) scales[kCols * i + c] = dec.sc[i];
         } else {
-          const float neg_dmin = -dec.dmin;
-          std::memcpy(sp + 4 * (kCols + c), &neg_dmin, 4);
+          const uint16_t neg_dmin = dec.dmin_bits ^ 0x8000;  // -Dmin: the sign bit flipped, exact
+          std::memcpy(sp + 2 * (kCols + c), &neg_dmin, 2);
           for (int b = 0; b < 8; ++b) {
             scales[kCols * b + c] = dec.sc[b];
             scales[kCols * (8 + b) + c] = dec.mn[b];
