@@ -18,7 +18,7 @@ the kernel forms d = D * sc and m = -Dmin * mn per block (the same exact float32
 products gguf-py's dequantize makes); Q5_K's fifth bit and Q6_K's top two are bit planes beside
 the low nibbles, put back together in registers. Each part of a fused weight keeps its own form
 (a Q4_K_M file's qkv with a Q6_K v: a form per 16-column group). Bytes per weight, the file's in
-brackets: Q4_K 0.578 (0.5625), Q5_K 0.703 (0.6875), Q6_K 0.8203 (0.8203); before, with float32 d
+brackets: Q4_K 0.5625 (0.5625), Q5_K 0.6875 (0.6875), Q6_K 0.8203 (0.8203); before, with float32 d
 and m per block of 32: 0.75, 1.25 and 1.375, and 1.375 for the Q4_K parts of a weight with any
 Q6_K part (benchmarks/RESULTS.md section 28). A weight mixing K-quants with other types, or whose
 parts are not on 16-row groups, still takes one common form with float32 scales (`pack`).

@@ -30,15 +30,16 @@
 // Super-block kinds (q8_kquant_new or q8_kquant_init, then q8_kquant_fill, from a GGUF file's
 // Q4_K, Q5_K and Q6_K blocks, at about the file's size): per 256 inputs of a group, the file's
 // float16 super-block scales and its integer sub-block scales as they are:
-//   * Q4_K / Q5_K: D[16] and -Dmin[16] (float16), sc[8][16] and mn[8][16] (uint8, 6 bits), so
-//     that d = D * sc and m = -Dmin * mn per block of 32 (the kernel forms them: exact products,
+//   * Q4_K / Q5_K: D[16] and -Dmin[16] (float16), the file's 12 bytes of 6-bit sc[8] and mn[8]
+//     per column as bytes [12][16] (taken apart once a super-block, kscales_all), so that d = D * sc
+//     and m = -Dmin * mn per block of 32 (the kernel forms them: exact products,
 //     the values gguf-py's dequantize uses); Q6_K: D[16] (float16), sc[16][16] (int8, one per 16
 //     inputs), d = D * sc per half block;
 //   * then the 8 blocks' q, unsigned (Q6_K: q + 32, its offset corrected per half with the half's
 //     sum of x_q): the low nibbles as the nibble kind's 256 bytes, then Q5_K's bit 4 as one
 //     64-byte plane (byte [c][i]: bit j for input 4j + i, bit 4 + j for 16 + 4j + i) or Q6_K's
 //     bits 4-5 as two (inputs 0..15, 16..31; bits 2j, 2j + 1 for 4j + i), put back in registers.
-// Bytes a weight: Q4_K 0.578 (the file's 0.5625), Q5_K 0.703 (0.6875), Q6_K 0.8203 (0.8203).
+// Bytes a weight: the file's, Q4_K 0.5625, Q5_K 0.6875, Q6_K 0.8203.
 //
 // Threads: cpu_pool.h's, over the column groups.
 
@@ -98,7 +99,8 @@ inline int64_t data_start(int64_t groups) { return (kHeader + groups * int64_t(s
 template <int hb>
 struct Super {
   static constexpr int kHeadBytes = (hb == 2 ? 2 : 4) * kCols;  // float16 D[16] (and -Dmin[16])
-  static constexpr int kScaleBytes = kHeadBytes + 16 * kCols;
+  // then Q6_K's int8 scales [16][16], or Q4_K / Q5_K's 12 bytes of 6-bit scales and mins [12][16]
+  static constexpr int kScaleBytes = kHeadBytes + (hb == 2 ? 16 : 12) * kCols;
   static constexpr int kQBytes = 256 + 64 * hb;  // per block of 32 inputs
   static constexpr int kBytes = kScaleBytes + 8 * kQBytes;
 };
@@ -106,6 +108,46 @@ inline int super_planes(int64_t kind) { return kind == kQ4K ? 0 : kind == kQ5K ?
 inline int super_bytes(int64_t kind) {
   return kind == kQ4K ? Super<0>::kBytes : kind == kQ5K ? Super<1>::kBytes : Super<2>::kBytes;
 }
+
+// Q4_K / Q5_K: sub-block blk's 6-bit scale and min of column c, from the file's 12 bytes kept
+// per column as bytes [12][16] (ggml's get_scale_min_k4).
+inline void kscale(const uint8_t* scales, int blk, int c, int& sc, int& mn) {
+  auto at = [&](int i) { return static_cast<int>(scales[kCols * i + c]); };
+  if (blk < 4) {
+    sc = at(blk) & 63;
+    mn = at(blk + 4) & 63;
+  } else {
+    sc = (at(blk + 4) & 0xF) | ((at(blk - 4) >> 6) << 4);
+    mn = (at(blk + 4) >> 4) | ((at(blk) >> 6) << 4);
+  }
+}
+#if defined(__AVX2__) || defined(__AVX512F__)
+// kscale for every sub-block and the 16 columns at once, once a super-block: out = sc[8][16]
+// then mn[8][16] (bytes; 16-bit shifts, the bits that cross a byte masked off).
+inline void kscales_all(const uint8_t* scales, uint8_t* out) {
+#if defined(__AVX512BW__)
+  auto at = [&](int i) { return _mm512_loadu_si512(scales + kCols * i); };  // sub-blocks i .. i + 3
+  auto put = [&](int i, __m512i v) { _mm512_storeu_si512(out + kCols * i, v); };
+  const __m512i six = _mm512_set1_epi8(63), four = _mm512_set1_epi8(0x0F), top = _mm512_set1_epi8(0x30);
+  const __m512i lo = at(0), mid = at(4), hi = at(8);
+  put(0, _mm512_and_si512(lo, six));
+  put(4, _mm512_or_si512(_mm512_and_si512(hi, four), _mm512_and_si512(_mm512_srli_epi16(lo, 2), top)));
+  put(8, _mm512_and_si512(mid, six));
+  put(12, _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(hi, 4), four), _mm512_and_si512(_mm512_srli_epi16(mid, 2), top)));
+#else
+  auto at = [&](int i) { return _mm_loadu_si128(reinterpret_cast<const __m128i*>(scales + kCols * i)); };
+  auto put = [&](int i, __m128i v) { _mm_storeu_si128(reinterpret_cast<__m128i*>(out + kCols * i), v); };
+  const __m128i six = _mm_set1_epi8(63), four = _mm_set1_epi8(0x0F), top = _mm_set1_epi8(0x30);
+  for (int i = 0; i < 4; ++i) {
+    const __m128i lo = at(i), mid = at(4 + i), hi = at(8 + i);
+    put(i, _mm_and_si128(lo, six));
+    put(4 + i, _mm_or_si128(_mm_and_si128(hi, four), _mm_and_si128(_mm_srli_epi16(lo, 2), top)));
+    put(8 + i, _mm_and_si128(mid, six));
+    put(12 + i, _mm_or_si128(_mm_and_si128(_mm_srli_epi16(hi, 4), four), _mm_and_si128(_mm_srli_epi16(mid, 2), top)));
+  }
+#endif
+}
+#endif
 
 inline int q_bytes(int64_t kind) { return (kind & 3) == kNibble ? 256 : 512; }
 inline int num_scales(int64_t kind) { return (kind & kTwoScales) ? 3 : 2; }
@@ -320,6 +362,8 @@ void tile_super(const uint8_t* gp, int64_t ns, const Rows& x, float out[kRows][k
     const uint8_t* sp = gp + s * S::kBytes;
     const __m512 big_d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sp)));
     const uint8_t* scales = sp + Super<hb>::kHeadBytes;
+    alignas(64) uint8_t scale_mins[2 * 8 * kCols];  // Q4_K / Q5_K: sc[8][16], mn[8][16]
+    if constexpr (hb != 2) kscales_all(scales, scale_mins);
     for (int blk = 0; blk < 8; ++blk) {
       const int64_t b = s * 8 + blk;
       const uint8_t* qb = sp + S::kScaleBytes + blk * S::kQBytes;
@@ -378,12 +422,12 @@ void tile_super(const uint8_t* gp, int64_t ns, const Rows& x, float out[kRows][k
         if constexpr (kSplit<R>) {
           for (int r = 0; r < R; ++r) a[r] = _mm512_add_epi32(a[r], a2[r]);
         }
-        auto u8 = [&](const uint8_t* p) {
-          return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+        auto u8 = [&](int i) {
+          return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_load_si128(reinterpret_cast<const __m128i*>(scale_mins + kCols * i))));
         };
-        const __m512 d = _mm512_mul_ps(big_d, u8(scales + kCols * blk));
+        const __m512 d = _mm512_mul_ps(big_d, u8(blk));
         const __m512 neg_dmin = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sp) + 1));
-        const __m512 m = _mm512_mul_ps(neg_dmin, u8(scales + kCols * (8 + blk)));
+        const __m512 m = _mm512_mul_ps(neg_dmin, u8(8 + blk));
         for (int r = 0; r < R; ++r) {
           const __m512 scale = _mm512_set1_ps(x.sx<R>(b, r));
           total[r] = _mm512_fmadd_ps(_mm512_mul_ps(d, scale), _mm512_cvtepi32_ps(a[r]), total[r]);
@@ -501,6 +545,8 @@ void tile_super(const uint8_t* gp, int64_t ns, const Rows& x, float out[kRows][k
       const uint8_t* sp = gp + s * S::kBytes;
       const __m256 big_d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sp + 16 * h)));
       const uint8_t* scales = sp + Super<hb>::kHeadBytes;
+      alignas(64) uint8_t scale_mins[2 * 8 * kCols];  // Q4_K / Q5_K: sc[8][16], mn[8][16]
+      if constexpr (hb != 2) kscales_all(scales, scale_mins);
       for (int blk = 0; blk < 8; ++blk) {
         const int64_t b = s * 8 + blk;
         const uint8_t* qb = sp + S::kScaleBytes + blk * S::kQBytes;
@@ -545,12 +591,12 @@ void tile_super(const uint8_t* gp, int64_t ns, const Rows& x, float out[kRows][k
             total[r] = _mm256_fmadd_ps(d2, _mm256_fmsub_ps(scale, _mm256_cvtepi32_ps(a2[r]), _mm256_set1_ps(32.f * x.hi<R>(b, r))), total[r]);
           }
         } else {
-          auto u8 = [&](const uint8_t* p) {
-            return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8 * h))));
+          auto u8 = [&](int i) {  // columns 8h .. 8h + 7
+            return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(scale_mins + kCols * i + 8 * h))));
           };
-          const __m256 d = _mm256_mul_ps(big_d, u8(scales + kCols * blk));
+          const __m256 d = _mm256_mul_ps(big_d, u8(blk));
           const __m256 neg_dmin = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sp + 2 * kCols + 16 * h)));
-          const __m256 m = _mm256_mul_ps(neg_dmin, u8(scales + kCols * (8 + blk)));
+          const __m256 m = _mm256_mul_ps(neg_dmin, u8(8 + blk));
           for (int r = 0; r < R; ++r) {
             const __m256 scale = _mm256_set1_ps(x.sx<R>(b, r));
             total[r] = _mm256_fmadd_ps(_mm256_mul_ps(d, scale), _mm256_cvtepi32_ps(a[r]), total[r]);
@@ -641,8 +687,10 @@ void tile_super(const uint8_t* gp, int64_t ns, const Rows& x, float out[kRows][k
             out[r][c] += d1 * (scale * static_cast<float>(acc[0]) - 32.f * x.lo<R>(b, r)) +
                          d2 * (scale * static_cast<float>(acc[1]) - 32.f * x.hi<R>(b, r));
           } else {
-            const float d = big_d * static_cast<float>(scales[kCols * blk + c]);
-            const float m = neg_dmin * static_cast<float>(scales[kCols * (8 + blk) + c]);
+            int sc, mn;
+            kscale(scales, blk, c, sc, mn);
+            const float d = big_d * static_cast<float>(sc);
+            const float m = neg_dmin * static_cast<float>(mn);
             out[r][c] += d * scale * static_cast<float>(acc[0] + acc[1]) + m * x.ssum<R>(b, r);
           }
         }
@@ -752,7 +800,7 @@ at::Tensor q8_kquant_new(int64_t n, int64_t k, at::IntArrayRef types) {
 // float super-block scales (ggml's layouts; packed_linear._decode_k_rows in numpy).
 struct Decoded {
   uint8_t q[kSuper];
-  uint8_t sc[16], mn[8];  // Q6_K: sc[16] (int8 bits); Q4_K / Q5_K: sc[8], mn[8]
+  uint8_t sc[16];  // Q6_K: sc[16] (int8 bits); Q4_K / Q5_K: the file's 12 bytes of scales and mins
   uint16_t d_bits, dmin_bits;  // the file's float16 D and Dmin
 };
 
@@ -772,16 +820,7 @@ void decode_super(const uint8_t* raw, int64_t kind, Decoded& out) {
   }
   std::memcpy(&out.d_bits, raw, 2);
   std::memcpy(&out.dmin_bits, raw + 2, 2);
-  const uint8_t* scales = raw + 4;
-  for (int b = 0; b < 8; ++b) {  // ggml's get_scale_min_k4
-    if (b < 4) {
-      out.sc[b] = scales[b] & 63;
-      out.mn[b] = scales[b + 4] & 63;
-    } else {
-      out.sc[b] = (scales[b + 4] & 0xF) | ((scales[b - 4] >> 6) << 4);
-      out.mn[b] = (scales[b + 4] >> 4) | ((scales[b] >> 6) << 4);
-    }
-  }
+  std::memcpy(out.sc, raw + 4, 12);  // as they are (the kernels' kscale takes them apart)
   const uint8_t* qs = raw + (kind == kQ4K ? 16 : 48);
   for (int b = 0; b < 8; ++b) {
     for (int i = 0; i < kBlock; ++i) {
@@ -833,10 +872,7 @@ void q8_kquant_fill(const at::Tensor& packed, int64_t row0, const at::Tensor& ra
         } else {
           const uint16_t neg_dmin = dec.dmin_bits ^ 0x8000;  // -Dmin: the sign bit flipped, exact
           std::memcpy(sp + 2 * (kCols + c), &neg_dmin, 2);
-          for (int b = 0; b < 8; ++b) {
-            scales[kCols * b + c] = dec.sc[b];
-            scales[kCols * (8 + b) + c] = dec.mn[b];
-          }
+          for (int i = 0; i < 12; ++i) scales[kCols * i + c] = dec.sc[i];
         }
         for (int b = 0; b < 8; ++b) {
           uint8_t* qb = sp + scale_bytes + b * qbytes;
