@@ -53,6 +53,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <vector>
 
 #if defined(__AVX2__) || defined(__AVX512F__)
@@ -272,9 +273,7 @@ void tile(const uint8_t* gp, int64_t nb, int64_t kind, const Rows& x, float out[
         const __m512i lo = _mm512_and_si512(v, low);
         const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
         for (int r = 0; r < R; ++r) {
-          int32_t x0, x1;
-          x0 = x.word<R>(b, j, r);
-          x1 = x.word<R>(b, 4 + j, r);
+          const int32_t x0 = x.word<R>(b, j, r), x1 = x.word<R>(b, 4 + j, r);
           a[r] = _mm512_dpbusd_epi32(a[r], lo, _mm512_set1_epi32(x0));
           if constexpr (halves) {
             a2[r] = _mm512_dpbusd_epi32(a2[r], hi, _mm512_set1_epi32(x1));
@@ -287,8 +286,7 @@ void tile(const uint8_t* gp, int64_t nb, int64_t kind, const Rows& x, float out[
       for (int j = 0; j < 8; ++j) {
         const __m512i v = _mm512_loadu_si512(qb + 64 * j);
         for (int r = 0; r < R; ++r) {
-          int32_t x0;
-          x0 = x.word<R>(b, j, r);
+          const int32_t x0 = x.word<R>(b, j, r);
           if constexpr (halves) {
             if (j < 4) {
               a[r] = _mm512_dpbusd_epi32(a[r], v, _mm512_set1_epi32(x0));
@@ -312,7 +310,8 @@ void tile(const uint8_t* gp, int64_t nb, int64_t kind, const Rows& x, float out[
         total[r] = _mm512_fmadd_ps(s[0], _mm512_fmsub_ps(scale, _mm512_cvtepi32_ps(a[r]), _mm512_set1_ps(kByteOffset * x.lo<R>(b, r))), total[r]);
         total[r] = _mm512_fmadd_ps(s[1], _mm512_fmsub_ps(scale, _mm512_cvtepi32_ps(a2[r]), _mm512_set1_ps(kByteOffset * x.hi<R>(b, r))), total[r]);
       } else {
-        total[r] = _mm512_fmadd_ps(_mm512_mul_ps(s[0], scale), _mm512_cvtepi32_ps(halves ? _mm512_add_epi32(a[r], a2[halves ? r : 0]) : a[r]), total[r]);
+        if constexpr (halves) a[r] = _mm512_add_epi32(a[r], a2[r]);
+        total[r] = _mm512_fmadd_ps(_mm512_mul_ps(s[0], scale), _mm512_cvtepi32_ps(a[r]), total[r]);
       }
       total[r] = _mm512_fmadd_ps(s[two ? 2 : 1], _mm512_set1_ps(x.ssum<R>(b, r)), total[r]);
     }
@@ -400,7 +399,7 @@ void tile_super(const uint8_t* gp, int64_t ns, const Rows& x, float out[kRows][k
         if constexpr (kSplit<R>) {
           for (int r = 0; r < R; ++r) a2[r] = _mm512_setzero_si512();
         }
-        // (no unroll pragma here: measured)
+        // (no unroll pragma here: with it, one-row steps measured slower)
         for (int j = 0; j < 4; ++j) {
           const __m512i v = _mm512_loadu_si512(qb + 64 * j);
           __m512i lo = _mm512_and_si512(v, low);
@@ -459,9 +458,7 @@ void tile(const uint8_t* gp, int64_t nb, int64_t kind, const Rows& x, float out[
           const __m256i lo = _mm256_and_si256(v, low);
           const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
           for (int r = 0; r < R; ++r) {
-            int32_t x0, x1;
-            x0 = x.word<R>(b, j, r);
-            x1 = x.word<R>(b, 4 + j, r);
+            const int32_t x0 = x.word<R>(b, j, r), x1 = x.word<R>(b, 4 + j, r);
             // (nibbles are never two-scale: both halves' products go into a, one madd for both)
             const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_set1_epi32(x0)),
                                                _mm256_maddubs_epi16(hi, _mm256_set1_epi32(x1)));
@@ -473,8 +470,7 @@ void tile(const uint8_t* gp, int64_t nb, int64_t kind, const Rows& x, float out[
           const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qb + 64 * j + 32 * h));
           const __m256i w = _mm256_abs_epi8(v);
           for (int r = 0; r < R; ++r) {
-            int32_t x0;
-            x0 = x.word<R>(b, j, r);
+            const int32_t x0 = x.word<R>(b, j, r);
             const __m256i xs = _mm256_sign_epi8(_mm256_set1_epi32(x0), v);
             const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(w, xs), ones);
             if (j < 4) {
@@ -565,9 +561,7 @@ void tile_super(const uint8_t* gp, int64_t ns, const Rows& x, float out[kRows][k
             hi = _mm256_or_si256(hi, plane_bits256<2>(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(qb + 320 + 32 * h)), j, true));
           }
           for (int r = 0; r < R; ++r) {
-            int32_t x0, x1;
-            x0 = x.word<R>(b, j, r);
-            x1 = x.word<R>(b, 4 + j, r);
+            const int32_t x0 = x.word<R>(b, j, r), x1 = x.word<R>(b, 4 + j, r);
             // unsigned q (< 64) times int8 x: pairs within maddubs' int16 (2 * 63 * 128); one-
             // scale blocks (q < 32) add both halves in int16 too
             const __m256i plo = _mm256_maddubs_epi16(lo, _mm256_set1_epi32(x0));
@@ -675,6 +669,13 @@ void tile_super(const uint8_t* gp, int64_t ns, const Rows& x, float out[kRows][k
         const float neg_dmin = hb == 2 ? 0.f : half_to_float(sp + 2 * (kCols + c));
         int q[kBlock];
         for (int p = 0; p < kBlock; ++p) q[p] = super_q<hb>(qb, c, p);
+        float d = 0.f, m = 0.f;  // Q4_K / Q5_K: the block's d and m
+        if constexpr (hb != 2) {
+          int sc, mn;
+          kscale(scales, blk, c, sc, mn);
+          d = big_d * static_cast<float>(sc);
+          m = neg_dmin * static_cast<float>(mn);
+        }
         for (int r = 0; r < R; ++r) {
           int8_t xb[kBlock];
           x.block<R>(b, r, xb);
@@ -687,10 +688,6 @@ void tile_super(const uint8_t* gp, int64_t ns, const Rows& x, float out[kRows][k
             out[r][c] += d1 * (scale * static_cast<float>(acc[0]) - 32.f * x.lo<R>(b, r)) +
                          d2 * (scale * static_cast<float>(acc[1]) - 32.f * x.hi<R>(b, r));
           } else {
-            int sc, mn;
-            kscale(scales, blk, c, sc, mn);
-            const float d = big_d * static_cast<float>(sc);
-            const float m = neg_dmin * static_cast<float>(mn);
             out[r][c] += d * scale * static_cast<float>(acc[0] + acc[1]) + m * x.ssum<R>(b, r);
           }
         }
@@ -1051,8 +1048,10 @@ void shardline_cpu::q8_gemm(const at::Tensor& out, const at::Tensor& x, const at
   if (rows == 0) return;
   const int64_t tile_words = nb * 8 * kRows, tile_vals = nb * kVals * kRows;
   const int64_t tiles = (rows + kRows - 1) / kRows;
-  std::vector<int32_t> words(tiles * tile_words);  // Rows' layout, tile after tile (zeroed)
-  std::vector<float> vals(tiles * tile_vals);
+  // Rows' layout, tile after tile; every element a tile's kernels read is written below, so
+  // the buffers are not zeroed (prefill's would be tens of MB a GEMM)
+  const std::unique_ptr<int32_t[]> words(new int32_t[tiles * tile_words]);
+  const std::unique_ptr<float[]> vals(new float[tiles * tile_vals]);
   const float* xp = x.data_ptr<float>();
   const int64_t xstride = x.stride(0);
   cpu_pool::parallel_for(rows, 16, [&](int64_t begin, int64_t end) {
@@ -1062,8 +1061,8 @@ void shardline_cpu::q8_gemm(const at::Tensor& out, const at::Tensor& x, const at
     for (int64_t r = begin; r < end; ++r) {
       quantize_row(xp + r * xstride, k, q.data(), scale.data(), sum.data(), first.data());
       const int64_t at = r % kRows, stride = std::min<int64_t>(kRows, rows - r / kRows * kRows);  // the tile's rows
-      int32_t* w = words.data() + r / kRows * tile_words;
-      float* v = vals.data() + r / kRows * tile_vals;
+      int32_t* w = words.get() + r / kRows * tile_words;
+      float* v = vals.get() + r / kRows * tile_vals;
       for (int64_t b = 0; b < nb; ++b) {
         for (int j = 0; j < 8; ++j) std::memcpy(w + (b * 8 + j) * stride + at, q.data() + b * kBlock + 4 * j, 4);
         const float lo = scale[b] * static_cast<float>(first[b]), hi = scale[b] * static_cast<float>(sum[b] - first[b]);
@@ -1085,7 +1084,7 @@ void shardline_cpu::q8_gemm(const at::Tensor& out, const at::Tensor& x, const at
       const int cols = static_cast<int>(std::min<int64_t>(kCols, n - g * kCols));
       for (int64_t r0 = 0; r0 < rows; r0 += kRows) {
         const int t = static_cast<int>(std::min<int64_t>(kRows, rows - r0));
-        const Rows rx{words.data() + r0 / kRows * tile_words, vals.data() + r0 / kRows * tile_vals};
+        const Rows rx{words.get() + r0 / kRows * tile_words, vals.get() + r0 / kRows * tile_vals};
         if (kind & kSuperKinds) {
           tile_super_rows<kRows>(t, gp, k / kSuper, kind, rx, total);
         } else {
